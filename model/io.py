@@ -1,0 +1,213 @@
+"""Reading and writing image files: the only module that touches image files on disk.
+
+``read_image`` returns the pixels as a numpy array (H x W, or H x W x C with C in 1..4) together
+with the geometry a medical image carries (spacing, origin, direction; unit values for PNG/JPEG).
+Every failure raises ``ImageReadError`` naming the file and the reason. Writers go through a
+temporary file in the same folder and ``os.replace``: a crash never leaves a truncated file under
+the final name.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".mha", ".bmp"}
+# Decompression-bomb guard: a 2-D ultrasound image is far below this (10000 x 10000 is allowed).
+Image.MAX_IMAGE_PIXELS = 30000 * 30000
+
+
+class ImageReadError(ValueError):
+    """An input that cannot be used; ``str()`` names the file and the reason."""
+
+    def __init__(self, path: Path | str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+@dataclass
+class LoadedImage:
+    """Pixels plus the geometry needed to write a mask that overlays the input exactly."""
+
+    array: np.ndarray  # H x W or H x W x C
+    path: str = ""
+    spacing: tuple[float, float] = (1.0, 1.0)  # (x, y), mm for mha, 1.0 (pixels) otherwise
+    origin: tuple[float, ...] = (0.0, 0.0)
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 1.0)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width)."""
+        return int(self.array.shape[0]), int(self.array.shape[1])
+
+
+def is_image_file(path: Path) -> bool:
+    """An input we try to read: known suffix (any case), not hidden, not AppleDouble/__MACOSX."""
+    if path.name.startswith(".") or "__MACOSX" in path.parts:
+        return False
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def list_images(root: Path | str) -> list[Path]:
+    """Every image file below ``root`` (recursively), sorted; hidden files and folders skipped."""
+    root = Path(root)
+    if root.is_file():
+        return [root] if is_image_file(root) else []
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
+        for name in filenames:
+            p = Path(dirpath) / name
+            if p.is_file() and is_image_file(p):
+                found.append(p)
+    return sorted(found)
+
+
+def _check_pixels(path: Path, arr: np.ndarray) -> np.ndarray:
+    if arr.size == 0 or arr.ndim < 2:
+        raise ImageReadError(path, f"no 2-D pixel data (shape {arr.shape})")
+    if arr.ndim == 3 and arr.shape[2] > 4:
+        raise ImageReadError(path, f"unsupported channel count {arr.shape[2]}")
+    if arr.ndim > 3:
+        raise ImageReadError(path, f"unsupported array shape {arr.shape}")
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise ImageReadError(path, "contains NaN or infinite pixel values")
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise ImageReadError(path, "complex pixel type is not an image")
+    return arr
+
+
+def _read_pil(path: Path) -> LoadedImage:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if getattr(im, "n_frames", 1) > 1:
+                raise ImageReadError(path, f"has {im.n_frames} frames; expected a single 2-D image")
+            if im.mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif im.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("L" if im.mode == "1" else "RGB")
+            elif im.mode == "I;16" or im.mode.startswith("I;16"):
+                im = im.convert("I")
+            arr = np.asarray(im)
+            if im.mode == "I":
+                arr = arr.astype(np.int32)
+                arr = arr.astype(np.uint16) if arr.min() >= 0 and arr.max() <= 65535 else arr
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not a readable image (unknown or corrupt format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(path, f"image too large ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(path, f"corrupt or truncated image ({exc})") from None
+    return LoadedImage(_check_pixels(path, arr), str(path))
+
+
+def _read_mha(path: Path) -> LoadedImage:
+    import SimpleITK as sitk
+
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        msg = str(exc).strip().splitlines()
+        raise ImageReadError(path, f"cannot read as MetaImage ({msg[-1] if msg else 'unknown error'})") from None
+    dim = img.GetDimension()
+    spacing, origin, direction = img.GetSpacing(), img.GetOrigin(), img.GetDirection()
+    extra = {"dimension": dim, "geometry": (spacing, origin, direction)}
+    if dim == 3:
+        depth = img.GetSize()[2]
+        if depth != 1:
+            raise ImageReadError(path, f"3-D image with {depth} slices; expected a single 2-D slice")
+        img = img[:, :, 0]
+        spacing, origin = spacing[:2], origin[:2]
+        direction = (direction[0], direction[1], direction[3], direction[4])
+    elif dim != 2:
+        raise ImageReadError(path, f"{dim}-D image; expected 2-D")
+    arr = sitk.GetArrayFromImage(img)  # H x W (x C for vector pixels)
+    return LoadedImage(_check_pixels(path, arr), str(path), tuple(spacing), tuple(origin), tuple(direction),
+                       extra)
+
+
+def read_image(path: Path | str) -> LoadedImage:
+    """Read one 2-D image (png, jpg, tif, bmp, mha); raise ``ImageReadError`` with the reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise ImageReadError(path, "empty file (0 bytes)")
+    if path.suffix.lower() == ".mha":
+        return _read_mha(path)
+    return _read_pil(path)
+
+
+def read_mask(path: Path | str) -> np.ndarray:
+    """A lesion mask as uint8 {0, 1}: any non-zero pixel (any channel, alpha ignored) is lesion.
+
+    Masks come as 1-bit, 8-bit grey, RGB or RGBA with {0,1} or {0,255}; values other than those
+    raise ``ImageReadError`` (a mask that is not binary is a data error, not something to guess).
+    """
+    arr = read_image(path).array
+    if arr.ndim == 3:
+        arr = arr[..., :3].max(axis=2) if arr.shape[2] >= 3 else arr[..., 0]
+    values = np.unique(arr)
+    if not set(values.tolist()) <= {0, 1, 255}:
+        raise ImageReadError(path, f"mask is not binary (values {values[:6].tolist()}...)")
+    return (arr > 0).astype(np.uint8)
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it onto ``final`` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp" + final.suffix, dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: Path | str, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_png(path: Path | str, array: np.ndarray) -> None:
+    """Write uint8 (grey or RGB) pixels as PNG, atomically."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
+
+
+def write_mha(path: Path | str, array: np.ndarray, like: LoadedImage | None = None) -> None:
+    """Write a 2-D array as compressed MetaImage with the geometry of ``like``, atomically.
+
+    An input that was 3-D with one slice gets a 3-D, one-slice output, as Grand Challenge expects.
+    """
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    if like is not None:
+        img.SetSpacing(tuple(float(s) for s in like.spacing))
+        img.SetOrigin(tuple(float(o) for o in like.origin))
+        img.SetDirection(tuple(float(d) for d in like.direction))
+        if like.extra.get("dimension") == 3:
+            spacing, origin, direction = like.extra["geometry"]
+            img = sitk.JoinSeries(img)
+            img.SetSpacing(spacing)
+            img.SetOrigin(origin)
+            img.SetDirection(direction)
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(img, str(tmp), useCompression=True)

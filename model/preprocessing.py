@@ -1,0 +1,179 @@
+"""The one image <-> network path, shared by training and inference.
+
+Forward (``preprocess``): any 2-D image (grey, grey+alpha, RGB, RGBA; uint8, uint16, float) ->
+3 channels on a 0-255 scale -> longest side resized to the encoder's input size (aspect kept,
+antialiased bilinear) -> the encoder's own normalisation -> zero padding at the bottom and right
+(SAM style) -> float32 tensor 3 x S x S.
+
+* Intensity scale: uint8 is used as is; bool becomes {0, 255}; any other type is rescaled linearly
+  from its own min..max to 0..255 (16-bit and float images rarely use their full range).
+* Alpha is dropped; grey is replicated to three channels (after resizing, to save memory on
+  huge images).
+* Normalisation ``sam``: (x - SAM pixel mean) / SAM pixel std on 0-255.
+  Normalisation ``minmax``: per-image (x - min) / (max - min) to [0, 1] over the resized image,
+  as MedSAM and LiteMedSAM were trained; a constant image becomes all zeros.
+  Padding is applied after normalisation, so padded pixels are 0 in the network's input space.
+
+Backward (``postprocess``): mask logits at the head's resolution -> upsampled to S x S -> padding
+cropped -> resized to the input's exact height x width -> threshold (probability 0.5, logit 0).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+NORMALIZATIONS = ("sam", "minmax")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an input of ``height x width`` sits inside the ``size x size`` network input."""
+
+    height: int
+    width: int
+    size: int
+
+    @property
+    def scale(self) -> float:
+        return self.size / max(self.height, self.width)
+
+    @property
+    def resized(self) -> tuple[int, int]:
+        h = max(1, min(self.size, int(self.height * self.scale + 0.5)))
+        w = max(1, min(self.size, int(self.width * self.scale + 0.5)))
+        return h, w
+
+
+def _channels(arr: np.ndarray) -> np.ndarray:
+    """H x W x C (C in 1..4) or H x W -> H x W or H x W x 3 (alpha dropped)."""
+    if arr.ndim == 2:
+        return arr
+    if arr.ndim != 3:
+        raise ValueError(f"expected a 2-D image, got shape {arr.shape}")
+    c = arr.shape[2]
+    if c in (1, 2):  # grey, grey + alpha
+        return arr[..., 0]
+    if c in (3, 4):
+        rgb = arr[..., :3]
+        if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+            return rgb[..., 0]  # grey stored as RGB: resize one channel, not three
+        return rgb
+    raise ValueError(f"unsupported channel count {c}")
+
+
+def _to_0_255(arr: np.ndarray) -> np.ndarray:
+    """uint8 unchanged; bool -> {0,255}; other types -> float32 min-max rescaled to 0..255."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    a = arr.astype(np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:
+        return np.zeros(a.shape, np.float32)
+    return (a - lo) * (255.0 / (hi - lo))
+
+
+def _resize_plane(plane: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Antialiased bilinear resize of one H x W plane (uint8 or float32) with PIL."""
+    h, w = hw
+    if plane.shape == (h, w):
+        return plane.astype(np.float32)
+    mode = "L" if plane.dtype == np.uint8 else "F"
+    im = Image.fromarray(np.ascontiguousarray(plane if mode == "L" else plane.astype(np.float32)), mode)
+    return np.asarray(im.resize((w, h), Image.BILINEAR), dtype=np.float32)
+
+
+def resize_image(arr: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Image (any supported layout/type) -> float32 h x w (grey) or h x w x 3, on 0..255."""
+    img = _to_0_255(_channels(arr))
+    if img.ndim == 2:
+        return _resize_plane(img, hw)
+    return np.stack([_resize_plane(img[..., c], hw) for c in range(3)], axis=-1)
+
+
+def normalize(x: torch.Tensor, method: str) -> torch.Tensor:
+    """x: 3 x h x w float on 0..255 (unpadded) -> the encoder's input values."""
+    if method == "sam":
+        mean = torch.tensor(SAM_PIXEL_MEAN, dtype=x.dtype).view(3, 1, 1)
+        std = torch.tensor(SAM_PIXEL_STD, dtype=x.dtype).view(3, 1, 1)
+        return (x - mean) / std
+    if method == "minmax":
+        lo, hi = x.min(), x.max()
+        if float(hi - lo) <= 0:
+            return torch.zeros_like(x)
+        return (x - lo) / (hi - lo)
+    raise ValueError(f"unknown normalisation {method!r}; known: {NORMALIZATIONS}")
+
+
+def preprocess(arr: np.ndarray, size: int, normalization: str) -> tuple[torch.Tensor, Geometry]:
+    """One image -> (3 x size x size float32 network input, its Geometry)."""
+    if arr.ndim < 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"expected a non-empty 2-D image, got shape {arr.shape}")
+    geom = Geometry(int(arr.shape[0]), int(arr.shape[1]), size)
+    h, w = geom.resized
+    img = resize_image(arr, (h, w))
+    t = torch.from_numpy(img)
+    t = t.unsqueeze(0).expand(3, h, w) if t.ndim == 2 else t.permute(2, 0, 1)
+    t = normalize(t.contiguous(), normalization)
+    out = torch.zeros(3, size, size, dtype=torch.float32)
+    out[:, :h, :w] = t
+    return out, geom
+
+
+def mask_to_model(mask: np.ndarray, geom: Geometry, out_size: int) -> torch.Tensor:
+    """Ground-truth mask (H x W, {0,1}) -> out_size x out_size float {0,1}, aligned with the
+    head's output grid (same resize + padding as the image, scaled to ``out_size``)."""
+    h, w = geom.resized
+    oh = max(1, round(h * out_size / geom.size))
+    ow = max(1, round(w * out_size / geom.size))
+    small = _resize_plane((mask > 0).astype(np.float32), (oh, ow))
+    out = torch.zeros(out_size, out_size, dtype=torch.float32)
+    out[:oh, :ow] = torch.from_numpy((small >= 0.5).astype(np.float32))
+    return out
+
+
+def upsample_logits(logits: torch.Tensor, geom: Geometry) -> torch.Tensor:
+    """Head logits (..., R, R) -> cropped to the valid region at size S, (..., h, w)."""
+    x = logits.float()
+    lead = x.shape[:-2]
+    x = x.reshape(-1, 1, *x.shape[-2:])
+    if x.shape[-1] != geom.size:
+        x = F.interpolate(x, size=(geom.size, geom.size), mode="bilinear", align_corners=False)
+    h, w = geom.resized
+    return x[..., :h, :w].reshape(*lead, h, w)
+
+
+def postprocess(logits: torch.Tensor, geom: Geometry, threshold: float = 0.5,
+                band_rows: int = 1024) -> np.ndarray:
+    """Mask logits (R x R) -> uint8 {0,1} mask of exactly geom.height x geom.width.
+
+    Large outputs are resized in horizontal bands of ``band_rows`` rows, so a 10000 x 10000 input
+    never holds a full-size float copy.
+    """
+    crop = upsample_logits(logits, geom)[None, None]  # 1,1,h,w
+    cut = math.log(threshold / (1 - threshold))
+    H, W = geom.height, geom.width
+    if H * W <= 2048 * 2048:
+        full = F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False)
+        return (full[0, 0] > cut).numpy().astype(np.uint8)
+    h = crop.shape[-2]
+    cols = F.interpolate(crop, size=(h, W), mode="bilinear", align_corners=False)[0, 0]  # h x W
+    out = np.empty((H, W), np.uint8)
+    for r0 in range(0, H, band_rows):
+        r1 = min(H, r0 + band_rows)
+        # bilinear rows, the same mapping as F.interpolate(align_corners=False)
+        ys = ((torch.arange(r0, r1, dtype=torch.float64) + 0.5) * h / H - 0.5).clamp(min=0)
+        y0 = ys.floor().long().clamp(max=h - 1)
+        y1 = (y0 + 1).clamp(max=h - 1)
+        wy = (ys - y0).float()[:, None]
+        rows = cols[y0] * (1 - wy) + cols[y1] * wy
+        out[r0:r1] = (rows > cut).numpy()
+    return out
