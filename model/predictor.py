@@ -1,0 +1,153 @@
+"""Ensemble inference: load an ensemble directory, batch images, run each shared encoder once.
+
+Segmentation and classification are weighted averages of the members' probabilities
+(``ensemble.json``: by default the mask comes from SD-H and the class from MGC-A). Members whose
+encoders are frozen and identical share one encoder module and one forward pass per batch. CUDA
+runs under bf16 autocast; CPU runs fp32 unless ``precision="bf16"``. Optional horizontal-flip TTA.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from . import CLASS_NAMES
+from .checkpoint import encoder_key, load_model, read_ensemble
+from .network import PFSAMNet
+from .preprocessing import Geometry, postprocess, preprocess
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "default"
+
+
+@dataclass
+class Prediction:
+    mask: np.ndarray  # uint8 {0,1}, exactly the input's H x W
+    probabilities: dict[str, float]
+    label: str
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    device = {"gpu": "cuda"}.get(device, device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA GPU is available (use -d auto or -d cpu)")
+    return torch.device(device)
+
+
+def keep_largest_component(binary: np.ndarray) -> np.ndarray:
+    labels, n = ndimage.label(binary)
+    if n <= 1:
+        return binary
+    sizes = ndimage.sum_labels(binary, labels, index=np.arange(1, n + 1))
+    return labels == (1 + int(np.argmax(sizes)))
+
+
+class Predictor:
+    def __init__(self, members: dict[str, PFSAMNet], spec: dict, device: torch.device,
+                 batch_size: int = 4, tta: bool = False, precision: str = "auto"):
+        self.members = members
+        self.spec = spec
+        self.device = device
+        self.batch_size = max(1, int(batch_size))
+        self.tta = tta
+        self.precision = precision
+        self.class_names = CLASS_NAMES
+        self.seg_w = {k: float(v) for k, v in spec["segmentation_weights"].items() if float(v) > 0}
+        self.cls_w = {k: float(v) for k, v in spec["classification_weights"].items() if float(v) > 0}
+        self.post = spec["postprocess"]
+        used = set(self.seg_w) | set(self.cls_w)
+        self.members = {k: m for k, m in members.items() if k in used}
+        inputs = {(m.input_size, m.normalization) for m in self.members.values()}
+        if len(inputs) != 1:
+            raise ValueError(f"ensemble members need one input size and normalisation, found {sorted(inputs)}")
+        (self.input_size, self.normalization), = inputs
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path = DEFAULT_MODEL_DIR, device: str = "auto", batch_size: int = 4,
+                 tta: bool = False, precision: str = "auto", encoder_checkpoint=None) -> "Predictor":
+        model_dir = Path(model_dir)
+        spec = read_ensemble(model_dir)
+        dev = resolve_device(device)
+        shared: dict[str, torch.nn.Module] = {}
+        members = {}
+        for name, sub in spec["members"].items():
+            mdir = model_dir / sub
+            model = load_model(mdir, device="cpu", encoder_checkpoint=encoder_checkpoint)
+            key = encoder_key(model.config)
+            if key is not None:
+                if key in shared:
+                    model.encoder = shared[key]
+                else:
+                    shared[key] = model.encoder
+            members[name] = model
+        for enc in {id(m.encoder): m.encoder for m in members.values()}.values():
+            if hasattr(enc, "fuse"):
+                enc.fuse()  # fold BatchNorm into convs: identical outputs, faster
+        for m in members.values():
+            m.to(dev).eval()
+            if dev.type == "cpu":
+                m.to(memory_format=torch.channels_last)
+        return cls(members, spec, dev, batch_size, tta, precision)
+
+    def _autocast(self):
+        use_bf16 = self.precision == "bf16" or (self.precision == "auto" and self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Network inputs (B x 3 x S x S) -> (mask probabilities B x R x R, class probabilities B x 3)."""
+        x = x.to(self.device, non_blocking=True)
+        if self.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        views = [x, x.flip(-1)] if self.tta else [x]
+        seg_sum, cls_sum = 0.0, 0.0
+        for vi, v in enumerate(views):
+            cache: dict[int, tuple] = {}
+            seg = cls = 0.0
+            with self._autocast():
+                for name, model in self.members.items():
+                    key = id(model.encoder)
+                    if key not in cache:
+                        cache[key] = model.encode(v)
+                    emb, feats = cache[key]
+                    out = model.heads(emb, feats if model.needs_features else None)
+                    mprob = torch.sigmoid(out["mask_logits"].float())[:, 0]
+                    if name in self.seg_w:
+                        seg = seg + self.seg_w[name] * mprob
+                    if name in self.cls_w:
+                        cls = cls + self.cls_w[name] * torch.softmax(out["class_logits"].float(), -1)
+            seg = seg / sum(self.seg_w.values())
+            seg_sum = seg_sum + (seg.flip(-1) if vi == 1 else seg)
+            cls_sum = cls_sum + cls / sum(self.cls_w.values())
+        return (seg_sum / len(views)).cpu(), (cls_sum / len(views)).cpu()
+
+    def _finish(self, prob: torch.Tensor, cls: torch.Tensor, geom: Geometry) -> Prediction:
+        probs = {n: float(p) for n, p in zip(CLASS_NAMES, cls.tolist())}
+        label = CLASS_NAMES[int(torch.argmax(cls))]
+        thr = float(self.post.get("threshold", 0.5))
+        p = prob.clamp(1e-6, 1 - 1e-6)
+        if self.post.get("gate_normal") and label == "normal":
+            p = torch.full_like(p, 1e-6)
+        elif self.post.get("largest_component"):
+            keep = keep_largest_component((p > thr).numpy())
+            p = torch.where(torch.from_numpy(keep), p, torch.full_like(p, 1e-6))
+        logits = torch.log(p) - torch.log1p(-p)
+        return Prediction(postprocess(logits, geom, threshold=thr), probs, label)
+
+    def predict(self, images: list[np.ndarray]) -> list[Prediction]:
+        """Predict a list of images (H x W or H x W x C arrays as read by ``model.io``)."""
+        results: list[Prediction] = []
+        for start in range(0, len(images), self.batch_size):
+            batch = [preprocess(img, self.input_size, self.normalization) for img in images[start:start + self.batch_size]]
+            x = torch.stack([b[0] for b in batch])
+            seg, cls = self.forward(x)
+            results += [self._finish(seg[i], cls[i], batch[i][1]) for i in range(len(batch))]
+        return results
+
+    def predict_one(self, image: np.ndarray) -> Prediction:
+        return self.predict([image])[0]
