@@ -1,0 +1,292 @@
+"""training.prepare on synthetic fixtures of every layout, and (when present) on the real data."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from model.io import read_image, write_png
+from training import prepare as prep
+from training.sources import PACE_CODE_LABEL, read_busbra, read_busi
+
+H, W = 24, 32
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ID = re.compile(r"^PACE_(\d{5})_(000|001|002|100|101)_(BUS|BRE|BBR|ABR)$")
+
+
+def noise(seed: int, rgb: bool = False) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (H, W, 3) if rgb else (H, W), dtype=np.uint8)
+
+
+def box(y0: int, y1: int, x0: int, x1: int, value: int = 255, shape=(H, W)) -> np.ndarray:
+    m = np.zeros(shape, np.uint8)
+    m[y0:y1, x0:x1] = value
+    return m
+
+
+def make_busi(root: Path) -> dict:
+    """Good cases of every mask kind, a bulk of plain cases, and the broken ones."""
+    b, m, n = root / "benign", root / "malignant", root / "normal"
+    write_png(b / "benign (1).png", noise(1))  # two masks: lesion is the union
+    write_png(b / "benign (1)_mask.png", box(2, 8, 2, 8))
+    write_png(b / "benign (1)_mask_1.png", box(10, 20, 20, 30))
+    write_png(b / "benign (2).png", noise(2, rgb=True))  # RGB image, RGBA mask
+    rgba = np.zeros((H, W, 4), np.uint8)
+    rgba[4:9, 5:15, :3], rgba[..., 3] = 255, 255
+    write_png(b / "benign (2)_mask.png", rgba)
+    write_png(b / "benign (3).png", noise(3))  # 1-bit mask
+    write_png(b / "benign (3)_mask.png", box(3, 9, 3, 9).astype(bool))
+    write_png(b / "benign (4).png", noise(4))  # {0,1} mask
+    write_png(b / "benign (4)_mask.png", box(5, 10, 5, 12, value=1))
+    write_png(b / "benign (5).png", noise(5))  # broken: mask of the wrong size
+    write_png(b / "benign (5)_mask.png", box(1, 5, 1, 5, shape=(H + 2, W)))
+    write_png(b / "benign (6).png", noise(6))  # broken: non-binary mask
+    write_png(b / "benign (6)_mask.png", box(1, 5, 1, 5, value=128))
+    dup = noise(7)  # broken: the same image labelled benign and malignant
+    write_png(b / "benign (7).png", dup)
+    write_png(b / "benign (7)_mask.png", box(1, 5, 1, 5))
+    write_png(m / "malignant (20).png", dup)
+    write_png(m / "malignant (20)_mask.png", box(1, 5, 1, 5))
+    same = box(0, 12, 0, 16)  # same-label duplicate: pixel-identical, not byte-identical (8-bit vs 1-bit)
+    write_png(b / "benign (8).png", same)
+    write_png(b / "benign (8)_mask.png", box(2, 6, 2, 6))
+    write_png(b / "benign (9).png", same.astype(bool))
+    write_png(b / "benign (9)_mask.png", box(2, 6, 2, 6))
+    write_png(m / "malignant (1).png", noise(11))  # broken: lesion image without a mask
+    for i in range(10, 30):
+        write_png(b / f"benign ({i}).png", noise(100 + i))
+        write_png(b / f"benign ({i})_mask.png", box(i % 10, i % 10 + 5, 3, 9))
+    for i in range(2, 12):
+        write_png(m / f"malignant ({i}).png", noise(200 + i))
+        write_png(m / f"malignant ({i})_mask.png", box(4, 12, i, i + 6))
+    for i in range(1, 11):
+        write_png(n / f"normal ({i}).png", noise(300 + i))
+        if i != 5:  # normal (5) has no mask file: fine
+            write_png(n / f"normal ({i})_mask.png", np.zeros((H, W), np.uint8))
+    return {"union": (b / "benign (1).png", box(2, 8, 2, 8) | box(10, 20, 20, 30)),
+            "rgba": (b / "benign (2).png", box(4, 9, 5, 15)), "one_bit": (b / "benign (3).png", box(3, 9, 3, 9)),
+            "zero_one": (b / "benign (4).png", box(5, 10, 5, 12))}
+
+
+def make_busbra(root: Path) -> None:
+    rows = []
+    for case in range(1, 21):
+        sides = ["l", "r"] if case % 3 == 0 else ["s"]
+        for side in sides:
+            name = f"{case:04d}-{side}"
+            write_png(root / "Images" / f"bus_{name}.png", noise(400 + 2 * case + (side == "r")))
+            write_png(root / "Masks" / f"mask_{name}.png", box(5, 15, 5, 15))
+            pathology = "malignant" if case % 2 else "benign"
+            rows.append(f"bus_{name},{case},histology,{pathology},4,device,{W},{H},{side},\"[1,2,3,4]\"")
+    (root / "bus_data.csv").write_text("ID,Case,Histology,Pathology,BIRADS,Device,Width,Height,Side,BBOX\n"
+                                       + "\n".join(rows) + "\n")
+
+
+def make_breast(root: Path) -> None:
+    img = root / "BrEaST-Lesions_USG-images_and_masks"
+    write_png(img / "case001.png", noise(501))
+    write_png(img / "case001_tumor.png", box(2, 6, 2, 6))
+    write_png(img / "case001_other1.png", box(15, 20, 15, 20))  # not a lesion mask
+    write_png(img / "case002.png", noise(502, rgb=True))
+    write_png(img / "case002_tumor.png", box(8, 12, 8, 12))
+    write_png(img / "case003.png", noise(503))  # normal, no mask
+    (root / "BrEaST-Lesions-USG-clinical-data.csv").write_text(
+        "CaseID,Age,Classification\n1,50,benign\n2,61,malignant\n3,40,normal\n")
+
+
+def make_pace(root: Path) -> None:
+    write_png(root / "PACE_00023_002_ABR.png", noise(601))
+    write_png(root / "masks" / "PACE_00023_002_ABR_mask.png", box(1, 9, 1, 9))
+    write_png(root / "PACE_00024_000_ABR.png", noise(602))
+    write_png(root / "PACE_00002_100_BRE.png", noise(603))
+    write_png(root / "segmentation" / "PACE_00002_100_BRE_mask.png", box(3, 7, 3, 7))
+    write_png(root / "PACE_00025_101_BBR.png", noise(604))
+    write_png(root / "PACE_00025_101_BBR_mask.png", box(6, 9, 6, 9))
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("raw")
+    expected = make_busi(root / "BUSI")
+    make_busbra(root / "BUS-BRA")
+    make_breast(root / "BrEaST")
+    make_pace(root / "PACE")
+    return {"root": root, "expected": expected}
+
+
+def args(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["--busi", str(root / "BUSI"), "--busbra", str(root / "BUS-BRA"), "--breast", str(root / "BrEaST"),
+            "--pace", str(root / "PACE"), "--out", str(out), *extra]
+
+
+def run_cli(argv: list[str]):
+    result = CliRunner().invoke(prep.main, argv)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def prepared(fixtures, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("out")
+    result = run_cli(args(fixtures["root"], out))
+    labels = read_csv(out / "labels.csv")
+    return {"out": out, "stderr": result.stderr, "labels": labels, "split": read_csv(out / "split.csv"),
+            "report": json.loads((out / "report.json").read_text()),
+            "by_path": {Path(r["original_path"]): r for r in labels}}
+
+
+def test_outputs_and_labels(prepared, fixtures):
+    out, labels = prepared["out"], prepared["labels"]
+    assert list(labels[0]) == ["image_id", "label", "source", "original_path", "patient_id"]
+    assert list(prepared["split"][0]) == ["image_id", "split"]
+    ids = [r["image_id"] for r in labels]
+    assert len(ids) == len(set(ids))
+    assert {p.stem for p in (out / "images").glob("*.png")} == set(ids)
+    assert {p.stem for p in (out / "masks").glob("*.png")} == set(ids)
+    for r in labels:
+        m = ID.match(r["image_id"])
+        assert m, r["image_id"]
+        assert PACE_CODE_LABEL[m[2]] == r["label"] and m[3] == r["source"]
+        image = read_image(out / "images" / f"{r['image_id']}.png").array
+        original = read_image(r["original_path"]).array
+        assert np.array_equal(image, original)  # original pixels, grey stays grey, RGB stays RGB
+        mask = read_image(out / "masks" / f"{r['image_id']}.png").array
+        assert mask.dtype == np.uint8 and mask.shape == image.shape[:2]
+        assert set(np.unique(mask).tolist()) <= {0, 255}
+        assert mask.any() == (r["label"] != "normal")
+    # BUSI 25 + 10 + 10 good cases, BUS-BRA 26 images, BrEaST 3, PACE 4 (one per source code)
+    assert Counter(r["source"] for r in labels) == {"BUS": 45, "BBR": 27, "BRE": 4, "ABR": 2}
+    assert Counter(r["label"] for r in labels) == {"benign": 40, "malignant": 26, "normal": 12}
+
+
+def test_ids_numbered_and_pace_ids_kept(prepared, fixtures):
+    root, ids = fixtures["root"], {r["image_id"] for r in prepared["labels"]}
+    assert {"PACE_00023_002_ABR", "PACE_00024_000_ABR", "PACE_00002_100_BRE", "PACE_00025_101_BBR"} <= ids
+    numbers = Counter(int(ID.match(i)[1]) for i in ids)
+    assert max(numbers.values()) == 1  # numbered ids skip the numbers of the PACE input
+    # n counts up in (source, path) order: BBR before BRE before BUS
+    by_path = prepared["by_path"]
+    first_bbr = by_path[root / "BUS-BRA" / "Images" / "bus_0001-s.png"]["image_id"]
+    assert first_bbr == "PACE_00001_002_BBR"
+    assert by_path[root / "BrEaST" / "BrEaST-Lesions_USG-images_and_masks" / "case003.png"]["image_id"].endswith(
+        "_000_BRE")
+
+
+def test_masks_union_and_kinds(prepared, fixtures):
+    for path, expected in fixtures["expected"].values():
+        row = prepared["by_path"][path]
+        mask = read_image(prepared["out"] / "masks" / f"{row['image_id']}.png").array
+        assert np.array_equal(mask, expected)
+    breast = fixtures["root"] / "BrEaST" / "BrEaST-Lesions_USG-images_and_masks" / "case001.png"
+    mask = read_image(prepared["out"] / "masks" / f"{prepared['by_path'][breast]['image_id']}.png").array
+    assert np.array_equal(mask, box(2, 6, 2, 6))  # case001_other1.png ignored
+    row = prepared["by_path"][fixtures["root"] / "BUSI" / "normal" / "normal (5).png"]
+    assert not read_image(prepared["out"] / "masks" / f"{row['image_id']}.png").array.any()
+
+
+def test_errors_reported_and_skipped(prepared, fixtures):
+    busi = fixtures["root"] / "BUSI"
+    errors = {Path(e["path"]).name: e["reason"] for e in prepared["report"]["errors"]}
+    assert "differs from image size" in errors["benign (5)_mask.png"]
+    assert "not binary" in errors["benign (6)_mask.png"]
+    assert "without a mask" in errors["malignant (1).png"]
+    assert len(errors) == 3
+    for name in ("benign (5)_mask.png", "benign (6)_mask.png", "malignant (1).png"):
+        assert name in prepared["stderr"]
+    for name in ("benign/benign (5).png", "benign/benign (6).png", "malignant/malignant (1).png"):
+        assert busi / name not in prepared["by_path"]
+
+
+def test_duplicates(prepared, fixtures):
+    busi, report = fixtures["root"] / "BUSI", prepared["report"]
+    assert busi / "benign" / "benign (7).png" not in prepared["by_path"]
+    assert busi / "malignant" / "malignant (20).png" not in prepared["by_path"]
+    kept = [busi / "benign" / f"benign ({i}).png" in prepared["by_path"] for i in (8, 9)]
+    assert kept == [True, False]
+    dups = {frozenset(Path(i["path"]).name for i in d["images"]): d for d in report["duplicates"]}
+    assert len(dups) == 2
+    conflict = dups[frozenset({"benign (7).png", "malignant (20).png"})]
+    assert conflict["conflicting_labels"] and conflict["kept"] is None and conflict["kind"] == "byte-identical"
+    same = dups[frozenset({"benign (8).png", "benign (9).png"})]
+    assert not same["conflicting_labels"] and same["kind"] == "pixel-identical" and same["kept"]
+    pixels = Counter(hashlib.sha256(read_image(prepared["out"] / "images" / f"{r['image_id']}.png").array.tobytes())
+                     .hexdigest() for r in prepared["labels"])
+    assert max(pixels.values()) == 1  # no image twice, so never in both train and val
+
+
+def test_split(prepared):
+    labels, split = prepared["labels"], prepared["split"]
+    assert [r["image_id"] for r in split] == [r["image_id"] for r in labels]
+    assert {r["split"] for r in split} == {"train", "val"}
+    of = {r["image_id"]: r["split"] for r in split}
+    patients = defaultdict(set)
+    for r in labels:
+        if r["patient_id"]:
+            patients[(r["source"], r["patient_id"])].add(of[r["image_id"]])
+    assert len(patients) == 23 and all(len(s) == 1 for s in patients.values())
+    assert any(len([r for r in labels if (r["source"], r["patient_id"]) == p]) == 2 for p in patients)
+    total, val = Counter(r["label"] for r in labels), Counter(r["label"] for r in labels if of[r["image_id"]] == "val")
+    for label in total:
+        assert abs(val[label] - 0.2 * total[label]) <= 2, (label, val, total)
+    counts = prepared["report"]["counts"]
+    assert counts["split"] == dict(sorted(Counter(of.values()).items()))
+    assert counts["label"] == dict(sorted(total.items()))
+
+
+def test_deterministic_rerun_and_overwrite(prepared, fixtures, tmp_path):
+    out = prepared["out"]
+    (out / "images" / "stale.png").write_bytes(b"x")
+    run_cli(args(fixtures["root"], out, "--seed", "0"))  # the folder exists: files overwritten, stale removed
+    assert not (out / "images" / "stale.png").exists()
+    assert read_csv(out / "labels.csv") == prepared["labels"] and read_csv(out / "split.csv") == prepared["split"]
+    run_cli(args(fixtures["root"], tmp_path / "seed1", "--seed", "1", "--val-fraction", "0.3"))
+    other = read_csv(tmp_path / "seed1" / "split.csv")
+    assert [r["image_id"] for r in other] == [r["image_id"] for r in prepared["split"]]
+    assert other != prepared["split"]
+    assert 0.25 < sum(r["split"] == "val" for r in other) / len(other) < 0.35
+
+
+def test_cli_errors(tmp_path, fixtures):
+    result = CliRunner().invoke(prep.main, ["--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "at least one source" in result.output
+    breast = tmp_path / "breast"
+    write_png(breast / "case001.png", noise(1))
+    (breast / "BrEaST-Lesions-USG-clinical-data-Dec-15-2023.xlsx").write_bytes(b"PK")
+    try:
+        import openpyxl  # noqa: F401
+    except ImportError:  # without openpyxl an xlsx table is a clear error asking for a csv export
+        result = CliRunner().invoke(prep.main, ["--breast", str(breast), "--out", str(tmp_path / "o")])
+        assert result.exit_code != 0 and "csv" in result.output and "openpyxl" in result.output
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="real data not present")
+def test_real_data(tmp_path):
+    busi = read_busi(REAL_DATA / "BUSI")
+    assert Counter(r.label for r in busi) == {"benign": 371, "malignant": 178, "normal": 113}
+    assert not [r for r in busi if r.problem]
+    by_bytes = defaultdict(list)
+    for r in busi:
+        by_bytes[hashlib.sha256(r.image.read_bytes()).hexdigest()].append(r)
+    conflicts = [g for g in by_bytes.values() if len({r.label for r in g}) > 1]
+    assert [sorted(r.image.name for r in g) for g in conflicts] == [["benign (433).png", "malignant (145).png"]]
+    busbra = read_busbra(REAL_DATA / "BUS-BRA")
+    assert len(busbra) == 1492 and not [r for r in busbra if r.problem]
+    assert all(r.patient_id for r in busbra)
+    run_cli(["--busi", str(REAL_DATA / "BUSI"), "--busbra", str(REAL_DATA / "BUS-BRA"),
+             "--out", str(tmp_path), "--limit", "8"])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["prepared"] == 16 and not report["errors"]
+    assert report["counts"]["source"] == {"BBR": 8, "BUS": 8}

@@ -1,0 +1,252 @@
+"""Prepare the breast-ultrasound datasets as one training folder.
+
+    python -m training.prepare [--busi DIR] [--busbra DIR] [--breast DIR] [--pace DIR] --out DATA \
+        [--seed 0] [--val-fraction 0.2]
+
+Output (a contract other modules rely on):
+    DATA/images/<image_id>.png   original pixels (grey stays grey, RGB stays RGB, alpha dropped)
+    DATA/masks/<image_id>.png    uint8 {0,255}, same H x W as the image, all zero for normal
+    DATA/labels.csv              image_id,label,source,original_path,patient_id
+    DATA/split.csv               image_id,split (train|val)
+    DATA/report.json             counts, duplicates, per-case errors
+
+Image ids follow the PACE naming ``PACE_{n:05d}_{000|001|002}_{BUS|BRE|BBR|ABR}``; n counts up
+from 1 over the whole listing sorted by (source, original path), skipping numbers a PACE input
+folder already uses (PACE inputs keep their own ids). A case that cannot be used (bad mask, no
+mask for a lesion, no label) is reported and skipped; pixel-identical images are kept once, and
+not at all when their labels disagree. Patients are identified by (source, patient_id).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import random
+import shutil
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import click
+import numpy as np
+from tqdm import tqdm
+
+from model.io import ImageReadError, atomic_path, read_image, read_mask, write_png, write_text
+from training.sources import LABEL_CODE, PACE_NAME, READERS, Record
+
+LABEL_FIELDS = ["image_id", "label", "source", "original_path", "patient_id"]
+
+
+def list_records(sources: dict[str, Path], limit: int | None = None) -> list[Record]:
+    """Every record of the given sources, sorted by (source, path), with its image id set."""
+    records = []
+    for name, root in sources.items():
+        found = sorted(READERS[name](root), key=lambda r: str(r.image))
+        records += found[:limit] if limit else found
+    records.sort(key=lambda r: (r.source, str(r.image)))
+    taken = {int(PACE_NAME.match(r.image_id)[1]) for r in records if r.image_id}
+    owner: dict[str, Record] = {}
+    n = 0
+    for r in records:
+        if not r.image_id:
+            n += 1
+            while n in taken:
+                n += 1
+            if r.label in LABEL_CODE:
+                r.image_id = f"PACE_{n:05d}_{LABEL_CODE[r.label]}_{r.source}"
+        elif r.image_id in owner and not r.problem:
+            r.problem = f"image id {r.image_id} already used by {owner[r.image_id].image}"
+        owner.setdefault(r.image_id, r)
+    return records
+
+
+def _plain_png(data: bytes) -> bool:
+    """An 8-bit grey or RGB PNG: its bytes can be copied unchanged (IHDR bit depth / colour type)."""
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data[24] == 8 and data[25] in (0, 2)
+
+
+def fingerprint(record: Record) -> tuple[np.ndarray, str, str, bool]:
+    """(pixels, pixel hash, byte hash, plain 8-bit grey/RGB PNG) of a record's image."""
+    data = record.image.read_bytes()
+    image = read_image(record.image).array
+    pixel_hash = hashlib.sha256(f"{image.shape}{image.dtype}".encode() + image.tobytes()).hexdigest()
+    plain = record.image.suffix.lower() == ".png" and _plain_png(data)
+    return image, pixel_hash, hashlib.sha256(data).hexdigest(), plain
+
+
+def lesion_mask(record: Record, size: tuple[int, int]) -> np.ndarray:
+    """Union of the record's masks as uint8 {0,255}; raises ImageReadError for an unusable mask."""
+    h, w = size
+    mask = np.zeros((h, w), np.uint8)
+    for path in record.masks:
+        m = read_mask(path)
+        if m.shape != (h, w):
+            raise ImageReadError(path, f"mask size {m.shape[1]}x{m.shape[0]} differs from image size {w}x{h}")
+        mask |= m
+    if record.label != "normal" and not mask.any():
+        raise ImageReadError(record.image, "lesion image with an empty mask")
+    return mask * 255
+
+
+def write_case(out: Path, image_id: str, source: Path, image: np.ndarray, plain: bool, mask: np.ndarray) -> None:
+    if plain:  # 8-bit grey/RGB PNG: the bytes already hold exactly these pixels
+        with atomic_path(out / "images" / f"{image_id}.png") as tmp:
+            shutil.copyfile(source, tmp)
+    else:
+        if image.ndim == 3 and image.shape[2] in (2, 4):  # drop alpha
+            image = image[..., 0] if image.shape[2] == 2 else image[..., :3]
+        write_png(out / "images" / f"{image_id}.png", image)
+    write_png(out / "masks" / f"{image_id}.png", mask)
+
+
+def assign_split(rows: list[dict], val_fraction: float, seed: int) -> dict[str, str]:
+    """image_id -> train|val: whole patient groups, aiming at val_fraction of each (source, label)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        key = (row["source"], row["patient_id"]) if row["patient_id"] else ("", row["image_id"])
+        groups[key].append(row)
+    totals = Counter((r["source"], r["label"]) for r in rows)
+    target = {k: round(val_fraction * n) for k, n in totals.items()}
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    in_val: Counter = Counter()
+    split = {}
+    for key in keys:
+        g = Counter((r["source"], r["label"]) for r in groups[key])
+        before = sum(abs(target[c] - in_val[c]) for c in g)
+        after = sum(abs(target[c] - in_val[c] - g[c]) for c in g)
+        to_val = after < before
+        if to_val:
+            in_val.update(g)
+        for r in groups[key]:
+            split[r["image_id"]] = "val" if to_val else "train"
+    return split
+
+
+def _csv_text(fields: list[str], rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: float = 0.2,
+            limit: int | None = None) -> dict:
+    start = time.monotonic()
+    out = Path(out)
+    records = list_records(sources, limit)
+    errors, warnings = [], []
+
+    def fail(record: Record, reason: str, path: Path | str | None = None) -> None:
+        errors.append({"path": str(path or record.image), "image_id": record.image_id, "reason": reason})
+        tqdm.write(f"error: {path or record.image}: {reason}", file=sys.stderr)
+
+    by_pixels: dict[str, list[tuple[Record, str, bool]]] = defaultdict(list)  # hash -> (record, byte hash, ok)
+    written: dict[str, Record] = {}  # pixel hash -> the one record written for it
+    for record in tqdm(records, desc="prepare", unit="img", file=sys.stderr):
+        if record.problem:
+            fail(record, record.problem)
+            continue
+        try:
+            image, pixel_hash, byte_hash, plain = fingerprint(record)
+        except ImageReadError as exc:
+            fail(record, exc.reason, exc.path)
+            continue
+        try:
+            mask, ok = lesion_mask(record, image.shape[:2]), True
+        except ImageReadError as exc:  # still takes part in duplicate detection (label conflicts)
+            fail(record, exc.reason, exc.path)
+            mask, ok = None, False
+        if ok and record.label == "normal" and mask.any():
+            warnings.append({"path": str(record.image), "image_id": record.image_id,
+                             "reason": "normal image with a non-empty mask; mask written empty"})
+            mask[:] = 0
+        by_pixels[pixel_hash].append((record, byte_hash, ok))
+        if ok and pixel_hash not in written:
+            write_case(out, record.image_id, record.image, image, plain, mask)
+            written[pixel_hash] = record
+
+    duplicates, kept = [], []
+    for pixel_hash, members in by_pixels.items():
+        keep = written.get(pixel_hash)
+        labels = {r.label for r, _, _ in members}
+        if len(labels) > 1:
+            keep = None
+        if len(members) > 1:
+            duplicates.append({
+                "kind": "byte-identical" if len({b for _, b, _ in members}) == 1 else "pixel-identical",
+                "conflicting_labels": len(labels) > 1,
+                "kept": keep.image_id if keep else None,
+                "images": [{"image_id": r.image_id, "label": r.label, "path": str(r.image)} for r, _, _ in members],
+            })
+            tqdm.write(f"duplicate ({'conflicting labels, none kept' if keep is None else 'kept ' + keep.image_id}): "
+                       + ", ".join(f"{r.image} [{r.label}]" for r, _, _ in members), file=sys.stderr)
+        if keep is not None:
+            kept.append(keep)
+
+    rows = sorted(({"image_id": r.image_id, "label": r.label, "source": r.source,
+                    "original_path": str(r.image.resolve()), "patient_id": r.patient_id} for r in kept),
+                  key=lambda row: row["image_id"])
+    split = assign_split(rows, val_fraction, seed)
+    for row in rows:
+        row["split"] = split[row["image_id"]]
+    names = {f"{row['image_id']}.png" for row in rows}
+    for sub in ("images", "masks"):  # files of dropped duplicates or of an earlier run
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        for stale in (out / sub).glob("*.png"):
+            if stale.name not in names:
+                stale.unlink()
+    write_text(out / "labels.csv", _csv_text(LABEL_FIELDS, rows))
+    write_text(out / "split.csv", _csv_text(["image_id", "split"], rows))
+
+    count = lambda key: dict(sorted(Counter(key(r) for r in rows).items()))  # noqa: E731
+    report = {
+        "sources": {name: str(Path(root).resolve()) for name, root in sources.items()},
+        "seed": seed, "val_fraction": val_fraction, "limit": limit,
+        "listed": len(records), "prepared": len(rows), "skipped_errors": len(errors),
+        "counts": {
+            "label": count(lambda r: r["label"]),
+            "source": count(lambda r: r["source"]),
+            "split": count(lambda r: r["split"]),
+            "split_label": count(lambda r: f"{r['split']}/{r['label']}"),
+            "source_label": count(lambda r: f"{r['source']}/{r['label']}"),
+            "source_split": count(lambda r: f"{r['source']}/{r['split']}"),
+        },
+        "duplicates": duplicates,
+        "errors": errors,
+        "warnings": warnings,
+        "seconds": round(time.monotonic() - start, 1),
+    }
+    write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    return report
+
+
+@click.command()
+@click.option("--busi", type=click.Path(exists=True, file_okay=False, path_type=Path), help="BUSI folder")
+@click.option("--busbra", type=click.Path(exists=True, file_okay=False, path_type=Path), help="BUS-BRA folder")
+@click.option("--breast", type=click.Path(exists=True, file_okay=False, path_type=Path), help="BrEaST folder")
+@click.option("--pace", type=click.Path(exists=True, file_okay=False, path_type=Path), help="PACE-named folder")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="output folder")
+@click.option("--seed", default=0, show_default=True, help="seed of the train/val split")
+@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0.0, 1.0))
+@click.option("--limit", type=click.IntRange(1), hidden=True, help="debug: first N cases of each source")
+def main(busi, busbra, breast, pace, out, seed, val_fraction, limit):
+    """Prepare BUSI / BUS-BRA / BrEaST / PACE data as images, masks, labels.csv and split.csv."""
+    sources = {k: v for k, v in {"busi": busi, "busbra": busbra, "breast": breast, "pace": pace}.items() if v}
+    if not sources:
+        raise click.UsageError("give at least one source: --busi, --busbra, --breast or --pace")
+    try:
+        report = prepare(sources, out, seed, val_fraction, limit)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    c = report["counts"]
+    click.echo(f"prepared {report['prepared']} of {report['listed']} images in {out} ({report['seconds']} s): "
+               f"{c['label']} {c['source']} {c['split']}; {len(report['duplicates'])} duplicate groups, "
+               f"{len(report['errors'])} errors", err=True)
+
+
+if __name__ == "__main__":
+    main()
