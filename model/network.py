@@ -100,9 +100,12 @@ class PFSAMNet(nn.Module):
 
     def heads(self, embedding: torch.Tensor, features=None, guide_mask: torch.Tensor | None = None) -> dict:
         """Head outputs from encoder outputs. ``guide_mask``: MGC-A's mask (B x 1 x R x R, in
-        [0, 1]); None means the model's own predicted mask (detached)."""
+        [0, 1]), or a function of the predicted mask logits that returns it (the training
+        curriculum); None means the model's own predicted mask (detached)."""
         mask_logits = self.seg_head(embedding, features)
         if self.uses_mask:
+            if callable(guide_mask):
+                guide_mask = guide_mask(mask_logits)
             if guide_mask is None:
                 guide_mask = torch.sigmoid(mask_logits.detach().float())
             class_logits = self.cls_head(embedding, guide_mask)
@@ -110,8 +113,11 @@ class PFSAMNet(nn.Module):
             class_logits = self.cls_head(embedding)
         return {"mask_logits": mask_logits, "class_logits": class_logits}
 
-    def forward(self, x: torch.Tensor, guide_mask: torch.Tensor | None = None) -> dict:
-        embedding, features = self.encode(x)
+    def forward(self, x: torch.Tensor | None = None, guide_mask: torch.Tensor | None = None,
+                embedding: torch.Tensor | None = None, features=None) -> dict:
+        """From images ``x``, or from precomputed encoder outputs (``embedding``, ``features``)."""
+        if embedding is None:
+            embedding, features = self.encode(x)
         return self.heads(embedding, features if self.needs_features else None, guide_mask)
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:

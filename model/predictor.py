@@ -39,6 +39,20 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()) or \
+        bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """``auto``: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+    return precision == "bf16" or (precision == "auto" and bf16_supported(device))
+
+
 def keep_largest_component(binary: np.ndarray) -> np.ndarray:
     labels, n = ndimage.label(binary)
     if n <= 1:
@@ -95,8 +109,7 @@ class Predictor:
         return cls(members, spec, dev, batch_size, tta, precision)
 
     def _autocast(self):
-        use_bf16 = self.precision == "bf16" or (self.precision == "auto" and self.device.type == "cuda")
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16(self.precision, self.device))
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

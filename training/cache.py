@@ -1,0 +1,188 @@
+"""Frozen-encoder embedding cache: each image view encoded once, reused every epoch.
+
+Stored under ``CACHE/<key>/`` as memory-mapped fp16 arrays (``embedding.f16``: N x V x 256 x 64 x 64,
+``skip{i}.f16`` when the head needs the stage features) plus the training targets at the head's
+resolution (``mask.u8``: N x V x R x R) and a ``done.u8`` map, so an interrupted build resumes.
+The key hashes everything the cached values depend on: encoder name, input size, normalisation,
+the sha256 of the encoder weights, the precision, the views, and the source code of
+``model/preprocessing.py``, ``training/augment.py`` and the encoder's module; change any of them
+and a new cache is built.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import model.preprocessing as preprocessing
+import training.augment as augment
+from model.network import PFSAMNet
+from model.preprocessing import mask_to_model, preprocess
+from model.predictor import use_bf16
+
+from .augment import apply_view
+from .datasets import Record, load_pair
+
+MASK_RES = 256
+
+
+def _source_sha(*modules) -> str:
+    h = hashlib.sha256()
+    for m in modules:
+        h.update(Path(inspect.getsourcefile(m)).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(model: PFSAMNet, views: list[str], precision: str, with_features: bool) -> str:
+    enc = model.config["encoder"]
+    enc_module = sys.modules[type(model.encoder).__module__]
+    payload = {"encoder": enc["name"], "input_size": enc["input_size"], "normalization": enc["normalization"],
+               "weights": enc["weights"].get("sha256", enc["weights"].get("source")), "precision": precision,
+               "views": list(views), "features": with_features, "mask_res": MASK_RES,
+               "code": _source_sha(preprocessing, augment, enc_module)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class EmbeddingCache:
+    def __init__(self, root: Path, ids: list[str], views: list[str], skip_shapes: list[tuple] | None,
+                 mode: str = "r+"):
+        self.root, self.ids, self.views = root, ids, views
+        n, v = len(ids), len(views)
+        self.index = {iid: i for i, iid in enumerate(ids)}
+
+        def mm(name, dtype, shape):
+            path = root / name
+            return np.memmap(path, dtype=dtype, mode=mode if path.exists() else "w+", shape=shape)
+
+        self.embedding = mm("embedding.f16", np.float16, (n, v, 256, 64, 64))
+        self.skips = [mm(f"skip{i}.f16", np.float16, (n, v, *s)) for i, s in enumerate(skip_shapes or [])]
+        self.mask = mm("mask.u8", np.uint8, (n, v, MASK_RES, MASK_RES))
+        self.done = mm("done.u8", np.uint8, (n, v))
+
+    def get(self, image_id: str, view: int):
+        i = self.index[image_id]
+        emb = torch.from_numpy(np.asarray(self.embedding[i, view], dtype=np.float32))
+        skips = [torch.from_numpy(np.asarray(s[i, view], dtype=np.float32)) for s in self.skips]
+        mask = torch.from_numpy(np.asarray(self.mask[i, view], dtype=np.float32))
+        return emb, skips, mask
+
+    def flush(self):
+        for arr in (self.embedding, self.mask, self.done, *self.skips):
+            arr.flush()
+
+
+def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, views: list[str],
+                device: torch.device, precision: str = "auto", batch_size: int = 8,
+                view_classes: dict[str, list[str]] | None = None) -> EmbeddingCache:
+    """Encode every (record, view) not yet in the cache; return the cache (memory-mapped).
+
+    ``view_classes``: the classes each view is computed for (default: all); views are built in
+    order, so a partly built cache already holds the first view of every image.
+    """
+    with_features = model.needs_features
+    key = cache_key(model, views, "bf16" if use_bf16(precision, device) else "fp32", with_features)
+    root = Path(cache_dir) / key
+    root.mkdir(parents=True, exist_ok=True)
+    ids = sorted(r.image_id for r in records)
+    meta_path = root / "meta.json"
+    skip_shapes = None
+    if with_features:
+        with torch.no_grad():
+            _, feats = model.encoder(torch.zeros(1, 3, model.input_size, model.input_size, device=device))
+        skip_shapes = [tuple(f.shape[1:]) for f in feats]
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta["ids"] != ids:
+            raise ValueError(f"{root}: cache built for another image list; delete it or use another --cache")
+    else:
+        meta_path.write_text(json.dumps({"ids": ids, "views": views, "skip_shapes": skip_shapes}))
+    cache = EmbeddingCache(root, ids, views, skip_shapes)
+    view_classes = view_classes or {}
+    todo = [(cache.index[r.image_id], r, v) for v in range(len(views))
+            for r in sorted(records, key=lambda r: r.image_id)
+            if not cache.done[cache.index[r.image_id], v]
+            and r.label in view_classes.get(views[v], [r.label])]
+    if not todo:
+        return cache
+    bf16 = use_bf16(precision, device)
+    encoder = copy.deepcopy(model.encoder).eval()
+    if hasattr(encoder, "fuse"):
+        encoder.fuse()  # BatchNorm folded into convs: same values, faster
+    if device.type == "cpu":
+        encoder = encoder.to(memory_format=torch.channels_last)
+    bar = tqdm(total=len(todo), desc=f"cache {key[:8]}", unit="view", file=sys.stderr)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        xs, targets = [], []
+        loaded: dict[str, tuple] = {}
+        for _, rec, v in chunk:
+            if rec.image_id not in loaded:
+                loaded[rec.image_id] = load_pair(rec)
+            image, mask = apply_view(*loaded[rec.image_id], views[v])
+            x, geom = preprocess(image, model.input_size, model.normalization)
+            xs.append(x)
+            targets.append(mask_to_model(mask, geom, MASK_RES))
+        x = torch.stack(xs).to(device)
+        if device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            emb, feats = encoder(x)
+        for j, (i, _, v) in enumerate(chunk):
+            cache.embedding[i, v] = emb[j].float().cpu().numpy().astype(np.float16)
+            for s, f in zip(cache.skips, feats):
+                s[i, v] = f[j].float().cpu().numpy().astype(np.float16)
+            cache.mask[i, v] = targets[j].numpy().astype(np.uint8)
+            cache.done[i, v] = 1
+        if (start // batch_size) % 10 == 0:
+            cache.flush()
+        bar.update(len(chunk))
+    bar.close()
+    cache.flush()
+    return cache
+
+
+def views_for_classes(views: list[str]) -> dict[str, list[str]]:
+    """Which classes need which view (from ``augment.class_views``): skip views nobody samples."""
+    from .augment import class_views
+
+    per_class = class_views(views)
+    return {v: [c for c, idx in per_class.items() if i in idx] for i, v in enumerate(views)}
+
+
+if __name__ == "__main__":
+    import click
+
+    from model.checkpoint import encoder_weights_info
+    from model.network import make_config
+    from model.predictor import resolve_device
+
+    from .datasets import load_records
+
+    @click.command()
+    @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Prepared dataset.")
+    @click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False), help="Cache folder.")
+    @click.option("--encoder", default="litemedsam", show_default=True)
+    @click.option("--encoder-checkpoint", default=None, help="SAM/MedSAM checkpoint file (not for litemedsam).")
+    @click.option("--views", default="orig,hflip,zoom,bright", show_default=True)
+    @click.option("--features/--no-features", default=False, help="Also cache the stage features (UNet-H).")
+    @click.option("--device", default="auto", show_default=True)
+    @click.option("--precision", default="auto", show_default=True)
+    @click.option("--batch-size", default=8, show_default=True)
+    def main(data, cache_dir, encoder, encoder_checkpoint, views, features, device, precision, batch_size):
+        """Precompute the frozen-encoder embedding cache for a prepared dataset."""
+        view_list = views.split(",")
+        cfg = make_config(encoder, "frozen", "unet-h" if features else "sd-h", "gap",
+                          encoder_weights=encoder_weights_info(encoder, encoder_checkpoint))
+        dev = resolve_device(device)
+        net = PFSAMNet(cfg, encoder_checkpoint=encoder_checkpoint).to(dev)
+        build_cache(net, load_records(data), cache_dir, view_list, dev, precision, batch_size,
+                    views_for_classes(view_list))
+
+    main()
