@@ -1,0 +1,237 @@
+"""training.evaluate end to end on a tiny generated dataset, in the PACE and Grand Challenge layouts."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from model.io import read_image, write_png
+from training import evaluate as E
+from training import metrics as M
+
+sitk = pytest.importorskip("SimpleITK")
+sd = pytest.importorskip("surface_distance")
+
+H, W = 24, 32
+GC_SPACING_XY = (0.5, 0.25)  # mha spacing is (x, y); metrics take (row, col) = (0.25, 0.5)
+
+
+def box(r0, r1, c0, c1):
+    m = np.zeros((H, W), np.uint8)
+    m[r0:r1, c0:c1] = 1
+    return m
+
+
+EMPTY = np.zeros((H, W), np.uint8)
+GT2 = box(6, 16, 8, 24)
+PRED2 = box(6, 16, 12, 28)  # GT2 shifted 4 columns: Dice 2*120/320
+# id: (label, source, split, ground truth)
+CASES = {
+    "PACE_00001_001_BUS": ("benign", "BUS", "val", box(4, 14, 5, 20)),
+    "PACE_00002_002_BUS": ("malignant", "BUS", "val", GT2),
+    "PACE_00003_000_BBR": ("normal", "BBR", "val", EMPTY),
+    "PACE_00004_000_BBR": ("normal", "BBR", "val", EMPTY),
+    "PACE_00005_002_BBR": ("malignant", "BBR", "val", box(3, 9, 3, 9)),  # no prediction at all
+    "PACE_00006_001_BBR": ("benign", "BBR", "val", box(10, 20, 10, 30)),
+    "PACE_00007_001_BUS": ("benign", "BUS", "train", box(2, 8, 2, 8)),
+}
+# id: (mask, label, probabilities normal/benign/malignant)
+PREDS = {
+    "PACE_00001_001_BUS": (box(4, 14, 5, 20), "Benign", (0.1, 0.8, 0.1)),
+    "PACE_00002_002_BUS": (PRED2, "Malignant", (0.1, 0.3, 0.6)),
+    "PACE_00003_000_BBR": (EMPTY, "Normal", (0.7, 0.2, 0.1)),
+    "PACE_00004_000_BBR": (box(0, 2, 0, 3), "Benign", (0.3, 0.5, 0.2)),  # 6 false-positive pixels
+    "PACE_00006_001_BBR": (EMPTY, "Benign", (0.15, 0.45, 0.4)),
+    "PACE_00007_001_BUS": (box(2, 8, 2, 8), "Benign", (0.1, 0.8, 0.1)),  # train split: out of split
+    "PACE_99999_001_BUS": (box(2, 8, 2, 8), "Benign", (0.1, 0.8, 0.1)),  # not in the dataset: extra
+}
+VAL = [k for k, v in CASES.items() if v[2] == "val"]
+MISSING = "PACE_00005_002_BBR"
+EXTRA = "PACE_99999_001_BUS"
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+def make_data(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    with open(root / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_id", "label", "source", "original_path", "patient_id"])
+        for i, (cid, (label, source, _, gt)) in enumerate(CASES.items()):
+            w.writerow([cid, label, source, f"/raw/{cid}.png", i])
+            write_png(root / "images" / f"{cid}.png", rng.integers(0, 256, (H, W), dtype=np.uint8))
+            write_png(root / "masks" / f"{cid}.png", (gt * 255).astype(np.uint8))
+    with open(root / "split.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_id", "split"])
+        for cid, (_, _, split, _) in CASES.items():
+            w.writerow([cid, split])
+    return root
+
+
+def make_pace(root: Path) -> Path:
+    for cid, (mask, _, _) in PREDS.items():
+        write_png(root / "segmentation" / f"{cid}_mask.png", (mask * 255).astype(np.uint8))
+    (root / "classification").mkdir(parents=True)
+    with open(root / "classification" / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_id", "label"])
+        w.writerows([cid, label] for cid, (_, label, _) in PREDS.items())
+    with open(root / "classification" / "probabilities.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_id", "normal", "benign", "malignant"])
+        w.writerows([cid, *probs] for cid, (_, _, probs) in PREDS.items())
+    return root
+
+
+def write_mha(path: Path, mask: np.ndarray, three_d: bool = False) -> None:
+    img = sitk.GetImageFromArray(mask[None] if three_d else mask)
+    img.SetSpacing(GC_SPACING_XY + ((1.0,) if three_d else ()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path), useCompression=True)
+
+
+def make_gc(root: Path) -> Path:
+    seg = root / "images" / "breast-lesion-segmentation"
+    entries = []
+    for i, (cid, (mask, label, probs)) in enumerate(PREDS.items()):
+        probs_d = dict(zip(("normal", "benign", "malignant"), probs))
+        if i % 2 == 0:  # mask under another name, named in results.json
+            name = f"output-{i:03d}.mha"
+            outputs = [{"type": "mask", "filename": f"images/breast-lesion-segmentation/{name}"},
+                       {"label": label, "probabilities": probs_d}]
+        else:  # mask named after the case, probabilities nested deeper, no label (argmax is used)
+            name = f"{cid}.mha"
+            outputs = [{"type": "mask"}, {"classification": {"scores": {"probabilities": probs_d}}}]
+        write_mha(seg / name, mask, three_d=(i == 1))
+        entries.append({"inputs": [{"image": {"name": f"{cid}.mha"}}], "outputs": outputs, "error_messages": []})
+    (root / "results.json").write_text(json.dumps(entries))
+    return root
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_data(tmp_path / "data")
+
+
+def expected_hd95(spacing, diag):
+    shifted = sd.compute_robust_hausdorff(sd.compute_surface_distances(GT2 > 0, PRED2 > 0, spacing), 95)
+    return (0.0 + shifted + diag + diag) / 4  # lesion images: exact, shifted, missing, empty
+
+
+def check_common(res: dict, out: Path) -> None:
+    assert res["n_images"] == len(VAL) == 6
+    assert res["n_lesion_images"] == 4 and res["n_normal_images"] == 2
+    assert res["dsc"] == pytest.approx((1 + 0.75 + 0 + 0) / 4)
+    assert res["iou"] == pytest.approx((1 + 120 / 200 + 0 + 0) / 4)
+    assert res["accuracy"] == pytest.approx(4 / 6)  # PACE_00004 wrong, PACE_00005 has no label
+    assert res["normal_empty_share"] == pytest.approx(0.5)
+    assert res["missing"]["cases"] == [MISSING]
+    assert res["missing"]["masks"] == [MISSING]
+    assert res["missing"]["probabilities"] == [MISSING]
+    assert res["extra"] == [EXTRA]
+    assert res["out_of_split"] == ["PACE_00007_001_BUS"]
+    missing = next(c for c in res["cases"] if c["image_id"] == MISSING)
+    assert missing["missing_mask"] and missing["dice"] == 0 and missing["probabilities"] == pytest.approx([1 / 3] * 3)
+    assert res["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [0, 0, 1]]
+    assert res["classification"]["confusion_missing"] == [0, 0, 1]
+    # malignant vs rest: P(malignant) 0.6 and 1/3 (missing) against 0.1, 0.1, 0.2, 0.4
+    y = np.array([1, 2, 0, 0, 2, 1]) == 2
+    p = np.array([0.1, 0.6, 0.1, 0.2, 1 / 3, 0.4])
+    assert res["auc_malignant"] == pytest.approx((4 + 3) / 8)
+    assert res["auc_malignant"] == pytest.approx(M.binary_auc(y, p))
+    assert set(res["by_source"]) == {"BUS", "BBR"} and res["by_source"]["BUS"]["n_images"] == 2
+    assert res["by_source"]["BUS"]["dsc"] == pytest.approx((1 + 0.75) / 2)
+    for k in ("dsc", "accuracy"):
+        lo, hi = res["ci"][k]
+        assert lo <= res[k] <= hi
+    assert res["worst"][:2] == [MISSING, "PACE_00006_001_BBR"]  # Dice 0, ties by id
+    assert len(res["worst"]) == 4
+
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("dsc", "iou", "hd95", "nsd", "accuracy", "f1_macro", "auc_macro", "auc_malignant",
+                "sens_at_90_spec", "spec_at_90_sens", "n_images", "ci", "by_source", "normal_images",
+                "confusion_matrix", "missing", "extra"):
+        assert key in saved, key
+    assert saved["dsc"] == pytest.approx(res["dsc"]) and saved["missing"]["cases"] == [MISSING]
+    report = (out / "report.md").read_text()
+    assert MISSING in report and EXTRA in report and "failures" in report
+    for name in ("roc.png", "confusion.png"):
+        assert read_image(out / name).array.shape[0] > 100
+    overlays = sorted(p.stem for p in (out / "worst").glob("*.png"))
+    assert overlays == sorted(res["worst"])
+    ov = read_image(out / "worst" / "PACE_00002_002_BUS.png").array
+    assert ov.shape == (H, W, 3)
+    green = np.all(ov == (0, 255, 0), axis=2)
+    red = np.all(ov == (255, 0, 0), axis=2)
+    assert green[6, 8] and red[6, 27] and not red[6, 8]  # GT's and the prediction's corners
+    ov_missing = read_image(out / "worst" / f"{MISSING}.png").array
+    assert np.all(ov_missing == (0, 255, 0), axis=2).any() and not np.all(ov_missing == (255, 0, 0), axis=2).any()
+
+
+def test_pace_layout_cli(tmp_path, data):
+    pred = make_pace(tmp_path / "pred")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(E.main, ["--pred", str(pred), "--data", str(data), "--split", "val", "--out",
+                                         str(out), "--n-boot", "50", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert "6 images (pace layout), 1 missing, 1 extra" in result.output
+    res = json.loads((out / "metrics.json").read_text())
+    assert res["layout"] == "pace" and res["units"] == {"distance": "px", "area": "px^2", "tau": 2.0}
+    assert res["bootstrap"] == {"n_boot": 50, "seed": 3, "level": 0.95, "method": "percentile"}
+    assert res["hd95"] == pytest.approx(expected_hd95((1.0, 1.0), 40.0))  # diagonal of 24 x 32
+    assert res["normal_images"]["mean_fp_area"] == pytest.approx(3.0)  # 6 px and 0 px
+    assert res["f1_macro"] == pytest.approx(np.mean([2 / 3, 0.8, 2 / 3]))
+    direct = E.evaluate_predictions(pred, data, "val", tmp_path / "out2", n_boot=50, seed=3)
+    check_common(direct, tmp_path / "out2")
+    assert direct["ci"] == res["ci"]
+
+
+def test_grand_challenge_layout(tmp_path, data):
+    pred = make_gc(tmp_path / "gc")
+    assert E.detect_layout(pred) == "grand-challenge"
+    out = tmp_path / "out"
+    res = E.evaluate_predictions(pred, data, "val", out, n_boot=50)
+    assert res["layout"] == "grand-challenge" and res["units"]["distance"] == "mm"
+    check_common(res, out)
+    spacing_rc = (GC_SPACING_XY[1], GC_SPACING_XY[0])
+    assert res["hd95"] == pytest.approx(expected_hd95(spacing_rc, math.hypot(H * 0.25, W * 0.5)))
+    assert res["normal_images"]["mean_fp_area"] == pytest.approx(6 * 0.125 / 2)
+    assert res["problems"] == []
+    # CLI on the same folder, all splits: the train case is evaluated, no longer out of split
+    result = CliRunner().invoke(E.main, ["--pred", str(pred), "--data", str(data), "--split", "all", "--out",
+                                         str(tmp_path / "all"), "--n-boot", "20"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    assert saved["n_images"] == 7 and saved["out_of_split"] == [] and saved["extra"] == [EXTRA]
+
+
+def test_bad_predictions_are_reported(tmp_path, data):
+    pred = make_pace(tmp_path / "pred")
+    write_png(pred / "segmentation" / "PACE_00001_001_BUS_mask.png", np.zeros((H + 1, W), np.uint8))
+    with open(pred / "classification" / "predictions.csv", "a") as f:
+        f.write("PACE_00002_002_BUS,Cancer\n")
+    res = E.evaluate_predictions(pred, data, "val", None, n_boot=0)
+    assert "PACE_00001_001_BUS" in res["missing"]["masks"]
+    assert res["dsc"] == pytest.approx((0 + 0.75 + 0 + 0) / 4)  # the mis-shaped mask is scored as missing
+    problems = {p["image_id"]: p["problem"] for p in res["problems"]}
+    assert "shape" in problems["PACE_00001_001_BUS"] and "PACE_00002_002_BUS" in problems
+
+
+def test_unknown_layout_fails(tmp_path, data):
+    (tmp_path / "nothing").mkdir()
+    result = CliRunner().invoke(E.main, ["--pred", str(tmp_path / "nothing"), "--data", str(data),
+                                         "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "layout" in result.output
