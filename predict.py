@@ -1,0 +1,65 @@
+"""Cog predictor for PF-SAM BUS (https://cog.run): ``cog predict -i image=@case.png``.
+
+A thin adapter like ``process.py``: the model is loaded once in ``setup()`` and each ``predict()``
+goes through ``model.inference.predict_file``, the same code the batch runs use. Without cog
+installed (tests, plain Python) minimal stand-ins for ``BasePredictor``, ``BaseModel``, ``Input``
+and ``Path`` keep the class importable and callable.
+"""
+from __future__ import annotations
+
+import tempfile
+from typing import Optional
+
+try:  # pragma: no cover - exercised only where cog is installed
+    from cog import BaseModel, BasePredictor, Input, Path
+except ImportError:
+    from pathlib import Path
+
+    class BasePredictor:  # noqa: D101 - stand-in
+        def setup(self) -> None:
+            pass
+
+    class BaseModel:  # noqa: D101 - stand-in: keyword construction of the annotated fields
+        def __init__(self, **values):
+            for name in getattr(type(self), "__annotations__", {}):
+                setattr(self, name, values.get(name))
+
+        def dict(self) -> dict:
+            return {name: getattr(self, name) for name in getattr(type(self), "__annotations__", {})}
+
+    def Input(default=None, description: str = "", **_):  # noqa: N802 - cog's name
+        return default
+
+from model.inference import load_predictor, predict_file
+
+
+class Output(BaseModel):
+    mask: Path  # 0/255 PNG of the input's size (.mha with the input's geometry for .mha inputs)
+    overlay: Optional[Path]  # the image with the lesion contour, label and probability
+    label: str  # normal | benign | malignant
+    probability_normal: float
+    probability_benign: float
+    probability_malignant: float
+
+
+class Predictor(BasePredictor):
+    def setup(self, model_dir: Optional[str] = None) -> None:
+        """Load the ensemble once: ``/opt/ml/model`` if it holds one, else model/weights/default."""
+        self.predictor = load_predictor(model_dir, device="auto", batch_size=1)
+
+    def predict(
+        self,
+        image: Path = Input(description="Breast ultrasound image (.png, .jpg, .tif or .mha)"),
+        overlay: bool = Input(description="Also return an overlay image", default=True),
+        tta: bool = Input(description="Horizontal-flip test-time augmentation", default=False),
+    ) -> Output:
+        self.predictor.tta = bool(tta)
+        out_dir = Path(tempfile.mkdtemp(prefix="pfsam-"))
+        case = predict_file(self.predictor, Path(str(image)), out_dir, overlay=bool(overlay))
+        pred = case.prediction
+        return Output(mask=Path(str(case.outputs[0])),
+                      overlay=Path(str(case.outputs[1])) if overlay else None,
+                      label=pred.label,
+                      probability_normal=float(pred.probabilities["normal"]),
+                      probability_benign=float(pred.probabilities["benign"]),
+                      probability_malignant=float(pred.probabilities["malignant"]))

@@ -1,0 +1,71 @@
+"""PF-SAM BUS: lesion segmentation + normal/benign/malignant classification of breast ultrasound images.
+
+A thin command-line adapter: all the work is in ``model/inference.py`` (shared with the Cog
+``predict.py``). Without arguments it runs as a Grand Challenge algorithm: reads ``/input``,
+writes ``/output``.
+
+\b
+  python process.py                                  # Grand Challenge: /input -> /output
+  python process.py -i images/ -o out/ --format pace # PACE layout
+  python process.py -i images/ -o demo/ --overlay    # plus one overlay PNG per image
+
+\b
+Outputs (details in model/inference.py):
+  gc   : images/breast-lesion-segmentation/<name>.mha, results.json, and with exactly one
+         input breast-lesion-classification.json and malignancy-likelihood.json
+  pace : segmentation/<name>_mask.png, classification/predictions.csv, classification/probabilities.csv
+  both : errors.csv (file,reason) when some case failed; overlays/<name>.png with --overlay
+         (off by default in both formats: challenge graders expect only their own files)
+<name> is the input's file stem; inputs whose names collide get distinct names
+(a.jpg -> a, a.png -> a_png; x/a.png -> a, y/a.png -> y_a).
+
+\b
+Exit status: 0 all images processed; 3 some failed (the others are written);
+1 none processed, no input images, or the model cannot be loaded.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from model.inference import FORMATS, TASKS, InferenceError, find_inputs, load_predictor, run, summary_line
+
+
+@click.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-i", "--input", "input_dir", type=click.Path(path_type=Path), default=Path("/input"),
+              show_default=True, help="Folder searched recursively for .mha, .tif/.tiff, .png, .jpg/.jpeg images.")
+@click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=Path("/output"),
+              show_default=True, help="Output folder (created if missing).")
+@click.option("-t", "--task", type=click.Choice(TASKS), default="all", show_default=True,
+              help="all: segmentation and classification; seg: segmentation only; cls: classification only.")
+@click.option("-d", "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+              help="gpu = CUDA; auto = CUDA when available, else CPU.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="gc", show_default=True,
+              help="gc: Grand Challenge outputs; pace: PACE challenge outputs.")
+@click.option("--model-dir", type=click.Path(path_type=Path), default=None,
+              help="Ensemble folder [default: /opt/ml/model if it holds an ensemble.json, else model/weights/default].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--tta/--no-tta", default=False, show_default=True, help="Horizontal-flip test-time augmentation.")
+@click.option("--overlay/--no-overlay", default=False, show_default=True,
+              help="Also write overlays/<name>.png (contour, label, probability).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="auto: bf16 on CUDA and on CPUs with native bf16, else fp32.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+def main(input_dir: Path, output_dir: Path, task: str, device: str, fmt: str, model_dir: Path | None,
+         batch_size: int, tta: bool, overlay: bool, precision: str, progress: bool) -> None:
+    try:
+        inputs = find_inputs(input_dir)
+        predictor = load_predictor(model_dir, device=device, batch_size=batch_size, tta=tta, precision=precision)
+        result = run(predictor, input_dir, output_dir, task=task, fmt=fmt, overlay=overlay, inputs=inputs,
+                     progress=progress)
+    except InferenceError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(summary_line(result), err=True)
+    sys.exit(result.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Build the image, run it the way Grand Challenge does (no network, no capabilities, read-only root,
+# non-root user, 4 GB memory) on the fixtures in test/input, and compare the outputs with
+# test/expected_output.json (test/compare_output.py: masks exactly, probabilities within 1e-3).
+# Two runs: "all" (every fixture at once) and "single" (one .mha, as in a real Grand Challenge job,
+# which adds breast-lesion-classification.json and malignancy-likelihood.json).
+#
+# The model: the baked-in model/weights/default when it exists; otherwise (or with TEST_MODEL=random)
+# the deterministic untrained test ensemble (test/make_test_model.py), mounted read-only at
+# /opt/ml/model as Grand Challenge mounts an uploaded model. Regenerate the expected output with
+# test/make_expected.sh (same model choice).
+#
+#   ./test.sh                         # BASE_IMAGE passes through to build.sh
+#   SKIP_BUILD=1 ./test.sh            # reuse the image already built
+# Env: PYTHON (host python with numpy + SimpleITK [+ torch for the test model]; default .venv/bin/python),
+#      MEMORY (default 4g), CONTAINER_USER (default 1000:1000 when run as root, else your uid:gid).
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+IMAGE="${IMAGE:-pfsam-bus}"
+MEMORY="${MEMORY:-4g}"
+TEST_MODEL="${TEST_MODEL:-auto}"
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x "$HERE/.venv/bin/python" ]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
+fi
+if [ -z "${CONTAINER_USER:-}" ]; then
+  if [ "$(id -u)" = 0 ]; then CONTAINER_USER=1000:1000; else CONTAINER_USER="$(id -u):$(id -g)"; fi
+fi
+INPUT="$HERE/test/input"
+SINGLE_CASE="images/breast-ultrasound-image/bus_spacing.mha"
+
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  "$HERE/build.sh"
+fi
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/pfsam-test.XXXXXX")"
+cleanup() { rm -rf "$WORK" 2>/dev/null || docker run --rm -v "$WORK":/w --entrypoint rm "$IMAGE" -rf /w/out-all /w/out-single || true; rm -rf "$WORK" 2>/dev/null || true; }
+trap cleanup EXIT
+
+model_args=()
+if [ "$TEST_MODEL" != random ] && [ -f "$HERE/model/weights/default/ensemble.json" ]; then
+  MODEL_DIR="$HERE/model/weights/default"
+  echo "test.sh: model: the baked-in default ensemble"
+else
+  if [ "$TEST_MODEL" = default ]; then echo "test.sh: FAIL: TEST_MODEL=default but model/weights/default has no ensemble.json"; exit 1; fi
+  MODEL_DIR="$WORK/model"
+  "$PYTHON" "$HERE/test/make_test_model.py" "$MODEL_DIR" >/dev/null
+  chmod -R a+rX "$WORK"
+  model_args=(-v "$MODEL_DIR":/opt/ml/model:ro)
+  echo "test.sh: model: the untrained test ensemble (test/make_test_model.py), mounted at /opt/ml/model"
+fi
+
+mkdir -p "$WORK/input-single/$(dirname "$SINGLE_CASE")"
+cp "$INPUT/$SINGLE_CASE" "$WORK/input-single/$SINGLE_CASE"
+chmod -R a+rX "$WORK/input-single"
+
+status=0
+for run in all single; do
+  if [ "$run" = all ]; then in_dir="$INPUT"; else in_dir="$WORK/input-single"; fi
+  out="$WORK/out-$run"
+  mkdir -p "$out"
+  chmod 777 "$out"
+  echo "test.sh: run '$run': docker run $IMAGE on $in_dir"
+  start=$(date +%s)
+  rc=0
+  docker run --rm \
+    --network none \
+    --cap-drop ALL \
+    --security-opt no-new-privileges \
+    --memory "$MEMORY" --memory-swap "$MEMORY" \
+    --pids-limit 256 \
+    --shm-size 128m \
+    --read-only \
+    --tmpfs /tmp \
+    --user "$CONTAINER_USER" \
+    -v "$in_dir":/input:ro \
+    -v "$out":/output \
+    ${model_args[@]+"${model_args[@]}"} \
+    "$IMAGE" || rc=$?
+  echo "test.sh: run '$run': container exited with $rc after $(( $(date +%s) - start ))s"
+  if [ "$rc" != 0 ]; then
+    echo "FAIL [$run]: the container exited with status $rc"
+    status=1
+    continue
+  fi
+  "$PYTHON" "$HERE/test/compare_output.py" compare --run "$run" --output "$out" --input "$in_dir" \
+      --model-dir "$MODEL_DIR" --expected "$HERE/test/expected_output.json" || status=1
+done
+
+if [ "$status" = 0 ]; then
+  echo "test.sh: PASS"
+else
+  echo "test.sh: FAIL"
+fi
+exit "$status"

@@ -1,0 +1,499 @@
+"""process.py (Grand Challenge and PACE formats), model/inference.py and the Cog predictor.
+
+The model is a small untrained ensemble made with the model package's own save function
+(test/make_test_model.py). Most runs go through click's CliRunner with the ensemble loaded once
+(``process.load_predictor`` patched to return it); one run starts process.py as a real subprocess.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from click.testing import CliRunner
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "test"))
+
+import process  # noqa: E402
+from make_fixtures import synthetic_ultrasound  # noqa: E402
+from make_test_model import make_test_ensemble  # noqa: E402
+from model import inference  # noqa: E402
+from model.inference import output_names, render_overlay  # noqa: E402
+
+CLASSES = ("normal", "benign", "malignant")
+MHA_SPACING = (0.3, 0.7)
+MHA_ORIGIN = (-5.5, 10.25)
+MHA_DIRECTION = (-1.0, 0.0, 0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------
+# Fixtures
+
+
+def _write_inputs(root: Path) -> dict[str, tuple[int, int]]:
+    """Odd sizes and modes; returns {file name: (height, width)}."""
+    root.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+
+    def img(h, w, seed):
+        return synthetic_ultrasound(h, w, seed)[0]
+
+    g = img(67, 93, 11)
+    Image.fromarray(g).save(root / "grey_odd.png")
+    sizes["grey_odd.png"] = (67, 93)
+    rgb = np.stack([img(51, 77, 12)] * 3, axis=-1)
+    rgb[..., 2] = rgb[..., 2] // 2  # not grey
+    Image.fromarray(rgb).save(root / "colour.png")
+    sizes["colour.png"] = (51, 77)
+    rgba = np.concatenate([np.stack([img(45, 61, 13)] * 3, -1), np.full((45, 61, 1), 200, np.uint8)], -1)
+    (root / "nested" / "deeper").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgba).save(root / "nested" / "deeper" / "alpha.png")
+    assert Image.open(root / "nested" / "deeper" / "alpha.png").mode == "RGBA"
+    sizes["alpha.png"] = (45, 61)
+    Image.fromarray(np.stack([img(59, 83, 14)] * 3, -1)).save(root / "photo.JPEG", quality=90)
+    sizes["photo.JPEG"] = (59, 83)
+    m = sitk.GetImageFromArray(img(41, 55, 15))
+    m.SetSpacing(MHA_SPACING)
+    m.SetOrigin(MHA_ORIGIN)
+    m.SetDirection(MHA_DIRECTION)
+    sitk.WriteImage(m, str(root / "scan.mha"), useCompression=True)
+    sizes["scan.mha"] = (41, 55)
+    return sizes
+
+
+@pytest.fixture(scope="session")
+def ensemble_dir(tmp_path_factory) -> Path:
+    return make_test_ensemble(tmp_path_factory.mktemp("ensemble") / "ens")
+
+
+@pytest.fixture(scope="session")
+def predictor(ensemble_dir):
+    return inference.load_predictor(ensemble_dir, device="cpu", batch_size=4)
+
+
+@pytest.fixture(scope="session")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs") / "in"
+    return root, _write_inputs(root)
+
+
+def _invoke_with(predictor, args) -> object:
+    """process.py's click command in-process, ``load_predictor`` answering with ``predictor``."""
+    calls = []
+
+    def fake_load(model_dir=None, device="auto", batch_size=4, tta=False, precision="auto"):
+        calls.append({"model_dir": model_dir, "device": device, "batch_size": batch_size, "tta": tta})
+        predictor.batch_size, predictor.tta = batch_size, tta
+        return predictor
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(process, "load_predictor", fake_load)
+        try:
+            result = CliRunner().invoke(process.main, [*map(str, args), "--no-progress"], catch_exceptions=False)
+        finally:
+            predictor.batch_size, predictor.tta = 4, False
+    result.calls = calls
+    return result
+
+
+@pytest.fixture
+def cli(predictor):
+    """Run process.py in-process with the preloaded ensemble: ``cli("-i", d, "-o", out, ...)``."""
+    return lambda *args: _invoke_with(predictor, args)
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def _stem(name: str) -> str:
+    return Path(name).stem
+
+
+# ------------------------------------------------------------------------------------------
+# Grand Challenge format (a real subprocess, the real model loading path)
+
+
+@pytest.fixture(scope="module")
+def gc_run(inputs, ensemble_dir, tmp_path_factory):
+    root, sizes = inputs
+    out = tmp_path_factory.mktemp("gc") / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "process.py"), "-i", str(root), "-o", str(out),
+                           "--model-dir", str(ensemble_dir), "-d", "cpu", "--batch-size", "2"],
+                          capture_output=True, text=True, timeout=300, cwd=str(REPO / "test"))
+    return proc, out, sizes
+
+
+def test_gc_exit_code_progress_and_file_names(gc_run):
+    proc, out, sizes = gc_run
+    assert proc.returncode == 0, proc.stderr
+    assert "100%" in proc.stderr and "5 of 5 images processed" in proc.stderr
+    expected = {f"images/breast-lesion-segmentation/{_stem(n)}.mha" for n in sizes} | {"results.json"}
+    assert set(_files(out)) == expected  # no errors.csv, no single-case files, no temporary files
+
+
+def test_gc_masks_have_the_inputs_geometry(gc_run, inputs):
+    _, out, sizes = gc_run
+    root, _ = inputs
+    for name, (h, w) in sizes.items():
+        mask = sitk.ReadImage(str(out / "images" / "breast-lesion-segmentation" / f"{_stem(name)}.mha"))
+        arr = sitk.GetArrayFromImage(mask)
+        assert arr.shape == (h, w) and arr.dtype == np.uint8, name
+        assert set(np.unique(arr).tolist()) <= {0, 1}, name
+        if name.endswith(".mha"):
+            assert mask.GetSpacing() == pytest.approx(MHA_SPACING)
+            assert mask.GetOrigin() == pytest.approx(MHA_ORIGIN)
+            assert mask.GetDirection() == pytest.approx(MHA_DIRECTION)
+        else:
+            assert mask.GetSpacing() == (1.0, 1.0) and mask.GetOrigin() == (0.0, 0.0)
+
+
+def test_gc_results_json(gc_run):
+    _, out, sizes = gc_run
+    results = json.loads((out / "results.json").read_text())
+    assert len(results) == len(sizes)
+    assert {r["inputs"][0]["image"]["name"] for r in results} == set(sizes)
+    for r in results:
+        name = r["inputs"][0]["image"]["name"]
+        assert Path(r["inputs"][0]["path"]).name == name
+        assert r["error_messages"] == []
+        mask, cls = r["outputs"]
+        assert mask == {"type": "mask", "filename": f"images/breast-lesion-segmentation/{_stem(name)}.mha"}
+        assert cls["type"] == "classification" and set(cls["probabilities"]) == set(CLASSES)
+        assert math.isclose(sum(cls["probabilities"].values()), 1.0, abs_tol=1e-5)
+        assert cls["label"] == max(cls["probabilities"], key=cls["probabilities"].get)
+
+
+def test_gc_single_input_writes_the_case_json_files(cli, inputs, tmp_path):
+    root, _ = inputs
+    single = tmp_path / "in" / "images" / "breast-ultrasound-image"
+    single.mkdir(parents=True)
+    (single / "scan.mha").write_bytes((root / "scan.mha").read_bytes())
+    out = tmp_path / "out"
+    res = cli("-i", tmp_path / "in", "-o", out)
+    assert res.exit_code == 0, res.output
+    cls = json.loads((out / "breast-lesion-classification.json").read_text())
+    likelihood = json.loads((out / "malignancy-likelihood.json").read_text())
+    entry = json.loads((out / "results.json").read_text())[0]
+    assert cls["label"] == entry["outputs"][1]["label"]
+    assert cls["probabilities"] == pytest.approx(entry["outputs"][1]["probabilities"])
+    assert isinstance(likelihood, float) and likelihood == pytest.approx(cls["probabilities"]["malignant"])
+    assert (out / "images" / "breast-lesion-segmentation" / "scan.mha").is_file()
+
+
+# ------------------------------------------------------------------------------------------
+# PACE format
+
+
+@pytest.fixture(scope="module")
+def pace_run(predictor, inputs, tmp_path_factory):
+    root, sizes = inputs
+    out = tmp_path_factory.mktemp("pace") / "out"
+    res = _invoke_with(predictor, ("-i", root, "-o", out, "--format", "pace", "--overlay", "--batch-size", "2"))  # as gc_run
+    return res, out, sizes
+
+
+def test_pace_masks_csvs_and_overlays(pace_run):
+    res, out, sizes = pace_run
+    assert res.exit_code == 0, res.output
+    assert res.calls[-1]["batch_size"] == 2
+    stems = sorted(_stem(n) for n in sizes)
+    assert _files(out) == sorted(
+        ["classification/predictions.csv", "classification/probabilities.csv"]
+        + [f"segmentation/{s}_mask.png" for s in stems] + [f"overlays/{s}.png" for s in stems])
+    for name, (h, w) in sizes.items():
+        mask = Image.open(out / "segmentation" / f"{_stem(name)}_mask.png")
+        assert mask.size == (w, h) and mask.mode == "L"
+        assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
+        overlay = Image.open(out / "overlays" / f"{_stem(name)}.png")
+        assert overlay.size == (w, h) and overlay.mode == "RGB"
+    text = (out / "classification" / "predictions.csv").read_text().splitlines()
+    assert text[0] == "image_id,label"
+    rows = list(csv.DictReader(open(out / "classification" / "predictions.csv")))
+    assert sorted(r["image_id"] for r in rows) == stems
+    assert {r["label"] for r in rows} <= {"Normal", "Benign", "Malignant"}
+    assert (out / "classification" / "probabilities.csv").read_text().splitlines()[0] == "image_id,normal,benign,malignant"
+    probs = {r["image_id"]: r for r in csv.DictReader(open(out / "classification" / "probabilities.csv"))}
+    assert sorted(probs) == stems
+    for r in rows:
+        p = {k: float(probs[r["image_id"]][k]) for k in CLASSES}
+        assert math.isclose(sum(p.values()), 1.0, abs_tol=1e-5)
+        assert r["label"].lower() == max(p, key=p.get)
+
+
+def test_pace_and_gc_agree(pace_run, gc_run):
+    _, pace_out, sizes = pace_run
+    _, gc_out, _ = gc_run
+    results = {r["inputs"][0]["image"]["name"]: r for r in json.loads((gc_out / "results.json").read_text())}
+    labels = {r["image_id"]: r["label"] for r in csv.DictReader(open(pace_out / "classification" / "predictions.csv"))}
+    for name in sizes:
+        gc_mask = sitk.GetArrayFromImage(sitk.ReadImage(str(gc_out / results[name]["outputs"][0]["filename"])))
+        pace_mask = np.asarray(Image.open(pace_out / "segmentation" / f"{_stem(name)}_mask.png"))
+        np.testing.assert_array_equal(gc_mask * 255, pace_mask)
+        assert labels[_stem(name)].lower() == results[name]["outputs"][1]["label"]
+
+
+# ------------------------------------------------------------------------------------------
+# Tasks
+
+
+def _one_image(tmp_path: Path) -> Path:
+    d = tmp_path / "one"
+    d.mkdir()
+    Image.fromarray(synthetic_ultrasound(50, 70, 21)[0]).save(d / "case.png")
+    return d
+
+
+def test_task_seg_writes_only_segmentation(cli, tmp_path):
+    d = _one_image(tmp_path)
+    res = cli("-i", d, "-o", tmp_path / "gc", "-t", "seg")
+    assert res.exit_code == 0, res.output
+    assert _files(tmp_path / "gc") == ["images/breast-lesion-segmentation/case.mha", "results.json"]
+    entry = json.loads((tmp_path / "gc" / "results.json").read_text())[0]
+    assert [o["type"] for o in entry["outputs"]] == ["mask"]
+    res = cli("-i", d, "-o", tmp_path / "pace", "-t", "seg", "--format", "pace")
+    assert res.exit_code == 0, res.output
+    assert _files(tmp_path / "pace") == ["segmentation/case_mask.png"]
+
+
+def test_task_cls_writes_only_classification(cli, tmp_path):
+    d = _one_image(tmp_path)
+    res = cli("-i", d, "-o", tmp_path / "gc", "-t", "cls")
+    assert res.exit_code == 0, res.output
+    assert _files(tmp_path / "gc") == ["breast-lesion-classification.json", "malignancy-likelihood.json",
+                                       "results.json"]
+    entry = json.loads((tmp_path / "gc" / "results.json").read_text())[0]
+    assert [o["type"] for o in entry["outputs"]] == ["classification"]
+    res = cli("-i", d, "-o", tmp_path / "pace", "-t", "cls", "--format", "pace", "--tta")
+    assert res.exit_code == 0, res.output
+    assert res.calls[-1]["tta"] is True
+    assert _files(tmp_path / "pace") == ["classification/predictions.csv", "classification/probabilities.csv"]
+
+
+# ------------------------------------------------------------------------------------------
+# Failures and exit codes
+
+
+def test_some_cases_failing_exits_3_and_reports_them(cli, tmp_path):
+    d = _one_image(tmp_path)
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    (d / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    res = cli("-i", d, "-o", out, "--format", "gc")
+    assert res.exit_code == 3, res.output
+    assert "broken.png" in res.stderr and "empty.jpg" in res.stderr
+    errors = list(csv.DictReader(open(out / "errors.csv")))
+    assert [e["file"] for e in errors] == ["broken.png", "empty.jpg"]
+    assert "empty" in errors[1]["reason"]
+    results = {r["inputs"][0]["image"]["name"]: r for r in json.loads((out / "results.json").read_text())}
+    assert results["case.png"]["error_messages"] == [] and len(results["case.png"]["outputs"]) == 2
+    assert results["broken.png"]["outputs"] == [] and results["broken.png"]["error_messages"]
+    assert (out / "images" / "breast-lesion-segmentation" / "case.mha").is_file()
+    assert not (out / "breast-lesion-classification.json").exists()  # three inputs, not one
+    # the same folder in PACE format: errors.csv too, the good case in the CSVs
+    res = cli("-i", d, "-o", tmp_path / "pace", "--format", "pace")
+    assert res.exit_code == 3
+    assert [e["file"] for e in csv.DictReader(open(tmp_path / "pace" / "errors.csv"))] == ["broken.png", "empty.jpg"]
+    assert [r["image_id"] for r in csv.DictReader(open(tmp_path / "pace" / "classification" / "predictions.csv"))] == ["case"]
+    # a later clean run into the same folder removes the stale errors.csv
+    (d / "broken.png").unlink()
+    (d / "empty.jpg").unlink()
+    assert cli("-i", d, "-o", out).exit_code == 0
+    assert not (out / "errors.csv").exists()
+
+
+def test_a_prediction_failure_is_isolated_to_its_image(cli, predictor, tmp_path, monkeypatch):
+    d = _one_image(tmp_path)
+    Image.fromarray(synthetic_ultrasound(33, 44, 3)[0]).save(d / "poison.png")
+    real = predictor.predict
+
+    def flaky(arrays):
+        if any(a.shape[:2] == (33, 44) for a in arrays):
+            raise RuntimeError("simulated failure")
+        return real(arrays)
+
+    monkeypatch.setattr(predictor, "predict", flaky)
+    res = cli("-i", d, "-o", tmp_path / "out", "--format", "pace")
+    assert res.exit_code == 3, res.output
+    assert _files(tmp_path / "out") == ["classification/predictions.csv", "classification/probabilities.csv",
+                                        "errors.csv", "segmentation/case_mask.png"]
+    assert "simulated failure" in (tmp_path / "out" / "errors.csv").read_text()
+
+
+def test_nothing_processed_exits_1(cli, tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "a.png").write_bytes(b"garbage")
+    res = cli("-i", d, "-o", tmp_path / "out")
+    assert res.exit_code == 1
+    assert "a.png" in (tmp_path / "out" / "errors.csv").read_text()
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "no-images"])
+def test_no_inputs_exits_1_with_a_reason(cli, tmp_path, make):
+    d = tmp_path / "in"
+    if make != "missing":
+        d.mkdir()
+    if make == "no-images":
+        (d / "notes.txt").write_text("not an image")
+    res = cli("-i", d, "-o", tmp_path / "out")
+    assert res.exit_code == 1
+    assert ("does not exist" if make == "missing" else "no images") in res.stderr
+    assert not res.calls  # the model is not even loaded
+
+
+@pytest.mark.parametrize("problem", ["missing", "not-a-model", "bad-json"])
+def test_model_that_cannot_load_exits_1(tmp_path, problem):
+    d = _one_image(tmp_path)
+    model_dir = tmp_path / "model"
+    if problem != "missing":
+        model_dir.mkdir()
+    if problem == "bad-json":
+        (model_dir / "ensemble.json").write_text("{not json")
+    res = CliRunner().invoke(process.main, ["-i", str(d), "-o", str(tmp_path / "out"), "--model-dir", str(model_dir)])
+    assert res.exit_code == 1
+    assert "cannot load the model" in res.stderr and str(model_dir) in res.stderr
+
+
+def test_gpu_without_cuda_exits_1(ensemble_dir, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    d = _one_image(tmp_path)
+    res = CliRunner().invoke(process.main, ["-i", str(d), "-o", str(tmp_path / "out"), "--model-dir",
+                                            str(ensemble_dir), "-d", "gpu"])
+    assert res.exit_code == 1 and "cuda" in res.stderr.lower()
+
+
+def test_bad_option_is_a_usage_error(tmp_path):
+    res = CliRunner().invoke(process.main, ["-t", "everything"])
+    assert res.exit_code == 2
+
+
+# ------------------------------------------------------------------------------------------
+# Output names
+
+
+def test_output_name_rule():
+    root = Path("/in")
+    paths = [root / p for p in ("a.png", "a.jpg", "x/b.png", "y/b.png", "A.PNG", "c.tif", "z/c.tif")]
+    names = output_names(paths, root)
+    assert dict(zip([p.relative_to(root).as_posix() for p in paths], names)) == {
+        "A.PNG": "A", "a.jpg": "a_jpg", "a.png": "a_png",  # sorted: "A.PNG" < "a.jpg" < "a.png"
+        "c.tif": "c", "z/c.tif": "z_c", "x/b.png": "b", "y/b.png": "y_b"}
+    assert output_names(list(reversed(paths)), root) == list(reversed(names))  # order-independent
+    assert len({n.casefold() for n in names}) == len(names)
+    # generated names never collide with real stems either
+    same = [root / "a.png", root / "a.jpg", root / "a_png.png", root / "a_jpg.jpg"]
+    assert len({n.casefold() for n in output_names(same, root)}) == 4
+
+
+def test_colliding_inputs_are_all_written(cli, tmp_path):
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    img = synthetic_ultrasound(40, 52, 5)[0]
+    Image.fromarray(img).save(d / "a.png")
+    Image.fromarray(img).save(d / "a.jpg")
+    Image.fromarray(img).save(d / "sub" / "a.png")
+    res = cli("-i", d, "-o", tmp_path / "out", "--format", "pace")
+    assert res.exit_code == 0, res.output
+    assert _files(tmp_path / "out" / "segmentation") == ["a_mask.png", "a_png_mask.png", "sub_a_mask.png"]
+    ids = [r["image_id"] for r in csv.DictReader(open(tmp_path / "out" / "classification" / "predictions.csv"))]
+    assert ids == ["a", "a_png", "sub_a"]
+
+
+# ------------------------------------------------------------------------------------------
+# Pieces
+
+
+def test_default_model_dir_prefers_opt_ml_model(tmp_path, monkeypatch):
+    from model.predictor import DEFAULT_MODEL_DIR
+
+    monkeypatch.setattr(inference, "SAGEMAKER_MODEL_DIR", tmp_path)
+    assert inference.default_model_dir() == Path(DEFAULT_MODEL_DIR)
+    (tmp_path / "ensemble.json").write_text("{}")
+    assert inference.default_model_dir() == tmp_path
+
+
+def test_overlay_draws_the_contour_and_the_label():
+    img = np.full((60, 80), 100, np.uint8)
+    mask = np.zeros((60, 80), np.uint8)
+    mask[20:50, 30:70] = 1
+    ov = render_overlay(img, mask, None, None)
+    assert ov.shape == (60, 80, 3) and ov.dtype == np.uint8
+    assert (ov[20, 40] == (255, 40, 40)).all() and (ov[35, 50] == 100).all() and (ov[5, 5] == 100).all()
+    labelled = render_overlay(img, mask, "benign", {"normal": 0.1, "benign": 0.7, "malignant": 0.2})
+    assert (labelled[:8, :30] != ov[:8, :30]).any()  # text drawn at the top left
+    assert render_overlay(np.zeros((30, 40, 4), np.uint16), None, "normal", None).shape == (30, 40, 3)
+
+
+def test_no_temporary_files_are_left(gc_run):
+    _, out, _ = gc_run
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+
+
+# ------------------------------------------------------------------------------------------
+# Cog
+
+
+def test_cog_predictor_setup_and_predict(ensemble_dir, inputs):
+    import predict as cog_predict
+
+    root, sizes = inputs
+    p = cog_predict.Predictor()
+    p.setup(model_dir=str(ensemble_dir))
+    out = p.predict(image=cog_predict.Path(str(root / "colour.png")), overlay=True, tta=False)
+    assert out.label in CLASSES
+    probs = (out.probability_normal, out.probability_benign, out.probability_malignant)
+    assert math.isclose(sum(probs), 1.0, abs_tol=1e-5)
+    h, w = sizes["colour.png"]
+    mask = Image.open(str(out.mask))
+    assert mask.size == (w, h) and set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
+    assert Image.open(str(out.overlay)).size == (w, h)
+    mha = p.predict(image=cog_predict.Path(str(root / "scan.mha")), overlay=False, tta=False)
+    assert str(mha.mask).endswith(".mha") and mha.overlay is None
+    assert sitk.ReadImage(str(mha.mask)).GetSpacing() == pytest.approx(MHA_SPACING)
+    with pytest.raises(Exception, match="not a readable image|corrupt"):
+        bad = Path(str(out.mask)).parent / "bad.png"
+        bad.write_bytes(b"nope")
+        p.predict(image=cog_predict.Path(str(bad)), overlay=False, tta=False)
+
+
+def test_cog_yaml_pins_match_the_runtime_requirements():
+    import yaml
+
+    cog = yaml.safe_load((REPO / "cog.yaml").read_text())
+    assert cog["predict"] == "predict.py:Predictor"
+    pinned = {line.split("==")[0].lower(): line.split("==")[1] for line in cog["build"]["python_packages"]}
+    runtime = {}
+    for line in (REPO / "requirements-runtime.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            runtime[name.lower()] = version
+    assert "torch" not in runtime
+    assert {k: v for k, v in pinned.items() if k != "torch"} == runtime
+
+
+def test_dev_requirements_pin_the_runtime_versions():
+    dev = {}
+    for line in (REPO / "requirements-dev.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            dev[name.lower()] = version
+    for line in (REPO / "requirements-runtime.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            assert dev.get(name.lower()) == version, name
