@@ -9,6 +9,15 @@
 # weight file is used, its own modules are never imported). A model mounted at /opt/ml/model
 # (Grand Challenge's model upload) takes precedence when it holds an ensemble.json.
 ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+
+# Stage 1: the application files, made world-readable (model files written by model.io's atomic
+# writers are 0600 on the host), so that the final image holds one copy of them, readable by the
+# non-root user.
+FROM ${BASE_IMAGE} AS app
+COPY model/ /src/model/
+COPY process.py /src/
+RUN chmod -R u=rwX,go=rX /src
+
 FROM ${BASE_IMAGE}
 
 ARG USER_UID=1000
@@ -44,8 +53,7 @@ RUN before="$(python3 -c 'import torch; print(torch.__version__)')" \
     && test "${before}" = "${after}" \
     && echo "torch ${after} (from the base image)"
 
-COPY model/ /opt/app/model/
-COPY process.py /opt/app/
+COPY --from=app /src/ /opt/app/
 
 # Fail the build early if the code does not import or the encoder weights are missing; precompile
 # (the container runs on a read-only file system).

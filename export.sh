@@ -18,7 +18,7 @@ fi
 start=$(date +%s)
 docker save "$IMAGE" | gzip -c > "$HERE/$IMAGE.tar.gz.tmp"
 mv "$HERE/$IMAGE.tar.gz.tmp" "$HERE/$IMAGE.tar.gz"
-tar --sort=name --owner=0 --group=0 --numeric-owner --exclude=__pycache__ \
+tar --sort=name --owner=0 --group=0 --numeric-owner --mode=u=rwX,go=rX --exclude=__pycache__ \
     -C "$MODEL_DIR" -czf "$HERE/model.tar.gz.tmp" .
 mv "$HERE/model.tar.gz.tmp" "$HERE/model.tar.gz"
 echo "export.sh: $(du -h "$HERE/$IMAGE.tar.gz" | cut -f1) $IMAGE.tar.gz, $(du -h "$HERE/model.tar.gz" | cut -f1) model.tar.gz ($(( $(date +%s) - start ))s)"
