@@ -56,7 +56,7 @@ from model.inference import FORMATS, TASKS, InferenceError, find_inputs, load_pr
 def main(input_dir: Path, output_dir: Path, task: str, device: str, fmt: str, model_dir: Path | None,
          batch_size: int, tta: bool, overlay: bool, precision: str, progress: bool) -> None:
     try:
-        inputs = find_inputs(input_dir)
+        inputs = find_inputs(input_dir, exclude=output_dir)
         predictor = load_predictor(model_dir, device=device, batch_size=batch_size, tta=tta, precision=precision)
         result = run(predictor, input_dir, output_dir, task=task, fmt=fmt, overlay=overlay, inputs=inputs,
                      progress=progress)

@@ -104,12 +104,16 @@ def load_predictor(model_dir: str | Path | None = None, device: str = "auto", ba
 # Inputs and names
 
 
-def find_inputs(input_dir: str | Path) -> list[Path]:
-    """Every image below ``input_dir`` (sorted); ``InferenceError`` if there is none."""
+def find_inputs(input_dir: str | Path, exclude: str | Path | None = None) -> list[Path]:
+    """Every image below ``input_dir`` (sorted), except those below ``exclude`` (the output folder,
+    when it lies inside the input folder); ``InferenceError`` if there is none."""
     input_dir = Path(input_dir)
     if not input_dir.exists():
         raise InferenceError(f"input folder {input_dir} does not exist")
     paths = list_images(input_dir)
+    if exclude is not None:
+        skip = Path(exclude).resolve()
+        paths = [p for p in paths if not p.resolve().is_relative_to(skip)]
     if not paths:
         raise InferenceError(f"no images (.mha, .tif/.tiff, .png, .jpg/.jpeg) found below {input_dir}")
     return paths
@@ -390,7 +394,7 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
     input_dir, out = Path(input_dir), Path(output_dir)
-    paths = list(inputs) if inputs is not None else find_inputs(input_dir)
+    paths = list(inputs) if inputs is not None else find_inputs(input_dir, exclude=out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -398,6 +398,14 @@ def test_output_name_rule():
     assert len({n.casefold() for n in output_names(same, root)}) == 4
 
 
+def test_an_output_folder_inside_the_input_folder_is_not_read_back(cli, tmp_path):
+    d = _one_image(tmp_path)
+    assert cli("-i", d, "-o", d / "out", "--format", "pace").exit_code == 0
+    res = cli("-i", d, "-o", d / "out", "--format", "pace")  # again: out/segmentation/*.png are not inputs
+    assert res.exit_code == 0, res.output
+    assert _files(d / "out" / "segmentation") == ["case_mask.png"]
+
+
 def test_colliding_inputs_are_all_written(cli, tmp_path):
     d = tmp_path / "in"
     (d / "sub").mkdir(parents=True)
