@@ -69,10 +69,10 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, window_size: int, grid: int):
         super().__init__()
         self.window_size = window_size
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         size = (window_size, window_size) if window_size else (grid, grid)
         self.attn = Attention(dim, num_heads, size)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLPBlock(dim, dim * 4)
 
     def forward(self, x):  # B,H,W,C

@@ -1,0 +1,46 @@
+"""Shared fixtures: paths to the real data (tests skip when absent) and a tiny synthetic dataset."""
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "test"))
+warnings.filterwarnings("ignore", category=FutureWarning, module="timm")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~30 s on 2 cores; run with --slow (CI runs them)")
+    config.addinivalue_line("markers", "real_data: needs ../shared/data")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is absent")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    from synthetic import make_prepared_dataset
+
+    return make_prepared_dataset(tmp_path_factory.mktemp("tiny") / "data", n_per_class=4)

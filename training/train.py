@@ -1,0 +1,424 @@
+"""Train one variant (unet-h, sd-h, mgc-a): ``python -m training.train --config ... --data ... --out RUN``.
+
+The same script runs on one CPU, one GPU, or several GPUs under ``torchrun`` (DistributedDataParallel;
+each epoch's sample list is drawn once from the seed and sharded by rank; rank 0 logs and saves).
+A frozen encoder trains from the embedding cache (``training.cache``); a fine-tuned one encodes
+images on the fly. Every epoch writes ``RUN/state.pt`` atomically (model, optimizer, scheduler,
+RNG states, epoch, history); ``--resume`` continues from it exactly. Each epoch's sample order,
+views and curriculum draws come from generators seeded by (seed, epoch), so a resumed run ends
+with the same weights as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from model import CLASS_NAMES
+from model.checkpoint import encoder_weights_info, save_model
+from model.io import atomic_path, write_text
+from model.network import PFSAMNet, make_config
+from model.predictor import resolve_device, use_bf16
+from model.preprocessing import mask_to_model, preprocess
+
+from .augment import apply_view, class_views
+from .cache import MASK_RES, build_cache, views_for_classes
+from .datasets import Record, load_pair, load_records
+from .losses import multitask_loss
+from .metrics import auc_macro, dice
+
+STATE_NAME = "state.pt"
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------- config
+def load_config(path: str | Path, overrides: dict) -> dict:
+    cfg = yaml.safe_load(Path(path).read_text())
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return cfg
+
+
+def build_model(cfg: dict) -> PFSAMNet:
+    m = cfg["model"]
+    seg, cls = dict(m["seg_head"]), dict(m["cls_head"])
+    ckpt = m.get("encoder_checkpoint")
+    random_init = m.get("encoder_weights") == "random"
+    mcfg = make_config(m["encoder"], m["mode"], seg.pop("type"), cls.pop("type"), seg, cls,
+                       encoder_weights=encoder_weights_info(m["encoder"], ckpt, random=random_init))
+    return PFSAMNet(mcfg, encoder_weights="random" if random_init else "pretrained", encoder_checkpoint=ckpt)
+
+
+# ------------------------------------------------------------------------------------------- data
+class CachedSet(Dataset):
+    """Items from the embedding cache: (embedding, skips, mask, label, index)."""
+
+    def __init__(self, cache, records: list[Record]):
+        self.cache, self.records = cache, records
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, item):
+        idx, view = item
+        rec = self.records[idx]
+        emb, skips, mask = self.cache.get(rec.image_id, view)
+        return {"embedding": emb, "features": skips, "mask": mask, "label": rec.label_index, "index": idx}
+
+
+class ImageSet(Dataset):
+    """Items decoded and preprocessed on the fly (fine-tuned encoder): (x, mask, label, index)."""
+
+    def __init__(self, records: list[Record], views: list[str], size: int, normalization: str):
+        self.records, self.views, self.size, self.norm = records, views, size, normalization
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, item):
+        idx, view = item
+        rec = self.records[idx]
+        image, mask = apply_view(*load_pair(rec), self.views[view])
+        x, geom = preprocess(image, self.size, self.norm)
+        return {"x": x, "mask": mask_to_model(mask, geom, MASK_RES), "label": rec.label_index, "index": idx}
+
+
+def collate(items):
+    out = {}
+    for key in items[0]:
+        vals = [it[key] for it in items]
+        if key == "features":
+            out[key] = [torch.stack([v[i] for v in vals]) for i in range(len(vals[0]))]
+        elif isinstance(vals[0], torch.Tensor):
+            out[key] = torch.stack(vals)
+        else:
+            out[key] = torch.tensor(vals)
+    return out
+
+
+def epoch_plan(records: list[Record], cfg: dict, epoch: int, available=None) -> list[tuple[int, int]]:
+    """The epoch's (record index, view) list: class-weighted sampling with replacement of
+    len(records) items, each with a view drawn from its class's views; seeded by (seed, epoch)."""
+    g = np.random.default_rng([cfg["seed"], epoch])
+    weights = np.array([float(cfg.get("class_weights", {}).get(r.label, 1.0)) for r in records])
+    idx = g.choice(len(records), size=len(records), replace=True, p=weights / weights.sum())
+    per_class = class_views(cfg["views"])
+    plan = []
+    for i in idx:
+        choices = per_class[records[i].label]
+        if available is not None:
+            choices = [v for v in choices if available(i, v)] or [0]
+        plan.append((int(i), int(choices[g.integers(len(choices))])))
+    return plan
+
+
+# ------------------------------------------------------------------------------------ curriculum
+def curriculum_phase(cfg: dict, epoch: int) -> str:
+    """``gt`` (epochs 1..gt_until), ``mixed`` (..mixed_until), ``pred`` after; epochs are 1-based."""
+    c = cfg["curriculum"]
+    if epoch <= c["gt_until"]:
+        return "gt"
+    return "mixed" if epoch <= c["mixed_until"] else "pred"
+
+
+def guide_masks(phase: str, gt: torch.Tensor, pred_logits: torch.Tensor, p_gt: float,
+                gen: torch.Generator) -> torch.Tensor:
+    gt = gt[:, None].float()
+    pred = torch.sigmoid(pred_logits.detach().float())
+    if phase == "gt":
+        return gt
+    if phase == "pred":
+        return pred
+    pick = (torch.rand(gt.shape[0], generator=gen) < p_gt).to(gt.device)[:, None, None, None]
+    return torch.where(pick, gt, pred)
+
+
+# -------------------------------------------------------------------------------------- training
+def run_batch(model, batch, device, bf16, phase, p_gt, gen, cfg):
+    net = model.module if hasattr(model, "module") else model
+    kw = {}
+    if "embedding" in batch:
+        kw["embedding"] = batch["embedding"].to(device, non_blocking=True)
+        if net.needs_features:
+            kw["features"] = [f.to(device, non_blocking=True) for f in batch["features"]]
+    else:
+        kw["x"] = batch["x"].to(device, non_blocking=True)
+    mask = batch["mask"].to(device, non_blocking=True)
+    labels = batch["label"].to(device)
+    if net.uses_mask and phase != "pred":
+        kw["guide_mask"] = lambda logits: guide_masks(phase, mask, logits, p_gt, gen)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(**kw)
+    lc = cfg["loss"]
+    losses = multitask_loss(out["mask_logits"][:, 0], mask, out["class_logits"], labels,
+                            lc["seg_weight"], lc["cls_weight"], float(lc["eps"]))
+    return out, losses
+
+
+def evaluate_epoch(model, loader, device, bf16, cfg) -> dict:
+    """Validation at the head's grid: Dice on lesion images, accuracy and macro AUC."""
+    model.eval()
+    dices, probs, labels, losses = [], [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            out, loss = run_batch(model, batch, device, bf16, "pred", 0.0, None, cfg)
+            losses.append(float(loss["loss"]) * len(batch["label"]))
+            pm = (torch.sigmoid(out["mask_logits"][:, 0].float()) > 0.5).cpu().numpy()
+            gt = batch["mask"].numpy() > 0.5
+            for p, g in zip(pm, gt):
+                if g.any():
+                    dices.append(dice(g, p))
+            probs.append(torch.softmax(out["class_logits"].float(), -1).cpu().numpy())
+            labels.append(batch["label"].numpy())
+    probs_a, labels_a = np.concatenate(probs), np.concatenate(labels)
+    acc = float((probs_a.argmax(1) == labels_a).mean())
+    try:
+        auc = float(auc_macro(labels_a, probs_a))
+    except ValueError:
+        auc = float("nan")
+    return {"val_loss": sum(losses) / len(labels_a), "val_dsc": float(np.mean(dices)) if dices else float("nan"),
+            "val_acc": acc, "val_auc": auc}
+
+
+def get_rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(path: Path, net, opt, sched, epoch: int, history: list, best: dict) -> None:
+    state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "epoch": epoch, "history": history, "best": best, "rng": get_rng_state()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def write_logs(out: Path, history: list[dict]) -> None:
+    write_text(out / "log.json", json.dumps(history, indent=1) + "\n")
+    keys = list(history[0])
+    with atomic_path(out / "log.csv") as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, keys)
+        w.writeheader()
+        w.writerows(history)
+
+
+def plot_curves(out: Path, history: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(ep, [h["train_loss"] for h in history], label="train loss")
+    axes[0].plot(ep, [h["val_loss"] for h in history], label="val loss")
+    axes[0].set_xlabel("epoch")
+    axes[0].legend()
+    for k in ("val_dsc", "val_acc", "val_auc"):
+        axes[1].plot(ep, [h[k] for h in history], label=k)
+    axes[1].set_xlabel("epoch")
+    axes[1].legend()
+    fig.tight_layout()
+    with atomic_path(out / "curves.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir: Path | None = None,
+          resume: bool = False, workers: int = 0, limit: int | None = None, precision: str = "auto",
+          stop_after: int | None = None) -> dict:
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = 0, 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            device_name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    device = resolve_device(device_name) if not device_name.startswith("cuda:") else torch.device(device_name)
+    bf16 = use_bf16(precision, device)
+    seed = int(cfg["seed"])
+    torch.manual_seed(seed)
+    random.seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+
+    train_recs, val_recs = load_records(data, "train"), load_records(data, "val")
+    if limit:
+        train_recs, val_recs = train_recs[:limit], val_recs[:max(2, limit // 4)]
+    net = build_model(cfg).to(device)
+    use_cache = net.frozen and cache_dir is not None
+    if use_cache:
+        vc = views_for_classes(cfg["views"])
+        cache = build_cache(net, train_recs + val_recs, cache_dir, cfg["views"], device, precision,
+                            view_classes=vc) if rank == 0 else None
+        if distributed:
+            dist.barrier()
+            if rank != 0:
+                cache = build_cache(net, train_recs + val_recs, cache_dir, cfg["views"], device, precision,
+                                    view_classes=vc)
+        tr_set, va_set = CachedSet(cache, train_recs), CachedSet(cache, val_recs)
+        avail = lambda i, v: bool(cache.done[cache.index[train_recs[i].image_id], v])  # noqa: E731
+    else:
+        tr_set = ImageSet(train_recs, cfg["views"], net.input_size, net.normalization)
+        va_set = ImageSet(val_recs, cfg["views"], net.input_size, net.normalization)
+        avail = None
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=float(cfg["optim"]["lr"]), weight_decay=float(cfg["optim"].get("weight_decay", 0)))
+    epochs = int(cfg["epochs"])
+    if cfg["optim"].get("scheduler", "constant") == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
+    model = net
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    start_epoch, history, best = 1, [], {"epoch": 0, "value": -math.inf, "metric": cfg.get("select", "val_dsc")}
+    state_path = out / STATE_NAME
+    if resume:
+        if not state_path.is_file():
+            raise click.ClickException(f"--resume: {state_path} not found")
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
+        if rank == 0:
+            print(f"resumed from {state_path} after epoch {state['epoch']} "
+                  f"(curriculum phase {curriculum_phase(cfg, state['epoch'])})", file=sys.stderr)
+    if rank == 0:
+        write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+
+    bs = int(cfg["batch_size"])
+    va_loader = DataLoader(va_set, batch_size=bs * 2, sampler=[(i, 0) for i in range(len(va_set))],
+                           collate_fn=collate, num_workers=workers)
+    p_gt = float(cfg["curriculum"].get("p_gt", 0.5))
+    for epoch in range(start_epoch, epochs + 1):
+        phase = curriculum_phase(cfg, epoch)
+        plan = epoch_plan(train_recs, cfg, epoch, avail)[rank::world]
+        loader = DataLoader(tr_set, batch_size=bs, sampler=plan, collate_fn=collate, num_workers=workers,
+                            pin_memory=device.type == "cuda", persistent_workers=False)
+        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        model.train()
+        t0, seen, sums = time.time(), 0, {"loss": 0.0, "seg": 0.0, "ce": 0.0}
+        bar = tqdm(loader, desc=f"epoch {epoch}/{epochs} [{phase}]", file=sys.stderr, disable=rank != 0,
+                   leave=False)
+        for batch in bar:
+            _, losses = run_batch(model, batch, device, bf16, phase, p_gt, gen, cfg)
+            if not torch.isfinite(losses["loss"]):
+                raise NonFiniteLoss(f"epoch {epoch}: loss is {float(losses['loss'])}; stopping. The last good "
+                                    f"checkpoint (epoch {epoch - 1}) is kept in {state_path}")
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt.step()
+            n = len(batch["label"])
+            seen += n
+            for k in sums:
+                sums[k] += float(losses[k].detach()) * n
+            bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}")
+        sched.step()
+        secs = time.time() - t0
+        row = {"epoch": epoch, "phase": phase, "train_loss": sums["loss"] / max(seen, 1),
+               "train_seg": sums["seg"] / max(seen, 1), "train_ce": sums["ce"] / max(seen, 1)}
+        if rank == 0:
+            row |= evaluate_epoch(net, va_loader, device, bf16, cfg)
+            row |= {"lr": opt.param_groups[0]["lr"], "images_per_s": seen * world / secs, "seconds": secs}
+            history.append(row)
+            value = row.get(best["metric"], float("nan"))
+            if value == value and value > best["value"]:
+                best = {"epoch": epoch, "value": value, "metric": best["metric"]}
+                save_model(net, out / "best", provenance=provenance(cfg, data, epoch, row))
+            save_model(net, out / "last", provenance=provenance(cfg, data, epoch, row))
+            save_state(state_path, net, opt, sched, epoch, history, best)
+            write_logs(out, history)
+            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                  file=sys.stderr)
+        if stop_after is not None and epoch >= stop_after:
+            break
+    if rank == 0 and history:
+        plot_curves(out, history)
+        write_text(out / "summary.json", json.dumps({"best": best, "last": history[-1]}, indent=2) + "\n")
+    if distributed:
+        dist.destroy_process_group()
+    return {"best": best, "history": history}
+
+
+def provenance(cfg: dict, data: Path, epoch: int, row: dict) -> dict:
+    return {"variant": cfg.get("variant"), "data": str(data), "epoch": epoch,
+            "metrics": {k: v for k, v in row.items() if k.startswith("val_")},
+            "train_config": copy.deepcopy(cfg), "torch": torch.__version__}
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Variant config (training/configs/{unet-h,sd-h,mgc-a}.yaml).")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Prepared dataset.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--encoder", default=None, help="Override the encoder (sam_vit_b, ..., litemedsam).")
+@click.option("--encoder-checkpoint", default=None, help="SAM/MedSAM checkpoint file for the encoder.")
+@click.option("--frozen/--finetune", default=None, help="Freeze the encoder or fine-tune it (config default).")
+@click.option("--epochs", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--device", default="auto", help="auto, cpu, cuda.")
+@click.option("--precision", default="auto", help="auto (bf16 where native), bf16, fp32.")
+@click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
+              help="Embedding cache folder (frozen encoder only).")
+@click.option("--resume", is_flag=True, help="Continue from OUT/state.pt.")
+@click.option("--workers", default=0, help="DataLoader worker processes.")
+@click.option("--set", "sets", multiple=True, help="Any other config value, e.g. --set model.seg_head.channels=[64,32].")
+@click.option("--limit", type=int, default=None, hidden=True)
+def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, batch_size, lr, seed, device,
+         precision, cache_dir, resume, workers, sets, limit):
+    """Train one variant of the model."""
+    overrides = {"model.encoder": encoder, "model.encoder_checkpoint": encoder_checkpoint,
+                 "model.mode": None if frozen is None else ("frozen" if frozen else "finetuned"),
+                 "epochs": epochs, "batch_size": batch_size, "optim.lr": lr, "seed": seed}
+    for s in sets:
+        key, _, value = s.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    cfg = load_config(config_path, overrides)
+    try:
+        result = train(cfg, Path(data), Path(out), device, Path(cache_dir) if cache_dir else None, resume,
+                       workers, limit, precision)
+    except NonFiniteLoss as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    best = result["best"]
+    click.echo(f"done: best {best['metric']}={best['value']:.4f} at epoch {best['epoch']}; model in {out}/best")
+
+
+if __name__ == "__main__":
+    main()
