@@ -49,13 +49,15 @@ else
   echo "test.sh: model: the untrained test ensemble (test/make_test_model.py), mounted at /opt/ml/model"
 fi
 
+# Copies of the inputs, readable by the container's user whatever the checkout's umask.
+cp -R "$INPUT" "$WORK/input-all"
 mkdir -p "$WORK/input-single/$(dirname "$SINGLE_CASE")"
 cp "$INPUT/$SINGLE_CASE" "$WORK/input-single/$SINGLE_CASE"
-chmod -R a+rX "$WORK/input-single"
+chmod -R a+rX "$WORK/input-all" "$WORK/input-single"
 
 status=0
 for run in all single; do
-  if [ "$run" = all ]; then in_dir="$INPUT"; else in_dir="$WORK/input-single"; fi
+  in_dir="$WORK/input-$run"
   out="$WORK/out-$run"
   mkdir -p "$out"
   chmod 777 "$out"
