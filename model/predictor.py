@@ -121,25 +121,36 @@ class Predictor:
         seg_sum, cls_sum = 0.0, 0.0
         for vi, v in enumerate(views):
             cache: dict[int, tuple] = {}
-            seg = cls = 0.0
-            with self._autocast():
-                for name, model in self.members.items():
-                    key = id(model.encoder)
-                    if key not in cache:
+
+            def encoded(model, v=v, cache=cache):  # one pass per distinct encoder module
+                key = id(model.encoder)
+                if key not in cache:
+                    with self._autocast():
                         cache[key] = model.encode(v)
-                    emb, feats = cache[key]
-                    out = model.heads(emb, feats if model.needs_features else None)
-                    mprob = torch.sigmoid(out["mask_logits"].float())[:, 0]
-                    if name in self.seg_w:
-                        seg = seg + self.seg_w[name] * mprob
-                    if name in self.cls_w:
-                        cls = cls + self.cls_w[name] * torch.softmax(out["class_logits"].float(), -1)
-            seg = seg / sum(self.seg_w.values())
+                return cache[key]
+
+            seg, cls = self.combine(encoded)
             seg_sum = seg_sum + (seg.flip(-1) if vi == 1 else seg)
-            cls_sum = cls_sum + cls / sum(self.cls_w.values())
+            cls_sum = cls_sum + cls
         return (seg_sum / len(views)).cpu(), (cls_sum / len(views)).cpu()
 
-    def _finish(self, prob: torch.Tensor, cls: torch.Tensor, geom: Geometry) -> Prediction:
+    @torch.inference_mode()
+    def combine(self, encoded) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted member outputs from encoder outputs; ``encoded(model) -> (embedding, features)``."""
+        seg = cls = 0.0
+        with self._autocast():
+            for name, model in self.members.items():
+                emb, feats = encoded(model)
+                out = model.heads(emb, feats if model.needs_features else None)
+                if name in self.seg_w:
+                    seg = seg + self.seg_w[name] * torch.sigmoid(out["mask_logits"].float())[:, 0]
+                if name in self.cls_w:
+                    cls = cls + self.cls_w[name] * torch.softmax(out["class_logits"].float(), -1)
+        return seg / sum(self.seg_w.values()), cls / sum(self.cls_w.values())
+
+    def finish(self, prob: torch.Tensor, cls: torch.Tensor, geom: Geometry) -> Prediction:
+        """One image's mask probabilities (R x R) and class probabilities -> its Prediction
+        (postprocess options of ensemble.json, resize to the input's exact size)."""
         probs = {n: float(p) for n, p in zip(CLASS_NAMES, cls.tolist())}
         label = CLASS_NAMES[int(torch.argmax(cls))]
         thr = float(self.post.get("threshold", 0.5))
@@ -159,7 +170,7 @@ class Predictor:
             batch = [preprocess(img, self.input_size, self.normalization) for img in images[start:start + self.batch_size]]
             x = torch.stack([b[0] for b in batch])
             seg, cls = self.forward(x)
-            results += [self._finish(seg[i], cls[i], batch[i][1]) for i in range(len(batch))]
+            results += [self.finish(seg[i], cls[i], batch[i][1]) for i in range(len(batch))]
         return results
 
     def predict_one(self, image: np.ndarray) -> Prediction:

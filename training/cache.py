@@ -80,11 +80,13 @@ class EmbeddingCache:
 
 def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, views: list[str],
                 device: torch.device, precision: str = "auto", batch_size: int = 8,
-                view_classes: dict[str, list[str]] | None = None) -> EmbeddingCache:
+                view_classes: dict[str, list[str]] | None = None, build: bool = True) -> EmbeddingCache:
     """Encode every (record, view) not yet in the cache; return the cache (memory-mapped).
 
     ``view_classes``: the classes each view is computed for (default: all); views are built in
-    order, so a partly built cache already holds the first view of every image.
+    order, so a partly built cache already holds the first view of every image. ``build=False``
+    encodes nothing: training then samples only the views already cached (the first view of every
+    image must be there), e.g. while another process is still filling the cache.
     """
     with_features = model.needs_features
     key = cache_key(model, views, "bf16" if use_bf16(precision, device) else "fp32", with_features)
@@ -109,6 +111,12 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
             for r in sorted(records, key=lambda r: r.image_id)
             if not cache.done[cache.index[r.image_id], v]
             and r.label in view_classes.get(views[v], [r.label])]
+    if not build:
+        first = [r.image_id for r in records if not cache.done[cache.index[r.image_id], 0]]
+        if first:
+            raise ValueError(f"{root}: {len(first)} images lack the cached {views[0]!r} view "
+                             f"(e.g. {first[0]}); build the cache first")
+        return cache
     if not todo:
         return cache
     bf16 = use_bf16(precision, device)

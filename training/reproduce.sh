@@ -27,12 +27,16 @@ for variant in unet-h sd-h mgc-a; do
       --out "$OUT/runs/$variant" --encoder "$ENCODER" "${ckpt[@]}" "${mode[@]}" --epochs "$EPOCHS" \
       --batch-size "$BATCH_SIZE" --device "$DEVICE" "${resume[@]}" $EXTRA
   python -m training.export "$OUT/runs/$variant" --out "$OUT/models/$variant"
-  python process.py -i "$OUT/data/val_images" -o "$OUT/pred/$variant" --format pace -d "$DEVICE" \
-      --model-dir "$OUT/models/$variant" || [ $? -eq 3 ]
+  python -m training.predict --model-dir "$OUT/models/$variant" --data "$OUT/data" --split val \
+      --out "$OUT/pred/$variant" -d "$DEVICE"
   python -m training.evaluate --pred "$OUT/pred/$variant" --data "$OUT/data" --split val --out "$OUT/eval/$variant"
 done
 python -m training.compare "$OUT/eval/unet-h" "$OUT/eval/sd-h" "$OUT/eval/mgc-a" --out "$OUT/table3.md"
+# The ensemble (mask from SD-H, class from MGC-A), evaluated as the container runs it.
+python -m training.export "$OUT/runs/sd-h" "$OUT/runs/mgc-a" --out "$OUT/ensemble"
+python -m training.predict --model-dir "$OUT/ensemble" --data "$OUT/data" --split val --out "$OUT/pred/ensemble" -d "$DEVICE"
+python -m training.evaluate --pred "$OUT/pred/ensemble" --data "$OUT/data" --split val --out "$OUT/eval/ensemble"
 python -m training.export "$OUT/runs/sd-h" "$OUT/runs/mgc-a" --out "$OUT/ensemble" \
-    --metrics "$OUT/eval/mgc-a/metrics.json" --data-report "$OUT/data/report.json" \
+    --metrics "$OUT/eval/ensemble/metrics.json" --data-report "$OUT/data/report.json" \
     --command "training/reproduce.sh ${sources[*]} $OUT"
 echo "done: Table 3 in $OUT/table3.md, ensemble in $OUT/ensemble"

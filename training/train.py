@@ -255,7 +255,7 @@ def plot_curves(out: Path, history: list[dict]) -> None:
 
 def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir: Path | None = None,
           resume: bool = False, workers: int = 0, limit: int | None = None, precision: str = "auto",
-          stop_after: int | None = None) -> dict:
+          stop_after: int | None = None, cache_build: bool = True) -> dict:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = 0, 1
     if distributed:
@@ -279,7 +279,7 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
     if use_cache:
         vc = views_for_classes(cfg["views"])
         cache = build_cache(net, train_recs + val_recs, cache_dir, cfg["views"], device, precision,
-                            view_classes=vc) if rank == 0 else None
+                            view_classes=vc, build=cache_build) if rank == 0 else None
         if distributed:
             dist.barrier()
             if rank != 0:
@@ -396,12 +396,14 @@ def provenance(cfg: dict, data: Path, epoch: int, row: dict) -> dict:
 @click.option("--precision", default="auto", help="auto (bf16 where native), bf16, fp32.")
 @click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
               help="Embedding cache folder (frozen encoder only).")
+@click.option("--cache-build/--no-cache-build", default=True,
+              help="Encode the views missing from the cache first, or train on the views already there.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/state.pt.")
 @click.option("--workers", default=0, help="DataLoader worker processes.")
 @click.option("--set", "sets", multiple=True, help="Any other config value, e.g. --set model.seg_head.channels=[64,32].")
 @click.option("--limit", type=int, default=None, hidden=True)
 def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, batch_size, lr, seed, device,
-         precision, cache_dir, resume, workers, sets, limit):
+         precision, cache_dir, cache_build, resume, workers, sets, limit):
     """Train one variant of the model."""
     overrides = {"model.encoder": encoder, "model.encoder_checkpoint": encoder_checkpoint,
                  "model.mode": None if frozen is None else ("frozen" if frozen else "finetuned"),
@@ -412,7 +414,7 @@ def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, ba
     cfg = load_config(config_path, overrides)
     try:
         result = train(cfg, Path(data), Path(out), device, Path(cache_dir) if cache_dir else None, resume,
-                       workers, limit, precision)
+                       workers, limit, precision, cache_build=cache_build)
     except NonFiniteLoss as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

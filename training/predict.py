@@ -1,0 +1,48 @@
+"""Predict one split of a prepared dataset with a model or ensemble directory (PACE layout).
+
+``python -m training.predict --model-dir DIR --data DATA --split val --out PRED`` runs the same
+inference path as ``process.py`` (``model.inference.run``) on the split's images only, so that
+``training.evaluate`` scores exactly what the container would output.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from model.inference import InferenceError, load_predictor, run, summary_line
+
+from .datasets import load_records
+
+
+def predict_split(model_dir: Path, data: Path, split: str | None, out: Path, device: str = "auto",
+                  batch_size: int = 4, tta: bool = False, precision: str = "auto", progress: bool = True):
+    predictor = load_predictor(model_dir, device, batch_size, tta, precision)
+    records = load_records(data, None if split == "all" else split)
+    return run(predictor, data / "images", out, fmt="pace", inputs=[r.image_path for r in records],
+               progress=progress)
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--model-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Prepared dataset.")
+@click.option("--split", default="val", type=click.Choice(["train", "val", "all"]))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Prediction folder (PACE layout).")
+@click.option("-d", "--device", default="auto", type=click.Choice(["auto", "cpu", "cuda", "gpu"]))
+@click.option("--batch-size", default=4)
+@click.option("--tta/--no-tta", default=False)
+@click.option("--precision", default="auto", type=click.Choice(["auto", "bf16", "fp32"]))
+def main(model_dir, data, split, out, device, batch_size, tta, precision):
+    """Predict a split of a prepared dataset, for training.evaluate."""
+    try:
+        result = predict_split(Path(model_dir), Path(data), split, Path(out), device, batch_size, tta, precision)
+    except InferenceError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(summary_line(result), err=True)
+    sys.exit(result.exit_code)
+
+
+if __name__ == "__main__":
+    main()
