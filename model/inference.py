@@ -317,7 +317,7 @@ class GCWriter(_Writer):
                 outputs.append({"type": "classification", "label": pred.label,
                                 "probabilities": {k: float(pred.probabilities[k]) for k in CLASS_NAMES}})
         return {"inputs": [{"image": {"name": case.path.name}, "path": str(case.path)}],
-                "outputs": outputs, "error_messages": [] if case.ok else [case.error]}
+                "outputs": outputs, "error_messages": [] if case.ok else [f"{case.rel}: {case.error}"]}
 
     def finish(self, cases: list[Case]) -> None:
         write_text(self.out / "results.json", _json_text([self.entry(c) for c in cases]))

@@ -88,7 +88,7 @@ def _resize_plane(plane: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
         return plane.astype(np.float32)
     mode = "L" if plane.dtype == np.uint8 else "F"
     im = Image.fromarray(np.ascontiguousarray(plane if mode == "L" else plane.astype(np.float32)), mode)
-    return np.asarray(im.resize((w, h), Image.BILINEAR), dtype=np.float32)
+    return np.array(im.resize((w, h), Image.BILINEAR), dtype=np.float32)  # a writable copy for torch
 
 
 def resize_image(arr: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
