@@ -369,8 +369,10 @@ def _predict(predictor, arrays: list[np.ndarray]) -> list:
     stands for an image that fails on its own)."""
     try:
         return list(predictor.predict(arrays))
-    except Exception:  # noqa: BLE001 - isolate the image that breaks the batch
-        if len(arrays) == 1:
+    except Exception as exc:  # noqa: BLE001 - isolate the image that breaks the batch
+        from .predictor import GPUOutOfMemoryError
+
+        if len(arrays) == 1 or isinstance(exc, GPUOutOfMemoryError):  # already retried down to single images
             raise
     out = []
     for a in arrays:

@@ -53,6 +53,18 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and bf16_supported(device))
 
 
+class GPUOutOfMemoryError(RuntimeError):
+    """Even a single image does not fit in the GPU's free memory; the message says what to do."""
+
+
+def _free_gpu_memory() -> None:
+    import gc
+
+    gc.collect()  # tensors of the failed pass may still be referenced from its traceback's frames
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def keep_largest_component(binary: np.ndarray) -> np.ndarray:
     labels, n = ndimage.label(binary)
     if n <= 1:
@@ -163,13 +175,33 @@ class Predictor:
         logits = torch.log(p) - torch.log1p(-p)
         return Prediction(postprocess(logits, geom, threshold=thr), probs, label)
 
+    def _forward_fitting(self, x: torch.Tensor, first_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward``, but a batch that runs out of GPU memory is retried in two halves (after
+        emptying the CUDA cache), recursively down to single images; a single image that still
+        does not fit raises ``GPUOutOfMemoryError``."""
+        n = int(x.shape[0])
+        first_size = first_size or n
+        try:
+            return self.forward(x)
+        except torch.cuda.OutOfMemoryError:
+            pass  # handled below, outside the except block, so the failed pass's tensors can be freed
+        _free_gpu_memory()
+        if n == 1:
+            raise GPUOutOfMemoryError(
+                f"out of GPU memory at batch size {first_size} (retried in halves down to single images, "
+                f"which did not fit either); use --batch-size 1 or -d cpu")
+        half = (n + 1) // 2
+        seg_a, cls_a = self._forward_fitting(x[:half], first_size)
+        seg_b, cls_b = self._forward_fitting(x[half:], first_size)
+        return torch.cat([seg_a, seg_b]), torch.cat([cls_a, cls_b])
+
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
         """Predict a list of images (H x W or H x W x C arrays as read by ``model.io``)."""
         results: list[Prediction] = []
         for start in range(0, len(images), self.batch_size):
             batch = [preprocess(img, self.input_size, self.normalization) for img in images[start:start + self.batch_size]]
             x = torch.stack([b[0] for b in batch])
-            seg, cls = self.forward(x)
+            seg, cls = self._forward_fitting(x)
             results += [self.finish(seg[i], cls[i], batch[i][1]) for i in range(len(batch))]
         return results
 
