@@ -59,3 +59,38 @@ def make_prepared_dataset(root: Path, n_per_class: int = 4, size: tuple[int, int
             w.writeheader()
             w.writerows(data)
     return root
+
+
+def make_demo_folder(out: Path) -> list[Path]:
+    """Six demo inputs of mixed sizes and formats (PNG grey, PNG RGB, JPEG, MetaImage with spacing)."""
+    import SimpleITK as sitk
+    from PIL import Image
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = [("demo_benign_1.png", (420, 560), True, False), ("demo_malignant_1.png", (480, 640), True, True),
+             ("demo_normal_1.png", (400, 520), False, False), ("demo_benign_2.jpg", (360, 500), True, False),
+             ("demo_malignant_2.png", (512, 512), True, True), ("demo_spacing.mha", (300, 420), True, False)]
+    paths = []
+    for i, (name, hw, lesion, malignant) in enumerate(specs):
+        img, _ = make_ultrasound(*hw, lesion=lesion, seed=100 + i, malignant=malignant)
+        path = out / name
+        if name.endswith(".jpg"):
+            Image.fromarray(img).save(path, quality=92)
+        elif name.endswith(".mha"):
+            im = sitk.GetImageFromArray(img)
+            im.SetSpacing((0.08, 0.08))
+            sitk.WriteImage(im, str(path), useCompression=True)
+        elif "malignant_1" in name:
+            Image.fromarray(np.stack([img] * 3, -1)).save(path)
+        else:
+            write_png(path, img)
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    import sys
+
+    for p in make_demo_folder(Path(sys.argv[1] if len(sys.argv) > 1 else "demo/input")):
+        print(p)

@@ -126,6 +126,18 @@ def test_cache_key_changes_with_what_the_values_depend_on(tiny_dataset):
                 cache_key(model, ["orig"], "fp32", True)}) == 4
 
 
+def test_cache_key_follows_what_preprocessing_computes(monkeypatch):
+    import training.cache as tc
+
+    model = build_model(tiny_cfg("sd-h"))
+    k = cache_key(model, ["orig"], "fp32", False)
+    real = tc.preprocess
+    monkeypatch.setattr(tc, "preprocess", lambda img, size, norm: (lambda x, g: (x * 0.999, g))(*real(img, size, norm)))
+    assert cache_key(model, ["orig"], "fp32", False) != k
+    monkeypatch.setattr(tc, "preprocess", real)
+    assert cache_key(model, ["orig"], "fp32", False) == k
+
+
 def test_cli_help_and_nan_stop(tiny_dataset, cache_dir, tmp_path):
     out = subprocess.run([sys.executable, "-m", "training.train", "--help"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0 and "--resume" in out.stdout and "--frozen / --finetune" in out.stdout

@@ -4,9 +4,10 @@ Stored under ``CACHE/<key>/`` as memory-mapped fp16 arrays (``embedding.f16``: N
 ``skip{i}.f16`` when the head needs the stage features) plus the training targets at the head's
 resolution (``mask.u8``: N x V x R x R) and a ``done.u8`` map, so an interrupted build resumes.
 The key hashes everything the cached values depend on: encoder name, input size, normalisation,
-the sha256 of the encoder weights, the precision, the views, and the source code of
-``model/preprocessing.py``, ``training/augment.py`` and the encoder's module; change any of them
-and a new cache is built.
+the sha256 of the encoder weights, the precision, the views, the source code of the encoder's
+module, and a fingerprint of the preprocessing: the exact bytes that ``model.preprocessing`` and
+``training.augment`` produce for a fixed probe image in every view (so a change of what they
+compute starts a new cache, an edit that computes the same does not).
 """
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import model.preprocessing as preprocessing
-import training.augment as augment
 from model.network import PFSAMNet
 from model.preprocessing import mask_to_model, preprocess
 from model.predictor import use_bf16
@@ -40,13 +39,29 @@ def _source_sha(*modules) -> str:
     return h.hexdigest()[:16]
 
 
+def preprocessing_fingerprint(size: int, normalization: str, views: list[str]) -> str:
+    """sha256 of what preprocessing + augmentation compute for fixed probe images (grey and RGB)."""
+    rng = np.random.default_rng(1234)
+    h = hashlib.sha256()
+    for shape in ((37, 53), (61, 29, 3)):
+        probe = rng.integers(0, 256, shape, dtype=np.uint8)
+        mask = (rng.random(shape[:2]) > 0.7).astype(np.uint8)
+        for view in views:
+            img, m = apply_view(probe, mask, view)
+            x, geom = preprocess(img, size, normalization)
+            h.update(x.numpy().tobytes())
+            h.update(mask_to_model(m, geom, MASK_RES).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def cache_key(model: PFSAMNet, views: list[str], precision: str, with_features: bool) -> str:
     enc = model.config["encoder"]
     enc_module = sys.modules[type(model.encoder).__module__]
     payload = {"encoder": enc["name"], "input_size": enc["input_size"], "normalization": enc["normalization"],
                "weights": enc["weights"].get("sha256", enc["weights"].get("source")), "precision": precision,
                "views": list(views), "features": with_features, "mask_res": MASK_RES,
-               "code": _source_sha(preprocessing, augment, enc_module)}
+               "encoder_code": _source_sha(enc_module),
+               "preprocessing": preprocessing_fingerprint(enc["input_size"], enc["normalization"], list(views))}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
