@@ -137,7 +137,11 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
     bf16 = use_bf16(precision, device)
     encoder = copy.deepcopy(model.encoder).eval()
     if hasattr(encoder, "fuse"):
-        encoder.fuse()  # BatchNorm folded into convs: same values, faster
+        # BatchNorm folded into convs: same values, faster. The new convs are randomly initialised
+        # before being overwritten: fork the RNG so that a run which builds the cache draws the same
+        # random numbers afterwards (dropout, ...) as a run which finds it built.
+        with torch.random.fork_rng(devices=[]):
+            encoder.fuse()
     if device.type == "cpu":
         encoder = encoder.to(memory_format=torch.channels_last)
     bar = tqdm(total=len(todo), desc=f"cache {key[:8]}", unit="view", file=sys.stderr)
