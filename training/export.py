@@ -12,10 +12,12 @@ from pathlib import Path
 import click
 import yaml
 
-from model.checkpoint import read_config, save_ensemble
+from model.checkpoint import ENSEMBLE_NAME, read_config, save_ensemble
 from model.io import write_text
 
 SEG_PREFERENCE = ("sd-h", "unet-h", "mgc-a")
+HEADLINE = ("n_images", "dsc", "iou", "hd95", "nsd", "accuracy", "f1_macro", "auc_macro", "auc_malignant",
+            "sens_at_90_spec", "spec_at_90_sens", "normal_empty_share")
 CLS_PREFERENCE = ("mgc-a", "sd-h", "unet-h")
 
 
@@ -63,6 +65,14 @@ def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics:
         lines.append("")
         lines.append("Split: per class 80/20 with seed 0, grouped by patient where known (BUS-BRA); "
                      "conflicting duplicates removed (training.prepare).")
+    spec = json.loads((out / ENSEMBLE_NAME).read_text())
+    lines += ["", "## Postprocessing", "", f"`{json.dumps(spec['postprocess'])}`", ""]
+    if spec.get("postprocess_validation"):
+        lines += ["Chosen by `training.tune` on the validation split (lesion-image Dice, share of empty masks "
+                  "on normal images):", "", "| gate_normal | largest_component | DSC | normal empty |", "|---|---|---|---|"]
+        for r in spec["postprocess_validation"]:
+            lines.append(f"| {r['gate_normal']} | {r['largest_component']} | {r['dsc']:.4f} | "
+                         f"{r['normal_empty_share']:.3f} |")
     lines += ["", "## Validation metrics (training.evaluate, full resolution)", ""]
     if metrics:
         keys = ["n_images", "dsc", "iou", "hd95", "nsd", "accuracy", "f1_macro", "auc_macro", "auc_malignant",
@@ -92,9 +102,15 @@ def export(runs: list[Path], out: Path, which: str = "best", metrics_path: Path 
         members[name] = mdir
     names = list(members)
     seg, cls = pick(names, SEG_PREFERENCE), pick(names, CLS_PREFERENCE)
-    save_ensemble(out, members, {n: float(n == seg) for n in names}, {n: float(n == cls) for n in names},
-                  postprocess=postprocess)
     metrics = json.loads(metrics_path.read_text()) if metrics_path else None
+    extra = {"validation": {k: metrics[k] for k in HEADLINE if k in metrics}} if metrics else {}
+    old = out / ENSEMBLE_NAME
+    if old.is_file():  # keep training.tune's validation of the postprocess options
+        tuned = json.loads(old.read_text()).get("postprocess_validation")
+        if tuned:
+            extra["postprocess_validation"] = tuned
+    save_ensemble(out, members, {n: float(n == seg) for n in names}, {n: float(n == cls) for n in names},
+                  postprocess=postprocess, extra=extra)
     report = json.loads(data_report.read_text()) if data_report and data_report.is_file() else None
     write_text(out / "MODEL_CARD.md", model_card(out, {n: out / n for n in names}, seg, cls, metrics, report,
                                                  command or "training/reproduce.sh"))
@@ -108,13 +124,19 @@ def export(runs: list[Path], out: Path, which: str = "best", metrics_path: Path 
 @click.option("--metrics", "metrics_path", default=None, type=click.Path(exists=True, dir_okay=False),
               help="metrics.json from training.evaluate, for the model card.")
 @click.option("--data-report", default=None, type=click.Path(dir_okay=False), help="DATA/report.json for the card.")
-@click.option("--gate-normal/--no-gate-normal", default=False, help="Empty the mask when the class is normal.")
-@click.option("--largest-component/--all-components", default=False, help="Keep only the largest lesion.")
+@click.option("--gate-normal/--no-gate-normal", default=None,
+              help="Empty the mask when the class is normal [default: as in OUT/ensemble.json (training.tune), else off].")
+@click.option("--largest-component/--all-components", default=None,
+              help="Keep only the largest lesion [default: as in OUT/ensemble.json, else off].")
 @click.option("--command", default="", help="The command that reproduces the ensemble (for the card).")
 def main(runs, out, which, metrics_path, data_report, gate_normal, largest_component, command):
     """Export trained runs as an ensemble directory (safetensors + JSON + MODEL_CARD.md)."""
-    export([Path(r) for r in runs], Path(out), which, Path(metrics_path) if metrics_path else None,
-           {"gate_normal": gate_normal, "largest_component": largest_component},
+    previous = {}
+    if (Path(out) / ENSEMBLE_NAME).is_file():  # keep what training.tune chose unless told otherwise
+        previous = json.loads((Path(out) / ENSEMBLE_NAME).read_text()).get("postprocess", {})
+    post = {"gate_normal": gate_normal, "largest_component": largest_component}
+    post = {k: bool(previous.get(k, False)) if v is None else v for k, v in post.items()}
+    export([Path(r) for r in runs], Path(out), which, Path(metrics_path) if metrics_path else None, post,
            Path(data_report) if data_report else None, command)
     click.echo(f"ensemble written to {out}")
 

@@ -1,0 +1,72 @@
+"""The embedded default ensemble: loads offline from the repository; real-data metrics hold.
+
+The real-data test prepares ../shared/data (skipped when absent), predicts the validation split
+through the container's own path (training.predict -> model.inference.run) and checks the
+headline metrics against the figures recorded at export (ensemble.json "validation", also in
+MODEL_CARD.md) minus a small tolerance, so a broken preprocessing change fails CI.
+"""
+from __future__ import annotations
+
+import json
+import socket
+
+import numpy as np
+import pytest
+
+from model.predictor import DEFAULT_MODEL_DIR, Predictor
+from synthetic import make_ultrasound
+
+SPEC = DEFAULT_MODEL_DIR / "ensemble.json"
+pytestmark = pytest.mark.skipif(not SPEC.is_file(), reason="no embedded default model in model/weights/default")
+TOLERANCE = {"dsc": 0.02, "accuracy": 0.02, "auc_malignant": 0.02, "auc_macro": 0.02}
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket, "socket", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_default_model_loads_and_predicts_without_network(no_network):
+    pred = Predictor.from_dir(DEFAULT_MODEL_DIR, device="cpu")
+    assert set(pred.members) == {"sd-h", "mgc-a"}
+    assert len({id(m.encoder) for m in pred.members.values()}) == 1  # one shared, frozen encoder
+    img, _ = make_ultrasound(333, 444, seed=9)
+    out = pred.predict_one(img)
+    assert out.mask.shape == (333, 444) and out.label in ("normal", "benign", "malignant")
+    assert abs(sum(out.probabilities.values()) - 1) < 1e-4
+
+
+def test_default_weights_are_small_safetensors():
+    files = [p for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 25 * 2**20
+    assert not [p for p in files if p.suffix in (".pt", ".pth", ".pkl", ".bin")]
+    assert (DEFAULT_MODEL_DIR / "MODEL_CARD.md").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_default_model_meets_its_model_card_on_real_validation_images(shared_data, tmp_path):
+    from training.evaluate import evaluate_predictions
+    from training.prepare import main as prepare_main
+    from training.predict import predict_split
+
+    recorded = json.loads(SPEC.read_text())["validation"]
+    data = tmp_path / "data"
+    from click.testing import CliRunner
+
+    res = CliRunner().invoke(prepare_main, ["--busi", str(shared_data / "BUSI"), "--busbra",
+                                            str(shared_data / "BUS-BRA"), "--out", str(data)])
+    assert res.exit_code == 0, res.output
+    result = predict_split(DEFAULT_MODEL_DIR, data, "val", tmp_path / "pred", device="cpu", batch_size=8,
+                           progress=False)
+    assert result.exit_code == 0
+    metrics = evaluate_predictions(tmp_path / "pred", data, "val", tmp_path / "eval", n_boot=50)
+    assert metrics["n_images"] == recorded["n_images"]
+    for key, tol in TOLERANCE.items():
+        assert metrics[key] >= recorded[key] - tol, (key, metrics[key], recorded[key])
+    assert np.isfinite(metrics["hd95"]) and metrics["hd95"] <= recorded["hd95"] * 1.1 + 1
