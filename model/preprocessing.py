@@ -68,12 +68,23 @@ def _channels(arr: np.ndarray) -> np.ndarray:
     raise ValueError(f"unsupported channel count {c}")
 
 
+_F32_SAFE = float(np.finfo(np.float32).max) / 4  # values and ranges float32 arithmetic handles without overflow
+
+
 def _to_0_255(arr: np.ndarray) -> np.ndarray:
     """uint8 unchanged; bool -> {0,255}; other types -> float32 min-max rescaled to 0..255."""
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8) * 255
+    lo, hi = float(arr.min()), float(arr.max())
+    if not (hi - lo < _F32_SAFE and max(-lo, hi) < _F32_SAFE):
+        # floats near float32's or float64's limits: (a - lo) would overflow to inf, then NaN.
+        # Rescale in float64, halved first so that hi - lo stays finite even for float64.
+        if hi <= lo:
+            return np.zeros(arr.shape, np.float32)
+        a64 = arr.astype(np.float64) * 0.5
+        return ((a64 - lo * 0.5) * (255.0 / (hi * 0.5 - lo * 0.5))).astype(np.float32)
     a = arr.astype(np.float32)
     lo, hi = float(a.min()), float(a.max())
     if hi <= lo:
