@@ -1,0 +1,318 @@
+"""process.py over a folder of odd inputs: valid but unusual images, broken files, files to ignore.
+
+One real subprocess run per output format (``gc`` and ``pace``) over the same mixed folder, with
+the small untrained test ensemble (test/make_test_model.py):
+
+* processed, each giving a mask of exactly the input's size: 16-bit grey, palette, RGBA and
+  grey+alpha PNGs, a JPEG named ``.JPG``, 1 x 1, 3 x 5000 and 10000 x 10000 images (the last
+  within the memory bound: the process's peak RSS stays under 4 GB), an .mha that is 3-D with one
+  slice and a float32 .mha;
+* refused with a reason that names the file (stderr, errors.csv, results.json), every other case
+  still written, exit status 3: a truncated PNG, a corrupt JPEG, a zero-byte file, a text file
+  named .png, a 3-D .mha with several slices, .mha files with NaN or Inf pixels;
+* ignored silently: hidden files (.DS_Store, ._name.png), __MACOSX/ folders, .txt and .csv files;
+* two inputs with the same stem (a.png, a.jpg) both written under deterministic distinct names.
+
+An empty input folder: a clear message and exit status 1.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "test"))
+
+from make_fixtures import synthetic_ultrasound  # noqa: E402
+from make_test_model import make_test_ensemble  # noqa: E402
+
+GB = 1024 ** 3
+RSS_LIMIT = 4 * GB
+SLUG = "breast-lesion-segmentation"
+
+
+# ------------------------------------------------------------------------------------------
+# The mixed input folder
+
+
+def _us(h: int, w: int, seed: int) -> np.ndarray:
+    return synthetic_ultrasound(h, w, seed)[0]
+
+
+def _mha(path: Path, array: np.ndarray, spacing=None) -> None:
+    img = sitk.GetImageFromArray(array)
+    if spacing is not None:
+        img.SetSpacing(spacing)
+    sitk.WriteImage(img, str(path), useCompression=True)
+
+
+def make_inputs(root: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str], list[str]]:
+    """Write the mixed folder; returns (processed {rel: expected mask size, sitk order (x, y[, z])},
+    refused {rel: a word the reason must contain}, ignored [rel])."""
+    root.mkdir(parents=True)
+    processed: dict[str, tuple[int, ...]] = {}
+    refused: dict[str, str] = {}
+    rng = np.random.default_rng(7)
+
+    # --- valid but unusual
+    g = _us(37, 53, 1).astype(np.uint16) * 200 + 1000  # spans 1000..52000: not the full 16-bit range
+    Image.fromarray(g).save(root / "grey16.png")
+    assert Image.open(root / "grey16.png").mode.startswith("I;16")
+    processed["grey16.png"] = (53, 37)
+
+    rgb = np.stack([_us(41, 47, 2), _us(41, 47, 3), _us(41, 47, 4)], -1)
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(root / "palette.png")
+    assert Image.open(root / "palette.png").mode == "P"
+    processed["palette.png"] = (47, 41)
+
+    alpha = rng.integers(0, 256, (33, 45, 1), dtype=np.uint8)
+    Image.fromarray(np.concatenate([np.stack([_us(33, 45, 5)] * 3, -1), alpha], -1), "RGBA").save(root / "rgba.png")
+    processed["rgba.png"] = (45, 33)
+    Image.fromarray(np.stack([_us(29, 61, 6), alpha[:29, :1, 0].repeat(61, 1)], -1), "LA").save(root / "grey_alpha.png")
+    assert Image.open(root / "grey_alpha.png").mode == "LA"
+    processed["grey_alpha.png"] = (61, 29)
+
+    Image.fromarray(np.stack([_us(43, 39, 7)] * 3, -1)).save(root / "PHOTO.JPG", format="JPEG", quality=90)
+    processed["PHOTO.JPG"] = (39, 43)
+
+    Image.fromarray(np.array([[128]], np.uint8)).save(root / "one_pixel.png")
+    processed["one_pixel.png"] = (1, 1)
+
+    Image.fromarray(np.tile(_us(3, 500, 8), (1, 10))).save(root / "thin_3x5000.png")
+    processed["thin_3x5000.png"] = (5000, 3)
+
+    huge = np.full((10000, 10000), 90, np.uint8)  # mostly flat: cheap to encode and decode
+    huge[3000:7000, 3000:7000] = 30
+    huge[::50, :] = 200
+    Image.fromarray(huge).save(root / "huge_10000.png", compress_level=1)
+    del huge
+    processed["huge_10000.png"] = (10000, 10000)
+
+    _mha(root / "one_slice.mha", _us(31, 44, 9)[None], spacing=(0.2, 0.3, 1.5))  # 3-D, one slice
+    processed["one_slice.mha"] = (44, 31, 1)
+    _mha(root / "float32.mha", _us(35, 42, 10).astype(np.float32) / 255.0 - 0.25)
+    processed["float32.mha"] = (42, 35)
+
+    # two inputs whose stems collide
+    Image.fromarray(_us(30, 40, 11)).save(root / "a.png")
+    Image.fromarray(_us(30, 40, 11)).save(root / "a.jpg", quality=90)
+    processed["a.png"] = processed["a.jpg"] = (40, 30)
+
+    # --- refused
+    good = (root / "rgba.png").read_bytes()
+    (root / "truncated.png").write_bytes(good[: len(good) // 2])
+    refused["truncated.png"] = "truncated"
+    jpeg = bytearray((root / "PHOTO.JPG").read_bytes())
+    dht = jpeg.find(b"\xff\xc4")  # a damaged Huffman table (JPEG has no checksum: damage to the
+    jpeg[dht + 4: dht + 21] = b"\xff" * 17  # entropy-coded data alone would decode as noise)
+    (root / "corrupt.jpg").write_bytes(bytes(jpeg))
+    refused["corrupt.jpg"] = "corrupt"
+    (root / "zero_bytes.png").write_bytes(b"")
+    refused["zero_bytes.png"] = "empty"
+    (root / "text.png").write_text("this is a text file, not a PNG\n")
+    refused["text.png"] = "not a readable image"
+    _mha(root / "stack.mha", np.stack([_us(20, 24, s) for s in (12, 13, 14)]))
+    refused["stack.mha"] = "slices"
+    nan = _us(20, 24, 15).astype(np.float32)
+    nan[5, 5] = np.nan
+    _mha(root / "nan.mha", nan)
+    refused["nan.mha"] = "NaN"
+    inf = _us(20, 24, 16).astype(np.float32)
+    inf[7, 3] = np.inf
+    _mha(root / "inf.mha", inf)
+    refused["inf.mha"] = "infinite"
+
+    # --- ignored
+    ignored = [".DS_Store", "._rgba.png", "__MACOSX/rgba.png", "__MACOSX/._rgba.png", "notes.txt", "table.csv",
+               ".hidden/inside.png"]
+    (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(64))
+    (root / "._rgba.png").write_bytes(b"\x00\x05\x16\x07AppleDouble junk")
+    (root / "__MACOSX").mkdir()
+    (root / "__MACOSX" / "rgba.png").write_bytes(good)  # a readable image, still never an input
+    (root / "__MACOSX" / "._rgba.png").write_bytes(b"\x00\x05\x16\x07")
+    (root / "notes.txt").write_text("notes\n")
+    (root / "table.csv").write_text("a,b\n1,2\n")
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "inside.png").write_bytes(good)
+    return processed, refused, ignored
+
+
+EXPECTED_NAMES = {"a.jpg": "a", "a.png": "a_png"}  # sorted order: a.jpg first gets the bare stem
+
+
+def _name(rel: str) -> str:
+    return EXPECTED_NAMES.get(rel, Path(rel).stem)
+
+
+@pytest.fixture(scope="module")
+def ensemble_dir(tmp_path_factory) -> Path:
+    return make_test_ensemble(tmp_path_factory.mktemp("ensemble") / "ens")
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("odd") / "in"
+    return (root, *make_inputs(root))
+
+
+def _process(args: list[str], timeout: int = 600) -> tuple[subprocess.CompletedProcess, int]:
+    """Run process.py; returns (the process, peak RSS in bytes of the largest child so far)."""
+    proc = subprocess.run([sys.executable, str(REPO / "process.py"), *args, "--no-progress"],
+                          capture_output=True, text=True, timeout=timeout, cwd=str(REPO / "test"))
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
+    return proc, peak_kib * 1024
+
+
+def _run(fmt: str, mixed, ensemble_dir, tmp_path_factory):
+    root = mixed[0]
+    out = tmp_path_factory.mktemp(fmt) / "out"
+    proc, peak = _process(["-i", str(root), "-o", str(out), "--format", fmt, "--model-dir", str(ensemble_dir),
+                           "-d", "cpu", "--batch-size", "4"])
+    return proc, out, peak
+
+
+@pytest.fixture(scope="module")
+def gc_run(mixed, ensemble_dir, tmp_path_factory):
+    return _run("gc", mixed, ensemble_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def pace_run(mixed, ensemble_dir, tmp_path_factory):
+    return _run("pace", mixed, ensemble_dir, tmp_path_factory)
+
+
+def _errors_csv(out: Path) -> dict[str, str]:
+    with open(out / "errors.csv", newline="") as fh:
+        return {r["file"]: r["reason"] for r in csv.DictReader(fh)}
+
+
+# ------------------------------------------------------------------------------------------
+# Grand Challenge format
+
+
+def test_gc_exit_status_3_and_every_valid_case_written(gc_run, mixed):
+    proc, out, _ = gc_run
+    _, processed, refused, _ = mixed
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr[-3000:]
+    n = len(processed) + len(refused)
+    assert f"{len(processed)} of {n} images processed, {len(refused)} failed" in proc.stderr
+    masks = sorted(p.name for p in (out / "images" / SLUG).iterdir())
+    assert masks == sorted(f"{_name(rel)}.mha" for rel in processed)
+
+
+def test_gc_masks_have_exactly_the_inputs_size(gc_run, mixed):
+    _, out, _ = gc_run
+    _, processed, _, _ = mixed
+    for rel, size in processed.items():
+        mask = sitk.ReadImage(str(out / "images" / SLUG / f"{_name(rel)}.mha"))
+        assert mask.GetSize() == size, rel
+        assert mask.GetPixelID() == sitk.sitkUInt8, rel
+        if max(size) < 10000:
+            assert set(np.unique(sitk.GetArrayViewFromImage(mask)).tolist()) <= {0, 1}, rel
+    one = sitk.ReadImage(str(out / "images" / SLUG / "one_slice.mha"))
+    assert one.GetSpacing() == pytest.approx((0.2, 0.3, 1.5))
+
+
+def test_gc_refusals_name_the_file_and_the_reason(gc_run, mixed):
+    proc, out, _ = gc_run
+    _, processed, refused, _ = mixed
+    errors = _errors_csv(out)
+    assert set(errors) == set(refused)
+    results = {r["inputs"][0]["image"]["name"]: r for r in json.loads((out / "results.json").read_text())}
+    assert set(results) == set(processed) | set(refused)
+    for rel, word in refused.items():
+        assert word.lower() in errors[rel].lower(), (rel, errors[rel])
+        assert f"error: {rel}: " in proc.stderr and word.lower() in proc.stderr.lower(), rel
+        entry = results[rel]
+        assert entry["outputs"] == [] and len(entry["error_messages"]) == 1
+        assert rel in entry["error_messages"][0] and word.lower() in entry["error_messages"][0].lower()
+    for rel in processed:
+        assert results[rel]["error_messages"] == [] and len(results[rel]["outputs"]) == 2, rel
+
+
+def test_ignored_files_are_never_mentioned(gc_run, pace_run, mixed):
+    _, _, _, ignored = mixed
+    for proc, out, _ in (gc_run, pace_run):
+        text = proc.stderr + (out / "errors.csv").read_text()
+        if (out / "results.json").exists():
+            text += (out / "results.json").read_text()
+        for rel in ignored:
+            assert rel not in text, rel
+        for word in ("DS_Store", "._rgba", "MACOSX", ".hidden", "inside.png", "notes.txt", "table.csv"):
+            assert word not in text, word
+
+
+def test_peak_memory_stays_under_4_gb(gc_run, pace_run):
+    for _, _, peak in (gc_run, pace_run):
+        assert peak < RSS_LIMIT, f"peak RSS {peak / GB:.2f} GB"
+
+
+def test_no_temporary_files_are_left(gc_run, pace_run):
+    for _, out, _ in (gc_run, pace_run):
+        assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+
+
+# ------------------------------------------------------------------------------------------
+# PACE format
+
+
+def test_pace_masks_csvs_and_errors(pace_run, mixed):
+    proc, out, _ = pace_run
+    _, processed, refused, _ = mixed
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr[-3000:]
+    for rel, size in processed.items():
+        mask = Image.open(out / "segmentation" / f"{_name(rel)}_mask.png")
+        assert mask.size == size[:2] and mask.mode == "L", rel
+        if max(size) < 10000:
+            assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}, rel
+    assert len(list((out / "segmentation").iterdir())) == len(processed)
+    with open(out / "classification" / "predictions.csv", newline="") as fh:
+        ids = [r["image_id"] for r in csv.DictReader(fh)]
+    assert sorted(ids) == sorted(_name(rel) for rel in processed)
+    errors = _errors_csv(out)
+    assert set(errors) == set(refused)
+    for rel, word in refused.items():
+        assert word.lower() in errors[rel].lower() and f"error: {rel}: " in proc.stderr
+
+
+def test_colliding_names_are_both_written_deterministically(gc_run, pace_run):
+    _, gc_out, _ = gc_run
+    _, pace_out, _ = pace_run
+    assert (gc_out / "images" / SLUG / "a.mha").is_file() and (gc_out / "images" / SLUG / "a_png.mha").is_file()
+    assert (pace_out / "segmentation" / "a_mask.png").is_file()
+    assert (pace_out / "segmentation" / "a_png_mask.png").is_file()
+    results = {r["inputs"][0]["image"]["name"]: r for r in json.loads((gc_out / "results.json").read_text())}
+    assert results["a.jpg"]["outputs"][0]["filename"] == f"images/{SLUG}/a.mha"
+    assert results["a.png"]["outputs"][0]["filename"] == f"images/{SLUG}/a_png.mha"
+
+
+# ------------------------------------------------------------------------------------------
+# Nothing to do
+
+
+@pytest.mark.parametrize("content", ["empty", "only-ignored"])
+def test_an_input_folder_without_images_exits_1_with_a_clear_message(tmp_path, ensemble_dir, content):
+    d = tmp_path / "in"
+    d.mkdir()
+    if content == "only-ignored":
+        (d / ".DS_Store").write_bytes(bytes(8))
+        (d / "readme.txt").write_text("x")
+        (d / "__MACOSX").mkdir()
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(d / "__MACOSX" / "x.png")
+    proc, _ = _process(["-i", str(d), "-o", str(tmp_path / "out"), "--model-dir", str(ensemble_dir), "-d", "cpu"],
+                       timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "no images" in proc.stderr and str(d) in proc.stderr
+    assert "Traceback" not in proc.stderr
