@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import csv
 import json
-import resource
+import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -166,11 +168,28 @@ def mixed(tmp_path_factory):
 
 
 def _process(args: list[str], timeout: int = 600) -> tuple[subprocess.CompletedProcess, int]:
-    """Run process.py; returns (the process, peak RSS in bytes of the largest child so far)."""
-    proc = subprocess.run([sys.executable, str(REPO / "process.py"), *args, "--no-progress"],
-                          capture_output=True, text=True, timeout=timeout, cwd=str(REPO / "test"))
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
-    return proc, peak_kib * 1024
+    """Run process.py; returns (the process, its own peak RSS in bytes).
+
+    The peak comes from ``os.wait4`` on this very child (not RUSAGE_CHILDREN, which is the largest
+    of every child the test session has waited for, whatever test started it)."""
+    cmd = [sys.executable, str(REPO / "process.py"), *args, "--no-progress"]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=str(REPO / "test"))
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                child.kill()
+                pid, status, usage = os.wait4(child.pid, 0)
+                raise subprocess.TimeoutExpired(cmd, timeout)
+            time.sleep(0.05)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        proc = subprocess.CompletedProcess(cmd, child.returncode, out.read(), err.read())
+    return proc, usage.ru_maxrss * 1024  # KiB on Linux
 
 
 def _run(fmt: str, mixed, ensemble_dir, tmp_path_factory):
