@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -167,29 +165,29 @@ def mixed(tmp_path_factory):
     return (root, *make_inputs(root))
 
 
-def _process(args: list[str], timeout: int = 600) -> tuple[subprocess.CompletedProcess, int]:
-    """Run process.py; returns (the process, its own peak RSS in bytes).
+# A forked child starts with its parent's resident-set high-water mark (the kernel keeps it across
+# exec), and the pytest process can be large after in-process model tests. So process.py is started
+# from a small launcher interpreter, which reports the peak RSS of its own child (os.wait4).
+_LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
-    The peak comes from ``os.wait4`` on this very child (not RUSAGE_CHILDREN, which is the largest
-    of every child the test session has waited for, whatever test started it)."""
-    cmd = [sys.executable, str(REPO / "process.py"), *args, "--no-progress"]
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=str(REPO / "test"))
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                child.kill()
-                pid, status, usage = os.wait4(child.pid, 0)
-                raise subprocess.TimeoutExpired(cmd, timeout)
-            time.sleep(0.05)
-        child.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        proc = subprocess.CompletedProcess(cmd, child.returncode, out.read(), err.read())
-    return proc, usage.ru_maxrss * 1024  # KiB on Linux
+
+def _process(args: list[str], timeout: int = 600) -> tuple[subprocess.CompletedProcess, int]:
+    """Run process.py; returns (the process, its own peak RSS in bytes)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_file = Path(tmp) / "peak_kib"
+        cmd = [sys.executable, "-c", _LAUNCHER, str(peak_file), sys.executable, str(REPO / "process.py"), *args,
+               "--no-progress"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(REPO / "test"))
+        peak_kib = int(peak_file.read_text()) if peak_file.is_file() else 0
+    return proc, peak_kib * 1024  # KiB on Linux
 
 
 def _run(fmt: str, mixed, ensemble_dir, tmp_path_factory):
@@ -274,7 +272,8 @@ def test_ignored_files_are_never_mentioned(gc_run, pace_run, mixed):
 
 def test_peak_memory_stays_under_4_gb(gc_run, pace_run):
     for _, _, peak in (gc_run, pace_run):
-        assert peak < RSS_LIMIT, f"peak RSS {peak / GB:.2f} GB"
+        print(f"process.py over the mixed folder (10000 x 10000 included): peak RSS {peak / GB:.2f} GB")
+        assert 100 * 2**20 < peak < RSS_LIMIT, f"peak RSS {peak / GB:.2f} GB"  # > 100 MB: it was measured
 
 
 def test_no_temporary_files_are_left(gc_run, pace_run):

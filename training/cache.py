@@ -202,14 +202,20 @@ if __name__ == "__main__":
     @click.option("--device", default="auto", show_default=True)
     @click.option("--precision", default="auto", show_default=True)
     @click.option("--batch-size", default=8, show_default=True)
-    def main(data, cache_dir, encoder, encoder_checkpoint, views, features, device, precision, batch_size):
+    @click.option("--first-view-only", is_flag=True,
+                  help="Encode only the first view (orig) of every image; the cache keeps its key, so training "
+                       "with --no-cache-build samples that view only (how the embedded default was trained).")
+    def main(data, cache_dir, encoder, encoder_checkpoint, views, features, device, precision, batch_size,
+             first_view_only):
         """Precompute the frozen-encoder embedding cache for a prepared dataset."""
         view_list = views.split(",")
+        wanted = views_for_classes(view_list)
+        if first_view_only:
+            wanted = {v: (classes if i == 0 else []) for i, (v, classes) in enumerate(wanted.items())}
         cfg = make_config(encoder, "frozen", "unet-h" if features else "sd-h", "gap",
                           encoder_weights=encoder_weights_info(encoder, encoder_checkpoint))
         dev = resolve_device(device)
         net = PFSAMNet(cfg, encoder_checkpoint=encoder_checkpoint).to(dev)
-        build_cache(net, load_records(data), cache_dir, view_list, dev, precision, batch_size,
-                    views_for_classes(view_list))
+        build_cache(net, load_records(data), cache_dir, view_list, dev, precision, batch_size, wanted)
 
     main()

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from model import CLASS_NAMES
+from model.allocator import keep_freed_memory
 from model.checkpoint import encoder_weights_info, save_model
 from model.io import atomic_path, write_text
 from model.network import PFSAMNet, make_config
@@ -266,6 +267,8 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
             device_name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     device = resolve_device(device_name) if not device_name.startswith("cuda:") else torch.device(device_name)
     bf16 = use_bf16(precision, device)
+    if device.type == "cpu":
+        keep_freed_memory()
     seed = int(cfg["seed"])
     torch.manual_seed(seed)
     random.seed(seed)

