@@ -149,3 +149,15 @@ def test_cli_help_and_nan_stop(tiny_dataset, cache_dir, tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "loss is" in proc.stderr and "last good checkpoint" in proc.stderr
+
+
+def test_cache_serves_a_subset_of_its_images_and_refuses_strangers(tiny_dataset, tmp_path):
+    model = build_model(tiny_cfg("sd-h"))
+    records = load_records(tiny_dataset)
+    full = build_cache(model, records, tmp_path, ["orig"], torch.device("cpu"), "fp32")
+    sub = build_cache(model, records[::3], tmp_path, ["orig"], torch.device("cpu"), "fp32", build=False)
+    for r in records[::3]:
+        assert torch.equal(sub.get(r.image_id, 0)[0], full.get(r.image_id, 0)[0])
+    stranger = records[0].__class__(**{**records[0].__dict__, "image_id": "PACE_99999_001_BUS"})
+    with pytest.raises(ValueError, match="another image list"):
+        build_cache(model, [*records, stranger], tmp_path, ["orig"], torch.device("cpu"), "fp32")

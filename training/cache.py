@@ -116,8 +116,11 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
         skip_shapes = [tuple(f.shape[1:]) for f in feats]
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        if meta["ids"] != ids:
-            raise ValueError(f"{root}: cache built for another image list; delete it or use another --cache")
+        missing = sorted(set(ids) - set(meta["ids"]))
+        if missing:  # a subset of the cached images (e.g. --limit) is served from the same arrays
+            raise ValueError(f"{root}: cache built for another image list ({len(missing)} images not in it, "
+                             f"e.g. {missing[0]}); delete it or use another --cache")
+        ids = meta["ids"]
     else:
         meta_path.write_text(json.dumps({"ids": ids, "views": views, "skip_shapes": skip_shapes}))
     cache = EmbeddingCache(root, ids, views, skip_shapes)
