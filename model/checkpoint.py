@@ -138,7 +138,7 @@ def encoder_key(cfg: dict) -> str | None:
     return f"{enc['name']}:{enc['input_size']}:{w.get('sha256')}"
 
 
-DEFAULT_POSTPROCESS = {"threshold": 0.5, "gate_normal": False, "largest_component": False}
+DEFAULT_POSTPROCESS = {"threshold": 0.5, "gate_normal": False, "largest_component": False, "refine": None}
 
 
 def save_ensemble(out_dir: str | Path, members: dict[str, PFSAMNet | str | Path],
@@ -181,6 +181,13 @@ def validate_ensemble(spec: dict, where: Path) -> dict:
     unknown_pp = set(spec.get("postprocess", {})) - set(DEFAULT_POSTPROCESS)
     if unknown_pp:
         raise CheckpointError(f"{where}: unknown postprocess options {sorted(unknown_pp)}")
+    refine = spec.get("postprocess", {}).get("refine")
+    if refine is not None:
+        ok = (isinstance(refine, dict) and refine.get("type") == "box" and set(refine) <= {"type", "margin", "blend"}
+              and float(refine.get("margin", 5)) >= 0 and 0 < float(refine.get("blend", 1.0)) <= 1)
+        if not ok:
+            raise CheckpointError(f"{where}: postprocess.refine must be null or {{\"type\": \"box\", \"margin\": "
+                                  f"pixels >= 0, \"blend\": (0, 1]}}, not {refine!r}")
     return spec
 
 

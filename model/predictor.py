@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from . import CLASS_NAMES
 from .allocator import keep_freed_memory
 from .checkpoint import encoder_key, load_model, read_ensemble
 from .network import PFSAMNet
-from .preprocessing import Geometry, postprocess, preprocess
+from .preprocessing import Geometry, keep_largest_component, postprocess, preprocess
+from .refine import BoxRefiner
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "default"
 
@@ -73,14 +73,6 @@ def _free_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def keep_largest_component(binary: np.ndarray) -> np.ndarray:
-    labels, n = ndimage.label(binary)
-    if n <= 1:
-        return binary
-    sizes = ndimage.sum_labels(binary, labels, index=np.arange(1, n + 1))
-    return labels == (1 + int(np.argmax(sizes)))
-
-
 class Predictor:
     def __init__(self, members: dict[str, PFSAMNet], spec: dict, device: torch.device,
                  batch_size: int = 4, tta: bool = False, precision: str = "auto"):
@@ -100,6 +92,16 @@ class Predictor:
         if len(inputs) != 1:
             raise ValueError(f"ensemble members need one input size and normalisation, found {sorted(inputs)}")
         (self.input_size, self.normalization), = inputs
+        self.refiner: BoxRefiner | None = None
+        self.set_refine(self.post.get("refine"))
+
+    def set_refine(self, spec: dict | None) -> None:
+        """Box refinement (``model/refine.py``) from its ``ensemble.json`` spec, or None for off."""
+        self.refiner = None
+        if spec:
+            seg_member = self.members[next(iter(self.seg_w))]
+            self.refiner = BoxRefiner.from_spec({"threshold": self.post.get("threshold", 0.5), **spec},
+                                                seg_member.config["encoder"]["name"], self.input_size).to(self.device)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path = DEFAULT_MODEL_DIR, device: str = "auto", batch_size: int = 4,
@@ -160,15 +162,20 @@ class Predictor:
     def combine(self, encoded) -> tuple[torch.Tensor, torch.Tensor]:
         """Weighted member outputs from encoder outputs; ``encoded(model) -> (embedding, features)``."""
         seg = cls = 0.0
+        seg_embedding = None
         with self._autocast():
             for name, model in self.members.items():
                 emb, feats = encoded(model)
                 out = model.heads(emb, feats if model.needs_features else None)
                 if name in self.seg_w:
                     seg = seg + self.seg_w[name] * torch.sigmoid(out["mask_logits"].float())[:, 0]
+                    seg_embedding = emb if seg_embedding is None else seg_embedding
                 if name in self.cls_w:
                     cls = cls + self.cls_w[name] * torch.softmax(out["class_logits"].float(), -1)
-        return seg / sum(self.seg_w.values()), cls / sum(self.cls_w.values())
+        seg = seg / sum(self.seg_w.values())
+        if self.refiner is not None:  # fp32: the decoder's boundaries are what it is there for
+            seg = self.refiner(seg_embedding, seg)
+        return seg, cls / sum(self.cls_w.values())
 
     def finish(self, prob: torch.Tensor, cls: torch.Tensor, geom: Geometry) -> Prediction:
         """One image's mask probabilities (R x R) and class probabilities -> its Prediction

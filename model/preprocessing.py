@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from scipy import ndimage
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
@@ -188,3 +189,12 @@ def postprocess(logits: torch.Tensor, geom: Geometry, threshold: float = 0.5,
         rows = cols[y0] * (1 - wy) + cols[y1] * wy
         out[r0:r1] = (rows > cut).numpy()
     return out
+
+
+def keep_largest_component(binary: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of a 2-D boolean mask (ties: the first label)."""
+    labels, n = ndimage.label(binary)
+    if n <= 1:
+        return binary
+    sizes = ndimage.sum_labels(binary, labels, index=np.arange(1, n + 1))
+    return labels == (1 + int(np.argmax(sizes)))

@@ -69,9 +69,12 @@ def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics:
     lines += ["", "## Postprocessing", "", f"`{json.dumps(spec['postprocess'])}`", ""]
     if spec.get("postprocess_validation"):
         lines += ["Chosen by `training.tune` on the validation split (lesion-image Dice, share of empty masks "
-                  "on normal images):", "", "| gate_normal | largest_component | DSC | normal empty |", "|---|---|---|---|"]
+                  "on normal images):", "", "| refine | gate_normal | largest_component | DSC | normal empty |",
+                  "|---|---|---|---|---|"]
         for r in spec["postprocess_validation"]:
-            lines.append(f"| {r['gate_normal']} | {r['largest_component']} | {r['dsc']:.4f} | "
+            ref = r.get("refine")
+            ref = f"box, margin {ref['margin']}, blend {ref['blend']}" if ref else "off"
+            lines.append(f"| {ref} | {r['gate_normal']} | {r['largest_component']} | {r['dsc']:.4f} | "
                          f"{r['normal_empty_share']:.3f} |")
     lines += ["", "## Validation metrics (training.evaluate, full resolution)", ""]
     if metrics:
@@ -136,6 +139,8 @@ def main(runs, out, which, metrics_path, data_report, gate_normal, largest_compo
         previous = json.loads((Path(out) / ENSEMBLE_NAME).read_text()).get("postprocess", {})
     post = {"gate_normal": gate_normal, "largest_component": largest_component}
     post = {k: bool(previous.get(k, False)) if v is None else v for k, v in post.items()}
+    if previous.get("refine"):
+        post["refine"] = previous["refine"]
     export([Path(r) for r in runs], Path(out), which, Path(metrics_path) if metrics_path else None, post,
            Path(data_report) if data_report else None, command)
     click.echo(f"ensemble written to {out}")
