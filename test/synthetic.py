@@ -6,11 +6,16 @@ slightly irregular hypoechoic lesion and posterior acoustic shadowing for lesion
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from model.io import write_png
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # also when run as a script (demo.sh): python test/synthetic.py OUT
+    sys.path.insert(0, str(REPO))
+
+from model.io import write_png  # noqa: E402
 
 
 def make_ultrasound(h: int, w: int, lesion: bool = True, seed: int = 0,
@@ -20,6 +25,11 @@ def make_ultrasound(h: int, w: int, lesion: bool = True, seed: int = 0,
     depth = 1.0 - 0.5 * yy / max(h - 1, 1)
     layers = 0.6 + 0.25 * np.sin(yy / max(h, 1) * 12 + rng.uniform(0, 6)) * depth
     speckle = rng.rayleigh(0.6, size=(h, w)).astype(np.float32)
+    if min(h, w) >= 16:  # speckle grains span a few pixels, as in a scanner's image
+        from scipy import ndimage
+
+        speckle = ndimage.gaussian_filter(speckle, 1.2)
+        speckle *= 0.6 * np.sqrt(np.pi / 2) / max(float(speckle.mean()), 1e-6)
     tissue = layers * depth * speckle
     mask = np.zeros((h, w), np.uint8)
     if lesion:
@@ -29,7 +39,8 @@ def make_ultrasound(h: int, w: int, lesion: bool = True, seed: int = 0,
         wobble = 1 + (0.25 if malignant else 0.06) * np.sin(ang * (7 if malignant else 3) + rng.uniform(0, 6))
         r = np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
         mask = (r < wobble).astype(np.uint8)
-        tissue = np.where(mask > 0, tissue * 0.15, tissue)
+        edge = np.clip((r / wobble - 0.85) / 0.3, 0, 1)  # a soft, hypoechoic (not black) lesion
+        tissue = tissue * (0.3 + 0.7 * edge)
         shadow = (xx > cx - rx * 0.8) & (xx < cx + rx * 0.8) & (yy > cy + ry)
         tissue = np.where(shadow, tissue * 0.6, tissue)
     img = np.clip(tissue / max(float(np.percentile(tissue, 99.5)), 1e-6) * 255, 0, 255).astype(np.uint8)

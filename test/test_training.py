@@ -70,6 +70,7 @@ def test_epoch_plan_is_seeded_and_class_weighted(tiny_dataset):
 
 def test_two_epochs_reduce_the_loss_and_export_loads(tiny_dataset, cache_dir, tmp_path):
     cfg = tiny_cfg("mgc-a", epochs=3)
+    cfg["optim"]["lr"] = 3e-3  # nine optimiser steps in all: a visible drop needs a larger step
     run = tmp_path / "run"
     train(dict(cfg, epochs=0), tiny_dataset, run, "cpu", cache_dir)  # epoch 0: saves nothing
     torch.manual_seed(cfg["seed"])
