@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +163,39 @@ def test_cache_serves_a_subset_of_its_images_and_refuses_strangers(tiny_dataset,
     stranger = records[0].__class__(**{**records[0].__dict__, "image_id": "PACE_99999_001_BUS"})
     with pytest.raises(ValueError, match="another image list"):
         build_cache(model, [*records, stranger], tmp_path, ["orig"], torch.device("cpu"), "fp32")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(tiny_dataset, tmp_path):
+    """The same script under torchrun (gloo on CPU): ranks take equal shards (9 training samples do
+    not split evenly), rank 0 alone logs and saves, and the result loads in the model package."""
+    import socket
+
+    try:  # the ranks meet over the loopback interface, which a network namespace (unshare -n) has down
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            s.listen(1)
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError as exc:
+        pytest.skip(f"no usable loopback network for the ranks to meet ({exc})")
+    run = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                           "-m", "training.train", "--config", "training/configs/mgc-a.yaml", "--data", str(tiny_dataset),
+                           "--out", str(run), "--encoder", "litemedsam", "--frozen", "--epochs", "2",
+                           "--batch-size", "2", "--lr", "1e-3", "--cache", str(tmp_path / "cache"), "--device", "cpu",
+                           "--set", "views=[orig]", "--set", "model.seg_head.channels=[16,8]",
+                           "--set", "curriculum={gt_until: 1, mixed_until: 1, p_gt: 0.5}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = json.loads((run / "log.json").read_text())
+    assert [r["epoch"] for r in log] == [1, 2]  # one writer: no duplicated rows
+    assert all(np.isfinite(r["train_loss"]) and 0 <= r["val_dsc"] <= 1 for r in log)
+    from model.io import read_image
+
+    pred = Predictor.from_dir(run / "best", device="cpu")
+    rec = load_records(tiny_dataset)[0]
+    out = pred.predict_one(read_image(rec.image_path).array)
+    assert out.mask.shape == read_image(rec.image_path).array.shape[:2] and (run / "state.pt").is_file()

@@ -329,7 +329,9 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
     p_gt = float(cfg["curriculum"].get("p_gt", 0.5))
     for epoch in range(start_epoch, epochs + 1):
         phase = curriculum_phase(cfg, epoch)
-        plan = epoch_plan(train_recs, cfg, epoch, avail)[rank::world]
+        plan = epoch_plan(train_recs, cfg, epoch, avail)
+        # every rank takes the same number of samples (DDP needs the same number of steps everywhere)
+        plan = plan[:len(plan) - len(plan) % world][rank::world]
         loader = DataLoader(tr_set, batch_size=bs, sampler=plan, collate_fn=collate, num_workers=workers,
                             pin_memory=device.type == "cuda", persistent_workers=False)
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
