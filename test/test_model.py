@@ -13,7 +13,7 @@ from model.encoders import ENCODERS, WeightsError, build_encoder
 from model.encoders.weights import load_image_encoder_state, litemedsam_checkpoint
 from model.network import PFSAMNet, make_config
 from model.predictor import Predictor
-from model.preprocessing import SAM_PIXEL_MEAN, SAM_PIXEL_STD, Geometry, mask_to_model, postprocess, preprocess
+from model.preprocessing import SAM_PIXEL_MEAN, SAM_PIXEL_STD, mask_to_model, postprocess, preprocess
 from synthetic import make_ultrasound
 
 

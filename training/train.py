@@ -28,7 +28,6 @@ import yaml
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model import CLASS_NAMES
 from model.allocator import keep_freed_memory
 from model.checkpoint import encoder_weights_info, save_model
 from model.io import atomic_path, write_text

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
 from torch import nn
 
 from .sam_vit import build_sam_vit
