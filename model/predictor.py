@@ -169,7 +169,8 @@ class Predictor:
                 out = model.heads(emb, feats if model.needs_features else None)
                 if name in self.seg_w:
                     seg = seg + self.seg_w[name] * torch.sigmoid(out["mask_logits"].float())[:, 0]
-                    seg_embedding = emb if seg_embedding is None else seg_embedding
+                    if seg_embedding is None:  # the refiner decodes the first segmentation member's embedding
+                        seg_embedding = emb
                 if name in self.cls_w:
                     cls = cls + self.cls_w[name] * torch.softmax(out["class_logits"].float(), -1)
         seg = seg / sum(self.seg_w.values())

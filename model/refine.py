@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoders.weights import litemedsam_checkpoint, verify_checkpoint
+from .encoders.weights import litemedsam_checkpoint, load_checkpoint_state, load_into
 from .preprocessing import keep_largest_component
 from .sam_decoder import BoxPromptEncoder, MaskDecoder
 
@@ -60,15 +60,10 @@ class BoxRefiner(nn.Module):
 
     def load_litemedsam(self) -> None:
         path = litemedsam_checkpoint()
-        verify_checkpoint(path)  # the official file name carries its known sha256
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "model" in state:
-            state = state["model"]
+        state = load_checkpoint_state(path)  # the official file name carries its known sha256
         own = {k: v for k, v in state.items() if k.startswith(("prompt_encoder.", "mask_decoder."))
                and not k.startswith("prompt_encoder.mask_downscaling.")}
-        missing, unexpected = self.load_state_dict(own, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path}: decoder tensors do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        load_into(self, own, str(path))
 
     @torch.inference_mode()
     def forward(self, embedding: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:

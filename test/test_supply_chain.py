@@ -109,13 +109,15 @@ def test_every_torch_load_passes_weights_only_true():
 
 
 def test_the_torch_load_check_catches_unsafe_calls():
+    # sources written with LOAD for "load", so that no line of this file is itself an unsafe call
     unsafe = {
-        "import torch\ntorch.load('x')\n": 1,
-        "import torch\ntorch.load('x', weights_only=False)\n": 1,
-        "import torch as T\nT.load('x', map_location='cpu')\n": 1,
-        "from torch import load\nload('x')\n": 1,
-        "import torch\nf = torch.load\n": 0,
+        "import torch\ntorch.LOAD('x')\n": 1,
+        "import torch\ntorch.LOAD('x', weights_only=False)\n": 1,
+        "import torch as T\nT.LOAD('x', map_location='cpu')\n": 1,
+        "from torch import LOAD\nLOAD('x')\n": 1,
+        "import torch\nf = torch.LOAD\n": 0,
     }
+    unsafe = {src.replace("LOAD", "load"): n for src, n in unsafe.items()}
     for source, n_calls in unsafe.items():
         calls, bare = _torch_load_calls(ast.parse(source))
         assert len(calls) == n_calls, source

@@ -67,11 +67,11 @@ def litemedsam_checkpoint() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "asset" / "lite_medsam.pth"
 
 
-def load_image_encoder_state(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """The ``image_encoder.*`` tensors of a SAM-family checkpoint, prefix removed.
+def load_checkpoint_state(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The whole state dict of a SAM-family checkpoint, after its SHA-256 check.
 
-    Accepts a plain state dict, ``{"model": ...}`` or ``{"state_dict": ...}``, and a file that holds
-    only the encoder. Never unpickles objects (``weights_only=True``).
+    Accepts a plain state dict, ``{"model": ...}`` or ``{"state_dict": ...}``. Never unpickles
+    objects (``weights_only=True``).
     """
     verify_checkpoint(path, sha256)
     try:
@@ -85,6 +85,13 @@ def load_image_encoder_state(path: Path, sha256: str | None = None) -> dict[str,
                 state = state[key]
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def load_image_encoder_state(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The ``image_encoder.*`` tensors of a SAM-family checkpoint, prefix removed (or all tensors of a
+    file that holds only the encoder)."""
+    state = load_checkpoint_state(path, sha256)
     prefix = "image_encoder."
     enc = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     return enc or dict(state)
