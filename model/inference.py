@@ -85,7 +85,7 @@ def default_model_dir() -> Path:
 
 
 def load_predictor(model_dir: str | Path | None = None, device: str = "auto", batch_size: int = 4,
-                   tta: bool = False, precision: str = "auto"):
+                   tta: bool = False, precision: str = "auto", compile_backend: str | None = None):
     """Load the ensemble once; any failure becomes an ``InferenceError`` naming the folder."""
     from .predictor import Predictor
 
@@ -95,7 +95,8 @@ def load_predictor(model_dir: str | Path | None = None, device: str = "auto", ba
         raise InferenceError(f"cannot load the model: {model_dir} does not exist (pass --model-dir, or mount "
                              f"a model at {SAGEMAKER_MODEL_DIR})")
     try:
-        return Predictor.from_dir(model_dir, device=device, batch_size=batch_size, tta=tta, precision=precision)
+        return Predictor.from_dir(model_dir, device=device, batch_size=batch_size, tta=tta, precision=precision,
+                                  compile_backend=compile_backend)
     except Exception as exc:  # noqa: BLE001 - every reason is reported the same way
         raise InferenceError(f"cannot load the model from {model_dir}: {exc}") from exc
 

@@ -51,8 +51,14 @@ def test_large_vits_build_and_run(encoder):
     assert out["mask_logits"].shape == (1, 1, 64, 64)
 
 
-def test_sam_vit_matches_segment_anything_reference():
+@pytest.mark.parametrize("impl", ["bias", "augment"])
+def test_sam_vit_matches_segment_anything_reference(impl, monkeypatch):
+    """Both attention implementations (additive mask; q/k augmented with the relative-position
+    terms, which lets CUDA use flash attention) give segment-anything's outputs."""
     sa = pytest.importorskip("segment_anything.modeling.image_encoder")
+    from model.encoders.sam_vit import Attention
+
+    monkeypatch.setattr(Attention, "impl", impl)
     from functools import partial
 
     torch.manual_seed(0)

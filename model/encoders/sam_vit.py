@@ -31,7 +31,33 @@ def _rel_pos(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     return rel_pos[(coords[:, None] - coords[None, :]) + (size - 1)]
 
 
+ATTENTION_IMPLS = ("auto", "bias", "augment")
+
+
+def _onehot_keys(h: int, w: int, dtype, device) -> torch.Tensor:
+    """(h*w, h+w): each key token's row and column as one-hot columns."""
+    rows = torch.arange(h, device=device).repeat_interleave(w)
+    cols = torch.arange(w, device=device).repeat(h)
+    return torch.cat([F.one_hot(rows, h), F.one_hot(cols, w)], -1).to(dtype)
+
+
 class Attention(nn.Module):
+    """SAM's attention with decomposed relative-position terms, through one fused SDPA call.
+
+    ``impl`` (class default ``"auto"``: ``augment`` on CUDA, ``bias`` elsewhere):
+
+    * ``bias``: the terms become an additive (B, heads, N, N) mask. Exact, but the mask is
+      materialised (400 MB per image and global block at 1024 input) and rules out flash attention.
+    * ``augment``: the same logits without the mask. The relative term of query i and key j is
+      ``q_i . Rh[row_i, row_j] + q_i . Rw[col_i, col_j]``, i.e. a per-query vector ``e_i`` (h + w values)
+      dotted with a one-hot of key j's row and column. So ``q' = [q * scale, e]``, ``k' = [k, onehot]``
+      and ``softmax(q' k'^T) v`` equals SAM's attention; v is zero-padded to the same head size so
+      PyTorch can pick its flash kernel (bf16 on CUDA). Equal to ``bias`` up to rounding
+      (test/test_model.py).
+    """
+
+    impl = "auto"
+
     def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int]):
         super().__init__()
         self.num_heads = num_heads
@@ -41,17 +67,36 @@ class Attention(nn.Module):
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
 
+    def resolved_impl(self, device: torch.device) -> str:
+        if self.impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, not {self.impl!r}")
+        if self.impl == "auto":
+            return "augment" if device.type == "cuda" else "bias"
+        return self.impl
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # B, heads, N, hd
+        hd = q.shape[-1]
         rh = _rel_pos(h, self.rel_pos_h).to(q.dtype)
         rw = _rel_pos(w, self.rel_pos_w).to(q.dtype)
         rq = q.reshape(b, self.num_heads, h, w, -1)
         bias_h = torch.einsum("bnhwc,hkc->bnhwk", rq, rh)
         bias_w = torch.einsum("bnhwc,wkc->bnhwk", rq, rw)
-        bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, self.num_heads, h * w, h * w)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if self.resolved_impl(x.device) == "bias":
+            bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, self.num_heads, h * w, h * w)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            n = h * w
+            extra = torch.cat([bias_h.reshape(b, self.num_heads, n, h), bias_w.reshape(b, self.num_heads, n, w)], -1)
+            width = -(-(hd + h + w) // 8) * 8  # head size a multiple of 8 (fused kernels' alignment)
+            pad = width - (hd + h + w)
+            qa = F.pad(torch.cat([q * hd ** -0.5, extra], -1), (0, pad))
+            onehot = _onehot_keys(h, w, q.dtype, q.device).expand(b, self.num_heads, n, h + w)
+            ka = F.pad(torch.cat([k, onehot], -1), (0, pad))
+            va = F.pad(v, (0, width - hd))
+            x = F.scaled_dot_product_attention(qa, ka, va, scale=1.0)[..., :hd]
         return self.proj(x.transpose(1, 2).reshape(b, h, w, -1))
 
 
