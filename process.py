@@ -51,7 +51,8 @@ from model.inference import FORMATS, TASKS, InferenceError, find_inputs, load_pr
 @click.option("--overlay/--no-overlay", default=False, show_default=True,
               help="Also write overlays/<name>.png (contour, label, probability).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="auto: bf16 on CUDA, fp32 on CPU (bf16 on CPU is faster, but moves masks beyond tolerance).")
+              help="auto: bf16 on CUDA for SAM ViT encoders, else fp32 (bf16 is faster but moves the default "
+                   "LiteMedSAM model's masks beyond tolerance).")
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
               help="torch.compile the encoder (faster on CUDA for large folders; compiling takes a minute or two).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")

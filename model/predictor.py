@@ -2,8 +2,10 @@
 
 Segmentation and classification are weighted averages of the members' probabilities
 (``ensemble.json``: by default the mask comes from SD-H and the class from MGC-A). Members whose
-encoders are frozen and identical share one encoder module and one forward pass per batch. CUDA
-runs under bf16 autocast; CPU runs fp32 unless ``precision="bf16"``. Optional horizontal-flip TTA.
+encoders are frozen and identical share one encoder module and one forward pass per batch.
+Precision ``auto``: bf16 autocast on CUDA for encoders whose outputs hold under it (SAM ViTs),
+fp32 otherwise (LiteMedSAM, and every encoder on CPU); ``bf16`` forces it. Optional
+horizontal-flip TTA.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 from . import CLASS_NAMES
 from .allocator import keep_freed_memory
 from .checkpoint import encoder_key, load_model, read_ensemble
+from .encoders import get_spec
 from .network import PFSAMNet
 from .preprocessing import Geometry, keep_largest_component, postprocess, preprocess
 from .refine import BoxRefiner
@@ -92,6 +95,9 @@ class Predictor:
         if len(inputs) != 1:
             raise ValueError(f"ensemble members need one input size and normalisation, found {sorted(inputs)}")
         (self.input_size, self.normalization), = inputs
+        # "auto" runs bf16 only where it keeps the outputs (EncoderSpec.bf16_inference); "bf16" forces it
+        auto_ok = all(get_spec(m.config["encoder"]["name"]).bf16_inference for m in self.members.values())
+        self.bf16 = use_bf16(precision, device, cpu_auto=False) and (precision == "bf16" or auto_ok)
         self.refiner: BoxRefiner | None = None
         self.set_refine(self.post.get("refine"))
 
@@ -143,7 +149,7 @@ class Predictor:
         return cls(members, spec, dev, batch_size, tta, precision)
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16(self.precision, self.device, cpu_auto=False))
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -275,3 +275,45 @@ def test_tta_flag_changes_the_path_not_the_shapes(tmp_path):
 def test_registry_lists_all_encoders():
     assert set(ENCODERS) == {"sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b", "litemedsam"}
     assert all(ENCODERS[n].input_size == 1024 for n in ENCODERS if n != "litemedsam")
+
+
+def test_precision_auto_keeps_litemedsam_in_fp32_where_bf16_moves_its_masks(tmp_path, monkeypatch):
+    """On a bf16-capable device, "auto" runs SAM ViT ensembles in bf16 but keeps the LiteMedSAM
+    default in fp32 (bf16 moved its masks to Dice 0.94 on an H200); "bf16" forces it."""
+    import model.predictor as predictor_mod
+    from model.predictor import DEFAULT_MODEL_DIR
+
+    monkeypatch.setattr(predictor_mod, "use_bf16", lambda precision, device, cpu_auto=True: precision != "fp32")
+    d, _, _ = make_ensemble(tmp_path)
+    assert Predictor.from_dir(d, device="cpu", precision="auto").bf16
+    assert not Predictor.from_dir(d, device="cpu", precision="fp32").bf16
+    if (DEFAULT_MODEL_DIR / "ensemble.json").is_file():
+        assert not Predictor.from_dir(DEFAULT_MODEL_DIR, device="cpu", precision="auto").bf16
+        assert Predictor.from_dir(DEFAULT_MODEL_DIR, device="cpu", precision="bf16").bf16
+
+
+def test_sam_attention_form_per_block_and_device():
+    from model.encoders.sam_vit import Attention
+
+    attn = Attention(64, 4, (64, 64))
+    win = Attention(64, 4, (14, 14))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert attn.resolved_impl(cuda) == "augment" and win.resolved_impl(cuda) == "bias"
+    assert attn.resolved_impl(cpu) == "bias"
+    attn.impl = "nonsense"
+    with pytest.raises(ValueError, match="attention impl"):
+        attn.resolved_impl(cpu)
+
+
+def test_compiled_encoder_gives_the_same_predictions(tmp_path):
+    """compile_backend wraps each distinct encoder once (shared by both members) in torch.compile;
+    dynamo's graph capture must reproduce the eager outputs ("eager" backend: no C compiler needed)."""
+    d, _, _ = make_ensemble(tmp_path)
+    img = make_ultrasound(200, 260, seed=3)[0]
+    plain = Predictor.from_dir(d, device="cpu", precision="fp32")
+    comp = Predictor.from_dir(d, device="cpu", precision="fp32", compile_backend="eager")
+    assert len({id(m.encoder) for m in comp.members.values()}) == len({id(m.encoder) for m in plain.members.values()})
+    assert all(type(m.encoder).__name__ == "OptimizedModule" for m in comp.members.values())
+    a, b = plain.predict_one(img), comp.predict_one(img)
+    assert np.array_equal(a.mask, b.mask)
+    assert all(abs(a.probabilities[k] - b.probabilities[k]) < 1e-5 for k in a.probabilities)

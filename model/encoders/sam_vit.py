@@ -44,7 +44,9 @@ def _onehot_keys(h: int, w: int, dtype, device) -> torch.Tensor:
 class Attention(nn.Module):
     """SAM's attention with decomposed relative-position terms, through one fused SDPA call.
 
-    ``impl`` (class default ``"auto"``: ``augment`` on CUDA, ``bias`` elsewhere):
+    ``impl`` (class default ``"auto"``: ``augment`` on CUDA for the global blocks (64x64 tokens at
+    1024 input), ``bias`` for the 14x14 windows and on CPU; measured on an H200 at batch 16, bf16:
+    global block 22.6 ms mask vs 6.8 ms augmented, window block 2.8 vs 3.7 ms):
 
     * ``bias``: the terms become an additive (B, heads, N, N) mask. Exact, but the mask is
       materialised (400 MB per image and global block at 1024 input) and rules out flash attention.
@@ -67,11 +69,15 @@ class Attention(nn.Module):
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
 
-    def resolved_impl(self, device: torch.device) -> str:
+    AUGMENT_MIN_TOKENS = 1024  # auto: below this the mask is small and the plain kernel is faster
+
+    def resolved_impl(self, device: torch.device, tokens: int | None = None) -> str:
         if self.impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, not {self.impl!r}")
         if self.impl == "auto":
-            return "augment" if device.type == "cuda" else "bias"
+            if tokens is None:
+                tokens = (self.rel_pos_h.shape[0] + 1) // 2 * ((self.rel_pos_w.shape[0] + 1) // 2)
+            return "augment" if device.type == "cuda" and tokens >= self.AUGMENT_MIN_TOKENS else "bias"
         return self.impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +90,7 @@ class Attention(nn.Module):
         rq = q.reshape(b, self.num_heads, h, w, -1)
         bias_h = torch.einsum("bnhwc,hkc->bnhwk", rq, rh)
         bias_w = torch.einsum("bnhwc,wkc->bnhwk", rq, rw)
-        if self.resolved_impl(x.device) == "bias":
+        if self.resolved_impl(x.device, h * w) == "bias":
             bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, self.num_heads, h * w, h * w)
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
