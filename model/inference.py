@@ -85,7 +85,8 @@ def default_model_dir() -> Path:
 
 
 def load_predictor(model_dir: str | Path | None = None, device: str = "auto", batch_size: int = 4,
-                   tta: bool = False, precision: str = "auto", compile_backend: str | None = None):
+                   tta: bool = False, precision: str = "auto", compile_backend: str | None = None,
+                   runtime: str = "auto"):
     """Load the ensemble once; any failure becomes an ``InferenceError`` naming the folder."""
     from .predictor import Predictor
 
@@ -96,7 +97,7 @@ def load_predictor(model_dir: str | Path | None = None, device: str = "auto", ba
                              f"a model at {SAGEMAKER_MODEL_DIR})")
     try:
         return Predictor.from_dir(model_dir, device=device, batch_size=batch_size, tta=tta, precision=precision,
-                                  compile_backend=compile_backend)
+                                  compile_backend=compile_backend, runtime=runtime)
     except Exception as exc:  # noqa: BLE001 - every reason is reported the same way
         raise InferenceError(f"cannot load the model from {model_dir}: {exc}") from exc
 

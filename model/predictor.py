@@ -9,6 +9,7 @@ horizontal-flip TTA.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,10 +21,12 @@ from .allocator import keep_freed_memory
 from .checkpoint import encoder_key, load_model, read_ensemble
 from .encoders import get_spec
 from .network import PFSAMNet
+from .onnx_encoder import OnnxUnavailable, onnx_encoder
 from .preprocessing import Geometry, keep_largest_component, postprocess, preprocess
 from .refine import BoxRefiner
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "default"
+RUNTIMES = ("auto", "torch", "onnx")
 
 
 @dataclass
@@ -76,6 +79,28 @@ def _free_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _to_onnx(members: dict[str, PFSAMNet], force: bool) -> None:
+    """Swap each distinct encoder that allows it for its ONNX Runtime twin (in place)."""
+    groups: dict[int, list[PFSAMNet]] = {}
+    for m in members.values():
+        groups.setdefault(id(m.encoder), []).append(m)
+    for ms in groups.values():
+        name = ms[0].config["encoder"]["name"]
+        if any(m.needs_features for m in ms) or not (force or get_spec(name).onnx_on_cpu):
+            if force:
+                raise OnnxUnavailable(f"runtime 'onnx': the {name} encoder's stage features are needed (UNet-H)")
+            continue
+        try:
+            ort = onnx_encoder(ms[0].encoder, name, ms[0].input_size,
+                               log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        except OnnxUnavailable:
+            if force:
+                raise
+            continue
+        for m in ms:
+            m.encoder = ort
+
+
 class Predictor:
     def __init__(self, members: dict[str, PFSAMNet], spec: dict, device: torch.device,
                  batch_size: int = 4, tta: bool = False, precision: str = "auto"):
@@ -101,6 +126,13 @@ class Predictor:
         self.refiner: BoxRefiner | None = None
         self.set_refine(self.post.get("refine"))
 
+    @property
+    def encoder_runtime(self) -> str:
+        """"onnxruntime" when an encoder runs through ONNX Runtime (model/onnx_encoder.py), else "torch"."""
+        from .onnx_encoder import OnnxEncoder
+
+        return "onnxruntime" if any(isinstance(m.encoder, OnnxEncoder) for m in self.members.values()) else "torch"
+
     def set_refine(self, spec: dict | None) -> None:
         """Box refinement (``model/refine.py``) from its ``ensemble.json`` spec, or None for off."""
         self.refiner = None
@@ -112,9 +144,14 @@ class Predictor:
     @classmethod
     def from_dir(cls, model_dir: str | Path = DEFAULT_MODEL_DIR, device: str = "auto", batch_size: int = 4,
                  tta: bool = False, precision: str = "auto", encoder_checkpoint=None,
-                 compile_backend: str | None = None) -> "Predictor":
+                 compile_backend: str | None = None, runtime: str = "auto") -> "Predictor":
         """``compile_backend``: ``torch.compile`` each distinct encoder with this backend ("inductor"
-        for speed on CUDA; the first batch of each new batch size then takes a while to compile)."""
+        for speed on CUDA; the first batch of each new batch size then takes a while to compile).
+        ``runtime``: where the encoder runs. ``auto``: ONNX Runtime for encoders that allow it
+        (``EncoderSpec.onnx_on_cpu``, LiteMedSAM) on CPU in fp32 when onnxruntime is installed, else
+        PyTorch; ``onnx``: ONNX Runtime or an error; ``torch``: PyTorch (model/onnx_encoder.py)."""
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
         model_dir = Path(model_dir)
         spec = read_ensemble(model_dir)
         dev = resolve_device(device)
@@ -137,6 +174,11 @@ class Predictor:
             m.to(dev).eval()
             if dev.type == "cpu":
                 m.to(memory_format=torch.channels_last)
+        cpu_fp32 = dev.type == "cpu" and precision != "bf16"
+        if runtime == "onnx" and not cpu_fp32:
+            raise ValueError("runtime 'onnx' runs the encoder on CPU in fp32 only (device cpu, precision auto/fp32)")
+        if runtime == "onnx" or (runtime == "auto" and cpu_fp32 and not compile_backend):
+            _to_onnx(members, force=runtime == "onnx")
         if compile_backend:
             compiled: dict[int, torch.nn.Module] = {}
             for m in members.values():

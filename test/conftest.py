@@ -1,7 +1,9 @@
 """Shared fixtures: paths to the real data (tests skip when absent) and a tiny synthetic dataset."""
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -15,6 +17,8 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="timm")
 
 
 def pytest_configure(config):
+    # the ONNX graph cache (model/onnx_encoder.py) of this session: never the user's ~/.cache
+    os.environ.setdefault("PFSAM_CACHE", tempfile.mkdtemp(prefix="pfsam-test-cache-"))
     config.addinivalue_line("markers", "slow: takes more than ~30 s on 2 cores; run with --slow (CI runs them)")
     config.addinivalue_line("markers", "real_data: needs ../shared/data")
 

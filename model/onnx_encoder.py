@@ -1,0 +1,131 @@
+"""A frozen encoder through ONNX Runtime on CPU (fp32), behind the same interface as the module.
+
+Why: on a CPU the LiteMedSAM encoder is most of the time per image, and fp32 eager PyTorch is
+close to what its GEMMs allow; ONNX Runtime fuses the attention, GELU and layer-norm graphs and
+ran the same encoder 1.5x faster on the 2-core AVX-512 development machine (0.56 -> 0.37
+s/image at batch 8), with outputs equal to 3e-6 (tested in test/test_onnx_encoder.py). bf16 would
+be faster still but moves the default model's masks beyond tolerance (model/predictor.py).
+
+The ONNX graph is exported once per encoder state (``torch.onnx.export``, TorchScript exporter,
+a few seconds) and kept in a cache folder, keyed by a digest of the weights: ``$PFSAM_CACHE``, else
+``$XDG_CACHE_HOME/pfsam-bus``, else ``~/.cache/pfsam-bus``. The container exports it at build time
+(Dockerfile). A cache folder that cannot be written is not an error: the graph then lives in memory
+for the process. Only encoders whose stage features no head needs are exported (SD-H and MGC-A).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .io import atomic_path
+
+OPSET = 17
+
+
+class OnnxUnavailable(RuntimeError):
+    """onnxruntime (or, for a first export, onnx) is not installed, or the export failed."""
+
+
+def cache_dir() -> Path:
+    if os.environ.get("PFSAM_CACHE"):
+        return Path(os.environ["PFSAM_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pfsam-bus"
+
+
+def state_digest(module: nn.Module) -> str:
+    """Digest of the module's parameters and buffers (names, shapes, values)."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+class _EmbeddingOnly(nn.Module):
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x):
+        return self.encoder(x)[0]
+
+
+def export_bytes(encoder: nn.Module, input_size: int) -> bytes:
+    """The encoder's embedding as an ONNX graph with a dynamic batch dimension."""
+    try:
+        import onnx  # noqa: F401 - the exporter needs it
+    except ImportError as exc:
+        raise OnnxUnavailable("exporting the encoder to ONNX needs the 'onnx' package") from exc
+    buf = io.BytesIO()
+    x = torch.rand(2, 3, input_size, input_size)
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python-level branches on shapes
+            torch.onnx.export(_EmbeddingOnly(encoder), (x,), buf, dynamo=False, opset_version=OPSET,
+                              input_names=["image"], output_names=["embedding"],
+                              dynamic_axes={"image": {0: "batch"}, "embedding": {0: "batch"}})
+    except Exception as exc:  # noqa: BLE001 - any exporter failure means: stay with PyTorch
+        raise OnnxUnavailable(f"ONNX export failed: {exc}") from exc
+    finally:
+        encoder.train(was_training)
+    return buf.getvalue()
+
+
+def onnx_graph(encoder: nn.Module, name: str, input_size: int, log=None) -> bytes | Path:
+    """The cached graph file of this encoder state, exported first if missing (in memory only when
+    the cache folder cannot be written)."""
+    path = cache_dir() / f"{name}-{input_size}-{state_digest(encoder)}-opset{OPSET}.onnx"
+    if path.is_file():
+        return path
+    if log:
+        log(f"exporting the {name} encoder to ONNX once (a few seconds; cached in {path.parent})")
+    data = export_bytes(encoder, input_size)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            Path(tmp).write_bytes(data)
+        return path
+    except OSError:
+        return data
+
+
+class OnnxEncoder(nn.Module):
+    """``forward(x) -> (embedding, [])`` like the encoder it was exported from (fp32, CPU)."""
+
+    def __init__(self, graph: bytes | Path, threads: int | None = None):
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise OnnxUnavailable("onnxruntime is not installed") from exc
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        source = str(graph) if isinstance(graph, Path) else graph
+        self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        self.graph = graph if isinstance(graph, Path) else None
+
+    def forward(self, x: torch.Tensor):
+        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        (emb,) = self.session.run(["embedding"], {"image": arr})
+        return torch.from_numpy(emb), []
+
+
+def onnx_encoder(encoder: nn.Module, name: str, input_size: int, log=None) -> OnnxEncoder:
+    """The encoder through ONNX Runtime; ``OnnxUnavailable`` when that cannot be done here."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise OnnxUnavailable("onnxruntime is not installed") from exc
+    return OnnxEncoder(onnx_graph(encoder, name, input_size, log))

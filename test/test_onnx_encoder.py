@@ -1,0 +1,113 @@
+"""The encoder through ONNX Runtime (model/onnx_encoder.py): same predictions as PyTorch on the
+real LiteMedSAM weights, exported once per weight state into the cache, and the predictor falls
+back to PyTorch (runtime auto) or says why not (runtime onnx) where it cannot be used."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from model import onnx_encoder  # noqa: E402
+from model.checkpoint import encoder_weights_info, save_ensemble  # noqa: E402
+from model.network import PFSAMNet, make_config  # noqa: E402
+from model.onnx_encoder import OnnxEncoder, OnnxUnavailable, cache_dir  # noqa: E402
+from model.predictor import Predictor  # noqa: E402
+from synthetic import make_ultrasound  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lite_ensemble(tmp_path_factory):
+    """A frozen-LiteMedSAM SD-H + MGC-A ensemble (real encoder weights, random heads)."""
+    torch.manual_seed(0)
+    info = encoder_weights_info("litemedsam")  # frozen package weights: stored by reference, shared
+    sd = PFSAMNet(make_config("litemedsam", "frozen", "sd-h", "gap", {"channels": [32, 16]}, encoder_weights=info))
+    mg = PFSAMNet(make_config("litemedsam", "frozen", "sd-h", "mgc-a", {"channels": [32, 16]}, encoder_weights=info),
+                  encoder=sd.encoder)
+    return save_ensemble(tmp_path_factory.mktemp("lite") / "ens", {"sd-h": sd, "mgc-a": mg},
+                         {"sd-h": 1.0, "mgc-a": 0.0}, {"sd-h": 0.0, "mgc-a": 1.0})
+
+
+def _images():
+    return [make_ultrasound(h, w, seed=s)[0] for s, (h, w) in enumerate([(300, 400), (512, 380), (200, 640)])] + \
+        [make_ultrasound(350, 350, seed=9, lesion=False)[0]]
+
+
+def test_onnx_runtime_gives_the_pytorch_predictions(lite_ensemble):
+    torch_pred = Predictor.from_dir(lite_ensemble, device="cpu", batch_size=4, runtime="torch")
+    ort_pred = Predictor.from_dir(lite_ensemble, device="cpu", batch_size=4, runtime="onnx")
+    assert isinstance(next(iter(ort_pred.members.values())).encoder, OnnxEncoder)
+    assert len({id(m.encoder) for m in ort_pred.members.values()}) == 1  # still one shared pass
+    x = torch.rand(3, 3, 256, 256)
+    emb_t, _ = next(iter(torch_pred.members.values())).encoder(x)
+    emb_o, feats = next(iter(ort_pred.members.values())).encoder(x)
+    assert feats == [] and emb_o.shape == emb_t.shape == (3, 256, 64, 64)
+    assert float((emb_o - emb_t).abs().max()) < 1e-4 * float(emb_t.abs().max())
+    for a, b in zip(torch_pred.predict(_images()), ort_pred.predict(_images())):
+        assert a.mask.shape == b.mask.shape
+        assert (a.mask != b.mask).mean() < 1e-4  # at most a pixel on a boundary
+        assert a.label == b.label
+        assert max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities) < 1e-4
+
+
+def test_auto_runtime_uses_onnx_on_cpu_fp32_only(lite_ensemble):
+    auto = Predictor.from_dir(lite_ensemble, device="cpu")
+    assert isinstance(next(iter(auto.members.values())).encoder, OnnxEncoder)
+    bf16 = Predictor.from_dir(lite_ensemble, device="cpu", precision="bf16")
+    assert not isinstance(next(iter(bf16.members.values())).encoder, OnnxEncoder)
+    with pytest.raises(ValueError, match="CPU in fp32 only"):
+        Predictor.from_dir(lite_ensemble, device="cpu", precision="bf16", runtime="onnx")
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        Predictor.from_dir(lite_ensemble, device="cpu", runtime="tensorrt")
+
+
+def test_graph_is_exported_once_per_weight_state_and_reused(lite_ensemble, monkeypatch):
+    Predictor.from_dir(lite_ensemble, device="cpu", runtime="onnx")
+    graphs = sorted(cache_dir().glob("litemedsam-256-*-opset*.onnx"))
+    assert len(graphs) == 1 and graphs[0].stat().st_size > 10e6  # 5.7 M fp32 parameters
+    mtime = graphs[0].stat().st_mtime_ns
+
+    def no_export(*a, **k):
+        raise AssertionError("exported again although the graph is cached")
+
+    monkeypatch.setattr(onnx_encoder, "export_bytes", no_export)
+    Predictor.from_dir(lite_ensemble, device="cpu", runtime="onnx")
+    assert graphs[0].stat().st_mtime_ns == mtime
+    # other weights -> another digest -> another file
+    enc = next(iter(Predictor.from_dir(lite_ensemble, device="cpu", runtime="torch").members.values())).encoder
+    d1 = onnx_encoder.state_digest(enc)
+    with torch.no_grad():
+        next(enc.parameters()).add_(1e-3)
+    assert onnx_encoder.state_digest(enc) != d1
+
+
+def test_unwritable_cache_keeps_the_graph_in_memory(lite_ensemble, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("PFSAM_CACHE", str(blocker / "cache"))  # mkdir below a file fails
+    pred = Predictor.from_dir(lite_ensemble, device="cpu", runtime="onnx")
+    enc = next(iter(pred.members.values())).encoder
+    assert isinstance(enc, OnnxEncoder) and enc.graph is None
+    assert pred.predict_one(_images()[0]).mask.shape == (300, 400)
+
+
+def test_without_onnxruntime_auto_falls_back_and_onnx_says_why(lite_ensemble, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    pred = Predictor.from_dir(lite_ensemble, device="cpu")
+    assert not isinstance(next(iter(pred.members.values())).encoder, OnnxEncoder)
+    with pytest.raises(OnnxUnavailable, match="onnxruntime is not installed"):
+        Predictor.from_dir(lite_ensemble, device="cpu", runtime="onnx")
+
+
+def test_onnx_refuses_an_encoder_whose_stage_features_are_needed(tmp_path):
+    torch.manual_seed(0)
+    un = PFSAMNet(make_config("litemedsam", "frozen", "unet-h", "gap"))
+    d = save_ensemble(tmp_path / "ens", {"unet-h": un}, {"unet-h": 1.0}, {"unet-h": 1.0})
+    assert not isinstance(next(iter(Predictor.from_dir(d, device="cpu").members.values())).encoder, OnnxEncoder)
+    with pytest.raises(OnnxUnavailable, match="stage features"):
+        Predictor.from_dir(d, device="cpu", runtime="onnx")
+    assert np.isfinite(Predictor.from_dir(d, device="cpu").predict_one(_images()[0]).mask).all()
