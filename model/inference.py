@@ -44,6 +44,7 @@ import csv
 import io
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -418,31 +419,45 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
     from tqdm import tqdm
 
     batch_size = max(1, int(getattr(predictor, "batch_size", 1)))
-    with tqdm(total=len(cases), desc="PF-SAM BUS", unit="image", file=sys.stderr, disable=not progress,
-              dynamic_ncols=True) as bar:
-        for start in range(0, len(cases), batch_size):
-            loaded: list[tuple[Case, LoadedImage]] = []
-            for case in cases[start:start + batch_size]:
-                try:
-                    loaded.append((case, read_image(case.path)))
-                except Exception as exc:  # noqa: BLE001
-                    fail(case, _reason(exc))
-            if loaded:
-                try:
-                    preds = _predict(predictor, [img.array for _, img in loaded])
-                except Exception as exc:  # noqa: BLE001
-                    preds = [exc] * len(loaded)
-                for (case, img), pred in zip(loaded, preds):
-                    if isinstance(pred, BaseException):
-                        fail(case, f"prediction failed: {_reason(pred)}")
-                        continue
-                    case.prediction = pred
+    batches = [cases[s:s + batch_size] for s in range(0, len(cases), batch_size)]
+    # with io threads (CUDA), the next batch is decoded while this one is on the GPU
+    threads = int(getattr(predictor, "io_threads", 0) or 0)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="pfsam-read") if threads > 0 else None
+
+    def submit(batch: list[Case]):
+        return [pool.submit(read_image, c.path) for c in batch] if pool is not None else None
+
+    try:
+        pending = submit(batches[0]) if batches else None
+        with tqdm(total=len(cases), desc="PF-SAM BUS", unit="image", file=sys.stderr, disable=not progress,
+                  dynamic_ncols=True) as bar:
+            for k, batch in enumerate(batches):
+                futures, pending = pending, (submit(batches[k + 1]) if k + 1 < len(batches) else None)
+                loaded: list[tuple[Case, LoadedImage]] = []
+                for j, case in enumerate(batch):
                     try:
-                        writer.write_case(case, img, pred)
+                        loaded.append((case, futures[j].result() if futures is not None else read_image(case.path)))
                     except Exception as exc:  # noqa: BLE001
-                        fail(case, f"writing the outputs failed: {_reason(exc)}")
-            bar.update(min(batch_size, len(cases) - start))
-            del loaded
+                        fail(case, _reason(exc))
+                if loaded:
+                    try:
+                        preds = _predict(predictor, [img.array for _, img in loaded])
+                    except Exception as exc:  # noqa: BLE001
+                        preds = [exc] * len(loaded)
+                    for (case, img), pred in zip(loaded, preds):
+                        if isinstance(pred, BaseException):
+                            fail(case, f"prediction failed: {_reason(pred)}")
+                            continue
+                        case.prediction = pred
+                        try:
+                            writer.write_case(case, img, pred)
+                        except Exception as exc:  # noqa: BLE001
+                            fail(case, f"writing the outputs failed: {_reason(exc)}")
+                bar.update(len(batch))
+                del loaded, futures
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     try:
         writer.finish(cases)
     except Exception as exc:  # noqa: BLE001 - without the summary files no case counts as done

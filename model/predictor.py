@@ -125,6 +125,8 @@ class Predictor:
         self.bf16 = use_bf16(precision, device, cpu_auto=False) and (precision == "bf16" or auto_ok)
         self.refiner: BoxRefiner | None = None
         self.set_refine(self.post.get("refine"))
+        self._io_threads: int | None = None  # None: the device's default (see io_threads)
+        self._pool = None
 
     @property
     def encoder_runtime(self) -> str:
@@ -271,14 +273,40 @@ class Predictor:
         seg_b, cls_b = self._forward_fitting(x[half:], first_size)
         return torch.cat([seg_a, seg_b]), torch.cat([cls_a, cls_b])
 
+    @property
+    def io_threads(self) -> int:
+        """Threads for decoding, pre- and postprocessing beside the model (``model.inference.run``
+        prefetches the next batch; ``predict`` maps its per-image steps). 0 on CPU, where the model
+        already uses every core; on CUDA the CPU work would otherwise leave the GPU idle."""
+        if self._io_threads is None:
+            import os
+
+            return min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0
+        return self._io_threads
+
+    @io_threads.setter
+    def io_threads(self, n: int | None) -> None:
+        self._io_threads = n
+        self._pool = None
+
+    def _map(self, fn, *iterables) -> list:
+        if self.io_threads <= 0:
+            return list(map(fn, *iterables))
+        if getattr(self, "_pool", None) is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="pfsam-io")
+        return list(self._pool.map(fn, *iterables))
+
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
         """Predict a list of images (H x W or H x W x C arrays as read by ``model.io``)."""
         results: list[Prediction] = []
         for start in range(0, len(images), self.batch_size):
-            batch = [preprocess(img, self.input_size, self.normalization) for img in images[start:start + self.batch_size]]
+            batch = self._map(lambda img: preprocess(img, self.input_size, self.normalization),
+                              images[start:start + self.batch_size])
             x = torch.stack([b[0] for b in batch])
             seg, cls = self._forward_fitting(x)
-            results += [self.finish(seg[i], cls[i], batch[i][1]) for i in range(len(batch))]
+            results += self._map(lambda i: self.finish(seg[i], cls[i], batch[i][1]), range(len(batch)))
         return results
 
     def predict_one(self, image: np.ndarray) -> Prediction:

@@ -317,3 +317,32 @@ def test_compiled_encoder_gives_the_same_predictions(tmp_path):
     a, b = plain.predict_one(img), comp.predict_one(img)
     assert np.array_equal(a.mask, b.mask)
     assert all(abs(a.probabilities[k] - b.probabilities[k]) < 1e-5 for k in a.probabilities)
+
+
+def test_io_threads_give_the_serial_outputs_and_errors(tmp_path):
+    """With io threads (the CUDA default) the next batch is decoded in the background and the
+    per-image steps are mapped over a pool: outputs, order and per-file errors stay the serial ones."""
+    from PIL import Image
+
+    from model.inference import run
+
+    d, _, _ = make_ensemble(tmp_path)
+    src = tmp_path / "in"
+    src.mkdir()
+    for s, (h, w) in enumerate([(317, 211), (600, 1023), (90, 90), (200, 300), (256, 256)]):
+        Image.fromarray(make_ultrasound(h, w, seed=s)[0]).save(src / f"case{s}.png")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    pred = Predictor.from_dir(d, device="cpu", batch_size=2, precision="fp32")
+    assert pred.io_threads == 0  # CPU default: the model has the cores
+    serial = run(pred, src, tmp_path / "serial", fmt="pace", progress=False, log=lambda m: None)
+    pred.io_threads = 3
+    threaded = run(pred, src, tmp_path / "threaded", fmt="pace", progress=False, log=lambda m: None)
+    assert serial.exit_code == threaded.exit_code == 3
+    assert [(c.name, c.error) for c in serial.cases] == [(c.name, c.error) for c in threaded.cases]
+    assert "broken" in [c.name for c in threaded.failed]
+    for c in serial.succeeded:
+        a = np.asarray(Image.open(tmp_path / "serial" / "segmentation" / f"{c.name}_mask.png"))
+        b = np.asarray(Image.open(tmp_path / "threaded" / "segmentation" / f"{c.name}_mask.png"))
+        assert np.array_equal(a, b)
+    assert (tmp_path / "serial" / "classification" / "probabilities.csv").read_text() == \
+        (tmp_path / "threaded" / "classification" / "probabilities.csv").read_text()
