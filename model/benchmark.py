@@ -36,6 +36,7 @@ import torch
 from .checkpoint import encoder_weights_info, save_ensemble
 from .network import PFSAMNet, make_config
 from .encoders.sam_vit import Attention
+from .onnx_encoder import OnnxEncoder
 from .predictor import Predictor, resolve_device
 
 
@@ -185,7 +186,7 @@ def bench(encoder: str, device: str, batch_size: int, n_images: int, precision: 
         from torch.utils.flop_counter import FlopCounterMode
 
         counted = plain_encoder
-        if type(counted).__name__ == "OnnxEncoder":
+        if isinstance(counted, OnnxEncoder):
             from .encoders import build_encoder  # ONNX Runtime's work is invisible to the counter
 
             counted, _ = build_encoder(encoder, weights="random", input_size=size)

@@ -9,7 +9,9 @@ horizontal-flip TTA.
 """
 from __future__ import annotations
 
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from .allocator import keep_freed_memory
 from .checkpoint import encoder_key, load_model, read_ensemble
 from .encoders import get_spec
 from .network import PFSAMNet
-from .onnx_encoder import OnnxUnavailable, onnx_encoder
+from .onnx_encoder import OnnxEncoder, OnnxUnavailable, onnx_encoder
 from .preprocessing import Geometry, keep_largest_component, postprocess, preprocess
 from .refine import BoxRefiner
 
@@ -86,9 +88,11 @@ def _to_onnx(members: dict[str, PFSAMNet], force: bool) -> None:
         groups.setdefault(id(m.encoder), []).append(m)
     for ms in groups.values():
         name = ms[0].config["encoder"]["name"]
-        if any(m.needs_features for m in ms) or not (force or get_spec(name).onnx_on_cpu):
+        if any(m.needs_features for m in ms):  # the graph exports the embedding only
             if force:
                 raise OnnxUnavailable(f"runtime 'onnx': the {name} encoder's stage features are needed (UNet-H)")
+            continue
+        if not (force or get_spec(name).onnx_on_cpu):
             continue
         try:
             ort = onnx_encoder(ms[0].encoder, name, ms[0].input_size,
@@ -125,14 +129,15 @@ class Predictor:
         self.bf16 = use_bf16(precision, device, cpu_auto=False) and (precision == "bf16" or auto_ok)
         self.refiner: BoxRefiner | None = None
         self.set_refine(self.post.get("refine"))
-        self._io_threads: int | None = None  # None: the device's default (see io_threads)
-        self._pool = None
+        # threads for decoding, pre- and postprocessing beside the model (model.inference.run
+        # prefetches the next batch; predict maps its per-image steps): 0 on CPU, where the model
+        # already uses every core; on CUDA the CPU work would otherwise leave the GPU idle
+        self.io_threads = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+        self._pool: tuple[int, ThreadPoolExecutor] | None = None
 
     @property
     def encoder_runtime(self) -> str:
         """"onnxruntime" when an encoder runs through ONNX Runtime (model/onnx_encoder.py), else "torch"."""
-        from .onnx_encoder import OnnxEncoder
-
         return "onnxruntime" if any(isinstance(m.encoder, OnnxEncoder) for m in self.members.values()) else "torch"
 
     def set_refine(self, spec: dict | None) -> None:
@@ -199,7 +204,7 @@ class Predictor:
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Network inputs (B x 3 x S x S) -> (mask probabilities B x R x R, class probabilities B x 3)."""
         x = x.to(self.device, non_blocking=True)
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and self.encoder_runtime == "torch":  # ONNX Runtime takes NCHW as it is
             x = x.contiguous(memory_format=torch.channels_last)
         views = [x, x.flip(-1)] if self.tta else [x]
         seg_sum, cls_sum = 0.0, 0.0
@@ -273,30 +278,14 @@ class Predictor:
         seg_b, cls_b = self._forward_fitting(x[half:], first_size)
         return torch.cat([seg_a, seg_b]), torch.cat([cls_a, cls_b])
 
-    @property
-    def io_threads(self) -> int:
-        """Threads for decoding, pre- and postprocessing beside the model (``model.inference.run``
-        prefetches the next batch; ``predict`` maps its per-image steps). 0 on CPU, where the model
-        already uses every core; on CUDA the CPU work would otherwise leave the GPU idle."""
-        if self._io_threads is None:
-            import os
-
-            return min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0
-        return self._io_threads
-
-    @io_threads.setter
-    def io_threads(self, n: int | None) -> None:
-        self._io_threads = n
-        self._pool = None
-
     def _map(self, fn, *iterables) -> list:
         if self.io_threads <= 0:
             return list(map(fn, *iterables))
-        if getattr(self, "_pool", None) is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="pfsam-io")
-        return list(self._pool.map(fn, *iterables))
+        if self._pool is None or self._pool[0] != self.io_threads:
+            if self._pool is not None:
+                self._pool[1].shutdown()
+            self._pool = (self.io_threads, ThreadPoolExecutor(self.io_threads, thread_name_prefix="pfsam-io"))
+        return list(self._pool[1].map(fn, *iterables))
 
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
         """Predict a list of images (H x W or H x W x C arrays as read by ``model.io``)."""
