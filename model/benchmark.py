@@ -261,8 +261,10 @@ def table(res: dict) -> str:
 @click.option("--peak-tflops", type=float, default=None, help="The device's peak (e.g. 989 for H100 bf16 dense).")
 @click.option("--e2e-images", default=16, help="Images for the end-to-end run (0: skip).")
 @click.option("--no-reference", is_flag=True, help="Skip the reference path.")
-@click.option("--attention", default="auto", type=click.Choice(["auto", "bias", "augment"]),
-              help="SAM attention: additive mask, or q/k augmented (flash kernels); auto = augment on CUDA.")
+@click.option("--attention", default="auto", show_default=True,
+              help="SAM attention form: auto, bias (additive mask), augment (q/k augmented, flash kernels) or "
+                   "flex (FlexAttention score_mod), or GLOBAL,WINDOW (e.g. flex,bias) for the global and window "
+                   "blocks apart.")
 @click.option("--compile", "compile_backend", default=None, help="torch.compile backend for the product's encoder "
               "(e.g. inductor).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")

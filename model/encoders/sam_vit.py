@@ -3,8 +3,8 @@
 Written for this project with the parameter names of segment-anything's ``ImageEncoderViT``, so
 the ``image_encoder.*`` part of an official SAM or MedSAM checkpoint loads as it is. Attention runs
 through ``F.scaled_dot_product_attention``: SAM's decomposed relative-position terms are computed
-once per block and passed as an additive mask, which lets PyTorch pick a fused kernel (bf16 on
-CUDA). ``forward`` returns the neck embedding and the token maps after the blocks listed in
+once per block and enter the fused attention kernel in one of three forms (``Attention``: an additive
+mask, q/k augmented for flash attention, or FlexAttention's ``score_mod``). ``forward`` returns the neck embedding and the token maps after the blocks listed in
 ``feature_blocks`` (the UNet-H skips).
 """
 from __future__ import annotations
@@ -31,7 +31,21 @@ def _rel_pos(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     return rel_pos[(coords[:, None] - coords[None, :]) + (size - 1)]
 
 
-ATTENTION_IMPLS = ("auto", "bias", "augment")
+ATTENTION_IMPLS = ("auto", "bias", "augment", "flex")
+_FLEX: dict = {}
+
+
+def _flex_attention(device: torch.device):
+    """FlexAttention, compiled into one fused kernel on CUDA. Inside a compiled encoder the plain
+    function is returned (the outer compilation fuses it); on CPU too (an unfused reference that
+    materialises the scores, used by the tests)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return flex_attention
+    if "cuda" not in _FLEX:
+        _FLEX["cuda"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["cuda"]
 
 
 def _onehot_keys(h: int, w: int, dtype, device) -> torch.Tensor:
@@ -42,11 +56,13 @@ def _onehot_keys(h: int, w: int, dtype, device) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """SAM's attention with decomposed relative-position terms, through one fused SDPA call.
+    """SAM's attention with decomposed relative-position terms, through one fused attention call.
 
-    ``impl`` (class default ``"auto"``: ``augment`` on CUDA for the global blocks (64x64 tokens at
-    1024 input), ``bias`` for the 14x14 windows and on CPU; measured on an H200 at batch 16, bf16:
-    global block 22.6 ms mask vs 6.8 ms augmented, window block 2.8 vs 3.7 ms):
+    ``impl`` is one form for every block or ``"GLOBAL,WINDOW"`` (e.g. ``"flex,bias"``): the first for
+    the global blocks (at least ``GLOBAL_MIN_TOKENS`` tokens, 64x64 at 1024 input), the second for
+    the 14x14 windows. Class default ``"auto"``: ``augment`` for the global blocks on CUDA and ``bias``
+    for the windows and on CPU (measured on an H200 at batch 16, bf16: global block 22.6 ms mask vs
+    6.8 ms augmented, window block 2.8 vs 3.7 ms). The forms:
 
     * ``bias``: the terms become an additive (B, heads, N, N) mask. Exact, but the mask is
       materialised (400 MB per image and global block at 1024 input) and rules out flash attention.
@@ -56,6 +72,10 @@ class Attention(nn.Module):
       and ``softmax(q' k'^T) v`` equals SAM's attention; v is zero-padded to the same head size so
       PyTorch can pick its flash kernel (bf16 on CUDA). Equal to ``bias`` up to rounding
       (test/test_model.py).
+    * ``flex``: FlexAttention (``torch.nn.attention.flex_attention``) with a ``score_mod`` that adds
+      ``e_i[row_j]`` and ``e_i[h + col_j]`` to each logit inside the fused kernel: no mask and no
+      padded head size, so the kernel does only SAM's own work. Compiled on CUDA; on CPU it runs an
+      unfused reference (tests only).
     """
 
     impl = "auto"
@@ -69,16 +89,21 @@ class Attention(nn.Module):
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
 
-    AUGMENT_MIN_TOKENS = 1024  # auto: below this the mask is small and the plain kernel is faster
+    GLOBAL_MIN_TOKENS = 1024  # blocks with at least this many tokens count as global
+    AUTO_CUDA = {"global": "augment", "window": "bias"}
 
     def resolved_impl(self, device: torch.device, tokens: int | None = None) -> str:
-        if self.impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, not {self.impl!r}")
-        if self.impl == "auto":
-            if tokens is None:
-                tokens = (self.rel_pos_h.shape[0] + 1) // 2 * ((self.rel_pos_w.shape[0] + 1) // 2)
-            return "augment" if device.type == "cuda" and tokens >= self.AUGMENT_MIN_TOKENS else "bias"
-        return self.impl
+        if tokens is None:
+            tokens = (self.rel_pos_h.shape[0] + 1) // 2 * ((self.rel_pos_w.shape[0] + 1) // 2)
+        kind = "global" if tokens >= self.GLOBAL_MIN_TOKENS else "window"
+        parts = str(self.impl).split(",")
+        impl = parts[0] if len(parts) == 1 or kind == "global" else parts[1]
+        if len(parts) > 2 or any(p not in ATTENTION_IMPLS for p in parts):
+            raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS} or 'GLOBAL,WINDOW' of two, "
+                             f"not {self.impl!r}")
+        if impl == "auto":
+            return self.AUTO_CUDA[kind] if device.type == "cuda" else "bias"
+        return impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
@@ -90,7 +115,16 @@ class Attention(nn.Module):
         rq = q.reshape(b, self.num_heads, h, w, -1)
         bias_h = torch.einsum("bnhwc,hkc->bnhwk", rq, rh)
         bias_w = torch.einsum("bnhwc,wkc->bnhwk", rq, rw)
-        if self.resolved_impl(x.device, h * w) == "bias":
+        impl = self.resolved_impl(x.device, h * w)
+        if impl == "flex":
+            n = h * w
+            th, tw = bias_h.reshape(b, self.num_heads, n, h), bias_w.reshape(b, self.num_heads, n, w)
+
+            def score_mod(score, bi, hi, qi, ki):
+                return score + th[bi, hi, qi, ki // w] + tw[bi, hi, qi, ki % w]
+
+            x = _flex_attention(x.device)(q, k, v, score_mod=score_mod)
+        elif impl == "bias":
             bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, self.num_heads, h * w, h * w)
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
