@@ -1,9 +1,9 @@
 """SAM attention on the device: each form of model/encoders/sam_vit.py's ``Attention`` (additive
-mask, q/k augmented for flash attention, FlexAttention's score_mod), whether it equals the mask
+mask, q/k augmented for flash attention, the fused Triton kernel), whether it equals the mask
 form and how fast it is, for one global block at 1024 (a 64x64 token grid) and one 14x14 window
-block; plus plain flash attention without the relative-position terms (the floor a fused
-relative-position kernel could reach), ViT-H's head size (80) through FlexAttention, and the
-device's measured bf16 matrix-product rate.
+block; plus plain flash attention without the relative-position terms (the floor for a fused
+relative-position kernel), ViT-H's head size (80, which the fused form hands to ``augment``), and
+the device's measured bf16 matrix-product rate.
 
     python bench/attention_check.py [--device cuda] [--batch-size 16]
 """
@@ -43,7 +43,7 @@ def _matmul_tflops(dev, n=8192) -> float:
 @click.command()
 @click.option("--device", default="cuda")
 @click.option("--batch-size", default=16)
-@click.option("--forms", default="bias,augment,flex", show_default=True)
+@click.option("--forms", default="bias,augment,fused", show_default=True)
 def main(device, batch_size, forms):
     dev = torch.device(device)
     cuda = dev.type == "cuda"
@@ -64,7 +64,7 @@ def main(device, batch_size, forms):
         flops = 4 * n * heads * (grid * grid) ** 2 * (dim // heads)
         with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=cuda):
             outs = {}
-            for impl in forms.split(",") if name != "global_vit_h" else ("bias", "flex"):
+            for impl in forms.split(",") if name != "global_vit_h" else ("bias", "fused"):
                 attn.impl = impl
                 try:
                     t0 = time.perf_counter()

@@ -263,8 +263,8 @@ def table(res: dict) -> str:
 @click.option("--no-reference", is_flag=True, help="Skip the reference path.")
 @click.option("--attention", default="auto", show_default=True,
               help="SAM attention form: auto, bias (additive mask), augment (q/k augmented, flash kernels) or "
-                   "flex (FlexAttention score_mod), or GLOBAL,WINDOW (e.g. flex,bias) for the global and window "
-                   "blocks apart.")
+                   "fused (the Triton relative-position kernel), or GLOBAL,WINDOW (e.g. augment,bias) for the "
+                   "global and window blocks apart.")
 @click.option("--compile", "compile_backend", default=None, help="torch.compile backend for the product's encoder "
               "(e.g. inductor).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")

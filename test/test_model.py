@@ -51,12 +51,12 @@ def test_large_vits_build_and_run(encoder):
     assert out["mask_logits"].shape == (1, 1, 64, 64)
 
 
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("impl", ["bias", "augment", "flex", "flex,augment"])
+@pytest.mark.parametrize("impl", ["bias", "augment", "augment,bias"])
 def test_sam_vit_matches_segment_anything_reference(impl, monkeypatch):
-    """Every attention form (additive mask; q/k augmented with the relative-position terms, which
-    lets CUDA use flash attention; FlexAttention's score_mod; one form for global blocks and another
-    for windows) gives segment-anything's outputs."""
+    """The attention forms (additive mask; q/k augmented with the relative-position terms, which
+    lets CUDA use flash attention; one form for global blocks and another for windows) and the
+    patch embedding as one matrix product give segment-anything's outputs. (The fused Triton form:
+    test/test_relpos_attention.py.)"""
     sa = pytest.importorskip("segment_anything.modeling.image_encoder")
     from model.encoders.sam_vit import Attention
 
@@ -300,35 +300,14 @@ def test_sam_attention_form_per_block_and_device():
     attn = Attention(64, 4, (64, 64))
     win = Attention(64, 4, (14, 14))
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert attn.resolved_impl(cuda) == "augment" and win.resolved_impl(cuda) == "bias"
+    assert attn.resolved_impl(cuda) == "fused" and win.resolved_impl(cuda) == "bias"
     assert attn.resolved_impl(cpu) == "bias"
-    attn.impl = win.impl = "flex,augment"
-    assert attn.resolved_impl(cpu) == "flex" and win.resolved_impl(cpu) == "augment"
-    for bad in ("nonsense", "flex,bias,augment", "flex,nope"):
+    attn.impl = win.impl = "fused,augment"
+    assert attn.resolved_impl(cpu) == "fused" and win.resolved_impl(cpu) == "augment"
+    for bad in ("nonsense", "fused,bias,augment", "fused,nope"):
         attn.impl = bad
         with pytest.raises(ValueError, match="attention impl"):
             attn.resolved_impl(cpu)
-
-
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_attention_under_torch_compile_equals_the_mask_form():
-    """Inside a compiled encoder the FlexAttention form is traced by dynamo, closure tensors (the
-    relative-position terms) included; aot_eager runs the traced graph without a C compiler."""
-    from model.encoders.sam_vit import Attention
-
-    torch.manual_seed(0)
-    attn = Attention(64, 4, (16, 16)).eval()
-    with torch.no_grad():
-        attn.rel_pos_h.normal_(0, 0.5)
-        attn.rel_pos_w.normal_(0, 0.5)
-    x = torch.randn(2, 16, 16, 64)
-    attn.impl = "bias"
-    with torch.no_grad():
-        ref = attn(x)
-    attn.impl = "flex"
-    with torch.no_grad():
-        out = torch.compile(attn, backend="aot_eager", dynamic=False)(x)
-    assert torch.allclose(out, ref, atol=1e-5), float((out - ref).abs().max())
 
 
 def test_compiled_encoder_gives_the_same_predictions(tmp_path):

@@ -3,8 +3,8 @@
 Written for this project with the parameter names of segment-anything's ``ImageEncoderViT``, so
 the ``image_encoder.*`` part of an official SAM or MedSAM checkpoint loads as it is. Attention runs
 through ``F.scaled_dot_product_attention``: SAM's decomposed relative-position terms are computed
-once per block and enter the fused attention kernel in one of three forms (``Attention``: an additive
-mask, q/k augmented for flash attention, or FlexAttention's ``score_mod``). ``forward`` returns the neck embedding and the token maps after the blocks listed in
+once per block and enter a fused attention kernel in one of three forms (``Attention``: an additive
+mask, q/k augmented for flash attention, or this project's Triton kernel). ``forward`` returns the neck embedding and the token maps after the blocks listed in
 ``feature_blocks`` (the UNet-H skips).
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import relpos_attention
 from .common import LayerNorm2d
 
 VIT_CONFIGS = {
@@ -31,21 +32,7 @@ def _rel_pos(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     return rel_pos[(coords[:, None] - coords[None, :]) + (size - 1)]
 
 
-ATTENTION_IMPLS = ("auto", "bias", "augment", "flex")
-_FLEX: dict = {}
-
-
-def _flex_attention(device: torch.device):
-    """FlexAttention, compiled into one fused kernel on CUDA. Inside a compiled encoder the plain
-    function is returned (the outer compilation fuses it); on CPU too (an unfused reference that
-    materialises the scores, used by the tests)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if device.type != "cuda" or torch.compiler.is_compiling():
-        return flex_attention
-    if "cuda" not in _FLEX:
-        _FLEX["cuda"] = torch.compile(flex_attention, dynamic=False)
-    return _FLEX["cuda"]
+ATTENTION_IMPLS = ("auto", "bias", "augment", "fused")
 
 
 def _onehot_keys(h: int, w: int, dtype, device) -> torch.Tensor:
@@ -58,11 +45,10 @@ def _onehot_keys(h: int, w: int, dtype, device) -> torch.Tensor:
 class Attention(nn.Module):
     """SAM's attention with decomposed relative-position terms, through one fused attention call.
 
-    ``impl`` is one form for every block or ``"GLOBAL,WINDOW"`` (e.g. ``"flex,bias"``): the first for
+    ``impl`` is one form for every block or ``"GLOBAL,WINDOW"`` (e.g. ``"augment,bias"``): the first for
     the global blocks (at least ``GLOBAL_MIN_TOKENS`` tokens, 64x64 at 1024 input), the second for
-    the 14x14 windows. Class default ``"auto"``: ``augment`` for the global blocks on CUDA and ``bias``
-    for the windows and on CPU (measured on an H200 at batch 16, bf16: global block 22.6 ms mask vs
-    6.8 ms augmented, window block 2.8 vs 3.7 ms). The forms:
+    the 14x14 windows. Class default ``"auto"``: on CUDA ``fused`` for the global blocks and ``bias``
+    for the windows, ``bias`` on CPU (README, Performance: per-layer timings of each form). The forms:
 
     * ``bias``: the terms become an additive (B, heads, N, N) mask. Exact, but the mask is
       materialised (400 MB per image and global block at 1024 input) and rules out flash attention.
@@ -72,10 +58,10 @@ class Attention(nn.Module):
       and ``softmax(q' k'^T) v`` equals SAM's attention; v is zero-padded to the same head size so
       PyTorch can pick its flash kernel (bf16 on CUDA). Equal to ``bias`` up to rounding
       (test/test_model.py).
-    * ``flex``: FlexAttention (``torch.nn.attention.flex_attention``) with a ``score_mod`` that adds
-      ``e_i[row_j]`` and ``e_i[h + col_j]`` to each logit inside the fused kernel: no mask and no
-      padded head size, so the kernel does only SAM's own work. Compiled on CUDA; on CPU it runs an
-      unfused reference (tests only).
+    * ``fused``: the Triton kernel of ``relpos_attention``: flash attention whose key blocks are key
+      rows, so each block adds one ``Rh`` value per query and the same ``Rw`` tile. CUDA, bf16/fp16,
+      inference only; shapes or uses it does not take (training, fp32, ViT-H's head size 80) run
+      ``augment`` instead.
     """
 
     impl = "auto"
@@ -90,7 +76,7 @@ class Attention(nn.Module):
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
 
     GLOBAL_MIN_TOKENS = 1024  # blocks with at least this many tokens count as global
-    AUTO_CUDA = {"global": "augment", "window": "bias"}
+    AUTO_CUDA = {"global": "fused", "window": "bias"}
 
     def resolved_impl(self, device: torch.device, tokens: int | None = None) -> str:
         if tokens is None:
@@ -116,15 +102,14 @@ class Attention(nn.Module):
         bias_h = torch.einsum("bnhwc,hkc->bnhwk", rq, rh)
         bias_w = torch.einsum("bnhwc,wkc->bnhwk", rq, rw)
         impl = self.resolved_impl(x.device, h * w)
-        if impl == "flex":
-            n = h * w
-            th, tw = bias_h.reshape(b, self.num_heads, n, h), bias_w.reshape(b, self.num_heads, n, w)
-
-            def score_mod(score, bi, hi, qi, ki):
-                return score + th[bi, hi, qi, ki // w] + tw[bi, hi, qi, ki % w]
-
-            x = _flex_attention(x.device)(q, k, v, score_mod=score_mod)
-        elif impl == "bias":
+        if impl == "fused":
+            if relpos_attention.supported(q, h, w) and not (torch.is_grad_enabled() and q.requires_grad):
+                th = bias_h.reshape(b, self.num_heads, h * w, h)
+                tw = bias_w.reshape(b, self.num_heads, h * w, w)
+                x = relpos_attention.relpos_attention(q, k, v, th, tw, hd ** -0.5)  # B, N, heads, hd
+                return self.proj(x.reshape(b, h, w, -1))
+            impl = "augment"
+        if impl == "bias":
             bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, self.num_heads, h * w, h * w)
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
@@ -184,7 +169,14 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, dim, patch, patch)
 
     def forward(self, x):
-        return self.proj(x).permute(0, 2, 3, 1)
+        # One matrix product over the flattened patches (what the strided convolution computes):
+        # cuDNN runs the 3-channel, stride-16 convolution as a slow implicit GEMM on CUDA.
+        p = self.proj.kernel_size[0]
+        b, c, hh, ww = x.shape
+        gh, gw = hh // p, ww // p
+        patches = x[:, :, :gh * p, :gw * p].reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)
+        return F.linear(patches.reshape(b, gh, gw, c * p * p), self.proj.weight.reshape(self.proj.out_channels, -1),
+                        self.proj.bias)
 
 
 class ImageEncoderViT(nn.Module):

@@ -1,0 +1,95 @@
+"""Fused attention with SAM's decomposed relative-position terms (Triton, CUDA, inference).
+
+SAM's global blocks attend over an ``gh x gw`` token grid (64 x 64 at 1024 input) with logits
+
+    s[i, j] = scale * q_i . k_j + eh[i, row(j)] + ew[i, col(j)]
+
+where ``eh`` (N x gh) and ``ew`` (N x gw) are per-query terms (``Attention`` computes them). A
+flash-attention loop whose key block is exactly one key row (``gw`` keys) needs only one ``eh``
+value per query and block and the same ``ew`` tile for every block: the bias costs a column load
+per block instead of a materialised N x N mask (the ``bias`` form) or three times the head size
+(the ``augment`` form). Online softmax in fp32, exp2, the output written straight into the
+``(B, N, heads, head_dim)`` layout that the projection reads.
+
+``relpos_attention`` is a ``torch.library`` custom op, so ``torch.compile`` keeps it as one opaque
+kernel. Forward only: ``Attention`` uses it where no gradient is needed. ``supported`` says which
+shapes it takes (head size and grid width powers of two from 16 to 128, bf16/fp16, CUDA).
+Tested against the mask form in Triton's interpreter on CPU (test/test_relpos_attention.py).
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+LOG2E = 1.4426950408889634
+_KERNELS: dict = {}
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _pow2(x: int, lo: int = 16, hi: int = 128) -> bool:
+    return lo <= x <= hi and x & (x - 1) == 0
+
+
+def supported(q: torch.Tensor, gh: int, gw: int) -> bool:
+    """Whether the fused kernel takes q (B, heads, N, head_dim) on a gh x gw grid."""
+    if q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    n = gh * gw
+    return HAVE_TRITON and _pow2(q.shape[-1]) and _pow2(gw) and n % 128 == 0 and q.shape[-2] == n
+
+
+def kernel(tuned: bool = True):
+    """The Triton kernel (autotuned over block size, warps and stages) or None without Triton."""
+    key = "tuned" if tuned else "plain"
+    if key in _KERNELS:
+        return _KERNELS[key]
+    try:
+        import triton
+
+        from . import relpos_kernel
+    except ImportError:
+        _KERNELS[key] = None
+        return None
+    _fwd = relpos_kernel.relpos_flash_fwd
+    if tuned:
+        configs = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+                   for bm in (64, 128) for w in (4, 8) for s in (2, 3)]
+        _KERNELS[key] = triton.autotune(configs, key=["HEADS", "GH", "GW", "D"])(_fwd)
+    else:
+        _KERNELS[key] = _fwd
+    return _KERNELS[key]
+
+
+def launch(q, k, v, eh, ew, scale: float, block_m: int | None = None) -> torch.Tensor:
+    """Run the kernel: q, k, v (B, heads, N, D), eh (B, heads, N, gh),
+    ew (B, heads, N, gw); returns (B, N, heads, D). ``block_m`` fixes the block size (no autotuning;
+    the default off CUDA, i.e. in Triton's interpreter)."""
+    b, heads, n, d = q.shape
+    gh, gw = eh.shape[-1], ew.shape[-1]
+    assert gh * gw == n, "eh and ew must span the token grid"
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if block_m is None and q.device.type != "cuda":  # autotuning times on a GPU; interpreter: fixed blocks
+        block_m = 64 if n % 64 == 0 else 32
+    out = torch.empty(b, n, heads, d, device=q.device, dtype=q.dtype)
+    o = out.transpose(1, 2)
+    fn = kernel(tuned=block_m is None)
+    extra = {} if block_m is None else {"BLOCK_M": block_m}
+    grid = (lambda meta: (n // meta["BLOCK_M"], b * heads)) if block_m is None else (n // block_m, b * heads)
+    fn[grid](q, k, v, eh, ew, o, scale * LOG2E,
+             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *eh.stride(), *ew.stride(),
+             HEADS=heads, GH=gh, GW=gw, D=d, **extra)
+    return out
+
+
+@torch.library.custom_op("pfsam::relpos_attention", mutates_args=())
+def relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eh: torch.Tensor, ew: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """softmax(scale q k^T + eh[:, row(j)] + ew[:, col(j)]) v, returned as (B, N, heads, D)."""
+    return launch(q, k, v, eh, ew, scale)
+
+
+@relpos_attention.register_fake
+def _(q, k, v, eh, ew, scale):
+    b, heads, n, d = q.shape
+    return q.new_empty(b, n, heads, d)

@@ -1,0 +1,83 @@
+"""The fused relative-position attention kernel (model/encoders/relpos_attention.py) against the
+additive-mask form, run in Triton's interpreter on CPU (no GPU needed). The interpreter has to be
+chosen before Triton is imported, hence a child process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = r"""
+import json, sys
+import torch
+import torch.nn.functional as F
+from model.encoders.relpos_attention import launch
+
+def reference(q, k, v, eh, ew, scale):
+    b, heads, n, _ = q.shape
+    bias = (eh[..., :, None] + ew[..., None, :]).reshape(b, heads, n, n)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).transpose(1, 2)
+
+out = {}
+torch.manual_seed(0)
+for gh, gw, d, block_m in json.loads(sys.argv[1]):
+    b, heads, n = 2, 3, gh * gw
+    qkv = torch.randn(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)  # strided views, as Attention makes them
+    q, k, v = qkv.unbind(0)
+    eh, ew = 2 * torch.randn(b, heads, n, gh), 2 * torch.randn(b, heads, n, gw)
+    res = launch(q, k, v, eh, ew, d ** -0.5, block_m=block_m)
+    ref = reference(q, k, v, eh, ew, d ** -0.5)
+    eh_t = eh.transpose(-1, -2).contiguous().transpose(-1, -2)  # other strides, other scale
+    res2 = launch(q, k, v, eh_t, ew, 0.5, block_m=block_m)
+    ref2 = reference(q, k, v, eh, ew, 0.5)
+    out[f"{gh}x{gw}x{d}"] = {"shape": list(res.shape), "contiguous": res.is_contiguous(),
+                             "err": float((res - ref).abs().max()), "err2": float((res2 - ref2).abs().max()),
+                             "ref_scale": float(ref.abs().max())}
+
+# the Attention module's fused form (bias terms reshaped, scale, output layout) against its mask form
+from model.encoders import relpos_attention
+from model.encoders.sam_vit import Attention
+
+relpos_attention.supported = lambda q, gh, gw: True  # the interpreter runs on CPU in fp32
+attn = Attention(64, 4, (16, 16)).eval()
+with torch.no_grad():
+    attn.rel_pos_h.normal_(0, 0.5)
+    attn.rel_pos_w.normal_(0, 0.5)
+    x = torch.randn(2, 16, 16, 64)
+    attn.impl = "bias"
+    ref = attn(x)
+    attn.impl = "fused"
+    res = attn(x)
+out["module"] = {"err": float((res - ref).abs().max()), "ref_scale": float(ref.abs().max())}
+print(json.dumps(out))
+"""
+
+
+def test_fused_kernel_equals_the_mask_form():
+    cases = [(4, 16, 16, 32), (2, 32, 32, 64)]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases)], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    for gh, gw, d, _ in cases:
+        r = res[f"{gh}x{gw}x{d}"]
+        assert r["shape"] == [2, gh * gw, 3, d] and r["contiguous"]
+        assert r["ref_scale"] > 0.5
+        assert r["err"] < 2e-5 and r["err2"] < 2e-5, r
+    assert res["module"]["ref_scale"] > 0.1 and res["module"]["err"] < 2e-5, res["module"]
+
+
+def test_supported_shapes():
+    from model.encoders.relpos_attention import supported
+
+    cpu = torch.zeros(1, 12, 4096, 64, dtype=torch.bfloat16)
+    assert not supported(cpu, 64, 64)  # CUDA only
+    meta = torch.empty(1, 12, 4096, 64, dtype=torch.bfloat16, device="meta")
+    assert not supported(meta, 64, 64)
