@@ -81,10 +81,12 @@ class EmbeddingCache:
         self.mask = mm("mask.u8", np.uint8, (n, v, MASK_RES, MASK_RES))
         self.done = mm("done.u8", np.uint8, (n, v))
 
-    def get(self, image_id: str, view: int):
+    def get(self, image_id: str, view: int, dtype=np.float32):
+        """(embedding, skips, mask) of one view; ``dtype=np.float16`` leaves the features as stored
+        (half the bytes to copy; the training loop converts them once per batch)."""
         i = self.index[image_id]
-        emb = torch.from_numpy(np.asarray(self.embedding[i, view], dtype=np.float32))
-        skips = [torch.from_numpy(np.asarray(s[i, view], dtype=np.float32)) for s in self.skips]
+        emb = torch.from_numpy(np.array(self.embedding[i, view], dtype=dtype))
+        skips = [torch.from_numpy(np.array(s[i, view], dtype=dtype)) for s in self.skips]
         mask = torch.from_numpy(np.asarray(self.mask[i, view], dtype=np.float32))
         return emb, skips, mask
 

@@ -85,7 +85,7 @@ class CachedSet(Dataset):
     def __getitem__(self, item):
         idx, view = item
         rec = self.records[idx]
-        emb, skips, mask = self.cache.get(rec.image_id, view)
+        emb, skips, mask = self.cache.get(rec.image_id, view, np.float16)
         return {"embedding": emb, "features": skips, "mask": mask, "label": rec.label_index, "index": idx}
 
 
@@ -161,8 +161,8 @@ def run_batch(model, batch, device, bf16, phase, p_gt, gen, cfg):
     net = model.module if hasattr(model, "module") else model
     fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format  # as train() puts the model
 
-    def put(t):
-        return t.to(device, non_blocking=True).contiguous(memory_format=fmt)
+    def put(t):  # cached features arrive as fp16: one conversion per batch, on the device
+        return t.to(device, non_blocking=True).to(torch.float32, memory_format=fmt)
 
     kw = {}
     if "embedding" in batch:
