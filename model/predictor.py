@@ -180,7 +180,7 @@ class Predictor:
         for m in members.values():
             m.to(dev).eval()
             if dev.type == "cpu":
-                m.to(memory_format=torch.channels_last)
+                m.to_cpu_layout()
         cpu_fp32 = dev.type == "cpu" and precision != "bf16"
         if runtime == "onnx" and not cpu_fp32:
             raise ValueError("runtime 'onnx' runs the encoder on CPU in fp32 only (device cpu, precision auto/fp32)")

@@ -159,18 +159,18 @@ def guide_masks(phase: str, gt: torch.Tensor, pred_logits: torch.Tensor, p_gt: f
 # -------------------------------------------------------------------------------------- training
 def run_batch(model, batch, device, bf16, phase, p_gt, gen, cfg):
     net = model.module if hasattr(model, "module") else model
-    fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format  # as train() puts the model
 
     def put(t):  # cached features arrive as fp16: one conversion per batch, on the device
-        return t.to(device, non_blocking=True).to(torch.float32, memory_format=fmt)
+        return t.to(device, non_blocking=True).float()  # (each head picks its layout: model/heads/layout.py)
 
     kw = {}
     if "embedding" in batch:
         kw["embedding"] = put(batch["embedding"])
         if net.needs_features:
             kw["features"] = [put(f) for f in batch["features"]]
-    else:
-        kw["x"] = put(batch["x"])
+    else:  # images for the encoder: channels-last on CPU, as train() puts the model
+        kw["x"] = put(batch["x"]).contiguous(
+            memory_format=torch.channels_last if device.type == "cpu" else torch.contiguous_format)
     mask = batch["mask"].to(device, non_blocking=True)
     labels = batch["label"].to(device)
     if net.uses_mask and phase != "pred":
@@ -282,8 +282,8 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
     if limit:
         train_recs, val_recs = train_recs[:limit], val_recs[:max(2, limit // 4)]
     net = build_model(cfg).to(device)
-    if device.type == "cpu":  # oneDNN's convolutions, forward and backward, are faster channels-last
-        net = net.to(memory_format=torch.channels_last)
+    if device.type == "cpu":  # oneDNN's speed depends on the layouts (PFSAMNet.to_cpu_layout)
+        net.to_cpu_layout()
     use_cache = net.frozen and cache_dir is not None
     if use_cache:
         vc = views_for_classes(cfg["views"])

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layout import on_cpu_as
+
 
 def _mlp(cin: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(cin), nn.Linear(cin, hidden), nn.GELU(), nn.Dropout(dropout),
@@ -30,7 +32,7 @@ class MGCAClassifier(nn.Module):
         self.mlp = _mlp(2 * embed_dim + 1, hidden, num_classes, dropout)
 
     def forward(self, embedding: torch.Tensor, mask_prob: torch.Tensor) -> torch.Tensor:
-        f = self.adapt(embedding)
+        f = self.adapt(on_cpu_as(embedding, torch.contiguous_format))
         m = mask_prob.float()
         if m.ndim == 3:
             m = m[:, None]
@@ -52,4 +54,4 @@ class GAPClassifier(nn.Module):
         self.mlp = _mlp(embed_dim, hidden, num_classes, dropout)
 
     def forward(self, embedding: torch.Tensor, mask_prob: torch.Tensor | None = None) -> torch.Tensor:
-        return self.mlp(self.adapt(embedding).mean((2, 3)))
+        return self.mlp(self.adapt(on_cpu_as(embedding, torch.contiguous_format)).mean((2, 3)))

@@ -4,8 +4,11 @@
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .layout import on_cpu_as
 
 
 def conv_block(cin: int, cout: int, groups: int = 8) -> nn.Sequential:
@@ -22,7 +25,7 @@ class SDHead(nn.Module):
         self.out = nn.Conv2d(chans[-1], 1, 1)
 
     def forward(self, embedding, features=None):
-        x = self.drop(embedding)
+        x = self.drop(on_cpu_as(embedding, torch.channels_last))
         for block in self.blocks:
             x = F.interpolate(block(x), scale_factor=2, mode="bilinear", align_corners=False)
         return self.out(x)
