@@ -25,6 +25,7 @@ import torch
 LOG2E = 1.4426950408889634
 _KERNELS: dict = {}
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
+HAVE_CUSTOM_OP = hasattr(torch.library, "custom_op")  # torch >= 2.4
 
 
 def _pow2(x: int, lo: int = 16, hi: int = 128) -> bool:
@@ -36,7 +37,7 @@ def supported(q: torch.Tensor, gh: int, gw: int) -> bool:
     if q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
         return False
     n = gh * gw
-    return HAVE_TRITON and _pow2(q.shape[-1]) and _pow2(gw) and n % 128 == 0 and q.shape[-2] == n
+    return HAVE_TRITON and HAVE_CUSTOM_OP and _pow2(q.shape[-1]) and _pow2(gw) and n % 128 == 0 and q.shape[-2] == n
 
 
 def kernel(tuned: bool = True):
@@ -83,14 +84,18 @@ def launch(q, k, v, eh, ew, scale: float, block_m: int | None = None) -> torch.T
     return out
 
 
-@torch.library.custom_op("pfsam::relpos_attention", mutates_args=())
-def relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eh: torch.Tensor, ew: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+def _relpos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eh: torch.Tensor, ew: torch.Tensor,
+                      scale: float) -> torch.Tensor:
     """softmax(scale q k^T + eh[:, row(j)] + ew[:, col(j)]) v, returned as (B, N, heads, D)."""
     return launch(q, k, v, eh, ew, scale)
 
 
-@relpos_attention.register_fake
-def _(q, k, v, eh, ew, scale):
-    b, heads, n, d = q.shape
-    return q.new_empty(b, n, heads, d)
+if HAVE_CUSTOM_OP:
+    relpos_attention = torch.library.custom_op("pfsam::relpos_attention", mutates_args=())(_relpos_attention)
+
+    @relpos_attention.register_fake
+    def _(q, k, v, eh, ew, scale):
+        b, heads, n, d = q.shape
+        return q.new_empty(b, n, heads, d)
+else:  # torch < 2.4: no custom ops; ``supported`` is False, so Attention never calls it
+    relpos_attention = _relpos_attention
