@@ -3,21 +3,11 @@
 # attention augmented in the global blocks only), torch.compile at batch 16 and 32, and the default
 # model through process.py on CUDA with the precision rule (LiteMedSAM: fp32). Carry carry/ as for
 # gpu-check.sh.
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PY=${PYTHON:-python3}
-OUT=${OUT:-/tmp/gpu-check}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-exec > >(tee -a "$OUT/log2.txt") 2>&1
-[ -d carry/whl ] && $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site carry/whl/*.whl && export PYTHONPATH=/tmp/site
-nvidia-smi --query-gpu=name --format=csv,noheader
-bench() { timeout "$1" $PY -m model.benchmark --device cuda --json --peak-tflops ${PEAK_TFLOPS:-989} "${@:2}" > "$OUT/b.json" \
-  && $PY -c "import json; from model.benchmark import table; print(table(json.load(open('$OUT/b.json'))))" \
-  && tr -d '\n' < "$OUT/b.json" >> "$OUT/bench2.jsonl" && echo >> "$OUT/bench2.jsonl"; }
-echo "== sam_vit_b batch 16, reference vs product"; bench 100 --encoder sam_vit_b --batch-size 16 --images 64 --e2e-images 64
-echo "== batch 16, compiled"; bench 120 --encoder sam_vit_b --batch-size 16 --images 64 --e2e-images 0 --no-reference --compile inductor
-echo "== batch 32, compiled"; bench 120 --encoder sam_vit_b --batch-size 32 --images 128 --e2e-images 0 --no-reference --compile inductor
+LOG=log2.txt JSONL=bench2.jsonl
+source "$(dirname "${BASH_SOURCE[0]}")/device-env.sh"
+echo "== sam_vit_b batch 16, reference vs product"; bench 100 --encoder sam_vit_b --batch-size 16 --images 64 --e2e-images 64 --peak-tflops "$PEAK"
+echo "== batch 16, compiled"; bench 120 --encoder sam_vit_b --batch-size 16 --images 64 --e2e-images 0 --no-reference --compile inductor --peak-tflops "$PEAK"
+echo "== batch 32, compiled"; bench 120 --encoder sam_vit_b --batch-size 32 --images 128 --e2e-images 0 --no-reference --compile inductor --peak-tflops "$PEAK"
 if [ -d carry/data ]; then
   echo "== default model, process.py on CUDA (precision auto = fp32 for LiteMedSAM), $(ls carry/data/images | wc -l) images"
   TIMEFORMAT="process.py %R s wall (start-up and model loading included)"

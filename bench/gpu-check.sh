@@ -12,25 +12,9 @@
 #  3. fine-tuning sam_vit_b @1024 (random init: no SAM checkpoint on the device) and LiteMedSAM
 #     (real weights) for a few epochs on the carried subset: throughput and validation metrics
 #  4. product path variants at batch 16: attention as an additive mask (no flash), torch.compile
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PY=${PYTHON:-python3}
-OUT=${OUT:-/tmp/gpu-check}
-DEV=${DEVICE:-cuda}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-exec > >(tee -a "$OUT/log.txt") 2>&1
-if [ -d carry/whl ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site carry/whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-$PY -c "import torch, os; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cpus', os.cpu_count())"
+LOG=log.txt JSONL=bench.jsonl
+source "$(dirname "${BASH_SOURCE[0]}")/device-env.sh"
 step() { echo; echo "== $1 ($(date +%T))"; }
-bench() { timeout "$1" $PY -m model.benchmark --device "$DEV" --json "${@:2}" > "$OUT/b.json" \
-            && $PY -c "import json,sys; r=json.load(open('$OUT/b.json')); from model.benchmark import table; print(table(r))" \
-            && cat "$OUT/b.json" | tr -d '\n' >> "$OUT/bench.jsonl" && echo >> "$OUT/bench.jsonl"; }
-PEAK=${PEAK_TFLOPS:-989}
 util() {  # sample GPU utilisation every 0.5 s while a training step runs: is the GPU starved for data?
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 500 > "$OUT/$1" 2>/dev/null &
   UTIL_PID=$!
