@@ -140,6 +140,22 @@ def test_cache_key_follows_what_preprocessing_computes(monkeypatch):
     assert cache_key(model, ["orig"], "fp32", False) == k
 
 
+def test_cache_key_covers_code_the_encoder_runs_from_other_files(tmp_path, monkeypatch):
+    """The SAM ViT's fused attention kernel lives in other files (CODE_FILES): editing them
+    changes the encoder-code part of the cache key."""
+    from model.encoders import sam_vit
+    from training.cache import _source_sha
+
+    assert sam_vit.CODE_FILES and all(p.is_file() for p in sam_vit.CODE_FILES)
+    extra = tmp_path / "kernel.py"
+    extra.write_text("A = 1\n")
+    monkeypatch.setattr(sam_vit, "CODE_FILES", (*sam_vit.CODE_FILES, extra))
+    before = _source_sha(sam_vit)
+    assert _source_sha(sam_vit) == before
+    extra.write_text("A = 2\n")
+    assert _source_sha(sam_vit) != before
+
+
 def test_cli_help_and_nan_stop(tiny_dataset, cache_dir, tmp_path):
     out = subprocess.run([sys.executable, "-m", "training.train", "--help"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0 and "--resume" in out.stdout and "--frozen / --finetune" in out.stdout

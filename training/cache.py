@@ -32,10 +32,12 @@ from .datasets import Record, load_pair
 MASK_RES = 256
 
 
-def _source_sha(*modules) -> str:
+def _source_sha(module) -> str:
+    """sha256 of a module's source and of the files it lists in ``CODE_FILES`` (code it runs that
+    lives elsewhere, e.g. the SAM ViT's fused attention kernel)."""
     h = hashlib.sha256()
-    for m in modules:
-        h.update(Path(inspect.getsourcefile(m)).read_bytes())
+    for path in (Path(inspect.getsourcefile(module)), *getattr(module, "CODE_FILES", ())):
+        h.update(Path(path).read_bytes())
     return h.hexdigest()[:16]
 
 

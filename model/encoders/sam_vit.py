@@ -9,12 +9,17 @@ mask, q/k augmented for flash attention, or this project's Triton kernel). ``for
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import relpos_attention
 from .common import LayerNorm2d
+
+# what else this encoder's output depends on (the embedding cache's key hashes these files too)
+CODE_FILES = tuple(Path(__file__).with_name(n) for n in ("relpos_attention.py", "relpos_kernel.py"))
 
 VIT_CONFIGS = {
     "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
