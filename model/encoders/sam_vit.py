@@ -1,10 +1,11 @@
 """SAM's ViT image encoder (ViT-B/L/H, 1024x1024 input -> 256x64x64 embedding).
 
 Written for this project with the parameter names of segment-anything's ``ImageEncoderViT``, so
-the ``image_encoder.*`` part of an official SAM or MedSAM checkpoint loads as it is. Attention runs
-through ``F.scaled_dot_product_attention``: SAM's decomposed relative-position terms are computed
-once per block and enter a fused attention kernel in one of three forms (``Attention``: an additive
-mask, q/k augmented for flash attention, or this project's Triton kernel). ``forward`` returns the neck embedding and the token maps after the blocks listed in
+the ``image_encoder.*`` part of an official SAM or MedSAM checkpoint loads as it is. SAM's
+decomposed relative-position terms are computed once per block and enter a fused attention kernel
+in one of three forms (``Attention``): an additive mask or q/k augmented for PyTorch's
+``scaled_dot_product_attention``, or this project's Triton kernel (``relpos_attention``).
+``forward`` returns the neck embedding and the token maps after the blocks listed in
 ``feature_blocks`` (the UNet-H skips).
 """
 from __future__ import annotations
