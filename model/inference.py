@@ -420,12 +420,32 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
 
     batch_size = max(1, int(getattr(predictor, "batch_size", 1)))
     batches = [cases[s:s + batch_size] for s in range(0, len(cases), batch_size)]
-    # with io threads (CUDA), the next batch is decoded while this one is on the GPU
+    # with io threads (CUDA), the next batch is decoded while this one is on the GPU, and a batch's
+    # files are written in the background while the next one is predicted
     threads = int(getattr(predictor, "io_threads", 0) or 0)
     pool = ThreadPoolExecutor(threads, thread_name_prefix="pfsam-read") if threads > 0 else None
+    wpool = ThreadPoolExecutor(threads, thread_name_prefix="pfsam-write") if threads > 0 else None
+    writing: list = []  # (case, future) of the batch being written
 
     def submit(batch: list[Case]):
         return [pool.submit(read_image, c.path) for c in batch] if pool is not None else None
+
+    def write(case: Case, img: LoadedImage, pred) -> None:
+        if wpool is not None:
+            writing.append((case, wpool.submit(writer.write_case, case, img, pred)))
+            return
+        try:
+            writer.write_case(case, img, pred)
+        except Exception as exc:  # noqa: BLE001
+            fail(case, f"writing the outputs failed: {_reason(exc)}")
+
+    def settle() -> None:  # wait for the background writes; their errors are recorded here, in order
+        for case, fut in writing:
+            try:
+                fut.result()
+            except Exception as exc:  # noqa: BLE001
+                fail(case, f"writing the outputs failed: {_reason(exc)}")
+        writing.clear()
 
     try:
         pending = submit(batches[0]) if batches else None
@@ -444,20 +464,21 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
                         preds = _predict(predictor, [img.array for _, img in loaded])
                     except Exception as exc:  # noqa: BLE001
                         preds = [exc] * len(loaded)
+                    settle()  # the previous batch's files
                     for (case, img), pred in zip(loaded, preds):
                         if isinstance(pred, BaseException):
                             fail(case, f"prediction failed: {_reason(pred)}")
                             continue
                         case.prediction = pred
-                        try:
-                            writer.write_case(case, img, pred)
-                        except Exception as exc:  # noqa: BLE001
-                            fail(case, f"writing the outputs failed: {_reason(exc)}")
+                        write(case, img, pred)
                 bar.update(len(batch))
                 del loaded, futures
+            settle()
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+        if wpool is not None:
+            wpool.shutdown(wait=True)
     try:
         writer.finish(cases)
     except Exception as exc:  # noqa: BLE001 - without the summary files no case counts as done
