@@ -26,6 +26,7 @@ from .network import PFSAMNet
 from .onnx_encoder import OnnxEncoder, OnnxUnavailable, onnx_encoder
 from .preprocessing import Geometry, keep_largest_component, postprocess, preprocess
 from .refine import BoxRefiner
+from .toolchain import c_compiler
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "default"
 RUNTIMES = ("auto", "torch", "onnx")
@@ -159,6 +160,9 @@ class Predictor:
         PyTorch; ``onnx``: ONNX Runtime or an error; ``torch``: PyTorch (model/onnx_encoder.py)."""
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
+        if compile_backend == "inductor" and c_compiler() is None:
+            raise ValueError("torch.compile (inductor) needs a C compiler (gcc, clang or $CC) and none was found; "
+                             "run without --compile")
         model_dir = Path(model_dir)
         spec = read_ensemble(model_dir)
         dev = resolve_device(device)

@@ -294,14 +294,20 @@ def test_precision_auto_keeps_litemedsam_in_fp32_where_bf16_moves_its_masks(tmp_
         assert Predictor.from_dir(DEFAULT_MODEL_DIR, device="cpu", precision="bf16").bf16
 
 
-def test_sam_attention_form_per_block_and_device():
+def test_sam_attention_form_per_block_and_device(monkeypatch):
+    from model.encoders import relpos_attention
     from model.encoders.sam_vit import Attention
+
+    monkeypatch.setattr(relpos_attention, "available", lambda: True)
 
     attn = Attention(64, 4, (64, 64))
     win = Attention(64, 4, (14, 14))
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert attn.resolved_impl(cuda) == "fused" and win.resolved_impl(cuda) == "bias"
     assert attn.resolved_impl(cpu) == "bias"
+    with monkeypatch.context() as mp:  # no C compiler for Triton (as in the container): augmented form
+        mp.setattr(relpos_attention, "available", lambda: False)
+        assert attn.resolved_impl(cuda) == "augment" and win.resolved_impl(cuda) == "bias"
     attn.impl = win.impl = "fused,augment"
     assert attn.resolved_impl(cpu) == "fused" and win.resolved_impl(cpu) == "augment"
     for bad in ("nonsense", "fused,bias,augment", "fused,nope"):
@@ -322,6 +328,21 @@ def test_compiled_encoder_gives_the_same_predictions(tmp_path):
     a, b = plain.predict_one(img), comp.predict_one(img)
     assert np.array_equal(a.mask, b.mask)
     assert all(abs(a.probabilities[k] - b.probabilities[k]) < 1e-5 for k in a.probabilities)
+
+
+def test_compile_without_a_c_compiler_is_refused_up_front(tmp_path, monkeypatch):
+    """inductor builds its kernels with a C compiler: without one (the container) --compile is
+    refused when the model loads, with the reason, instead of failing every image later."""
+    import shutil
+
+    from model.inference import InferenceError, load_predictor
+
+    d, _, _ = make_ensemble(tmp_path)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(InferenceError, match="needs a C compiler"):
+        load_predictor(d, device="cpu", compile_backend="inductor")
+    assert load_predictor(d, device="cpu", compile_backend="eager") is not None  # no compiler needed
 
 
 def test_io_threads_give_the_serial_outputs_and_errors(tmp_path):

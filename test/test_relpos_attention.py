@@ -74,6 +74,25 @@ def test_fused_kernel_equals_the_mask_form():
     assert res["module"]["ref_scale"] > 0.1 and res["module"]["err"] < 2e-5, res["module"]
 
 
+def test_available_needs_a_c_compiler(monkeypatch):
+    """Triton builds its launcher with a C compiler on first use; without one the kernel is not
+    offered (the container's runtime image has no compiler)."""
+    import shutil
+
+    from model.encoders import relpos_attention as ra
+
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    ra.available.cache_clear()
+    try:
+        assert not ra.available()
+        monkeypatch.setenv("CC", "/usr/bin/some-cc")
+        ra.available.cache_clear()
+        assert ra.available() == (ra.HAVE_TRITON and ra.HAVE_CUSTOM_OP)
+    finally:
+        ra.available.cache_clear()
+
+
 def test_supported_shapes():
     from model.encoders.relpos_attention import supported
 

@@ -13,19 +13,30 @@ per block instead of a materialised N x N mask (the ``bias`` form) or three time
 
 ``relpos_attention`` is a ``torch.library`` custom op, so ``torch.compile`` keeps it as one opaque
 kernel. Forward only: ``Attention`` uses it where no gradient is needed. ``supported`` says which
-shapes it takes (head size and grid width powers of two from 16 to 128, bf16/fp16, CUDA).
+shapes it takes (head size and grid width powers of two from 16 to 128, bf16/fp16, CUDA) and
+``available`` whether this machine can build it (Triton, torch >= 2.4, a C compiler).
 Tested against the mask form in Triton's interpreter on CPU (test/test_relpos_attention.py).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
+
+from ..toolchain import c_compiler
 
 LOG2E = 1.4426950408889634
 _KERNELS: dict = {}
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 HAVE_CUSTOM_OP = hasattr(torch.library, "custom_op")  # torch >= 2.4
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Triton installed, torch with custom ops, and a C compiler: Triton builds its launcher with one
+    on first use (the container's runtime image has none; there the ``augment`` form runs)."""
+    return HAVE_TRITON and HAVE_CUSTOM_OP and c_compiler() is not None
 
 
 def _pow2(x: int, lo: int = 16, hi: int = 128) -> bool:
@@ -37,7 +48,7 @@ def supported(q: torch.Tensor, gh: int, gw: int) -> bool:
     if q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
         return False
     n = gh * gw
-    return HAVE_TRITON and HAVE_CUSTOM_OP and _pow2(q.shape[-1]) and _pow2(gw) and n % 128 == 0 and q.shape[-2] == n
+    return available() and _pow2(q.shape[-1]) and _pow2(gw) and n % 128 == 0 and q.shape[-2] == n
 
 
 def kernel(tuned: bool = True):

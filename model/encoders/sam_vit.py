@@ -53,8 +53,9 @@ class Attention(nn.Module):
 
     ``impl`` is one form for every block or ``"GLOBAL,WINDOW"`` (e.g. ``"augment,bias"``): the first for
     the global blocks (at least ``GLOBAL_MIN_TOKENS`` tokens, 64x64 at 1024 input), the second for
-    the 14x14 windows. Class default ``"auto"``: on CUDA ``fused`` for the global blocks and ``bias``
-    for the windows, ``bias`` on CPU (README, Performance: per-layer timings of each form). The forms:
+    the 14x14 windows. Class default ``"auto"``: on CUDA ``fused`` for the global blocks (``augment``
+    where the kernel cannot be built: ``relpos_attention.available``) and ``bias`` for the windows,
+    ``bias`` on CPU (README, Performance: per-layer timings of each form). The forms:
 
     * ``bias``: the terms become an additive (B, heads, N, N) mask. Exact, but the mask is
       materialised (400 MB per image and global block at 1024 input) and rules out flash attention.
@@ -94,7 +95,10 @@ class Attention(nn.Module):
             raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS} or 'GLOBAL,WINDOW' of two, "
                              f"not {self.impl!r}")
         if impl == "auto":
-            return self.AUTO_CUDA[kind] if device.type == "cuda" else "bias"
+            if device.type != "cuda":
+                return "bias"
+            impl = self.AUTO_CUDA[kind]
+            return "augment" if impl == "fused" and not relpos_attention.available() else impl
         return impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
