@@ -169,8 +169,8 @@ def run_batch(model, batch, device, bf16, phase, p_gt, gen, cfg):
         if net.needs_features:
             kw["features"] = [put(f) for f in batch["features"]]
     else:  # images for the encoder: channels-last on CPU, as train() puts the model
-        kw["x"] = put(batch["x"]).contiguous(
-            memory_format=torch.channels_last if device.type == "cpu" else torch.contiguous_format)
+        x = put(batch["x"])
+        kw["x"] = x.contiguous(memory_format=torch.channels_last) if device.type == "cpu" else x
     mask = batch["mask"].to(device, non_blocking=True)
     labels = batch["label"].to(device)
     if net.uses_mask and phase != "pred":
