@@ -17,8 +17,9 @@
 Both paths get the same random weights for SAM encoders (no checkpoint needed) and the real
 weights for LiteMedSAM. Peak memory: RSS high-water mark on CPU (reset between phases through
 /proc/self/clear_refs), ``max_memory_allocated`` on CUDA. FLOPs are counted with
-``torch.utils.flop_counter`` for one image through the product's encoder and heads, with SAM's
-attention counted as the plain (mask) form: the useful work, not the zero-padded augmented form.
+``torch.utils.flop_counter`` for one image through the product's encoder and heads, with attention
+counted as the plain (mask) form through PyTorch's math backend: the useful work, not the
+zero-padded augmented form, and counted on CPU too (its fused kernels have no FLOP formula).
 Inputs are placed on the device before timing, for both paths.
 """
 from __future__ import annotations
@@ -193,13 +194,17 @@ def bench(encoder: str, device: str, batch_size: int, n_images: int, precision: 
             counted, _ = build_encoder(encoder, weights="random", input_size=size)
             counted.load_state_dict(enc_state)
             counted = counted.to(dev).eval()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         Attention.impl = "bias"
-        with FlopCounterMode(display=False) as fc, torch.no_grad():
-            emb, feats = counted(x[:1].contiguous(memory_format=torch.channels_last)
-                                       if dev.type == "cpu" else x[:1])
-            for m in pred.members.values():
-                m.heads(emb, feats if m.needs_features else None)
-        Attention.impl = attention
+        try:  # the math backend: its matrix products are counted on every device (the CPU kernels have no formula)
+            with FlopCounterMode(display=False) as fc, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+                emb, feats = counted(x[:1].contiguous(memory_format=torch.channels_last)
+                                     if dev.type == "cpu" else x[:1])
+                for m in pred.members.values():
+                    m.heads(emb, feats if m.needs_features else None)
+        finally:
+            Attention.impl = attention
         res["gflops_per_image"] = fc.get_total_flops() / 1e9
         if peak_tflops:
             achieved = res["gflops_per_image"] * res["product"]["images_per_s"] / 1e3
