@@ -422,17 +422,17 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
     batches = [cases[s:s + batch_size] for s in range(0, len(cases), batch_size)]
     # with io threads (CUDA), the next batch is decoded while this one is on the GPU, and a batch's
     # files are written in the background while the next one is predicted
+    # (one pool: the next batch's reads are queued before this batch's writes, so they never wait on them)
     threads = int(getattr(predictor, "io_threads", 0) or 0)
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="pfsam-read") if threads > 0 else None
-    wpool = ThreadPoolExecutor(threads, thread_name_prefix="pfsam-write") if threads > 0 else None
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="pfsam-read-write") if threads > 0 else None
     writing: list = []  # (case, future) of the batch being written
 
     def submit(batch: list[Case]):
         return [pool.submit(read_image, c.path) for c in batch] if pool is not None else None
 
     def write(case: Case, img: LoadedImage, pred) -> None:
-        if wpool is not None:
-            writing.append((case, wpool.submit(writer.write_case, case, img, pred)))
+        if pool is not None:
+            writing.append((case, pool.submit(writer.write_case, case, img, pred)))
             return
         try:
             writer.write_case(case, img, pred)
@@ -475,10 +475,8 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
                 del loaded, futures
             settle()
     finally:
-        if pool is not None:
+        if pool is not None:  # after settle(), only on an error: reads not started are dropped
             pool.shutdown(cancel_futures=True)
-        if wpool is not None:
-            wpool.shutdown(wait=True)
     try:
         writer.finish(cases)
     except Exception as exc:  # noqa: BLE001 - without the summary files no case counts as done
