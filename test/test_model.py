@@ -367,6 +367,7 @@ def test_io_threads_give_the_serial_outputs_and_errors(tmp_path):
     pred.io_threads = 3
     threaded = run(pred, src, tmp_path / "threaded", fmt="pace", progress=False, log=lambda m: None)
     assert serial.exit_code == threaded.exit_code == 3
+
     def errors(res):  # the reason without the paths (output folders and temporary names differ)
         return [(c.name, c.error and c.error.split(" [Errno")[0]) for c in res.cases]
 

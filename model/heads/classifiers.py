@@ -25,6 +25,7 @@ def _mlp(cin: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequenti
 
 class MGCAClassifier(nn.Module):
     uses_mask = True
+    cpu_memory_format = torch.contiguous_format  # model/heads/layout.py
 
     def __init__(self, embed_dim: int = 256, num_classes: int = 3, hidden: int = 256, dropout: float = 0.3):
         super().__init__()
@@ -32,7 +33,7 @@ class MGCAClassifier(nn.Module):
         self.mlp = _mlp(2 * embed_dim + 1, hidden, num_classes, dropout)
 
     def forward(self, embedding: torch.Tensor, mask_prob: torch.Tensor) -> torch.Tensor:
-        f = self.adapt(on_cpu_as(embedding, torch.contiguous_format))
+        f = self.adapt(on_cpu_as(embedding, self.cpu_memory_format))
         m = mask_prob.float()
         if m.ndim == 3:
             m = m[:, None]
@@ -47,6 +48,7 @@ class MGCAClassifier(nn.Module):
 
 class GAPClassifier(nn.Module):
     uses_mask = False
+    cpu_memory_format = torch.contiguous_format
 
     def __init__(self, embed_dim: int = 256, num_classes: int = 3, hidden: int = 256, dropout: float = 0.3):
         super().__init__()
@@ -54,4 +56,4 @@ class GAPClassifier(nn.Module):
         self.mlp = _mlp(embed_dim, hidden, num_classes, dropout)
 
     def forward(self, embedding: torch.Tensor, mask_prob: torch.Tensor | None = None) -> torch.Tensor:
-        return self.mlp(self.adapt(on_cpu_as(embedding, torch.contiguous_format)).mean((2, 3)))
+        return self.mlp(self.adapt(on_cpu_as(embedding, self.cpu_memory_format)).mean((2, 3)))

@@ -24,8 +24,10 @@ class SDHead(nn.Module):
         self.drop = nn.Dropout2d(dropout)
         self.out = nn.Conv2d(chans[-1], 1, 1)
 
+    cpu_memory_format = torch.channels_last  # model/heads/layout.py
+
     def forward(self, embedding, features=None):
-        x = self.drop(on_cpu_as(embedding, torch.channels_last))
+        x = self.drop(on_cpu_as(embedding, self.cpu_memory_format))
         for block in self.blocks:
             x = F.interpolate(block(x), scale_factor=2, mode="bilinear", align_corners=False)
         return self.out(x)
