@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -18,9 +19,17 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="timm")
 
 def pytest_configure(config):
     # the ONNX graph cache (model/onnx_encoder.py) of this session: never the user's ~/.cache
-    os.environ.setdefault("PFSAM_CACHE", tempfile.mkdtemp(prefix="pfsam-test-cache-"))
+    if "PFSAM_CACHE" not in os.environ:
+        config._pfsam_cache = os.environ["PFSAM_CACHE"] = tempfile.mkdtemp(prefix="pfsam-test-cache-")
     config.addinivalue_line("markers", "slow: takes more than ~30 s on 2 cores; run with --slow (CI runs them)")
     config.addinivalue_line("markers", "real_data: needs ../shared/data")
+
+
+def pytest_unconfigure(config):
+    made = getattr(config, "_pfsam_cache", None)
+    if made:  # removed with the session that made it (about 25 MB of ONNX graphs)
+        shutil.rmtree(made, ignore_errors=True)
+        os.environ.pop("PFSAM_CACHE", None)
 
 
 def pytest_addoption(parser):
