@@ -160,8 +160,11 @@ def guide_masks(phase: str, gt: torch.Tensor, pred_logits: torch.Tensor, p_gt: f
 def run_batch(model, batch, device, bf16, phase, p_gt, gen, cfg):
     net = model.module if hasattr(model, "module") else model
 
-    def put(t):  # cached features arrive as fp16: one conversion per batch, on the device
-        return t.to(device, non_blocking=True).float()  # (each head picks its layout: model/heads/layout.py)
+    def put(t):  # cached features arrive as fp16: one conversion per batch, on the device,
+        t = t.to(device, non_blocking=True)  # into channels-last on CPU (model/heads/layout.py)
+        if device.type == "cpu" and t.ndim == 4:
+            return t.to(torch.float32, memory_format=torch.channels_last)
+        return t.float()
 
     kw = {}
     if "embedding" in batch:
@@ -169,8 +172,7 @@ def run_batch(model, batch, device, bf16, phase, p_gt, gen, cfg):
         if net.needs_features:
             kw["features"] = [put(f) for f in batch["features"]]
     else:  # images for the encoder: channels-last on CPU, as train() puts the model
-        x = put(batch["x"])
-        kw["x"] = x.contiguous(memory_format=torch.channels_last) if device.type == "cpu" else x
+        kw["x"] = put(batch["x"])
     mask = batch["mask"].to(device, non_blocking=True)
     labels = batch["label"].to(device)
     if net.uses_mask and phase != "pred":

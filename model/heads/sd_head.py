@@ -4,11 +4,10 @@
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import on_cpu_as
+from .layout import channels_last_on_cpu
 
 
 def conv_block(cin: int, cout: int, groups: int = 8) -> nn.Sequential:
@@ -24,10 +23,10 @@ class SDHead(nn.Module):
         self.drop = nn.Dropout2d(dropout)
         self.out = nn.Conv2d(chans[-1], 1, 1)
 
-    cpu_memory_format = torch.channels_last  # model/heads/layout.py
-
     def forward(self, embedding, features=None):
-        x = self.drop(on_cpu_as(embedding, self.cpu_memory_format))
-        for block in self.blocks:
+        x = self.drop(channels_last_on_cpu(embedding))
+        for block in self.blocks[:-1]:
             x = F.interpolate(block(x), scale_factor=2, mode="bilinear", align_corners=False)
-        return self.out(x)
+        # the 1x1 output convolution before the last upsampling: the same function (both are linear
+        # and bilinear weights sum to 1), on 1 channel instead of channels[-1] at the output grid
+        return F.interpolate(self.out(self.blocks[-1](x)), scale_factor=2, mode="bilinear", align_corners=False)
