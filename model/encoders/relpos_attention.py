@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 
 import torch
 
@@ -68,7 +69,10 @@ def kernel(tuned: bool = True):
         # (two key rows per step were tried: never faster; on an H100 the best was 64 / 4 warps / 3 stages)
         configs = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
                    for bm in (64, 128) for w, s in ((4, 2), (4, 3), (8, 3))]
-        _KERNELS[key] = triton.autotune(configs, key=["HEADS", "GH", "GW", "D"])(_fwd)
+        # the chosen config is kept in Triton's cache (TRITON_CACHE_DIR) where this Triton can: autotuning
+        # took about 14 s at the first call of every process
+        keep = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+        _KERNELS[key] = triton.autotune(configs, key=["HEADS", "GH", "GW", "D"], **keep)(_fwd)
     else:
         _KERNELS[key] = _fwd
     return _KERNELS[key]
