@@ -20,7 +20,7 @@ import torch
 
 from . import CLASS_NAMES
 from .allocator import keep_freed_memory
-from .checkpoint import encoder_key, load_model, read_ensemble
+from .checkpoint import encoder_key, load_model, read_config, read_ensemble
 from .encoders import get_spec
 from .network import PFSAMNet
 from .onnx_encoder import OnnxEncoder, OnnxUnavailable, onnx_encoder
@@ -168,15 +168,12 @@ class Predictor:
         dev = resolve_device(device)
         shared: dict[str, torch.nn.Module] = {}
         members = {}
-        for name, sub in spec["members"].items():
+        for name, sub in spec["members"].items():  # a shareable encoder is built (and verified) once
             mdir = model_dir / sub
-            model = load_model(mdir, device="cpu", encoder_checkpoint=encoder_checkpoint)
-            key = encoder_key(model.config)
+            key = encoder_key(read_config(mdir))
+            model = load_model(mdir, device="cpu", encoder=shared.get(key), encoder_checkpoint=encoder_checkpoint)
             if key is not None:
-                if key in shared:
-                    model.encoder = shared[key]
-                else:
-                    shared[key] = model.encoder
+                shared.setdefault(key, model.encoder)
             members[name] = model
         for enc in {id(m.encoder): m.encoder for m in members.values()}.values():
             if hasattr(enc, "fuse"):

@@ -31,10 +31,16 @@ def no_network(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def test_default_model_loads_and_predicts_without_network(no_network):
+def test_default_model_loads_and_predicts_without_network(no_network, monkeypatch):
+    import model.network
+
+    built = []
+    real = model.network.build_encoder
+    monkeypatch.setattr(model.network, "build_encoder", lambda *a, **k: built.append(a) or real(*a, **k))
     pred = Predictor.from_dir(DEFAULT_MODEL_DIR, device="cpu")
     assert set(pred.members) == {"sd-h", "mgc-a"}
-    assert len({id(m.encoder) for m in pred.members.values()}) == 1  # one shared, frozen encoder
+    assert len({id(m.encoder) for m in pred.members.values()}) == 1  # one shared, frozen encoder,
+    assert len(built) == 1  # built (and its weights read and verified) once
     img, _ = make_ultrasound(333, 444, seed=9)
     out = pred.predict_one(img)
     assert out.mask.shape == (333, 444) and out.label in ("normal", "benign", "malignant")
