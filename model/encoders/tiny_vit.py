@@ -12,6 +12,7 @@ stages 1 and 2 and keeps stage 3 at 1/4: for 256 input the stages run at 256, 12
 """
 from __future__ import annotations
 
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -85,14 +86,16 @@ class Attention(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        # the bias of points (y1, x1), (y2, x2) is number |y1 - y2| * window + |x1 - x2|: TinyViT numbers the
-        # offsets in their order of first appearance, and the first point (0, 0) meets them all in that order
-        d = torch.arange(window)
-        d = (d[:, None] - d[None, :]).abs()
-        n = window * window
-        self.attention_biases = nn.Parameter(torch.zeros(num_heads, n))
-        self.register_buffer("attention_bias_idxs", (d[:, None, :, None] * window + d[None, :, None, :]).reshape(n, n),
-                             persistent=False)
+        points = list(itertools.product(range(window), range(window)))
+        offsets: dict[tuple[int, int], int] = {}
+        idxs = []
+        for p1 in points:
+            for p2 in points:
+                off = (abs(p1[0] - p2[0]), abs(p1[1] - p2[1]))
+                idxs.append(offsets.setdefault(off, len(offsets)))
+        n = len(points)
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, len(offsets)))
+        self.register_buffer("attention_bias_idxs", torch.tensor(idxs).view(n, n), persistent=False)
 
     def forward(self, x):  # (B, N, C)
         b, n, _ = x.shape
