@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Fourth GPU check (prepared in session 5, which had no device; not yet run on a GPU): what session 5
+# changed but could not measure. (1) The fused kernel's autotuning is kept in Triton's on-disk cache:
+# the first batch of a first and of a second process (warm-up = tuning + compilation, then neither).
+# (2) End to end through model.inference.run with the reads and writes in the io threads.
+# Carry carry/ as for gpu-check.sh (bench/make-carry.sh). A CPU dry run of the script itself:
+#   DEVICE=cpu ENCODER=litemedsam IMAGES=4 E2E=8 PYTHON=.venv/bin/python OUT=/tmp/g4 bash bench/gpu-check-4.sh
+LOG=log4.txt JSONL=bench4.jsonl
+source "$(dirname "${BASH_SOURCE[0]}")/device-env.sh"
+ENCODER=${ENCODER:-sam_vit_b} IMAGES=${IMAGES:-32} E2E=${E2E:-128}
+export TRITON_CACHE_DIR=/tmp/pfsam-triton-cache  # empty at the start of a fresh device
+rm -rf "$TRITON_CACHE_DIR"
+for run in first second; do
+  echo "== $run process: $ENCODER, batch 16, eager (see 'first batch (warm-up)')"
+  bench 150 --encoder "$ENCODER" --batch-size 16 --images "$IMAGES" --e2e-images 0 --no-reference --peak-tflops "$PEAK"
+done
+echo "== end to end, batch 16, eager, $E2E generated images (decode + predict + write)"
+bench 240 --encoder "$ENCODER" --batch-size 16 --images "$IMAGES" --e2e-images "$E2E" --no-reference --peak-tflops "$PEAK"
+rm -f "$OUT/b.json"
