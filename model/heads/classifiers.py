@@ -20,8 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import channels_last_on_cpu
-
 
 def _mlp(cin: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(cin), nn.Linear(cin, hidden), nn.GELU(), nn.Dropout(dropout),
@@ -35,9 +33,9 @@ def _adapt(embed_dim: int) -> nn.Sequential:
 def adapted_tokens(adapt: nn.Sequential, embedding: torch.Tensor) -> torch.Tensor:
     """``adapt`` (1x1 conv, activation) of a ``B x C x H x W`` embedding as ``B x HW x C`` tokens."""
     conv, act = adapt
-    f = conv(channels_last_on_cpu(embedding))
+    f = conv(embedding)
     b, c, h, w = f.shape
-    return act(f.permute(0, 2, 3, 1).reshape(b, h * w, c))  # a view of a channels-last f
+    return act(f.permute(0, 2, 3, 1).reshape(b, h * w, c))  # a view where f is channels-last (CPU)
 
 
 class MGCAClassifier(nn.Module):

@@ -1,7 +1,8 @@
 """Memory layout of head inputs on CPU, where oneDNN's speed depends on it: channels-last.
 
-On CPU the network's parameters and its heads' inputs are channels-last (``PFSAMNet.to_cpu_layout``,
-``channels_last_on_cpu``); on CUDA tensors pass unchanged. Measured on the 2-core development CPU
+On CPU the network's parameters and its heads' input are channels-last (``PFSAMNet.to_cpu_layout``;
+``PFSAMNet.heads`` converts the embedding once, with ``channels_last_on_cpu``, for both heads); on
+CUDA tensors pass unchanged. Measured on the 2-core development CPU
 (batch 16, 256 x 64 x 64 embeddings, forward + backward, bf16 autocast, the training allocator
 settings): SD-H 160 ms channels-last vs 291 ms NCHW. MGC-A's 1x1 convolution on channels-last input
 with its output read as a token matrix and its masked means as one batched matrix product: 37 ms

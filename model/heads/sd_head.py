@@ -7,8 +7,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import channels_last_on_cpu
-
 
 def conv_block(cin: int, cout: int, groups: int = 8) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False),
@@ -24,7 +22,7 @@ class SDHead(nn.Module):
         self.out = nn.Conv2d(chans[-1], 1, 1)
 
     def forward(self, embedding, features=None):
-        x = self.drop(channels_last_on_cpu(embedding))
+        x = self.drop(embedding)
         for block in self.blocks[:-1]:
             x = F.interpolate(block(x), scale_factor=2, mode="bilinear", align_corners=False)
         # the 1x1 output convolution before the last upsampling: the same function (both are linear
