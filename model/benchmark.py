@@ -128,7 +128,9 @@ def _bench(tmp: Path, encoder: str, device: str, batch_size: int, n_images: int,
     dev = resolve_device(device)
     Attention.impl = attention
     ens, enc_state = build_ensemble(encoder, tmp / "ens")
-    pred = Predictor.from_dir(ens, device=str(dev), batch_size=batch_size, precision=precision)
+    # a compiled encoder runs in PyTorch (on CPU in fp32 the default runtime would be ONNX Runtime)
+    pred = Predictor.from_dir(ens, device=str(dev), batch_size=batch_size, precision=precision,
+                              runtime="torch" if compile_backend else "auto")
     if encoder != "litemedsam":  # random encoders are stored per member: share one for a fair product path
         enc = next(iter(pred.members.values())).encoder
         for m in pred.members.values():

@@ -49,3 +49,12 @@ def test_benchmark_table_names_every_path():
     text = benchmark.table(res)
     assert "reference" in text and "product" in text and "end_to_end" in text
     assert "4.00x" in text and "3.5" in text
+
+
+def test_benchmark_compiles_the_pytorch_encoder(tmp_path, monkeypatch):
+    """--compile wraps the PyTorch encoder, never the ONNX Runtime one that CPU fp32 would pick
+    (dynamo cannot trace an ONNX Runtime session); the 'eager' backend needs no C compiler."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    res = benchmark.bench("litemedsam", "cpu", 2, 2, "fp32", None, 0, reference=False, compile_backend="eager")
+    assert res["runtime"] == "torch" and res["compile"] == "eager"
+    assert res["product"]["images_per_s"] > 0 and "reference" not in res
