@@ -1,5 +1,6 @@
-"""The fused relative-position attention kernel (model/encoders/relpos_attention.py) against the
-additive-mask form, run in Triton's interpreter on CPU (no GPU needed). The interpreter has to be
+"""The fused relative-position attention kernels (model/encoders/relpos_attention.py: ``rows`` for
+the global blocks, ``tile`` for small grids such as SAM's 14 x 14 windows) against the additive-mask
+form, run in Triton's interpreter on CPU (no GPU needed). The interpreter has to be
 chosen before Triton is imported, hence a child process."""
 import json
 import os
@@ -40,27 +41,31 @@ for gh, gw, d, block_m in json.loads(sys.argv[1]):
                              "err": float((res - ref).abs().max()), "err2": float((res2 - ref2).abs().max()),
                              "ref_scale": float(ref.abs().max())}
 
-# the Attention module's fused form (bias terms reshaped, scale, output layout) against its mask form
+# the Attention module's fused form (bias terms reshaped, scale, output layout) against its mask form:
+# a 16 x 16 grid (rows kernel) and a 14 x 14 window block (tile kernel, through Block's partition)
 from model.encoders import relpos_attention
-from model.encoders.sam_vit import Attention
+from model.encoders.sam_vit import Attention, Block
 
-relpos_attention.supported = lambda q, gh, gw: True  # the interpreter runs on CPU in fp32
-attn = Attention(64, 4, (16, 16)).eval()
-with torch.no_grad():
-    attn.rel_pos_h.normal_(0, 0.5)
-    attn.rel_pos_w.normal_(0, 0.5)
-    x = torch.randn(2, 16, 16, 64)
-    attn.impl = "bias"
-    ref = attn(x)
-    attn.impl = "fused"
-    res = attn(x)
-out["module"] = {"err": float((res - ref).abs().max()), "ref_scale": float(ref.abs().max())}
+relpos_attention.supported = lambda q, gh, gw: relpos_attention.form(gh, gw) is not None  # CPU, fp32 here
+for name, module, x in (("module", Attention(64, 4, (16, 16)), torch.randn(2, 16, 16, 64)),
+                        ("window_block", Block(64, 4, 14, 32), torch.randn(1, 32, 32, 64))):
+    module.eval()
+    attn = module if isinstance(module, Attention) else module.attn
+    with torch.no_grad():
+        attn.rel_pos_h.normal_(0, 0.5)
+        attn.rel_pos_w.normal_(0, 0.5)
+        attn.impl = "bias"
+        ref = module(x)
+        attn.impl = "fused"
+        res = module(x)
+    out[name] = {"err": float((res - ref).abs().max()), "ref_scale": float(ref.abs().max())}
 print(json.dumps(out))
 """
 
 
 def test_fused_kernel_equals_the_mask_form():
-    cases = [(4, 16, 16, 32), (2, 32, 32, 64)]
+    cases = [(4, 16, 16, 32), (2, 32, 32, 64),  # rows kernel
+             (14, 14, 32, 32), (6, 10, 16, 16), (7, 7, 64, 64)]  # tile kernel: SAM's windows, odd grids
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases)], env=env, capture_output=True,
                           text=True, timeout=600, cwd=ROOT)
@@ -71,7 +76,8 @@ def test_fused_kernel_equals_the_mask_form():
         assert r["shape"] == [2, gh * gw, 3, d] and r["contiguous"]
         assert r["ref_scale"] > 0.5
         assert r["err"] < 2e-5 and r["err2"] < 2e-5, r
-    assert res["module"]["ref_scale"] > 0.1 and res["module"]["err"] < 2e-5, res["module"]
+    for name in ("module", "window_block"):
+        assert res[name]["ref_scale"] > 0.1 and res[name]["err"] < 2e-5, (name, res[name])
 
 
 def test_available_needs_a_c_compiler(monkeypatch):
@@ -100,6 +106,16 @@ def test_supported_shapes():
     assert not supported(cpu, 64, 64)  # CUDA only
     meta = torch.empty(1, 12, 4096, 64, dtype=torch.bfloat16, device="meta")
     assert not supported(meta, 64, 64)
+
+
+def test_kernel_forms():
+    """The rows kernel for power-of-two grid widths (SAM's 64 x 64 global grid), the tile kernel for
+    small grids of any shape (the 14 x 14 windows), neither for large odd grids (ViT at other sizes)."""
+    from model.encoders.relpos_attention import form
+
+    assert form(64, 64) == "rows" and form(32, 32) == "rows" and form(8, 16) == "rows"
+    assert form(14, 14) == "tile" and form(7, 7) == "tile" and form(16, 16) == "rows"
+    assert form(6, 10) == "tile" and form(16, 17) is None and form(48, 48) is None
 
 
 def test_autotuned_kernel_keeps_its_choice_across_processes():

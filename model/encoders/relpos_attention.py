@@ -1,21 +1,30 @@
 """Fused attention with SAM's decomposed relative-position terms (Triton, CUDA, inference).
 
-SAM's global blocks attend over an ``gh x gw`` token grid (64 x 64 at 1024 input) with logits
+SAM's blocks attend over an ``gh x gw`` token grid (64 x 64 for the global blocks at 1024 input,
+14 x 14 for the windows) with logits
 
     s[i, j] = scale * q_i . k_j + eh[i, row(j)] + ew[i, col(j)]
 
-where ``eh`` (N x gh) and ``ew`` (N x gw) are per-query terms (``Attention`` computes them). A
-flash-attention loop whose key block is exactly one key row (``gw`` keys) needs only one ``eh``
-value per query and block and the same ``ew`` tile for every block: the bias costs a column load
-per block instead of a materialised N x N mask (the ``bias`` form) or three times the head size
-(the ``augment`` form). Online softmax in fp32, exp2, the output written straight into the
-``(B, N, heads, head_dim)`` layout that the projection reads.
+where ``eh`` (N x gh) and ``ew`` (N x gw) are per-query terms (``Attention`` computes them). Two
+kernels (``relpos_kernel``), picked by the grid's shape:
+
+* ``rows`` (grid width a power of two, N a multiple of 128: the global blocks): a flash-attention
+  loop whose key block is exactly one key row (``gw`` keys) needs only one ``eh`` value per query
+  and block and the same ``ew`` tile for every block: the bias costs a column load per block
+  instead of a materialised N x N mask (the ``bias`` form) or three times the head size (the
+  ``augment`` form). Online softmax in fp32, exp2.
+* ``tile`` (any grid of at most ``TILE_MAX_TOKENS`` tokens: the 14 x 14 windows): all keys in one
+  tile, the terms added through two small products with one-hots built in registers, one exact
+  softmax. It replaces the window blocks' mask, which is as large as q, k and v together.
+
+Both write the output straight into the ``(B, N, heads, head_dim)`` layout that the projection reads.
 
 ``relpos_attention`` is a ``torch.library`` custom op, so ``torch.compile`` keeps it as one opaque
 kernel. Forward only: ``Attention`` uses it where no gradient is needed. ``supported`` says which
-shapes it takes (head size and grid width powers of two from 16 to 128, bf16/fp16, CUDA) and
+shapes it takes (head size a power of two from 16 to 128; the grid as above; bf16/fp16, CUDA) and
 ``available`` whether this machine can build it (Triton, torch >= 2.4, a C compiler).
-Tested against the mask form in Triton's interpreter on CPU (test/test_relpos_attention.py).
+Both kernels are tested against the mask form in Triton's interpreter on CPU
+(test/test_relpos_attention.py).
 """
 from __future__ import annotations
 
@@ -44,17 +53,32 @@ def _pow2(x: int, lo: int = 16, hi: int = 128) -> bool:
     return lo <= x <= hi and x & (x - 1) == 0
 
 
+TILE_MAX_TOKENS = 256  # the tile kernel holds BLOCK_M x next_pow2(N) logits in registers
+
+
+def form(gh: int, gw: int) -> str | None:
+    """Which kernel takes a gh x gw grid: ``rows``, ``tile`` or None."""
+    n = gh * gw
+    if _pow2(gw) and n % 128 == 0:
+        return "rows"
+    return "tile" if n <= TILE_MAX_TOKENS else None
+
+
 def supported(q: torch.Tensor, gh: int, gw: int) -> bool:
-    """Whether the fused kernel takes q (B, heads, N, head_dim) on a gh x gw grid."""
+    """Whether a fused kernel takes q (B, heads, N, head_dim) on a gh x gw grid."""
     if q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
         return False
-    n = gh * gw
-    return available() and _pow2(q.shape[-1]) and _pow2(gw) and n % 128 == 0 and q.shape[-2] == n
+    return available() and _pow2(q.shape[-1]) and form(gh, gw) is not None and q.shape[-2] == gh * gw
 
 
-def kernel(tuned: bool = True):
-    """The Triton kernel (autotuned over block size, warps and stages) or None without Triton."""
-    key = "tuned" if tuned else "plain"
+def _next_pow2(x: int, lo: int = 16) -> int:
+    return max(lo, 1 << (x - 1).bit_length())
+
+
+def kernel(tuned: bool = True, shape: str = "rows"):
+    """The Triton kernel for ``shape`` (``rows`` or ``tile``; autotuned over block size, warps and
+    stages) or None without Triton."""
+    key = (shape, tuned)
     if key in _KERNELS:
         return _KERNELS[key]
     try:
@@ -64,11 +88,15 @@ def kernel(tuned: bool = True):
     except ImportError:
         _KERNELS[key] = None
         return None
-    _fwd = relpos_kernel.relpos_flash_fwd
+    _fwd = relpos_kernel.relpos_flash_fwd if shape == "rows" else relpos_kernel.relpos_tile_fwd
     if tuned:
-        # (two key rows per step were tried: never faster; on an H100 the best was 64 / 4 warps / 3 stages)
-        configs = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-                   for bm in (64, 128) for w, s in ((4, 2), (4, 3), (8, 3))]
+        if shape == "rows":
+            # (two key rows per step were tried: never faster; on an H100 the best was 64 / 4 warps / 3 stages)
+            configs = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+                       for bm in (64, 128) for w, s in ((4, 2), (4, 3), (8, 3))]
+        else:  # no loop to pipeline; the logits tile is BLOCK_M x NP (not yet measured on a GPU)
+            configs = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
+                       for bm in (16, 32, 64) for w in (4, 8)]
         # the chosen config is kept in Triton's cache (TRITON_CACHE_DIR) where this Triton can: autotuning
         # took about 14 s at the first call of every process
         keep = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
@@ -85,14 +113,18 @@ def launch(q, k, v, eh, ew, scale: float, block_m: int | None = None) -> torch.T
     b, heads, n, d = q.shape
     gh, gw = eh.shape[-1], ew.shape[-1]
     assert gh * gw == n, "eh and ew must span the token grid"
+    shape = form(gh, gw)
+    assert shape is not None, f"no fused kernel for a {gh} x {gw} grid"
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if block_m is None and q.device.type != "cuda":  # autotuning times on a GPU; interpreter: fixed blocks
-        block_m = 64 if n % 64 == 0 else 32
+        block_m = (64 if n % 64 == 0 else 32) if shape == "rows" else 32
     out = torch.empty(b, n, heads, d, device=q.device, dtype=q.dtype)
     o = out.transpose(1, 2)
-    fn = kernel(tuned=block_m is None)
+    fn = kernel(tuned=block_m is None, shape=shape)
     extra = {} if block_m is None else {"BLOCK_M": block_m}
-    grid = (lambda meta: (n // meta["BLOCK_M"], b * heads)) if block_m is None else (n // block_m, b * heads)
+    if shape == "tile":
+        extra.update(NP=_next_pow2(n), RP=_next_pow2(max(gh, gw)))
+    grid = (lambda meta: (-(-n // meta["BLOCK_M"]), b * heads)) if block_m is None else (-(-n // block_m), b * heads)
     fn[grid](q, k, v, eh, ew, o, scale * LOG2E,
              *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *eh.stride(), *ew.stride(),
              HEADS=heads, GH=gh, GW=gw, D=d, **extra)

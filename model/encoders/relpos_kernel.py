@@ -1,9 +1,17 @@
-"""The Triton kernel behind ``relpos_attention`` (imported only where Triton is installed).
+"""The Triton kernels behind ``relpos_attention`` (imported only where Triton is installed).
 
-One program per block of ``BLOCK_M`` queries and one (batch, head); the loop runs over the ``GH``
-key rows, each a block of ``GW`` keys, so the row term ``eh`` is one value per query and block and
-the column term ``ew`` one tile loaded once. Logits are taken to base 2 (``exp2``), the running
-maximum and sum kept in fp32 (online softmax), ``p`` cast to the value dtype for the second product.
+``relpos_flash_fwd`` (global blocks, grid width a power of two): one program per block of
+``BLOCK_M`` queries and one (batch, head); the loop runs over the ``GH`` key rows, each a block of
+``GW`` keys, so the row term ``eh`` is one value per query and block and the column term ``ew`` one
+tile loaded once. Logits are taken to base 2 (``exp2``), the running maximum and sum kept in fp32
+(online softmax), ``p`` cast to the value dtype for the second product.
+
+``relpos_tile_fwd`` (small grids of any shape, e.g. SAM's 14 x 14 windows): all ``GH * GW`` keys fit
+one tile of ``NP`` (the next power of two), so there is no loop and the softmax is exact in one
+pass. A key's row and column are not contiguous blocks here, so the terms enter as two small matrix
+products with one-hots built in registers, ``eh @ onehot(row(j))`` and ``ew @ onehot(col(j))``
+(``RP`` = the grid side padded to a power of two, at least 16): no mask in memory, and the terms
+are added in fp32. Padded keys get ``-inf``; padded queries are not stored.
 """
 import triton
 import triton.language as tl
@@ -44,3 +52,38 @@ def relpos_flash_fwd(Q, K, V, EH, EW, O, qk_scale,
         m_i = m_new
     acc = acc / l_i[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], acc.to(O.dtype.element_ty))
+
+
+@triton.jit
+def relpos_tile_fwd(Q, K, V, EH, EW, O, qk_scale,
+                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                    sehb, sehh, sehn, sehr, sewb, sewh, sewn, sewc,
+                    HEADS: tl.constexpr, GH: tl.constexpr, GW: tl.constexpr, D: tl.constexpr,
+                    NP: tl.constexpr, RP: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    z = tl.program_id(1)
+    b = z // HEADS
+    h = z % HEADS
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, NP)
+    offs_d = tl.arange(0, D)
+    offs_r = tl.arange(0, RP)
+    rows = offs_m < GH * GW
+    keys = offs_n < GH * GW
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=rows[:, None], other=0.0)
+    k = tl.load(K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None], mask=keys[None, :], other=0.0)
+    eh = tl.load(EH + b * sehb + h * sehh + offs_m[:, None] * sehn + offs_r[None, :] * sehr,
+                 mask=rows[:, None] & (offs_r[None, :] < GH), other=0.0)
+    ew = tl.load(EW + b * sewb + h * sewh + offs_m[:, None] * sewn + offs_r[None, :] * sewc,
+                 mask=rows[:, None] & (offs_r[None, :] < GW), other=0.0)
+    onehot_row = (offs_r[:, None] == (offs_n // GW)[None, :]).to(q.dtype)
+    onehot_col = (offs_r[:, None] == (offs_n % GW)[None, :]).to(q.dtype)
+    terms = tl.dot(eh.to(q.dtype), onehot_row) + tl.dot(ew.to(q.dtype), onehot_col)
+    s = tl.dot(q, k) * qk_scale + terms * 1.4426950408889634
+    s = tl.where(keys[None, :], s, float("-inf"))
+    m = tl.max(s, 1)
+    p = tl.math.exp2(s - m[:, None])
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=keys[:, None], other=0.0)
+    acc = tl.dot(p.to(v.dtype), v) / tl.sum(p, 1)[:, None]
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=rows[:, None])

@@ -65,10 +65,12 @@ class Attention(nn.Module):
       and ``softmax(q' k'^T) v`` equals SAM's attention; v is zero-padded to the same head size so
       PyTorch can pick its flash kernel (bf16 on CUDA). Equal to ``bias`` up to rounding
       (test/test_model.py).
-    * ``fused``: the Triton kernel of ``relpos_attention``: flash attention whose key blocks are key
-      rows, so each block adds one ``Rh`` value per query and the same ``Rw`` tile. CUDA, bf16/fp16,
-      inference only; shapes or uses it does not take (training, fp32, ViT-H's head size 80) run
-      ``augment`` instead.
+    * ``fused``: the Triton kernels of ``relpos_attention``. Global blocks: flash attention whose key
+      blocks are key rows, so each block adds one ``Rh`` value per query and the same ``Rw`` tile.
+      Windows: all 196 keys in one tile, the terms added from one-hots built in registers (no mask
+      in memory; ``auto`` keeps ``bias`` for windows until this is measured on a GPU). CUDA,
+      bf16/fp16, inference only; shapes or uses they do not take (training, fp32, ViT-H's head size
+      80) run ``augment`` instead.
     """
 
     impl = "auto"
