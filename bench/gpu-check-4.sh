@@ -3,6 +3,9 @@
 # changed but could not measure. (1) The fused kernel's autotuning is kept in Triton's on-disk cache:
 # the first batch of a first and of a second process (warm-up = tuning + compilation, then neither).
 # (2) End to end through model.inference.run with the reads and writes in the io threads.
+# Session 6 (no device either) added: (3) the window blocks through the fused tile kernel, per layer
+# (bench/attention_check.py: 'fused' in its window line) and in the whole compiled encoder at batch 32,
+# against the default (mask form for windows) in the same run.
 # Carry carry/ as for gpu-check.sh (bench/make-carry.sh). A CPU dry run of the script itself:
 #   DEVICE=cpu ENCODER=litemedsam IMAGES=4 E2E=8 PYTHON=.venv/bin/python OUT=/tmp/g4 bash bench/gpu-check-4.sh
 LOG=log4.txt JSONL=bench4.jsonl
@@ -16,4 +19,13 @@ for run in first second; do
 done
 echo "== end to end, batch 16, eager, $E2E generated images (decode + predict + write)"
 bench 240 --encoder "$ENCODER" --batch-size 16 --images "$IMAGES" --e2e-images "$E2E" --no-reference --peak-tflops "$PEAK"
+if [ "$DEV" = cuda ]; then
+  echo "== attention forms, one layer, batch 16 (window 'fused' = the tile kernel)"
+  timeout 90 $PY bench/attention_check.py --batch-size 16
+fi
+for att in auto fused,fused; do
+  echo "== batch 32, compiled, attention $att (global,window)"
+  bench 120 --encoder "$ENCODER" --batch-size 32 --images $((IMAGES * 4)) --e2e-images 0 --no-reference \
+    --compile inductor --attention "$att" --peak-tflops "$PEAK"
+done
 rm -f "$OUT/b.json"

@@ -78,7 +78,7 @@ def relpos_tile_fwd(Q, K, V, EH, EW, O, qk_scale,
                  mask=rows[:, None] & (offs_r[None, :] < GW), other=0.0)
     onehot_row = (offs_r[:, None] == (offs_n // GW)[None, :]).to(q.dtype)
     onehot_col = (offs_r[:, None] == (offs_n % GW)[None, :]).to(q.dtype)
-    terms = tl.dot(eh.to(q.dtype), onehot_row) + tl.dot(ew.to(q.dtype), onehot_col)
+    terms = tl.dot(ew.to(q.dtype), onehot_col, tl.dot(eh.to(q.dtype), onehot_row))  # one fp32 tile
     s = tl.dot(q, k) * qk_scale + terms * 1.4426950408889634
     s = tl.where(keys[None, :], s, float("-inf"))
     m = tl.max(s, 1)
