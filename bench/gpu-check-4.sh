@@ -5,7 +5,8 @@
 # (2) End to end through model.inference.run with the reads and writes in the io threads.
 # Session 6 (no device either) added: (3) the window blocks through the fused tile kernel, per layer
 # (bench/attention_check.py: 'fused' in its window line) and in the whole compiled encoder at batch 32,
-# against the default (mask form for windows) in the same run.
+# against the default (mask form for windows) in the same run. (4) With MAX_AUTOTUNE=1 only (a second
+# call, if device time is left): inductor's max-autotune, which can fuse GELU into the GEMMs.
 # Carry carry/ as for gpu-check.sh (bench/make-carry.sh). A CPU dry run of the script itself:
 #   DEVICE=cpu ENCODER=litemedsam IMAGES=4 E2E=8 PYTHON=.venv/bin/python OUT=/tmp/g4 bash bench/gpu-check-4.sh
 LOG=log4.txt JSONL=bench4.jsonl
@@ -28,4 +29,9 @@ for att in auto fused,fused; do
   bench 120 --encoder "$ENCODER" --batch-size 32 --images $((IMAGES * 4)) --e2e-images 0 --no-reference \
     --compile inductor --attention "$att" --peak-tflops "$PEAK"
 done
+if [ "${MAX_AUTOTUNE:-0}" = 1 ]; then  # optional (its compilation may take minutes): a second call
+  echo "== batch 32, compiled with inductor's max-autotune (Triton GEMMs with GELU and bias epilogues)"
+  TORCHINDUCTOR_MAX_AUTOTUNE=1 bench 400 --encoder "$ENCODER" --batch-size 32 --images $((IMAGES * 4)) \
+    --e2e-images 0 --no-reference --compile inductor --peak-tflops "$PEAK"
+fi
 rm -f "$OUT/b.json"
