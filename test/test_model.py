@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from model.network import PFSAMNet, make_config
 from model.predictor import Predictor
 from model.preprocessing import SAM_PIXEL_MEAN, SAM_PIXEL_STD, mask_to_model, postprocess, preprocess
 from synthetic import make_ultrasound
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_net(encoder="litemedsam", seg="sd-h", cls="mgc-a", size=None, mode="finetuned", seed=0) -> PFSAMNet:
@@ -217,6 +220,44 @@ def test_official_checkpoint_with_wrong_hash_is_refused(tmp_path):
         build_encoder("sam_vit_b", checkpoint=path)
     with pytest.raises(WeightsError, match="get it with: https://dl.fbaipublicfiles.com"):
         build_encoder("sam_vit_b", checkpoint=tmp_path / "missing" / "sam_vit_b_01ec64.pth")
+    # training records the file's hash: an official name with another hash is refused there too
+    with pytest.raises(WeightsError, match="does not match the expected"):
+        encoder_weights_info("sam_vit_b", path)
+    # a file of another name (no known hash) whose tensors do not fit: a WeightsError naming the file
+    other = tmp_path / "my_sam.pth"
+    torch.save({"image_encoder.pos_embed": torch.zeros(1)}, other)
+    with pytest.raises(WeightsError, match="my_sam.pth: weights do not fit the encoder"):
+        build_encoder("sam_vit_b", checkpoint=other, input_size=256)
+
+
+def test_training_finds_the_checkpoint_where_the_readme_says(tiny_dataset, tmp_path, monkeypatch):
+    """training.train (and training.cache) look for an encoder's official file in $PFSAM_CHECKPOINT_DIR
+    and checkpoints/ as model loading does; a missing file is a clean error naming the download, the
+    folder and --encoder-checkpoint, not a traceback."""
+    from click.testing import CliRunner
+
+    import model.checkpoint as ckpt_mod
+    from training import train
+
+    monkeypatch.setattr(ckpt_mod, "REPO_ROOT", tmp_path / "repo")  # no checkpoints/ there
+    monkeypatch.delenv("PFSAM_CHECKPOINT_DIR", raising=False)
+    args = ["--config", str(ROOT / "training/configs/sd-h.yaml"), "--data", str(tiny_dataset), "--out",
+            str(tmp_path / "run"), "--encoder", "sam_vit_b", "--device", "cpu", "--epochs", "1", "--limit", "2"]
+    res = CliRunner().invoke(train.main, args)
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert "sam_vit_b_01ec64.pth" in res.output and "--encoder-checkpoint" in res.output
+    assert "https://dl.fbaipublicfiles.com" in res.output and "PFSAM_CHECKPOINT_DIR" in res.output
+    # found in $PFSAM_CHECKPOINT_DIR (then checked: this one is not the official file)
+    found = tmp_path / "ckpts"
+    found.mkdir()
+    torch.save({"image_encoder.pos_embed": torch.zeros(1)}, found / "sam_vit_b_01ec64.pth")
+    monkeypatch.setenv("PFSAM_CHECKPOINT_DIR", str(found))
+    res = CliRunner().invoke(train.main, args)
+    assert res.exit_code == 1 and "does not match the expected" in res.output, res.output
+    assert str(found / "sam_vit_b_01ec64.pth") in res.output
+    # an explicit path that does not exist says so, with how to get the file of that name
+    res = CliRunner().invoke(train.main, args + ["--encoder-checkpoint", str(tmp_path / "sam_vit_b_01ec64.pth")])
+    assert res.exit_code == 1 and "checkpoint not found; get it with: https://" in res.output, res.output
 
 
 def make_ensemble(tmp_path, seg_member="sd-h", cls_member="mgc-a"):

@@ -181,6 +181,22 @@ def test_cache_serves_a_subset_of_its_images_and_refuses_strangers(tiny_dataset,
         build_cache(model, [*records, stranger], tmp_path, ["orig"], torch.device("cpu"), "fp32")
 
 
+def test_training_on_a_cache_of_another_precision_says_so_and_leaves_no_trace(tiny_dataset, tmp_path):
+    """--no-cache-build where the model's key is absent (here: an fp32 cache, a bf16 run) names the
+    key and the caches that are there, and creates nothing (no empty key folder, no sparse arrays)."""
+    from training.cache import CacheError
+
+    model = build_model(tiny_cfg("sd-h"))
+    records = load_records(tiny_dataset)[:4]
+    build_cache(model, records, tmp_path, ["orig"], torch.device("cpu"), "fp32")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(CacheError, match=r"no cache for this model .*precision bf16.*build it with training.cache"):
+        build_cache(model, records, tmp_path, ["orig"], torch.device("cpu"), "bf16", build=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and len(before) == 1
+    with pytest.raises(CacheError, match=before[0]):  # the existing key is named
+        build_cache(model, records, tmp_path, ["orig"], torch.device("cpu"), "bf16", build=False)
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(tiny_dataset, tmp_path):
     """The same script under torchrun (gloo on CPU): ranks take equal shards (9 training samples do

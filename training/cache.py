@@ -97,6 +97,10 @@ class EmbeddingCache:
             arr.flush()
 
 
+class CacheError(ValueError):
+    """No usable cache where one was asked for; the message says why and what to run."""
+
+
 def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, views: list[str],
                 device: torch.device, precision: str = "auto", batch_size: int = 8,
                 view_classes: dict[str, list[str]] | None = None, build: bool = True) -> EmbeddingCache:
@@ -110,6 +114,12 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
     with_features = model.needs_features
     key = cache_key(model, views, "bf16" if use_bf16(precision, device) else "fp32", with_features)
     root = Path(cache_dir) / key
+    if not build and not (root / "meta.json").is_file():  # say so before creating anything
+        others = sorted(p.parent.name for p in Path(cache_dir).glob("*/meta.json"))
+        raise CacheError(f"{cache_dir}: no cache for this model (key {key}: encoder, weights, precision "
+                         f"{'bf16' if use_bf16(precision, device) else 'fp32'}, views, encoder code or preprocessing "
+                         f"differ from the caches there: {', '.join(others) or 'none'}); "
+                         "build it with training.cache or train without --no-cache-build")
     root.mkdir(parents=True, exist_ok=True)
     ids = sorted(r.image_id for r in records)
     meta_path = root / "meta.json"
@@ -122,7 +132,7 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
         meta = json.loads(meta_path.read_text())
         missing = sorted(set(ids) - set(meta["ids"]))
         if missing:  # a subset of the cached images (e.g. --limit) is served from the same arrays
-            raise ValueError(f"{root}: cache built for another image list ({len(missing)} images not in it, "
+            raise CacheError(f"{root}: cache built for another image list ({len(missing)} images not in it, "
                              f"e.g. {missing[0]}); delete it or use another --cache")
         ids = meta["ids"]
     else:
@@ -136,7 +146,7 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
     if not build:
         first = [r.image_id for r in records if not cache.done[cache.index[r.image_id], 0]]
         if first:
-            raise ValueError(f"{root}: {len(first)} images lack the cached {views[0]!r} view "
+            raise CacheError(f"{root}: {len(first)} images lack the cached {views[0]!r} view "
                              f"(e.g. {first[0]}); build the cache first")
         return cache
     if not todo:
@@ -193,7 +203,8 @@ def views_for_classes(views: list[str]) -> dict[str, list[str]]:
 if __name__ == "__main__":
     import click
 
-    from model.checkpoint import encoder_weights_info
+    from model.checkpoint import encoder_weights_info, resolve_encoder_checkpoint
+    from model.encoders.weights import WeightsError
     from model.network import make_config
     from model.predictor import resolve_device
 
@@ -219,10 +230,14 @@ if __name__ == "__main__":
         wanted = views_for_classes(view_list)
         if first_view_only:
             wanted = {v: (classes if i == 0 else []) for i, (v, classes) in enumerate(wanted.items())}
-        cfg = make_config(encoder, "frozen", "unet-h" if features else "sd-h", "gap",
-                          encoder_weights=encoder_weights_info(encoder, encoder_checkpoint))
+        try:
+            ckpt = resolve_encoder_checkpoint(encoder, encoder_checkpoint)
+            info = encoder_weights_info(encoder, ckpt)
+        except WeightsError as exc:
+            raise click.ClickException(str(exc)) from None
+        cfg = make_config(encoder, "frozen", "unet-h" if features else "sd-h", "gap", encoder_weights=info)
         dev = resolve_device(device)
-        net = PFSAMNet(cfg, encoder_checkpoint=encoder_checkpoint).to(dev)
+        net = PFSAMNet(cfg, encoder_checkpoint=ckpt).to(dev)
         build_cache(net, load_records(data), cache_dir, view_list, dev, precision, batch_size, wanted)
 
     main()

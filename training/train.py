@@ -29,14 +29,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from model.allocator import keep_freed_memory
-from model.checkpoint import encoder_weights_info, save_model
+from model.checkpoint import encoder_weights_info, resolve_encoder_checkpoint, save_model
+from model.encoders.weights import WeightsError
 from model.io import atomic_path, write_text
 from model.network import PFSAMNet, make_config
 from model.predictor import resolve_device, use_bf16
 from model.preprocessing import mask_to_model, preprocess
 
 from .augment import apply_view, class_views
-from .cache import MASK_RES, build_cache, views_for_classes
+from .cache import MASK_RES, CacheError, build_cache, views_for_classes
 from .datasets import Record, load_pair, load_records
 from .losses import multitask_loss
 from .metrics import auc_macro, dice
@@ -65,8 +66,8 @@ def load_config(path: str | Path, overrides: dict) -> dict:
 def build_model(cfg: dict) -> PFSAMNet:
     m = cfg["model"]
     seg, cls = dict(m["seg_head"]), dict(m["cls_head"])
-    ckpt = m.get("encoder_checkpoint")
     random_init = m.get("encoder_weights") == "random"
+    ckpt = resolve_encoder_checkpoint(m["encoder"], m.get("encoder_checkpoint"), random=random_init)
     mcfg = make_config(m["encoder"], m["mode"], seg.pop("type"), cls.pop("type"), seg, cls,
                        encoder_weights=encoder_weights_info(m["encoder"], ckpt, random=random_init))
     return PFSAMNet(mcfg, encoder_weights="random" if random_init else "pretrained", encoder_checkpoint=ckpt)
@@ -431,6 +432,8 @@ def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, ba
     except NonFiniteLoss as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except (WeightsError, CacheError) as exc:  # a missing checkpoint or cache: the message says what to do
+        raise click.ClickException(str(exc)) from None
     best = result["best"]
     click.echo(f"done: best {best['metric']}={best['value']:.4f} at epoch {best['epoch']}; model in {out}/best")
 

@@ -99,7 +99,10 @@ def load_image_encoder_state(path: Path, sha256: str | None = None) -> dict[str,
 
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Strict load with a message that names the source and the mismatching keys."""
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensors of the wrong shape
+        raise WeightsError(f"{source}: weights do not fit the encoder: {str(exc).splitlines()[-1].strip()}") from None
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
