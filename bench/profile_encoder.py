@@ -2,7 +2,7 @@
 CUDA, optionally compiled) profiled over a few batches; prints images/s and the kernels that take
 the most device time, grouped into matrix products, attention, and the rest.
 
-    python bench/profile_encoder.py --encoder sam_vit_b --batch-size 32 --attention flex,bias --compile inductor
+    python bench/profile_encoder.py --encoder sam_vit_b --batch-size 32 --attention fused,bias --compile inductor
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 ``python -m training.export RUN_SDH RUN_MGCA --out DIR [--metrics metrics.json]``: each run's
 ``best/`` model becomes a member named after its variant; by default the mask comes from SD-H
-(else UNet-H) and the class from MGC-A (else the first run).
+(else UNet-H, else MGC-A) and the class from MGC-A (else SD-H, else UNet-H).
 """
 from __future__ import annotations
 
