@@ -204,21 +204,35 @@ class Predictor:
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Network inputs (B x 3 x S x S) -> (mask probabilities B x R x R, class probabilities B x 3)."""
+        return self.combine_views(self.encode_views(x))
+
+    def encode_views(self, x: torch.Tensor) -> list:
+        """The encoder outputs of x (and of its mirror image with TTA), as ``encoded(model)`` functions
+        for ``combine``: each runs one pass per distinct encoder module, on first use, and keeps it
+        (``training.tune`` combines one batch's encoding under several postprocess options)."""
         x = x.to(self.device, non_blocking=True)
         if self.device.type == "cpu" and self.encoder_runtime == "torch":  # ONNX Runtime takes NCHW as it is
             x = x.contiguous(memory_format=torch.channels_last)
-        views = [x, x.flip(-1)] if self.tta else [x]
-        seg_sum, cls_sum = 0.0, 0.0
-        for vi, v in enumerate(views):
+        views = []
+        for v in ([x, x.flip(-1)] if self.tta else [x]):
             cache: dict[int, tuple] = {}
 
-            def encoded(model, v=v, cache=cache):  # one pass per distinct encoder module
+            @torch.inference_mode()
+            def encoded(model, v=v, cache=cache):
                 key = id(model.encoder)
                 if key not in cache:
                     with self._autocast():
                         cache[key] = model.encode(v)
                 return cache[key]
 
+            views.append(encoded)
+        return views
+
+    @torch.inference_mode()
+    def combine_views(self, views: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """``combine`` over ``encode_views``' views, the mirrored view's mask flipped back, averaged."""
+        seg_sum, cls_sum = 0.0, 0.0
+        for vi, encoded in enumerate(views):
             seg, cls = self.combine(encoded)
             seg_sum = seg_sum + (seg.flip(-1) if vi == 1 else seg)
             cls_sum = cls_sum + cls

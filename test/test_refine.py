@@ -20,7 +20,9 @@ from model.predictor import Predictor  # noqa: E402
 from model.preprocessing import preprocess  # noqa: E402
 from model.refine import BoxRefiner, mask_boxes  # noqa: E402
 from synthetic import make_ultrasound  # noqa: E402
-from training.tune import choose  # noqa: E402
+from training.datasets import load_pair, load_records  # noqa: E402
+from training.metrics import dice  # noqa: E402
+from training.tune import OPTIONS, choose, score_options  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +124,29 @@ def test_tune_keeps_refinement_only_when_validation_dice_rises():
     assert choose(base + worse) == {"refine": None, "gate_normal": False, "largest_component": False}
     tie = [dict(r, dsc=0.70) if not r["gate_normal"] else r for r in better]
     assert choose(base + tie)["refine"] is None  # equal Dice: no extra stage
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_tune_scores_what_process_py_predicts(tiny_dataset, tmp_path, tta):
+    """Each option's score equals the Dice of the container's own predictions with that option in
+    ensemble.json (same encoder runtime, precision, TTA), and the predictor keeps its own options."""
+    ens = make_test_ensemble(tmp_path / "ens")
+    box = {"type": "box", "margin": 5, "blend": 0.5}
+    pred = Predictor.from_dir(ens, device="cpu", tta=tta)
+    post_before = dict(pred.post)
+    scores = score_options(pred, tiny_dataset, batch=2, refine_options=[None, box])
+    assert len(scores) == 2 * len(OPTIONS) and pred.refiner is None and pred.post == post_before
+    pairs = [load_pair(r) for r in load_records(tiny_dataset, "val")]
+    assert any(m.any() for _, m in pairs) and any(not m.any() for _, m in pairs)
+    spec_path = ens / "ensemble.json"
+    spec = json.loads(spec_path.read_text())
+    for refine, opt in ((None, OPTIONS[0]), (box, OPTIONS[1]), (box, OPTIONS[3])):
+        spec["postprocess"] = {**spec["postprocess"], **opt, "refine": refine}
+        spec_path.write_text(json.dumps(spec))
+        preds = Predictor.from_dir(ens, device="cpu", tta=tta).predict([image for image, _ in pairs])
+        lesion = [dice(m, p.mask) for (_, m), p in zip(pairs, preds) if m.any()]
+        empty = [float(not p.mask.any()) for (_, m), p in zip(pairs, preds) if not m.any()]
+        score = next(x for x in scores if x["refine"] == refine and all(x[k] == v for k, v in opt.items()))
+        assert score["n_lesion"] == len(lesion) and score["n_normal"] == len(empty)
+        assert score["dsc"] == pytest.approx(np.mean(lesion), abs=1e-9), (refine, opt)
+        assert score["normal_empty_share"] == pytest.approx(np.mean(empty), abs=1e-9)

@@ -1,9 +1,11 @@
-"""Choose the ensemble's postprocessing on the validation split, from the embedding cache.
+"""Choose the ensemble's postprocessing on the validation split.
 
-``python -m training.tune --model-dir ENS --data DATA --cache CACHE [--write]`` runs the ensemble's
-heads on the cached validation embeddings (the same values the predictor computes: same encoder,
-precision and preprocessing), applies each postprocess option through ``Predictor.finish`` (the
-container's own path, masks at full resolution) and scores them with ``training.metrics``.
+``python -m training.tune --model-dir ENS --data DATA [--write]`` reads each validation image and
+encodes it through the predictor itself (``Predictor.encode_views``: the container's encoder runtime,
+precision, preprocessing and TTA, so the scores are those of ``process.py`` on these images), then
+combines each batch's encoding under every postprocess option (``Predictor.combine_views`` and
+``Predictor.finish``: masks at full resolution) and scores them with ``training.metrics``. One
+encoder pass per image serves all options.
 
 Options: box refinement through LiteMedSAM's decoder (``model/refine.py``: off, the decoder's mask, or
 its average with the head's), the largest component only, empty masks on images classified normal.
@@ -22,52 +24,53 @@ import numpy as np
 import torch
 
 from model.checkpoint import ENSEMBLE_NAME
-from model.io import read_mask, write_text
+from model.io import write_text
 from model.predictor import Predictor
-from model.preprocessing import Geometry
+from model.preprocessing import preprocess
 from model.refine import REFINE_ENCODERS
 
-from .cache import build_cache, views_for_classes
-from .datasets import load_records
+from .datasets import load_pair, load_records
 from .metrics import dice
 
 OPTIONS = [{"gate_normal": g, "largest_component": c} for g in (False, True) for c in (False, True)]
 REFINE_OPTIONS = [None, {"type": "box", "margin": 5, "blend": 1.0}, {"type": "box", "margin": 5, "blend": 0.5}]
 
 
-def score_options(predictor: Predictor, data: Path, cache_dir: Path, views: list[str], batch: int = 32,
-                  refine_options: list | None = None) -> list[dict]:
-    records = load_records(data, "val")
-    all_records = load_records(data)
+def score_options(predictor: Predictor, data: Path, batch: int = 8, refine_options: list | None = None,
+                  limit: int | None = None) -> list[dict]:
+    """Mean lesion Dice and the share of empty masks on normal images of every (refinement,
+    postprocess option) on the validation split (its first ``limit`` images when given)."""
+    records = load_records(data, "val")[:limit]
+    if not records:
+        raise click.UsageError(f"{data}: no validation images (prepared with training.prepare?)")
     model = next(iter(predictor.members.values()))
-    cache = build_cache(model, all_records, cache_dir, views, predictor.device, predictor.precision,
-                        view_classes=views_for_classes(views), build=False)
     refine_options = REFINE_OPTIONS if refine_options is None else refine_options
     if model.config["encoder"]["name"] not in REFINE_ENCODERS:
         refine_options = [None]
-    gts = {r.image_id: read_mask(r.mask_path) for r in records}
-    scores = []
-    for refine in refine_options:
-        predictor.set_refine(refine)
-        results = {i: {"dice": [], "normal_empty": []} for i in range(len(OPTIONS))}
+    results = {(ri, oi): {"dice": [], "normal_empty": []}
+               for ri in range(len(refine_options)) for oi in range(len(OPTIONS))}
+    shipped = (predictor.refiner, dict(predictor.post))
+    try:
         for s in range(0, len(records), batch):
-            recs = records[s:s + batch]
-            emb = torch.stack([cache.get(r.image_id, 0)[0] for r in recs]).to(predictor.device)
-            seg, cls = predictor.combine(lambda m: (emb, None))
-            for j, r in enumerate(recs):
-                gt = gts[r.image_id]
-                geom = Geometry(gt.shape[0], gt.shape[1], predictor.input_size)
-                for i, opt in enumerate(OPTIONS):
-                    predictor.post = {**predictor.post, **opt}
-                    pred = predictor.finish(seg[j].cpu(), cls[j].cpu(), geom)
-                    if gt.any():
-                        results[i]["dice"].append(dice(gt, pred.mask))
-                    else:
-                        results[i]["normal_empty"].append(float(not pred.mask.any()))
-        scores += [{"refine": refine, **OPTIONS[i], "dsc": float(np.mean(r["dice"])),
-                    "normal_empty_share": float(np.mean(r["normal_empty"])) if r["normal_empty"] else float("nan"),
-                    "n_lesion": len(r["dice"]), "n_normal": len(r["normal_empty"])} for i, r in results.items()]
-    return scores
+            pairs = [load_pair(r) for r in records[s:s + batch]]
+            pre = [preprocess(image, predictor.input_size, predictor.normalization) for image, _ in pairs]
+            views = predictor.encode_views(torch.stack([x for x, _ in pre]))
+            for ri, refine in enumerate(refine_options):
+                predictor.set_refine(refine)
+                seg, cls = predictor.combine_views(views)
+                for j, (_, gt) in enumerate(pairs):
+                    for oi, opt in enumerate(OPTIONS):
+                        predictor.post = {**shipped[1], **opt}
+                        pred = predictor.finish(seg[j], cls[j], pre[j][1])
+                        if gt.any():
+                            results[ri, oi]["dice"].append(dice(gt, pred.mask))
+                        else:
+                            results[ri, oi]["normal_empty"].append(float(not pred.mask.any()))
+    finally:
+        predictor.refiner, predictor.post = shipped
+    return [{"refine": refine_options[ri], **OPTIONS[oi], "dsc": float(np.mean(r["dice"])) if r["dice"] else float("nan"),
+             "normal_empty_share": float(np.mean(r["normal_empty"])) if r["normal_empty"] else float("nan"),
+             "n_lesion": len(r["dice"]), "n_normal": len(r["normal_empty"])} for (ri, oi), r in results.items()]
 
 
 def choose(scores: list[dict]) -> dict:
@@ -81,14 +84,22 @@ def choose(scores: list[dict]) -> dict:
 
 @click.command(context_settings={"show_default": True})
 @click.option("--model-dir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--cache", "cache_dir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--views", default="orig,hflip,zoom,bright", help="The views the cache was built with.")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A folder written by training.prepare; its validation split is scored.")
+@click.option("-d", "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
+              help="As process.py's: gpu = CUDA; auto = CUDA when available, else CPU.")
+@click.option("--tta/--no-tta", default=False, help="As process.py's: horizontal-flip test-time augmentation.")
+@click.option("--precision", default="auto", type=click.Choice(["auto", "bf16", "fp32"]),
+              help="As process.py's (auto: bf16 on CUDA for SAM ViT encoders, else fp32).")
+@click.option("--batch-size", default=8)
+@click.option("--limit", type=int, default=None, hidden=True, help="Score only the first N validation images.")
 @click.option("--write", is_flag=True, help="Write the chosen options into ensemble.json.")
-def main(model_dir, data, cache_dir, views, write):
-    """Score the postprocess options on the validation split and pick them by the rule above."""
-    predictor = Predictor.from_dir(model_dir, device="cpu")
-    scores = score_options(predictor, Path(data), Path(cache_dir), views.split(","))
+def main(model_dir, data, device, tta, precision, batch_size, limit, write):
+    """Score the postprocess options on the validation split, as process.py would predict them, and
+    pick them: refinement and largest component by the highest mean lesion Dice; gating on normal
+    only where it empties more normal masks for less than 0.005 Dice."""
+    predictor = Predictor.from_dir(model_dir, device=device, precision=precision, batch_size=batch_size, tta=tta)
+    scores = score_options(predictor, Path(data), batch_size, limit=limit)
     for s in scores:
         click.echo(json.dumps(s))
     chosen = choose(scores)
