@@ -93,6 +93,12 @@ def load_predictor(model_dir: str | Path | None = None, device: str = "auto", ba
 
     model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
     device = {"gpu": "cuda"}.get(device, device)
+    from .predictor import resolve_device
+
+    try:
+        resolve_device(device)  # a device that is not there is not a model failure
+    except RuntimeError as exc:
+        raise InferenceError(str(exc)) from None
     if not model_dir.is_dir():
         raise InferenceError(f"cannot load the model: {model_dir} does not exist (pass --model-dir, or mount "
                              f"a model at {SAGEMAKER_MODEL_DIR})")

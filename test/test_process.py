@@ -520,3 +520,14 @@ def test_dev_requirements_pin_the_runtime_versions():
         if line:
             name, version = line.split("==")
             assert dev.get(name.lower()) == version, name
+
+
+def test_a_missing_gpu_is_named_as_such(inputs, tmp_path, monkeypatch):
+    """-d gpu without CUDA: exit 1, the reason is the device (not 'cannot load the model')."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = CliRunner().invoke(process.main, ["-i", str(inputs[0]), "-o", str(tmp_path / "out"), "-d", "gpu",
+                                            "--no-progress"])
+    assert res.exit_code == 1
+    assert "no CUDA GPU is available" in res.output and "cannot load the model" not in res.output, res.output
