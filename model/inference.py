@@ -52,10 +52,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import CLASS_NAMES
-from .io import ImageReadError, LoadedImage, list_images, read_image, write_mha, write_png, write_text
+from .io import ImageReadError, LoadedImage, list_images, read_image, write_mha, write_npy, write_png, write_text
 
 TASKS = ("all", "seg", "cls")
 FORMATS = ("gc", "pace")
+LOGITS_DIR = "logits"  # PACE layout, training.predict --logits: <name>.npy, float16 lesion logits at full size
 GC_SEGMENTATION_SLUG = "breast-lesion-segmentation"
 GC_CLASSIFICATION_FILE = "breast-lesion-classification.json"
 GC_LIKELIHOOD_FILE = "malignancy-likelihood.json"
@@ -344,6 +345,11 @@ class PACEWriter(_Writer):
             path = self.out / "segmentation" / f"{case.name}_mask.png"
             write_png(path, (pred.mask > 0).astype(np.uint8) * 255)
             case.outputs.append(path)
+            logits = getattr(pred, "extra", {}).get("logits")
+            if logits is not None:  # training.predict --logits: for training.evaluate's segmentation BCE
+                path = self.out / LOGITS_DIR / f"{case.name}.npy"
+                write_npy(path, logits)
+                case.outputs.append(path)
         super().write_case(case, image, pred)
 
     def finish(self, cases: list[Case]) -> None:

@@ -196,6 +196,13 @@ def write_png(path: Path | str, array: np.ndarray) -> None:
         Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
 
 
+def write_npy(path: Path | str, array: np.ndarray) -> None:
+    """Write an array as .npy (no pickle), atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+
+
 def write_mha(path: Path | str, array: np.ndarray, like: LoadedImage | None = None) -> None:
     """Write a 2-D array as compressed MetaImage with the geometry of ``like``, atomically.
 

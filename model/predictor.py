@@ -24,7 +24,7 @@ from .checkpoint import encoder_key, load_model, read_config, read_ensemble
 from .encoders import get_spec
 from .network import PFSAMNet
 from .onnx_encoder import OnnxEncoder, OnnxUnavailable, onnx_encoder
-from .preprocessing import Geometry, keep_largest_component, postprocess, preprocess
+from .preprocessing import Geometry, full_size_logits, keep_largest_component, postprocess, preprocess
 from .refine import BoxRefiner
 from .toolchain import c_compiler
 
@@ -115,6 +115,7 @@ class Predictor:
         self.batch_size = max(1, int(batch_size))
         self.tta = tta
         self.precision = precision
+        self.keep_logits = False  # Prediction.extra["logits"] at full size (training.predict --logits)
         self.class_names = CLASS_NAMES
         self.seg_w = {k: float(v) for k, v in spec["segmentation_weights"].items() if float(v) > 0}
         self.cls_w = {k: float(v) for k, v in spec["classification_weights"].items() if float(v) > 0}
@@ -271,7 +272,8 @@ class Predictor:
             keep = keep_largest_component((p > thr).numpy())
             p = torch.where(torch.from_numpy(keep), p, torch.full_like(p, 1e-6))
         logits = torch.log(p) - torch.log1p(-p)
-        return Prediction(postprocess(logits, geom, threshold=thr), probs, label)
+        extra = {"logits": full_size_logits(logits, geom)} if self.keep_logits else {}
+        return Prediction(postprocess(logits, geom, threshold=thr), probs, label, extra)
 
     def _forward_fitting(self, x: torch.Tensor, first_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward``, but a batch that runs out of GPU memory is retried in two halves (after

@@ -163,6 +163,17 @@ def upsample_logits(logits: torch.Tensor, geom: Geometry) -> torch.Tensor:
     return x[..., :h, :w].reshape(*lead, h, w)
 
 
+def full_size_logits(logits: torch.Tensor, geom: Geometry) -> np.ndarray:
+    """Mask logits (R x R) -> float16 logits of geom.height x geom.width, resized as ``postprocess``
+    resizes them: its mask is where they exceed the threshold's logit, and their sigmoid is the
+    lesion probability. Logits rather than probabilities: float16 keeps their sign (the mask at
+    0.5) and both tails, where probabilities near 1 would round to 1. For evaluation (the
+    segmentation BCE): one full-size copy, no banding."""
+    crop = upsample_logits(logits, geom)[None, None]
+    full = F.interpolate(crop, size=(geom.height, geom.width), mode="bilinear", align_corners=False)
+    return full[0, 0].numpy().astype(np.float16)
+
+
 def postprocess(logits: torch.Tensor, geom: Geometry, threshold: float = 0.5,
                 band_rows: int = 1024) -> np.ndarray:
     """Mask logits (R x R) -> uint8 {0,1} mask of exactly geom.height x geom.width.

@@ -235,3 +235,35 @@ def test_unknown_layout_fails(tmp_path, data):
     result = CliRunner().invoke(E.main, ["--pred", str(tmp_path / "nothing"), "--data", str(data),
                                          "--out", str(tmp_path / "o")])
     assert result.exit_code != 0 and "layout" in result.output
+
+
+def test_logits_give_the_segmentation_bce(tiny_dataset, tmp_path):
+    """training.predict --logits writes each image's lesion logits at its size (above 0: the written
+    mask), and training.evaluate turns them into the segmentation BCE; without them the BCE is
+    not available (NaN), never a made-up number."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_test_model import make_test_ensemble
+    from training import predict as P
+    from training.datasets import load_records
+
+    ens = make_test_ensemble(tmp_path / "ens")
+    res = CliRunner().invoke(P.main, ["--model-dir", str(ens), "--data", str(tiny_dataset), "--out",
+                                      str(tmp_path / "pred"), "-d", "cpu", "--logits"])
+    assert res.exit_code == 0, res.output
+    bces = []
+    for r in load_records(tiny_dataset, "val"):
+        logits = np.load(tmp_path / "pred" / "logits" / f"{r.image_id}.npy", allow_pickle=False)
+        mask = np.asarray(read_image(tmp_path / "pred" / "segmentation" / f"{r.image_id}_mask.png").array) > 0
+        gt = np.asarray(read_image(r.mask_path).array) > 0
+        assert logits.dtype == np.float16 and logits.shape == mask.shape == gt.shape
+        differ = (logits > 0) != mask  # only where a logit within 6e-8 of 0 rounded to 0 in float16
+        assert not np.any(differ & (logits != 0)) and differ.mean() < 0.01 and logits.astype(np.float32).std() > 0
+        bces.append(M.segmentation_bce(gt, 1 / (1 + np.exp(-logits.astype(np.float64)))))
+    with_maps = E.evaluate_predictions(tmp_path / "pred", tiny_dataset, "val", n_boot=10)
+    assert with_maps["seg_bce"] == pytest.approx(np.mean(bces), rel=1e-9) and with_maps["seg_bce"] > 0
+    res = CliRunner().invoke(P.main, ["--model-dir", str(ens), "--data", str(tiny_dataset), "--out",
+                                      str(tmp_path / "plain"), "-d", "cpu"])
+    assert res.exit_code == 0 and not (tmp_path / "plain" / "logits").exists()
+    assert math.isnan(E.evaluate_predictions(tmp_path / "plain", tiny_dataset, "val", n_boot=10)["seg_bce"])

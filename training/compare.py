@@ -1,7 +1,8 @@
 """The paper's Table 3 from several ``training.evaluate`` outputs.
 
 ``python -m training.compare EVAL_DIR... --out table3.md``: one row per evaluated model (named
-after its folder) with accuracy, cross-entropy, macro AUC, segmentation BCE, DSC, HD95 and NSD.
+after its folder) with accuracy, cross-entropy, macro AUC, segmentation BCE (where the predictions
+came with ``training.predict --logits``; else "–"), DSC, HD95 and NSD.
 """
 from __future__ import annotations
 

@@ -16,7 +16,9 @@ DATA is a ``training.prepare`` folder (images/, masks/, labels.csv, split.csv). 
   spacing (a case without a mask takes the most common spacing of the others).
 
 The layout is detected: ``results.json`` or ``images/breast-lesion-segmentation/`` means Grand
-Challenge, ``segmentation/`` or ``classification/`` means PACE.
+Challenge, ``segmentation/`` or ``classification/`` means PACE. ``logits/<id>.npy`` (lesion logits
+at the image's size, as ``training.predict --logits`` writes them) adds the segmentation BCE;
+without them it is reported as not available.
 
 A case of the evaluated split without a prediction is a failure, never dropped: an empty mask,
 probabilities (1/3, 1/3, 1/3), and no label (always wrong) -- or the probabilities' argmax when
@@ -41,6 +43,7 @@ import numpy as np
 from scipy import ndimage
 
 from model import CLASS_NAMES
+from model.inference import LOGITS_DIR
 from model.io import ImageReadError, atomic_path, is_image_file, read_image, read_mask, write_png, write_text
 from training import metrics as M
 
@@ -226,6 +229,29 @@ def read_grand_challenge(pred_dir: Path | str) -> tuple[dict[str, dict], list[di
 # Evaluation
 # --------------------------------------------------------------------------------------------
 
+class ProbabilityMaps(Mapping):
+    """Lesion probabilities from a folder of ``<id>.npy`` logits, read when asked for (no pickle)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __getitem__(self, cid: str) -> np.ndarray:
+        path = self.folder / f"{cid}.npy"
+        if not path.is_file():
+            raise KeyError(cid)
+        try:
+            logits = np.load(path, allow_pickle=False).astype(np.float64)
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"{path}: not readable lesion logits ({exc})") from None
+        return 1.0 / (1.0 + np.exp(-logits))
+
+    def __iter__(self) -> Iterator[str]:
+        return (p.stem for p in sorted(self.folder.glob("*.npy")))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.folder.glob("*.npy"))
+
+
 def evaluate_predictions(pred_dir: Path | str, data_dir: Path | str, split: str = "val",
                          out_dir: Path | str | None = None, *, tau: float = 2.0, n_boot: int = 1000, seed: int = 0,
                          n_worst: int = N_WORST, prob_maps: Mapping[str, np.ndarray] | None = None) -> dict:
@@ -235,6 +261,8 @@ def evaluate_predictions(pred_dir: Path | str, data_dir: Path | str, split: str 
     ``prob_maps`` ({image_id: H x W lesion probabilities}) adds the segmentation BCE.
     """
     pred_dir, data_dir = Path(pred_dir), Path(data_dir)
+    if prob_maps is None and (pred_dir / LOGITS_DIR).is_dir():
+        prob_maps = ProbabilityMaps(pred_dir / LOGITS_DIR)
     truth = load_truth(data_dir, split)
     layout = detect_layout(pred_dir)
     preds, problems = (read_grand_challenge if layout == "grand-challenge" else read_pace)(pred_dir)

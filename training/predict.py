@@ -17,8 +17,10 @@ from .datasets import load_records
 
 
 def predict_split(model_dir: Path, data: Path, split: str | None, out: Path, device: str = "auto",
-                  batch_size: int = 4, tta: bool = False, precision: str = "auto", progress: bool = True):
+                  batch_size: int = 4, tta: bool = False, precision: str = "auto", progress: bool = True,
+                  logits: bool = False):
     predictor = load_predictor(model_dir, device, batch_size, tta, precision)
+    predictor.keep_logits = logits
     records = load_records(data, None if split == "all" else split)
     return run(predictor, data / "images", out, fmt="pace", inputs=[r.image_path for r in records],
                progress=progress)
@@ -33,10 +35,13 @@ def predict_split(model_dir: Path, data: Path, split: str | None, out: Path, dev
 @click.option("--batch-size", default=4)
 @click.option("--tta/--no-tta", default=False)
 @click.option("--precision", default="auto", type=click.Choice(["auto", "bf16", "fp32"]))
-def main(model_dir, data, split, out, device, batch_size, tta, precision):
+@click.option("--logits", is_flag=True, help="Also write OUT/logits/<image_id>.npy (float16 lesion logits at "
+              "full size; their sigmoid is the probability), from which training.evaluate reports the segmentation BCE.")
+def main(model_dir, data, split, out, device, batch_size, tta, precision, logits):
     """Predict a split of a prepared dataset, for training.evaluate."""
     try:
-        result = predict_split(Path(model_dir), Path(data), split, Path(out), device, batch_size, tta, precision)
+        result = predict_split(Path(model_dir), Path(data), split, Path(out), device, batch_size, tta, precision,
+                               logits=logits)
     except InferenceError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper's whole run: prepare -> train UNet-H, SD-H, MGC-A -> evaluate each on the validation
-# split -> Table-3 comparison -> export the SD-H/MGC-A ensemble.
+# split -> Table-3 comparison -> export the SD-H/MGC-A ensemble, tune its postprocessing, evaluate it.
 #
 #   training/reproduce.sh --busi DIR --busbra DIR [--breast DIR] [--pace DIR] OUT
 #
@@ -28,12 +28,13 @@ for variant in unet-h sd-h mgc-a; do
       --batch-size "$BATCH_SIZE" --device "$DEVICE" "${resume[@]}" $EXTRA
   python -m training.export "$OUT/runs/$variant" --out "$OUT/models/$variant"
   python -m training.predict --model-dir "$OUT/models/$variant" --data "$OUT/data" --split val \
-      --out "$OUT/pred/$variant" -d "$DEVICE"
+      --out "$OUT/pred/$variant" -d "$DEVICE" --logits  # logits: Table 3's segmentation BCE
   python -m training.evaluate --pred "$OUT/pred/$variant" --data "$OUT/data" --split val --out "$OUT/eval/$variant"
 done
 python -m training.compare "$OUT/eval/unet-h" "$OUT/eval/sd-h" "$OUT/eval/mgc-a" --out "$OUT/table3.md"
 # The ensemble (mask from SD-H, class from MGC-A), evaluated as the container runs it.
 python -m training.export "$OUT/runs/sd-h" "$OUT/runs/mgc-a" --out "$OUT/ensemble"
+python -m training.tune --model-dir "$OUT/ensemble" --data "$OUT/data" -d "$DEVICE" --write  # postprocess options
 python -m training.predict --model-dir "$OUT/ensemble" --data "$OUT/data" --split val --out "$OUT/pred/ensemble" -d "$DEVICE"
 python -m training.evaluate --pred "$OUT/pred/ensemble" --data "$OUT/data" --split val --out "$OUT/eval/ensemble"
 python -m training.export "$OUT/runs/sd-h" "$OUT/runs/mgc-a" --out "$OUT/ensemble" \

@@ -86,8 +86,8 @@ def choose(scores: list[dict]) -> dict:
 @click.option("--model-dir", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
               help="A folder written by training.prepare; its validation split is scored.")
-@click.option("-d", "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
-              help="As process.py's: gpu = CUDA; auto = CUDA when available, else CPU.")
+@click.option("-d", "--device", type=click.Choice(["auto", "cpu", "cuda", "gpu"]), default="auto",
+              help="As process.py's: gpu (or cuda) = CUDA; auto = CUDA when available, else CPU.")
 @click.option("--tta/--no-tta", default=False, help="As process.py's: horizontal-flip test-time augmentation.")
 @click.option("--precision", default="auto", type=click.Choice(["auto", "bf16", "fp32"]),
               help="As process.py's (auto: bf16 on CUDA for SAM ViT encoders, else fp32).")
