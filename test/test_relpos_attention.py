@@ -132,3 +132,11 @@ def test_autotuned_kernel_keeps_its_choice_across_processes():
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         assert tuned.cache_results
     assert kernel(tuned=False) is not tuned and kernel(tuned=True) is tuned
+
+
+def test_tile_kernel_is_autotuned_per_shape():
+    from model.encoders.relpos_attention import kernel
+
+    tuned = kernel(tuned=True, shape="tile")
+    assert tuned is not kernel(tuned=True, shape="rows") and tuned.keys == ["HEADS", "GH", "GW", "D"]
+    assert {c.kwargs["BLOCK_M"] for c in tuned.configs} == {32, 64}

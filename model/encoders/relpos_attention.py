@@ -96,7 +96,7 @@ def kernel(tuned: bool = True, shape: str = "rows"):
                        for bm in (64, 128) for w, s in ((4, 2), (4, 3), (8, 3))]
         else:  # no loop to pipeline; the logits tile is BLOCK_M x NP (not yet measured on a GPU)
             configs = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
-                       for bm in (16, 32, 64) for w in (4, 8)]
+                       for bm, w in ((32, 4), (64, 4), (64, 8))]
         # the chosen config is kept in Triton's cache (TRITON_CACHE_DIR) where this Triton can: autotuning
         # took about 14 s at the first call of every process
         keep = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
