@@ -345,11 +345,14 @@ class PACEWriter(_Writer):
             path = self.out / "segmentation" / f"{case.name}_mask.png"
             write_png(path, (pred.mask > 0).astype(np.uint8) * 255)
             case.outputs.append(path)
-            logits = getattr(pred, "extra", {}).get("logits")
-            if logits is not None:  # training.predict --logits: for training.evaluate's segmentation BCE
-                path = self.out / LOGITS_DIR / f"{case.name}.npy"
+            # training.predict --logits: for training.evaluate's segmentation BCE (not kept in memory after)
+            logits = getattr(pred, "extra", {}).pop("logits", None)
+            path = self.out / LOGITS_DIR / f"{case.name}.npy"
+            if logits is not None:
                 write_npy(path, logits)
                 case.outputs.append(path)
+            else:  # an earlier run's logits must not be scored against this run's masks
+                path.unlink(missing_ok=True)
         super().write_case(case, image, pred)
 
     def finish(self, cases: list[Case]) -> None:

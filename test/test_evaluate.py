@@ -253,7 +253,7 @@ def test_logits_give_the_segmentation_bce(tiny_dataset, tmp_path):
                                       str(tmp_path / "pred"), "-d", "cpu", "--logits"])
     assert res.exit_code == 0, res.output
     bces = []
-    for r in load_records(tiny_dataset, "val"):
+    for r in load_records(tiny_dataset, "val"):  # in the split's order, as evaluate scores them
         logits = np.load(tmp_path / "pred" / "logits" / f"{r.image_id}.npy", allow_pickle=False)
         mask = np.asarray(read_image(tmp_path / "pred" / "segmentation" / f"{r.image_id}_mask.png").array) > 0
         gt = np.asarray(read_image(r.mask_path).array) > 0
@@ -263,6 +263,25 @@ def test_logits_give_the_segmentation_bce(tiny_dataset, tmp_path):
         bces.append(M.segmentation_bce(gt, 1 / (1 + np.exp(-logits.astype(np.float64)))))
     with_maps = E.evaluate_predictions(tmp_path / "pred", tiny_dataset, "val", n_boot=10)
     assert with_maps["seg_bce"] == pytest.approx(np.mean(bces), rel=1e-9) and with_maps["seg_bce"] > 0
+    assert with_maps["missing"]["probability_maps"] == [] and not with_maps["problems"]
+    # a lost and a mis-shaped logits file: each scored as an empty prediction (the container's 1e-6), listed
+    recs = load_records(tiny_dataset, "val")
+    lesion = [r for r in recs if (np.asarray(read_image(r.mask_path).array) > 0).any()]
+    lost, bad = lesion[0], lesion[1]
+    (tmp_path / "pred" / "logits" / f"{lost.image_id}.npy").unlink()
+    np.save(tmp_path / "pred" / "logits" / f"{bad.image_id}.npy", np.zeros((3, 3), np.float16))
+    broken = E.evaluate_predictions(tmp_path / "pred", tiny_dataset, "val", n_boot=10)
+    assert broken["missing"]["probability_maps"] == sorted([lost.image_id, bad.image_id], key=[r.image_id for r in recs].index)
+    assert any(p["image_id"] == bad.image_id and "shape" in p["problem"] for p in broken["problems"])
+    fail = {r.image_id: M.segmentation_bce(np.asarray(read_image(r.mask_path).array) > 0,
+                                           np.full(np.asarray(read_image(r.mask_path).array).shape, 1e-6))
+            for r in (lost, bad)}
+    expect = [fail.get(r.image_id, b) for r, b in zip(recs, bces)]
+    assert broken["seg_bce"] == pytest.approx(np.mean(expect), rel=1e-9) and broken["seg_bce"] > with_maps["seg_bce"]
+    # predicting again without --logits into the same folder removes the old logits: never scored against new masks
+    res = CliRunner().invoke(P.main, ["--model-dir", str(ens), "--data", str(tiny_dataset), "--out",
+                                      str(tmp_path / "pred"), "-d", "cpu"])
+    assert res.exit_code == 0 and not list((tmp_path / "pred" / "logits").glob("*.npy"))
     res = CliRunner().invoke(P.main, ["--model-dir", str(ens), "--data", str(tiny_dataset), "--out",
                                       str(tmp_path / "plain"), "-d", "cpu"])
     assert res.exit_code == 0 and not (tmp_path / "plain" / "logits").exists()

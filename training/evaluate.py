@@ -229,6 +229,9 @@ def read_grand_challenge(pred_dir: Path | str) -> tuple[dict[str, dict], list[di
 # Evaluation
 # --------------------------------------------------------------------------------------------
 
+FAILED_PROBABILITY = 1e-6  # a case without its map: the container's empty prediction (its clamp)
+
+
 class ProbabilityMaps(Mapping):
     """Lesion probabilities from a folder of ``<id>.npy`` logits, read when asked for (no pickle)."""
 
@@ -241,7 +244,7 @@ class ProbabilityMaps(Mapping):
             raise KeyError(cid)
         try:
             logits = np.load(path, allow_pickle=False).astype(np.float64)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError) as exc:
             raise ValueError(f"{path}: not readable lesion logits ({exc})") from None
         return 1.0 / (1.0 + np.exp(-logits))
 
@@ -292,15 +295,30 @@ def evaluate_predictions(pred_dir: Path | str, data_dir: Path | str, split: str 
         masks[cid] = m
     default_spacing = Counter(spacings.values()).most_common(1)[0][0] if spacings else (1.0, 1.0)
 
-    cases = []
+    cases, missing_maps = [], []
     for r in truth:
         cid = r["image_id"]
         p = preds.get(cid, {})
+        bce = None
+        if prob_maps is not None:  # one map at a time; a missing or bad one scores as an empty prediction
+            try:
+                prob = prob_maps.get(cid)
+                if prob is not None and prob.shape != gts[cid].shape:
+                    problems.append({"image_id": cid, "problem": f"probability map shape {prob.shape} != ground "
+                                                                 f"truth {gts[cid].shape}; scored as missing"})
+                    prob = None
+            except ValueError as exc:
+                problems.append({"image_id": cid, "problem": f"{exc}; scored as missing"})
+                prob = None
+            if prob is None:
+                missing_maps.append(cid)
+                prob = np.full(gts[cid].shape, FAILED_PROBABILITY)
+            bce = M.segmentation_bce(gts[cid], prob)
         cases.append(M.Case(image_id=cid, label=r["label"], gt=gts[cid], pred=masks.get(cid),
                             probabilities=p.get("probabilities"), pred_label=p.get("label"),
                             source=r.get("source", ""),
                             spacing=spacings.get(cid, default_spacing) if layout == "grand-challenge" else None,
-                            prob_map=(prob_maps or {}).get(cid)))
+                            seg_bce=bce))
     res = M.evaluate_cases(cases, tau=tau, n_boot=n_boot, seed=seed)
     res["missing"] = {
         "cases": [c for c in eval_ids if c not in preds],
@@ -308,6 +326,8 @@ def evaluate_predictions(pred_dir: Path | str, data_dir: Path | str, split: str 
         "labels": [c for c in eval_ids if preds.get(c, {}).get("label") is None],
         "probabilities": [c for c in eval_ids if preds.get(c, {}).get("probabilities") is None],
     }
+    if prob_maps is not None:
+        res["missing"]["probability_maps"] = missing_maps
     res["extra"] = sorted(c for c in preds if c not in all_ids)
     res["out_of_split"] = sorted(c for c in preds if c in all_ids and c not in set(eval_ids))
     res["problems"] = problems
@@ -483,6 +503,8 @@ def render_report(res: dict) -> str:
               f"- no label, argmax of the probabilities used where present ({len(miss['labels'])}): "
               f"{_id_list(miss['labels'])}",
               f"- no probabilities ({len(miss['probabilities'])}): {_id_list(miss['probabilities'])}",
+              *([f"- no usable lesion logits, BCE of an empty prediction used ({len(miss['probability_maps'])}): "
+                 f"{_id_list(miss['probability_maps'])}"] if "probability_maps" in miss else []),
               f"- extra, not in the dataset ({len(res['extra'])}): {_id_list(res['extra'])}",
               f"- in the dataset but not in split {res['split']} ({len(res['out_of_split'])}): "
               f"{_id_list(res['out_of_split'], 10)}"]

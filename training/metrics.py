@@ -477,6 +477,7 @@ class Case:
     source: str = ""
     spacing: Sequence[float] | None = None  # (row, col)
     prob_map: np.ndarray | None = None
+    seg_bce: float | None = None  # already computed (training.evaluate: no full-size map kept per case)
 
 
 def _probs(p) -> np.ndarray | None:
@@ -509,7 +510,8 @@ def score_case(case: Case | Mapping, tau: float = 2.0) -> dict:
            "missing_mask": case.pred is None, "missing_probabilities": probs is None,
            "missing_label": pred_label < 0,
            "spacing": list(_spacing(case.spacing)) if case.spacing is not None else None,
-           "seg_bce": segmentation_bce(gt, case.prob_map) if case.prob_map is not None else float("nan")}
+           "seg_bce": segmentation_bce(gt, case.prob_map) if case.prob_map is not None
+           else float(case.seg_bce) if case.seg_bce is not None else float("nan")}
     out.update(seg)
     return out
 
