@@ -95,10 +95,11 @@ def main(device, batch_size, forms):
                         res[f"augment_{backend.lower()}_ms"] = round(ms, 3)
                     except Exception as exc:  # noqa: BLE001
                         res[f"augment_{backend.lower()}"] = f"no: {str(exc)[:200]}"
-        if cuda and name == "global":
+        if cuda and name in ("global", "window"):
             from model.encoders.relpos_attention import kernel
 
-            res["fused_best_config"] = str(getattr(kernel(), "best_config", None))
+            shape = "rows" if name == "global" else "tile"
+            res["fused_best_config"] = str(getattr(kernel(shape=shape), "best_config", None))
         out[name] = res
         print(json.dumps({name: res}), flush=True)
     print(json.dumps(out))

@@ -150,3 +150,22 @@ def test_tune_scores_what_process_py_predicts(tiny_dataset, tmp_path, tta):
         assert score["n_lesion"] == len(lesion) and score["n_normal"] == len(empty)
         assert score["dsc"] == pytest.approx(np.mean(lesion), abs=1e-9), (refine, opt)
         assert score["normal_empty_share"] == pytest.approx(np.mean(empty), abs=1e-9)
+
+
+def test_tune_cli_writes_its_choice_and_setup(tiny_dataset, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from training import tune
+
+    ens = make_test_ensemble(tmp_path / "ens")
+    res = CliRunner().invoke(tune.main, ["--model-dir", str(ens), "--data", str(tiny_dataset), "-d", "cpu", "--write"])
+    assert res.exit_code == 0, res.output
+    spec = json.loads((ens / "ensemble.json").read_text())
+    assert len(spec["postprocess_validation"]) == len(OPTIONS) * 3  # off, box blend 1.0, box blend 0.5
+    assert spec["postprocess_validation_setup"] == {"device": "cpu", "precision": "fp32", "tta": False,
+                                                    "runtime": Predictor.from_dir(ens, device="cpu").encoder_runtime}
+    chosen = json.loads(res.output.strip().splitlines()[-1].removeprefix("chosen: "))
+    assert {k: spec["postprocess"][k] for k in chosen} == chosen
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = CliRunner().invoke(tune.main, ["--model-dir", str(ens), "--data", str(tiny_dataset), "-d", "gpu"])
+    assert res.exit_code == 1 and "no CUDA GPU is available" in res.output and "Traceback" not in res.output

@@ -238,6 +238,9 @@ if __name__ == "__main__":
         cfg = make_config(encoder, "frozen", "unet-h" if features else "sd-h", "gap", encoder_weights=info)
         dev = resolve_device(device)
         net = PFSAMNet(cfg, encoder_checkpoint=ckpt).to(dev)
-        build_cache(net, load_records(data), cache_dir, view_list, dev, precision, batch_size, wanted)
+        try:
+            build_cache(net, load_records(data), cache_dir, view_list, dev, precision, batch_size, wanted)
+        except CacheError as exc:
+            raise click.ClickException(str(exc)) from None
 
     main()

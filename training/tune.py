@@ -25,6 +25,7 @@ import torch
 
 from model.checkpoint import ENSEMBLE_NAME
 from model.io import write_text
+from model.inference import InferenceError, load_predictor
 from model.predictor import Predictor
 from model.preprocessing import preprocess
 from model.refine import REFINE_ENCODERS
@@ -50,13 +51,17 @@ def score_options(predictor: Predictor, data: Path, batch: int = 8, refine_optio
     results = {(ri, oi): {"dice": [], "normal_empty": []}
                for ri in range(len(refine_options)) for oi in range(len(OPTIONS))}
     shipped = (predictor.refiner, dict(predictor.post))
+    refiners = []
+    for refine in refine_options:  # built once (each reads and hash-checks the decoder's weights)
+        predictor.set_refine(refine)
+        refiners.append(predictor.refiner)
     try:
         for s in range(0, len(records), batch):
             pairs = [load_pair(r) for r in records[s:s + batch]]
             pre = [preprocess(image, predictor.input_size, predictor.normalization) for image, _ in pairs]
             views = predictor.encode_views(torch.stack([x for x, _ in pre]))
-            for ri, refine in enumerate(refine_options):
-                predictor.set_refine(refine)
+            for ri, refiner in enumerate(refiners):
+                predictor.refiner = refiner
                 seg, cls = predictor.combine_views(views)
                 for j, (_, gt) in enumerate(pairs):
                     for oi, opt in enumerate(OPTIONS):
@@ -98,7 +103,10 @@ def main(model_dir, data, device, tta, precision, batch_size, limit, write):
     """Score the postprocess options on the validation split, as process.py would predict them, and
     pick them: refinement and largest component by the highest mean lesion Dice; gating on normal
     only where it empties more normal masks for less than 0.005 Dice."""
-    predictor = Predictor.from_dir(model_dir, device=device, precision=precision, batch_size=batch_size, tta=tta)
+    try:  # the container's loading path: a missing GPU or checkpoint is a message, not a traceback
+        predictor = load_predictor(model_dir, device=device, batch_size=batch_size, tta=tta, precision=precision)
+    except InferenceError as exc:
+        raise click.ClickException(str(exc)) from None
     scores = score_options(predictor, Path(data), batch_size, limit=limit)
     for s in scores:
         click.echo(json.dumps(s))
@@ -109,6 +117,8 @@ def main(model_dir, data, device, tta, precision, batch_size, limit, write):
         spec = json.loads(path.read_text())
         spec["postprocess"] = {**spec.get("postprocess", {}), **chosen}
         spec["postprocess_validation"] = scores
+        spec["postprocess_validation_setup"] = {"device": predictor.device.type, "precision": "bf16" if predictor.bf16
+                                                else "fp32", "runtime": predictor.encoder_runtime, "tta": predictor.tta}
         write_text(path, json.dumps(spec, indent=2) + "\n")
 
 

@@ -60,8 +60,8 @@ def relpos_tile_fwd(Q, K, V, EH, EW, O, qk_scale,
                     sehb, sehh, sehn, sehr, sewb, sewh, sewn, sewc,
                     HEADS: tl.constexpr, GH: tl.constexpr, GW: tl.constexpr, D: tl.constexpr,
                     NP: tl.constexpr, RP: tl.constexpr, BLOCK_M: tl.constexpr):
-    pid_m = tl.program_id(0)
-    z = tl.program_id(1)
+    z = tl.program_id(0)  # (window, head) on the first axis: batch x 25 windows x heads exceeds 65535 at
+    pid_m = tl.program_id(1)  # batch 219 on ViT-B, over CUDA's limit for the other axes
     b = z // HEADS
     h = z % HEADS
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -76,10 +76,11 @@ def relpos_tile_fwd(Q, K, V, EH, EW, O, qk_scale,
                  mask=rows[:, None] & (offs_r[None, :] < GH), other=0.0)
     ew = tl.load(EW + b * sewb + h * sewh + offs_m[:, None] * sewn + offs_r[None, :] * sewc,
                  mask=rows[:, None] & (offs_r[None, :] < GW), other=0.0)
-    onehot_row = (offs_r[:, None] == (offs_n // GW)[None, :]).to(q.dtype)
-    onehot_col = (offs_r[:, None] == (offs_n % GW)[None, :]).to(q.dtype)
-    terms = tl.dot(ew.to(q.dtype), onehot_col, tl.dot(eh.to(q.dtype), onehot_row))  # one fp32 tile
-    s = tl.dot(q, k) * qk_scale + terms * 1.4426950408889634
+    onehot_row = tl.where(offs_r[:, None] == (offs_n // GW)[None, :], 1.0, 0.0).to(q.dtype)
+    onehot_col = tl.where(offs_r[:, None] == (offs_n % GW)[None, :], 1.0, 0.0).to(q.dtype)
+    # one fp32 logits tile: the terms accumulate onto the scaled q k^T (natural log), then to base 2
+    s = tl.dot(q, k) * (qk_scale * 0.6931471805599453)
+    s = tl.dot(ew.to(q.dtype), onehot_col, tl.dot(eh.to(q.dtype), onehot_row, s)) * 1.4426950408889634
     s = tl.where(keys[None, :], s, float("-inf"))
     m = tl.max(s, 1)
     p = tl.math.exp2(s - m[:, None])
