@@ -54,6 +54,21 @@ def test_default_weights_are_small_safetensors():
     assert (DEFAULT_MODEL_DIR / "MODEL_CARD.md").is_file()
 
 
+def test_test_sh_expects_outputs_of_this_model():
+    """test.sh compares the container's outputs with test/expected_output.json, which records the
+    fingerprint of the model it was made with: any edit under model/weights/default (even
+    ensemble.json's validation scores) needs test/make_expected.sh, or CI's Docker check fails late."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from compare_output import model_fingerprint
+
+    expected = json.loads((Path(__file__).resolve().parent / "expected_output.json").read_text())
+    assert expected["model"]["kind"] == "default"
+    assert expected["model"]["fingerprint"] == model_fingerprint(DEFAULT_MODEL_DIR), "run test/make_expected.sh"
+
+
 @pytest.mark.slow
 @pytest.mark.real_data
 def test_default_model_meets_its_model_card_on_real_validation_images(shared_data, tmp_path):
