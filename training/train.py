@@ -415,7 +415,9 @@ def provenance(cfg: dict, data: Path, epoch: int, row: dict) -> dict:
 @click.option("--resume", is_flag=True, help="Continue from OUT/state.pt.")
 @click.option("--workers", default=0, help="DataLoader worker processes.")
 @click.option("--set", "sets", multiple=True, help="Any other config value, e.g. --set model.seg_head.channels=[64,32].")
-@click.option("--limit", type=int, default=None, hidden=True)
+@click.option("--limit", type=click.IntRange(1), default=None,
+              help="Only the first N training images and N/4 validation images (at least 2): smoke runs and "
+                   "benchmarks (bench/cache-speedup.sh).")
 def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, batch_size, lr, seed, device,
          precision, cache_dir, cache_build, resume, workers, sets, limit):
     """Train one variant of the model."""

@@ -97,7 +97,7 @@ def choose(scores: list[dict]) -> dict:
 @click.option("--precision", default="auto", type=click.Choice(["auto", "bf16", "fp32"]),
               help="As process.py's (auto: bf16 on CUDA for SAM ViT encoders, else fp32).")
 @click.option("--batch-size", default=8)
-@click.option("--limit", type=int, default=None, hidden=True, help="Score only the first N validation images.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Score only the first N validation images.")
 @click.option("--write", is_flag=True, help="Write the chosen options into ensemble.json.")
 def main(model_dir, data, device, tta, precision, batch_size, limit, write):
     """Score the postprocess options on the validation split, as process.py would predict them, and
