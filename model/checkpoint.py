@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from . import CLASS_NAMES
 from .encoders import get_spec
-from .encoders.weights import KNOWN_CHECKPOINTS, WeightsError, litemedsam_checkpoint, sha256_of, verify_checkpoint
+from .encoders.weights import WeightsError, how_to_get, litemedsam_checkpoint, sha256_of, verify_checkpoint
 from .io import atomic_path, write_text
 from .network import FORMAT_VERSION, PFSAMNet, validate_config
 
@@ -49,9 +49,9 @@ def locate_checkpoint(name: str, explicit: str | Path | None = None, model_dir: 
     for d in checkpoint_dirs(model_dir):
         if (d / name).is_file():
             return d / name
-    how = KNOWN_CHECKPOINTS.get(name, (None, "README.md, section 'Checkpoints'"))[1]
-    raise WeightsError(f"needs the encoder checkpoint {name}: download it ({how}) into {REPO_ROOT / 'checkpoints'}, "
-                       f"or set PFSAM_CHECKPOINT_DIR to its folder, or pass --encoder-checkpoint PATH")
+    raise WeightsError(f"needs the encoder checkpoint {name}: download it ({how_to_get(name)}) into "
+                       f"{REPO_ROOT / 'checkpoints'}, or set PFSAM_CHECKPOINT_DIR to its folder, "
+                       "or pass --encoder-checkpoint PATH")
 
 
 def resolve_encoder_checkpoint(encoder: str, checkpoint: str | Path | None = None, random: bool = False) -> Path | None:

@@ -24,7 +24,7 @@ from .checkpoint import encoder_key, load_model, read_config, read_ensemble
 from .encoders import get_spec
 from .network import PFSAMNet
 from .onnx_encoder import OnnxEncoder, OnnxUnavailable, onnx_encoder
-from .preprocessing import Geometry, full_size_logits, keep_largest_component, postprocess, preprocess
+from .preprocessing import Geometry, keep_largest_component, postprocess, postprocess_with_logits, preprocess
 from .refine import BoxRefiner
 from .toolchain import c_compiler
 
@@ -218,8 +218,7 @@ class Predictor:
         for v in ([x, x.flip(-1)] if self.tta else [x]):
             cache: dict[int, tuple] = {}
 
-            @torch.inference_mode()
-            def encoded(model, v=v, cache=cache):
+            def encoded(model, v=v, cache=cache):  # called inside combine (inference mode)
                 key = id(model.encoder)
                 if key not in cache:
                     with self._autocast():
@@ -272,8 +271,10 @@ class Predictor:
             keep = keep_largest_component((p > thr).numpy())
             p = torch.where(torch.from_numpy(keep), p, torch.full_like(p, 1e-6))
         logits = torch.log(p) - torch.log1p(-p)
-        extra = {"logits": full_size_logits(logits, geom)} if self.keep_logits else {}
-        return Prediction(postprocess(logits, geom, threshold=thr), probs, label, extra)
+        if self.keep_logits:  # one resize for the mask and the logits
+            mask, full = postprocess_with_logits(logits, geom, threshold=thr)
+            return Prediction(mask, probs, label, {"logits": full})
+        return Prediction(postprocess(logits, geom, threshold=thr), probs, label)
 
     def _forward_fitting(self, x: torch.Tensor, first_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward``, but a batch that runs out of GPU memory is retried in two halves (after

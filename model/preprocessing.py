@@ -163,15 +163,24 @@ def upsample_logits(logits: torch.Tensor, geom: Geometry) -> torch.Tensor:
     return x[..., :h, :w].reshape(*lead, h, w)
 
 
-def full_size_logits(logits: torch.Tensor, geom: Geometry) -> np.ndarray:
-    """Mask logits (R x R) -> float16 logits of geom.height x geom.width, resized as ``postprocess``
-    resizes them: its mask is where they exceed the threshold's logit, and their sigmoid is the
-    lesion probability. Logits rather than probabilities: float16 keeps their sign (the mask at
-    0.5) and both tails, where probabilities near 1 would round to 1. For evaluation (the
-    segmentation BCE): one full-size copy, no banding."""
+def _full_size(logits: torch.Tensor, geom: Geometry) -> torch.Tensor:
+    """Mask logits (R x R) -> float32 logits of exactly geom.height x geom.width (bilinear)."""
     crop = upsample_logits(logits, geom)[None, None]
-    full = F.interpolate(crop, size=(geom.height, geom.width), mode="bilinear", align_corners=False)
-    return full[0, 0].numpy().astype(np.float16)
+    return F.interpolate(crop, size=(geom.height, geom.width), mode="bilinear", align_corners=False)[0, 0]
+
+
+def _cut(threshold: float) -> float:
+    return math.log(threshold / (1 - threshold))
+
+
+def postprocess_with_logits(logits: torch.Tensor, geom: Geometry,
+                            threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """``postprocess``'s mask and, from the same resize, the float16 full-size logits it thresholds
+    (their sigmoid is the lesion probability). Logits rather than probabilities: float16 keeps their
+    sign (the mask at 0.5) and both tails, where probabilities near 1 would round to 1. For
+    evaluation (the segmentation BCE, ``training.predict --logits``): one full-size copy, no banding."""
+    full = _full_size(logits, geom)
+    return (full > _cut(threshold)).numpy().astype(np.uint8), full.numpy().astype(np.float16)
 
 
 def postprocess(logits: torch.Tensor, geom: Geometry, threshold: float = 0.5,
@@ -181,12 +190,11 @@ def postprocess(logits: torch.Tensor, geom: Geometry, threshold: float = 0.5,
     Large outputs are resized in horizontal bands of ``band_rows`` rows, so a 10000 x 10000 input
     never holds a full-size float copy.
     """
-    crop = upsample_logits(logits, geom)[None, None]  # 1,1,h,w
-    cut = math.log(threshold / (1 - threshold))
+    cut = _cut(threshold)
     H, W = geom.height, geom.width
     if H * W <= 2048 * 2048:
-        full = F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False)
-        return (full[0, 0] > cut).numpy().astype(np.uint8)
+        return (_full_size(logits, geom) > cut).numpy().astype(np.uint8)
+    crop = upsample_logits(logits, geom)[None, None]  # 1,1,h,w
     h = crop.shape[-2]
     cols = F.interpolate(crop, size=(h, W), mode="bilinear", align_corners=False)[0, 0]  # h x W
     out = np.empty((H, W), np.uint8)

@@ -112,12 +112,13 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
     image must be there), e.g. while another process is still filling the cache.
     """
     with_features = model.needs_features
-    key = cache_key(model, views, "bf16" if use_bf16(precision, device) else "fp32", with_features)
+    precision_name = "bf16" if use_bf16(precision, device) else "fp32"
+    key = cache_key(model, views, precision_name, with_features)
     root = Path(cache_dir) / key
     if not build and not (root / "meta.json").is_file():  # say so before creating anything
         others = sorted(p.parent.name for p in Path(cache_dir).glob("*/meta.json"))
         raise CacheError(f"{cache_dir}: no cache for this model (key {key}: encoder, weights, precision "
-                         f"{'bf16' if use_bf16(precision, device) else 'fp32'}, views, encoder code or preprocessing "
+                         f"{precision_name}, views, encoder code or preprocessing "
                          f"differ from the caches there: {', '.join(others) or 'none'}); "
                          "build it with training.cache or train without --no-cache-build")
     root.mkdir(parents=True, exist_ok=True)

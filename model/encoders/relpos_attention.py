@@ -122,13 +122,15 @@ def launch(q, k, v, eh, ew, scale: float, block_m: int | None = None) -> torch.T
     o = out.transpose(1, 2)
     fn = kernel(tuned=block_m is None, shape=shape)
     extra = {} if block_m is None else {"BLOCK_M": block_m}
-    if shape == "tile":
-        extra.update(NP=_next_pow2(n), RP=_next_pow2(max(gh, gw)))
     if shape == "rows":
-        grid = (lambda meta: (n // meta["BLOCK_M"], b * heads)) if block_m is None else (n // block_m, b * heads)
+        def grid(meta):
+            return n // meta["BLOCK_M"], b * heads
     else:  # (batch x heads, query blocks): see relpos_tile_fwd
-        grid = (lambda meta: (b * heads, -(-n // meta["BLOCK_M"]))) if block_m is None else (b * heads, -(-n // block_m))
-    fn[grid](q, k, v, eh, ew, o, scale * LOG2E,
+        extra.update(NP=_next_pow2(n), RP=_next_pow2(max(gh, gw)))
+
+        def grid(meta):
+            return b * heads, -(-n // meta["BLOCK_M"])
+    fn[grid if block_m is None else grid({"BLOCK_M": block_m})](q, k, v, eh, ew, o, scale * LOG2E,
              *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *eh.stride(), *ew.stride(),
              HEADS=heads, GH=gh, GW=gw, D=d, **extra)
     return out

@@ -32,6 +32,11 @@ class WeightsError(RuntimeError):
     """A checkpoint is missing, fails verification or does not fit the encoder."""
 
 
+def how_to_get(name: str) -> str:
+    """Where the checkpoint file ``name`` comes from (its URL or package), for error messages."""
+    return KNOWN_CHECKPOINTS.get(name, (None, "see README.md, section 'Checkpoints'"))[1]
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -48,8 +53,7 @@ def verify_checkpoint(path: Path, sha256: str | None = None) -> str:
     """
     path = Path(path)
     if not path.is_file():
-        hint = KNOWN_CHECKPOINTS.get(path.name, (None, "see README.md, section 'Checkpoints'"))[1]
-        raise WeightsError(f"{path}: checkpoint not found; get it with: {hint}")
+        raise WeightsError(f"{path}: checkpoint not found; get it with: {how_to_get(path.name)}")
     expected = sha256 or KNOWN_CHECKPOINTS.get(path.name, (None, None))[0]
     actual = sha256_of(path)
     if expected and actual != expected.lower():
