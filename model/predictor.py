@@ -74,7 +74,7 @@ class GPUOutOfMemoryError(RuntimeError):
     """Even a single image does not fit in the GPU's free memory; the message says what to do."""
 
 
-def _free_gpu_memory() -> None:
+def free_gpu_memory() -> None:
     import gc
 
     gc.collect()  # tensors of the failed pass may still be referenced from its traceback's frames
@@ -286,7 +286,7 @@ class Predictor:
             return self.forward(x)
         except torch.cuda.OutOfMemoryError:
             pass  # handled below, outside the except block, so the failed pass's tensors can be freed
-        _free_gpu_memory()
+        free_gpu_memory()
         if n == 1:
             raise GPUOutOfMemoryError(
                 f"out of GPU memory at batch size {first_size} (retried in halves down to single images, "

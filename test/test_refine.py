@@ -169,3 +169,37 @@ def test_tune_cli_writes_its_choice_and_setup(tiny_dataset, tmp_path, monkeypatc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     res = CliRunner().invoke(tune.main, ["--model-dir", str(ens), "--data", str(tiny_dataset), "-d", "gpu"])
     assert res.exit_code == 1 and "no CUDA GPU is available" in res.output and "Traceback" not in res.output
+
+
+def test_tune_retries_a_batch_that_runs_out_of_gpu_memory_in_halves(tiny_dataset, tmp_path, monkeypatch):
+    """As process.py: an out-of-memory batch (simulated on the CPU) is scored in halves, with the same
+    scores as batches that fit; a single image that does not fit is a clear error."""
+    from click.testing import CliRunner
+
+    from training import tune
+
+    ens = make_test_ensemble(tmp_path / "ens")
+    box = {"type": "box", "margin": 5, "blend": 0.5}
+    pred = Predictor.from_dir(ens, device="cpu")
+    single = score_options(pred, tiny_dataset, batch=1, refine_options=[None, box])
+    real, calls = Predictor.encode_views, []
+
+    def encode_views(self, x):
+        calls.append(int(x.shape[0]))
+        if x.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, x)
+
+    monkeypatch.setattr(Predictor, "encode_views", encode_views)
+    n = len(load_records(tiny_dataset, "val"))
+    assert n >= 3
+    retried = score_options(pred, tiny_dataset, batch=n, refine_options=[None, box])
+    assert calls[0] == n and calls.count(1) == n  # halved down to single images, each scored once
+    assert [s["n_lesion"] for s in retried] == [s["n_lesion"] for s in single]
+    for a, b in zip(retried, single):
+        assert a["dsc"] == pytest.approx(b["dsc"], abs=1e-9) and a["normal_empty_share"] == b["normal_empty_share"]
+    monkeypatch.setattr(Predictor, "encode_views",
+                        lambda self, x: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("simulated")))
+    res = CliRunner().invoke(tune.main, ["--model-dir", str(ens), "--data", str(tiny_dataset), "-d", "cpu",
+                                         "--batch-size", "2"])
+    assert res.exit_code == 1 and "out of GPU memory at batch size 2" in res.output and "Traceback" not in res.output

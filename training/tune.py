@@ -26,7 +26,7 @@ import torch
 from model.checkpoint import ENSEMBLE_NAME
 from model.io import write_text
 from model.inference import InferenceError, load_predictor
-from model.predictor import Predictor
+from model.predictor import GPUOutOfMemoryError, Predictor, free_gpu_memory
 from model.preprocessing import preprocess
 from model.refine import REFINE_ENCODERS
 
@@ -58,15 +58,11 @@ def score_options(predictor: Predictor, data: Path, batch: int = 8, refine_optio
     try:
         for s in range(0, len(records), batch):
             pairs = [load_pair(r) for r in records[s:s + batch]]
-            pre = [preprocess(image, predictor.input_size, predictor.normalization) for image, _ in pairs]
-            views = predictor.encode_views(torch.stack([x for x, _ in pre]))
-            for ri, refiner in enumerate(refiners):
-                predictor.refiner = refiner
-                seg, cls = predictor.combine_views(views)
-                for j, (_, gt) in enumerate(pairs):
+            for (image, gt), outputs in zip(pairs, _combined(predictor, refiners, [image for image, _ in pairs])):
+                for ri, (seg, cls, geom) in enumerate(outputs):
                     for oi, opt in enumerate(OPTIONS):
                         predictor.post = {**shipped[1], **opt}
-                        pred = predictor.finish(seg[j], cls[j], pre[j][1])
+                        pred = predictor.finish(seg, cls, geom)
                         if gt.any():
                             results[ri, oi]["dice"].append(dice(gt, pred.mask))
                         else:
@@ -76,6 +72,31 @@ def score_options(predictor: Predictor, data: Path, batch: int = 8, refine_optio
     return [{"refine": refine_options[ri], **OPTIONS[oi], "dsc": float(np.mean(r["dice"])) if r["dice"] else float("nan"),
              "normal_empty_share": float(np.mean(r["normal_empty"])) if r["normal_empty"] else float("nan"),
              "n_lesion": len(r["dice"]), "n_normal": len(r["normal_empty"])} for (ri, oi), r in results.items()]
+
+
+def _combined(predictor: Predictor, refiners: list, images: list, first_size: int | None = None) -> list:
+    """Per image, (mask probabilities, class probabilities, geometry) under each refiner, from one
+    encoder pass over the batch. A batch that runs out of GPU memory is retried in two halves, down
+    to single images, as ``process.py`` does (``Predictor._forward_fitting``)."""
+    first_size = first_size or len(images)
+    try:
+        pre = [preprocess(image, predictor.input_size, predictor.normalization) for image in images]
+        views = predictor.encode_views(torch.stack([x for x, _ in pre]))
+        per_refiner = []
+        for refiner in refiners:
+            predictor.refiner = refiner
+            per_refiner.append(predictor.combine_views(views))
+        return [[(seg[j], cls[j], pre[j][1]) for seg, cls in per_refiner] for j in range(len(images))]
+    except torch.cuda.OutOfMemoryError:
+        pass  # handled outside the except block, so the failed pass's tensors can be freed
+    views = per_refiner = None
+    free_gpu_memory()
+    if len(images) == 1:
+        raise GPUOutOfMemoryError(f"out of GPU memory at batch size {first_size} (retried in halves down to "
+                                  "single images, which did not fit either); use --batch-size 1 or -d cpu")
+    half = (len(images) + 1) // 2
+    return (_combined(predictor, refiners, images[:half], first_size)
+            + _combined(predictor, refiners, images[half:], first_size))
 
 
 def choose(scores: list[dict]) -> dict:
@@ -107,7 +128,10 @@ def main(model_dir, data, device, tta, precision, batch_size, limit, write):
         predictor = load_predictor(model_dir, device=device, batch_size=batch_size, tta=tta, precision=precision)
     except InferenceError as exc:
         raise click.ClickException(str(exc)) from None
-    scores = score_options(predictor, Path(data), batch_size, limit=limit)
+    try:
+        scores = score_options(predictor, Path(data), batch_size, limit=limit)
+    except GPUOutOfMemoryError as exc:
+        raise click.ClickException(str(exc)) from None
     for s in scores:
         click.echo(json.dumps(s))
     chosen = choose(scores)
