@@ -59,6 +59,18 @@ def test_curriculum_phases_follow_the_paper():
     assert phases[:20] == ["gt"] * 20 and phases[20:40] == ["mixed"] * 20 and phases[40:] == ["pred"] * 20
 
 
+@pytest.mark.parametrize("epochs, counts", [(30, (10, 10, 10)), (3, (1, 1, 1)), (120, (40, 40, 40)), (12, (4, 4, 4))])
+def test_curriculum_scales_with_an_epoch_override(epochs, counts):
+    """--epochs keeps every phase's share of the run (else 30 epochs would never train on predicted masks)."""
+    cfg = load_config(REPO / "training" / "configs" / "mgc-a.yaml", {"epochs": epochs})
+    phases = [curriculum_phase(cfg, e) for e in range(1, epochs + 1)]
+    assert tuple(phases.count(p) for p in ("gt", "mixed", "pred")) == counts
+    assert cfg["curriculum"]["p_gt"] == 0.5
+    own = load_config(REPO / "training" / "configs" / "mgc-a.yaml",
+                      {"epochs": 30, "curriculum.gt_until": 25})  # an explicit curriculum is kept as given
+    assert own["curriculum"] == {"gt_until": 25, "mixed_until": 40, "p_gt": 0.5}
+
+
 def test_epoch_plan_is_seeded_and_class_weighted(tiny_dataset):
     cfg = tiny_cfg("mgc-a")
     recs = load_records(tiny_dataset, "train")
@@ -231,3 +243,19 @@ def test_torchrun_two_processes_on_cpu(tiny_dataset, tmp_path):
     rec = load_records(tiny_dataset)[0]
     out = pred.predict_one(read_image(rec.image_path).array)
     assert out.mask.shape == read_image(rec.image_path).array.shape[:2] and (run / "state.pt").is_file()
+
+
+def test_train_cli_says_when_no_epoch_had_a_defined_selection_metric(tmp_path, monkeypatch):
+    """A run whose selection metric was NaN in every epoch (AUC on a one-class validation split)
+    wrote no best/: the CLI says so and names last/, instead of 'best val_auc=-inf at epoch 0'."""
+    from click.testing import CliRunner
+
+    from training import train as train_mod
+
+    monkeypatch.setattr(train_mod, "train", lambda *a, **k: {"best": {"epoch": 0, "value": -float("inf"),
+                                                                      "metric": "val_auc"}, "history": []})
+    res = CliRunner().invoke(train_mod.main, ["--config", str(REPO / "training" / "configs" / "mgc-a.yaml"),
+                                              "--data", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert "val_auc was undefined in every epoch" in res.output and "run/last" in res.output
+    assert "-inf" not in res.output

@@ -1,8 +1,9 @@
 """The paper's loss: 0.6 * (BCE + Dice) on the mask + 0.4 * cross-entropy on the class.
 
 Dice is the soft Dice per image, ``1 - (2 sum(p g) + eps) / (sum(p) + sum(g) + eps)`` with
-eps = 1e-6, averaged over the batch; on a normal image (empty ground truth) it is ~1 unless the
-predicted mask is empty too, which pushes predictions on normal images towards empty.
+eps = 1e-6, averaged over the batch. On a normal image (empty ground truth) it is
+``1 - eps / (sum(p) + eps)``: about 1 and nearly flat for any soft prediction (its gradient is
+about eps / sum(p)^2), so there BCE alone pushes the prediction towards empty.
 """
 from __future__ import annotations
 

@@ -51,7 +51,11 @@ class NonFiniteLoss(RuntimeError):
 
 # ----------------------------------------------------------------------------------------- config
 def load_config(path: str | Path, overrides: dict) -> dict:
+    """The config file with ``overrides`` (dotted keys; None = keep) applied. When the number of
+    epochs is overridden and the curriculum is not, the curriculum's boundaries are scaled with it
+    (the paper's 20/40 of 60 epochs become 10/20 of 30), so every phase keeps its share of the run."""
     cfg = yaml.safe_load(Path(path).read_text())
+    file_epochs = cfg.get("epochs")
     for key, value in overrides.items():
         if value is None:
             continue
@@ -60,6 +64,11 @@ def load_config(path: str | Path, overrides: dict) -> dict:
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
+    curriculum_set = any(k.split(".")[0] == "curriculum" and v is not None for k, v in overrides.items())
+    if "curriculum" in cfg and file_epochs and not curriculum_set and int(cfg["epochs"]) != int(file_epochs):
+        scale = int(cfg["epochs"]) / int(file_epochs)
+        cfg["curriculum"] = {**cfg["curriculum"], **{k: int(cfg["curriculum"][k] * scale + 0.5)
+                                                      for k in ("gt_until", "mixed_until")}}
     return cfg
 
 
@@ -437,6 +446,10 @@ def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, ba
     except (WeightsError, CacheError) as exc:  # a missing checkpoint or cache: the message says what to do
         raise click.ClickException(str(exc)) from None
     best = result["best"]
+    if best["epoch"] == 0:  # e.g. AUC on a validation split with one class (smoke runs with --limit)
+        click.echo(f"done: {best['metric']} was undefined in every epoch, so no best/ was written; "
+                   f"the last epoch's model is in {out}/last (training.export … --which last)", err=True)
+        return
     click.echo(f"done: best {best['metric']}={best['value']:.4f} at epoch {best['epoch']}; model in {out}/best")
 
 
