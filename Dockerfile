@@ -1,4 +1,4 @@
-# PF-SAM BUS inference container (Grand Challenge algorithm; also runs the PACE output format).
+# PF-SAM BUS inference container (Grand Challenge algorithm; also the PACE template's `python main.py`).
 #
 #   ./build.sh                                   # BASE_IMAGE defaults to the official CUDA PyTorch runtime
 #   BASE_IMAGE=local/python-torch-cpu:3.11 ./build.sh
@@ -16,8 +16,8 @@ ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 # non-root user.
 FROM ${BASE_IMAGE} AS app
 COPY model/ /src/model/
-COPY process.py /src/
-RUN chmod -R u=rwX,go=rX /src
+COPY process.py main.py docker-entrypoint.sh /src/
+RUN chmod -R u=rwX,go=rX /src && chmod a+x /src/docker-entrypoint.sh
 
 FROM ${BASE_IMAGE}
 
@@ -60,7 +60,7 @@ COPY --from=app /src/ /opt/app/
 # Fail the build early if the code does not import or the encoder weights are missing; precompile
 # (the container runs on a read-only file system).
 RUN python3 -c "import model.inference, model.encoders.weights as w; p = w.litemedsam_checkpoint(); assert p.is_file(), p; print('encoder weights:', p)" \
-    && python3 -m compileall -q /opt/app/model /opt/app/process.py \
+    && python3 -m compileall -q /opt/app/model /opt/app/process.py /opt/app/main.py \
     && if [ -f /opt/app/model/weights/default/ensemble.json ]; then echo "default ensemble baked in"; \
        else echo "WARNING: no model/weights/default/ensemble.json: the image needs a model at /opt/ml/model"; fi
 
@@ -73,4 +73,6 @@ RUN mkdir -p "${PFSAM_CACHE}" \
 
 USER ${USER_UID}:${USER_GID}
 
-ENTRYPOINT ["python3", "/opt/app/process.py"]
+# No arguments or options first: process.py (Grand Challenge; `docker run IMAGE -i /input --format pace`).
+# A command first: that command, as the PACE template runs `python main.py -i /input -o /output -t seg -d gpu`.
+ENTRYPOINT ["/opt/app/docker-entrypoint.sh"]

@@ -6,7 +6,8 @@ writes ``/output``.
 
 \b
   python process.py                                  # Grand Challenge: /input -> /output
-  python process.py -i images/ -o out/ --format pace # PACE layout
+  python process.py -i images/ -o out/ --format pace # PACE layout (main.py: the PACE template's entry)
+  python process.py -i val/ -o sub/ --format codabench # PACE validation phase: upload sub/submission.zip
   python process.py -i images/ -o demo/ --overlay    # plus one overlay PNG per image
 
 \b
@@ -14,8 +15,9 @@ Outputs (details in model/inference.py):
   gc   : images/breast-lesion-segmentation/<name>.mha, results.json, and with exactly one
          input breast-lesion-classification.json and malignancy-likelihood.json
   pace : segmentation/<name>_mask.png, classification/predictions.csv, classification/probabilities.csv
-  both : errors.csv (file,reason) when some case failed; overlays/<name>.png with --overlay
-         (off by default in both formats: challenge graders expect only their own files)
+  codabench : segmentation/<name>_mask.png, classification.csv, and submission.zip holding both
+  all  : errors.csv (file,reason) when some case failed; overlays/<name>.png with --overlay
+         (off by default in every format: challenge graders expect only their own files)
 <name> is the input's file stem; inputs whose names collide get distinct names
 (a.jpg -> a, a.png -> a_png; x/a.png -> a, y/a.png -> y_a).
 
@@ -43,7 +45,8 @@ from model.inference import FORMATS, TASKS, InferenceError, find_inputs, load_pr
 @click.option("-d", "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
               help="gpu = CUDA; auto = CUDA when available, else CPU.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="gc", show_default=True,
-              help="gc: Grand Challenge outputs; pace: PACE challenge outputs.")
+              help="gc: Grand Challenge outputs; pace: PACE challenge outputs (the template's layout); "
+                   "codabench: PACE's validation-phase upload (submission.zip).")
 @click.option("--model-dir", type=click.Path(path_type=Path), default=None,
               help="Ensemble folder [default: /opt/ml/model if it holds an ensemble.json, else model/weights/default].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)

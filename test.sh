@@ -2,8 +2,9 @@
 # Build the image, run it the way Grand Challenge does (no network, no capabilities, read-only root,
 # non-root user, 4 GB memory) on the fixtures in test/input, and compare the outputs with
 # test/expected_output.json (test/compare_output.py: masks exactly, probabilities within 1e-3).
-# Two runs: "all" (every fixture at once) and "single" (one .mha, as in a real Grand Challenge job,
-# which adds breast-lesion-classification.json and malignancy-likelihood.json).
+# Three runs: "all" (every fixture at once), "single" (one .mha, as in a real Grand Challenge job,
+# which adds breast-lesion-classification.json and malignancy-likelihood.json) and "pace" (the PACE
+# template's `python main.py ...` command: the same masks and labels as "all", in the PACE layout).
 #
 # The model: the baked-in model/weights/default when it exists; otherwise (or with TEST_MODEL=random)
 # the deterministic untrained test ensemble (test/make_test_model.py), mounted read-only at
@@ -33,7 +34,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/pfsam-test.XXXXXX")"
-cleanup() { rm -rf "$WORK" 2>/dev/null || docker run --rm -v "$WORK":/w --entrypoint rm "$IMAGE" -rf /w/out-all /w/out-single || true; rm -rf "$WORK" 2>/dev/null || true; }
+cleanup() { rm -rf "$WORK" 2>/dev/null || docker run --rm -v "$WORK":/w --entrypoint rm "$IMAGE" -rf /w/out-all /w/out-single /w/out-pace || true; rm -rf "$WORK" 2>/dev/null || true; }
 trap cleanup EXIT
 
 model_args=()
@@ -87,6 +88,24 @@ for run in all single; do
   "$PYTHON" "$HERE/test/compare_output.py" compare --run "$run" --output "$out" --input "$in_dir" \
       --model-dir "$MODEL_DIR" --expected "$HERE/test/expected_output.json" || status=1
 done
+
+# Run 'pace': the PACE template's command line (`python main.py -i /input -o /output -t ... -d ...`,
+# -d cpu here: no GPU), through the same entry point; its masks and labels must be run 'all''s.
+out="$WORK/out-pace"
+mkdir -p "$out"
+chmod 777 "$out"
+echo "test.sh: run 'pace': docker run $IMAGE python main.py -i /input -o /output -t all -d cpu"
+rc=0
+docker run --rm --network none --cap-drop ALL --security-opt no-new-privileges \
+  --memory "$MEMORY" --memory-swap "$MEMORY" --pids-limit 256 --shm-size 128m --read-only --tmpfs /tmp \
+  --user "$CONTAINER_USER" -v "$WORK/input-all":/input:ro -v "$out":/output ${model_args[@]+"${model_args[@]}"} \
+  "$IMAGE" python main.py -i /input -o /output -t all -d cpu --no-progress || rc=$?
+if [ "$rc" != 0 ]; then
+  echo "FAIL [pace]: the container exited with status $rc"
+  status=1
+else
+  "$PYTHON" "$HERE/test/compare_output.py" pace --output "$out" --gc "$WORK/out-all" || status=1
+fi
 
 if [ "$status" = 0 ]; then
   echo "test.sh: PASS"

@@ -21,7 +21,13 @@ Output formats
     OUT/classification/predictions.csv                 image_id,label   (Normal|Benign|Malignant)
     OUT/classification/probabilities.csv               image_id,normal,benign,malignant
 
-Both: ``OUT/errors.csv`` (``file,reason``; only when some case failed, a stale one is removed) and,
+``codabench`` (PACE's validation phase on Codabench: the upload is ``submission.zip``)::
+
+    OUT/segmentation/<name>_mask.png                   as ``pace``
+    OUT/classification.csv                             image_id,label   (Normal|Benign|Malignant)
+    OUT/submission.zip                                 classification.csv and segmentation/, nothing else
+
+All: ``OUT/errors.csv`` (``file,reason``; only when some case failed, a stale one is removed) and,
 with ``overlay=True``, ``OUT/overlays/<name>.png`` (the image, the lesion contour in red, the label
 and its probability). Task ``seg`` writes only the segmentation outputs, ``cls`` only the
 classification outputs.
@@ -52,10 +58,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import CLASS_NAMES
-from .io import ImageReadError, LoadedImage, list_images, read_image, write_mha, write_npy, write_png, write_text
+from .io import (ImageReadError, LoadedImage, list_images, read_image, write_mha, write_npy, write_png, write_text,
+                 write_zip)
 
 TASKS = ("all", "seg", "cls")
-FORMATS = ("gc", "pace")
+FORMATS = ("gc", "pace", "codabench")
 LOGITS_DIR = "logits"  # PACE layout, training.predict --logits: <name>.npy, float16 lesion logits at full size
 GC_SEGMENTATION_SLUG = "breast-lesion-segmentation"
 GC_CLASSIFICATION_FILE = "breast-lesion-classification.json"
@@ -355,18 +362,39 @@ class PACEWriter(_Writer):
                 path.unlink(missing_ok=True)
         super().write_case(case, image, pred)
 
+    @staticmethod
+    def labels_csv(cases: list[Case]) -> str:
+        return _csv_text(("image_id", "label"), [(c.name, c.prediction.label.capitalize()) for c in cases if c.ok])
+
     def finish(self, cases: list[Case]) -> None:
         if self.cls:
-            ok = [c for c in cases if c.ok]
-            labels = [(c.name, c.prediction.label.capitalize()) for c in ok]
-            probs = [(c.name, *(f"{float(c.prediction.probabilities[k]):.6f}" for k in CLASS_NAMES)) for c in ok]
-            write_text(self.out / "classification" / "predictions.csv", _csv_text(("image_id", "label"), labels))
+            probs = [(c.name, *(f"{float(c.prediction.probabilities[k]):.6f}" for k in CLASS_NAMES))
+                     for c in cases if c.ok]
+            write_text(self.out / "classification" / "predictions.csv", self.labels_csv(cases))
             write_text(self.out / "classification" / "probabilities.csv",
                        _csv_text(("image_id", *CLASS_NAMES), probs))
-        super().finish(cases)
+        _Writer.finish(self, cases)
 
 
-WRITERS = {"gc": GCWriter, "pace": PACEWriter}
+class CodabenchWriter(PACEWriter):
+    """PACE's validation-phase upload: ``classification.csv`` beside ``segmentation/``, and both in
+    ``submission.zip`` (entries in sorted order with a fixed date: the same predictions give the
+    same bytes)."""
+
+    def finish(self, cases: list[Case]) -> None:
+        members = {}
+        if self.cls:
+            write_text(self.out / "classification.csv", self.labels_csv(cases))
+            members["classification.csv"] = self.out / "classification.csv"
+        if self.seg:
+            for c in cases:
+                if c.ok:
+                    members[f"segmentation/{c.name}_mask.png"] = self.out / "segmentation" / f"{c.name}_mask.png"
+        write_zip(self.out / "submission.zip", members)
+        _Writer.finish(self, cases)
+
+
+WRITERS = {"gc": GCWriter, "pace": PACEWriter, "codabench": CodabenchWriter}
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -188,6 +189,17 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
 def write_text(path: Path | str, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def write_zip(path: Path | str, members: dict[str, Path]) -> None:
+    """A zip of the files ``members`` (name in the archive -> file), in sorted order with a fixed
+    date, so that the same files always give the same bytes; PNGs stored, other files deflated."""
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as zf:
+        for name in sorted(members):
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_STORED if name.lower().endswith(".png") else zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, Path(members[name]).read_bytes())
 
 
 def write_png(path: Path | str, array: np.ndarray) -> None:

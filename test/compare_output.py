@@ -14,6 +14,7 @@ together; ``single``: one fixture alone, which adds the single-case JSON files):
 
     python test/compare_output.py compare --run all --output OUT --input test/input --model-dir M
     python test/compare_output.py record  --run all --output OUT --input test/input --model-dir M --model-kind default
+    python test/compare_output.py pace --output PACE_OUT --gc OUT   # main.py's PACE layout against the GC run
 
 Prints PASS or FAIL (with every difference); exit 0 on PASS, 1 on FAIL, 2 on a usage error.
 """
@@ -175,17 +176,64 @@ def compare(expected: dict, actual: dict, tol: float) -> list[str]:
     return problems
 
 
+def compare_pace(pace: Path, gc: Path, tol: float) -> list[str]:
+    """A PACE-layout output (``python main.py`` in the image) against the Grand Challenge output of the
+    same inputs: every mask equal (0/255 against 0/1), every label equal, probabilities within tol."""
+    import csv
+
+    problems = []
+    entries = json.loads((gc / "results.json").read_text())
+    labels = {r["image_id"]: r["label"] for r in csv.DictReader(open(pace / "classification" / "predictions.csv"))}
+    probs = {r["image_id"]: r for r in csv.DictReader(open(pace / "classification" / "probabilities.csv"))}
+    names = []
+    for e in entries:
+        mask_out = next(o for o in e["outputs"] if o["type"] == "mask")
+        cls_out = next(o for o in e["outputs"] if o["type"] == "classification")
+        name = Path(mask_out["filename"]).stem
+        names.append(name)
+        gc_mask = sitk.GetArrayFromImage(sitk.ReadImage(str(gc / mask_out["filename"])))
+        png = pace / "segmentation" / f"{name}_mask.png"
+        if not png.is_file():
+            problems.append(f"{name}: no {png.relative_to(pace)}")
+            continue
+        pace_mask = sitk.GetArrayFromImage(sitk.ReadImage(str(png)))
+        if pace_mask.shape != gc_mask.shape or not np.array_equal(pace_mask, gc_mask.astype(np.uint8) * 255):
+            problems.append(f"{name}: the PACE mask differs from the Grand Challenge mask")
+        if labels.get(name, "").lower() != cls_out["label"]:
+            problems.append(f"{name}: PACE label {labels.get(name)!r} != Grand Challenge label {cls_out['label']!r}")
+        for k in CLASSES:
+            if name in probs and abs(float(probs[name][k]) - cls_out["probabilities"][k]) > tol:
+                problems.append(f"{name}: P({k}) {probs[name][k]} != {cls_out['probabilities'][k]}")
+    if sorted(labels) != sorted(names):
+        problems.append(f"predictions.csv ids {sorted(labels)} != cases {sorted(names)}")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("compare", "record"))
+    parser.add_argument("mode", choices=("compare", "record", "pace"),
+                        help="pace: compare a PACE-layout --output with the Grand Challenge output --gc of the same inputs")
     parser.add_argument("--output", type=Path, required=True, help="the output folder to check")
+    parser.add_argument("--gc", type=Path, default=None, help="pace: the Grand Challenge output folder")
     parser.add_argument("--input", type=Path, default=None, help="the input folder (geometry checks)")
     parser.add_argument("--expected", type=Path, default=DEFAULT_EXPECTED)
     parser.add_argument("--run", default="all", help="which run of the expected file (all | single)")
-    parser.add_argument("--model-dir", type=Path, required=True, help="the model the output was made with")
+    parser.add_argument("--model-dir", type=Path, default=None, help="the model the output was made with (compare, record)")
     parser.add_argument("--model-kind", default=None, help="record: default | test-random")
     parser.add_argument("--tol", type=float, default=1e-3)
     args = parser.parse_args(argv)
+    if args.mode == "pace":
+        if args.gc is None:
+            parser.error("pace needs --gc")
+        try:
+            problems = compare_pace(args.output, args.gc, args.tol)
+        except (FileNotFoundError, KeyError, StopIteration, json.JSONDecodeError, RuntimeError) as exc:
+            problems = [f"cannot read the outputs: {exc!r}"]
+        print(f"{'FAIL' if problems else 'PASS'} [pace]: {args.output} against {args.gc}"
+              + "".join(f"\n  {p}" for p in problems))
+        return 1 if problems else 0
+    if args.model_dir is None:
+        parser.error(f"{args.mode} needs --model-dir")
 
     fingerprint = model_fingerprint(args.model_dir)
     try:

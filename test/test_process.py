@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -242,6 +243,62 @@ def test_pace_and_gc_agree(pace_run, gc_run):
         pace_mask = np.asarray(Image.open(pace_out / "segmentation" / f"{_stem(name)}_mask.png"))
         np.testing.assert_array_equal(gc_mask * 255, pace_mask)
         assert labels[_stem(name)].lower() == results[name]["outputs"][1]["label"]
+
+
+def test_main_py_runs_the_pace_template_command(inputs, ensemble_dir, pace_run, tmp_path):
+    """The PACE template's command line, ``python main.py -i IN -o OUT -t seg|cls -d ...``, as a
+    real process: the PACE layout by default, the same masks and labels as process.py --format pace."""
+    root, sizes = inputs
+    _, pace_out, _ = pace_run
+    for task, expected in (("seg", [f"segmentation/{_stem(n)}_mask.png" for n in sizes]),
+                           ("cls", ["classification/predictions.csv", "classification/probabilities.csv"])):
+        out = tmp_path / task
+        proc = subprocess.run([sys.executable, "main.py", "-i", str(root), "-o", str(out), "-t", task, "-d", "cpu",
+                               "--model-dir", str(ensemble_dir), "--batch-size", "2"],
+                              capture_output=True, text=True, timeout=300, cwd=str(REPO))
+        assert proc.returncode == 0, proc.stderr
+        assert _files(out) == sorted(expected)
+        for f in expected:
+            if f.endswith(".png"):
+                np.testing.assert_array_equal(np.asarray(Image.open(out / f)), np.asarray(Image.open(pace_out / f)))
+            elif f.endswith("predictions.csv"):
+                assert (out / f).read_text() == (pace_out / f).read_text()
+    usage = subprocess.run([sys.executable, "main.py", "--help"], capture_output=True, text=True, cwd=str(REPO))
+    assert usage.returncode == 0 and "Usage: main.py" in usage.stdout and "[default: pace]" in usage.stdout
+
+
+def test_codabench_format_is_the_validation_phase_upload(cli, pace_run, inputs, tmp_path):
+    """submission.zip holds classification.csv (image_id,label) and segmentation/<id>_mask.png, nothing
+    else, equal to the files beside it and to the PACE outputs; a failed case is in neither; the
+    same predictions give the same zip bytes."""
+    import zipfile
+
+    root, sizes = inputs
+    _, pace_out, _ = pace_run
+    d = tmp_path / "in"
+    shutil.copytree(root, d)
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out = tmp_path / "out"
+    res = cli("-i", d, "-o", out, "--format", "codabench", "--batch-size", "2")
+    assert res.exit_code == 3, res.output  # the broken file failed, the others were written
+    stems = sorted(_stem(n) for n in sizes)
+    masks = [f"segmentation/{s}_mask.png" for s in stems]
+    assert _files(out) == sorted(["classification.csv", "errors.csv", "submission.zip"] + masks)
+    assert (out / "classification.csv").read_text() == (pace_out / "classification" / "predictions.csv").read_text()
+    with zipfile.ZipFile(out / "submission.zip") as zf:
+        assert zf.testzip() is None
+        assert zf.namelist() == sorted(["classification.csv"] + masks)
+        for name in zf.namelist():
+            assert zf.read(name) == (out / name).read_bytes()
+    for m in masks:
+        np.testing.assert_array_equal(np.asarray(Image.open(out / m)), np.asarray(Image.open(pace_out / m)))
+    first = (out / "submission.zip").read_bytes()
+    assert cli("-i", d, "-o", out, "--format", "codabench", "--batch-size", "2").exit_code == 3
+    assert (out / "submission.zip").read_bytes() == first
+    seg_only = cli("-i", root, "-o", tmp_path / "seg", "--format", "codabench", "-t", "seg")
+    assert seg_only.exit_code == 0
+    with zipfile.ZipFile(tmp_path / "seg" / "submission.zip") as zf:
+        assert zf.namelist() == masks
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,0 +1,11 @@
+"""The PACE 2025 container template's entry point: ``python main.py -i /input -o /output -t seg|cls -d gpu``.
+
+``process.py`` with the PACE output layout as its default (``--format pace``): the template runs
+``main.py`` with these four options, and the image's entry point runs such a command as given
+(``docker run IMAGE python main.py -i /input -o /output -t seg -d gpu``). Every ``process.py``
+option works here too; ``python main.py --help`` lists them.
+"""
+from process import main
+
+if __name__ == "__main__":
+    main(default_map={"fmt": "pace"}, prog_name="main.py")
