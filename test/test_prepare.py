@@ -185,6 +185,35 @@ def test_ids_numbered_and_pace_ids_kept(prepared, fixtures):
         "_000_BRE")
 
 
+def test_a_prepared_folder_reads_back_as_pace_data(prepared, tmp_path):
+    """prepare's own layout (images/<id>.png, masks/<id>.png) is PACE data: read back with --pace it
+    gives the same ids, labels, sources and masks, and no mask is taken for an image."""
+    out = tmp_path / "again"
+    result = run_cli(["--pace", str(prepared["out"]), "--out", str(out)])
+    n = len(prepared["labels"])
+    assert f"prepared {n} of {n} images" in result.output and " 0 errors" in result.output, result.output
+    key = lambda rows: sorted((r["image_id"], r["label"], r["source"]) for r in rows)  # noqa: E731
+    again = read_csv(out / "labels.csv")
+    assert key(again) == key(prepared["labels"])
+    for r in again:
+        np.testing.assert_array_equal(read_image(out / "masks" / f"{r['image_id']}.png").array,
+                                      read_image(prepared["out"] / "masks" / f"{r['image_id']}.png").array)
+
+
+def test_challenge_release_names_are_read(tmp_path):
+    """The challenge's release names its files PABC_<subject>_<code>_<source> (its dataset.md)."""
+    from training.sources import read_pace
+
+    write_png(tmp_path / "images" / "PABC_00001_000_BUS.png", noise(1))
+    write_png(tmp_path / "images" / "PABC_00003_101_BBR.png", noise(2))
+    write_png(tmp_path / "masks" / "PABC_00003_101_BBR.png", box(1, 5, 1, 5))
+    records = {r.image_id: r for r in read_pace(tmp_path)}
+    assert sorted(records) == ["PABC_00001_000_BUS", "PABC_00003_101_BBR"]
+    assert records["PABC_00003_101_BBR"].label == "malignant" and records["PABC_00003_101_BBR"].source == "BBR"
+    assert records["PABC_00003_101_BBR"].masks == (tmp_path / "masks" / "PABC_00003_101_BBR.png",)
+    assert records["PABC_00001_000_BUS"].label == "normal" and not any(r.problem for r in records.values())
+
+
 def test_masks_union_and_kinds(prepared, fixtures):
     for path, expected in fixtures["expected"].values():
         row = prepared["by_path"][path]

@@ -228,7 +228,8 @@ def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: fl
 @click.option("--busi", type=click.Path(exists=True, file_okay=False, path_type=Path), help="BUSI folder")
 @click.option("--busbra", type=click.Path(exists=True, file_okay=False, path_type=Path), help="BUS-BRA folder")
 @click.option("--breast", type=click.Path(exists=True, file_okay=False, path_type=Path), help="BrEaST folder")
-@click.option("--pace", type=click.Path(exists=True, file_okay=False, path_type=Path), help="PACE-named folder")
+@click.option("--pace", type=click.Path(exists=True, file_okay=False, path_type=Path), help="PACE/PRECISE-named folder (PACE_… or the challenge release's PABC_… ids; masks <id>_mask[_N].png "
+                   "or masks/<id>.png, so a folder prepared here reads back too)")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="output folder")
 @click.option("--seed", default=0, show_default=True, help="seed of the train/val split")
 @click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0.0, 1.0))

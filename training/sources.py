@@ -17,7 +17,8 @@ LABELS = ("normal", "benign", "malignant")
 SOURCES = ("BUS", "BRE", "BBR", "ABR")  # BUSI, BrEaST, BUS-BRA, and the fourth PACE source code
 LABEL_CODE = {"normal": "000", "benign": "001", "malignant": "002"}
 PACE_CODE_LABEL = {"000": "normal", "001": "benign", "100": "benign", "002": "malignant", "101": "malignant"}
-PACE_NAME = re.compile(r"^PACE_(\d{5})_(\d{3})_([A-Z]{3})$")
+PACE_NAME = re.compile(r"^(?:PACE|PABC)_(\d{5})_(\d{3})_([A-Z]{3})$")  # PABC: the challenge's release
+MASK_FOLDERS = {"masks", "mask", "segmentation", "segmentations", "labels"}
 
 
 @dataclass
@@ -155,17 +156,24 @@ def read_breast(root: Path | str) -> list[Record]:
     return records
 
 
-# --- PACE/PRECISE: PACE_00023_002_ABR.png, mask beside it or in masks/ or segmentation/ ---------
+# --- PACE/PRECISE: PACE_00023_002_ABR.png or PABC_00023_002_ABR.png; masks named <id>_mask[_N].png
+# anywhere, or <id>.png in a masks/ (mask/, segmentation/, labels/) folder: training.prepare's layout --
 def read_pace(root: Path | str) -> list[Record]:
     root = _require_dir(Path(root), "PACE")
     files = [p for p in list_images(root) if p.suffix.lower() == ".png"]
     masks: dict[str, list[Path]] = {}
+    images = []
     for p in files:
-        m = re.match(r"^(PACE_\d{5}_\d{3}_[A-Z]{3})_mask(?:_\d+)?$", p.stem)
+        m = re.match(r"^((?:PACE|PABC)_\d{5}_\d{3}_[A-Z]{3})_mask(?:_\d+)?$", p.stem)
+        in_mask_folder = any(part.lower() in MASK_FOLDERS for part in p.relative_to(root).parent.parts)
         if m:
             masks.setdefault(m[1], []).append(p)
+        elif in_mask_folder and PACE_NAME.match(p.stem):
+            masks.setdefault(p.stem, []).append(p)
+        else:
+            images.append(p)
     records = []
-    for p in files:
+    for p in images:
         m = PACE_NAME.match(p.stem)
         if not m:
             continue
