@@ -7,12 +7,16 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import click
 import yaml
 
-from model.checkpoint import ENSEMBLE_NAME, read_config, save_ensemble
+from model.checkpoint import CONFIG_NAME, ENSEMBLE_NAME, WEIGHTS_NAME, CheckpointError, read_config, save_ensemble
+from model.encoders.weights import sha256_of
 from model.io import write_text
 
 SEG_PREFERENCE = ("sd-h", "unet-h", "mgc-a")
@@ -93,30 +97,99 @@ def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics:
     return "\n".join(lines)
 
 
+TUNED_KEYS = ("postprocess_validation", "postprocess_validation_setup")  # training.tune's record
+
+
+def _member_digest(mdir: Path) -> str:
+    return "".join(sha256_of(mdir / f) for f in (CONFIG_NAME, WEIGHTS_NAME))
+
+
+def _check_members(members: dict[str, Path], which: str) -> None:
+    """Everything export needs, checked before anything is written: each member's config and
+    weights, and one input size and normalisation across the members (as the predictor needs)."""
+    inputs = {}
+    for name, mdir in members.items():
+        try:
+            cfg = read_config(mdir)
+        except CheckpointError as exc:
+            hint = (" (a run whose selection metric was undefined in every epoch has no best/: "
+                    "export its last epoch with --which last)") if which == "best" else ""
+            raise click.ClickException(f"{exc}{hint}") from None
+        if not (mdir / WEIGHTS_NAME).is_file():
+            raise click.ClickException(f"{mdir}: no {WEIGHTS_NAME}")
+        inputs[name] = (cfg["encoder"]["name"], cfg["encoder"]["input_size"], cfg["encoder"]["normalization"])
+    if len({(size, norm) for _, size, norm in inputs.values()}) > 1:
+        found = ", ".join(f"{n}: {e} at {size} px, {norm} normalisation" for n, (e, size, norm) in inputs.items())
+        raise click.ClickException(f"the members need one input size and normalisation (one image "
+                                   f"preprocessing for the ensemble); found {found}")
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Put the finished ``new`` folder in place of ``out``, keeping ``out``'s other files (not its
+    ensemble, card or member folders) and never leaving a half-written ensemble behind."""
+    if out.exists():
+        for p in out.iterdir():
+            if (new / p.name).exists() or (p.is_dir() and (p / CONFIG_NAME).is_file()):
+                continue
+            if p.is_dir():
+                shutil.copytree(p, new / p.name)
+            else:
+                shutil.copy2(p, new / p.name)
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        out.rename(old / out.name)
+        new.rename(out)
+        shutil.rmtree(old)
+    else:
+        new.rename(out)
+
+
 def export(runs: list[Path], out: Path, which: str = "best", metrics_path: Path | None = None,
            postprocess: dict | None = None, data_report: Path | None = None, command: str = "") -> Path:
+    """Write the ensemble of ``runs``' ``which/`` models into ``out``, all checked first and put in
+    place at once. ``postprocess``: options given (None values are inherited). When ``out`` already
+    holds an ensemble of the same members (byte for byte), its tuned postprocess options and
+    training.tune's record of them are kept for the options not given; when the members changed,
+    they are not (the note says to run training.tune again)."""
     members = {}
     for run in runs:
         name = run_variant(run)
         if name in members:
             raise click.ClickException(f"two runs of variant {name!r}: {members[name].parent} and {run}")
-        mdir = run / which
-        read_config(mdir)  # fails early with a clear message
-        members[name] = mdir
+        members[name] = run / which
+    _check_members(members, which)
     names = list(members)
     seg, cls = pick(names, SEG_PREFERENCE), pick(names, CLS_PREFERENCE)
     metrics = json.loads(metrics_path.read_text()) if metrics_path else None
     extra = {"validation": {k: metrics[k] for k in HEADLINE if k in metrics}} if metrics else {}
+    given = {k: v for k, v in (postprocess or {}).items() if v is not None}
+    post = dict(given)
     old = out / ENSEMBLE_NAME
-    if old.is_file():  # keep training.tune's validation of the postprocess options
-        tuned = json.loads(old.read_text()).get("postprocess_validation")
-        if tuned:
-            extra["postprocess_validation"] = tuned
-    save_ensemble(out, members, {n: float(n == seg) for n in names}, {n: float(n == cls) for n in names},
-                  postprocess=postprocess, extra=extra)
-    report = json.loads(data_report.read_text()) if data_report and data_report.is_file() else None
-    write_text(out / "MODEL_CARD.md", model_card(out, {n: out / n for n in names}, seg, cls, metrics, report,
-                                                 command or "training/reproduce.sh"))
+    if old.is_file():
+        spec = json.loads(old.read_text())
+        same = (sorted(spec.get("members", {})) == sorted(names)
+                and all((out / n / WEIGHTS_NAME).is_file() and _member_digest(out / n) == _member_digest(members[n])
+                        for n in names))
+        if same:  # the same models: what training.tune chose for them still holds
+            post = {**spec.get("postprocess", {}), **given}
+            extra.update({k: spec[k] for k in TUNED_KEYS if k in spec})
+        else:
+            click.echo(f"note: the members differ from {old}'s: its tuned postprocess options are not kept "
+                       "(run training.tune --write on the new ensemble)", err=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the model folder must be readable like any folder
+    try:
+        save_ensemble(tmp, members, {n: float(n == seg) for n in names}, {n: float(n == cls) for n in names},
+                      postprocess=post, extra=extra)
+        report = json.loads(data_report.read_text()) if data_report and data_report.is_file() else None
+        write_text(tmp / "MODEL_CARD.md", model_card(tmp, {n: tmp / n for n in names}, seg, cls, metrics, report,
+                                                     command or "training/reproduce.sh"))
+        _replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return out
 
 
@@ -128,19 +201,14 @@ def export(runs: list[Path], out: Path, which: str = "best", metrics_path: Path 
               help="metrics.json from training.evaluate, for the model card.")
 @click.option("--data-report", default=None, type=click.Path(dir_okay=False), help="DATA/report.json for the card.")
 @click.option("--gate-normal/--no-gate-normal", default=None,
-              help="Empty the mask when the class is normal [default: as in OUT/ensemble.json (training.tune), else off].")
+              help="Empty the mask when the class is normal [default: as training.tune chose in OUT/ensemble.json for the "
+                   "same members, else off].")
 @click.option("--largest-component/--all-components", default=None,
-              help="Keep only the largest lesion [default: as in OUT/ensemble.json, else off].")
+              help="Keep only the largest lesion [default: as in OUT/ensemble.json for the same members, else off].")
 @click.option("--command", default="", help="The command that reproduces the ensemble (for the card).")
 def main(runs, out, which, metrics_path, data_report, gate_normal, largest_component, command):
     """Export trained runs as an ensemble directory (safetensors + JSON + MODEL_CARD.md)."""
-    previous = {}
-    if (Path(out) / ENSEMBLE_NAME).is_file():  # keep what training.tune chose unless told otherwise
-        previous = json.loads((Path(out) / ENSEMBLE_NAME).read_text()).get("postprocess", {})
     post = {"gate_normal": gate_normal, "largest_component": largest_component}
-    post = {k: bool(previous.get(k, False)) if v is None else v for k, v in post.items()}
-    if previous.get("refine"):
-        post["refine"] = previous["refine"]
     export([Path(r) for r in runs], Path(out), which, Path(metrics_path) if metrics_path else None, post,
            Path(data_report) if data_report else None, command)
     click.echo(f"ensemble written to {out}")

@@ -1,0 +1,136 @@
+"""training.export: everything checked before anything is written, the ensemble put in place at
+once, and training.tune's choices kept only for the same members."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "test"))
+
+from model.checkpoint import save_model  # noqa: E402
+from model.predictor import Predictor  # noqa: E402
+from test_training import tiny_cfg  # noqa: E402
+from training import export as export_mod  # noqa: E402
+from training.train import build_model  # noqa: E402
+
+
+def _run(root: Path, variant: str, seed: int) -> Path:
+    """A run folder as training.train leaves it: config.yaml naming the variant, best/ and last/."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = build_model(tiny_cfg(variant))
+    for which in ("best", "last"):
+        save_model(model, root / which)
+    (root / "config.yaml").write_text(f"variant: {variant}\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    return {"sd-h": _run(root / "sd-h", "sd-h", 0), "mgc-a": _run(root / "mgc-a", "mgc-a", 1),
+            "mgc-a-2": _run(root / "mgc-a-2", "mgc-a", 2)}
+
+
+def _export(*args):
+    return CliRunner().invoke(export_mod.main, [*map(str, args)])
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _tuned(out: Path) -> dict:
+    """What training.tune --write leaves in ensemble.json."""
+    spec = json.loads((out / "ensemble.json").read_text())
+    spec["postprocess"].update({"refine": {"type": "box", "margin": 5, "blend": 0.5}, "largest_component": True})
+    spec["postprocess_validation"] = [{"refine": r, "gate_normal": False, "largest_component": c, "dsc": 0.5 + 0.1 * c,
+                                       "normal_empty_share": 0.2, "n_lesion": 9, "n_normal": 3}
+                                      for r in (None, spec["postprocess"]["refine"]) for c in (False, True)]
+    spec["postprocess_validation_setup"] = {"device": "cpu", "precision": "fp32", "runtime": "torch", "tta": False}
+    (out / "ensemble.json").write_text(json.dumps(spec))
+    return spec
+
+
+def test_same_members_keep_the_tuning_and_new_members_do_not(runs, tmp_path):
+    out = tmp_path / "ens"
+    res = _export(runs["sd-h"], runs["mgc-a"], "--out", out)
+    assert res.exit_code == 0, res.output
+    tuned = _tuned(out)
+    (out / "NOTES.txt").write_text("the user's own file")
+    res = _export(runs["sd-h"], runs["mgc-a"], "--out", out, "--no-gate-normal")  # the final export, same runs
+    assert res.exit_code == 0 and "note:" not in res.output, res.output
+    spec = json.loads((out / "ensemble.json").read_text())
+    assert spec["postprocess"] == tuned["postprocess"]
+    assert spec["postprocess_validation"] == tuned["postprocess_validation"]
+    assert spec["postprocess_validation_setup"] == tuned["postprocess_validation_setup"]
+    assert (out / "NOTES.txt").read_text() == "the user's own file"
+    assert "Chosen by" in (out / "MODEL_CARD.md").read_text()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~_umask()
+    res = _export(runs["sd-h"], runs["mgc-a-2"], "--out", out)  # another MGC-A model
+    assert res.exit_code == 0, res.output
+    assert "members differ" in res.output and "training.tune" in res.output
+    spec = json.loads((out / "ensemble.json").read_text())
+    assert spec["postprocess"]["refine"] is None and not spec["postprocess"]["largest_component"]
+    assert "postprocess_validation" not in spec and "postprocess_validation_setup" not in spec
+    assert "Chosen by" not in (out / "MODEL_CARD.md").read_text()
+    Predictor.from_dir(out, device="cpu")  # and it loads
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_run_without_best_is_a_clear_error(runs, tmp_path):
+    run = tmp_path / "no-best"
+    run.mkdir()
+    (run / "config.yaml").write_text("variant: mgc-a\n")
+    (run / "last").symlink_to(runs["mgc-a"] / "last")
+    res = _export(runs["sd-h"], run, "--out", tmp_path / "ens")
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "no-best/best: no config.json" in res.output and "--which last" in res.output
+    assert not (tmp_path / "ens").exists()
+    assert _export(runs["sd-h"], run, "--out", tmp_path / "ens", "--which", "last").exit_code == 0
+
+
+def test_a_failed_export_leaves_the_existing_ensemble_as_it_was(runs, tmp_path):
+    out = tmp_path / "ens"
+    assert _export(runs["sd-h"], runs["mgc-a"], "--out", out).exit_code == 0
+    before = _tree(out)
+    broken = tmp_path / "broken"
+    (broken / "best").mkdir(parents=True)
+    (broken / "config.yaml").write_text("variant: mgc-a\n")
+    (broken / "best" / "config.json").write_bytes((runs["mgc-a-2"] / "best" / "config.json").read_bytes())
+    res = _export(runs["sd-h"], broken, "--out", out)  # its weights are missing
+    assert res.exit_code == 1 and "model.safetensors" in res.output and "Traceback" not in res.output
+    assert _tree(out) == before
+
+
+def test_members_with_different_preprocessing_are_refused(runs, tmp_path):
+    other = tmp_path / "vit"
+    (other / "best").mkdir(parents=True)
+    (other / "config.yaml").write_text("variant: mgc-a\n")
+    cfg = json.loads((runs["mgc-a"] / "best" / "config.json").read_text())
+    cfg["encoder"] = {"name": "sam_vit_b", "mode": "finetuned", "input_size": 1024, "normalization": "sam",
+                      "weights": {"source": "random", "included": True}}
+    (other / "best" / "config.json").write_text(json.dumps(cfg))
+    (other / "best" / "model.safetensors").write_bytes(b"")
+    res = _export(runs["sd-h"], other, "--out", tmp_path / "ens")
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "one input size and normalisation" in res.output
+    assert "litemedsam at 256 px, minmax" in res.output and "sam_vit_b at 1024 px, sam" in res.output
+    assert not (tmp_path / "ens").exists()
