@@ -84,10 +84,26 @@ class InferenceError(RuntimeError):
 
 
 def default_model_dir() -> Path:
-    """``/opt/ml/model`` when it holds an ``ensemble.json`` (Grand Challenge model upload), else
-    the ensemble shipped with the package (``model/weights/default``)."""
-    if (SAGEMAKER_MODEL_DIR / "ensemble.json").is_file():
-        return SAGEMAKER_MODEL_DIR
+    """The model to run when none is named: the upload at ``/opt/ml/model`` (Grand Challenge), else
+    the ensemble shipped with the package (``model/weights/default``).
+
+    An upload's ``ensemble.json`` may be at the top of ``/opt/ml/model`` or one folder down (a
+    tarball packed with its folder). An upload that holds files but no ensemble is an error, never a
+    silent fall-back to the built-in model."""
+    root = SAGEMAKER_MODEL_DIR
+    if (root / "ensemble.json").is_file():
+        return root
+    entries = sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
+    if entries:
+        found = sorted(p.parent for p in root.glob("*/ensemble.json"))
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise InferenceError(f"{root} holds several ensembles ({', '.join(str(p) for p in found)}); "
+                                 "upload one, or pass --model-dir")
+        raise InferenceError(f"{root} holds {', '.join(entries[:5])}{' ...' if len(entries) > 5 else ''} but no "
+                             "ensemble.json (at its top or one folder down): upload the folder that "
+                             "training.export wrote, e.g. the model.tar.gz of ./export.sh")
     from .predictor import DEFAULT_MODEL_DIR
 
     return Path(DEFAULT_MODEL_DIR)
@@ -99,7 +115,10 @@ def load_predictor(model_dir: str | Path | None = None, device: str = "auto", ba
     """Load the ensemble once; any failure becomes an ``InferenceError`` naming the folder."""
     from .predictor import Predictor
 
-    model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+    if model_dir is None:
+        model_dir = default_model_dir()
+        _log(f"model: {model_dir}" + (" (uploaded)" if model_dir.is_relative_to(SAGEMAKER_MODEL_DIR) else " (built in)"))
+    model_dir = Path(model_dir)
     device = {"gpu": "cuda"}.get(device, device)
     from .predictor import resolve_device
 

@@ -499,10 +499,40 @@ def test_colliding_inputs_are_all_written(cli, tmp_path):
 def test_default_model_dir_prefers_opt_ml_model(tmp_path, monkeypatch):
     from model.predictor import DEFAULT_MODEL_DIR
 
-    monkeypatch.setattr(inference, "SAGEMAKER_MODEL_DIR", tmp_path)
+    monkeypatch.setattr(inference, "SAGEMAKER_MODEL_DIR", tmp_path / "absent")
     assert inference.default_model_dir() == Path(DEFAULT_MODEL_DIR)
+    monkeypatch.setattr(inference, "SAGEMAKER_MODEL_DIR", tmp_path)
+    (tmp_path / ".hidden").write_text("")  # an empty mount (hidden files aside): the built-in model
+    assert inference.default_model_dir() == Path(DEFAULT_MODEL_DIR)
+    (tmp_path / "ens").mkdir()
+    (tmp_path / "ens" / "weights.bin").write_text("")
+    with pytest.raises(inference.InferenceError, match=r"holds ens but no ensemble.json.*training.export"):
+        inference.default_model_dir()  # an upload without an ensemble is never replaced by the built-in model
+    (tmp_path / "ens" / "ensemble.json").write_text("{}")
+    assert inference.default_model_dir() == tmp_path / "ens"  # a tarball packed with its folder
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "ensemble.json").write_text("{}")
+    with pytest.raises(inference.InferenceError, match="several ensembles"):
+        inference.default_model_dir()
     (tmp_path / "ensemble.json").write_text("{}")
     assert inference.default_model_dir() == tmp_path
+
+
+def test_the_model_that_runs_is_named(ensemble_dir, inputs, tmp_path, monkeypatch):
+    """process.py says which model it loaded when none was named: an upload that is not used would
+    otherwise go unnoticed."""
+    import shutil as sh
+
+    upload = tmp_path / "opt-ml-model"
+    sh.copytree(ensemble_dir, upload / "ens")
+    monkeypatch.setattr(inference, "SAGEMAKER_MODEL_DIR", upload)
+    root, _ = inputs
+    res = CliRunner().invoke(process.main, ["-i", str(root), "-o", str(tmp_path / "out"), "-d", "cpu", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert f"model: {upload / 'ens'} (uploaded)" in res.stderr
+    (upload / "ens" / "ensemble.json").unlink()
+    res = CliRunner().invoke(process.main, ["-i", str(root), "-o", str(tmp_path / "out2"), "-d", "cpu"])
+    assert res.exit_code == 1 and "no ensemble.json" in res.stderr and not (tmp_path / "out2").exists()
 
 
 def test_overlay_draws_the_contour_and_the_label():
