@@ -152,6 +152,8 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", encode
         if expected[k].shape != v.shape:
             raise CheckpointError(f"{weights_file}: {k} has shape {tuple(v.shape)}, config builds "
                                   f"{tuple(expected[k].shape)}")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):  # damaged bytes, or a diverged run
+            raise CheckpointError(f"{weights_file}: {k} holds NaN or infinite values (a damaged file?)")
     model.load_state_dict(state, strict=False)
     return model.to(device).eval()
 

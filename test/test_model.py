@@ -198,6 +198,21 @@ def test_bad_configs_and_files_give_clear_errors(tmp_path):
         load_model(tmp_path)
 
 
+def test_weights_with_nan_are_refused_naming_the_file_and_tensor(tmp_path):
+    """Damaged bytes that decode to NaN would load and give empty masks everywhere."""
+    from safetensors.torch import load_file, save_file
+
+    net = small_net()
+    save_model(net, tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    state = load_file(str(path))
+    name = sorted(k for k in state if k.startswith("seg_head"))[0]
+    state[name].view(-1)[3] = float("nan")
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: {name} holds NaN or infinite values"):
+        load_model(tmp_path / "m")
+
+
 def test_crafted_pickle_checkpoint_is_refused(tmp_path):
     class Evil:
         def __reduce__(self):
