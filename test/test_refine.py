@@ -203,3 +203,24 @@ def test_tune_retries_a_batch_that_runs_out_of_gpu_memory_in_halves(tiny_dataset
     res = CliRunner().invoke(tune.main, ["--model-dir", str(ens), "--data", str(tiny_dataset), "-d", "cpu",
                                          "--batch-size", "2"])
     assert res.exit_code == 1 and "out of GPU memory at batch size 2" in res.output and "Traceback" not in res.output
+
+
+def test_tune_on_a_subset_without_one_kind_of_image_writes_valid_json(tiny_dataset, tmp_path):
+    """--limit 1 scores one image, lesion or normal: the other kind's score is null (not NaN, which
+    strict JSON parsers refuse) and gating, which nothing supports then, stays off."""
+    from click.testing import CliRunner
+
+    from training import tune
+
+    ens = make_test_ensemble(tmp_path / "ens")
+    res = CliRunner().invoke(tune.main, ["--model-dir", str(ens), "--data", str(tiny_dataset), "-d", "cpu",
+                                         "--limit", "1", "--write"])
+    assert res.exit_code == 0, res.output
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    spec = json.loads((ens / "ensemble.json").read_text(), parse_constant=refuse)
+    rows = spec["postprocess_validation"]
+    assert all((r["dsc"] is None) != (r["normal_empty_share"] is None) for r in rows)
+    assert spec["postprocess"]["gate_normal"] is False

@@ -78,8 +78,9 @@ def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics:
         for r in spec["postprocess_validation"]:
             ref = r.get("refine")
             ref = f"box, margin {ref['margin']}, blend {ref['blend']}" if ref else "off"
-            lines.append(f"| {ref} | {r['gate_normal']} | {r['largest_component']} | {r['dsc']:.4f} | "
-                         f"{r['normal_empty_share']:.3f} |")
+            dsc, empty = r.get("dsc"), r.get("normal_empty_share")
+            lines.append(f"| {ref} | {r['gate_normal']} | {r['largest_component']} | "
+                         f"{'–' if dsc is None else f'{dsc:.4f}'} | {'–' if empty is None else f'{empty:.3f}'} |")
     lines += ["", "## Validation metrics (training.evaluate, full resolution)", ""]
     if metrics:
         keys = ["n_images", "dsc", "iou", "hd95", "nsd", "accuracy", "f1_macro", "auc_macro", "auc_malignant",

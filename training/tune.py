@@ -69,8 +69,9 @@ def score_options(predictor: Predictor, data: Path, batch: int = 8, refine_optio
                             results[ri, oi]["normal_empty"].append(float(not pred.mask.any()))
     finally:
         predictor.refiner, predictor.post = shipped
-    return [{"refine": refine_options[ri], **OPTIONS[oi], "dsc": float(np.mean(r["dice"])) if r["dice"] else float("nan"),
-             "normal_empty_share": float(np.mean(r["normal_empty"])) if r["normal_empty"] else float("nan"),
+    # None (JSON null) where the split has no image of the kind (with --limit)
+    return [{"refine": refine_options[ri], **OPTIONS[oi], "dsc": float(np.mean(r["dice"])) if r["dice"] else None,
+             "normal_empty_share": float(np.mean(r["normal_empty"])) if r["normal_empty"] else None,
              "n_lesion": len(r["dice"]), "n_normal": len(r["normal_empty"])} for (ri, oi), r in results.items()]
 
 
@@ -101,10 +102,14 @@ def _combined(predictor: Predictor, refiners: list, images: list, first_size: in
 
 def choose(scores: list[dict]) -> dict:
     ungated = [s for s in scores if not s["gate_normal"]]
-    best = max(ungated, key=lambda s: (s["dsc"], s["refine"] is None, not s["largest_component"]))
+    best = max(ungated, key=lambda s: (-1.0 if s["dsc"] is None else s["dsc"], s["refine"] is None,
+                                       not s["largest_component"]))
     gated = next(s for s in scores if s["gate_normal"] and s["refine"] == best["refine"]
                  and s["largest_component"] == best["largest_component"])
-    gate = (gated["normal_empty_share"] > best["normal_empty_share"]) and (best["dsc"] - gated["dsc"] < 0.005)
+    if None in (gated["normal_empty_share"], best["normal_empty_share"], gated["dsc"], best["dsc"]):
+        gate = False  # no normal (or no lesion) image scored: nothing supports gating
+    else:
+        gate = (gated["normal_empty_share"] > best["normal_empty_share"]) and (best["dsc"] - gated["dsc"] < 0.005)
     return {"refine": best["refine"], "gate_normal": bool(gate), "largest_component": bool(best["largest_component"])}
 
 
@@ -143,7 +148,7 @@ def main(model_dir, data, device, tta, precision, batch_size, limit, write):
         spec["postprocess_validation"] = scores
         spec["postprocess_validation_setup"] = {"device": predictor.device.type, "precision": "bf16" if predictor.bf16
                                                 else "fp32", "runtime": predictor.encoder_runtime, "tta": predictor.tta}
-        write_text(path, json.dumps(spec, indent=2) + "\n")
+        write_text(path, json.dumps(spec, indent=2, allow_nan=False) + "\n")
 
 
 if __name__ == "__main__":
