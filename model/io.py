@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -143,8 +144,15 @@ def read_image(path: Path | str) -> LoadedImage:
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(path, "file not found")
-    if path.stat().st_size == 0:
+    st = path.stat()
+    if st.st_size == 0:
         raise ImageReadError(path, "empty file (0 bytes)")
+    try:
+        open(path, "rb").close()
+    except PermissionError:  # not "corrupt": a mounted folder's permissions (the container's user differs)
+        uid = os.getuid() if hasattr(os, "getuid") else "?"
+        raise ImageReadError(path, f"permission denied: not readable by this user (uid {uid}; the file has mode "
+                                   f"{stat.S_IMODE(st.st_mode):o}, owner uid {st.st_uid})") from None
     if path.suffix.lower() == ".mha":
         return _read_mha(path)
     return _read_pil(path)

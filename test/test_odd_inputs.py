@@ -334,3 +334,24 @@ def test_an_input_folder_without_images_exits_1_with_a_clear_message(tmp_path, e
     assert proc.returncode == 1, proc.stderr
     assert "no images" in proc.stderr and str(d) in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_an_unreadable_file_is_named_as_a_permission_problem(tmp_path, monkeypatch):
+    """A file the container's user may not read (a mounted folder of 0600 files) is reported as such,
+    not as a corrupt image. The tests run as root, which reads anything: the refusal is simulated."""
+    import builtins
+
+    from model import io as mio
+
+    path = tmp_path / "case.png"
+    Image.fromarray(synthetic_ultrasound(30, 40, 1)[0]).save(path)
+    assert mio.read_image(path).array.shape == (30, 40)
+
+    def denied(p, *args, **kwargs):
+        if Path(p) == path:
+            raise PermissionError(13, "Permission denied", str(p))
+        return builtins.open(p, *args, **kwargs)
+
+    monkeypatch.setattr(mio, "open", denied, raising=False)
+    with pytest.raises(mio.ImageReadError, match=r"case.png.*permission denied: not readable by this user.*mode"):
+        mio.read_image(path)
