@@ -187,7 +187,8 @@ def test_pace_layout_cli(tmp_path, data):
     result = CliRunner().invoke(E.main, ["--pred", str(pred), "--data", str(data), "--split", "val", "--out",
                                          str(out), "--n-boot", "50", "--seed", "3"])
     assert result.exit_code == 0, result.output
-    assert "6 images (pace layout), 1 missing, 1 extra" in result.output
+    assert "6 images (pace layout); missing: 1 predictions, 1 masks, 1 labels, 1 probabilities" in result.output
+    assert "; 1 extra" in result.output
     res = json.loads((out / "metrics.json").read_text())
     assert res["layout"] == "pace" and res["units"] == {"distance": "px", "area": "px^2", "tau": 2.0}
     assert res["bootstrap"] == {"n_boot": 50, "seed": 3, "level": 0.95, "method": "percentile"}

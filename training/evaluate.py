@@ -556,8 +556,11 @@ def main(pred_dir: Path, data_dir: Path, split: str, out_dir: Path, tau: float, 
     except (ValueError, FileNotFoundError, ImageReadError) as exc:
         raise click.ClickException(str(exc)) from None
     u = res["units"]["distance"]
-    click.echo(f"{res['n_images']} images ({res['layout']} layout), {len(res['missing']['cases'])} missing, "
-               f"{len(res['extra'])} extra")
+    miss = res["missing"]
+    click.echo(f"{res['n_images']} images ({res['layout']} layout); missing: {len(miss['cases'])} predictions, "
+               f"{len(miss['masks'])} masks, {len(miss['labels'])} labels, {len(miss['probabilities'])} probabilities"
+               + (f", {len(miss['probability_maps'])} logits" if "probability_maps" in miss else "")
+               + f" (each scored as a failure; listed in report.md); {len(res['extra'])} extra")
     click.echo(f"Dice {_fmt(res['dsc'])}  IoU {_fmt(res['iou'])}  HD95 {_fmt(res['hd95'], 2)} {u}  "
                f"NSD {_fmt(res['nsd'])}")
     click.echo(f"accuracy {_fmt(res['accuracy'])}  macro-F1 {_fmt(res['f1_macro'])}  macro-AUC "
