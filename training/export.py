@@ -186,7 +186,7 @@ def export(runs: list[Path], out: Path, which: str = "best", metrics_path: Path 
                       postprocess=post, extra=extra)
         report = json.loads(data_report.read_text()) if data_report and data_report.is_file() else None
         write_text(tmp / "MODEL_CARD.md", model_card(tmp, {n: tmp / n for n in names}, seg, cls, metrics, report,
-                                                     command or "training/reproduce.sh"))
+                                                     command or "(not recorded: pass --command to training.export)"))
         _replace_dir(tmp, out)
     finally:
         if tmp.exists():
