@@ -54,7 +54,7 @@ from model.inference import FORMATS, TASKS, InferenceError, find_inputs, load_pr
 @click.option("--overlay/--no-overlay", default=False, show_default=True,
               help="Also write overlays/<name>.png (contour, label, probability).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="auto: bf16 on CUDA for SAM ViT encoders, else fp32 (bf16 is faster but moves the default "
+              help="auto: bf16 on CUDA (compute capability 8.0+) for SAM ViT encoders, else fp32 (bf16 is faster but moves the default "
                    "LiteMedSAM model's masks beyond tolerance).")
 @click.option("--runtime", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
               help="Encoder runtime. auto: ONNX Runtime for the LiteMedSAM encoder on CPU in fp32 (1.5x faster, "

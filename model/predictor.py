@@ -50,14 +50,16 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def bf16_supported(device: torch.device) -> bool:
+    """Native bf16: CUDA compute capability 8.0+ (a T4, 7.5, only emulates it, slowly; torch's
+    ``is_bf16_supported()`` counts emulation), or a CPU with AVX512-BF16 or AMX."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device)[0] >= 8
     return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()) or \
         bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def use_bf16(precision: str, device: torch.device, cpu_auto: bool = True) -> bool:
-    """``auto``: bf16 on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX) when ``cpu_auto``.
+    """``auto``: bf16 on CUDA GPUs with native bf16 (8.0+), and on CPUs with native bf16 (AVX512-BF16/AMX) when ``cpu_auto``.
 
     Training and the embedding cache use ``cpu_auto=True`` (bf16 features are as good to learn
     from); the predictor uses ``cpu_auto=False``: on CPU, bf16 moves the default model's masks

@@ -108,6 +108,26 @@ def test_supported_shapes():
     assert not supported(meta, 64, 64)
 
 
+def test_gpus_without_native_bf16_get_neither_bf16_nor_the_fused_kernel(monkeypatch):
+    """A T4 (compute capability 7.5, Grand Challenge's GPU) only emulates bf16, and torch's
+    is_bf16_supported() says yes to emulation: precision auto stays fp32 there, and the fused
+    kernel (measured on Hopper only) is not offered; 8.0+ gets both."""
+    from types import SimpleNamespace
+
+    from model.encoders import relpos_attention as ra
+    from model.predictor import bf16_supported, use_bf16
+
+    cuda = torch.device("cuda")
+    q = SimpleNamespace(device=cuda, dtype=torch.bfloat16, shape=(2, 12, 4096, 64))
+    monkeypatch.setattr(ra, "available", lambda: True)
+    for capability, native in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert bf16_supported(cuda) is native and use_bf16("auto", cuda) is native
+        assert use_bf16("bf16", cuda) and not use_bf16("fp32", cuda)  # an explicit choice stands
+        assert ra.supported(q, 64, 64) is native
+        assert not ra.supported(q, 48, 48)  # shapes are still checked first
+
+
 def test_kernel_forms():
     """The rows kernel for power-of-two grid widths (SAM's 64 x 64 global grid), the tile kernel for
     small grids of any shape (the 14 x 14 windows), neither for large odd grids (ViT at other sizes)."""

@@ -121,7 +121,7 @@ def choose(scores: list[dict]) -> dict:
               help="As process.py's: gpu (or cuda) = CUDA; auto = CUDA when available, else CPU.")
 @click.option("--tta/--no-tta", default=False, help="As process.py's: horizontal-flip test-time augmentation.")
 @click.option("--precision", default="auto", type=click.Choice(["auto", "bf16", "fp32"]),
-              help="As process.py's (auto: bf16 on CUDA for SAM ViT encoders, else fp32).")
+              help="As process.py's (auto: bf16 on CUDA 8.0+ for SAM ViT encoders, else fp32).")
 @click.option("--batch-size", default=8)
 @click.option("--limit", type=click.IntRange(1), default=None, help="Score only the first N validation images.")
 @click.option("--write", is_flag=True, help="Write the chosen options into ensemble.json.")

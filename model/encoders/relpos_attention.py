@@ -68,7 +68,10 @@ def supported(q: torch.Tensor, gh: int, gw: int) -> bool:
     """Whether a fused kernel takes q (B, heads, N, head_dim) on a gh x gw grid."""
     if q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
         return False
-    return available() and _pow2(q.shape[-1]) and form(gh, gw) is not None and q.shape[-2] == gh * gw
+    if not (available() and _pow2(q.shape[-1]) and form(gh, gw) is not None and q.shape[-2] == gh * gw):
+        return False
+    # measured on Hopper only; older GPUs (a T4 is 7.5: no bf16 tensor cores) take the augmented form
+    return torch.cuda.get_device_capability(q.device)[0] >= 8
 
 
 def _next_pow2(x: int, lo: int = 16) -> int:
