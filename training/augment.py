@@ -1,7 +1,10 @@
 """Augmentation views, applied to the raw image and mask before ``model.preprocessing``.
 
-With a frozen encoder the views are precomputed once into the embedding cache; the training loop
-then samples a view per image and epoch. The class-balancing rule of the paper (strong
+With a frozen encoder the views are precomputed once into the embedding cache, with fixed
+parameters; the training loop then samples a view per image and epoch. With an encoder trained on
+the fly (fine-tuned) each draw of a view gets its own random parameters (``rng``): a crop of random
+size and position for ``zoom``, a random gamma and gain for ``bright``, seeded per (seed, epoch,
+sample) so that a resumed run draws the same. The class-balancing rule of the paper (strong
 augmentation for normal, milder for malignant, none beyond flips for benign) is expressed as the
 set of views each class may draw from (``class_views``) together with oversampling weights.
 """
@@ -10,22 +13,35 @@ from __future__ import annotations
 import numpy as np
 
 VIEWS = ("orig", "hflip", "zoom", "bright")
+ZOOM_KEEP = (0.75, 0.95)  # random zoom: the share of each side kept (fixed: 0.85, centred)
+GAMMA = (0.7, 1.4)  # random brightness: gamma (log-uniform) and gain (fixed: 0.8 and 1.1)
+GAIN = (0.9, 1.15)
 
 
-def apply_view(image: np.ndarray, mask: np.ndarray, view: str) -> tuple[np.ndarray, np.ndarray]:
+def apply_view(image: np.ndarray, mask: np.ndarray, view: str,
+               rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``view`` of (image, mask): fixed parameters without ``rng`` (the embedding cache), drawn from
+    ``rng`` with it (training on the fly)."""
     if view == "orig":
         return image, mask
     if view == "hflip":
         return np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(mask[:, ::-1])
-    if view == "zoom":  # central 85% crop (a closer probe view)
+    if view == "zoom":  # a closer probe view: a crop, resized to the encoder's input as any image
         h, w = mask.shape
-        dh, dw = int(h * 0.075), int(w * 0.075)
-        return image[dh:h - dh or None, dw:w - dw or None], mask[dh:h - dh or None, dw:w - dw or None]
+        if rng is None:  # central 85 % crop
+            dh, dw = int(h * 0.075), int(w * 0.075)
+            return image[dh:h - dh or None, dw:w - dw or None], mask[dh:h - dh or None, dw:w - dw or None]
+        keep = rng.uniform(*ZOOM_KEEP)
+        ch, cw = max(1, round(h * keep)), max(1, round(w * keep))
+        y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        return image[y0:y0 + ch, x0:x0 + cw], mask[y0:y0 + ch, x0:x0 + cw]
     if view == "bright":  # gain and gamma change (a different scanner setting)
+        gamma, gain = (0.8, 1.1) if rng is None else (float(np.exp(rng.uniform(*np.log(GAMMA)))),
+                                                      float(rng.uniform(*GAIN)))
         img = image.astype(np.float32)
         lo, hi = float(img.min()), float(img.max())
         scaled = (img - lo) / max(hi - lo, 1e-6)
-        out = np.clip(scaled ** 0.8 * 1.1, 0, 1) * 255
+        out = np.clip(scaled ** gamma * gain, 0, 1) * 255
         return out.astype(np.uint8), mask
     raise ValueError(f"unknown view {view!r}; known: {VIEWS}")
 

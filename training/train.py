@@ -93,25 +93,32 @@ class CachedSet(Dataset):
         return len(self.records)
 
     def __getitem__(self, item):
-        idx, view = item
+        idx, view = item[:2]
         rec = self.records[idx]
         emb, skips, mask = self.cache.get(rec.image_id, view, np.float16)
         return {"embedding": emb, "features": skips, "mask": mask, "label": rec.label_index, "index": idx}
 
 
 class ImageSet(Dataset):
-    """Items decoded and preprocessed on the fly (fine-tuned encoder): (x, mask, label, index)."""
+    """Items decoded and preprocessed on the fly (fine-tuned encoder): (x, mask, label, index).
 
-    def __init__(self, records: list[Record], views: list[str], size: int, normalization: str):
+    An item is (record index, view index[, epoch, position in the epoch's plan]); with the last two
+    and ``random_seed`` set, the view's parameters are drawn from a generator seeded by (seed, epoch,
+    position): random, yet the same again in a resumed run or another worker process."""
+
+    def __init__(self, records: list[Record], views: list[str], size: int, normalization: str,
+                 random_seed: int | None = None):
         self.records, self.views, self.size, self.norm = records, views, size, normalization
+        self.random_seed = random_seed
 
     def __len__(self):
         return len(self.records)
 
     def __getitem__(self, item):
-        idx, view = item
+        idx, view, *draw = item
         rec = self.records[idx]
-        image, mask = apply_view(*load_pair(rec), self.views[view])
+        rng = np.random.default_rng([self.random_seed, *draw]) if draw and self.random_seed is not None else None
+        image, mask = apply_view(*load_pair(rec), self.views[view], rng)
         x, geom = preprocess(image, self.size, self.norm)
         return {"x": x, "mask": mask_to_model(mask, geom, MASK_RES), "label": rec.label_index, "index": idx}
 
@@ -309,8 +316,12 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
         tr_set, va_set = CachedSet(cache, train_recs), CachedSet(cache, val_recs)
         avail = lambda i, v: bool(cache.done[cache.index[train_recs[i].image_id], v])  # noqa: E731
     else:
-        tr_set = ImageSet(train_recs, cfg["views"], net.input_size, net.normalization)
-        va_set = ImageSet(val_recs, cfg["views"], net.input_size, net.normalization)
+        augment = cfg.get("augment", "random")
+        if augment not in ("random", "fixed"):
+            raise ValueError(f"augment must be random or fixed, not {augment!r}")
+        tr_set = ImageSet(train_recs, cfg["views"], net.input_size, net.normalization,
+                          random_seed=int(cfg["seed"]) if augment == "random" else None)
+        va_set = ImageSet(val_recs, cfg["views"], net.input_size, net.normalization)  # orig view only
         avail = None
 
     params = [p for p in net.parameters() if p.requires_grad]
@@ -347,7 +358,7 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
     p_gt = float(cfg["curriculum"].get("p_gt", 0.5))
     for epoch in range(start_epoch, epochs + 1):
         phase = curriculum_phase(cfg, epoch)
-        plan = epoch_plan(train_recs, cfg, epoch, avail)
+        plan = [(i, v, epoch, k) for k, (i, v) in enumerate(epoch_plan(train_recs, cfg, epoch, avail))]
         # every rank takes the same number of samples (DDP needs the same number of steps everywhere)
         plan = plan[:len(plan) - len(plan) % world][rank::world]
         loader = DataLoader(tr_set, batch_size=bs, sampler=plan, collate_fn=collate, num_workers=workers,
