@@ -116,21 +116,24 @@ def build_ensemble(encoder: str, out: Path) -> tuple[Path, dict]:
 
 
 def bench(encoder: str, device: str, batch_size: int, n_images: int, precision: str, peak_tflops: float | None,
-          e2e_images: int, reference: bool = True, attention: str = "auto", compile_backend: str | None = None) -> dict:
+          e2e_images: int, reference: bool = True, attention: str = "auto", compile_backend: str | None = None,
+          runtime: str = "auto") -> dict:
     with tempfile.TemporaryDirectory(prefix="pfsam-bench-") as tmp:  # the ensemble, e2e inputs and outputs
         return _bench(Path(tmp), encoder, device, batch_size, n_images, precision, peak_tflops, e2e_images,
-                      reference, attention, compile_backend)
+                      reference, attention, compile_backend, runtime)
 
 
 def _bench(tmp: Path, encoder: str, device: str, batch_size: int, n_images: int, precision: str,
            peak_tflops: float | None, e2e_images: int, reference: bool, attention: str,
-           compile_backend: str | None) -> dict:
+           compile_backend: str | None, runtime: str = "auto") -> dict:
     dev = resolve_device(device)
+    if compile_backend and runtime == "onnx":
+        raise click.UsageError("--compile runs the encoder in PyTorch: not with --runtime onnx")
     Attention.impl = attention
     ens, enc_state = build_ensemble(encoder, tmp / "ens")
     # a compiled encoder runs in PyTorch (on CPU in fp32 the default runtime would be ONNX Runtime)
     pred = Predictor.from_dir(ens, device=str(dev), batch_size=batch_size, precision=precision,
-                              runtime="torch" if compile_backend else "auto")
+                              runtime="torch" if compile_backend else runtime)
     if encoder != "litemedsam":  # random encoders are stored per member: share one for a fair product path
         enc = next(iter(pred.members.values())).encoder
         for m in pred.members.values():
@@ -282,12 +285,15 @@ def table(res: dict) -> str:
                    "global and window blocks apart.")
 @click.option("--compile", "compile_backend", default=None, help="torch.compile backend for the product's encoder "
               "(e.g. inductor).")
+@click.option("--runtime", default="auto", show_default=True, type=click.Choice(["auto", "torch", "onnx"]),
+              help="The product path's encoder runtime, as process.py's (auto: ONNX Runtime for LiteMedSAM on CPU "
+                   "in fp32).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def main(encoder, device, batch_size, n_images, precision, peak_tflops, e2e_images, no_reference, attention,
-         compile_backend, as_json):
+         compile_backend, runtime, as_json):
     """Images/s and peak memory of the reference path and the product's path, side by side."""
     res = bench(encoder, device, batch_size, n_images, precision, peak_tflops, e2e_images, not no_reference,
-                attention, compile_backend)
+                attention, compile_backend, runtime)
     click.echo(json.dumps(res, indent=2) if as_json else table(res))
     sys.stdout.flush()
 

@@ -58,3 +58,18 @@ def test_benchmark_compiles_the_pytorch_encoder(tmp_path, monkeypatch):
     res = benchmark.bench("litemedsam", "cpu", 2, 2, "fp32", None, 0, reference=False, compile_backend="eager")
     assert res["runtime"] == "torch" and res["compile"] == "eager"
     assert res["product"]["images_per_s"] > 0 and "reference" not in res
+
+
+def test_benchmark_runtime_option_picks_the_product_paths_encoder_runtime(tmp_path, monkeypatch):
+    """--runtime as process.py's: auto is ONNX Runtime for LiteMedSAM on CPU in fp32, torch forces PyTorch;
+    --compile with --runtime onnx is refused."""
+    import click
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    assert benchmark.bench("litemedsam", "cpu", 2, 2, "fp32", None, 0, reference=False,
+                           runtime="torch")["runtime"] == "torch"
+    auto = benchmark.bench("litemedsam", "cpu", 2, 2, "fp32", None, 0, reference=False)
+    assert auto["runtime"] == "onnxruntime"  # installed with the requirements
+    with pytest.raises(click.UsageError, match="--compile"):
+        benchmark.bench("litemedsam", "cpu", 2, 2, "fp32", None, 0, reference=False, compile_backend="eager",
+                        runtime="onnx")
