@@ -5,7 +5,14 @@
 (``docker run IMAGE python main.py -i /input -o /output -t seg -d gpu``). Every ``process.py``
 option works here too; ``python main.py --help`` lists them.
 """
-from process import main
+import process
+
+INTRO = """PF-SAM BUS through the PACE 2025 container template's entry point: process.py with the PACE
+layout (--format pace) as the default format. Without arguments it reads /input and writes
+segmentation/ and classification/ to /output.
+"""
 
 if __name__ == "__main__":
-    main(default_map={"fmt": "pace"}, prog_name="main.py")
+    _, marker, examples = process.__doc__.partition("\n\b\n")  # process.py's examples, outputs, exit codes
+    process.main.help = INTRO + marker + examples
+    process.main(default_map={"fmt": "pace"}, prog_name="main.py")

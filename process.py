@@ -37,7 +37,7 @@ from model.inference import FORMATS, TASKS, InferenceError, find_inputs, load_pr
 
 @click.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-i", "--input", "input_dir", type=click.Path(path_type=Path), default=Path("/input"),
-              show_default=True, help="Folder searched recursively for .mha, .tif/.tiff, .png, .jpg/.jpeg images.")
+              show_default=True, help="Folder searched recursively for .mha, .tif/.tiff, .png, .jpg/.jpeg, .bmp images.")
 @click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=Path("/output"),
               show_default=True, help="Output folder (created if missing).")
 @click.option("-t", "--task", type=click.Choice(TASKS), default="all", show_default=True,
@@ -48,7 +48,8 @@ from model.inference import FORMATS, TASKS, InferenceError, find_inputs, load_pr
               help="gc: Grand Challenge outputs; pace: PACE challenge outputs (the template's layout); "
                    "codabench: PACE's validation-phase upload (submission.zip).")
 @click.option("--model-dir", type=click.Path(path_type=Path), default=None,
-              help="Ensemble folder [default: /opt/ml/model if it holds an ensemble.json, else model/weights/default].")
+              help="Ensemble folder [default: the upload at /opt/ml/model (its ensemble.json at the top or one folder "
+                   "down; files without one are an error), else model/weights/default].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--tta/--no-tta", default=False, show_default=True, help="Horizontal-flip test-time augmentation.")
 @click.option("--overlay/--no-overlay", default=False, show_default=True,

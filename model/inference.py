@@ -151,7 +151,7 @@ def find_inputs(input_dir: str | Path, exclude: str | Path | None = None) -> lis
         skip = Path(exclude).resolve()
         paths = [p for p in paths if not p.resolve().is_relative_to(skip)]
     if not paths:
-        raise InferenceError(f"no images (.mha, .tif/.tiff, .png, .jpg/.jpeg) found below {input_dir}")
+        raise InferenceError(f"no images (.mha, .tif/.tiff, .png, .jpg/.jpeg, .bmp) found below {input_dir}")
     return paths
 
 

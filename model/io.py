@@ -161,14 +161,15 @@ def read_image(path: Path | str) -> LoadedImage:
 def read_mask(path: Path | str) -> np.ndarray:
     """A lesion mask as uint8 {0, 1}: any non-zero pixel (any channel, alpha ignored) is lesion.
 
-    Masks come as 1-bit, 8-bit grey, RGB or RGBA with {0,1} or {0,255}; values other than those
-    raise ``ImageReadError`` (a mask that is not binary is a data error, not something to guess).
+    Masks come as 1-bit, 8- or 16-bit grey, RGB or RGBA with {0,1}, {0,255} or (16-bit) {0,65535};
+    other values raise ``ImageReadError`` (a mask that is not binary is a data error, not something to
+    guess).
     """
     arr = read_image(path).array
     if arr.ndim == 3:
         arr = arr[..., :3].max(axis=2) if arr.shape[2] >= 3 else arr[..., 0]
     values = np.unique(arr)
-    if not set(values.tolist()) <= {0, 1, 255}:
+    if not set(values.tolist()) <= {0, 1, 255, 65535}:
         raise ImageReadError(path, f"mask is not binary (values {values[:6].tolist()}...)")
     return (arr > 0).astype(np.uint8)
 

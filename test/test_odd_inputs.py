@@ -355,3 +355,18 @@ def test_an_unreadable_file_is_named_as_a_permission_problem(tmp_path, monkeypat
     monkeypatch.setattr(mio, "open", denied, raising=False)
     with pytest.raises(mio.ImageReadError, match=r"case.png.*permission denied: not readable by this user.*mode"):
         mio.read_image(path)
+
+
+def test_16_bit_masks_with_0_and_65535_are_binary(tmp_path):
+    from model.io import ImageReadError, read_mask
+
+    m = np.zeros((20, 30), np.uint16)
+    m[5:10, 5:15] = 65535
+    Image.fromarray(m).save(tmp_path / "m16.png")
+    assert Image.open(tmp_path / "m16.png").mode.startswith("I")
+    out = read_mask(tmp_path / "m16.png")
+    assert out.dtype == np.uint8 and out.sum() == 50 and set(np.unique(out).tolist()) == {0, 1}
+    m[0, 0] = 1000  # a third value is still refused
+    Image.fromarray(m).save(tmp_path / "bad16.png")
+    with pytest.raises(ImageReadError, match="not binary"):
+        read_mask(tmp_path / "bad16.png")

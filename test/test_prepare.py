@@ -186,15 +186,17 @@ def test_ids_numbered_and_pace_ids_kept(prepared, fixtures):
 
 
 def test_a_prepared_folder_reads_back_as_pace_data(prepared, tmp_path):
-    """prepare's own layout (images/<id>.png, masks/<id>.png) is PACE data: read back with --pace it
-    gives the same ids, labels, sources and masks, and no mask is taken for an image."""
+    """prepare's own layout (images/<id>.png, masks/<id>.png, labels.csv) is PACE data: read back with
+    --pace it gives the same ids, labels, sources, patient ids and masks, and no mask is taken for an
+    image."""
     out = tmp_path / "again"
     result = run_cli(["--pace", str(prepared["out"]), "--out", str(out)])
     n = len(prepared["labels"])
     assert f"prepared {n} of {n} images" in result.output and " 0 errors" in result.output, result.output
-    key = lambda rows: sorted((r["image_id"], r["label"], r["source"]) for r in rows)  # noqa: E731
+    key = lambda rows: sorted((r["image_id"], r["label"], r["source"], r["patient_id"]) for r in rows)  # noqa: E731
     again = read_csv(out / "labels.csv")
-    assert key(again) == key(prepared["labels"])
+    assert key(again) == key(prepared["labels"])  # patient ids too (from the folder's labels.csv)
+    assert any(r["patient_id"] for r in again)
     for r in again:
         np.testing.assert_array_equal(read_image(out / "masks" / f"{r['image_id']}.png").array,
                                       read_image(prepared["out"] / "masks" / f"{r['image_id']}.png").array)

@@ -21,7 +21,7 @@ from model.io import write_text
 
 SEG_PREFERENCE = ("sd-h", "unet-h", "mgc-a")
 HEADLINE = ("n_images", "dsc", "iou", "hd95", "nsd", "accuracy", "f1_macro", "auc_macro", "auc_malignant",
-            "sens_at_90_spec", "spec_at_90_sens", "normal_empty_share")
+            "sens_at_90_spec", "spec_at_90_sens", "normal_empty_share", "seg_bce")
 CLS_PREFERENCE = ("mgc-a", "sd-h", "unet-h")
 
 
@@ -84,7 +84,7 @@ def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics:
     lines += ["", "## Validation metrics (training.evaluate, full resolution)", ""]
     if metrics:
         keys = ["n_images", "dsc", "iou", "hd95", "nsd", "accuracy", "f1_macro", "auc_macro", "auc_malignant",
-                "sens_at_90_spec", "spec_at_90_sens"]
+                "sens_at_90_spec", "spec_at_90_sens", "cross_entropy", "normal_empty_share", "seg_bce"]
         ci = metrics.get("ci", {})
         lines += ["| metric | value | 95% CI |", "|---|---|---|"]
         for k in keys:

@@ -159,7 +159,14 @@ def read_breast(root: Path | str) -> list[Record]:
 # --- PACE/PRECISE: PACE_00023_002_ABR.png or PABC_00023_002_ABR.png; masks named <id>_mask[_N].png
 # anywhere, or <id>.png in a masks/ (mask/, segmentation/, labels/) folder: training.prepare's layout --
 def read_pace(root: Path | str) -> list[Record]:
+    """PACE/PRECISE-named images and their masks; patient ids from a ``labels.csv`` beside them
+    (``image_id,...,patient_id``: what training.prepare writes), so a re-prepared split keeps a
+    patient's images together."""
     root = _require_dir(Path(root), "PACE")
+    patients = {}
+    if (root / "labels.csv").is_file():
+        with open(root / "labels.csv", newline="") as fh:
+            patients = {r["image_id"]: r.get("patient_id") or "" for r in csv.DictReader(fh) if r.get("image_id")}
     files = [p for p in list_images(root) if p.suffix.lower() == ".png"]
     masks: dict[str, list[Path]] = {}
     images = []
@@ -186,7 +193,7 @@ def read_pace(root: Path | str) -> list[Record]:
             problem = f"unknown source code {source} in the file name"
         elif label != "normal" and not found:
             problem = "lesion image without a mask"
-        records.append(Record(source, label, p, found, image_id=p.stem, problem=problem))
+        records.append(Record(source, label, p, found, patients.get(p.stem, ""), image_id=p.stem, problem=problem))
     return records
 
 
