@@ -287,3 +287,29 @@ def test_logits_give_the_segmentation_bce(tiny_dataset, tmp_path):
                                       str(tmp_path / "plain"), "-d", "cpu"])
     assert res.exit_code == 0 and not (tmp_path / "plain" / "logits").exists()
     assert math.isnan(E.evaluate_predictions(tmp_path / "plain", tiny_dataset, "val", n_boot=10)["seg_bce"])
+
+
+def test_predict_and_evaluate_limit_take_the_same_first_images(tiny_dataset, tmp_path):
+    """A quick check: predict --limit N writes the split's first N images by id, and evaluate --limit N
+    scores exactly those (nothing missing); without --limit evaluate counts the rest as missing."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_test_model import make_test_ensemble
+    from training import predict as P
+    from training.datasets import load_records
+
+    ens = make_test_ensemble(tmp_path / "ens")
+    ids = sorted(r.image_id for r in load_records(tiny_dataset, "val"))
+    assert len(ids) > 2
+    res = CliRunner().invoke(P.main, ["--model-dir", str(ens), "--data", str(tiny_dataset), "--out",
+                                      str(tmp_path / "pred"), "-d", "cpu", "--limit", "2"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "pred" / "segmentation").iterdir()) == [f"{i}_mask.png" for i in ids[:2]]
+    res = CliRunner().invoke(E.main, ["--pred", str(tmp_path / "pred"), "--data", str(tiny_dataset), "--out",
+                                      str(tmp_path / "eval"), "--n-boot", "10", "--limit", "2"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["n_images"] == 2 and metrics["missing"]["cases"] == []
+    full = E.evaluate_predictions(tmp_path / "pred", tiny_dataset, "val", n_boot=10)
+    assert full["n_images"] == len(ids) and full["missing"]["cases"] == ids[2:]

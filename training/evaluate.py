@@ -257,16 +257,20 @@ class ProbabilityMaps(Mapping):
 
 def evaluate_predictions(pred_dir: Path | str, data_dir: Path | str, split: str = "val",
                          out_dir: Path | str | None = None, *, tau: float = 2.0, n_boot: int = 1000, seed: int = 0,
-                         n_worst: int = N_WORST, prob_maps: Mapping[str, np.ndarray] | None = None) -> dict:
+                         n_worst: int = N_WORST, prob_maps: Mapping[str, np.ndarray] | None = None,
+                         limit: int | None = None) -> dict:
     """Score ``pred_dir`` (PACE or Grand Challenge layout) on ``split`` of ``data_dir``; write the
     report files to ``out_dir`` when given. Returns the metrics.json dict (NaN kept as float NaN).
 
-    ``prob_maps`` ({image_id: H x W lesion probabilities}) adds the segmentation BCE.
+    ``prob_maps`` ({image_id: H x W lesion probabilities}) adds the segmentation BCE. ``limit``: only
+    the split's first N images by image id (those ``training.predict --limit N`` predicts).
     """
     pred_dir, data_dir = Path(pred_dir), Path(data_dir)
     if prob_maps is None and (pred_dir / LOGITS_DIR).is_dir():
         prob_maps = ProbabilityMaps(pred_dir / LOGITS_DIR)
     truth = load_truth(data_dir, split)
+    if limit is not None:
+        truth = sorted(truth, key=lambda r: r["image_id"])[:limit]
     layout = detect_layout(pred_dir)
     preds, problems = (read_grand_challenge if layout == "grand-challenge" else read_pace)(pred_dir)
     all_ids = {r["image_id"] for r in _read_csv(data_dir / "labels.csv")}
@@ -549,10 +553,13 @@ def write_outputs(res: dict, out_dir: Path, data_dir: Path, gts: Mapping[str, np
               help="NSD tolerance, in pixels (PACE) or mm (Grand Challenge mha spacing).")
 @click.option("--n-boot", type=click.IntRange(min=0), default=1000, show_default=True, help="Bootstrap resamples.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def main(pred_dir: Path, data_dir: Path, split: str, out_dir: Path, tau: float, n_boot: int, seed: int) -> None:
+@click.option("--limit", type=click.IntRange(1), default=None,
+              help="Only the split's first N images by image id (as training.predict --limit N).")
+def main(pred_dir: Path, data_dir: Path, split: str, out_dir: Path, tau: float, n_boot: int, seed: int,
+         limit: int | None) -> None:
     """Evaluate predictions against a prepared dataset and write metrics.json, report.md and plots."""
     try:
-        res = evaluate_predictions(pred_dir, data_dir, split, out_dir, tau=tau, n_boot=n_boot, seed=seed)
+        res = evaluate_predictions(pred_dir, data_dir, split, out_dir, tau=tau, n_boot=n_boot, seed=seed, limit=limit)
     except (ValueError, FileNotFoundError, ImageReadError) as exc:
         raise click.ClickException(str(exc)) from None
     u = res["units"]["distance"]
