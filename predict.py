@@ -34,9 +34,11 @@ from model.inference import load_predictor, predict_file
 
 
 class Output(BaseModel):
-    mask: Path  # 0/255 PNG of the input's size (.mha with the input's geometry for .mha inputs)
+    """The PRECISE/PACE test phase's Cog example returns ``segmentation_mask`` and ``classification``;
+    the labels are spelled as in its classification.csv."""
+    segmentation_mask: Path  # 0/255 PNG of the input's size (.mha with the input's geometry for .mha inputs)
+    classification: str  # Normal | Benign | Malignant
     overlay: Optional[Path]  # the image with the lesion contour, label and probability
-    label: str  # normal | benign | malignant
     probability_normal: float
     probability_benign: float
     probability_malignant: float
@@ -57,9 +59,9 @@ class Predictor(BasePredictor):
         out_dir = Path(tempfile.mkdtemp(prefix="pfsam-"))
         case = predict_file(self.predictor, Path(str(image)), out_dir, overlay=bool(overlay))
         pred = case.prediction
-        return Output(mask=Path(str(case.outputs[0])),
+        return Output(segmentation_mask=Path(str(case.outputs[0])),
+                      classification=pred.label.capitalize(),
                       overlay=Path(str(case.outputs[1])) if overlay else None,
-                      label=pred.label,
                       probability_normal=float(pred.probabilities["normal"]),
                       probability_benign=float(pred.probabilities["benign"]),
                       probability_malignant=float(pred.probabilities["malignant"]))

@@ -563,18 +563,19 @@ def test_cog_predictor_setup_and_predict(ensemble_dir, inputs):
     p = cog_predict.Predictor()
     p.setup(model_dir=str(ensemble_dir))
     out = p.predict(image=cog_predict.Path(str(root / "colour.png")), overlay=True, tta=False)
-    assert out.label in CLASSES
+    assert out.classification in ("Normal", "Benign", "Malignant")  # as in the challenge's classification.csv
     probs = (out.probability_normal, out.probability_benign, out.probability_malignant)
     assert math.isclose(sum(probs), 1.0, abs_tol=1e-5)
+    assert out.classification.lower() == CLASSES[int(np.argmax(probs))]
     h, w = sizes["colour.png"]
-    mask = Image.open(str(out.mask))
+    mask = Image.open(str(out.segmentation_mask))
     assert mask.size == (w, h) and set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
     assert Image.open(str(out.overlay)).size == (w, h)
     mha = p.predict(image=cog_predict.Path(str(root / "scan.mha")), overlay=False, tta=False)
-    assert str(mha.mask).endswith(".mha") and mha.overlay is None
-    assert sitk.ReadImage(str(mha.mask)).GetSpacing() == pytest.approx(MHA_SPACING)
+    assert str(mha.segmentation_mask).endswith(".mha") and mha.overlay is None
+    assert sitk.ReadImage(str(mha.segmentation_mask)).GetSpacing() == pytest.approx(MHA_SPACING)
     with pytest.raises(Exception, match="not a readable image|corrupt"):
-        bad = Path(str(out.mask)).parent / "bad.png"
+        bad = Path(str(out.segmentation_mask)).parent / "bad.png"
         bad.write_bytes(b"nope")
         p.predict(image=cog_predict.Path(str(bad)), overlay=False, tta=False)
 
