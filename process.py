@@ -48,7 +48,7 @@ from model.inference import FORMATS, TASKS, InferenceError, find_inputs, load_pr
               help="gc: Grand Challenge outputs; pace: PACE challenge outputs (the template's layout); "
                    "codabench: PACE's validation-phase upload (submission.zip).")
 @click.option("--model-dir", type=click.Path(path_type=Path), default=None,
-              help="Ensemble folder [default: the upload at /opt/ml/model (its ensemble.json at the top or one folder "
+              help="Ensemble folder [default: the upload at /opt/ml/model (its ensemble.json or config.json at the top or one folder "
                    "down; files without one are an error), else model/weights/default].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--tta/--no-tta", default=False, show_default=True, help="Horizontal-flip test-time augmentation.")

@@ -87,23 +87,24 @@ def default_model_dir() -> Path:
     """The model to run when none is named: the upload at ``/opt/ml/model`` (Grand Challenge), else
     the ensemble shipped with the package (``model/weights/default``).
 
-    An upload's ``ensemble.json`` may be at the top of ``/opt/ml/model`` or one folder down (a
-    tarball packed with its folder). An upload that holds files but no ensemble is an error, never a
-    silent fall-back to the built-in model."""
+    An upload's ``ensemble.json`` (or, for a single model, its ``config.json``) may be at the top of
+    ``/opt/ml/model`` or one folder down (a tarball packed with its folder). An upload that holds
+    files but no model is an error, never a silent fall-back to the built-in model."""
     root = SAGEMAKER_MODEL_DIR
-    if (root / "ensemble.json").is_file():
+    if (root / "ensemble.json").is_file() or (root / "config.json").is_file():
         return root
     entries = sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
     if entries:
-        found = sorted(p.parent for p in root.glob("*/ensemble.json"))
+        found = (sorted(p.parent for p in root.glob("*/ensemble.json"))
+                 or sorted(p.parent for p in root.glob("*/config.json")))
         if len(found) == 1:
             return found[0]
         if found:
             raise InferenceError(f"{root} holds several ensembles ({', '.join(str(p) for p in found)}); "
                                  "upload one, or pass --model-dir")
         raise InferenceError(f"{root} holds {', '.join(entries[:5])}{' ...' if len(entries) > 5 else ''} but no "
-                             "ensemble.json (at its top or one folder down): upload the folder that "
-                             "training.export wrote, e.g. the model.tar.gz of ./export.sh")
+                             "ensemble.json or config.json (at its top or one folder down): upload the folder "
+                             "that training.export wrote, e.g. the model.tar.gz of ./export.sh")
     from .predictor import DEFAULT_MODEL_DIR
 
     return Path(DEFAULT_MODEL_DIR)

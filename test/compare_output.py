@@ -191,7 +191,7 @@ def compare_pace(pace: Path, gc: Path, tol: float) -> list[str]:
         cls_out = next(o for o in e["outputs"] if o["type"] == "classification")
         name = Path(mask_out["filename"]).stem
         names.append(name)
-        gc_mask = sitk.GetArrayFromImage(sitk.ReadImage(str(gc / mask_out["filename"])))
+        gc_mask = np.squeeze(sitk.GetArrayFromImage(sitk.ReadImage(str(gc / mask_out["filename"]))))
         png = pace / "segmentation" / f"{name}_mask.png"
         if not png.is_file():
             problems.append(f"{name}: no {png.relative_to(pace)}")
@@ -201,8 +201,11 @@ def compare_pace(pace: Path, gc: Path, tol: float) -> list[str]:
             problems.append(f"{name}: the PACE mask differs from the Grand Challenge mask")
         if labels.get(name, "").lower() != cls_out["label"]:
             problems.append(f"{name}: PACE label {labels.get(name)!r} != Grand Challenge label {cls_out['label']!r}")
+        if name not in probs:
+            problems.append(f"{name}: no row in probabilities.csv")
+            continue
         for k in CLASSES:
-            if name in probs and abs(float(probs[name][k]) - cls_out["probabilities"][k]) > tol:
+            if abs(float(probs[name][k]) - cls_out["probabilities"][k]) > tol:
                 problems.append(f"{name}: P({k}) {probs[name][k]} != {cls_out['probabilities'][k]}")
     if sorted(labels) != sorted(names):
         problems.append(f"predictions.csv ids {sorted(labels)} != cases {sorted(names)}")

@@ -69,6 +69,9 @@ def test_same_members_keep_the_tuning_and_new_members_do_not(runs, tmp_path):
     assert res.exit_code == 0, res.output
     tuned = _tuned(out)
     (out / "NOTES.txt").write_text("the user's own file")
+    (out / "backup-mgc-a").mkdir()  # a model folder of the user's, not a member: kept too
+    for f in ("config.json", "model.safetensors"):
+        (out / "backup-mgc-a" / f).write_bytes((runs["mgc-a-2"] / "best" / f).read_bytes())
     res = _export(runs["sd-h"], runs["mgc-a"], "--out", out, "--no-gate-normal")  # the final export, same runs
     assert res.exit_code == 0 and "note:" not in res.output, res.output
     spec = json.loads((out / "ensemble.json").read_text())
@@ -76,6 +79,7 @@ def test_same_members_keep_the_tuning_and_new_members_do_not(runs, tmp_path):
     assert spec["postprocess_validation"] == tuned["postprocess_validation"]
     assert spec["postprocess_validation_setup"] == tuned["postprocess_validation_setup"]
     assert (out / "NOTES.txt").read_text() == "the user's own file"
+    assert (out / "backup-mgc-a" / "model.safetensors").read_bytes() == (runs["mgc-a-2"] / "best" / "model.safetensors").read_bytes()
     assert "Chosen by" in (out / "MODEL_CARD.md").read_text()
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~_umask()
     res = _export(runs["sd-h"], runs["mgc-a-2"], "--out", out)  # another MGC-A model
@@ -105,6 +109,8 @@ def test_a_run_without_best_is_a_clear_error(runs, tmp_path):
     assert "no-best/best: no config.json" in res.output and "--which last" in res.output
     assert not (tmp_path / "ens").exists()
     assert _export(runs["sd-h"], run, "--out", tmp_path / "ens", "--which", "last").exit_code == 0
+    res = _export(runs["sd-h"] / "best", "--out", tmp_path / "ens2")  # a model folder where a run folder belongs
+    assert res.exit_code == 1 and "best/best: no config.json" in res.output and "--which last" not in res.output
 
 
 def test_a_failed_export_leaves_the_existing_ensemble_as_it_was(runs, tmp_path):

@@ -211,6 +211,11 @@ def test_challenge_release_names_are_read(tmp_path):
     write_png(tmp_path / "masks" / "PABC_00003_101_BBR.png", box(1, 5, 1, 5))
     records = {r.image_id: r for r in read_pace(tmp_path)}
     assert sorted(records) == ["PABC_00001_000_BUS", "PABC_00003_101_BBR"]
+    nested = tmp_path / "Segmentation"  # a release folder named like a mask folder: only an image's own folder counts
+    write_png(nested / "images" / "PABC_00007_002_BUS.png", noise(3))
+    write_png(nested / "images" / "PABC_00007_002_BUS_mask.png", box(2, 6, 2, 6))
+    assert {r.image_id: r for r in read_pace(nested)}["PABC_00007_002_BUS"].masks == (
+        nested / "images" / "PABC_00007_002_BUS_mask.png",)
     assert records["PABC_00003_101_BBR"].label == "malignant" and records["PABC_00003_101_BBR"].source == "BBR"
     assert records["PABC_00003_101_BBR"].masks == (tmp_path / "masks" / "PABC_00003_101_BBR.png",)
     assert records["PABC_00001_000_BUS"].label == "normal" and not any(r.problem for r in records.values())

@@ -506,7 +506,7 @@ def test_default_model_dir_prefers_opt_ml_model(tmp_path, monkeypatch):
     assert inference.default_model_dir() == Path(DEFAULT_MODEL_DIR)
     (tmp_path / "ens").mkdir()
     (tmp_path / "ens" / "weights.bin").write_text("")
-    with pytest.raises(inference.InferenceError, match=r"holds ens but no ensemble.json.*training.export"):
+    with pytest.raises(inference.InferenceError, match=r"holds ens but no ensemble.json or config.json.*training.export"):
         inference.default_model_dir()  # an upload without an ensemble is never replaced by the built-in model
     (tmp_path / "ens" / "ensemble.json").write_text("{}")
     assert inference.default_model_dir() == tmp_path / "ens"  # a tarball packed with its folder
@@ -516,6 +516,11 @@ def test_default_model_dir_prefers_opt_ml_model(tmp_path, monkeypatch):
         inference.default_model_dir()
     (tmp_path / "ensemble.json").write_text("{}")
     assert inference.default_model_dir() == tmp_path
+    single = tmp_path / "single"  # one model (config.json + weights), as --model-dir loads it
+    (single / "model").mkdir(parents=True)
+    (single / "model" / "config.json").write_text("{}")
+    monkeypatch.setattr(inference, "SAGEMAKER_MODEL_DIR", single)
+    assert inference.default_model_dir() == single / "model"
 
 
 def test_the_model_that_runs_is_named(ensemble_dir, inputs, tmp_path, monkeypatch):

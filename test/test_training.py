@@ -69,6 +69,8 @@ def test_curriculum_scales_with_an_epoch_override(epochs, counts):
     own = load_config(REPO / "training" / "configs" / "mgc-a.yaml",
                       {"epochs": 30, "curriculum.gt_until": 25})  # an explicit curriculum is kept as given
     assert own["curriculum"] == {"gt_until": 25, "mixed_until": 40, "p_gt": 0.5}
+    p_only = load_config(REPO / "training" / "configs" / "mgc-a.yaml", {"epochs": 30, "curriculum.p_gt": 0.3})
+    assert p_only["curriculum"] == {"gt_until": 10, "mixed_until": 20, "p_gt": 0.3}  # p_gt sets no boundary
 
 
 def test_epoch_plan_is_seeded_and_class_weighted(tiny_dataset):
@@ -259,6 +261,10 @@ def test_train_cli_says_when_no_epoch_had_a_defined_selection_metric(tmp_path, m
     assert res.exit_code == 0, res.output
     assert "val_auc was undefined in every epoch" in res.output and "run/last" in res.output
     assert "-inf" not in res.output
+    monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 evaluates, saves and reports
+    res = CliRunner().invoke(train_mod.main, ["--config", str(REPO / "training" / "configs" / "mgc-a.yaml"),
+                                              "--data", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0 and res.output == ""
 
 
 def test_views_on_the_fly_are_random_per_draw_and_reproducible(tiny_dataset):
@@ -266,7 +272,7 @@ def test_views_on_the_fly_are_random_per_draw_and_reproducible(tiny_dataset):
     position), the same again for the same draw (resume, other workers); the mask is cropped with
     the image; the fixed views (the cache's) are unchanged by the seed; validation stays fixed."""
     from training.augment import apply_view
-    from training.train import ImageSet
+    from training.train import ImageSet, view_seed
 
     recs = [r for r in load_records(tiny_dataset, "train") if r.label != "normal"]
     views = ["orig", "hflip", "zoom", "bright"]
@@ -281,7 +287,13 @@ def test_views_on_the_fly_are_random_per_draw_and_reproducible(tiny_dataset):
         assert torch.equal(rand[(0, v)]["x"], fixed[(0, v)]["x"])  # no draw (validation): fixed
     for v in (0, 1):  # orig and flip have nothing to draw
         assert torch.equal(rand[(0, v, 1, 5)]["x"], fixed[(0, v)]["x"])
+    frozen, tuned = tiny_cfg("sd-h"), tiny_cfg("sd-h")
+    tuned["model"]["mode"] = "finetuned"
+    assert view_seed(tuned, build_model(tuned)) == tuned["seed"]
+    assert view_seed(frozen, build_model(frozen)) is None  # a frozen encoder: the cache's views, cached or not
+    assert view_seed(dict(tuned, augment="fixed"), build_model(tuned)) is None
     image, mask = load_pair(recs[0])
+    assert mask.any()
     rng = np.random.default_rng(7)
     for _ in range(20):  # a random crop keeps image and mask aligned, within the configured range
         img_c, m_c = apply_view(image, mask, "zoom", rng)
@@ -290,7 +302,7 @@ def test_views_on_the_fly_are_random_per_draw_and_reproducible(tiny_dataset):
                  for x0 in range(mask.shape[1] - m_c.shape[1] + 1)
                  if np.array_equal(image[y0:y0 + m_c.shape[0], x0:x0 + m_c.shape[1]], img_c)
                  and np.array_equal(mask[y0:y0 + m_c.shape[0], x0:x0 + m_c.shape[1]], m_c))
-        assert y is not None
+        assert y is not None and m_c.sum() == mask.sum()  # the lesion is never cropped away
 
 
 @pytest.mark.slow

@@ -33,7 +33,9 @@ def apply_view(image: np.ndarray, mask: np.ndarray, view: str,
             return image[dh:h - dh or None, dw:w - dw or None], mask[dh:h - dh or None, dw:w - dw or None]
         keep = rng.uniform(*ZOOM_KEEP)
         ch, cw = max(1, round(h * keep)), max(1, round(w * keep))
-        y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        ys, xs = np.nonzero(mask)
+        y0 = _crop_start(rng, h, ch, (ys.min(), ys.max()) if ys.size else None)
+        x0 = _crop_start(rng, w, cw, (xs.min(), xs.max()) if xs.size else None)
         return image[y0:y0 + ch, x0:x0 + cw], mask[y0:y0 + ch, x0:x0 + cw]
     if view == "bright":  # gain and gamma change (a different scanner setting)
         gamma, gain = (0.8, 1.1) if rng is None else (float(np.exp(rng.uniform(*np.log(GAMMA)))),
@@ -44,6 +46,19 @@ def apply_view(image: np.ndarray, mask: np.ndarray, view: str,
         out = np.clip(scaled ** gamma * gain, 0, 1) * 255
         return out.astype(np.uint8), mask
     raise ValueError(f"unknown view {view!r}; known: {VIEWS}")
+
+
+def _crop_start(rng: np.random.Generator, size: int, crop: int, lesion: tuple[int, int] | None) -> int:
+    """A random start for a crop of ``crop`` of ``size`` pixels that keeps the lesion's extent
+    [lo, hi] inside where it fits (else centred on it): a zoom never crops the lesion away."""
+    lo, hi = 0, size - crop
+    if lesion is not None:
+        a, b = int(lesion[0]), int(lesion[1])
+        if b - a + 1 <= crop:
+            lo, hi = max(lo, b + 1 - crop), min(hi, a)
+        else:
+            lo = hi = min(max((a + b + 1 - crop) // 2, 0), size - crop)
+    return int(rng.integers(lo, hi + 1))
 
 
 def class_views(views: list[str]) -> dict[str, list[int]]:

@@ -113,8 +113,9 @@ def _check_members(members: dict[str, Path], which: str) -> None:
         try:
             cfg = read_config(mdir)
         except CheckpointError as exc:
+            no_best = which == "best" and not mdir.exists() and (mdir.parent / "last" / CONFIG_NAME).is_file()
             hint = (" (a run whose selection metric was undefined in every epoch has no best/: "
-                    "export its last epoch with --which last)") if which == "best" else ""
+                    "export its last epoch with --which last)") if no_best else ""
             raise click.ClickException(f"{exc}{hint}") from None
         if not (mdir / WEIGHTS_NAME).is_file():
             raise click.ClickException(f"{mdir}: no {WEIGHTS_NAME}")
@@ -126,11 +127,18 @@ def _check_members(members: dict[str, Path], which: str) -> None:
 
 
 def _replace_dir(new: Path, out: Path) -> None:
-    """Put the finished ``new`` folder in place of ``out``, keeping ``out``'s other files (not its
-    ensemble, card or member folders) and never leaving a half-written ensemble behind."""
+    """Put the finished ``new`` folder in place of ``out``, keeping ``out``'s other files and folders
+    (all but its ensemble.json, card and the member folders that ensemble.json names) and never
+    leaving a half-written ensemble behind."""
     if out.exists():
+        old_members = set()
+        if (out / ENSEMBLE_NAME).is_file():
+            try:
+                old_members = set(json.loads((out / ENSEMBLE_NAME).read_text()).get("members", {}).values())
+            except (json.JSONDecodeError, AttributeError):
+                pass
         for p in out.iterdir():
-            if (new / p.name).exists() or (p.is_dir() and (p / CONFIG_NAME).is_file()):
+            if (new / p.name).exists() or p.name in old_members:
                 continue
             if p.is_dir():
                 shutil.copytree(p, new / p.name)

@@ -172,7 +172,7 @@ def read_pace(root: Path | str) -> list[Record]:
     images = []
     for p in files:
         m = re.match(r"^((?:PACE|PABC)_\d{5}_\d{3}_[A-Z]{3})_mask(?:_\d+)?$", p.stem)
-        in_mask_folder = any(part.lower() in MASK_FOLDERS for part in p.relative_to(root).parent.parts)
+        in_mask_folder = p.parent != root and p.parent.name.lower() in MASK_FOLDERS  # its own folder only
         if m:
             masks.setdefault(m[1], []).append(p)
         elif in_mask_folder and PACE_NAME.match(p.stem):

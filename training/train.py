@@ -64,7 +64,9 @@ def load_config(path: str | Path, overrides: dict) -> dict:
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
-    curriculum_set = any(k.split(".")[0] == "curriculum" and v is not None for k, v in overrides.items())
+    curriculum_set = any(v is not None and (k in ("curriculum.gt_until", "curriculum.mixed_until") or
+                                            (k == "curriculum" and {"gt_until", "mixed_until"} & set(v or {})))
+                         for k, v in overrides.items())  # p_gt alone sets no boundary
     if "curriculum" in cfg and file_epochs and not curriculum_set and int(cfg["epochs"]) != int(file_epochs):
         scale = int(cfg["epochs"]) / int(file_epochs)
         cfg["curriculum"] = {**cfg["curriculum"], **{k: int(cfg["curriculum"][k] * scale + 0.5)
@@ -121,6 +123,16 @@ class ImageSet(Dataset):
         image, mask = apply_view(*load_pair(rec), self.views[view], rng)
         x, geom = preprocess(image, self.size, self.norm)
         return {"x": x, "mask": mask_to_model(mask, geom, MASK_RES), "label": rec.label_index, "index": idx}
+
+
+def view_seed(cfg: dict, net: PFSAMNet) -> int | None:
+    """The seed of random view parameters, or None for the fixed views: random only where the encoder
+    trains (a frozen one trains on the cache's views with or without --cache) and ``augment`` is
+    ``random`` (the default)."""
+    augment = cfg.get("augment", "random")
+    if augment not in ("random", "fixed"):
+        raise ValueError(f"augment must be random or fixed, not {augment!r}")
+    return int(cfg["seed"]) if augment == "random" and not net.frozen else None
 
 
 def collate(items):
@@ -316,11 +328,7 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
         tr_set, va_set = CachedSet(cache, train_recs), CachedSet(cache, val_recs)
         avail = lambda i, v: bool(cache.done[cache.index[train_recs[i].image_id], v])  # noqa: E731
     else:
-        augment = cfg.get("augment", "random")
-        if augment not in ("random", "fixed"):
-            raise ValueError(f"augment must be random or fixed, not {augment!r}")
-        tr_set = ImageSet(train_recs, cfg["views"], net.input_size, net.normalization,
-                          random_seed=int(cfg["seed"]) if augment == "random" else None)
+        tr_set = ImageSet(train_recs, cfg["views"], net.input_size, net.normalization, random_seed=view_seed(cfg, net))
         va_set = ImageSet(val_recs, cfg["views"], net.input_size, net.normalization)  # orig view only
         avail = None
 
@@ -458,6 +466,8 @@ def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, ba
     except (WeightsError, CacheError) as exc:  # a missing checkpoint or cache: the message says what to do
         raise click.ClickException(str(exc)) from None
     best = result["best"]
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 alone evaluates, saves and reports
+        return
     if best["epoch"] == 0:  # e.g. AUC on a validation split with one class (smoke runs with --limit)
         click.echo(f"done: {best['metric']} was undefined in every epoch, so no best/ was written; "
                    f"the last epoch's model is in {out}/last (training.export … --which last)", err=True)
