@@ -63,10 +63,18 @@ def _tuned(out: Path) -> dict:
     return spec
 
 
-def test_same_members_keep_the_tuning_and_new_members_do_not(runs, tmp_path):
+@pytest.mark.parametrize("mount_point", [False, True])
+def test_same_members_keep_the_tuning_and_new_members_do_not(runs, tmp_path, monkeypatch, mount_point):
+    """Also where --out is a mount point (cannot be renamed: the ensemble is staged inside it and
+    moved in item by item)."""
     out = tmp_path / "ens"
     res = _export(runs["sd-h"], runs["mgc-a"], "--out", out)
     assert res.exit_code == 0, res.output
+    if mount_point:
+        real_ismount = os.path.ismount
+        monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == out or real_ismount(p))
+        monkeypatch.setattr(Path, "rename", _refuse_renaming(out, Path.rename))
+        inode = out.stat().st_ino
     tuned = _tuned(out)
     (out / "NOTES.txt").write_text("the user's own file")
     (out / "backup-mgc-a").mkdir()  # a model folder of the user's, not a member: kept too
@@ -91,6 +99,21 @@ def test_same_members_keep_the_tuning_and_new_members_do_not(runs, tmp_path):
     assert "Chosen by" not in (out / "MODEL_CARD.md").read_text()
     Predictor.from_dir(out, device="cpu")  # and it loads
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in out.iterdir()) == ["MODEL_CARD.md", "NOTES.txt", "backup-mgc-a", "ensemble.json",
+                                                     "mgc-a", "sd-h"]
+    if mount_point:
+        assert out.stat().st_ino == inode  # the folder itself stayed
+
+
+def _refuse_renaming(folder: Path, rename):
+    """Path.rename, except that ``folder`` itself cannot be moved (as a mount point cannot: EBUSY)."""
+    def guarded(self, target):
+        if Path(self) == folder:
+            raise OSError(16, "Device or resource busy", str(self))
+        return rename(self, target)
+
+    return guarded
 
 
 def _umask() -> int:

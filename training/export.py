@@ -126,17 +126,35 @@ def _check_members(members: dict[str, Path], which: str) -> None:
                                    f"preprocessing for the ensemble); found {found}")
 
 
+def _old_members(out: Path) -> set[str]:
+    """The member folders that ``out``'s current ensemble.json names (they are replaced on export)."""
+    try:
+        return set(json.loads((out / ENSEMBLE_NAME).read_text()).get("members", {}).values())
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return set()
+
+
+def _replace_items(new: Path, out: Path) -> None:
+    """``_replace_dir`` for an ``out`` that cannot be renamed, with ``new`` staged inside it: the old
+    members move aside, then the new members, the card and last ensemble.json (each rename atomic)
+    move in, so an interruption leaves every file whole and the old ones in ``out/.export-old-*``."""
+    old = Path(tempfile.mkdtemp(prefix=".export-old-", dir=out))
+    for name in sorted(_old_members(out) - {".", ""}):
+        if (out / name).is_dir():
+            (out / name).rename(old / name)
+    for p in sorted(new.iterdir(), key=lambda p: (p.name == ENSEMBLE_NAME, p.name)):  # ensemble.json last
+        if (out / p.name).is_dir():
+            (out / p.name).rename(old / p.name)
+        os.replace(p, out / p.name)
+    shutil.rmtree(old)
+
+
 def _replace_dir(new: Path, out: Path) -> None:
     """Put the finished ``new`` folder in place of ``out``, keeping ``out``'s other files and folders
     (all but its ensemble.json, card and the member folders that ensemble.json names) and never
     leaving a half-written ensemble behind."""
     if out.exists():
-        old_members = set()
-        if (out / ENSEMBLE_NAME).is_file():
-            try:
-                old_members = set(json.loads((out / ENSEMBLE_NAME).read_text()).get("members", {}).values())
-            except (json.JSONDecodeError, AttributeError):
-                pass
+        old_members = _old_members(out)
         for p in out.iterdir():
             if (new / p.name).exists() or p.name in old_members:
                 continue
@@ -185,7 +203,11 @@ def export(runs: list[Path], out: Path, which: str = "best", metrics_path: Path 
             click.echo(f"note: the members differ from {old}'s: its tuned postprocess options are not kept "
                        "(run training.tune --write on the new ensemble)", err=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    # staged beside --out and swapped in; inside it, item by item, where --out cannot be renamed (a mount
+    # point, e.g. a folder bind-mounted into a training container) or its parent is not writable
+    in_place = out.is_dir() and (os.path.ismount(out) or not os.access(out.parent, os.W_OK))
+    tmp = Path(tempfile.mkdtemp(prefix=".export-new-" if in_place else f".{out.name}.new-",
+                                dir=out if in_place else out.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the model folder must be readable like any folder
@@ -195,7 +217,7 @@ def export(runs: list[Path], out: Path, which: str = "best", metrics_path: Path 
         report = json.loads(data_report.read_text()) if data_report and data_report.is_file() else None
         write_text(tmp / "MODEL_CARD.md", model_card(tmp, {n: tmp / n for n in names}, seg, cls, metrics, report,
                                                      command or "(not recorded: pass --command to training.export)"))
-        _replace_dir(tmp, out)
+        (_replace_items if in_place else _replace_dir)(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
