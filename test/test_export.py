@@ -77,6 +77,7 @@ def test_same_members_keep_the_tuning_and_new_members_do_not(runs, tmp_path, mon
         inode = out.stat().st_ino
     tuned = _tuned(out)
     (out / "NOTES.txt").write_text("the user's own file")
+    (out / "data-link").symlink_to(tmp_path / "somewhere-else")  # a link of the user's (dangling): kept as a link
     (out / "backup-mgc-a").mkdir()  # a model folder of the user's, not a member: kept too
     for f in ("config.json", "model.safetensors"):
         (out / "backup-mgc-a" / f).write_bytes((runs["mgc-a-2"] / "best" / f).read_bytes())
@@ -100,8 +101,9 @@ def test_same_members_keep_the_tuning_and_new_members_do_not(runs, tmp_path, mon
     Predictor.from_dir(out, device="cpu")  # and it loads
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
-    assert sorted(p.name for p in out.iterdir()) == ["MODEL_CARD.md", "NOTES.txt", "backup-mgc-a", "ensemble.json",
-                                                     "mgc-a", "sd-h"]
+    assert sorted(p.name for p in out.iterdir()) == ["MODEL_CARD.md", "NOTES.txt", "backup-mgc-a", "data-link",
+                                                     "ensemble.json", "mgc-a", "sd-h"]
+    assert (out / "data-link").is_symlink() and os.readlink(out / "data-link") == str(tmp_path / "somewhere-else")
     if mount_point:
         assert out.stat().st_ino == inode  # the folder itself stayed
 

@@ -158,10 +158,10 @@ def _replace_dir(new: Path, out: Path) -> None:
         for p in out.iterdir():
             if (new / p.name).exists() or p.name in old_members:
                 continue
-            if p.is_dir():
-                shutil.copytree(p, new / p.name)
+            if p.is_dir() and not p.is_symlink():
+                shutil.copytree(p, new / p.name, symlinks=True)  # links stay links, never followed
             else:
-                shutil.copy2(p, new / p.name)
+                shutil.copy2(p, new / p.name, follow_symlinks=False)
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         out.rename(old / out.name)
         new.rename(out)
