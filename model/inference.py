@@ -367,9 +367,12 @@ class GCWriter(_Writer):
 
 
 class PACEWriter(_Writer):
+    def mask_path(self, case: Case) -> Path:
+        return self.out / "segmentation" / f"{case.name}_mask.png"
+
     def write_case(self, case: Case, image: LoadedImage, pred) -> None:
         if self.seg:
-            path = self.out / "segmentation" / f"{case.name}_mask.png"
+            path = self.mask_path(case)
             write_png(path, (pred.mask > 0).astype(np.uint8) * 255)
             case.outputs.append(path)
             # training.predict --logits: for training.evaluate's segmentation BCE (not kept in memory after)
@@ -393,7 +396,7 @@ class PACEWriter(_Writer):
             write_text(self.out / "classification" / "predictions.csv", self.labels_csv(cases))
             write_text(self.out / "classification" / "probabilities.csv",
                        _csv_text(("image_id", *CLASS_NAMES), probs))
-        _Writer.finish(self, cases)
+        super().finish(cases)
 
 
 class CodabenchWriter(PACEWriter):
@@ -409,7 +412,7 @@ class CodabenchWriter(PACEWriter):
         if self.seg:
             for c in cases:
                 if c.ok:
-                    members[f"segmentation/{c.name}_mask.png"] = self.out / "segmentation" / f"{c.name}_mask.png"
+                    members[self.mask_path(c).relative_to(self.out).as_posix()] = self.mask_path(c)
         write_zip(self.out / "submission.zip", members)
         _Writer.finish(self, cases)
 

@@ -108,6 +108,26 @@ def _to_onnx(members: dict[str, PFSAMNet], force: bool) -> None:
             m.encoder = ort
 
 
+def fit_in_gpu_memory(fn, batch, join, first_size: int | None = None):
+    """``fn(batch)``, but a batch that runs out of GPU memory is retried in two halves (after emptying
+    the CUDA cache), recursively down to single items, and ``join(first, second)`` puts the halves'
+    results together; a single item that still does not fit raises ``GPUOutOfMemoryError``."""
+    n = len(batch)
+    first_size = first_size or n
+    try:
+        return fn(batch)
+    except torch.cuda.OutOfMemoryError:
+        pass  # handled below, outside the except block, so the failed pass's tensors can be freed
+    free_gpu_memory()
+    if n == 1:
+        raise GPUOutOfMemoryError(
+            f"out of GPU memory at batch size {first_size} (retried in halves down to single images, "
+            f"which did not fit either); use --batch-size 1 or -d cpu")
+    half = (n + 1) // 2
+    return join(fit_in_gpu_memory(fn, batch[:half], join, first_size),
+                fit_in_gpu_memory(fn, batch[half:], join, first_size))
+
+
 class Predictor:
     def __init__(self, members: dict[str, PFSAMNet], spec: dict, device: torch.device,
                  batch_size: int = 4, tta: bool = False, precision: str = "auto"):
@@ -278,25 +298,9 @@ class Predictor:
             return Prediction(mask, probs, label, {"logits": full})
         return Prediction(postprocess(logits, geom, threshold=thr), probs, label)
 
-    def _forward_fitting(self, x: torch.Tensor, first_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward``, but a batch that runs out of GPU memory is retried in two halves (after
-        emptying the CUDA cache), recursively down to single images; a single image that still
-        does not fit raises ``GPUOutOfMemoryError``."""
-        n = int(x.shape[0])
-        first_size = first_size or n
-        try:
-            return self.forward(x)
-        except torch.cuda.OutOfMemoryError:
-            pass  # handled below, outside the except block, so the failed pass's tensors can be freed
-        free_gpu_memory()
-        if n == 1:
-            raise GPUOutOfMemoryError(
-                f"out of GPU memory at batch size {first_size} (retried in halves down to single images, "
-                f"which did not fit either); use --batch-size 1 or -d cpu")
-        half = (n + 1) // 2
-        seg_a, cls_a = self._forward_fitting(x[:half], first_size)
-        seg_b, cls_b = self._forward_fitting(x[half:], first_size)
-        return torch.cat([seg_a, seg_b]), torch.cat([cls_a, cls_b])
+    def _forward_fitting(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` through ``fit_in_gpu_memory``."""
+        return fit_in_gpu_memory(self.forward, x, lambda a, b: (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])))
 
     def _map(self, fn, *iterables) -> list:
         if self.io_threads <= 0:

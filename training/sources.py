@@ -171,10 +171,10 @@ def read_pace(root: Path | str) -> list[Record]:
     masks: dict[str, list[Path]] = {}
     images = []
     for p in files:
-        m = re.match(r"^((?:PACE|PABC)_\d{5}_\d{3}_[A-Z]{3})_mask(?:_\d+)?$", p.stem)
+        image_id = re.sub(r"_mask(?:_\d+)?$", "", p.stem)  # <id>_mask[_N]
         in_mask_folder = p.parent != root and p.parent.name.lower() in MASK_FOLDERS  # its own folder only
-        if m:
-            masks.setdefault(m[1], []).append(p)
+        if image_id != p.stem and PACE_NAME.match(image_id):
+            masks.setdefault(image_id, []).append(p)
         elif in_mask_folder and PACE_NAME.match(p.stem):
             masks.setdefault(p.stem, []).append(p)
         else:

@@ -17,6 +17,7 @@ costing less than 0.005 lesion Dice.
 from __future__ import annotations
 
 import json
+import operator
 from pathlib import Path
 
 import click
@@ -26,7 +27,7 @@ import torch
 from model.checkpoint import ENSEMBLE_NAME
 from model.io import write_text
 from model.inference import InferenceError, load_predictor
-from model.predictor import GPUOutOfMemoryError, Predictor, free_gpu_memory
+from model.predictor import GPUOutOfMemoryError, Predictor, fit_in_gpu_memory
 from model.preprocessing import preprocess
 from model.refine import REFINE_ENCODERS
 
@@ -75,29 +76,20 @@ def score_options(predictor: Predictor, data: Path, batch: int = 8, refine_optio
              "n_lesion": len(r["dice"]), "n_normal": len(r["normal_empty"])} for (ri, oi), r in results.items()]
 
 
-def _combined(predictor: Predictor, refiners: list, images: list, first_size: int | None = None) -> list:
+def _combined(predictor: Predictor, refiners: list, images: list) -> list:
     """Per image, (mask probabilities, class probabilities, geometry) under each refiner, from one
-    encoder pass over the batch. A batch that runs out of GPU memory is retried in two halves, down
-    to single images, as ``process.py`` does (``Predictor._forward_fitting``)."""
-    first_size = first_size or len(images)
-    try:
-        pre = [preprocess(image, predictor.input_size, predictor.normalization) for image in images]
+    encoder pass over the batch; a batch that runs out of GPU memory is retried in halves, as in
+    ``process.py`` (``fit_in_gpu_memory``)."""
+    def one_pass(batch: list) -> list:
+        pre = [preprocess(image, predictor.input_size, predictor.normalization) for image in batch]
         views = predictor.encode_views(torch.stack([x for x, _ in pre]))
         per_refiner = []
         for refiner in refiners:
             predictor.refiner = refiner
             per_refiner.append(predictor.combine_views(views))
-        return [[(seg[j], cls[j], pre[j][1]) for seg, cls in per_refiner] for j in range(len(images))]
-    except torch.cuda.OutOfMemoryError:
-        pass  # handled outside the except block, so the failed pass's tensors can be freed
-    views = per_refiner = None
-    free_gpu_memory()
-    if len(images) == 1:
-        raise GPUOutOfMemoryError(f"out of GPU memory at batch size {first_size} (retried in halves down to "
-                                  "single images, which did not fit either); use --batch-size 1 or -d cpu")
-    half = (len(images) + 1) // 2
-    return (_combined(predictor, refiners, images[:half], first_size)
-            + _combined(predictor, refiners, images[half:], first_size))
+        return [[(seg[j], cls[j], pre[j][1]) for seg, cls in per_refiner] for j in range(len(batch))]
+
+    return fit_in_gpu_memory(one_pass, images, operator.add)
 
 
 def choose(scores: list[dict]) -> dict:
