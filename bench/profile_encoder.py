@@ -21,7 +21,7 @@ from model.encoders.sam_vit import Attention  # noqa: E402
 
 def _kind(name: str) -> str:
     n = name.lower()
-    if any(s in n for s in ("flash", "fmha", "attention", "flex", "sdpa", "cudnn")):
+    if any(s in n for s in ("flash", "fmha", "attention", "flex", "sdpa", "cudnn", "relpos")):
         return "attention"
     if any(s in n for s in ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "mm", "linear", "conv")):
         return "matmul/conv"

@@ -10,7 +10,7 @@
   Runtime for LiteMedSAM on CPU in fp32 (model/onnx_encoder.py),
   channels-last on CPU, bf16 on CUDA for SAM ViTs (``--precision bf16`` forces it), batched; SAM attention
   through fused kernels on CUDA (``--attention``: the Triton relative-position kernel for global
-  blocks, model/encoders/relpos_attention.py; the mask form for windows); ``--compile``:
+  and window blocks, model/encoders/relpos_attention.py); ``--compile``:
   ``torch.compile``, compile time reported apart).
 * end to end: ``model.inference.run`` over a folder of generated PNGs (decode, predict, write).
 

@@ -359,9 +359,9 @@ def test_sam_attention_form_per_block_and_device(monkeypatch):
     attn = Attention(64, 4, (64, 64))
     win = Attention(64, 4, (14, 14))
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert attn.resolved_impl(cuda) == "fused" and win.resolved_impl(cuda) == "bias"
+    assert attn.resolved_impl(cuda) == "fused" and win.resolved_impl(cuda) == "fused"
     assert attn.resolved_impl(cpu) == "bias"
-    with monkeypatch.context() as mp:  # no C compiler for Triton (as in the container): augmented form
+    with monkeypatch.context() as mp:  # no C compiler for Triton (as in the container): the faster flash/mask form
         mp.setattr(relpos_attention, "available", lambda: False)
         assert attn.resolved_impl(cuda) == "augment" and win.resolved_impl(cuda) == "bias"
     attn.impl = win.impl = "fused,augment"
@@ -437,3 +437,36 @@ def test_io_threads_give_the_serial_outputs_and_errors(tmp_path):
         assert np.array_equal(a, b)
     assert (tmp_path / "serial" / "classification" / "probabilities.csv").read_text() == \
         (tmp_path / "threaded" / "classification" / "probabilities.csv").read_text()
+
+
+def test_fused_form_falls_back_per_block_kind(monkeypatch):
+    """Where the fused kernels do not take a call (here: CPU, fp32), a global block runs the
+    augmented (flash) form and a window block the mask form, the faster of the two for each kind on
+    an H100; both give the mask form's output."""
+    import torch.nn.functional as F
+
+    from model.encoders import sam_vit
+    from model.encoders.sam_vit import Attention
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append("bias" if attn_mask is not None else "augment")
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(sam_vit.F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    for size, expected in (((32, 32), "augment"), ((14, 14), "bias")):
+        attn = Attention(64, 4, size).eval()
+        with torch.no_grad():
+            attn.rel_pos_h.normal_(0, 0.5)
+            attn.rel_pos_w.normal_(0, 0.5)
+            x = torch.randn(2, *size, 64)
+            attn.impl = "bias"
+            ref = attn(x)
+            calls.clear()
+            attn.impl = "fused"
+            out = attn(x)
+        assert calls == [expected], (size, calls)
+        assert torch.allclose(out, ref, atol=1e-5), (size, float((out - ref).abs().max()))

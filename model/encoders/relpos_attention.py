@@ -97,7 +97,7 @@ def kernel(tuned: bool = True, shape: str = "rows"):
             # (two key rows per step were tried: never faster; on an H100 the best was 64 / 4 warps / 3 stages)
             configs = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
                        for bm in (64, 128) for w, s in ((4, 2), (4, 3), (8, 3))]
-        else:  # no loop to pipeline; the logits tile is BLOCK_M x NP (not yet measured on a GPU)
+        else:  # no loop to pipeline; the logits tile is BLOCK_M x NP (on an H100 the best was 64 / 4 warps)
             configs = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
                        for bm, w in ((32, 4), (64, 4), (64, 8))]
         # the chosen config is kept in Triton's cache (TRITON_CACHE_DIR) where this Triton can: autotuning

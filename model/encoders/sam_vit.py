@@ -53,9 +53,10 @@ class Attention(nn.Module):
 
     ``impl`` is one form for every block or ``"GLOBAL,WINDOW"`` (e.g. ``"augment,bias"``): the first for
     the global blocks (at least ``GLOBAL_MIN_TOKENS`` tokens, 64x64 at 1024 input), the second for
-    the 14x14 windows. Class default ``"auto"``: on CUDA ``fused`` for the global blocks (``augment``
-    where the kernel cannot be built: ``relpos_attention.available``) and ``bias`` for the windows,
-    ``bias`` on CPU (README, Performance: per-layer timings of each form). The forms:
+    the 14x14 windows. Class default ``"auto"``: on CUDA ``fused`` for both (where the kernels cannot be
+    built, ``relpos_attention.available``: ``augment`` for global blocks, ``bias`` for windows),
+    ``bias`` on CPU (README, Performance:
+    per-layer timings of each form on an H100). The forms:
 
     * ``bias``: the terms become an additive (B, heads, N, N) mask. Exact, but the mask is
       materialised (400 MB per image and global block at 1024 input) and rules out flash attention.
@@ -68,9 +69,9 @@ class Attention(nn.Module):
     * ``fused``: the Triton kernels of ``relpos_attention``. Global blocks: flash attention whose key
       blocks are key rows, so each block adds one ``Rh`` value per query and the same ``Rw`` tile.
       Windows: all 196 keys in one tile, the terms added from one-hots built in registers (no mask
-      in memory; ``auto`` keeps ``bias`` for windows until this is measured on a GPU). CUDA,
+      in memory; 1.5x faster than ``bias`` per window layer on an H100). CUDA,
       bf16/fp16, inference only; shapes or uses they do not take (training, fp32, ViT-H's head size
-      80) run ``augment`` instead.
+      80) run ``augment`` (global blocks) or ``bias`` (windows) instead.
     """
 
     impl = "auto"
@@ -85,7 +86,11 @@ class Attention(nn.Module):
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
 
     GLOBAL_MIN_TOKENS = 1024  # blocks with at least this many tokens count as global
-    AUTO_CUDA = {"global": "fused", "window": "bias"}
+    AUTO_CUDA = {"global": "fused", "window": "fused"}
+    # where the kernels cannot be built or do not take the call (training, fp32, GPUs before 8.0, head
+    # size 80): the faster of the other forms (H100, per layer: augment for the 64x64 global blocks,
+    # 7.1 vs 23.2 ms; the mask for the 14x14 windows, 2.9 vs 3.9 ms)
+    AUTO_CUDA_FALLBACK = {"global": "augment", "window": "bias"}
 
     def resolved_impl(self, device: torch.device, tokens: int | None = None) -> str:
         if tokens is None:
@@ -99,8 +104,7 @@ class Attention(nn.Module):
         if impl == "auto":
             if device.type != "cuda":
                 return "bias"
-            impl = self.AUTO_CUDA[kind]
-            return "augment" if impl == "fused" and not relpos_attention.available() else impl
+            return self.AUTO_CUDA[kind] if relpos_attention.available() else self.AUTO_CUDA_FALLBACK[kind]
         return impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +124,7 @@ class Attention(nn.Module):
                 tw = bias_w.reshape(b, self.num_heads, h * w, w)
                 x = relpos_attention.relpos_attention(q, k, v, th, tw, hd ** -0.5)  # B, N, heads, hd
                 return self.proj(x.reshape(b, h, w, -1))
-            impl = "augment"
+            impl = self.AUTO_CUDA_FALLBACK["global" if h * w >= self.GLOBAL_MIN_TOKENS else "window"]
         if impl == "bias":
             bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, self.num_heads, h * w, h * w)
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
