@@ -115,16 +115,22 @@ class Attention(nn.Module):
         rh = _rel_pos(h, self.rel_pos_h).to(q.dtype)
         rw = _rel_pos(w, self.rel_pos_w).to(q.dtype)
         rq = q.reshape(b, self.num_heads, h, w, -1)
-        bias_h = torch.einsum("bnhwc,hkc->bnhwk", rq, rh)
-        bias_w = torch.einsum("bnhwc,wkc->bnhwk", rq, rw)
         impl = self.resolved_impl(x.device, h * w)
         if impl == "fused":
             if relpos_attention.supported(q, h, w) and not (torch.is_grad_enabled() and q.requires_grad):
-                th = bias_h.reshape(b, self.num_heads, h * w, h)
-                tw = bias_w.reshape(b, self.num_heads, h * w, w)
+                # The terms' key side padded to a multiple of 8 and handed to the kernel as strided views:
+                # cuBLAS runs the products of the windows' 14 key rows/columns through a slow misaligned
+                # kernel (4 % of the compiled encoder's time on an H100)
+                kh, kw = -(-h // 8) * 8, -(-w // 8) * 8
+                th = torch.einsum("bnhwc,hkc->bnhwk", rq, F.pad(rh, (0, 0, 0, kh - h)))
+                tw = torch.einsum("bnhwc,wkc->bnhwk", rq, F.pad(rw, (0, 0, 0, kw - w)))
+                th = th.reshape(b, self.num_heads, h * w, kh)[..., :h]
+                tw = tw.reshape(b, self.num_heads, h * w, kw)[..., :w]
                 x = relpos_attention.relpos_attention(q, k, v, th, tw, hd ** -0.5)  # B, N, heads, hd
                 return self.proj(x.reshape(b, h, w, -1))
             impl = self.AUTO_CUDA_FALLBACK["global" if h * w >= self.GLOBAL_MIN_TOKENS else "window"]
+        bias_h = torch.einsum("bnhwc,hkc->bnhwk", rq, rh)
+        bias_w = torch.einsum("bnhwc,wkc->bnhwk", rq, rw)
         if impl == "bias":
             bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, self.num_heads, h * w, h * w)
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
