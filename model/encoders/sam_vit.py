@@ -117,28 +117,25 @@ class Attention(nn.Module):
         rh = _rel_pos(h, self.rel_pos_h).to(q.dtype)
         rw = _rel_pos(w, self.rel_pos_w).to(q.dtype)
         rq = q.reshape(b, self.num_heads, h, w, -1)
-        impl = self.resolved_impl(x.device, h * w)
+        # Per query and key row / key column, (B, heads, N, h) and (B, heads, N, w). The key side is padded
+        # to a multiple of 8 for the products and the padding sliced off as a strided view: cuBLAS runs
+        # the windows' 14-wide products through a slow misaligned kernel (4 % of the compiled encoder's
+        # time on an H100; padded: 2 % more images/s). The fused kernels read the strided views.
+        n = h * w
+        kh, kw = -(-h // 8) * 8, -(-w // 8) * 8
+        bias_h = torch.einsum("bnhwc,hkc->bnhwk", rq, F.pad(rh, (0, 0, 0, kh - h))).reshape(b, -1, n, kh)[..., :h]
+        bias_w = torch.einsum("bnhwc,wkc->bnhwk", rq, F.pad(rw, (0, 0, 0, kw - w))).reshape(b, -1, n, kw)[..., :w]
+        impl = self.resolved_impl(x.device, n)
         if impl == "fused":
             if relpos_attention.supported(q, h, w) and not (torch.is_grad_enabled() and q.requires_grad):
-                # The terms' key side padded to a multiple of 8 and handed to the kernel as strided views:
-                # cuBLAS runs the products of the windows' 14 key rows/columns through a slow misaligned
-                # kernel (4 % of the compiled encoder's time on an H100; padded: 2 % more images/s)
-                kh, kw = -(-h // 8) * 8, -(-w // 8) * 8
-                th = torch.einsum("bnhwc,hkc->bnhwk", rq, F.pad(rh, (0, 0, 0, kh - h)))
-                tw = torch.einsum("bnhwc,wkc->bnhwk", rq, F.pad(rw, (0, 0, 0, kw - w)))
-                th = th.reshape(b, self.num_heads, h * w, kh)[..., :h]
-                tw = tw.reshape(b, self.num_heads, h * w, kw)[..., :w]
-                x = relpos_attention.relpos_attention(q, k, v, th, tw, hd ** -0.5)  # B, N, heads, hd
+                x = relpos_attention.relpos_attention(q, k, v, bias_h, bias_w, hd ** -0.5)  # B, N, heads, hd
                 return self.proj(x.reshape(b, h, w, -1))
-            impl = self.AUTO_CUDA_FALLBACK[self._kind(h * w)]
-        bias_h = torch.einsum("bnhwc,hkc->bnhwk", rq, rh)
-        bias_w = torch.einsum("bnhwc,wkc->bnhwk", rq, rw)
+            impl = self.AUTO_CUDA_FALLBACK[self._kind(n)]
         if impl == "bias":
-            bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, self.num_heads, h * w, h * w)
+            bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, self.num_heads, n, n)
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
-            n = h * w
-            extra = torch.cat([bias_h.reshape(b, self.num_heads, n, h), bias_w.reshape(b, self.num_heads, n, w)], -1)
+            extra = torch.cat([bias_h, bias_w], -1)
             width = -(-(hd + h + w) // 8) * 8  # head size a multiple of 8 (fused kernels' alignment)
             pad = width - (hd + h + w)
             qa = F.pad(torch.cat([q * hd ** -0.5, extra], -1), (0, pad))
