@@ -33,6 +33,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     XDG_CACHE_HOME=/tmp/.cache \
     MPLCONFIGDIR=/tmp/.cache/matplotlib \
     TORCH_HOME=/tmp/.cache/torch \
+    TRITON_HOME=/tmp/.cache \
+    TRITON_CACHE_DIR=/tmp/.cache/triton \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/.cache/torchinductor \
     PFSAM_CACHE=/opt/app/cache
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -45,6 +48,21 @@ RUN groupadd --non-unique --gid "${USER_GID}" user \
     && chown user:user /output
 
 WORKDIR /opt/app
+
+# A C/C++ toolchain and Python's headers, which the official PyTorch runtime images lack
+# (pytorch/pytorch#116696): on a GPU, Triton builds its launcher with them, for SAM ViT models'
+# fused attention kernels and for `--compile`; on CPU, `--compile` builds its kernels with g++.
+# Without them those fall back (the augmented and mask attention forms) or are refused.
+# `--build-arg COMPILER=0` leaves them out. Versions are the base distribution's (Debian or Ubuntu).
+ARG COMPILER=1
+# hadolint ignore=DL3008
+RUN if [ "${COMPILER}" = 1 ]; then \
+      headers="$(python3 -c 'import os, sysconfig as s; k = s.get_default_scheme(); print(os.path.isfile(os.path.join(s.get_paths(scheme="posix_prefix" if k == "posix_local" else k)["include"], "Python.h")))')"; \
+      dev=""; [ "${headers}" = True ] || dev=python3-dev; \
+      apt-get update -q \
+      && apt-get install -y -q --no-install-recommends gcc g++ libc6-dev ${dev:+"$dev"} \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
 
 COPY requirements-runtime.txt /opt/app/
 # torch must stay the base image's: check that the runtime requirements leave it alone.
@@ -60,16 +78,19 @@ COPY --from=app /src/ /opt/app/
 # Fail the build early if the code does not import or the encoder weights are missing; precompile
 # (the container runs on a read-only file system).
 RUN python3 -c "import model.inference, model.encoders.weights as w; p = w.litemedsam_checkpoint(); assert p.is_file(), p; print('encoder weights:', p)" \
+    && if [ "${COMPILER}" = 1 ]; then python3 -m model.toolchain; fi \
     && python3 -m compileall -q /opt/app/model /opt/app/process.py /opt/app/main.py \
     && if [ -f /opt/app/model/weights/default/ensemble.json ]; then echo "default ensemble baked in"; \
        else echo "WARNING: no model/weights/default/ensemble.json: the image needs a model at /opt/ml/model"; fi
 
 # The default model's encoder as an ONNX graph for CPU runs (model/onnx_encoder.py), exported now:
-# at run time the file system is read-only.
+# at run time the file system is read-only. What ONNX Runtime leaves in /tmp (a root-owned
+# $XDG_CACHE_HOME) goes: on a writable root the user's caches (Triton, inductor) are made there.
 RUN mkdir -p "${PFSAM_CACHE}" \
     && if [ -f /opt/app/model/weights/default/ensemble.json ]; then \
          python3 -c "from model.predictor import Predictor; p = Predictor.from_dir(device='cpu'); print('CPU encoder runtime:', type(next(iter(p.members.values())).encoder).__name__)"; fi \
-    && chmod -R a+rX "${PFSAM_CACHE}"
+    && chmod -R a+rX "${PFSAM_CACHE}" \
+    && rm -rf /tmp/.cache /tmp/.ses
 
 USER ${USER_UID}:${USER_GID}
 

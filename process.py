@@ -62,7 +62,7 @@ from model.inference import FORMATS, TASKS, InferenceError, find_inputs, load_pr
                    "same outputs), else PyTorch.")
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
               help="torch.compile the encoder (faster on CUDA for large folders; the first batch compiles for about 30 s; "
-                   "needs a C compiler, which the container does not ship).")
+                   "needs a C/C++ compiler and Python's headers, which the container ships unless built with COMPILER=0).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 def main(input_dir: Path, output_dir: Path, task: str, device: str, fmt: str, model_dir: Path | None,
          batch_size: int, tta: bool, overlay: bool, precision: str, runtime: str, compile_: bool,

@@ -2,9 +2,11 @@
 # Build the image, run it the way Grand Challenge does (no network, no capabilities, read-only root,
 # non-root user, 4 GB memory) on the fixtures in test/input, and compare the outputs with
 # test/expected_output.json (test/compare_output.py: masks exactly, probabilities within 1e-3).
-# Three runs: "all" (every fixture at once), "single" (one .mha, as in a real Grand Challenge job,
-# which adds breast-lesion-classification.json and malignancy-likelihood.json) and "pace" (the PACE
-# template's `python main.py ...` command: the same masks and labels as "all", in the PACE layout).
+# Four runs: "all" (every fixture at once), "single" (one .mha, as in a real Grand Challenge job,
+# which adds breast-lesion-classification.json and malignancy-likelihood.json), "pace" (the PACE
+# template's `python main.py ...` command: the same masks and labels as "all", in the PACE layout)
+# and "compile" (the same with --compile, through the image's C/C++ toolchain, on a writable root;
+# skipped for an image built with COMPILER=0).
 #
 # The model: the baked-in model/weights/default when it exists; otherwise (or with TEST_MODEL=random)
 # the deterministic untrained test ensemble (test/make_test_model.py), mounted read-only at
@@ -34,7 +36,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/pfsam-test.XXXXXX")"
-cleanup() { rm -rf "$WORK" 2>/dev/null || docker run --rm -v "$WORK":/w --entrypoint rm "$IMAGE" -rf /w/out-all /w/out-single /w/out-pace || true; rm -rf "$WORK" 2>/dev/null || true; }
+cleanup() { rm -rf "$WORK" 2>/dev/null || docker run --rm -v "$WORK":/w --entrypoint rm "$IMAGE" -rf /w/out-all /w/out-single /w/out-pace /w/out-compile || true; rm -rf "$WORK" 2>/dev/null || true; }
 trap cleanup EXIT
 
 model_args=()
@@ -105,6 +107,33 @@ if [ "$rc" != 0 ]; then
   status=1
 else
   "$PYTHON" "$HERE/test/compare_output.py" pace --output "$out" --gc "$WORK/out-all" || status=1
+fi
+
+# Run 'compile': `--compile` (torch.compile; on CPU inductor builds C++ kernels) with the image's
+# toolchain, on a writable root as a plain `docker run` has (a noexec /tmp, as above, cannot load
+# built code: there --compile is refused with the reason). Same masks and labels as run 'all'.
+# Skipped, with the reason, for an image built without a toolchain (--build-arg COMPILER=0).
+out="$WORK/out-compile"
+mkdir -p "$out"
+chmod 777 "$out"
+if why="$(docker run --rm --network none --user "$CONTAINER_USER" --entrypoint python3 "$IMAGE" -m model.toolchain 2>&1)"; then
+  echo "test.sh: run 'compile': docker run $IMAGE python main.py -i /input -o /output -t all -d cpu --compile"
+  start=$(date +%s)
+  rc=0
+  docker run --rm --network none --cap-drop ALL --security-opt no-new-privileges \
+    --memory "$MEMORY" --memory-swap "$MEMORY" --pids-limit 256 --shm-size 128m \
+    --user "$CONTAINER_USER" -v "$WORK/input-all":/input:ro -v "$out":/output ${model_args[@]+"${model_args[@]}"} \
+    "$IMAGE" python main.py -i /input -o /output -t all -d cpu --compile --no-progress || rc=$?
+  echo "test.sh: run 'compile': container exited with $rc after $(( $(date +%s) - start ))s"
+  if [ "$rc" != 0 ]; then
+    echo "FAIL [compile]: the container exited with status $rc"
+    status=1
+  else
+    "$PYTHON" "$HERE/test/compare_output.py" pace --output "$out" --gc "$WORK/out-all" || status=1
+  fi
+else
+  echo "test.sh: run 'compile' skipped: the image cannot build code:"
+  echo "$why" | sed 's/^/  /'
 fi
 
 if [ "$status" = 0 ]; then

@@ -131,10 +131,16 @@ def load_predictor(model_dir: str | Path | None = None, device: str = "auto", ba
         raise InferenceError(f"cannot load the model: {model_dir} does not exist (pass --model-dir, or mount "
                              f"a model at {SAGEMAKER_MODEL_DIR})")
     try:
-        return Predictor.from_dir(model_dir, device=device, batch_size=batch_size, tta=tta, precision=precision,
-                                  compile_backend=compile_backend, runtime=runtime)
+        predictor = Predictor.from_dir(model_dir, device=device, batch_size=batch_size, tta=tta,
+                                       precision=precision, compile_backend=compile_backend, runtime=runtime)
     except Exception as exc:  # noqa: BLE001 - every reason is reported the same way
         raise InferenceError(f"cannot load the model from {model_dir}: {exc}") from exc
+    from .encoders.sam_vit import fused_attention_note
+
+    notes = {fused_attention_note(m.encoder, predictor.device) for m in predictor.members.values()} - {None}
+    for note in sorted(notes):  # slower, not wrong: said once, so that a slow GPU run has its reason
+        _log(note)
+    return predictor
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from .network import PFSAMNet
 from .onnx_encoder import OnnxEncoder, OnnxUnavailable, onnx_encoder
 from .preprocessing import Geometry, keep_largest_component, postprocess, postprocess_with_logits, preprocess
 from .refine import BoxRefiner
-from .toolchain import c_compiler
+from .toolchain import build_problem
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "default"
 RUNTIMES = ("auto", "torch", "onnx")
@@ -183,12 +183,14 @@ class Predictor:
         PyTorch; ``onnx``: ONNX Runtime or an error; ``torch``: PyTorch (model/onnx_encoder.py)."""
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
-        if compile_backend == "inductor" and c_compiler() is None:
-            raise ValueError("torch.compile (inductor) needs a C compiler (gcc, clang or $CC) and none was found; "
-                             "run without --compile")
+        dev = resolve_device(device)
+        if compile_backend == "inductor":  # its kernels are built with C (CUDA) or C++ (CPU) on first use
+            problem = build_problem("c" if dev.type == "cuda" else "c++")
+            if problem:
+                raise ValueError(f"torch.compile (inductor) needs a compiler that builds Python extensions, "
+                                 f"and here {problem}; run without --compile")
         model_dir = Path(model_dir)
         spec = read_ensemble(model_dir)
-        dev = resolve_device(device)
         shared: dict[str, torch.nn.Module] = {}
         members = {}
         for name, sub in spec["members"].items():  # a shareable encoder is built (and verified) once

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -361,7 +362,7 @@ def test_sam_attention_form_per_block_and_device(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert attn.resolved_impl(cuda) == "fused" and win.resolved_impl(cuda) == "fused"
     assert attn.resolved_impl(cpu) == "bias"
-    with monkeypatch.context() as mp:  # no C compiler for Triton (as in the container): the faster flash/mask form
+    with monkeypatch.context() as mp:  # no C toolchain for Triton (an image built with COMPILER=0): the faster flash/mask form
         mp.setattr(relpos_attention, "available", lambda: False)
         assert attn.resolved_impl(cuda) == "augment" and win.resolved_impl(cuda) == "bias"
     attn.impl = win.impl = "fused,augment"
@@ -370,6 +371,40 @@ def test_sam_attention_form_per_block_and_device(monkeypatch):
         attn.impl = bad
         with pytest.raises(ValueError, match="attention impl"):
             attn.resolved_impl(cpu)
+
+
+def test_the_log_says_why_sam_attention_is_not_fused(monkeypatch, tmp_path):
+    """On a GPU without a working toolchain (e.g. a container whose /tmp is noexec) SAM ViT models are
+    slower, not wrong: the reason is logged once when the model loads, and only then."""
+    from model import toolchain
+    from model.encoders import relpos_attention
+    from model.encoders.sam_vit import Attention, fused_attention_note
+
+    encoder = torch.nn.Sequential(Attention(64, 4, (14, 14)), Attention(64, 4, (64, 64)))
+    cuda = torch.device("cuda")
+    failing = tmp_path / "cc"
+    failing.write_text("#!/bin/sh\necho 'error: noexec' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    toolchain.build_problem.cache_clear()
+    try:
+        note = fused_attention_note(encoder, cuda)
+        if relpos_attention.HAVE_TRITON and relpos_attention.HAVE_CUSTOM_OP:
+            assert note == (f"SAM attention: the augmented and mask forms, not the fused kernels "
+                            f"({failing} could not build a Python extension: error: noexec)")
+        else:
+            assert note and "not the fused kernels" in note
+        assert fused_attention_note(encoder, torch.device("cpu")) is None  # the CPU never runs them
+        assert fused_attention_note(torch.nn.Linear(2, 2), cuda) is None  # no SAM attention (LiteMedSAM)
+        encoder[0].impl = encoder[1].impl = "augment"
+        assert fused_attention_note(encoder, cuda) is None  # a form chosen by hand
+        if relpos_attention.HAVE_TRITON and relpos_attention.HAVE_CUSTOM_OP and shutil.which("gcc"):
+            monkeypatch.delenv("CC")
+            toolchain.build_problem.cache_clear()
+            encoder[0].impl = "auto"
+            assert fused_attention_note(encoder, cuda) is None
+    finally:
+        toolchain.build_problem.cache_clear()
 
 
 def test_compiled_encoder_gives_the_same_predictions(tmp_path):
@@ -386,19 +421,25 @@ def test_compiled_encoder_gives_the_same_predictions(tmp_path):
     assert all(abs(a.probabilities[k] - b.probabilities[k]) < 1e-5 for k in a.probabilities)
 
 
-def test_compile_without_a_c_compiler_is_refused_up_front(tmp_path, monkeypatch):
-    """inductor builds its kernels with a C compiler: without one (the container) --compile is
-    refused when the model loads, with the reason, instead of failing every image later."""
+def test_compile_without_a_toolchain_is_refused_up_front(tmp_path, monkeypatch):
+    """inductor builds its kernels with a C++ compiler on CPU (C on CUDA): without one (an image
+    built with COMPILER=0) --compile is refused when the model loads, with the reason, instead of
+    failing every image later."""
     import shutil
 
+    from model import toolchain
     from model.inference import InferenceError, load_predictor
 
     d, _, _ = make_ensemble(tmp_path)
-    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.raises(InferenceError, match="needs a C compiler"):
-        load_predictor(d, device="cpu", compile_backend="inductor")
-    assert load_predictor(d, device="cpu", compile_backend="eager") is not None  # no compiler needed
+    toolchain.build_problem.cache_clear()
+    try:
+        with pytest.raises(InferenceError, match=r"needs a compiler .* no C\+\+ compiler was found"):
+            load_predictor(d, device="cpu", compile_backend="inductor")
+        assert load_predictor(d, device="cpu", compile_backend="eager") is not None  # no compiler needed
+    finally:
+        toolchain.build_problem.cache_clear()
 
 
 def test_io_threads_give_the_serial_outputs_and_errors(tmp_path):

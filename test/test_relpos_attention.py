@@ -80,23 +80,36 @@ def test_fused_kernel_equals_the_mask_form():
         assert res[name]["ref_scale"] > 0.1 and res[name]["err"] < 2e-5, (name, res[name])
 
 
-def test_available_needs_a_c_compiler(monkeypatch):
-    """Triton builds its launcher with a C compiler on first use; without one the kernel is not
-    offered (the container's runtime image has no compiler)."""
+def test_available_needs_a_working_c_toolchain(monkeypatch, tmp_path):
+    """Triton builds its launcher, a Python extension, on first use: without a C compiler, or with
+    one that cannot build against Python's headers, the kernels are not offered and the augmented and
+    mask forms run instead of failing on the first batch."""
     import shutil
 
+    from model import toolchain
     from model.encoders import relpos_attention as ra
 
+    def fresh():
+        ra.available.cache_clear()
+        toolchain.build_problem.cache_clear()
+
     monkeypatch.delenv("CC", raising=False)
-    monkeypatch.setattr(shutil, "which", lambda name: None)
-    ra.available.cache_clear()
+    real_which = shutil.which
     try:
+        monkeypatch.setattr(shutil, "which", lambda name: None)
+        fresh()
         assert not ra.available()
-        monkeypatch.setenv("CC", "/usr/bin/some-cc")
-        ra.available.cache_clear()
-        assert ra.available() == (ra.HAVE_TRITON and ra.HAVE_CUSTOM_OP)
+        monkeypatch.setattr(shutil, "which", real_which)
+        monkeypatch.setattr(toolchain, "python_include_dir", lambda: str(tmp_path))  # no Python.h
+        fresh()
+        assert not ra.available()
+        if real_which("gcc"):
+            monkeypatch.undo()
+            monkeypatch.delenv("CC", raising=False)
+            fresh()
+            assert ra.available() == (ra.HAVE_TRITON and ra.HAVE_CUSTOM_OP)
     finally:
-        ra.available.cache_clear()
+        fresh()
 
 
 def test_supported_shapes():

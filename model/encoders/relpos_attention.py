@@ -22,7 +22,8 @@ Both write the output straight into the ``(B, N, heads, head_dim)`` layout that 
 ``relpos_attention`` is a ``torch.library`` custom op, so ``torch.compile`` keeps it as one opaque
 kernel. Forward only: ``Attention`` uses it where no gradient is needed. ``supported`` says which
 shapes it takes (head size a power of two from 16 to 128; the grid as above; bf16/fp16, CUDA) and
-``available`` whether this machine can build it (Triton, torch >= 2.4, a C compiler).
+``available`` whether this machine can build it (Triton, torch >= 2.4, a C toolchain that builds
+Python extensions: ``model.toolchain``).
 Both kernels are tested against the mask form in Triton's interpreter on CPU
 (test/test_relpos_attention.py).
 """
@@ -34,7 +35,7 @@ import inspect
 
 import torch
 
-from ..toolchain import c_compiler
+from ..toolchain import build_problem
 
 LOG2E = 1.4426950408889634
 _KERNELS: dict = {}
@@ -42,11 +43,22 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 HAVE_CUSTOM_OP = hasattr(torch.library, "custom_op")  # torch >= 2.4
 
 
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot run on this machine, or None: they need Triton, torch with custom ops,
+    and a C toolchain that builds Python extensions (Triton builds its launcher with it on first
+    use: ``toolchain.build_problem``)."""
+    if not HAVE_TRITON:
+        return "Triton is not installed"
+    if not HAVE_CUSTOM_OP:
+        return f"torch {torch.__version__} has no custom ops (2.4 or newer has)"
+    return build_problem("c")
+
+
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
-    """Triton installed, torch with custom ops, and a C compiler: Triton builds its launcher with one
-    on first use (the container's runtime image has none; there the ``augment`` form runs)."""
-    return HAVE_TRITON and HAVE_CUSTOM_OP and c_compiler() is not None
+    """Whether the kernels can run here (``unavailable_reason``); where not, the ``augment`` and
+    mask forms run."""
+    return unavailable_reason() is None
 
 
 def _pow2(x: int, lo: int = 16, hi: int = 128) -> bool:

@@ -146,6 +146,15 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(b, h, w, -1))
 
 
+def fused_attention_note(encoder: nn.Module, device: torch.device) -> str | None:
+    """On CUDA, for an encoder with SAM attention left to ``auto``: why the fused kernels will not
+    run, for the log (None where they can, or where the encoder has no such attention)."""
+    if device.type != "cuda" or not any(isinstance(m, Attention) and m.impl == "auto" for m in encoder.modules()):
+        return None
+    why = relpos_attention.unavailable_reason()
+    return None if why is None else f"SAM attention: the augmented and mask forms, not the fused kernels ({why})"
+
+
 class MLPBlock(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
