@@ -407,6 +407,38 @@ def test_the_log_says_why_sam_attention_is_not_fused(monkeypatch, tmp_path):
         toolchain.build_problem.cache_clear()
 
 
+def test_sam_encoder_compiles_as_one_graph():
+    """torch.compile must capture the SAM ViT encoder whole (fullgraph: any graph break is an error),
+    in every attention form and on the CUDA decision path, which asks ``relpos_attention.available``:
+    its probe (shutil.which, a compiler run) cannot be traced, and a break in each block's forward
+    would split the compiled encoder into pieces. The outputs are the eager ones."""
+    from model.encoders import relpos_attention
+    from model.encoders.sam_vit import Attention, ImageEncoderViT
+
+    torch.manual_seed(0)
+    enc = ImageEncoderViT(embed_dim=64, depth=2, num_heads=4, global_attn_indexes=(1,), img_size=256).eval()
+    x = torch.randn(1, 3, 256, 256)
+    default = Attention.impl
+    for impl in ("bias", "augment", "augment,bias"):
+        Attention.impl = impl
+        try:
+            with torch.no_grad():
+                torch._dynamo.reset()
+                want = enc(x)
+                got = torch.compile(enc, backend="eager", fullgraph=True)(x)
+        finally:
+            Attention.impl = default
+        assert torch.allclose(got[0], want[0], atol=1e-5), impl
+    attn = enc.blocks[0].attn
+    relpos_attention.available.cache_clear()
+    try:
+        decide = torch.compile(lambda t: t + len(attn.resolved_impl(torch.device("cuda"), 196)),
+                               backend="eager", fullgraph=True)
+        assert decide(torch.zeros(1)).item() == len(attn.resolved_impl(torch.device("cuda"), 196))
+    finally:
+        relpos_attention.available.cache_clear()
+
+
 def test_compiled_encoder_gives_the_same_predictions(tmp_path):
     """compile_backend wraps each distinct encoder once (shared by both members) in torch.compile;
     dynamo's graph capture must reproduce the eager outputs ("eager" backend: no C compiler needed)."""

@@ -29,7 +29,6 @@ Both kernels are tested against the mask form in Triton's interpreter on CPU
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import inspect
 
@@ -54,11 +53,27 @@ def unavailable_reason() -> str | None:
     return build_problem("c")
 
 
-@functools.lru_cache(maxsize=None)
+_AVAILABLE: dict[str, bool] = {}
+
+
+def _constant_under_compile(fn):
+    """torch.compile calls ``fn`` once while tracing and keeps the result, instead of tracing into it:
+    the probe behind ``available`` (``shutil.which``, a compiler run) cannot be traced, and a graph
+    break in every attention block's forward splits the compiled encoder into pieces."""
+    mark = getattr(getattr(torch, "compiler", None), "assume_constant_result", None)
+    return mark(fn) if mark is not None else fn
+
+
+@_constant_under_compile
 def available() -> bool:
-    """Whether the kernels can run here (``unavailable_reason``); where not, the ``augment`` and
-    mask forms run."""
-    return unavailable_reason() is None
+    """Whether the kernels can run here (``unavailable_reason``, asked once per process); where
+    not, the ``augment`` and mask forms run."""
+    if "ok" not in _AVAILABLE:
+        _AVAILABLE["ok"] = unavailable_reason() is None
+    return _AVAILABLE["ok"]
+
+
+available.cache_clear = _AVAILABLE.clear  # as an lru_cache's (tests)
 
 
 def _pow2(x: int, lo: int = 16, hi: int = 128) -> bool:
@@ -83,7 +98,7 @@ def supported(q: torch.Tensor, gh: int, gw: int) -> bool:
     if not (available() and _pow2(q.shape[-1]) and form(gh, gw) is not None and q.shape[-2] == gh * gw):
         return False
     # measured on Hopper only; older GPUs (a T4 is 7.5: no bf16 tensor cores) take the augmented form
-    return torch.cuda.get_device_capability(q.device)[0] >= 8
+    return torch.cuda.get_device_properties(q.device).major >= 8  # constant-folded by torch.compile
 
 
 def _next_pow2(x: int, lo: int = 16) -> int:
