@@ -37,7 +37,7 @@ import torch
 
 from .checkpoint import encoder_weights_info, save_ensemble
 from .network import PFSAMNet, make_config
-from .encoders.sam_vit import Attention
+from .encoders.sam_vit import Attention, MLPBlock
 from .onnx_encoder import OnnxEncoder
 from .predictor import Predictor, resolve_device
 
@@ -117,19 +117,20 @@ def build_ensemble(encoder: str, out: Path) -> tuple[Path, dict]:
 
 def bench(encoder: str, device: str, batch_size: int, n_images: int, precision: str, peak_tflops: float | None,
           e2e_images: int, reference: bool = True, attention: str = "auto", compile_backend: str | None = None,
-          runtime: str = "auto") -> dict:
+          runtime: str = "auto", mlp_gelu: str = "erf") -> dict:
     with tempfile.TemporaryDirectory(prefix="pfsam-bench-") as tmp:  # the ensemble, e2e inputs and outputs
         return _bench(Path(tmp), encoder, device, batch_size, n_images, precision, peak_tflops, e2e_images,
-                      reference, attention, compile_backend, runtime)
+                      reference, attention, compile_backend, runtime, mlp_gelu)
 
 
 def _bench(tmp: Path, encoder: str, device: str, batch_size: int, n_images: int, precision: str,
            peak_tflops: float | None, e2e_images: int, reference: bool, attention: str,
-           compile_backend: str | None, runtime: str = "auto") -> dict:
+           compile_backend: str | None, runtime: str = "auto", mlp_gelu: str = "erf") -> dict:
     dev = resolve_device(device)
     if compile_backend and runtime == "onnx":
         raise click.UsageError("--compile runs the encoder in PyTorch: not with --runtime onnx")
     Attention.impl = attention
+    MLPBlock.gelu = mlp_gelu
     ens, enc_state = build_ensemble(encoder, tmp / "ens")
     # a compiled encoder runs in PyTorch (on CPU in fp32 the default runtime would be ONNX Runtime)
     pred = Predictor.from_dir(ens, device=str(dev), batch_size=batch_size, precision=precision,
@@ -149,7 +150,7 @@ def _bench(tmp: Path, encoder: str, device: str, batch_size: int, n_images: int,
     res: dict = {"encoder": encoder, "device": str(dev), "device_name": torch.cuda.get_device_name(dev)
                  if dev.type == "cuda" else "cpu", "threads": torch.get_num_threads(), "batch_size": batch_size,
                  "images": n_images, "input_size": size, "compile": compile_backend, "runtime": pred.encoder_runtime,
-                 "attention": _attention_impls(plain_encoder, dev),
+                 "attention": _attention_impls(plain_encoder, dev), "mlp_gelu": mlp_gelu if dev.type == "cuda" else "erf",
                  "precision": "bf16" if pred.bf16 else "fp32", "torch": torch.__version__}
 
     # product path
@@ -257,6 +258,7 @@ def table(res: dict) -> str:
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [f"{res['encoder']} @ {res['input_size']} on {res['device_name']} ({res['threads']} threads), "
              f"batch {res['batch_size']}, {res['precision']}, attention {res.get('attention', 'n/a')}, "
+             f"{'' if res.get('mlp_gelu', 'erf') == 'erf' else 'MLP GELU ' + res['mlp_gelu'] + ', '}"
              f"compile {res.get('compile') or 'off'}, encoder runtime {res.get('runtime', 'torch')}, torch {res['torch']}"]
     lines += ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
     if "warmup_s" in res:
@@ -288,12 +290,15 @@ def table(res: dict) -> str:
 @click.option("--runtime", default="auto", show_default=True, type=click.Choice(["auto", "torch", "onnx"]),
               help="The product path's encoder runtime, as process.py's (auto: ONNX Runtime for LiteMedSAM on CPU "
                    "in fp32).")
+@click.option("--mlp-gelu", default="erf", type=click.Choice(["erf", "epilogue"]),
+              help="SAM ViT MLP: GELU as its own kernel (erf, SAM's) or in the first product's cuBLASLt epilogue "
+                   "(epilogue: CUDA inference only, tanh-approximate).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def main(encoder, device, batch_size, n_images, precision, peak_tflops, e2e_images, no_reference, attention,
-         compile_backend, runtime, as_json):
+         compile_backend, runtime, mlp_gelu, as_json):
     """Images/s and peak memory of the reference path and the product's path, side by side."""
     res = bench(encoder, device, batch_size, n_images, precision, peak_tflops, e2e_images, not no_reference,
-                attention, compile_backend, runtime)
+                attention, compile_backend, runtime, mlp_gelu)
     click.echo(json.dumps(res, indent=2) if as_json else table(res))
     sys.stdout.flush()
 

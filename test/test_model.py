@@ -543,3 +543,37 @@ def test_fused_form_falls_back_per_block_kind(monkeypatch):
             out = attn(x)
         assert calls == [expected], (size, calls)
         assert torch.allclose(out, ref, atol=1e-5), (size, float((out - ref).abs().max()))
+
+
+def test_mlp_gelu_epilogue_equals_the_separate_gelu():
+    """MLPBlock's ``epilogue`` form (product, bias and GELU in one call; CUDA only) against SAM's
+    linear + erf GELU: equal in fp32 on CPU (there the op's GELU is erf), within bf16 rounding under
+    autocast, traced whole by torch.compile; on CPU the block itself keeps the separate form, and an
+    unknown form is refused."""
+    import torch.nn.functional as F
+
+    from model.encoders.sam_vit import MLPBlock, linear_gelu_epilogue
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 256)
+    x = torch.randn(2, 14, 14, 64)
+    with torch.no_grad():
+        want = F.gelu(lin(x))
+        assert torch.allclose(linear_gelu_epilogue(x, lin), want, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = linear_gelu_epilogue(x, lin)
+            torch._dynamo.reset()
+            traced = torch.compile(linear_gelu_epilogue, backend="eager", fullgraph=True)(x, lin)
+        assert got.dtype == traced.dtype == torch.bfloat16 and got.shape == want.shape
+        assert (got.float() - want).abs().max() < 0.05 and torch.equal(got, traced)
+        mlp = MLPBlock(64, 256)
+        ref = mlp(x)
+        default = MLPBlock.gelu
+        try:
+            MLPBlock.gelu = "epilogue"
+            assert torch.equal(mlp(x), ref)  # CPU: the separate form
+            MLPBlock.gelu = "tanh"
+            with pytest.raises(ValueError, match="MLP gelu"):
+                mlp(x)
+        finally:
+            MLPBlock.gelu = default
