@@ -118,9 +118,13 @@ def build_ensemble(encoder: str, out: Path) -> tuple[Path, dict]:
 def bench(encoder: str, device: str, batch_size: int, n_images: int, precision: str, peak_tflops: float | None,
           e2e_images: int, reference: bool = True, attention: str = "auto", compile_backend: str | None = None,
           runtime: str = "auto", mlp_gelu: str = "erf") -> dict:
-    with tempfile.TemporaryDirectory(prefix="pfsam-bench-") as tmp:  # the ensemble, e2e inputs and outputs
-        return _bench(Path(tmp), encoder, device, batch_size, n_images, precision, peak_tflops, e2e_images,
-                      reference, attention, compile_backend, runtime, mlp_gelu)
+    forms = Attention.impl, MLPBlock.gelu  # set for the run, then put back
+    try:
+        with tempfile.TemporaryDirectory(prefix="pfsam-bench-") as tmp:  # the ensemble, e2e inputs and outputs
+            return _bench(Path(tmp), encoder, device, batch_size, n_images, precision, peak_tflops, e2e_images,
+                          reference, attention, compile_backend, runtime, mlp_gelu)
+    finally:
+        Attention.impl, MLPBlock.gelu = forms
 
 
 def _bench(tmp: Path, encoder: str, device: str, batch_size: int, n_images: int, precision: str,

@@ -55,9 +55,14 @@ def test_benchmark_compiles_the_pytorch_encoder(tmp_path, monkeypatch):
     """--compile wraps the PyTorch encoder, never the ONNX Runtime one that CPU fp32 would pick
     (dynamo cannot trace an ONNX Runtime session); the 'eager' backend needs no C compiler."""
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
-    res = benchmark.bench("litemedsam", "cpu", 2, 2, "fp32", None, 0, reference=False, compile_backend="eager")
+    from model.encoders.sam_vit import Attention, MLPBlock
+
+    res = benchmark.bench("litemedsam", "cpu", 2, 2, "fp32", None, 0, reference=False, compile_backend="eager",
+                          attention="augment", mlp_gelu="epilogue")
     assert res["runtime"] == "torch" and res["compile"] == "eager"
     assert res["product"]["images_per_s"] > 0 and "reference" not in res
+    assert res["mlp_gelu"] == "erf"  # the epilogue is CUDA's: the CPU ran the separate GELU, and says so
+    assert Attention.impl == "auto" and MLPBlock.gelu == "erf"  # the forms it set are put back
 
 
 def test_benchmark_runtime_option_picks_the_product_paths_encoder_runtime(tmp_path, monkeypatch):
