@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 PROBE = ('#include <Python.h>\n#ifdef __cplusplus\nextern "C"\n#endif\n'
-         'int pfsam_probe(void) { return PY_MAJOR_VERSION + 4; }\n')
+         'int pfsam_probe(void) { return 7; }\n')
 
 
 def c_compiler() -> str | None:
