@@ -58,7 +58,10 @@ for name, module, x in (("module", Attention(64, 4, (16, 16)), torch.randn(2, 16
         ref = module(x)
         attn.impl = "fused"
         res = module(x)
-    out[name] = {"err": float((res - ref).abs().max()), "ref_scale": float(ref.abs().max())}
+        torch._dynamo.reset()  # torch.compile takes the kernel's custom op whole, as one graph
+        compiled = torch.compile(module, backend="eager", fullgraph=True)(x)
+    out[name] = {"err": float((res - ref).abs().max()), "ref_scale": float(ref.abs().max()),
+                 "compiled_err": float((compiled - res).abs().max())}
 print(json.dumps(out))
 """
 
@@ -78,6 +81,7 @@ def test_fused_kernel_equals_the_mask_form():
         assert r["err"] < 2e-5 and r["err2"] < 2e-5, r
     for name in ("module", "window_block"):
         assert res[name]["ref_scale"] > 0.1 and res[name]["err"] < 2e-5, (name, res[name])
+        assert res[name]["compiled_err"] < 1e-6, (name, res[name])
 
 
 def test_available_needs_a_working_c_toolchain(monkeypatch, tmp_path):
