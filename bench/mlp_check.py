@@ -9,26 +9,14 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import click
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from attention_check import _time  # noqa: E402  (bench/ is this script's folder)
 from model.encoders.sam_vit import MLPBlock, build_sam_vit  # noqa: E402
-
-
-def _time(fn, device, reps=10):
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
