@@ -54,6 +54,8 @@ WORKDIR /opt/app
 # fused attention kernels and for `--compile`; on CPU, `--compile` builds its kernels with g++.
 # Without them those fall back (the augmented and mask attention forms) or are refused.
 # `--build-arg COMPILER=0` leaves them out. Versions are the base distribution's (Debian or Ubuntu).
+# Python.h is looked for where model.toolchain.python_include_dir looks (the code is not in the
+# image yet at this step: kept before it so that code changes do not rerun apt).
 ARG COMPILER=1
 # hadolint ignore=DL3008
 RUN if [ "${COMPILER}" = 1 ]; then \

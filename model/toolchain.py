@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 PROBE = ('#include <Python.h>\n#ifdef __cplusplus\nextern "C"\n#endif\n'
-         'int pfsam_probe(void) { return 7; }\n')
+         'int pfsam_probe(void) { return 0; }\n')
 
 
 def c_compiler() -> str | None:
@@ -58,37 +59,40 @@ def build_problem(language: str = "c") -> str | None:
             src = Path(tmp) / ("probe.c" if language == "c" else "probe.cpp")
             so = Path(tmp) / "probe.so"
             src.write_text(PROBE)
-            cmd = [compiler, str(src), "-O0", "-shared", "-fPIC", "-o", str(so), f"-I{include}"]
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            if res.returncode != 0:
-                lines = [ln for ln in (res.stderr or res.stdout).splitlines() if ln.strip()]
-                detail = lines[0] if lines else f"exit {res.returncode}"
-                for ln in lines:  # the first error says more than the first line
-                    if "error" in ln.lower():
-                        detail = ln
-                        break
-                return f"{compiler} could not build a Python extension: {detail.strip()}"
+            problem = _compile([compiler, str(src), "-O0", "-shared", "-fPIC", "-o", str(so), f"-I{include}"],
+                               "a Python extension")
+            if problem:
+                return problem
             try:
-                ok = ctypes.CDLL(str(so)).pfsam_probe() == 7
+                ctypes.CDLL(str(so)).pfsam_probe()
             except (OSError, AttributeError) as e:
                 noexec = hasattr(os, "ST_NOEXEC") and os.statvfs(tmp).f_flag & os.ST_NOEXEC
                 hint = f" ({tempfile.gettempdir()} is mounted noexec: code built there cannot be loaded)" if noexec else ""
                 return f"{compiler} built no loadable extension: {e}{hint}"
-            if not ok:
-                return f"{compiler} built an extension that does not run"
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"{compiler} could not be run: {e}"
+    except OSError as e:  # the temporary folder
+        return f"{compiler} could not be probed in {tempfile.gettempdir()}: {e}"
     return None
+
+
+def _compile(cmd: list[str], what: str) -> str | None:
+    """Run the compiler command ``cmd``; None when it succeeds, else why (its first error line)."""
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{cmd[0]} could not be run: {e}"
+    if res.returncode == 0:
+        return None
+    lines = [ln.strip() for ln in (res.stderr or res.stdout).splitlines() if ln.strip()]
+    detail = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else f"exit {res.returncode}")
+    return f"{cmd[0]} could not build {what}: {detail}"
 
 
 def triton_launcher_problem() -> str | None:
     """None when Triton's own CUDA launcher source (``backends/nvidia/driver.c``) compiles here as
     Triton compiles it on a GPU's first kernel, linked without libcuda (no GPU is needed); otherwise
     why not. None also where this Triton has no such file."""
-    try:
-        import triton
-    except ImportError:
-        return "Triton is not installed"
+    import triton
+
     nvidia = Path(triton.__file__).parent / "backends" / "nvidia"
     if not (nvidia / "driver.c").is_file():
         return None
@@ -96,26 +100,23 @@ def triton_launcher_problem() -> str | None:
     if compiler is None:
         return build_problem("c")
     with tempfile.TemporaryDirectory(prefix="pfsam-toolchain-") as tmp:
-        cmd = [compiler, str(nvidia / "driver.c"), "-O3", "-shared", "-fPIC", "-Wno-psabi", "-o",
-               str(Path(tmp) / "cuda_utils.so"), f"-I{nvidia / 'include'}", f"-I{python_include_dir()}"]
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as e:
-            return f"{compiler} could not be run: {e}"
-        if res.returncode != 0:
-            return f"{compiler} could not build Triton's launcher: {(res.stderr or res.stdout).strip()[:500]}"
-    return None
+        return _compile([compiler, str(nvidia / "driver.c"), "-O3", "-shared", "-fPIC", "-Wno-psabi", "-o",
+                         str(Path(tmp) / "cuda_utils.so"), f"-I{nvidia / 'include'}", f"-I{python_include_dir()}"],
+                        "Triton's launcher")
 
 
 def main() -> int:
     """``python -m model.toolchain``: check the toolchain as the container's build does; exit 1 with
     the reason when Python extensions cannot be built in C or C++, or Triton's launcher does not
-    compile."""
+    compile (not checked without Triton)."""
     problems = {lang: build_problem(lang) for lang in ("c", "c++")}
-    problems["triton launcher"] = triton_launcher_problem() if problems["c"] is None else "(no C toolchain)"
+    if importlib.util.find_spec("triton") is None:
+        print("toolchain: triton launcher: not checked (Triton is not installed)")
+    else:
+        problems["triton launcher"] = triton_launcher_problem() if problems["c"] is None else "(no C toolchain)"
     for what, problem in problems.items():
         print(f"toolchain: {what}: {problem or 'ok'}")
-    return 1 if any(p for what, p in problems.items() if p and p != "Triton is not installed") else 0
+    return 1 if any(problems.values()) else 0
 
 
 if __name__ == "__main__":
