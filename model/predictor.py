@@ -53,7 +53,7 @@ def bf16_supported(device: torch.device) -> bool:
     """Native bf16: CUDA compute capability 8.0+ (a T4, 7.5, only emulates it, slowly; torch's
     ``is_bf16_supported()`` counts emulation), or a CPU with AVX512-BF16 or AMX."""
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= 8
+        return torch.cuda.get_device_properties(device).major >= 8
     return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()) or \
         bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 

@@ -138,7 +138,6 @@ def test_gpus_without_native_bf16_get_neither_bf16_nor_the_fused_kernel(monkeypa
     q = SimpleNamespace(device=cuda, dtype=torch.bfloat16, shape=(2, 12, 4096, 64))
     monkeypatch.setattr(ra, "available", lambda: True)
     for capability, native in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         monkeypatch.setattr(torch.cuda, "get_device_properties",
                             lambda device=None, c=capability: SimpleNamespace(major=c[0], minor=c[1]))
         assert bf16_supported(cuda) is native and use_bf16("auto", cuda) is native
