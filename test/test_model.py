@@ -545,7 +545,7 @@ def test_fused_form_falls_back_per_block_kind(monkeypatch):
         assert torch.allclose(out, ref, atol=1e-5), (size, float((out - ref).abs().max()))
 
 
-def test_mlp_gelu_epilogue_equals_the_separate_gelu():
+def test_mlp_gelu_epilogue_equals_the_separate_gelu(monkeypatch):
     """MLPBlock's ``epilogue`` form (product, bias and GELU in one call; CUDA only) against SAM's
     linear + erf GELU: equal in fp32 on CPU (there the op's GELU is erf), within bf16 rounding under
     autocast, traced whole by torch.compile; on CPU the block itself keeps the separate form, and an
@@ -569,6 +569,12 @@ def test_mlp_gelu_epilogue_equals_the_separate_gelu():
         mlp = MLPBlock(64, 256)
         ref = mlp(x)
         default = MLPBlock.gelu
+        from model.encoders import sam_vit
+
+        def not_on_cpu(*args):
+            raise AssertionError("the epilogue ran on CPU")
+
+        monkeypatch.setattr(sam_vit, "linear_gelu_epilogue", not_on_cpu)  # on CPU its output equals erf's
         try:
             MLPBlock.gelu = "epilogue"
             assert torch.equal(mlp(x), ref)  # CPU: the separate form
