@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -437,6 +439,40 @@ def test_sam_encoder_compiles_as_one_graph():
         assert decide(torch.zeros(1)).item() == len(attn.resolved_impl(torch.device("cuda"), 196))
     finally:
         relpos_attention.available.cache_clear()
+
+
+def test_probe_is_marked_constant_as_torch_marks_it():
+    """``available`` is marked for torch.compile without importing dynamo (model start-up): the mark
+    must be exactly what ``torch.compiler.assume_constant_result`` sets, in this torch."""
+    from model.encoders import relpos_attention
+
+    def ours():
+        return True
+
+    def theirs():
+        return True
+
+    relpos_attention._constant_under_compile(ours)
+    torch.compiler.assume_constant_result(theirs)
+    assert vars(ours) == vars(theirs) and vars(theirs)
+    assert getattr(relpos_attention.available, relpos_attention.DYNAMO_CONSTANT_MARK) is True
+
+
+def test_loading_and_predicting_does_not_import_dynamo():
+    """Importing torch's compiler (torch._dynamo) took 1.1 s of each process's start-up on the
+    development CPU, and a Grand Challenge job starts one process per image: the product's modules
+    and a default-model prediction must not import it unless --compile asks for it."""
+    code = ("import sys, numpy as np\n"
+            "import process, model.inference\n"
+            "from model.predictor import Predictor\n"
+            "sys.path.insert(0, 'test')\n"
+            "from synthetic import make_ultrasound\n"
+            "p = Predictor.from_dir(device='cpu', runtime='torch')\n"
+            "p.predict_one(make_ultrasound(120, 160, seed=1)[0])\n"
+            "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_compiled_encoder_gives_the_same_predictions(tmp_path):

@@ -56,12 +56,21 @@ def unavailable_reason() -> str | None:
 _AVAILABLE: dict[str, bool] = {}
 
 
+DYNAMO_CONSTANT_MARK = "_dynamo_marked_constant"  # what torch._dynamo.assume_constant_result sets
+
+
 def _constant_under_compile(fn):
     """torch.compile calls ``fn`` once while tracing and keeps the result, instead of tracing into it:
     the probe behind ``available`` (``shutil.which``, a compiler run) cannot be traced, and a graph
-    break in every attention block's forward splits the compiled encoder into pieces."""
-    mark = getattr(getattr(torch, "compiler", None), "assume_constant_result", None)
-    return mark(fn) if mark is not None else fn
+    break in every attention block's forward splits the compiled encoder into pieces.
+
+    ``torch.compiler.assume_constant_result(fn)`` does this by setting one attribute on ``fn``, but
+    it imports dynamo first: 1.1 s of every process's start-up on the development CPU, where nothing
+    compiles (a Grand Challenge job starts a process per image). So the attribute is set here
+    directly; dynamo reads it when torch.compile runs. test_relpos_attention checks that the public
+    function sets exactly this, and test_model that the encoder compiles as one graph."""
+    setattr(fn, DYNAMO_CONSTANT_MARK, True)
+    return fn
 
 
 @_constant_under_compile
