@@ -12,7 +12,6 @@ stages 1 and 2 and keeps stage 3 at 1/4: for 256 input the stages run at 256, 12
 """
 from __future__ import annotations
 
-import itertools
 
 import torch
 import torch.nn.functional as F
@@ -86,16 +85,14 @@ class Attention(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        points = list(itertools.product(range(window), range(window)))
-        offsets: dict[tuple[int, int], int] = {}
-        idxs = []
-        for p1 in points:
-            for p2 in points:
-                off = (abs(p1[0] - p2[0]), abs(p1[1] - p2[1]))
-                idxs.append(offsets.setdefault(off, len(offsets)))
-        n = len(points)
-        self.attention_biases = nn.Parameter(torch.zeros(num_heads, len(offsets)))
-        self.register_buffer("attention_bias_idxs", torch.tensor(idxs).view(n, n), persistent=False)
+        # TinyViT's attention bias per head and |row offset|, |column offset| of a query-key pair, in
+        # the order the original numbers them (first appearance, scanning queries then keys in raster
+        # order: offset (dy, dx) is number dy * window + dx); built without Python loops (start-up)
+        r = torch.arange(window).repeat_interleave(window)
+        c = torch.arange(window).repeat(window)
+        idxs = (r[:, None] - r).abs() * window + (c[:, None] - c).abs()
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, window * window))
+        self.register_buffer("attention_bias_idxs", idxs, persistent=False)
 
     def forward(self, x):  # (B, N, C)
         b, n, _ = x.shape
