@@ -8,7 +8,10 @@
 # (3) SAM's MLP with GELU in the first product's cuBLASLt epilogue against GELU as its own kernel:
 #     one block, and the encoder's output difference (bench/mlp_check.py); then the compiled encoder
 #     at batch 32 with it (--mlp-gelu epilogue);
-# (4) a kernel profile of the compiled encoder, if time is left.
+# (4) one image in a fresh process with an empty Triton cache (a container job's first image), eager,
+#     attention auto (the fused kernels, built and tuned first) against augment (PyTorch's flash
+#     kernel): 'first batch (warm-up)' says whether single-image jobs should avoid the fused kernels;
+# (5) a kernel profile of the compiled encoder, if time is left.
 # Carry carry/ as for gpu-check.sh (bench/make-carry.sh, or only the two wheels). A CPU dry run:
 #   DEVICE=cpu ENCODER=litemedsam IMAGES=4 PYTHON=.venv/bin/python OUT=/tmp/g5 bash bench/gpu-check-5.sh
 LOG=log5.txt JSONL=bench5.jsonl
@@ -47,6 +50,14 @@ if [ "$(left)" -gt 100 ]; then
   step "batch 32, compiled, MLP GELU in the epilogue"
   bench $(( $(left) - 10 < 150 ? $(left) - 10 : 150 )) "${ARGS[@]}" "${COMPILE[@]}" --mlp-gelu epilogue
 fi
+for form in augment auto; do
+  if [ "$(left)" -gt 70 ]; then
+    step "one image, fresh process, empty Triton cache, eager, attention $form"
+    rm -rf /tmp/pfsam-triton-cache-first
+    TRITON_CACHE_DIR=/tmp/pfsam-triton-cache-first bench 60 --encoder "$ENCODER" --batch-size 1 --images 1 \
+      --e2e-images 0 --no-reference --attention "$form" --peak-tflops "$PEAK"
+  fi
+done
 if [ "$DEV" = cuda ] && [ "$(left)" -gt 100 ]; then
   step "profile, batch 32, compiled"
   timeout 90 $PY bench/profile_encoder.py --batch-size 32 --compile inductor --top 16
