@@ -50,7 +50,6 @@ import csv
 import io
 import json
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -496,7 +495,11 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
     # files are written in the background while the next one is predicted
     # (one pool: the next batch's reads are queued before this batch's writes, so they never wait on them)
     threads = int(getattr(predictor, "io_threads", 0) or 0)
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="pfsam-read-write") if threads > 0 else None
+    pool = None
+    if threads > 0:
+        from .io_threads import io_pool  # imports torch, which this module leaves to the predictor
+
+        pool = io_pool(threads, "pfsam-read-write")
     writing: list = []  # (case, future) of the batch being written
 
     def submit(batch: list[Case]):

@@ -22,6 +22,7 @@ from . import CLASS_NAMES
 from .allocator import keep_freed_memory
 from .checkpoint import encoder_key, load_model, read_config, read_ensemble
 from .encoders import get_spec
+from .io_threads import io_pool
 from .network import PFSAMNet
 from .onnx_encoder import OnnxEncoder, OnnxUnavailable, onnx_encoder
 from .preprocessing import Geometry, keep_largest_component, postprocess, postprocess_with_logits, preprocess
@@ -310,7 +311,7 @@ class Predictor:
         if self._pool is None or self._pool[0] != self.io_threads:
             if self._pool is not None:
                 self._pool[1].shutdown()
-            self._pool = (self.io_threads, ThreadPoolExecutor(self.io_threads, thread_name_prefix="pfsam-io"))
+            self._pool = (self.io_threads, io_pool(self.io_threads, "pfsam-io"))
         return list(self._pool[1].map(fn, *iterables))
 
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:

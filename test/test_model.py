@@ -510,12 +510,16 @@ def test_compile_without_a_toolchain_is_refused_up_front(tmp_path, monkeypatch):
         toolchain.build_problem.cache_clear()
 
 
-def test_io_threads_give_the_serial_outputs_and_errors(tmp_path):
+def test_io_threads_give_the_serial_outputs_and_errors(tmp_path, monkeypatch):
     """With io threads (the CUDA default) the next batch is decoded and the last one written in the
     background, and the per-image steps are mapped over a pool: outputs, order and per-file errors
-    (an unreadable file, an output that cannot be written) stay the serial ones."""
+    (an unreadable file, an output that cannot be written) stay the serial ones. The pool threads
+    run torch on one intra-op thread each (no OpenMP team per pool thread); the caller keeps its count."""
+    import threading
+
     from PIL import Image
 
+    from model import inference, predictor
     from model.inference import run
 
     d, _, _ = make_ensemble(tmp_path)
@@ -530,8 +534,21 @@ def test_io_threads_give_the_serial_outputs_and_errors(tmp_path):
     assert pred.io_threads == 0  # CPU default: the model has the cores
     serial = run(pred, src, tmp_path / "serial", fmt="pace", progress=False, log=lambda m: None)
     pred.io_threads = 3
+    seen = []  # (thread name, torch's intra-op threads there) in both pools: one each (model/io_threads.py)
+
+    def spy(fn):
+        def wrapped(*a, **k):
+            seen.append((threading.current_thread().name.split("_")[0], torch.get_num_threads()))
+            return fn(*a, **k)
+        return wrapped
+
+    main_threads = torch.get_num_threads()
+    monkeypatch.setattr(inference, "read_image", spy(inference.read_image))
+    monkeypatch.setattr(predictor, "preprocess", spy(predictor.preprocess))
     threaded = run(pred, src, tmp_path / "threaded", fmt="pace", progress=False, log=lambda m: None)
     assert serial.exit_code == threaded.exit_code == 3
+    assert {name for name, _ in seen} == {"pfsam-read-write", "pfsam-io"}
+    assert {n for _, n in seen} == {1} and torch.get_num_threads() == main_threads
 
     def errors(res):  # the reason without the paths (output folders and temporary names differ)
         return [(c.name, c.error and c.error.split(" [Errno")[0]) for c in res.cases]
