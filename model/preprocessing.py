@@ -111,18 +111,28 @@ def resize_image(arr: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return np.stack([_resize_plane(img[..., c], hw) for c in range(3)], axis=-1)
 
 
-def normalize(x: torch.Tensor, method: str) -> torch.Tensor:
-    """x: 3 x h x w float on 0..255 (unpadded) -> the encoder's input values."""
+def normalize(img: torch.Tensor, method: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """img: h x w (grey) or h x w x 3, float32 on 0..255 (unpadded) -> 3 x h x w encoder input
+    values, written into ``out`` when given (a view into the padded input: one pass per channel,
+    no three-channel copy of a grey image and no temporaries; the same values as the formulas)."""
+    if method not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalisation {method!r}; known: {NORMALIZATIONS}")
+    h, w = img.shape[:2]
+    if out is None:
+        out = torch.empty(3, h, w, dtype=torch.float32)
+    planes = [img] * 3 if img.ndim == 2 else [img[..., c] for c in range(3)]
     if method == "sam":
-        mean = torch.tensor(SAM_PIXEL_MEAN, dtype=x.dtype).view(3, 1, 1)
-        std = torch.tensor(SAM_PIXEL_STD, dtype=x.dtype).view(3, 1, 1)
-        return (x - mean) / std
-    if method == "minmax":
-        lo, hi = x.min(), x.max()
+        shift = torch.tensor(SAM_PIXEL_MEAN, dtype=torch.float32)
+        scale = torch.tensor(SAM_PIXEL_STD, dtype=torch.float32)
+    else:  # minmax over the whole resized image
+        lo, hi = img.min(), img.max()
         if float(hi - lo) <= 0:
-            return torch.zeros_like(x)
-        return (x - lo) / (hi - lo)
-    raise ValueError(f"unknown normalisation {method!r}; known: {NORMALIZATIONS}")
+            return out.zero_()
+        shift, scale = lo.expand(3), (hi - lo).expand(3)
+    for c in range(3):
+        torch.sub(planes[c], shift[c], out=out[c])
+        out[c].div_(scale[c])
+    return out
 
 
 def preprocess(arr: np.ndarray, size: int, normalization: str) -> tuple[torch.Tensor, Geometry]:
@@ -131,12 +141,9 @@ def preprocess(arr: np.ndarray, size: int, normalization: str) -> tuple[torch.Te
         raise ValueError(f"expected a non-empty 2-D image, got shape {arr.shape}")
     geom = Geometry(int(arr.shape[0]), int(arr.shape[1]), size)
     h, w = geom.resized
-    img = resize_image(arr, (h, w))
-    t = torch.from_numpy(img)
-    t = t.unsqueeze(0).expand(3, h, w) if t.ndim == 2 else t.permute(2, 0, 1)
-    t = normalize(t.contiguous(), normalization)
+    img = torch.from_numpy(resize_image(arr, (h, w)))
     out = torch.zeros(3, size, size, dtype=torch.float32)
-    out[:, :h, :w] = t
+    normalize(img, normalization, out=out[:, :h, :w])
     return out, geom
 
 

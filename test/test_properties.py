@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model.io import ImageReadError, read_image  # noqa: E402
-from model.preprocessing import NORMALIZATIONS, Geometry, postprocess, preprocess  # noqa: E402
+from model.preprocessing import (NORMALIZATIONS, SAM_PIXEL_MEAN, SAM_PIXEL_STD, Geometry, postprocess,  # noqa: E402
+                                 preprocess, resize_image)
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=False)
 
@@ -202,6 +203,17 @@ def _extreme(dtype, shape=(30, 40)) -> np.ndarray:
     return _random(np.random.default_rng(0), shape, dtype, "full")
 
 
+def _textbook_normalisation(img: np.ndarray, normalization: str) -> torch.Tensor:
+    """The formulas of model/preprocessing.py's docstring on the three-channel image, in float32:
+    preprocess writes them channel by channel into its padded input and must give the same bits."""
+    t = torch.from_numpy(img)
+    x = (t.unsqueeze(0).expand(3, *t.shape) if t.ndim == 2 else t.permute(2, 0, 1)).contiguous()
+    if normalization == "sam":
+        return (x - torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)) / torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
+    lo, hi = x.min(), x.max()
+    return (x - lo) / (hi - lo) if float(hi - lo) > 0 else torch.zeros_like(x)
+
+
 @settings(max_examples=40, **SETTINGS)
 @given(network_images(), st.sampled_from([64, 256]), st.sampled_from(NORMALIZATIONS),
        st.sampled_from([64, 256]), st.integers(0, 2 ** 32 - 1))
@@ -223,6 +235,7 @@ def test_preprocess_and_postprocess_round_trip(arr, size, normalization, res, se
     assert (x[:, h:, :] == 0).all() and (x[:, :, w:] == 0).all()  # zero padding at the bottom and right
     if normalization == "minmax":
         assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    assert torch.equal(x[:, :h, :w], _textbook_normalisation(resize_image(arr, (h, w)), normalization))
     logits = torch.from_numpy(np.random.default_rng(seed).normal(0, 4, (res, res)).astype(np.float32))
     mask = postprocess(logits, geom)
     assert mask.shape == (h_in, w_in) and mask.dtype == np.uint8
