@@ -565,6 +565,22 @@ def test_io_threads_give_the_serial_outputs_and_errors(tmp_path, monkeypatch):
         (tmp_path / "threaded" / "classification" / "probabilities.csv").read_text()
 
 
+
+def test_io_pool_leaves_a_fresh_process_its_thread_count():
+    """torch.set_num_threads in a pool thread also sets the count that threads take on their first
+    parallel kernel: a process whose main thread makes the pool before any torch work must keep
+    torch's default there (model/io_threads.py reads it first)."""
+    code = ("import torch\n"
+            "from model.io_threads import io_pool\n"
+            "pool = io_pool(2, 't')\n"
+            "inside = set(pool.map(lambda _: torch.get_num_threads(), range(4)))\n"
+            "print(sorted(inside), torch.get_num_threads())\n")
+    plain = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["[1]", plain.stdout.strip()]
+
 def test_fused_form_falls_back_per_block_kind(monkeypatch):
     """Where the fused kernels do not take a call (here: CPU, fp32), a global block runs the
     augmented (flash) form and a window block the mask form, the faster of the two for each kind on
