@@ -67,8 +67,8 @@ def _constant_under_compile(fn):
     ``torch.compiler.assume_constant_result(fn)`` does this by setting one attribute on ``fn``, but
     it imports dynamo first: 1.1 s of every process's start-up on the development CPU, where nothing
     compiles (a Grand Challenge job starts a process per image). So the attribute is set here
-    directly; dynamo reads it when torch.compile runs. test_relpos_attention checks that the public
-    function sets exactly this, and test_model that the encoder compiles as one graph."""
+    directly; dynamo reads it when torch.compile runs. test_model checks that the public function
+    sets exactly this, and that the encoder compiles as one graph."""
     setattr(fn, DYNAMO_CONSTANT_MARK, True)
     return fn
 

@@ -12,7 +12,6 @@ stages 1 and 2 and keeps stage 3 at 1/4: for 256 input the stages run at 256, 12
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
