@@ -462,7 +462,7 @@ def test_loading_and_predicting_does_not_import_dynamo():
     """Importing torch's compiler (torch._dynamo) took 1.1 s of each process's start-up on the
     development CPU, and a Grand Challenge job starts one process per image: the product's modules
     and a default-model prediction must not import it unless --compile asks for it."""
-    code = ("import sys, numpy as np\n"
+    code = ("import sys\n"
             "import process, model.inference\n"
             "from model.predictor import Predictor\n"
             "sys.path.insert(0, 'test')\n"
@@ -565,7 +565,6 @@ def test_io_threads_give_the_serial_outputs_and_errors(tmp_path, monkeypatch):
         (tmp_path / "threaded" / "classification" / "probabilities.csv").read_text()
 
 
-
 def test_io_pool_leaves_a_fresh_process_its_thread_count():
     """torch.set_num_threads in a pool thread also sets the count that threads take on their first
     parallel kernel: a process whose main thread makes the pool before any torch work must keep
@@ -580,6 +579,7 @@ def test_io_pool_leaves_a_fresh_process_its_thread_count():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["[1]", plain.stdout.strip()]
+
 
 def test_fused_form_falls_back_per_block_kind(monkeypatch):
     """Where the fused kernels do not take a call (here: CPU, fp32), a global block runs the
