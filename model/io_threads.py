@@ -3,7 +3,7 @@
 Each pool thread runs its torch operations on one intra-op thread. Left at the default, every pool
 thread that reaches a parallel torch kernel (normalising a 3 x 1024 x 1024 input, upsampling a mask)
 starts an OpenMP team of its own as large as the machine: 16 pool threads on a 16-core GPU host
-make 256 threads, spinning for the same cores. Measured on the 2-core development CPU, two pool
+can make 256 threads, spinning for the same cores (not measured on a GPU host). Measured on the 2-core development CPU, two pool
 threads preprocessing 1024-px BUSI images and upsampling their masks: 20.4-21.8 ms of CPU per image
 with the default, 14.2-15.6 ms with one thread each (wall 10.8-11.5 against 7.5-8.3 ms per image).
 
