@@ -165,3 +165,23 @@ def test_members_with_different_preprocessing_are_refused(runs, tmp_path):
     assert "one input size and normalisation" in res.output
     assert "litemedsam at 256 px, minmax" in res.output and "sam_vit_b at 1024 px, sam" in res.output
     assert not (tmp_path / "ens").exists()
+
+
+def test_metrics_without_logits_go_into_the_model_card(runs, tmp_path):
+    """training.evaluate on predictions without --logits (what reproduce.sh does) leaves seg_bce and
+    its interval null; the export writes the card with those cells empty (it crashed on them)."""
+    from test_evaluate import make_data, make_pace
+    from training import evaluate as evaluate_mod
+
+    res = CliRunner().invoke(evaluate_mod.main, ["--pred", str(make_pace(tmp_path / "pred")),
+                                                 "--data", str(make_data(tmp_path / "data")), "--split", "val",
+                                                 "--out", str(tmp_path / "eval"), "--n-boot", "20"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["ci"]["seg_bce"] == [None, None]  # the case that crashed the export
+    res = _export(runs["sd-h"], runs["mgc-a"], "--out", tmp_path / "ens", "--metrics", tmp_path / "eval" / "metrics.json")
+    assert res.exit_code == 0, res.output
+    card = (tmp_path / "ens" / "MODEL_CARD.md").read_text()
+    dsc_lo, dsc_hi = metrics["ci"]["dsc"]
+    assert f"| dsc | {metrics['dsc']:.3f} | {dsc_lo:.3f} – {dsc_hi:.3f} |" in card
+    assert "| seg_bce | – |  |" in card

@@ -42,7 +42,7 @@ def pick(names: list[str], preference: tuple[str, ...]) -> str:
 
 
 def _fmt(v) -> str:
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
+    return f"{v:.3f}" if isinstance(v, float) else "–" if v is None else str(v)
 
 
 def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics: dict | None,
@@ -90,7 +90,10 @@ def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics:
         for k in keys:
             if k in metrics:
                 c = ci.get(k)
-                ci_txt = f"{c[0]:.3f} – {c[1]:.3f}" if isinstance(c, (list, tuple)) and len(c) == 2 else ""
+                # training.evaluate writes [null, null] where an interval cannot be computed (for
+                # example seg_bce without --logits, or one class only): leave the cell empty.
+                ci_txt = f"{c[0]:.3f} – {c[1]:.3f}" if isinstance(c, (list, tuple)) and len(c) == 2 \
+                    and all(isinstance(v, (int, float)) for v in c) else ""
                 lines.append(f"| {k} | {_fmt(metrics[k])} | {ci_txt} |")
     else:
         lines.append("(not evaluated: pass --metrics)")
