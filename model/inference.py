@@ -57,8 +57,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import CLASS_NAMES
-from .io import (ImageReadError, LoadedImage, list_images, read_image, write_mha, write_npy, write_png, write_text,
-                 write_zip)
+from .io import (ImageReadError, LoadedImage, list_images, read_image, unlistable_reason, write_mha, write_npy,
+                 write_png, write_text, write_zip)
 
 TASKS = ("all", "seg", "cls")
 FORMATS = ("gc", "pace", "codabench")
@@ -146,16 +146,22 @@ def load_predictor(model_dir: str | Path | None = None, device: str = "auto", ba
 # Inputs and names
 
 
+OUTPUT_IMAGE_FOLDERS = (f"images/{GC_SEGMENTATION_SLUG}", "segmentation", "overlays")  # what runs write images into
+
+
 def find_inputs(input_dir: str | Path, exclude: str | Path | None = None) -> list[Path]:
-    """Every image below ``input_dir`` (sorted), except those below ``exclude`` (the output folder,
-    when it lies inside the input folder); ``InferenceError`` if there is none."""
+    """Every image below ``input_dir`` (sorted), and what could not be looked at (``list_images``),
+    except what a run writes into the output folder ``exclude`` (its mask and overlay folders, when
+    the output folder is or contains the input folder); ``InferenceError`` if there is none."""
     input_dir = Path(input_dir)
     if not input_dir.exists():
         raise InferenceError(f"input folder {input_dir} does not exist")
+    if input_dir.is_dir() and unlistable_reason(input_dir):
+        raise InferenceError(f"input folder {input_dir} cannot be listed: {unlistable_reason(input_dir)}")
     paths = list_images(input_dir)
     if exclude is not None:
-        skip = Path(exclude).resolve()
-        paths = [p for p in paths if not p.resolve().is_relative_to(skip)]
+        skip = [(Path(exclude) / sub).resolve() for sub in OUTPUT_IMAGE_FOLDERS]
+        paths = [p for p in paths if not any(p.resolve().is_relative_to(s) for s in skip)]
     if not paths:
         raise InferenceError(f"no images (.mha, .tif/.tiff, .png, .jpg/.jpeg, .bmp) found below {input_dir}")
     return paths

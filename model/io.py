@@ -59,16 +59,37 @@ def is_image_file(path: Path) -> bool:
 
 
 def list_images(root: Path | str) -> list[Path]:
-    """Every image file below ``root`` (recursively), sorted; hidden files and folders skipped."""
+    """Every image file below ``root`` (recursively, through linked folders), sorted; hidden files
+    and folders skipped.
+
+    What cannot be looked at is listed too, so that ``read_image`` reports it by name instead of it
+    being skipped in silence: a folder that cannot be listed (its permissions) and a link to an image
+    that does not exist. A link to a folder already walked (a loop) is not followed again.
+    """
     root = Path(root)
     if root.is_file():
         return [root] if is_image_file(root) else []
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
+    found: list[Path] = []
+
+    def unlistable(exc: OSError) -> None:
+        if exc.filename and Path(exc.filename) != root:
+            found.append(Path(exc.filename))
+
+    walked: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable, followlinks=True):
+        walked.add(os.path.realpath(dirpath))
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith(".") or d == "__MACOSX":
+                continue
+            link = os.path.join(dirpath, d)
+            if os.path.islink(link) and os.path.realpath(link) in walked:
+                continue  # a link to a folder already walked: a loop (or the same images again)
+            keep.append(d)
+        dirnames[:] = keep
         for name in filenames:
             p = Path(dirpath) / name
-            if p.is_file() and is_image_file(p):
+            if is_image_file(p) and (p.is_file() or p.is_symlink()):
                 found.append(p)
     return sorted(found)
 
@@ -139,10 +160,34 @@ def _read_mha(path: Path) -> LoadedImage:
                        extra)
 
 
+def _denied(path: Path) -> str:
+    """Why this user may not read ``path``: a mounted folder's permissions (the container's user differs)."""
+    st = path.stat()
+    uid = os.getuid() if hasattr(os, "getuid") else "?"
+    kind = "folder" if path.is_dir() else "file"
+    return (f"permission denied: not readable by this user (uid {uid}; the {kind} has mode "
+            f"{stat.S_IMODE(st.st_mode):o}, owner uid {st.st_uid})")
+
+
+def unlistable_reason(folder: Path) -> str:
+    """Why ``folder`` cannot be listed (an empty string when it can)."""
+    try:
+        with os.scandir(folder):
+            return ""
+    except PermissionError:
+        return _denied(folder)
+    except OSError as exc:
+        return exc.strerror or exc.__class__.__name__
+
+
 def read_image(path: Path | str) -> LoadedImage:
     """Read one 2-D image (png, jpg, tif, bmp, mha); raise ``ImageReadError`` with the reason."""
     path = Path(path)
+    if path.is_dir():  # list_images lists the folders it could not list
+        raise ImageReadError(path, f"folder cannot be listed, so its images are not read: {unlistable_reason(path)}")
     if not path.is_file():
+        if path.is_symlink():
+            raise ImageReadError(path, f"broken link: its target {os.readlink(path)} does not exist")
         raise ImageReadError(path, "file not found")
     st = path.stat()
     if st.st_size == 0:
@@ -150,9 +195,7 @@ def read_image(path: Path | str) -> LoadedImage:
     try:
         open(path, "rb").close()
     except PermissionError:  # not "corrupt": a mounted folder's permissions (the container's user differs)
-        uid = os.getuid() if hasattr(os, "getuid") else "?"
-        raise ImageReadError(path, f"permission denied: not readable by this user (uid {uid}; the file has mode "
-                                   f"{stat.S_IMODE(st.st_mode):o}, owner uid {st.st_uid})") from None
+        raise ImageReadError(path, _denied(path)) from None
     if path.suffix.lower() == ".mha":
         return _read_mha(path)
     return _read_pil(path)

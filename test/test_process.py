@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -476,6 +477,52 @@ def test_an_output_folder_inside_the_input_folder_is_not_read_back(cli, tmp_path
     res = cli("-i", d, "-o", d / "out", "--format", "pace")  # again: out/segmentation/*.png are not inputs
     assert res.exit_code == 0, res.output
     assert _files(d / "out" / "segmentation") == ["case_mask.png"]
+
+
+@pytest.mark.parametrize("where", ["same", "parent"])
+def test_an_output_folder_that_is_or_holds_the_input_folder_reads_the_images_but_not_its_outputs(cli, tmp_path, where):
+    d = _one_image(tmp_path)
+    out = d if where == "same" else tmp_path
+    for _ in range(2):  # the second run finds the first one's masks and overlays and leaves them
+        res = cli("-i", d, "-o", out, "--format", "pace", "--overlay")
+        assert res.exit_code == 0, res.output
+        assert "1 of 1 image processed" in res.output
+    res = cli("-i", d, "-o", out, "--format", "gc")
+    assert res.exit_code == 0 and "1 of 1 image processed" in res.output, res.output
+    assert _files(out / "segmentation") == ["case_mask.png"] and _files(out / "overlays") == ["case.png"]
+    assert _files(out / "images") == ["breast-lesion-segmentation/case.mha"]
+
+
+def test_linked_folders_broken_links_and_unlistable_folders_are_not_skipped_in_silence(cli, tmp_path, monkeypatch):
+    """Images in a linked folder are read; a broken link and a folder that cannot be listed (its
+    permissions: simulated, since the tests run as root) are named in errors.csv with the reason and
+    the run exits 3; a link back to a parent folder is walked once."""
+    d = _one_image(tmp_path)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    for k in range(2):
+        Image.fromarray(synthetic_ultrasound(40, 50, 30 + k)[0]).save(other / f"b{k}.png")
+    (d / "linked").symlink_to(other, target_is_directory=True)
+    (d / "linked" / "loop").symlink_to(d, target_is_directory=True)
+    (d / "broken.png").symlink_to(tmp_path / "gone.png")
+    (d / "locked").mkdir()
+    Image.fromarray(synthetic_ultrasound(40, 50, 40)[0]).save(d / "locked" / "x.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(os.fsdecode(path)) == d / "locked":
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    res = cli("-i", d, "-o", tmp_path / "out", "--format", "pace")
+    assert res.exit_code == 3, res.output
+    assert "3 of 5 images processed" in res.output
+    assert _files(tmp_path / "out" / "segmentation") == ["b0_mask.png", "b1_mask.png", "case_mask.png"]
+    errors = {r["file"]: r["reason"] for r in csv.DictReader(open(tmp_path / "out" / "errors.csv"))}
+    assert set(errors) == {"broken.png", "locked"}
+    assert errors["broken.png"] == f"broken link: its target {tmp_path / 'gone.png'} does not exist"
+    assert errors["locked"].startswith("folder cannot be listed, so its images are not read: permission denied")
 
 
 def test_colliding_inputs_are_all_written(cli, tmp_path):
