@@ -57,8 +57,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import CLASS_NAMES
-from .io import (ImageReadError, LoadedImage, list_images, read_image, unlistable_reason, write_mha, write_npy,
-                 write_png, write_text, write_zip)
+from .io import (ImageReadError, LoadedImage, list_images, read_image, unlistable_reason, unwritable_reason,
+                 write_mha, write_npy, write_png, write_text, write_zip)
 
 TASKS = ("all", "seg", "cls")
 FORMATS = ("gc", "pace", "codabench")
@@ -165,6 +165,22 @@ def find_inputs(input_dir: str | Path, exclude: str | Path | None = None) -> lis
     if not paths:
         raise InferenceError(f"no images (.mha, .tif/.tiff, .png, .jpg/.jpeg, .bmp) found below {input_dir}")
     return paths
+
+
+def prepare_output(output_dir: str | Path) -> Path:
+    """Create the output folder and check that this user can write into it, before any model work
+    (``InferenceError`` naming the folder and the reason)."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise InferenceError(f"output folder {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InferenceError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
+    reason = unwritable_reason(out)
+    if reason:
+        raise InferenceError(f"cannot write into the output folder {out}: {reason}")
+    return out
 
 
 def _relative(path: Path, root: Path) -> Path:
@@ -469,7 +485,7 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
     """Predict every image below ``input_dir`` and write the outputs of ``fmt`` into ``output_dir``.
 
     Raises ``InferenceError`` only when there is nothing to process or ``output_dir`` cannot be
-    created; per-case failures are recorded in the result (``RunResult.exit_code``: 0, 3 or 1).
+    created or written into; per-case failures are recorded in the result (``RunResult.exit_code``: 0, 3 or 1).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, not {task!r}")
@@ -477,10 +493,7 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
         raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
     input_dir, out = Path(input_dir), Path(output_dir)
     paths = list(inputs) if inputs is not None else find_inputs(input_dir, exclude=out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InferenceError(f"cannot create the output folder {out}: {exc}") from exc
+    prepare_output(out)
     root = input_dir if input_dir.is_dir() else input_dir.parent
     names = output_names(paths, root)
     cases = [Case(Path(p), _relative(Path(p), root).as_posix(), n) for p, n in zip(paths, names)]
@@ -565,7 +578,22 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
         for case in cases:
             if case.ok:
                 case.error = f"summary files not written: {_reason(exc)}"
+    stale = stale_outputs(out, cases)
+    if stale:  # an earlier run's files: graders read every file in these folders
+        shown = ", ".join(p.relative_to(out).as_posix() for p in stale[:3]) + (", ..." if len(stale) > 3 else "")
+        log(f"warning: {len(stale)} file{'s' if len(stale) != 1 else ''} in {out} {'were' if len(stale) != 1 else 'was'} "
+            f"not written by this run (an earlier run's?): {shown}")
     return RunResult(cases, out)
+
+
+def stale_outputs(out: Path, cases: Sequence[Case]) -> list[Path]:
+    """Files in the output's mask and overlay folders that this run did not write."""
+    written = {p.resolve() for case in cases for p in case.outputs}
+    found = []
+    for sub in OUTPUT_IMAGE_FOLDERS:
+        if (out / sub).is_dir():
+            found += [p for p in (out / sub).rglob("*") if p.is_file() and p.resolve() not in written]
+    return sorted(found)
 
 
 def predict_file(predictor, image_path: str | Path, output_dir: str | Path, overlay: bool = True) -> Case:
@@ -598,5 +626,5 @@ def summary_line(result: RunResult) -> str:
 
 
 __all__ = ["TASKS", "FORMATS", "InferenceError", "Case", "RunResult", "default_model_dir", "load_predictor",
-           "find_inputs", "output_names", "run", "predict_file", "render_overlay", "summary_line",
+           "find_inputs", "prepare_output", "output_names", "run", "predict_file", "render_overlay", "summary_line",
            "EXIT_OK", "EXIT_NOTHING_DONE", "EXIT_SOME_FAILED"]

@@ -180,6 +180,23 @@ def unlistable_reason(folder: Path) -> str:
         return exc.strerror or exc.__class__.__name__
 
 
+def unwritable_reason(folder: Path) -> str:
+    """Why this user cannot create files in the existing ``folder`` (an empty string when it can):
+    found by creating and removing a hidden temporary file, not by reading permission bits."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".pfsam-write-check-", dir=folder)
+    except PermissionError:
+        st = folder.stat()
+        uid = os.getuid() if hasattr(os, "getuid") else "?"
+        return (f"permission denied: not writable by this user (uid {uid}; the folder has mode "
+                f"{stat.S_IMODE(st.st_mode):o}, owner uid {st.st_uid})")
+    except OSError as exc:
+        return exc.strerror or exc.__class__.__name__
+    os.close(fd)
+    os.unlink(tmp)
+    return ""
+
+
 def read_image(path: Path | str) -> LoadedImage:
     """Read one 2-D image (png, jpg, tif, bmp, mha); raise ``ImageReadError`` with the reason."""
     path = Path(path)

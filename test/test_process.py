@@ -29,6 +29,7 @@ import process  # noqa: E402
 from make_fixtures import synthetic_ultrasound  # noqa: E402
 from make_test_model import make_test_ensemble  # noqa: E402
 from model import inference  # noqa: E402
+from model import io as inference_io  # noqa: E402
 from model.inference import output_names, render_overlay  # noqa: E402
 
 CLASSES = ("normal", "benign", "malignant")
@@ -384,6 +385,24 @@ def test_some_cases_failing_exits_3_and_reports_them(cli, tmp_path):
     assert not (out / "errors.csv").exists()
 
 
+def test_files_an_earlier_run_left_in_the_output_folder_are_named_in_a_warning(cli, tmp_path):
+    d = _one_image(tmp_path)
+    Image.fromarray(synthetic_ultrasound(33, 44, 3)[0]).save(d / "other.png")
+    out = tmp_path / "out"
+    res = cli("-i", d, "-o", out, "--format", "pace")
+    assert res.exit_code == 0 and "warning" not in res.output, res.output
+    assert "warning" not in cli("-i", d, "-o", out, "--format", "pace").output  # the same files again
+    (d / "other.png").write_bytes(b"")  # now it fails: its mask from the first run is left, and named
+    res = cli("-i", d, "-o", out, "--format", "pace", "--overlay")
+    assert res.exit_code == 3
+    assert f"warning: 1 file in {out} was not written by this run (an earlier run's?): segmentation/other_mask.png" \
+        in res.output
+    assert _files(out / "segmentation") == ["case_mask.png", "other_mask.png"]  # nothing is deleted
+    res = cli("-i", d / "case.png", "-o", out, "--format", "gc")
+    assert f"warning: 3 files in {out} were not written by this run (an earlier run's?): overlays/case.png, " \
+           "segmentation/case_mask.png, segmentation/other_mask.png" in res.output
+
+
 def test_a_prediction_failure_is_isolated_to_its_image(cli, predictor, tmp_path, monkeypatch):
     d = _one_image(tmp_path)
     Image.fromarray(synthetic_ultrasound(33, 44, 3)[0]).save(d / "poison.png")
@@ -523,6 +542,34 @@ def test_linked_folders_broken_links_and_unlistable_folders_are_not_skipped_in_s
     assert set(errors) == {"broken.png", "locked"}
     assert errors["broken.png"] == f"broken link: its target {tmp_path / 'gone.png'} does not exist"
     assert errors["locked"].startswith("folder cannot be listed, so its images are not read: permission denied")
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_model_loads(predictor, tmp_path, monkeypatch):
+    d = _one_image(tmp_path)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    res = _invoke_with(predictor, ["-i", d, "-o", a_file])
+    assert res.exit_code == 1 and res.calls == [], res.output
+    assert f"error: output folder {a_file} is a file, not a folder" in res.output
+    # a folder this user may not write into (a read-only mount; simulated, the tests run as root)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkstemp = inference_io.tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == locked:
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(inference_io.tempfile, "mkstemp", mkstemp)
+    res = _invoke_with(predictor, ["-i", d, "-o", locked])
+    assert res.exit_code == 1 and res.calls == [], res.output
+    assert f"error: cannot write into the output folder {locked}: permission denied: not writable by this user" \
+        in res.output and "owner uid" in res.output
+    assert list(locked.iterdir()) == []
+    monkeypatch.undo()
+    assert _invoke_with(predictor, ["-i", d, "-o", locked, "--format", "pace"]).exit_code == 0
+    assert sorted(p.name for p in locked.iterdir()) == ["classification", "segmentation"]  # no check file left
 
 
 def test_colliding_inputs_are_all_written(cli, tmp_path):
