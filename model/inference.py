@@ -167,6 +167,24 @@ def find_inputs(input_dir: str | Path, exclude: str | Path | None = None) -> lis
     return paths
 
 
+MIN_SIDE = 16  # px; an ultrasound frame is hundreds of pixels on each side
+
+
+def check_content(image: LoadedImage) -> LoadedImage:
+    """``ImageReadError`` for an image that holds nothing to segment or classify: fewer than
+    ``MIN_SIDE`` pixels on a side, or one value everywhere (the model would still answer, with a
+    confident label; see README, Errors)."""
+    h, w = image.size
+    if min(h, w) < MIN_SIDE:
+        raise ImageReadError(image.path, f"image is {w}x{h} px; at least {MIN_SIDE} px per side are needed")
+    arr = image.array
+    if arr.ndim == 3 and arr.shape[2] in (2, 4):
+        arr = arr[..., :-1]  # alpha
+    if arr.min() == arr.max():
+        raise ImageReadError(image.path, f"every pixel has the same value ({arr.flat[0]}): nothing to segment")
+    return image
+
+
 def prepare_output(output_dir: str | Path) -> Path:
     """Create the output folder and check that this user can write into it, before any model work
     (``InferenceError`` naming the folder and the reason)."""
@@ -550,7 +568,9 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
                 loaded: list[tuple[Case, LoadedImage]] = []
                 for j, case in enumerate(batch):
                     try:
-                        loaded.append((case, futures[j].result() if futures is not None else read_image(case.path)))
+                        img = futures[j].result() if futures is not None else read_image(case.path)
+                        check_content(img)
+                        loaded.append((case, img))
                     except Exception as exc:  # noqa: BLE001
                         fail(case, _reason(exc))
                 if loaded:
@@ -600,7 +620,7 @@ def predict_file(predictor, image_path: str | Path, output_dir: str | Path, over
     """One image -> its mask (``.mha`` with the input's geometry for ``.mha`` inputs, else a
     0/255 ``.png``) and optionally an overlay, in ``output_dir``; raises on any failure (Cog)."""
     path, out = Path(image_path), Path(output_dir)
-    image = read_image(path)
+    image = check_content(read_image(path))
     pred = predictor.predict([image.array])[0]
     case = Case(path, path.name, path.stem or "image", prediction=pred)
     if path.suffix.lower() == ".mha":

@@ -85,11 +85,8 @@ def make_inputs(root: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str],
     Image.fromarray(np.stack([_us(43, 39, 7)] * 3, -1)).save(root / "PHOTO.JPG", format="JPEG", quality=90)
     processed["PHOTO.JPG"] = (39, 43)
 
-    Image.fromarray(np.array([[128]], np.uint8)).save(root / "one_pixel.png")
-    processed["one_pixel.png"] = (1, 1)
-
-    Image.fromarray(np.tile(_us(3, 500, 8), (1, 10))).save(root / "thin_3x5000.png")
-    processed["thin_3x5000.png"] = (5000, 3)
+    Image.fromarray(np.tile(_us(16, 500, 8), (1, 10))).save(root / "thin_16x5000.png")  # 1 px high at 256
+    processed["thin_16x5000.png"] = (5000, 16)
 
     huge = np.full((10000, 10000), 90, np.uint8)  # mostly flat: cheap to encode and decode
     huge[3000:7000, 3000:7000] = 30
@@ -131,6 +128,17 @@ def make_inputs(root: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str],
     inf[7, 3] = np.inf
     _mha(root / "inf.mha", inf)
     refused["inf.mha"] = "infinite"
+    # readable, but nothing to segment: the model would answer with a confident label
+    Image.fromarray(np.array([[128]], np.uint8)).save(root / "one_pixel.png")
+    refused["one_pixel.png"] = "image is 1x1 px; at least 16 px per side"
+    Image.fromarray(np.tile(_us(3, 500, 8), (1, 10))).save(root / "thin_3x5000.png")
+    refused["thin_3x5000.png"] = "image is 5000x3 px"
+    Image.fromarray(np.zeros((300, 300), np.uint8)).save(root / "black.png")
+    refused["black.png"] = "every pixel has the same value (0): nothing to segment"
+    flat = np.full((40, 50, 4), 90, np.uint8)
+    flat[..., 3] = rng.integers(0, 256, (40, 50), dtype=np.uint8)  # only the alpha varies
+    Image.fromarray(flat, "RGBA").save(root / "flat_rgba.png")
+    refused["flat_rgba.png"] = "every pixel has the same value (90)"
 
     # --- ignored
     ignored = [".DS_Store", "._rgba.png", "__MACOSX/rgba.png", "__MACOSX/._rgba.png", "notes.txt", "table.csv",

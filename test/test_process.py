@@ -677,6 +677,10 @@ def test_cog_predictor_setup_and_predict(ensemble_dir, inputs):
         bad = Path(str(out.segmentation_mask)).parent / "bad.png"
         bad.write_bytes(b"nope")
         p.predict(image=cog_predict.Path(str(bad)), overlay=False, tta=False)
+    black = Path(str(out.segmentation_mask)).parent / "black.png"
+    Image.fromarray(np.zeros((200, 300), np.uint8)).save(black)
+    with pytest.raises(Exception, match=r"black.png: every pixel has the same value \(0\): nothing to segment"):
+        p.predict(image=cog_predict.Path(str(black)), overlay=False, tta=False)
 
 
 def test_cog_yaml_pins_match_the_runtime_requirements():
