@@ -126,9 +126,9 @@ def load_predictor(model_dir: str | Path | None = None, device: str = "auto", ba
         resolve_device(device)  # a device that is not there is not a model failure
     except RuntimeError as exc:
         raise InferenceError(str(exc)) from None
-    if not model_dir.is_dir():
-        raise InferenceError(f"cannot load the model: {model_dir} does not exist (pass --model-dir, or mount "
-                             f"a model at {SAGEMAKER_MODEL_DIR})")
+    if not model_dir.is_dir():  # only a named folder can be missing: the defaults are checked above
+        raise InferenceError(f"cannot load the model: {model_dir} "
+                             f"{'is a file, not a model folder' if model_dir.exists() else 'does not exist'}")
     try:
         predictor = Predictor.from_dir(model_dir, device=device, batch_size=batch_size, tta=tta,
                                        precision=precision, compile_backend=compile_backend, runtime=runtime)

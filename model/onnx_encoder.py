@@ -95,7 +95,10 @@ def onnx_graph(encoder: nn.Module, name: str, input_size: int, log=None) -> byte
         with atomic_path(path) as tmp:
             Path(tmp).write_bytes(data)
         return path
-    except OSError:
+    except OSError as exc:
+        if log:
+            log(f"the ONNX graph cannot be cached there ({exc.strerror or exc}): it is kept in memory for "
+                "this process only (set PFSAM_CACHE to a writable folder)")
         return data
 
 

@@ -224,7 +224,11 @@ def test_crafted_pickle_checkpoint_is_refused(tmp_path):
     path = tmp_path / "sam_vit_b_custom.pth"
     with open(path, "wb") as fh:
         pickle.dump({"image_encoder.x": Evil()}, fh)
-    with pytest.raises(WeightsError, match="not a plain tensor checkpoint"):
+    with pytest.raises(WeightsError, match="not a plain tensor checkpoint: it holds Python objects") as err:
+        build_encoder("sam_vit_b", checkpoint=path, input_size=256)
+    assert "weights_only=False" not in str(err.value)  # no advice to load it unsafely
+    path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(WeightsError, match="not a plain tensor checkpoint, or a corrupt one"):
         build_encoder("sam_vit_b", checkpoint=path, input_size=256)
     import os
 

@@ -86,13 +86,15 @@ def test_graph_is_exported_once_per_weight_state_and_reused(lite_ensemble, monke
     assert onnx_encoder.state_digest(enc) != d1
 
 
-def test_unwritable_cache_keeps_the_graph_in_memory(lite_ensemble, tmp_path, monkeypatch):
+def test_unwritable_cache_keeps_the_graph_in_memory(lite_ensemble, tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("PFSAM_CACHE", str(blocker / "cache"))  # mkdir below a file fails
     pred = Predictor.from_dir(lite_ensemble, device="cpu", runtime="onnx")
     enc = next(iter(pred.members.values())).encoder
     assert isinstance(enc, OnnxEncoder) and enc.graph is None
+    assert "cannot be cached there (Not a directory): it is kept in memory for this process only" \
+        in capsys.readouterr().err
     assert pred.predict_one(_images()[0]).mask.shape == (300, 400)
 
 

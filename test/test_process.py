@@ -443,17 +443,21 @@ def test_no_inputs_exits_1_with_a_reason(cli, tmp_path, make):
     assert not res.calls  # the model is not even loaded
 
 
-@pytest.mark.parametrize("problem", ["missing", "not-a-model", "bad-json"])
+@pytest.mark.parametrize("problem", ["missing", "a-file", "not-a-model", "bad-json"])
 def test_model_that_cannot_load_exits_1(tmp_path, problem):
     d = _one_image(tmp_path)
     model_dir = tmp_path / "model"
-    if problem != "missing":
+    if problem == "a-file":
+        model_dir.write_text("{}")
+    elif problem != "missing":
         model_dir.mkdir()
     if problem == "bad-json":
         (model_dir / "ensemble.json").write_text("{not json")
     res = CliRunner().invoke(process.main, ["-i", str(d), "-o", str(tmp_path / "out"), "--model-dir", str(model_dir)])
     assert res.exit_code == 1
     assert "cannot load the model" in res.stderr and str(model_dir) in res.stderr
+    if problem in ("missing", "a-file"):  # the folder was named: no advice to name one
+        assert res.stderr.strip().endswith({"missing": "does not exist", "a-file": "is a file, not a model folder"}[problem])
 
 
 def test_gpu_without_cuda_exits_1(ensemble_dir, tmp_path):

@@ -6,7 +6,8 @@
 #
 # Environment: ENCODER (default sam_vit_b), ENCODER_CHECKPOINT (the SAM/MedSAM .pth; not needed for
 # litemedsam), MODE (finetuned|frozen, default finetuned), EPOCHS (60), BATCH_SIZE (4), DEVICE (auto),
-# NPROC (GPUs for torchrun, default 1), EXTRA (more training.train options, e.g. "--set ...").
+# NPROC (GPUs for torchrun, default 1), EXTRA (more training.train options, e.g. "--set ..."),
+# PYTHON (the interpreter; default: the active one, else the repository's .venv, else python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sources=()
@@ -17,27 +18,29 @@ ENCODER=${ENCODER:-sam_vit_b}; MODE=${MODE:-finetuned}; EPOCHS=${EPOCHS:-60}; BA
 DEVICE=${DEVICE:-auto}; NPROC=${NPROC:-1}; EXTRA=${EXTRA:-}
 ckpt=(); [ -n "${ENCODER_CHECKPOINT:-}" ] && ckpt=(--encoder-checkpoint "$ENCODER_CHECKPOINT")
 mode=(--finetune); [ "$MODE" = frozen ] && mode=(--frozen --cache "$OUT/cache")
-launch=(python); [ "$NPROC" -gt 1 ] && launch=(torchrun --standalone --nproc_per_node "$NPROC")
+PY=${PYTHON:-python}
+[ -z "${PYTHON:-}" ] && [ -z "${VIRTUAL_ENV:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
+launch=("$PY"); [ "$NPROC" -gt 1 ] && launch=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC")
 
-python -m training.prepare "${sources[@]}" --out "$OUT/data"
+"$PY" -m training.prepare "${sources[@]}" --out "$OUT/data"
 for variant in unet-h sd-h mgc-a; do
   resume=(); [ -f "$OUT/runs/$variant/state.pt" ] && resume=(--resume)
   # shellcheck disable=SC2086
   "${launch[@]}" -m training.train --config "training/configs/$variant.yaml" --data "$OUT/data" \
       --out "$OUT/runs/$variant" --encoder "$ENCODER" "${ckpt[@]}" "${mode[@]}" --epochs "$EPOCHS" \
       --batch-size "$BATCH_SIZE" --device "$DEVICE" "${resume[@]}" $EXTRA
-  python -m training.export "$OUT/runs/$variant" --out "$OUT/models/$variant"
-  python -m training.predict --model-dir "$OUT/models/$variant" --data "$OUT/data" --split val \
+  "$PY" -m training.export "$OUT/runs/$variant" --out "$OUT/models/$variant"
+  "$PY" -m training.predict --model-dir "$OUT/models/$variant" --data "$OUT/data" --split val \
       --out "$OUT/pred/$variant" -d "$DEVICE" --logits  # logits: Table 3's segmentation BCE
-  python -m training.evaluate --pred "$OUT/pred/$variant" --data "$OUT/data" --split val --out "$OUT/eval/$variant"
+  "$PY" -m training.evaluate --pred "$OUT/pred/$variant" --data "$OUT/data" --split val --out "$OUT/eval/$variant"
 done
-python -m training.compare "$OUT/eval/unet-h" "$OUT/eval/sd-h" "$OUT/eval/mgc-a" --out "$OUT/table3.md"
+"$PY" -m training.compare "$OUT/eval/unet-h" "$OUT/eval/sd-h" "$OUT/eval/mgc-a" --out "$OUT/table3.md"
 # The ensemble (mask from SD-H, class from MGC-A), evaluated as the container runs it.
-python -m training.export "$OUT/runs/sd-h" "$OUT/runs/mgc-a" --out "$OUT/ensemble"
-python -m training.tune --model-dir "$OUT/ensemble" --data "$OUT/data" -d "$DEVICE" --write  # postprocess options
-python -m training.predict --model-dir "$OUT/ensemble" --data "$OUT/data" --split val --out "$OUT/pred/ensemble" -d "$DEVICE"
-python -m training.evaluate --pred "$OUT/pred/ensemble" --data "$OUT/data" --split val --out "$OUT/eval/ensemble"
-python -m training.export "$OUT/runs/sd-h" "$OUT/runs/mgc-a" --out "$OUT/ensemble" \
+"$PY" -m training.export "$OUT/runs/sd-h" "$OUT/runs/mgc-a" --out "$OUT/ensemble"
+"$PY" -m training.tune --model-dir "$OUT/ensemble" --data "$OUT/data" -d "$DEVICE" --write  # postprocess options
+"$PY" -m training.predict --model-dir "$OUT/ensemble" --data "$OUT/data" --split val --out "$OUT/pred/ensemble" -d "$DEVICE"
+"$PY" -m training.evaluate --pred "$OUT/pred/ensemble" --data "$OUT/data" --split val --out "$OUT/eval/ensemble"
+"$PY" -m training.export "$OUT/runs/sd-h" "$OUT/runs/mgc-a" --out "$OUT/ensemble" \
     --metrics "$OUT/eval/ensemble/metrics.json" --data-report "$OUT/data/report.json" \
     --command "training/reproduce.sh ${sources[*]} $OUT"
 echo "done: Table 3 in $OUT/table3.md, ensemble in $OUT/ensemble"

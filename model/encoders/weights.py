@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import pickle
 from pathlib import Path
 
 import torch
@@ -80,8 +81,12 @@ def load_checkpoint_state(path: Path, sha256: str | None = None) -> dict[str, to
     verify_checkpoint(path, sha256)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle refused or corrupt file
-        raise WeightsError(f"{path}: not a plain tensor checkpoint ({exc.__class__.__name__}: "
+    except pickle.UnpicklingError as exc:  # torch's weights-only unpickler refused an object
+        raise WeightsError(f"{path}: not a plain tensor checkpoint: it holds Python objects besides tensors, "
+                           "which are never unpickled here (weights_only=True); save the model's "
+                           "state_dict() with torch.save and pass that file") from exc
+    except Exception as exc:  # noqa: BLE001 - a corrupt or truncated file
+        raise WeightsError(f"{path}: not a plain tensor checkpoint, or a corrupt one ({exc.__class__.__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
     if isinstance(state, dict):
         for key in ("model", "state_dict"):
