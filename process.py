@@ -70,7 +70,7 @@ def main(input_dir: Path, output_dir: Path, task: str, device: str, fmt: str, mo
          progress: bool) -> None:
     try:
         inputs = find_inputs(input_dir, exclude=output_dir)
-        prepare_output(output_dir)  # before the model loads: a folder it cannot write into fails now
+        prepare_output(output_dir, create=False)  # before the model loads: a folder it cannot write fails now
         predictor = load_predictor(model_dir, device=device, batch_size=batch_size, tta=tta, precision=precision,
                                    compile_backend="inductor" if compile_ else None, runtime=runtime)
         result = run(predictor, input_dir, output_dir, task=task, fmt=fmt, overlay=overlay, inputs=inputs,

@@ -185,12 +185,19 @@ def check_content(image: LoadedImage) -> LoadedImage:
     return image
 
 
-def prepare_output(output_dir: str | Path) -> Path:
-    """Create the output folder and check that this user can write into it, before any model work
-    (``InferenceError`` naming the folder and the reason)."""
+def prepare_output(output_dir: str | Path, create: bool = True) -> Path:
+    """Check that this user can write the output folder, and create it (``create``); before any model
+    work, ``create=False`` checks without leaving a folder behind. ``InferenceError`` names the
+    folder and the reason."""
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise InferenceError(f"output folder {out} is a file, not a folder")
+    if not out.exists() and not create:  # the nearest existing folder above it must take a new folder
+        above = next(p for p in out.absolute().parents if p.exists())
+        reason = f"{above} is a file, not a folder" if not above.is_dir() else unwritable_reason(above)
+        if reason:
+            raise InferenceError(f"cannot create the output folder {out}: {reason}")
+        return out
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -570,6 +570,11 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_model_loa
     assert res.exit_code == 1 and res.calls == [], res.output
     assert f"error: cannot write into the output folder {locked}: permission denied: not writable by this user" \
         in res.output and "owner uid" in res.output
+    res = _invoke_with(predictor, ["-i", d, "-o", locked / "new" / "out"])  # a folder to create below it
+    assert res.exit_code == 1 and res.calls == [], res.output
+    assert f"error: cannot create the output folder {locked / 'new' / 'out'}: permission denied" in res.output
+    res = _invoke_with(predictor, ["-i", d, "-o", a_file / "out"])
+    assert res.exit_code == 1 and f"{a_file} is a file, not a folder" in res.output and res.calls == []
     assert list(locked.iterdir()) == []
     monkeypatch.undo()
     assert _invoke_with(predictor, ["-i", d, "-o", locked, "--format", "pace"]).exit_code == 0
