@@ -160,12 +160,12 @@ def _read_mha(path: Path) -> LoadedImage:
                        extra)
 
 
-def _denied(path: Path) -> str:
-    """Why this user may not read ``path``: a mounted folder's permissions (the container's user differs)."""
+def _denied(path: Path, what: str = "readable") -> str:
+    """Why this user may not use ``path``: a mounted folder's permissions (the container's user differs)."""
     st = path.stat()
     uid = os.getuid() if hasattr(os, "getuid") else "?"
     kind = "folder" if path.is_dir() else "file"
-    return (f"permission denied: not readable by this user (uid {uid}; the {kind} has mode "
+    return (f"permission denied: not {what} by this user (uid {uid}; the {kind} has mode "
             f"{stat.S_IMODE(st.st_mode):o}, owner uid {st.st_uid})")
 
 
@@ -186,10 +186,7 @@ def unwritable_reason(folder: Path) -> str:
     try:
         fd, tmp = tempfile.mkstemp(prefix=".pfsam-write-check-", dir=folder)
     except PermissionError:
-        st = folder.stat()
-        uid = os.getuid() if hasattr(os, "getuid") else "?"
-        return (f"permission denied: not writable by this user (uid {uid}; the folder has mode "
-                f"{stat.S_IMODE(st.st_mode):o}, owner uid {st.st_uid})")
+        return _denied(folder, "writable")
     except OSError as exc:
         return exc.strerror or exc.__class__.__name__
     os.close(fd)
