@@ -267,6 +267,22 @@ def test_train_cli_says_when_no_epoch_had_a_defined_selection_metric(tmp_path, m
     assert res.exit_code == 0 and res.output == ""
 
 
+def test_a_run_that_fails_before_training_leaves_no_run_folder(tiny_dataset, tmp_path):
+    """A missing encoder checkpoint is reported with the command that gets it, and the --out folder
+    is not created (a folder without a run in it looks like a crashed run)."""
+    from click.testing import CliRunner
+
+    from training import train as train_mod
+
+    res = CliRunner().invoke(train_mod.main, ["--config", str(REPO / "training" / "configs" / "sd-h.yaml"),
+                                              "--data", str(tiny_dataset), "--out", str(tmp_path / "run"),
+                                              "--encoder", "sam_vit_b", "--encoder-checkpoint",
+                                              str(tmp_path / "sam_vit_b_01ec64.pth"), "--device", "cpu"])
+    assert res.exit_code != 0
+    assert "sam_vit_b_01ec64.pth: checkpoint not found; get it with: https://dl.fbaipublicfiles.com" in res.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_views_on_the_fly_are_random_per_draw_and_reproducible(tiny_dataset):
     """Fine-tuning (no cache): each draw of zoom or bright gets its own parameters from (seed, epoch,
     position), the same again for the same draw (resume, other workers); the mask is cropped with

@@ -307,7 +307,6 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
     seed = int(cfg["seed"])
     torch.manual_seed(seed)
     random.seed(seed)
-    out.mkdir(parents=True, exist_ok=True)
 
     train_recs, val_recs = load_records(data, "train"), load_records(data, "val")
     if limit:
@@ -332,6 +331,7 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
         va_set = ImageSet(val_recs, cfg["views"], net.input_size, net.normalization)  # orig view only
         avail = None
 
+    out.mkdir(parents=True, exist_ok=True)  # after what can fail early (data, encoder weights, cache)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=float(cfg["optim"]["lr"]), weight_decay=float(cfg["optim"].get("weight_decay", 0)))
     epochs = int(cfg["epochs"])
