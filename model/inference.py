@@ -6,68 +6,26 @@ as it is predicted, then the run's summary files. A case that cannot be read, pr
 is reported (stderr, ``errors.csv``, and ``error_messages`` in ``results.json``) and every other
 case is still written. All files are written atomically through ``model.io``.
 
-Output formats
---------------
-``gc`` (Grand Challenge)::
-
-    OUT/images/breast-lesion-segmentation/<name>.mha   uint8 {0,1}, the input's geometry
-    OUT/results.json                                   one entry per input (evalutils form)
-    OUT/breast-lesion-classification.json              only with exactly one input: {"label", "probabilities"}
-    OUT/malignancy-likelihood.json                     only with exactly one input: P(malignant), a bare float
-
-``pace`` (PACE challenge)::
-
-    OUT/segmentation/<name>_mask.png                   uint8 {0,255}, the input's width x height
-    OUT/classification/predictions.csv                 image_id,label   (Normal|Benign|Malignant)
-    OUT/classification/probabilities.csv               image_id,normal,benign,malignant
-
-``codabench`` (PACE's validation phase on Codabench: the upload is ``submission.zip``)::
-
-    OUT/segmentation/<name>_mask.png                   as ``pace``
-    OUT/classification.csv                             image_id,label   (Normal|Benign|Malignant)
-    OUT/submission.zip                                 classification.csv and segmentation/, nothing else
-
-All: ``OUT/errors.csv`` (``file,reason``; only when some case failed, a stale one is removed) and,
-with ``overlay=True``, ``OUT/overlays/<name>.png`` (the image, the lesion contour in red, the label
-and its probability). Task ``seg`` writes only the segmentation outputs, ``cls`` only the
-classification outputs.
-
-Output names
-------------
-``<name>`` is the input's file stem (``case1.png`` -> ``case1``; the PACE ``image_id``). When two
-inputs would get the same name (compared case-insensitively: ``a.png`` and ``a.jpg``, or ``x/a.png``
-and ``y/a.png``), the inputs are taken in sorted order of their path relative to the input folder
-and each gets the first free name among: ``<stem>``, ``<folders>_<stem>`` (inputs in a
-sub-folder only), ``<stem>_<ext>``, ``<folders>_<stem>_<ext>``, then ``<stem>_<ext>_2``, ``_3``, ...
-(``<ext>``: the suffix in lower case without the dot; ``<folders>``: the relative folder path
-joined with ``_``). So ``a.jpg`` -> ``a`` and ``a.png`` -> ``a_png``; ``x/a.png`` -> ``a`` and
-``y/a.png`` -> ``y_a``. The same set of inputs always gives the same names, whatever the order
-in which they are listed.
+The files each format writes, and how outputs are named: ``model/writers.py``. Overlays:
+``model/overlay.py``.
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from . import CLASS_NAMES
-from .io import (ImageReadError, LoadedImage, list_images, read_image, unlistable_reason, unwritable_reason,
-                 write_mha, write_npy, write_png, write_text, write_zip)
+from .io import (ImageReadError, LoadedImage, list_images, read_image, unlistable_reason, unwritable_reason, write_mha,
+                 write_png)
+from .overlay import render_overlay
+from .writers import ERRORS_FILE, OUTPUT_IMAGE_FOLDERS, WRITERS, Case, output_names, relative_path, stale_outputs
 
 TASKS = ("all", "seg", "cls")
 FORMATS = ("gc", "pace", "codabench")
-LOGITS_DIR = "logits"  # PACE layout, training.predict --logits: <name>.npy, float16 lesion logits at full size
-GC_SEGMENTATION_SLUG = "breast-lesion-segmentation"
-GC_CLASSIFICATION_FILE = "breast-lesion-classification.json"
-GC_LIKELIHOOD_FILE = "malignancy-likelihood.json"
 SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")  # where Grand Challenge mounts an uploaded model
-ERRORS_FILE = "errors.csv"
 
 EXIT_OK = 0
 EXIT_NOTHING_DONE = 1
@@ -143,10 +101,7 @@ def load_predictor(model_dir: str | Path | None = None, device: str = "auto", ba
 
 
 # --------------------------------------------------------------------------------------------
-# Inputs and names
-
-
-OUTPUT_IMAGE_FOLDERS = (f"images/{GC_SEGMENTATION_SLUG}", "segmentation", "overlays")  # what runs write images into
+# Inputs and the output folder
 
 
 def find_inputs(input_dir: str | Path, exclude: str | Path | None = None) -> list[Path]:
@@ -208,54 +163,8 @@ def prepare_output(output_dir: str | Path, create: bool = True) -> Path:
     return out
 
 
-def _relative(path: Path, root: Path) -> Path:
-    try:
-        return path.relative_to(root)
-    except ValueError:
-        return Path(path.name)
-
-
-def output_names(paths: Sequence[Path], root: str | Path) -> list[str]:
-    """Distinct, deterministic output names for ``paths`` (see the module docstring for the rule)."""
-    root = Path(root)
-    rels = [_relative(Path(p), root) for p in paths]
-    order = sorted(range(len(rels)), key=lambda i: rels[i].as_posix())
-    taken: set[str] = set()
-    names: list[str] = [""] * len(rels)
-    for i in order:
-        rel = rels[i]
-        stem, ext = rel.stem, rel.suffix.lower().lstrip(".")
-        folders = "_".join(rel.parent.parts)
-        candidates = [stem, f"{folders}_{stem}", f"{stem}_{ext}", f"{folders}_{stem}_{ext}"] if folders \
-            else [stem, f"{stem}_{ext}"]
-        k = 2
-        while True:
-            free = [c for c in candidates if c.casefold() not in taken]
-            if free:
-                break
-            candidates = [f"{stem}_{ext}_{k}"]
-            k += 1
-        names[i] = free[0]
-        taken.add(free[0].casefold())
-    return names
-
-
 # --------------------------------------------------------------------------------------------
-# Cases and results
-
-
-@dataclass
-class Case:
-    path: Path  # the input file
-    rel: str  # its path relative to the input folder (posix)
-    name: str  # output name (see ``output_names``)
-    prediction: object | None = None  # model.predictor.Prediction
-    error: str | None = None
-    outputs: list[Path] = field(default_factory=list)  # files written for this case (absolute)
-
-    @property
-    def ok(self) -> bool:
-        return self.prediction is not None and self.error is None
+# Results
 
 
 @dataclass
@@ -283,193 +192,6 @@ def _reason(exc: BaseException) -> str:
         return exc.reason
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else 'no message'}"
-
-
-# --------------------------------------------------------------------------------------------
-# Overlays (display only: nothing here feeds the network)
-
-
-def to_display_rgb(array: np.ndarray) -> np.ndarray:
-    """Any supported image array -> uint8 H x W x 3 for display (min-max for non-uint8 types)."""
-    a = np.asarray(array)
-    if a.ndim == 3:
-        a = a[..., 0] if a.shape[2] in (1, 2) else a[..., :3]
-    if a.dtype != np.uint8:
-        a = a.astype(np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = np.zeros(a.shape, np.uint8) if hi <= lo else ((a - lo) * (255.0 / (hi - lo))).round().astype(np.uint8)
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
-    return np.array(a, dtype=np.uint8, order="C", copy=True)  # writable, never a view of the input
-
-
-def mask_contour(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
-    """Boolean H x W: lesion pixels that touch the background (4-neighbourhood), ``thickness`` wide."""
-    m = mask.astype(bool)
-    inner = m.copy()
-    for _ in range(max(1, thickness)):
-        p = np.pad(inner, 1, constant_values=False)
-        inner = inner & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    return m & ~inner
-
-
-def render_overlay(image: np.ndarray, mask: np.ndarray | None, label: str | None,
-                   probabilities: dict[str, float] | None) -> np.ndarray:
-    """uint8 H x W x 3: the image, the mask's contour in red, the label and its probability."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    rgb = to_display_rgb(image)
-    h, w = rgb.shape[:2]
-    if mask is not None:
-        contour = mask_contour(mask, thickness=max(1, round(min(h, w) / 200)))
-        rgb[contour] = (255, 40, 40)
-    if label is None:
-        return rgb
-    text = label.capitalize()
-    if probabilities is not None:
-        text += f" {probabilities[label]:.2f}"
-    im = Image.fromarray(rgb)
-    draw = ImageDraw.Draw(im)
-    size = max(10, min(h, w) // 14)
-    try:
-        font = ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
-        font = ImageFont.load_default()
-    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
-    pad = max(2, size // 5)
-    draw.rectangle((0, 0, x1 - x0 + 2 * pad, y1 - y0 + 2 * pad), fill=(0, 0, 0))
-    colour = {"normal": (120, 220, 120), "benign": (255, 220, 80), "malignant": (255, 90, 90)}.get(label, (255, 255, 255))
-    draw.text((pad - x0, pad - y0), text, fill=colour, font=font)
-    return np.asarray(im)
-
-
-# --------------------------------------------------------------------------------------------
-# Writers
-
-
-def _csv_text(header: Sequence[str], rows: list[Sequence]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def _json_text(obj) -> str:
-    return json.dumps(obj, indent=2) + "\n"
-
-
-class _Writer:
-    """Writes one case's files (``write_case``) and the run's summary files (``finish``)."""
-
-    def __init__(self, out: Path, task: str, overlay: bool):
-        self.out = out
-        self.seg = task in ("all", "seg")
-        self.cls = task in ("all", "cls")
-        self.overlay = overlay
-
-    def write_case(self, case: Case, image: LoadedImage, pred) -> None:
-        if self.overlay:
-            path = self.out / "overlays" / f"{case.name}.png"
-            ov = render_overlay(image.array, pred.mask if self.seg else None,
-                                pred.label if self.cls else None, pred.probabilities if self.cls else None)
-            write_png(path, ov)
-            case.outputs.append(path)
-
-    def finish(self, cases: list[Case]) -> None:
-        errors = self.out / ERRORS_FILE
-        failed = [c for c in cases if not c.ok]
-        if failed:
-            write_text(errors, _csv_text(("file", "reason"), [(c.rel, c.error) for c in failed]))
-        elif errors.is_file():
-            errors.unlink()  # from an earlier run into the same folder
-
-
-class GCWriter(_Writer):
-    def mask_path(self, case: Case) -> Path:
-        return self.out / "images" / GC_SEGMENTATION_SLUG / f"{case.name}.mha"
-
-    def write_case(self, case: Case, image: LoadedImage, pred) -> None:
-        if self.seg:
-            path = self.mask_path(case)
-            write_mha(path, pred.mask.astype(np.uint8), like=image)
-            case.outputs.append(path)
-        super().write_case(case, image, pred)
-
-    def entry(self, case: Case) -> dict:
-        outputs = []
-        if case.ok:
-            pred = case.prediction
-            if self.seg:
-                outputs.append({"type": "mask", "filename": self.mask_path(case).relative_to(self.out).as_posix()})
-            if self.cls:
-                outputs.append({"type": "classification", "label": pred.label,
-                                "probabilities": {k: float(pred.probabilities[k]) for k in CLASS_NAMES}})
-        return {"inputs": [{"image": {"name": case.path.name}, "path": str(case.path)}],
-                "outputs": outputs, "error_messages": [] if case.ok else [f"{case.rel}: {case.error}"]}
-
-    def finish(self, cases: list[Case]) -> None:
-        write_text(self.out / "results.json", _json_text([self.entry(c) for c in cases]))
-        if self.cls and len(cases) == 1 and cases[0].ok:
-            pred = cases[0].prediction
-            probs = {k: float(pred.probabilities[k]) for k in CLASS_NAMES}
-            write_text(self.out / GC_CLASSIFICATION_FILE, _json_text({"label": pred.label, "probabilities": probs}))
-            write_text(self.out / GC_LIKELIHOOD_FILE, _json_text(probs["malignant"]))
-        super().finish(cases)
-
-
-class PACEWriter(_Writer):
-    def mask_path(self, case: Case) -> Path:
-        return self.out / "segmentation" / f"{case.name}_mask.png"
-
-    def write_case(self, case: Case, image: LoadedImage, pred) -> None:
-        if self.seg:
-            path = self.mask_path(case)
-            write_png(path, (pred.mask > 0).astype(np.uint8) * 255)
-            case.outputs.append(path)
-            # training.predict --logits: for training.evaluate's segmentation BCE (not kept in memory after)
-            logits = getattr(pred, "extra", {}).pop("logits", None)
-            path = self.out / LOGITS_DIR / f"{case.name}.npy"
-            if logits is not None:
-                write_npy(path, logits)
-                case.outputs.append(path)
-            else:  # an earlier run's logits must not be scored against this run's masks
-                path.unlink(missing_ok=True)
-        super().write_case(case, image, pred)
-
-    @staticmethod
-    def labels_csv(cases: list[Case]) -> str:
-        return _csv_text(("image_id", "label"), [(c.name, c.prediction.label.capitalize()) for c in cases if c.ok])
-
-    def finish(self, cases: list[Case]) -> None:
-        if self.cls:
-            probs = [(c.name, *(f"{float(c.prediction.probabilities[k]):.6f}" for k in CLASS_NAMES))
-                     for c in cases if c.ok]
-            write_text(self.out / "classification" / "predictions.csv", self.labels_csv(cases))
-            write_text(self.out / "classification" / "probabilities.csv",
-                       _csv_text(("image_id", *CLASS_NAMES), probs))
-        super().finish(cases)
-
-
-class CodabenchWriter(PACEWriter):
-    """PACE's validation-phase upload: ``classification.csv`` beside ``segmentation/``, and both in
-    ``submission.zip`` (entries in sorted order with a fixed date: the same predictions give the
-    same bytes)."""
-
-    def finish(self, cases: list[Case]) -> None:
-        members = {}
-        if self.cls:
-            write_text(self.out / "classification.csv", self.labels_csv(cases))
-            members["classification.csv"] = self.out / "classification.csv"
-        if self.seg:
-            for c in cases:
-                if c.ok:
-                    members[self.mask_path(c).relative_to(self.out).as_posix()] = self.mask_path(c)
-        write_zip(self.out / "submission.zip", members)
-        _Writer.finish(self, cases)
-
-
-WRITERS = {"gc": GCWriter, "pace": PACEWriter, "codabench": CodabenchWriter}
 
 
 # --------------------------------------------------------------------------------------------
@@ -521,7 +243,7 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
     prepare_output(out)
     root = input_dir if input_dir.is_dir() else input_dir.parent
     names = output_names(paths, root)
-    cases = [Case(Path(p), _relative(Path(p), root).as_posix(), n) for p, n in zip(paths, names)]
+    cases = [Case(Path(p), relative_path(Path(p), root).as_posix(), n) for p, n in zip(paths, names)]
     writer = WRITERS[fmt](out, task, overlay)
 
     def fail(case: Case, reason: str) -> None:
@@ -613,16 +335,6 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
     return RunResult(cases, out)
 
 
-def stale_outputs(out: Path, cases: Sequence[Case]) -> list[Path]:
-    """Files in the output's mask and overlay folders that this run did not write."""
-    written = {p.resolve() for case in cases for p in case.outputs}
-    found = []
-    for sub in OUTPUT_IMAGE_FOLDERS:
-        if (out / sub).is_dir():
-            found += [p for p in (out / sub).rglob("*") if p.is_file() and p.resolve() not in written]
-    return sorted(found)
-
-
 def predict_file(predictor, image_path: str | Path, output_dir: str | Path, overlay: bool = True) -> Case:
     """One image -> its mask (``.mha`` with the input's geometry for ``.mha`` inputs, else a
     0/255 ``.png``) and optionally an overlay, in ``output_dir``; raises on any failure (Cog)."""
@@ -652,6 +364,6 @@ def summary_line(result: RunResult) -> str:
     return f"{text}; outputs in {result.output_dir}"
 
 
-__all__ = ["TASKS", "FORMATS", "InferenceError", "Case", "RunResult", "default_model_dir", "load_predictor",
-           "find_inputs", "prepare_output", "output_names", "run", "predict_file", "render_overlay", "summary_line",
-           "EXIT_OK", "EXIT_NOTHING_DONE", "EXIT_SOME_FAILED"]
+__all__ = ["TASKS", "FORMATS", "InferenceError", "RunResult", "default_model_dir", "load_predictor", "find_inputs",
+           "check_content", "prepare_output", "run", "predict_file", "summary_line", "EXIT_OK", "EXIT_NOTHING_DONE",
+           "EXIT_SOME_FAILED"]

@@ -30,7 +30,8 @@ from make_fixtures import synthetic_ultrasound  # noqa: E402
 from make_test_model import make_test_ensemble  # noqa: E402
 from model import inference  # noqa: E402
 from model import io as inference_io  # noqa: E402
-from model.inference import output_names, render_overlay  # noqa: E402
+from model.overlay import render_overlay  # noqa: E402
+from model.writers import output_names  # noqa: E402
 
 CLASSES = ("normal", "benign", "malignant")
 MHA_SPACING = (0.3, 0.7)

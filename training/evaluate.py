@@ -43,7 +43,7 @@ import numpy as np
 from scipy import ndimage
 
 from model import CLASS_NAMES
-from model.inference import LOGITS_DIR
+from model.writers import LOGITS_DIR
 from model.io import ImageReadError, atomic_path, is_image_file, read_image, read_mask, write_png, write_text
 from training import metrics as M
 

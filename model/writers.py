@@ -1,0 +1,243 @@
+"""The files a run writes, per output format, and the names it gives them.
+
+Output formats
+--------------
+``gc`` (Grand Challenge)::
+
+    OUT/images/breast-lesion-segmentation/<name>.mha   uint8 {0,1}, the input's geometry
+    OUT/results.json                                   one entry per input (evalutils form)
+    OUT/breast-lesion-classification.json              only with exactly one input: {"label", "probabilities"}
+    OUT/malignancy-likelihood.json                     only with exactly one input: P(malignant), a bare float
+
+``pace`` (PACE challenge)::
+
+    OUT/segmentation/<name>_mask.png                   uint8 {0,255}, the input's width x height
+    OUT/classification/predictions.csv                 image_id,label   (Normal|Benign|Malignant)
+    OUT/classification/probabilities.csv               image_id,normal,benign,malignant
+
+``codabench`` (PACE's validation phase on Codabench: the upload is ``submission.zip``)::
+
+    OUT/segmentation/<name>_mask.png                   as ``pace``
+    OUT/classification.csv                             image_id,label   (Normal|Benign|Malignant)
+    OUT/submission.zip                                 classification.csv and segmentation/, nothing else
+
+All: ``OUT/errors.csv`` (``file,reason``; only when some case failed, a stale one is removed) and,
+with ``overlay=True``, ``OUT/overlays/<name>.png`` (the image, the lesion contour in red, the label
+and its probability). Task ``seg`` writes only the segmentation outputs, ``cls`` only the
+classification outputs.
+
+Output names
+------------
+``<name>`` is the input's file stem (``case1.png`` -> ``case1``; the PACE ``image_id``). When two
+inputs would get the same name (compared case-insensitively: ``a.png`` and ``a.jpg``, or ``x/a.png``
+and ``y/a.png``), the inputs are taken in sorted order of their path relative to the input folder
+and each gets the first free name among: ``<stem>``, ``<folders>_<stem>`` (inputs in a
+sub-folder only), ``<stem>_<ext>``, ``<folders>_<stem>_<ext>``, then ``<stem>_<ext>_2``, ``_3``, ...
+(``<ext>``: the suffix in lower case without the dot; ``<folders>``: the relative folder path
+joined with ``_``). So ``a.jpg`` -> ``a`` and ``a.png`` -> ``a_png``; ``x/a.png`` -> ``a`` and
+``y/a.png`` -> ``y_a``. The same set of inputs always gives the same names, whatever the order
+in which they are listed.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import CLASS_NAMES
+from .io import LoadedImage, write_mha, write_npy, write_png, write_text, write_zip
+from .overlay import render_overlay
+
+LOGITS_DIR = "logits"  # PACE layout, training.predict --logits: <name>.npy, float16 lesion logits at full size
+GC_SEGMENTATION_SLUG = "breast-lesion-segmentation"
+GC_CLASSIFICATION_FILE = "breast-lesion-classification.json"
+GC_LIKELIHOOD_FILE = "malignancy-likelihood.json"
+ERRORS_FILE = "errors.csv"
+OUTPUT_IMAGE_FOLDERS = (f"images/{GC_SEGMENTATION_SLUG}", "segmentation", "overlays")  # what runs write images into
+
+
+@dataclass
+class Case:
+    path: Path  # the input file
+    rel: str  # its path relative to the input folder (posix)
+    name: str  # output name (see ``output_names``)
+    prediction: object | None = None  # model.predictor.Prediction
+    error: str | None = None
+    outputs: list[Path] = field(default_factory=list)  # files written for this case (absolute)
+
+    @property
+    def ok(self) -> bool:
+        return self.prediction is not None and self.error is None
+
+
+def relative_path(path: Path, root: Path) -> Path:
+    """``path`` relative to ``root``, or its bare name when it is not below it."""
+    try:
+        return path.relative_to(root)
+    except ValueError:
+        return Path(path.name)
+
+
+def output_names(paths: Sequence[Path], root: str | Path) -> list[str]:
+    """Distinct, deterministic output names for ``paths`` (see the module docstring for the rule)."""
+    root = Path(root)
+    rels = [relative_path(Path(p), root) for p in paths]
+    order = sorted(range(len(rels)), key=lambda i: rels[i].as_posix())
+    taken: set[str] = set()
+    names: list[str] = [""] * len(rels)
+    for i in order:
+        rel = rels[i]
+        stem, ext = rel.stem, rel.suffix.lower().lstrip(".")
+        folders = "_".join(rel.parent.parts)
+        candidates = [stem, f"{folders}_{stem}", f"{stem}_{ext}", f"{folders}_{stem}_{ext}"] if folders \
+            else [stem, f"{stem}_{ext}"]
+        k = 2
+        while True:
+            free = [c for c in candidates if c.casefold() not in taken]
+            if free:
+                break
+            candidates = [f"{stem}_{ext}_{k}"]
+            k += 1
+        names[i] = free[0]
+        taken.add(free[0].casefold())
+    return names
+
+
+def _csv_text(header: Sequence[str], rows: list[Sequence]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _json_text(obj) -> str:
+    return json.dumps(obj, indent=2) + "\n"
+
+
+class _Writer:
+    """Writes one case's files (``write_case``) and the run's summary files (``finish``)."""
+
+    def __init__(self, out: Path, task: str, overlay: bool):
+        self.out = out
+        self.seg = task in ("all", "seg")
+        self.cls = task in ("all", "cls")
+        self.overlay = overlay
+
+    def write_case(self, case: Case, image: LoadedImage, pred) -> None:
+        if self.overlay:
+            path = self.out / "overlays" / f"{case.name}.png"
+            ov = render_overlay(image.array, pred.mask if self.seg else None,
+                                pred.label if self.cls else None, pred.probabilities if self.cls else None)
+            write_png(path, ov)
+            case.outputs.append(path)
+
+    def finish(self, cases: list[Case]) -> None:
+        errors = self.out / ERRORS_FILE
+        failed = [c for c in cases if not c.ok]
+        if failed:
+            write_text(errors, _csv_text(("file", "reason"), [(c.rel, c.error) for c in failed]))
+        elif errors.is_file():
+            errors.unlink()  # from an earlier run into the same folder
+
+
+class GCWriter(_Writer):
+    def mask_path(self, case: Case) -> Path:
+        return self.out / "images" / GC_SEGMENTATION_SLUG / f"{case.name}.mha"
+
+    def write_case(self, case: Case, image: LoadedImage, pred) -> None:
+        if self.seg:
+            path = self.mask_path(case)
+            write_mha(path, pred.mask.astype(np.uint8), like=image)
+            case.outputs.append(path)
+        super().write_case(case, image, pred)
+
+    def entry(self, case: Case) -> dict:
+        outputs = []
+        if case.ok:
+            pred = case.prediction
+            if self.seg:
+                outputs.append({"type": "mask", "filename": self.mask_path(case).relative_to(self.out).as_posix()})
+            if self.cls:
+                outputs.append({"type": "classification", "label": pred.label,
+                                "probabilities": {k: float(pred.probabilities[k]) for k in CLASS_NAMES}})
+        return {"inputs": [{"image": {"name": case.path.name}, "path": str(case.path)}],
+                "outputs": outputs, "error_messages": [] if case.ok else [f"{case.rel}: {case.error}"]}
+
+    def finish(self, cases: list[Case]) -> None:
+        write_text(self.out / "results.json", _json_text([self.entry(c) for c in cases]))
+        if self.cls and len(cases) == 1 and cases[0].ok:
+            pred = cases[0].prediction
+            probs = {k: float(pred.probabilities[k]) for k in CLASS_NAMES}
+            write_text(self.out / GC_CLASSIFICATION_FILE, _json_text({"label": pred.label, "probabilities": probs}))
+            write_text(self.out / GC_LIKELIHOOD_FILE, _json_text(probs["malignant"]))
+        super().finish(cases)
+
+
+class PACEWriter(_Writer):
+    def mask_path(self, case: Case) -> Path:
+        return self.out / "segmentation" / f"{case.name}_mask.png"
+
+    def write_case(self, case: Case, image: LoadedImage, pred) -> None:
+        if self.seg:
+            path = self.mask_path(case)
+            write_png(path, (pred.mask > 0).astype(np.uint8) * 255)
+            case.outputs.append(path)
+            # training.predict --logits: for training.evaluate's segmentation BCE (not kept in memory after)
+            logits = getattr(pred, "extra", {}).pop("logits", None)
+            path = self.out / LOGITS_DIR / f"{case.name}.npy"
+            if logits is not None:
+                write_npy(path, logits)
+                case.outputs.append(path)
+            else:  # an earlier run's logits must not be scored against this run's masks
+                path.unlink(missing_ok=True)
+        super().write_case(case, image, pred)
+
+    @staticmethod
+    def labels_csv(cases: list[Case]) -> str:
+        return _csv_text(("image_id", "label"), [(c.name, c.prediction.label.capitalize()) for c in cases if c.ok])
+
+    def finish(self, cases: list[Case]) -> None:
+        if self.cls:
+            probs = [(c.name, *(f"{float(c.prediction.probabilities[k]):.6f}" for k in CLASS_NAMES))
+                     for c in cases if c.ok]
+            write_text(self.out / "classification" / "predictions.csv", self.labels_csv(cases))
+            write_text(self.out / "classification" / "probabilities.csv",
+                       _csv_text(("image_id", *CLASS_NAMES), probs))
+        super().finish(cases)
+
+
+class CodabenchWriter(PACEWriter):
+    """PACE's validation-phase upload: ``classification.csv`` beside ``segmentation/``, and both in
+    ``submission.zip`` (entries in sorted order with a fixed date: the same predictions give the
+    same bytes)."""
+
+    def finish(self, cases: list[Case]) -> None:
+        members = {}
+        if self.cls:
+            write_text(self.out / "classification.csv", self.labels_csv(cases))
+            members["classification.csv"] = self.out / "classification.csv"
+        if self.seg:
+            for c in cases:
+                if c.ok:
+                    members[self.mask_path(c).relative_to(self.out).as_posix()] = self.mask_path(c)
+        write_zip(self.out / "submission.zip", members)
+        _Writer.finish(self, cases)
+
+
+WRITERS = {"gc": GCWriter, "pace": PACEWriter, "codabench": CodabenchWriter}
+
+
+def stale_outputs(out: Path, cases: Sequence[Case]) -> list[Path]:
+    """Files in the output's mask and overlay folders that this run did not write."""
+    written = {p.resolve() for case in cases for p in case.outputs}
+    found = []
+    for sub in OUTPUT_IMAGE_FOLDERS:
+        if (out / sub).is_dir():
+            found += [p for p in (out / sub).rglob("*") if p.is_file() and p.resolve() not in written]
+    return sorted(found)
