@@ -11,6 +11,7 @@ The files each format writes, and how outputs are named: ``model/writers.py``. O
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .io import (ImageReadError, LoadedImage, list_images, read_image, unlistable_reason, unwritable_reason, write_mha,
-                 write_png)
+from .io import (ImageReadError, LoadedImage, image_pixels, list_images, read_image, unlistable_reason,
+                 unwritable_reason, write_mha, write_png)
 from .overlay import render_overlay
 from .writers import ERRORS_FILE, OUTPUT_IMAGE_FOLDERS, WRITERS, Case, output_names, relative_path, stale_outputs
 
@@ -226,6 +227,29 @@ def _predict(predictor, arrays: list[np.ndarray]) -> list:
     return out
 
 
+PIXELS_PER_BATCH = 64_000_000  # a batch's inputs together; a larger image is a batch of its own
+
+
+def plan_batches(cases: Sequence[Case], batch_size: int) -> list[list[Case]]:
+    """Consecutive batches of at most ``batch_size`` cases and ``PIXELS_PER_BATCH`` input pixels
+    (from the files' headers). A batch's images are all in memory at once, full size, until its
+    outputs are written: without the pixel bound, four 10000 x 10000 RGB images take the process
+    past a 4 GB container's memory, where typical ultrasound frames (under a megapixel) still
+    batch fully."""
+    batches: list[list[Case]] = []
+    current, pixels = [], 0
+    for case in cases:
+        n = image_pixels(case.path)
+        if current and (len(current) == batch_size or pixels + n > PIXELS_PER_BATCH):
+            batches.append(current)
+            current, pixels = [], 0
+        current.append(case)
+        pixels += n
+    if current:
+        batches.append(current)
+    return batches
+
+
 def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "all", fmt: str = "gc",
         overlay: bool = False, inputs: Sequence[Path] | None = None, progress: bool = True,
         log: Callable[[str], None] = _log) -> RunResult:
@@ -255,8 +279,7 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
 
     from tqdm import tqdm
 
-    batch_size = max(1, int(getattr(predictor, "batch_size", 1)))
-    batches = [cases[s:s + batch_size] for s in range(0, len(cases), batch_size)]
+    batches = plan_batches(cases, max(1, int(getattr(predictor, "batch_size", 1))))
     # with io threads (CUDA), the next batch is decoded while this one is on the GPU, and a batch's
     # files are written in the background while the next one is predicted
     # (one pool: the next batch's reads are queued before this batch's writes, so they never wait on them)
@@ -271,12 +294,17 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
     def submit(batch: list[Case]):
         return [pool.submit(read_image, c.path) for c in batch] if pool is not None else None
 
+    def written(case: Case) -> None:  # the summary files need the label and probabilities, not the mask
+        if case.prediction is not None and getattr(case.prediction, "mask", None) is not None:
+            case.prediction = dataclasses.replace(case.prediction, mask=None)
+
     def write(case: Case, img: LoadedImage, pred) -> None:
         if pool is not None:
             writing.append((case, pool.submit(writer.write_case, case, img, pred)))
             return
         try:
             writer.write_case(case, img, pred)
+            written(case)
         except Exception as exc:  # noqa: BLE001
             fail(case, f"writing the outputs failed: {_reason(exc)}")
 
@@ -284,6 +312,7 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
         for case, fut in writing:
             try:
                 fut.result()
+                written(case)
             except Exception as exc:  # noqa: BLE001
                 fail(case, f"writing the outputs failed: {_reason(exc)}")
         writing.clear()
@@ -315,7 +344,8 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
                         case.prediction = pred
                         write(case, img, pred)
                 bar.update(len(batch))
-                del loaded, futures
+                # nothing of this batch is held while the next one is read (full-size images and masks)
+                loaded = futures = preds = img = pred = None
             settle()
     finally:
         if pool is not None:  # after settle(), only on an error: reads not started are dropped

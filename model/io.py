@@ -94,6 +94,25 @@ def list_images(root: Path | str) -> list[Path]:
     return sorted(found)
 
 
+def image_pixels(path: Path | str) -> int:
+    """Height x width of an image from its header alone (nothing decoded); 0 when it cannot be read
+    (``read_image`` then says why)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".mha":
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            size = reader.GetSize()
+            return int(size[0]) * int(size[1])
+        with Image.open(path) as im:
+            return int(im.size[0]) * int(im.size[1])
+    except Exception:  # noqa: BLE001 - any unreadable file: read_image reports it
+        return 0
+
+
 def _check_pixels(path: Path, arr: np.ndarray) -> np.ndarray:
     if arr.size == 0 or arr.ndim < 2:
         raise ImageReadError(path, f"no 2-D pixel data (shape {arr.shape})")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -282,6 +283,26 @@ def test_peak_memory_stays_under_4_gb(gc_run, pace_run):
     for _, _, peak in (gc_run, pace_run):
         print(f"process.py over the mixed folder (10000 x 10000 included): peak RSS {peak / GB:.2f} GB")
         assert 100 * 2**20 < peak < RSS_LIMIT, f"peak RSS {peak / GB:.2f} GB"  # > 100 MB: it was measured
+
+
+@pytest.mark.slow
+def test_a_folder_of_huge_images_stays_under_4_gb(tmp_path):
+    """Eight 10000 x 10000 RGB images, the default model and batch size, as the container runs them:
+    a batch is bounded by its pixels and a written case keeps no mask, so the peak stays under
+    4 GB (4.65 GB before both, and the container was OOM-killed)."""
+    from PIL import Image as PILImage
+
+    d = tmp_path / "in"
+    d.mkdir()
+    rgb = np.stack([_us(500, 500, 40 + k) for k in range(3)], -1)
+    PILImage.fromarray(rgb).resize((10000, 10000), PILImage.BILINEAR).save(d / "huge_0.png", compress_level=1)
+    for k in range(1, 8):
+        shutil.copyfile(d / "huge_0.png", d / f"huge_{k}.png")
+    proc, peak = _process(["-i", str(d), "-o", str(tmp_path / "out"), "--format", "pace", "-d", "cpu"], timeout=900)
+    print(f"process.py over eight 10000 x 10000 RGB images: peak RSS {peak / GB:.2f} GB")
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "out" / "segmentation").glob("*_mask.png"))) == 8
+    assert 100 * 2**20 < peak < RSS_LIMIT, f"peak RSS {peak / GB:.2f} GB"
 
 
 def test_no_temporary_files_are_left(gc_run, pace_run):

@@ -582,6 +582,38 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_model_loa
     assert sorted(p.name for p in locked.iterdir()) == ["classification", "segmentation"]  # no check file left
 
 
+def test_batches_are_bounded_by_count_and_by_pixels(tmp_path, monkeypatch):
+    """plan_batches reads the sizes from the headers (PNG and MetaImage); an unreadable file counts 0."""
+    from model.writers import Case
+
+    sizes = {"a.png": (60, 80), "b.mha": (100, 100), "c.png": (20, 30), "d.png": (120, 90), "e.png": (40, 40)}
+    for name, (h, w) in sizes.items():
+        img = synthetic_ultrasound(h, w, 3)[0]
+        if name.endswith(".mha"):
+            sitk.WriteImage(sitk.GetImageFromArray(img), str(tmp_path / name))
+        else:
+            Image.fromarray(img).save(tmp_path / name)
+    (tmp_path / "f.png").write_bytes(b"not a png")
+    cases = [Case(tmp_path / n, n, Path(n).stem) for n in [*sizes, "f.png"]]
+    assert [inference_io.image_pixels(c.path) for c in cases] == [h * w for h, w in sizes.values()] + [0]
+    names = lambda batches: [[c.rel for c in b] for b in batches]  # noqa: E731
+    assert names(inference.plan_batches(cases, 4)) == [["a.png", "b.mha", "c.png", "d.png"], ["e.png", "f.png"]]
+    monkeypatch.setattr(inference, "PIXELS_PER_BATCH", 15_000)  # 4800 + 10000 fit, 600 more do not
+    assert names(inference.plan_batches(cases, 4)) == [["a.png", "b.mha"], ["c.png", "d.png", "e.png", "f.png"]]
+    monkeypatch.setattr(inference, "PIXELS_PER_BATCH", 5_000)  # an image above the bound is a batch of its own
+    assert names(inference.plan_batches(cases, 4)) == [["a.png"], ["b.mha"], ["c.png"], ["d.png"], ["e.png", "f.png"]]
+
+
+def test_a_written_case_keeps_its_label_and_probabilities_not_its_mask(predictor, inputs, tmp_path):
+    root, _ = inputs
+    result = inference.run(predictor, root, tmp_path / "out", fmt="pace", progress=False)
+    assert result.exit_code == 0 and result.succeeded
+    for case in result.succeeded:
+        assert case.prediction.mask is None  # a full-size array per case, held to the end of the run before
+        assert case.prediction.label in CLASSES and math.isclose(sum(case.prediction.probabilities.values()), 1,
+                                                                   abs_tol=1e-5)
+
+
 def test_colliding_inputs_are_all_written(cli, tmp_path):
     d = tmp_path / "in"
     (d / "sub").mkdir(parents=True)
