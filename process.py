@@ -64,10 +64,14 @@ from model.inference import (FORMATS, TASKS, InferenceError, find_inputs, load_p
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
               help="torch.compile the encoder (faster on CUDA for large folders; the first batch compiles for about 30 s; "
                    "needs a C/C++ compiler and Python's headers, which the container ships unless built with COMPILER=0).")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr [default: on when stderr is a terminal; off in captured logs, such "
+                   "as a container's].")
 def main(input_dir: Path, output_dir: Path, task: str, device: str, fmt: str, model_dir: Path | None,
          batch_size: int, tta: bool, overlay: bool, precision: str, runtime: str, compile_: bool,
-         progress: bool) -> None:
+         progress: bool | None) -> None:
+    if progress is None:
+        progress = sys.stderr.isatty()
     try:
         inputs = find_inputs(input_dir, exclude=output_dir)
         prepare_output(output_dir, create=False)  # before the model loads: a folder it cannot write fails now

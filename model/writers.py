@@ -176,6 +176,9 @@ class GCWriter(_Writer):
             probs = {k: float(pred.probabilities[k]) for k in CLASS_NAMES}
             write_text(self.out / GC_CLASSIFICATION_FILE, _json_text({"label": pred.label, "probabilities": probs}))
             write_text(self.out / GC_LIKELIHOOD_FILE, _json_text(probs["malignant"]))
+        else:  # an earlier one-input run's answer must not stand beside this run's results.json
+            for name in (GC_CLASSIFICATION_FILE, GC_LIKELIHOOD_FILE):
+                (self.out / name).unlink(missing_ok=True)
         super().finish(cases)
 
 

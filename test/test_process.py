@@ -104,7 +104,9 @@ def _invoke_with(predictor, args) -> object:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(process, "load_predictor", fake_load)
         try:
-            result = CliRunner().invoke(process.main, [*map(str, args), "--no-progress"], catch_exceptions=False)
+            args = [*map(str, args)]
+            quiet = [] if {"--progress", "--no-progress"} & set(args) else ["--no-progress"]
+            result = CliRunner().invoke(process.main, [*args, *quiet], catch_exceptions=False)
         finally:
             predictor.batch_size, predictor.tta = 4, False
     result.calls = calls
@@ -142,7 +144,8 @@ def gc_run(inputs, ensemble_dir, tmp_path_factory):
 def test_gc_exit_code_progress_and_file_names(gc_run):
     proc, out, sizes = gc_run
     assert proc.returncode == 0, proc.stderr
-    assert "100%" in proc.stderr and "5 of 5 images processed" in proc.stderr
+    assert "5 of 5 images processed" in proc.stderr
+    assert "100%" not in proc.stderr and "\r" not in proc.stderr  # stderr is a log here, not a terminal: no bar
     expected = {f"images/breast-lesion-segmentation/{_stem(n)}.mha" for n in sizes} | {"results.json"}
     assert set(_files(out)) == expected  # no errors.csv, no single-case files, no temporary files
 
@@ -179,6 +182,11 @@ def test_gc_results_json(gc_run):
         assert cls["label"] == max(cls["probabilities"], key=cls["probabilities"].get)
 
 
+def test_progress_bar_when_asked_for(cli, tmp_path):
+    res = cli("-i", _one_image(tmp_path), "-o", tmp_path / "out", "--progress")
+    assert res.exit_code == 0 and "100%" in res.stderr and "1/1" in res.stderr
+
+
 def test_gc_single_input_writes_the_case_json_files(cli, inputs, tmp_path):
     root, _ = inputs
     single = tmp_path / "in" / "images" / "breast-ultrasound-image"
@@ -194,6 +202,11 @@ def test_gc_single_input_writes_the_case_json_files(cli, inputs, tmp_path):
     assert cls["probabilities"] == pytest.approx(entry["outputs"][1]["probabilities"])
     assert isinstance(likelihood, float) and likelihood == pytest.approx(cls["probabilities"]["malignant"])
     assert (out / "images" / "breast-lesion-segmentation" / "scan.mha").is_file()
+    # a later run with several inputs into the same folder removes the one-input answer
+    res = cli("-i", root, "-o", out)
+    assert res.exit_code == 0, res.output
+    assert len(json.loads((out / "results.json").read_text())) > 1
+    assert not (out / "breast-lesion-classification.json").exists() and not (out / "malignancy-likelihood.json").exists()
 
 
 # ------------------------------------------------------------------------------------------
