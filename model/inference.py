@@ -387,10 +387,18 @@ def predict_file(predictor, image_path: str | Path, output_dir: str | Path, over
 
 
 def summary_line(result: RunResult) -> str:
-    n, ok = len(result.cases), len(result.succeeded)
+    """E.g. ``3 of 4 images processed, 1 failed, 1 folder not listed (see errors.csv); outputs in out``.
+    A folder that could not be listed is in errors.csv but is not counted as an image."""
+    folders = [c for c in result.failed if c.path.is_dir()]
+    images = [c for c in result.cases if c not in folders]
+    n, ok, bad = len(images), len(result.succeeded), len(images) - len(result.succeeded)
     text = f"{ok} of {n} image{'s' if n != 1 else ''} processed"
+    if bad:
+        text += f", {bad} failed"
+    if folders:
+        text += f", {len(folders)} folder{'s' if len(folders) != 1 else ''} not listed"
     if result.failed:
-        text += f", {len(result.failed)} failed (see {result.output_dir / ERRORS_FILE})"
+        text += f" (see {result.output_dir / ERRORS_FILE})"
     return f"{text}; outputs in {result.output_dir}"
 
 

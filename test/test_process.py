@@ -554,7 +554,7 @@ def test_linked_folders_broken_links_and_unlistable_folders_are_not_skipped_in_s
     monkeypatch.setattr(os, "scandir", scandir)
     res = cli("-i", d, "-o", tmp_path / "out", "--format", "pace")
     assert res.exit_code == 3, res.output
-    assert "3 of 5 images processed" in res.output
+    assert "3 of 4 images processed, 1 failed, 1 folder not listed (see" in res.output
     assert _files(tmp_path / "out" / "segmentation") == ["b0_mask.png", "b1_mask.png", "case_mask.png"]
     errors = {r["file"]: r["reason"] for r in csv.DictReader(open(tmp_path / "out" / "errors.csv"))}
     assert set(errors) == {"broken.png", "locked"}
