@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".mha", ".bmp"}
 # Decompression-bomb guard: a 2-D ultrasound image is far below this (10000 x 10000 is allowed).
@@ -131,10 +131,14 @@ def _read_pil(path: Path) -> LoadedImage:
     try:
         with Image.open(path) as im:
             im.load()
-            if getattr(im, "n_frames", 1) > 1:
+            # a multi-picture JPEG (MPO: phones' and some scanners' exports) holds the image first and
+            # previews or gain maps after it; every other format's frames are slices or pages
+            if getattr(im, "n_frames", 1) > 1 and im.format != "MPO":
                 raise ImageReadError(path, f"has {im.n_frames} frames; expected a single 2-D image")
-            if im.mode == "P":
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            # the image as a viewer shows it (and as a mask drawn on it lies): EXIF orientation applied
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("P", "PA"):
+                im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
             elif im.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
                 im = im.convert("L" if im.mode == "1" else "RGB")
             elif im.mode == "I;16" or im.mode.startswith("I;16"):
@@ -157,10 +161,23 @@ def _read_pil(path: Path) -> LoadedImage:
 def _read_mha(path: Path) -> LoadedImage:
     import SimpleITK as sitk
 
+    detached = _detached_data_file(path)
+    if detached:  # a .mha keeps its pixels; a header that points elsewhere could read any file here
+        raise ImageReadError(path, f"its pixel data is in another file (ElementDataFile = {detached}); a .mha "
+                                   f"must hold its own pixels (ElementDataFile = LOCAL)")
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         msg = str(exc).strip().splitlines()
+        if "File cannot be read" in str(exc):  # ITK's "Reason" is then errno's leftover, not the cause
+            try:
+                reader = sitk.ImageFileReader()
+                reader.SetFileName(str(path))
+                reader.ReadImageInformation()
+            except RuntimeError:
+                raise ImageReadError(path, "not a readable MetaImage (its header cannot be parsed)") from None
+            raise ImageReadError(path, "corrupt or truncated MetaImage: the header reads, the pixel data "
+                                       "does not (incomplete or damaged)") from None
         raise ImageReadError(path, f"cannot read as MetaImage ({msg[-1] if msg else 'unknown error'})") from None
     dim = img.GetDimension()
     spacing, origin, direction = img.GetSpacing(), img.GetOrigin(), img.GetDirection()
@@ -177,6 +194,18 @@ def _read_mha(path: Path) -> LoadedImage:
     arr = sitk.GetArrayFromImage(img)  # H x W (x C for vector pixels)
     return LoadedImage(_check_pixels(path, arr), str(path), tuple(spacing), tuple(origin), tuple(direction),
                        extra)
+
+
+def _detached_data_file(path: Path) -> str | None:
+    """The ``ElementDataFile`` of a MetaImage header when it is not ``LOCAL`` (the pixels are elsewhere)."""
+    with open(path, "rb") as fh:
+        head = fh.read(65536)
+    for line in head.split(b"\n"):
+        key, _, value = line.partition(b"=")
+        if key.strip() == b"ElementDataFile":
+            value = value.strip().decode("utf-8", "replace")
+            return None if value == "LOCAL" else value
+    return None
 
 
 def _denied(path: Path, what: str = "readable") -> str:
@@ -259,7 +288,8 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it onto ``final`` only if the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp" + final.suffix, dir=final.parent)
+    # a short name: the final name may be as long as the file system allows, the temporary one too
+    fd, tmp = tempfile.mkstemp(prefix=".pfsam-", suffix=".tmp" + final.suffix[:16], dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs must be readable like any file
@@ -309,14 +339,15 @@ def write_mha(path: Path | str, array: np.ndarray, like: LoadedImage | None = No
 
     img = sitk.GetImageFromArray(np.ascontiguousarray(array))
     if like is not None:
-        img.SetSpacing(tuple(float(s) for s in like.spacing))
-        img.SetOrigin(tuple(float(o) for o in like.origin))
-        img.SetDirection(tuple(float(d) for d in like.direction))
-        if like.extra.get("dimension") == 3:
-            spacing, origin, direction = like.extra["geometry"]
+        if like.extra.get("dimension") == 3:  # only the 3-D geometry: a slice in the x-z or y-z plane
+            spacing, origin, direction = like.extra["geometry"]  # has no valid 2-D direction of its own
             img = sitk.JoinSeries(img)
             img.SetSpacing(spacing)
             img.SetOrigin(origin)
             img.SetDirection(direction)
+        else:
+            img.SetSpacing(tuple(float(s) for s in like.spacing))
+            img.SetOrigin(tuple(float(o) for o in like.origin))
+            img.SetDirection(tuple(float(d) for d in like.direction))
     with atomic_path(path) as tmp:
         sitk.WriteImage(img, str(tmp), useCompression=True)

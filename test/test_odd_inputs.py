@@ -38,6 +38,7 @@ from make_fixtures import synthetic_ultrasound  # noqa: E402
 from make_test_model import make_test_ensemble  # noqa: E402
 
 GB = 1024 ** 3
+XZ_DIRECTION = (1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0)
 RSS_LIMIT = 4 * GB
 SLUG = "breast-lesion-segmentation"
 
@@ -101,6 +102,32 @@ def make_inputs(root: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str],
     _mha(root / "float32.mha", _us(35, 42, 10).astype(np.float32) / 255.0 - 0.25)
     processed["float32.mha"] = (42, 35)
 
+    # a one-slice volume lying in the x-z plane: its 2x2 in-plane direction block is singular
+    xz = sitk.GetImageFromArray(_us(27, 38, 17)[None])
+    xz.SetDirection(XZ_DIRECTION)
+    xz.SetSpacing((0.1, 0.2, 0.3))
+    xz.SetOrigin((5.0, -2.0, 7.5))
+    sitk.WriteImage(xz, str(root / "xz_slice.mha"), useCompression=True)
+    processed["xz_slice.mha"] = (38, 27, 1)
+
+    # as a viewer shows them: EXIF orientation 6 (stored 45 wide x 31 high, shown 31 wide x 45 high)
+    shown = np.stack([_us(45, 31, 18)] * 3, -1)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.rot90(shown, 1).copy()).save(root / "exif6.jpg", quality=90, exif=exif)
+    processed["exif6.jpg"] = (31, 45)
+    pa = Image.fromarray(_us(26, 34, 19), "L").convert("PA")
+    pa.save(root / "palette_alpha.tif")
+    assert Image.open(root / "palette_alpha.tif").mode == "PA"
+    processed["palette_alpha.tif"] = (34, 26)
+    first = Image.fromarray(np.stack([_us(36, 48, 20)] * 3, -1))
+    first.save(root / "multi_picture.jpg", format="MPO", save_all=True, append_images=[first.resize((12, 9))])
+    assert Image.open(root / "multi_picture.jpg").n_frames == 2
+    processed["multi_picture.jpg"] = (48, 36)
+    long_name = "b" * 236 + ".png"  # its mask name, 245 bytes, fits the 255-byte limit; its temporary name did not
+    Image.fromarray(_us(30, 33, 21)).save(root / long_name)
+    processed[long_name] = (33, 30)
+
     # two inputs whose stems collide
     Image.fromarray(_us(30, 40, 11)).save(root / "a.png")
     Image.fromarray(_us(30, 40, 11)).save(root / "a.jpg", quality=90)
@@ -129,6 +156,12 @@ def make_inputs(root: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str],
     inf[7, 3] = np.inf
     _mha(root / "inf.mha", inf)
     refused["inf.mha"] = "infinite"
+    whole = (root / "one_slice.mha").read_bytes()
+    (root / "truncated.mha").write_bytes(whole[: len(whole) - 40])
+    refused["truncated.mha"] = "corrupt or truncated MetaImage: the header reads, the pixel data does not"
+    (root / "detached.mha").write_text("ObjectType = Image\nNDims = 2\nDimSize = 10 10\nElementType = MET_UCHAR\n"
+                                       "ElementDataFile = /etc/hostname\n")
+    refused["detached.mha"] = "its pixel data is in another file (ElementDataFile = /etc/hostname)"
     # readable, but nothing to segment: the model would answer with a confident label
     Image.fromarray(np.array([[128]], np.uint8)).save(root / "one_pixel.png")
     refused["one_pixel.png"] = "image is 1x1 px; at least 16 px per side"
@@ -248,6 +281,9 @@ def test_gc_masks_have_exactly_the_inputs_size(gc_run, mixed):
             assert set(np.unique(sitk.GetArrayViewFromImage(mask)).tolist()) <= {0, 1}, rel
     one = sitk.ReadImage(str(out / "images" / SLUG / "one_slice.mha"))
     assert one.GetSpacing() == pytest.approx((0.2, 0.3, 1.5))
+    xz = sitk.ReadImage(str(out / "images" / SLUG / "xz_slice.mha"))
+    assert xz.GetDirection() == pytest.approx(XZ_DIRECTION)
+    assert xz.GetSpacing() == pytest.approx((0.1, 0.2, 0.3)) and xz.GetOrigin() == pytest.approx((5.0, -2.0, 7.5))
 
 
 def test_gc_refusals_name_the_file_and_the_reason(gc_run, mixed):
@@ -399,3 +435,33 @@ def test_16_bit_masks_with_0_and_65535_are_binary(tmp_path):
     Image.fromarray(m).save(tmp_path / "bad16.png")
     with pytest.raises(ImageReadError, match="not binary"):
         read_mask(tmp_path / "bad16.png")
+
+
+def test_images_are_read_as_a_viewer_shows_them(tmp_path):
+    """EXIF orientation applied; palette+alpha as colours, not indices; a multi-picture JPEG's first
+    picture (the image; the others are previews or gain maps)."""
+    from model.io import read_image
+
+    shown = np.stack([_us(45, 31, 18), _us(45, 31, 19), _us(45, 31, 20)], -1)
+    for orientation, stored in ((6, np.rot90(shown, 1)), (8, np.rot90(shown, -1)), (3, shown[::-1, ::-1]),
+                                (2, shown[:, ::-1])):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(stored.copy()).save(tmp_path / f"o{orientation}.png", exif=exif)  # lossless
+        np.testing.assert_array_equal(read_image(tmp_path / f"o{orientation}.png").array, shown,
+                                      err_msg=f"orientation {orientation}")
+
+    grey = _us(26, 34, 21)
+    pa = Image.new("PA", (34, 26))
+    pa.putpalette([v for i in range(256) for v in (255 - i,) * 3])  # index i shows grey 255 - i
+    pa.putdata([(int(v), 255) for v in grey.ravel()])
+    pa.save(tmp_path / "pa.tif")
+    arr = read_image(tmp_path / "pa.tif").array
+    assert arr.shape == (26, 34, 4)
+    np.testing.assert_array_equal(arr[..., 0], 255 - grey)
+
+    first = np.stack([_us(36, 48, 22)] * 3, -1)
+    Image.fromarray(first).save(tmp_path / "mpo.jpg", format="MPO", save_all=True, quality=95,
+                                append_images=[Image.fromarray(255 - first).resize((12, 9))])
+    arr = read_image(tmp_path / "mpo.jpg").array
+    assert arr.shape == (36, 48, 3) and np.abs(arr.astype(int) - first).mean() < 3
