@@ -11,7 +11,7 @@ writes ``/output``.
   python process.py -i images/ -o demo/ --overlay    # plus one overlay PNG per image
 
 \b
-Outputs (details in model/inference.py):
+Outputs (details in model/writers.py):
   gc   : images/breast-lesion-segmentation/<name>.mha, results.json, and with exactly one
          input breast-lesion-classification.json and malignancy-likelihood.json
   pace : segmentation/<name>_mask.png, classification/predictions.csv, classification/probabilities.csv

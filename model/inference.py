@@ -357,7 +357,7 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
         for case in cases:
             if case.ok:
                 case.error = f"summary files not written: {_reason(exc)}"
-    stale = stale_outputs(out, cases)
+    stale = stale_outputs(out, cases, task)
     if stale:  # an earlier run's files: graders read every file in these folders
         shown = ", ".join(p.relative_to(out).as_posix() for p in stale[:3]) + (", ..." if len(stale) > 3 else "")
         log(f"warning: {len(stale)} file{'s' if len(stale) != 1 else ''} in {out} {'were' if len(stale) != 1 else 'was'} "

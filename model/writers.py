@@ -59,6 +59,8 @@ GC_CLASSIFICATION_FILE = "breast-lesion-classification.json"
 GC_LIKELIHOOD_FILE = "malignancy-likelihood.json"
 ERRORS_FILE = "errors.csv"
 OUTPUT_IMAGE_FOLDERS = (f"images/{GC_SEGMENTATION_SLUG}", "segmentation", "overlays")  # what runs write images into
+# classification files that a run with task seg does not write, so an earlier run's would stand beside its masks
+CLASSIFICATION_FILES = ("classification/predictions.csv", "classification/probabilities.csv", "classification.csv")
 
 
 @dataclass
@@ -236,11 +238,14 @@ class CodabenchWriter(PACEWriter):
 WRITERS = {"gc": GCWriter, "pace": PACEWriter, "codabench": CodabenchWriter}
 
 
-def stale_outputs(out: Path, cases: Sequence[Case]) -> list[Path]:
-    """Files in the output's mask and overlay folders that this run did not write."""
+def stale_outputs(out: Path, cases: Sequence[Case], task: str = "all") -> list[Path]:
+    """Files in the output's mask and overlay folders that this run did not write, and, when the run
+    wrote no classification (task ``seg``), the classification files an earlier run left."""
     written = {p.resolve() for case in cases for p in case.outputs}
     found = []
     for sub in OUTPUT_IMAGE_FOLDERS:
         if (out / sub).is_dir():
             found += [p for p in (out / sub).rglob("*") if p.is_file() and p.resolve() not in written]
+    if task == "seg":
+        found += [out / name for name in CLASSIFICATION_FILES if (out / name).is_file()]
     return sorted(found)

@@ -417,6 +417,18 @@ def test_files_an_earlier_run_left_in_the_output_folder_are_named_in_a_warning(c
            "segmentation/case_mask.png, segmentation/other_mask.png" in res.output
 
 
+def test_a_segmentation_only_run_names_an_earlier_runs_classification_files(cli, tmp_path):
+    d = _one_image(tmp_path)
+    out = tmp_path / "pace"
+    assert cli("-i", d, "-o", out, "--format", "pace").exit_code == 0
+    res = cli("-i", d, "-o", out, "--format", "pace", "-t", "seg")
+    assert res.exit_code == 0, res.output
+    assert f"warning: 2 files in {out} were not written by this run (an earlier run's?): " \
+           "classification/predictions.csv, classification/probabilities.csv" in res.output
+    assert (out / "classification" / "predictions.csv").is_file()  # named, not deleted
+    assert "warning" not in cli("-i", d, "-o", tmp_path / "fresh", "--format", "pace", "-t", "seg").output
+
+
 def test_a_prediction_failure_is_isolated_to_its_image(cli, predictor, tmp_path, monkeypatch):
     d = _one_image(tmp_path)
     Image.fromarray(synthetic_ultrasound(33, 44, 3)[0]).save(d / "poison.png")
