@@ -326,3 +326,34 @@ def test_real_data(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["prepared"] == 16 and not report["errors"]
     assert report["counts"]["source"] == {"BBR": 8, "BUS": 8}
+
+
+def test_files_the_readers_leave_out_are_reported(tmp_path):
+    """BUSI and PACE files that are not used (not a PNG, a name the layout does not use, a mask
+    without its image) are warnings on stderr and in report.json, each with its reason."""
+    from PIL import Image
+
+    busi, pace = tmp_path / "BUSI", tmp_path / "PACE"
+    write_png(busi / "benign" / "benign (1).png", noise(1))
+    write_png(busi / "benign" / "benign (1)_mask.png", box(2, 8, 2, 8))
+    Image.fromarray(noise(2)).save(busi / "benign" / "benign (2).jpg")
+    write_png(busi / "malignant" / "malignant (3)_mask.png", box(2, 8, 2, 8))
+    write_png(pace / "PACE_00040_000_BUS.png", noise(3))
+    write_png(pace / "scan 7.png", noise(4))
+    Image.fromarray(noise(5)).save(pace / "PACE_00041_000_BUS.jpg")
+    write_png(pace / "masks" / "PACE_00042_001_BUS.png", box(1, 5, 1, 5))
+    write_png(pace / "PACE_00043_002_BUS_mask.png", box(1, 5, 1, 5))
+    result = run_cli(["--busi", str(busi), "--pace", str(pace), "--out", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    warned = {Path(w["path"]).relative_to(tmp_path).as_posix(): w["reason"] for w in report["warnings"]}
+    assert warned == {
+        "BUSI/benign/benign (2).jpg": "not used: BUSI images and masks are PNG files",
+        "BUSI/malignant/malignant (3)_mask.png": "not used: a mask without its image (malignant (3).png)",
+        "PACE/scan 7.png": "not used: the name is not a PACE name (PACE_<5 digits>_<class code>_<source>, or PABC_…)",
+        "PACE/PACE_00041_000_BUS.jpg": "not used: PACE images and masks are PNG files",
+        "PACE/masks/PACE_00042_001_BUS.png": "not used: a mask without its image (PACE_00042_001_BUS.png)",
+        "PACE/PACE_00043_002_BUS_mask.png": "not used: a mask without its image (PACE_00043_002_BUS.png)",
+    }
+    for path, reason in warned.items():
+        assert f"warning: {tmp_path / path}: {reason}" in result.stderr
+    assert report["prepared"] == 2 and not report["errors"]

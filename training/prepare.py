@@ -37,13 +37,16 @@ from model.io import ImageReadError, atomic_path, read_image, read_mask, write_p
 from training.sources import LABEL_CODE, PACE_NAME, READERS, Record
 
 LABEL_FIELDS = ["image_id", "label", "source", "original_path", "patient_id"]
+WARNING_READERS = ("busi", "pace")  # the readers that report the files they leave out
 
 
-def list_records(sources: dict[str, Path], limit: int | None = None) -> list[Record]:
-    """Every record of the given sources, sorted by (source, path), with its image id set."""
+def list_records(sources: dict[str, Path], limit: int | None = None, warn=None) -> list[Record]:
+    """Every record of the given sources, sorted by (source, path), with its image id set;
+    ``warn(path, reason)`` hears of the files a reader leaves out."""
     records = []
     for name, root in sources.items():
-        found = sorted(READERS[name](root), key=lambda r: str(r.image))
+        found = sorted(READERS[name](root, warn) if warn and name in WARNING_READERS else READERS[name](root),
+                       key=lambda r: str(r.image))
         records += found[:limit] if limit else found
     records.sort(key=lambda r: (r.source, str(r.image)))
     taken = {int(PACE_NAME.match(r.image_id)[1]) for r in records if r.image_id}
@@ -137,8 +140,13 @@ def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: fl
             limit: int | None = None) -> dict:
     start = time.monotonic()
     out = Path(out)
-    records = list_records(sources, limit)
     errors, warnings = [], []
+
+    def unused(path: Path, reason: str) -> None:
+        warnings.append({"path": str(path), "image_id": "", "reason": reason})
+        tqdm.write(f"warning: {path}: {reason}", file=sys.stderr)
+
+    records = list_records(sources, limit, unused)
 
     def fail(record: Record, reason: str, path: Path | str | None = None) -> None:
         errors.append({"path": str(path or record.image), "image_id": record.image_id, "reason": reason})

@@ -2,7 +2,9 @@
 
 One reader per layout; each returns ``Record``s sorted by path, without decoding any pixels.
 A record the reader already knows to be unusable (no label, unknown class code) carries the
-reason in ``problem``; ``training.prepare`` reports it and skips it.
+reason in ``problem``; ``training.prepare`` reports it and skips it. A file the BUSI and PACE
+readers leave out (not a PNG, a name the layout does not use, a mask without its image) goes to
+``warn(path, reason)``; ``training.prepare`` reports it as a warning.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import csv
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from model.io import list_images
 
@@ -32,8 +35,19 @@ class Record:
     problem: str = ""
 
 
-def _png_files(folder: Path) -> list[Path]:
-    return [p for p in list_images(folder) if p.parent == folder and p.suffix.lower() == ".png"]
+Warn = Callable[[Path, str], None]
+
+
+def _no_warning(path: Path, reason: str) -> None:
+    pass
+
+
+def _png_files(folder: Path, warn: Warn = _no_warning, layout: str = "") -> list[Path]:
+    found = [p for p in list_images(folder) if p.parent == folder]
+    for p in found:
+        if p.suffix.lower() != ".png":
+            warn(p, f"not used: {layout} images and masks are PNG files")
+    return [p for p in found if p.suffix.lower() == ".png"]
 
 
 def _require_dir(path: Path, what: str) -> Path:
@@ -46,7 +60,7 @@ def _require_dir(path: Path, what: str) -> Path:
 BUSI_MASK = re.compile(r"^(?P<stem>.+)_mask(?:_\d+)?$")
 
 
-def read_busi(root: Path | str) -> list[Record]:
+def read_busi(root: Path | str, warn: Warn = _no_warning) -> list[Record]:
     root = _require_dir(Path(root), "BUSI")
     records = []
     for label in LABELS:
@@ -54,7 +68,7 @@ def read_busi(root: Path | str) -> list[Record]:
         if not folder.is_dir():
             continue
         images, masks = [], {}
-        for p in _png_files(folder):
+        for p in _png_files(folder, warn, "BUSI"):
             m = BUSI_MASK.match(p.stem)
             if m:
                 masks.setdefault(m["stem"], []).append(p)
@@ -64,6 +78,10 @@ def read_busi(root: Path | str) -> list[Record]:
             found = tuple(sorted(masks.get(p.stem, [])))
             problem = "" if found or label == "normal" else "lesion image without a mask"
             records.append(Record("BUS", label, p, found, problem=problem))
+        stems = {p.stem for p in images}
+        for stem, paths in masks.items():
+            for p in paths if stem not in stems else ():
+                warn(p, f"not used: a mask without its image ({stem}.png)")
     if not records:
         raise FileNotFoundError(f"BUSI: no benign/malignant/normal PNG images under {root}")
     return records
@@ -158,7 +176,7 @@ def read_breast(root: Path | str) -> list[Record]:
 
 # --- PACE/PRECISE: PACE_00023_002_ABR.png or PABC_00023_002_ABR.png; masks named <id>_mask[_N].png
 # anywhere, or <id>.png in a masks/ (mask/, segmentation/, labels/) folder: training.prepare's layout --
-def read_pace(root: Path | str) -> list[Record]:
+def read_pace(root: Path | str, warn: Warn = _no_warning) -> list[Record]:
     """PACE/PRECISE-named images and their masks; patient ids from a ``labels.csv`` beside them
     (``image_id,...,patient_id``: what training.prepare writes), so a re-prepared split keeps a
     patient's images together."""
@@ -167,7 +185,12 @@ def read_pace(root: Path | str) -> list[Record]:
     if (root / "labels.csv").is_file():
         with open(root / "labels.csv", newline="") as fh:
             patients = {r["image_id"]: r.get("patient_id") or "" for r in csv.DictReader(fh) if r.get("image_id")}
-    files = [p for p in list_images(root) if p.suffix.lower() == ".png"]
+    files = []
+    for p in list_images(root):
+        if p.suffix.lower() == ".png":
+            files.append(p)
+        else:
+            warn(p, "not used: PACE images and masks are PNG files")
     masks: dict[str, list[Path]] = {}
     images = []
     for p in files:
@@ -183,6 +206,7 @@ def read_pace(root: Path | str) -> list[Record]:
     for p in images:
         m = PACE_NAME.match(p.stem)
         if not m:
+            warn(p, "not used: the name is not a PACE name (PACE_<5 digits>_<class code>_<source>, or PABC_…)")
             continue
         label, source = PACE_CODE_LABEL.get(m[2], ""), m[3]
         found = tuple(sorted(masks.get(p.stem, [])))
@@ -194,6 +218,10 @@ def read_pace(root: Path | str) -> list[Record]:
         elif label != "normal" and not found:
             problem = "lesion image without a mask"
         records.append(Record(source, label, p, found, patients.get(p.stem, ""), image_id=p.stem, problem=problem))
+    stems = {p.stem for p in images}
+    for image_id, paths in sorted(masks.items()):
+        for p in paths if image_id not in stems else ():
+            warn(p, f"not used: a mask without its image ({image_id}.png)")
     return records
 
 
