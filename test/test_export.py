@@ -185,3 +185,18 @@ def test_metrics_without_logits_go_into_the_model_card(runs, tmp_path):
     dsc_lo, dsc_hi = metrics["ci"]["dsc"]
     assert f"| dsc | {metrics['dsc']:.3f} | {dsc_lo:.3f} – {dsc_hi:.3f} |" in card
     assert "| seg_bce | – |  |" in card
+
+
+def test_the_model_card_states_the_split_the_data_report_records(runs, tmp_path):
+    """The split's fraction and seed come from training.prepare's report.json; what it does not
+    record is "unknown" (the card said "80/20 with seed 0" whatever the data)."""
+    report = {"sources": {"busi": "/x"}, "prepared": 12, "seed": 7, "val_fraction": 0.25,
+              "counts": {"split_label": {"train/benign": 3}}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    ens = export_mod.export([runs["sd-h"]], tmp_path / "ens", data_report=tmp_path / "report.json")
+    card = (ens / "MODEL_CARD.md").read_text()
+    assert "Split: per class 75/25 with seed 7," in card and "80/20" not in card
+    (tmp_path / "report.json").write_text(json.dumps({k: v for k, v in report.items() if k not in ("seed", "val_fraction")}))
+    ens = export_mod.export([runs["sd-h"]], tmp_path / "ens2", data_report=tmp_path / "report.json")
+    card = (ens / "MODEL_CARD.md").read_text()
+    assert "Split: per class train/val fraction unknown with seed unknown," in card and "seed 0" not in card

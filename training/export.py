@@ -45,6 +45,18 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else "–" if v is None else str(v)
 
 
+def split_text(data_report: dict) -> str:
+    """The split as the data report records it (training.prepare's ``val_fraction`` and ``seed``);
+    "unknown" for what it does not record."""
+    frac, seed = data_report.get("val_fraction"), data_report.get("seed")
+    if isinstance(frac, (int, float)) and not isinstance(frac, bool) and 0 <= frac <= 1:
+        val = round(100 * frac, 1)
+        ratio = f"{100 - val:g}/{val:g}"
+    else:
+        ratio = "train/val fraction unknown"
+    return f"per class {ratio} with seed {seed if seed is not None else 'unknown'}"
+
+
 def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics: dict | None,
                data_report: dict | None, command: str) -> str:
     lines = ["# PF-SAM BUS ensemble: model card", "",
@@ -67,7 +79,7 @@ def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics:
             if key in counts:
                 lines.append(f"- {key}: " + ", ".join(f"{k} {v}" for k, v in counts[key].items()))
         lines.append("")
-        lines.append("Split: per class 80/20 with seed 0, grouped by patient where known (BUS-BRA); "
+        lines.append(f"Split: {split_text(data_report)}, grouped by patient where known (BUS-BRA); "
                      "conflicting duplicates removed (training.prepare).")
     spec = json.loads((out / ENSEMBLE_NAME).read_text())
     lines += ["", "## Postprocessing", "", f"`{json.dumps(spec['postprocess'])}`", ""]
