@@ -133,6 +133,66 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_dataset, cache_dir, tmp_pa
         assert torch.equal(a[k], b[k]), k
 
 
+def test_resume_with_other_settings_is_refused_naming_them(tiny_dataset, cache_dir, tmp_path):
+    """state.pt records the run's config: --resume --epochs 4 after a run started with 2 epochs would
+    run the curriculum backwards and restart the cosine schedule, so it is refused (and config.yaml
+    kept); the same settings resume."""
+    import click
+
+    cfg = tiny_cfg("sd-h", epochs=2)
+    run = tmp_path / "run"
+    train(cfg, tiny_dataset, run, "cpu", cache_dir, stop_after=1)
+    written = (run / "config.yaml").read_text()
+    longer = load_config(REPO / "training" / "configs" / "sd-h.yaml", {"epochs": 4})  # the CLI's --epochs 4
+    longer = dict(cfg, epochs=4, curriculum=longer["curriculum"])
+    with pytest.raises(click.ClickException, match=r"other settings \(curriculum\.mixed_until: 2 → 3; "
+                                                   r"epochs: 2 → 4\)") as err:
+        train(longer, tiny_dataset, run, "cpu", cache_dir, resume=True)
+    assert str(run / "state.pt") in err.value.message and "config.yaml" in err.value.message
+    with pytest.raises(click.ClickException, match=r"optim\.lr: 0\.001 → 0\.002\)"):
+        train(dict(cfg, optim={**cfg["optim"], "lr": 2e-3}), tiny_dataset, run, "cpu", cache_dir, resume=True)
+    assert (run / "config.yaml").read_text() == written
+    assert torch.load(run / "state.pt", weights_only=True)["epoch"] == 1
+    result = train(cfg, tiny_dataset, run, "cpu", cache_dir, resume=True)
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resume_on_cuda_restores_the_cpu_rng_state(tiny_dataset, tmp_path):
+    """state.pt loaded onto the GPU put the torch RNG state there, and torch.set_rng_state takes a
+    CPU tensor only: resuming on CUDA crashed. The state is loaded on the CPU."""
+    cfg = tiny_cfg("sd-h", epochs=2)
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    train(cfg, tiny_dataset, straight, "cuda", tmp_path / "cache")
+    train(cfg, tiny_dataset, broken, "cuda", tmp_path / "cache", stop_after=1)
+    train(cfg, tiny_dataset, broken, "cuda", tmp_path / "cache", resume=True)
+    a = load_file(str(straight / "last" / "model.safetensors"))
+    b = load_file(str(broken / "last" / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_rng_states_are_restored_from_wherever_they_were_loaded(monkeypatch):
+    """set_rng_state hands torch CPU byte tensors, also for states loaded onto another device."""
+    from training.train import get_rng_state, set_rng_state
+
+    moved = []
+
+    class Elsewhere(torch.Tensor):  # a tensor loaded elsewhere: torch refuses it until .cpu()
+        def cpu(self, *a, **kw):
+            moved.append(True)
+            return torch.Tensor(self).clone().as_subclass(torch.Tensor)
+
+    real = torch.set_rng_state
+    monkeypatch.setattr(torch, "set_rng_state",
+                        lambda t: real(t) if type(t) is torch.Tensor else (_ for _ in ()).throw(
+                            TypeError("RNG state must be a torch.ByteTensor")))
+    state = get_rng_state()
+    expected = torch.rand(3)
+    state["torch"] = state["torch"].as_subclass(Elsewhere)
+    set_rng_state(state)
+    assert moved and torch.equal(torch.rand(3), expected)
+
+
 def test_cache_key_changes_with_what_the_values_depend_on(tiny_dataset):
     cfg = tiny_cfg("sd-h")
     model = build_model(cfg)
@@ -193,6 +253,34 @@ def test_cache_serves_a_subset_of_its_images_and_refuses_strangers(tiny_dataset,
     stranger = records[0].__class__(**{**records[0].__dict__, "image_id": "PACE_99999_001_BUS"})
     with pytest.raises(ValueError, match="another image list"):
         build_cache(model, [*records, stranger], tmp_path, ["orig"], torch.device("cpu"), "fp32")
+
+
+def test_cache_encodes_again_what_the_data_changed(tmp_path):
+    """meta.json records each image's prepared files (sha256): after a mask is corrected (the data
+    prepared again) a build encodes that image again and serves the new mask; training on the cache
+    as it is (--no-cache-build) refuses the stale entry."""
+    from model.io import write_png
+    from synthetic import make_prepared_dataset
+    from training.cache import CacheError
+
+    data = make_prepared_dataset(tmp_path / "data", n_per_class=1)
+    model = build_model(tiny_cfg("sd-h"))
+    records = load_records(data)
+    cache = build_cache(model, records, tmp_path / "cache", ["orig"], torch.device("cpu"), "fp32")
+    before = {r.image_id: cache.get(r.image_id, 0)[2].clone() for r in records}
+    lesion = next(r for r in records if r.label == "benign")
+    corrected = np.zeros((96, 128), np.uint8)
+    corrected[10:40, 20:70] = 255
+    write_png(lesion.mask_path, corrected)
+    with pytest.raises(CacheError, match=rf"1 cached images were encoded from other image or mask files.*{lesion.image_id}"):
+        build_cache(model, records, tmp_path / "cache", ["orig"], torch.device("cpu"), "fp32", build=False)
+    cache = build_cache(model, records, tmp_path / "cache", ["orig"], torch.device("cpu"), "fp32")
+    fresh = build_cache(model, records, tmp_path / "fresh", ["orig"], torch.device("cpu"), "fp32")
+    assert not torch.equal(cache.get(lesion.image_id, 0)[2], before[lesion.image_id])
+    for r in records:
+        assert torch.equal(cache.get(r.image_id, 0)[2], fresh.get(r.image_id, 0)[2]), r.image_id
+        assert torch.equal(cache.get(r.image_id, 0)[0], fresh.get(r.image_id, 0)[0]), r.image_id
+    build_cache(model, records, tmp_path / "cache", ["orig"], torch.device("cpu"), "fp32", build=False)  # current
 
 
 def test_training_on_a_cache_of_another_precision_says_so_and_leaves_no_trace(tiny_dataset, tmp_path):

@@ -7,7 +7,9 @@ The key hashes everything the cached values depend on: encoder name, input size,
 the sha256 of the encoder weights, the precision, the views, the source code of the encoder's
 module, and a fingerprint of the preprocessing: the exact bytes that ``model.preprocessing`` and
 ``training.augment`` produce for a fixed probe image in every view (so a change of what they
-compute starts a new cache, an edit that computes the same does not).
+compute starts a new cache, an edit that computes the same does not). ``meta.json`` records the
+sha256 of each image's prepared image and mask files: an image whose files changed (the data
+prepared again) is encoded again, and training on the cache as it is (``build=False``) refuses it.
 """
 from __future__ import annotations
 
@@ -22,12 +24,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model.io import write_text
 from model.network import PFSAMNet
 from model.preprocessing import mask_to_model, preprocess
 from model.predictor import use_bf16
 
 from .augment import apply_view
-from .datasets import Record, load_pair
+from .datasets import Record, content_sha, load_pair
 
 MASK_RES = 256
 
@@ -129,6 +132,7 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
         with torch.no_grad():
             _, feats = model.encoder(torch.zeros(1, 3, model.input_size, model.input_size, device=device))
         skip_shapes = [tuple(f.shape[1:]) for f in feats]
+    content = {r.image_id: content_sha(r) for r in records}  # the prepared image and mask files
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         missing = sorted(set(ids) - set(meta["ids"]))
@@ -137,8 +141,20 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
                              f"e.g. {missing[0]}); delete it or use another --cache")
         ids = meta["ids"]
     else:
-        meta_path.write_text(json.dumps({"ids": ids, "views": views, "skip_shapes": skip_shapes}))
+        meta = {"ids": ids, "views": views, "skip_shapes": skip_shapes, "content": {}}
+        write_text(meta_path, json.dumps(meta))
     cache = EmbeddingCache(root, ids, views, skip_shapes)
+    stale = sorted(i for i, sha in content.items() if meta.get("content", {}).get(i) != sha)
+    if stale and not build:
+        raise CacheError(f"{root}: {len(stale)} cached images were encoded from other image or mask files than "
+                         f"the data's now (e.g. {stale[0]}; re-prepared?) or by a version that recorded none; "
+                         "rebuild the cache with training.cache or train without --no-cache-build")
+    if stale:  # encode them again: their done flags on disk are cleared before the new hashes are recorded
+        for iid in stale:
+            cache.done[cache.index[iid]] = 0
+        cache.done.flush()
+        meta["content"] = {**meta.get("content", {}), **{i: content[i] for i in stale}}
+        write_text(meta_path, json.dumps(meta))
     view_classes = view_classes or {}
     todo = [(cache.index[r.image_id], r, v) for v in range(len(views))
             for r in sorted(records, key=lambda r: r.image_id)

@@ -6,13 +6,14 @@ Layout: ``DATA/images/<id>.png``, ``DATA/masks/<id>.png`` ({0,255}), ``DATA/labe
 from __future__ import annotations
 
 import csv
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from model import CLASS_NAMES
-from model.io import read_image, read_mask
+from model.io import ImageReadError, read_image, read_mask
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,20 @@ class Record:
         return CLASS_NAMES.index(self.label)
 
 
+class DataError(ValueError):
+    """A prepared dataset that cannot be used as it is; the message names the file and the reason."""
+
+
+def parse_label(value, labels_csv: str | Path, line: int, image_id: str) -> str:
+    """A labels.csv label as a class name: case and surrounding spaces are ignored (``Benign `` is
+    ``benign``); anything else raises DataError naming the file, the line and the image id."""
+    name = str(value if value is not None else "").strip().lower()
+    if name not in CLASS_NAMES:
+        raise DataError(f"{labels_csv}, line {line} ({image_id or 'no image_id'}): unknown label {value!r}; "
+                        f"allowed: {', '.join(CLASS_NAMES)} (any case)")
+    return name
+
+
 def load_records(data_dir: str | Path, split: str | None = None) -> list[Record]:
     """Records of a prepared dataset, sorted by image id; ``split`` in train|val|None (all)."""
     data_dir = Path(data_dir)
@@ -40,20 +55,37 @@ def load_records(data_dir: str | Path, split: str | None = None) -> list[Record]
         splits = {row["image_id"]: row["split"] for row in csv.DictReader(fh)}
     records = []
     with open(labels_csv, newline="") as fh:
-        for row in csv.DictReader(fh):
-            iid = row["image_id"]
+        reader = csv.DictReader(fh)
+        for row in reader:
+            iid = (row.get("image_id") or "").strip()
+            label = parse_label(row.get("label"), labels_csv, reader.line_num, iid)
             s = splits.get(iid)
             if s is None or (split is not None and s != split):
                 continue
-            records.append(Record(iid, row["label"], row.get("source", ""), s,
+            records.append(Record(iid, label, row.get("source", ""), s,
                                   data_dir / "images" / f"{iid}.png", data_dir / "masks" / f"{iid}.png"))
     return sorted(records, key=lambda r: r.image_id)
 
 
+def content_sha(rec: Record) -> str:
+    """sha256 of a record's prepared image and mask files (what the embedding cache was built from)."""
+    h = hashlib.sha256()
+    for path in (rec.image_path, rec.mask_path):
+        if not path.is_file():
+            raise ImageReadError(path, f"{'mask' if path == rec.mask_path else 'image'} file missing "
+                                       f"for {rec.label} image {rec.image_id}")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
 def load_pair(rec: Record) -> tuple[np.ndarray, np.ndarray]:
-    """(image array, mask uint8 {0,1}) of one record."""
+    """(image array, mask uint8 {0,1}) of one record. training.prepare writes a mask for every image
+    (all zero for normal ones), so a missing mask is a data error, never "no lesion"."""
     image = read_image(rec.image_path).array
-    mask = read_mask(rec.mask_path) if rec.mask_path.is_file() else np.zeros(image.shape[:2], np.uint8)
+    if not rec.mask_path.is_file():
+        raise ImageReadError(rec.mask_path, f"mask file missing for {rec.label} image {rec.image_id} "
+                                            "(training.prepare writes one for every image; prepare the data again)")
+    mask = read_mask(rec.mask_path)
     if mask.shape != image.shape[:2]:
-        raise ValueError(f"{rec.mask_path}: mask {mask.shape} does not match image {image.shape[:2]}")
+        raise ImageReadError(rec.mask_path, f"mask {mask.shape} does not match image {image.shape[:2]}")
     return image, mask

@@ -46,6 +46,7 @@ from model import CLASS_NAMES
 from model.writers import LOGITS_DIR
 from model.io import ImageReadError, atomic_path, is_image_file, read_image, read_mask, write_png, write_text
 from training import metrics as M
+from training.datasets import parse_label
 
 GC_MASK_DIR = Path("images") / "breast-lesion-segmentation"
 N_WORST = 8
@@ -66,8 +67,8 @@ def load_truth(data_dir: Path | str, split: str = "val") -> list[dict[str, str]]
     if split not in ("train", "val", "all"):
         raise ValueError(f"split must be train, val or all, not {split!r}")
     rows = _read_csv(data_dir / "labels.csv")
-    for r in rows:
-        M.class_index(r["label"])  # raises on an unknown label
+    for line, r in enumerate(rows, start=2):  # line 1: the header
+        r["label"] = parse_label(r.get("label"), data_dir / "labels.csv", line, r.get("image_id", ""))
     if split == "all":
         return rows
     chosen = {r["image_id"] for r in _read_csv(data_dir / "split.csv") if r["split"] == split}

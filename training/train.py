@@ -4,9 +4,10 @@ The same script runs on one CPU, one GPU, or several GPUs under ``torchrun`` (Di
 each epoch's sample list is drawn once from the seed and sharded by rank; rank 0 logs and saves).
 A frozen encoder trains from the embedding cache (``training.cache``); a fine-tuned one encodes
 images on the fly. Every epoch writes ``RUN/state.pt`` atomically (model, optimizer, scheduler,
-RNG states, epoch, history); ``--resume`` continues from it exactly. Each epoch's sample order,
-views and curriculum draws come from generators seeded by (seed, epoch), so a resumed run ends
-with the same weights as an uninterrupted one.
+RNG states, epoch, history, config); ``--resume`` continues from it exactly, and only with the
+config the run was started with. Each epoch's sample order, views and curriculum draws come
+from generators seeded by (seed, epoch), so a resumed run ends with the same weights as an
+uninterrupted one.
 """
 from __future__ import annotations
 
@@ -31,14 +32,14 @@ from tqdm import tqdm
 from model.allocator import keep_freed_memory
 from model.checkpoint import encoder_weights_info, resolve_encoder_checkpoint, save_model
 from model.encoders.weights import WeightsError
-from model.io import atomic_path, write_text
+from model.io import ImageReadError, atomic_path, write_text
 from model.network import PFSAMNet, make_config
 from model.predictor import resolve_device, use_bf16
 from model.preprocessing import mask_to_model, preprocess
 
 from .augment import apply_view, class_views
 from .cache import MASK_RES, CacheError, build_cache, views_for_classes
-from .datasets import Record, load_pair, load_records
+from .datasets import DataError, Record, load_pair, load_records
 from .losses import multitask_loss
 from .metrics import auc_macro, dice
 
@@ -245,17 +246,49 @@ def get_rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore ``get_rng_state()``'s states; torch takes them as CPU byte tensors only, wherever the
+    state was loaded to."""
+    torch.set_rng_state(state["torch"].cpu())
     random.setstate(state["python"])
     if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
 
 
-def save_state(path: Path, net, opt, sched, epoch: int, history: list, best: dict) -> None:
+def save_state(path: Path, net, opt, sched, epoch: int, history: list, best: dict, cfg: dict) -> None:
     state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "epoch": epoch, "history": history, "best": best, "rng": get_rng_state()}
+             "epoch": epoch, "history": history, "best": best, "rng": get_rng_state(), "config": cfg}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+def _flat(cfg, prefix: str = "") -> dict:
+    """A nested config as {dotted key: value}."""
+    if not isinstance(cfg, dict) or not cfg:
+        return {prefix: cfg}
+    return {k: v for key, value in cfg.items() for k, v in _flat(value, f"{prefix}.{key}" if prefix else str(key)).items()}
+
+
+def load_resume_state(path: Path, cfg: dict) -> dict:
+    """``path`` (state.pt) with every tensor on the CPU (torch.set_rng_state takes CPU tensors only;
+    the optimizer's load_state_dict moves its state to the parameters' device), refused when the run
+    was started with another config (epochs, curriculum, optimiser, ...): a resumed run continues
+    the run that was started, never a different one."""
+    if not path.is_file():
+        raise click.ClickException(f"--resume: {path} not found")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = state.get("config")
+    if saved is None:  # written before state.pt recorded its config: nothing to compare
+        print(f"warning: {path} records no config (an older version wrote it); resuming with this one",
+              file=sys.stderr)
+        return state
+    old, new = _flat(saved), _flat(cfg)
+    diff = [f"{k}: {old.get(k, '(unset)')!r} → {new.get(k, '(unset)')!r}"
+            for k in sorted(old.keys() | new.keys()) if old.get(k, "(unset)") != new.get(k, "(unset)")]
+    if diff:
+        raise click.ClickException(
+            f"--resume: {path} continues a run started with other settings ({'; '.join(diff)}); resume with the "
+            f"settings the run was started with (its config.yaml beside state.pt) or train into another --out")
+    return state
 
 
 def write_logs(out: Path, history: list[dict]) -> None:
@@ -304,6 +337,8 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
     bf16 = use_bf16(precision, device)
     if device.type == "cpu":
         keep_freed_memory()
+    state_path = out / STATE_NAME
+    state = load_resume_state(state_path, cfg) if resume else None  # before anything is built or written
     seed = int(cfg["seed"])
     torch.manual_seed(seed)
     random.seed(seed)
@@ -344,11 +379,7 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     start_epoch, history, best = 1, [], {"epoch": 0, "value": -math.inf, "metric": cfg.get("select", "val_dsc")}
-    state_path = out / STATE_NAME
-    if resume:
-        if not state_path.is_file():
-            raise click.ClickException(f"--resume: {state_path} not found")
-        state = torch.load(state_path, map_location=device, weights_only=True)
+    if state is not None:
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -402,7 +433,7 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
                 best = {"epoch": epoch, "value": value, "metric": best["metric"]}
                 save_model(net, out / "best", provenance=provenance(cfg, data, epoch, row))
             save_model(net, out / "last", provenance=provenance(cfg, data, epoch, row))
-            save_state(state_path, net, opt, sched, epoch, history, best)
+            save_state(state_path, net, opt, sched, epoch, history, best, cfg)
             write_logs(out, history)
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                   file=sys.stderr)
@@ -440,8 +471,11 @@ def provenance(cfg: dict, data: Path, epoch: int, row: dict) -> dict:
 @click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
               help="Embedding cache folder (frozen encoder only).")
 @click.option("--cache-build/--no-cache-build", default=True,
-              help="Encode the views missing from the cache first, or train on the views already there.")
-@click.option("--resume", is_flag=True, help="Continue from OUT/state.pt.")
+              help="Encode the views missing from the cache first, or train on the views already there "
+                   "(refused for images whose prepared files changed since they were encoded).")
+@click.option("--resume", is_flag=True,
+              help="Continue from OUT/state.pt with the settings the run was started with (state.pt records "
+                   "them; other settings are refused, naming each difference).")
 @click.option("--workers", default=0, help="DataLoader worker processes.")
 @click.option("--set", "sets", multiple=True, help="Any other config value, e.g. --set model.seg_head.channels=[64,32].")
 @click.option("--limit", type=click.IntRange(1), default=None,
@@ -463,7 +497,7 @@ def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, ba
     except NonFiniteLoss as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except (WeightsError, CacheError) as exc:  # a missing checkpoint or cache: the message says what to do
+    except (WeightsError, CacheError, DataError, ImageReadError) as exc:  # the message names the file and what to do
         raise click.ClickException(str(exc)) from None
     best = result["best"]
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 alone evaluates, saves and reports
