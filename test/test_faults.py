@@ -246,7 +246,8 @@ def test_training_state_crash_keeps_the_previous_state(tmp_path, monkeypatch):
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
     path = tmp_path / tr.STATE_NAME
-    tr.save_state(path, model, opt, sched, 1, [{"epoch": 1}], {"epoch": 1, "value": 0.5, "metric": "val_dsc"})
+    cfg = {"epochs": 2, "seed": 0}
+    tr.save_state(path, model, opt, sched, 1, [{"epoch": 1}], {"epoch": 1, "value": 0.5, "metric": "val_dsc"}, cfg)
     before = path.read_bytes()
     real_save = torch.save
 
@@ -257,7 +258,7 @@ def test_training_state_crash_keeps_the_previous_state(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", crashing_save)
     with pytest.raises(Crash):
         tr.save_state(path, model, opt, sched, 2, [{"epoch": 1}, {"epoch": 2}], {"epoch": 2, "value": 0.6,
-                                                                                "metric": "val_dsc"})
+                                                                                "metric": "val_dsc"}, cfg)
     assert path.read_bytes() == before and _leftovers(tmp_path) == []
     assert torch.load(path, map_location="cpu", weights_only=True)["epoch"] == 1
 
