@@ -185,6 +185,9 @@ def test_metrics_without_logits_go_into_the_model_card(runs, tmp_path):
     dsc_lo, dsc_hi = metrics["ci"]["dsc"]
     assert f"| dsc | {metrics['dsc']:.3f} | {dsc_lo:.3f} – {dsc_hi:.3f} |" in card
     assert "| seg_bce | – |  |" in card
+    # the split the figures come from, and that it also chose the best epochs: optimistic
+    assert "## Metrics on the val split" in card and "also chose each member's best epoch" in card
+    assert "optimistic" in card
 
 
 def test_the_model_card_states_the_split_the_data_report_records(runs, tmp_path):

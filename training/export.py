@@ -57,6 +57,20 @@ def split_text(data_report: dict) -> str:
     return f"per class {ratio} with seed {seed if seed is not None else 'unknown'}"
 
 
+def selection_caveat(split: str, tuned: bool) -> str:
+    """What the metrics' split was also used for: training.train picks each member's best epoch on the
+    validation split, and training.tune the postprocessing; figures on that split are optimistic."""
+    if split == "val":
+        used = "each member's best epoch" + (" and the postprocessing above" if tuned else "")
+        return (f"The validation split also chose {used}, and the data has no untouched test split (the "
+                "paper's per-class 80/20 protocol), so these figures are optimistic; a challenge's test phase "
+                "or a held-out set gives an unbiased one.")
+    if split == "train":
+        return "These are figures on the training split: they say how well the model fits, not how it generalises."
+    return ("These figures mix the training and validation splits (split all): they say how well the model fits, "
+            "not how it generalises.")
+
+
 def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics: dict | None,
                data_report: dict | None, command: str) -> str:
     lines = ["# PF-SAM BUS ensemble: model card", "",
@@ -93,8 +107,10 @@ def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics:
             dsc, empty = r.get("dsc"), r.get("normal_empty_share")
             lines.append(f"| {ref} | {r['gate_normal']} | {r['largest_component']} | "
                          f"{'–' if dsc is None else f'{dsc:.4f}'} | {'–' if empty is None else f'{empty:.3f}'} |")
-    lines += ["", "## Validation metrics (training.evaluate, full resolution)", ""]
+    split = (metrics or {}).get("split", "val")
+    lines += ["", f"## Metrics on the {split} split (training.evaluate, full resolution)", ""]
     if metrics:
+        lines += [selection_caveat(split, bool(spec.get("postprocess_validation"))), ""]
         keys = ["n_images", "dsc", "iou", "hd95", "nsd", "accuracy", "f1_macro", "auc_macro", "auc_malignant",
                 "sens_at_90_spec", "spec_at_90_sens", "cross_entropy", "normal_empty_share", "seg_bce"]
         ci = metrics.get("ci", {})
