@@ -129,7 +129,9 @@ def _check_pixels(path: Path, arr: np.ndarray) -> np.ndarray:
 
 def _read_pil(path: Path) -> LoadedImage:
     try:
-        with Image.open(path) as im:
+        # from a file object, not the path: Pillow 13 memory-maps an uncompressed TIFF opened by path,
+        # and exif_transpose then returns it unrotated (orientations 5-8 kept the stored h x w)
+        with open(path, "rb") as fh, Image.open(fh) as im:
             im.load()
             # a multi-picture JPEG (MPO: phones' and some scanners' exports) holds the image first and
             # previews or gain maps after it; every other format's frames are slices or pages
@@ -197,14 +199,21 @@ def _read_mha(path: Path) -> LoadedImage:
 
 
 def _detached_data_file(path: Path) -> str | None:
-    """The ``ElementDataFile`` of a MetaImage header when it is not ``LOCAL`` (the pixels are elsewhere)."""
+    """The ``ElementDataFile`` of a MetaImage header when it is not local (the pixels are elsewhere).
+
+    Parsed as MetaIO parses it: the header is read line by line up to that field (MetaIO's last),
+    however long the comments before it; ``=`` or ``:`` separates key and value; ``LOCAL``,
+    ``Local`` and ``local`` mean the pixels follow the header."""
     with open(path, "rb") as fh:
-        head = fh.read(65536)
-    for line in head.split(b"\n"):
-        key, _, value = line.partition(b"=")
-        if key.strip() == b"ElementDataFile":
-            value = value.strip().decode("utf-8", "replace")
-            return None if value == "LOCAL" else value
+        for line in fh:
+            key, value = line, b""
+            for i, ch in enumerate(line):
+                if ch in b"=:":
+                    key, value = line[:i], line[i + 1:]
+                    break
+            if key.strip() == b"ElementDataFile":
+                value = value.strip().decode("utf-8", "replace")
+                return None if value in ("LOCAL", "Local", "local") else value
     return None
 
 

@@ -11,7 +11,8 @@ Output formats
 
 ``pace`` (PACE challenge)::
 
-    OUT/segmentation/<name>_mask.png                   uint8 {0,255}, the input's width x height
+    OUT/segmentation/<name>_mask.png                   uint8 {0,255}, the input's width x height as shown
+                                                       (EXIF orientation applied: 90 degrees swaps them)
     OUT/classification/predictions.csv                 image_id,label   (Normal|Benign|Malignant)
     OUT/classification/probabilities.csv               image_id,normal,benign,malignant
 

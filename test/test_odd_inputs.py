@@ -450,6 +450,18 @@ def test_images_are_read_as_a_viewer_shows_them(tmp_path):
         Image.fromarray(stored.copy()).save(tmp_path / f"o{orientation}.png", exif=exif)  # lossless
         np.testing.assert_array_equal(read_image(tmp_path / f"o{orientation}.png").array, shown,
                                       err_msg=f"orientation {orientation}")
+    # uncompressed TIFFs, 8- and 16-bit grey: Pillow memory-maps these when opened by path, and then
+    # left orientations 5-8 unrotated
+    grey_shown = _us(45, 31, 23)
+    for orientation, stored in ((6, np.rot90(grey_shown, 1)), (8, np.rot90(grey_shown, -1)),
+                                (5, np.rot90(grey_shown, 1)[::-1]), (7, np.rot90(grey_shown, -1)[::-1])):
+        for dtype, scale in ((np.uint8, 1), (np.uint16, 257)):
+            exif = Image.Exif()
+            exif[0x0112] = orientation
+            name = tmp_path / f"o{orientation}_{np.dtype(dtype).name}.tif"
+            Image.fromarray(stored.astype(dtype) * scale).save(name, exif=exif)
+            np.testing.assert_array_equal(read_image(name).array, grey_shown.astype(dtype) * scale,
+                                          err_msg=name.name)
 
     grey = _us(26, 34, 21)
     pa = Image.new("PA", (34, 26))
@@ -465,3 +477,24 @@ def test_images_are_read_as_a_viewer_shows_them(tmp_path):
                                 append_images=[Image.fromarray(255 - first).resize((12, 9))])
     arr = read_image(tmp_path / "mpo.jpg").array
     assert arr.shape == (36, 48, 3) and np.abs(arr.astype(int) - first).mean() < 3
+
+
+def test_a_mha_header_is_parsed_as_metaio_parses_it(tmp_path):
+    """MetaIO takes ``:`` as well as ``=`` between key and value, reads a header of any length, and
+    accepts LOCAL/Local/local: a detached data file is refused however the header spells it, and a
+    local one is read."""
+    from model.io import ImageReadError, read_image
+
+    (tmp_path / "elsewhere.raw").write_bytes(bytes(range(100)))
+    head = "ObjectType = Image\nNDims = 2\nDimSize = 10 10\nElementType = MET_UCHAR\n"
+    for name, header in {"colon.mha": head + f"ElementDataFile : {tmp_path / 'elsewhere.raw'}\n",
+                         "long.mha": "Comment = " + "x" * 70000 + "\n" + head
+                         + f"ElementDataFile = {tmp_path / 'elsewhere.raw'}\n"}.items():
+        (tmp_path / name).write_text(header)
+        with pytest.raises(ImageReadError, match="its pixel data is in another file"):
+            read_image(tmp_path / name)
+    pixels = (np.arange(100, dtype=np.uint8) * 2).reshape(10, 10)
+    for spelling in ("Local", "local", "LOCAL"):
+        (tmp_path / f"{spelling}.mha").write_bytes((head + f"ElementDataFile = {spelling}\n").encode()
+                                                   + pixels.tobytes())
+        np.testing.assert_array_equal(read_image(tmp_path / f"{spelling}.mha").array, pixels)
