@@ -3,6 +3,8 @@ and masks (a missing one is an error naming the file, never an empty lesion)."""
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,35 @@ def test_parse_label_accepts_any_case_and_spaces_only():
         ["normal", "benign", "malignant"]
     with pytest.raises(DataError, match="unknown label None"):
         parse_label(None, "labels.csv", 2, "x")
+
+
+def test_padded_ids_and_splits_in_hand_edited_csvs_are_read_alike(data):
+    """A spreadsheet may pad cells: ' PACE_… ' and ' Val' still name the image and the split, for
+    training and evaluation alike."""
+    before = {r.image_id: r.split for r in load_records(data)}
+    for name in ("labels.csv", "split.csv"):
+        path = data / name
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        for row in rows:
+            row["image_id"] = f" {row['image_id']}  "
+            if "split" in row:
+                row["split"] = f" {row['split'].capitalize()}"
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    assert {r.image_id: r.split for r in load_records(data)} == before
+    assert sorted(r["image_id"] for r in E.load_truth(data, "val")) == \
+        sorted(i for i, s in before.items() if s == "val") != []
+    assert all(r.image_path.is_file() for r in load_records(data, "train"))
+
+
+def test_cache_cli_reports_a_missing_mask_without_a_traceback(data, tmp_path):
+    (data / "masks" / "PACE_00003_001_BUS.png").unlink()
+    res = subprocess.run([sys.executable, "-m", "training.cache", "--data", str(data), "--cache", str(tmp_path / "c"),
+                          "--views", "orig", "--device", "cpu"], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 1, res.stderr
+    assert "Error: " in res.stderr and "PACE_00003_001_BUS.png" in res.stderr and "mask file missing" in res.stderr
+    assert "Traceback" not in res.stderr, res.stderr

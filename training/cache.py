@@ -225,7 +225,9 @@ if __name__ == "__main__":
     from model.network import make_config
     from model.predictor import resolve_device
 
-    from .datasets import load_records
+    from model.io import ImageReadError
+
+    from .datasets import DataError, load_records
 
     @click.command()
     @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Prepared dataset.")
@@ -257,7 +259,7 @@ if __name__ == "__main__":
         net = PFSAMNet(cfg, encoder_checkpoint=ckpt).to(dev)
         try:
             build_cache(net, load_records(data), cache_dir, view_list, dev, precision, batch_size, wanted)
-        except CacheError as exc:
+        except (CacheError, DataError, ImageReadError, FileNotFoundError) as exc:
             raise click.ClickException(str(exc)) from None
 
     main()

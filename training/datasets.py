@@ -44,6 +44,13 @@ def parse_label(value, labels_csv: str | Path, line: int, image_id: str) -> str:
     return name
 
 
+def read_split(split_csv: str | Path) -> dict[str, str]:
+    """``image_id -> split`` of a split.csv, ids and values stripped (a hand-edited file may pad them)."""
+    with open(split_csv, newline="") as fh:
+        return {(row.get("image_id") or "").strip(): (row.get("split") or "").strip().lower()
+                for row in csv.DictReader(fh)}
+
+
 def load_records(data_dir: str | Path, split: str | None = None) -> list[Record]:
     """Records of a prepared dataset, sorted by image id; ``split`` in train|val|None (all)."""
     data_dir = Path(data_dir)
@@ -51,8 +58,7 @@ def load_records(data_dir: str | Path, split: str | None = None) -> list[Record]
     for p in (labels_csv, split_csv):
         if not p.is_file():
             raise FileNotFoundError(f"{p} not found: prepare the data first (python -m training.prepare ...)")
-    with open(split_csv, newline="") as fh:
-        splits = {row["image_id"]: row["split"] for row in csv.DictReader(fh)}
+    splits = read_split(split_csv)
     records = []
     with open(labels_csv, newline="") as fh:
         reader = csv.DictReader(fh)

@@ -46,7 +46,7 @@ from model import CLASS_NAMES
 from model.writers import LOGITS_DIR
 from model.io import ImageReadError, atomic_path, is_image_file, read_image, read_mask, write_png, write_text
 from training import metrics as M
-from training.datasets import parse_label
+from training.datasets import parse_label, read_split
 
 GC_MASK_DIR = Path("images") / "breast-lesion-segmentation"
 N_WORST = 8
@@ -68,10 +68,11 @@ def load_truth(data_dir: Path | str, split: str = "val") -> list[dict[str, str]]
         raise ValueError(f"split must be train, val or all, not {split!r}")
     rows = _read_csv(data_dir / "labels.csv")
     for line, r in enumerate(rows, start=2):  # line 1: the header
+        r["image_id"] = (r.get("image_id") or "").strip()
         r["label"] = parse_label(r.get("label"), data_dir / "labels.csv", line, r.get("image_id", ""))
     if split == "all":
         return rows
-    chosen = {r["image_id"] for r in _read_csv(data_dir / "split.csv") if r["split"] == split}
+    chosen = {iid for iid, s in read_split(data_dir / "split.csv").items() if s == split}
     return [r for r in rows if r["image_id"] in chosen]
 
 
@@ -274,7 +275,7 @@ def evaluate_predictions(pred_dir: Path | str, data_dir: Path | str, split: str 
         truth = sorted(truth, key=lambda r: r["image_id"])[:limit]
     layout = detect_layout(pred_dir)
     preds, problems = (read_grand_challenge if layout == "grand-challenge" else read_pace)(pred_dir)
-    all_ids = {r["image_id"] for r in _read_csv(data_dir / "labels.csv")}
+    all_ids = {(r.get("image_id") or "").strip() for r in _read_csv(data_dir / "labels.csv")}
     eval_ids = [r["image_id"] for r in truth]
 
     masks: dict[str, np.ndarray] = {}
