@@ -36,13 +36,14 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def full_loss(run_dir: Path, data: Path, cache_root: Path, cfg: dict) -> float:
+def full_loss(run_dir: Path, data: Path, cache_root: Path, cfg: dict, precision: str = "auto") -> float:
     """Training loss over all train images (orig view, GT guide) of the model saved in run_dir/last."""
     from model.checkpoint import load_model
 
     model = load_model(run_dir / "last")
     recs = load_records(data, "train")
-    cache = build_cache(model, recs + load_records(data, "val"), cache_root, cfg["views"], torch.device("cpu"))
+    cache = build_cache(model, recs + load_records(data, "val"), cache_root, cfg["views"], torch.device("cpu"),
+                        precision)
     total = 0.0
     with torch.no_grad():
         for r in recs:
@@ -83,21 +84,25 @@ def test_epoch_plan_is_seeded_and_class_weighted(tiny_dataset):
     assert many.count("normal") / len(many) > 0.8
 
 
-def test_two_epochs_reduce_the_loss_and_export_loads(tiny_dataset, cache_dir, tmp_path):
-    cfg = tiny_cfg("mgc-a", epochs=3)
-    cfg["optim"]["lr"] = 3e-3  # nine optimiser steps in all: a visible drop needs a larger step
+def test_training_reduces_the_loss_and_export_loads(tiny_dataset, cache_dir, tmp_path):
+    """Nine epochs of three steps (the curriculum's three phases, three epochs each) at lr 1e-3 lower
+    the training loss clearly. fp32 throughout, so the figures are the same on a CPU with bf16 and on
+    one without (with three epochs at lr 3e-3 the drop was 4 % in fp32 and more than 5 % in bf16:
+    nine steps on twelve images are too few to tell training from noise)."""
+    cfg = tiny_cfg("mgc-a", epochs=9)
+    cfg["curriculum"] = {"gt_until": 3, "mixed_until": 6, "p_gt": 0.5}
     run = tmp_path / "run"
-    train(dict(cfg, epochs=0), tiny_dataset, run, "cpu", cache_dir)  # epoch 0: saves nothing
+    train(dict(cfg, epochs=0), tiny_dataset, run, "cpu", cache_dir, precision="fp32")  # epoch 0: saves nothing
     torch.manual_seed(cfg["seed"])
     from model.checkpoint import save_model
 
     save_model(build_model(cfg), run / "last")
-    before = full_loss(run, tiny_dataset, cache_dir, cfg)
-    result = train(cfg, tiny_dataset, run, "cpu", cache_dir)
-    after = full_loss(run, tiny_dataset, cache_dir, cfg)
-    assert after < before * 0.95, (before, after)
+    before = full_loss(run, tiny_dataset, cache_dir, cfg, "fp32")
+    result = train(cfg, tiny_dataset, run, "cpu", cache_dir, precision="fp32")
+    after = full_loss(run, tiny_dataset, cache_dir, cfg, "fp32")
+    assert after < before * 0.9, (before, after)
     hist = result["history"]
-    assert [h["phase"] for h in hist] == ["gt", "mixed", "pred"]
+    assert [h["phase"] for h in hist] == ["gt"] * 3 + ["mixed"] * 3 + ["pred"] * 3
     assert (run / "log.csv").is_file() and (run / "curves.png").is_file() and (run / "best" / "model.safetensors").is_file()
     assert set(json.loads((run / "log.json").read_text())[0]) >= {"train_loss", "val_dsc", "val_acc", "val_auc", "lr", "images_per_s"}
     # frozen external encoder: only the heads are stored
