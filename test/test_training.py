@@ -17,7 +17,8 @@ from training.cache import build_cache, cache_key
 from training.datasets import load_pair, load_records
 from training.export import export
 from training.losses import multitask_loss
-from training.train import build_model, curriculum_phase, epoch_plan, load_config, train
+from model.predictor import use_bf16
+from training.train import build_model, curriculum_phase, epoch_plan, load_config, load_resume_state, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,7 +139,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_dataset, cache_dir, tmp_pa
         assert torch.equal(a[k], b[k]), k
 
 
-def test_resume_with_other_settings_is_refused_naming_them(tiny_dataset, cache_dir, tmp_path):
+def test_resume_with_other_settings_is_refused_naming_them(tiny_dataset, cache_dir, tmp_path, capsys):
     """state.pt records the run's config: --resume --epochs 4 after a run started with 2 epochs would
     run the curriculum backwards and restart the cosine schedule, so it is refused (and config.yaml
     kept); the same settings resume."""
@@ -156,8 +157,18 @@ def test_resume_with_other_settings_is_refused_naming_them(tiny_dataset, cache_d
     assert str(run / "state.pt") in err.value.message and "config.yaml" in err.value.message
     with pytest.raises(click.ClickException, match=r"optim\.lr: 0\.001 → 0\.002\)"):
         train(dict(cfg, optim={**cfg["optim"], "lr": 2e-3}), tiny_dataset, run, "cpu", cache_dir, resume=True)
+    with pytest.raises(click.ClickException, match=r"started with --limit \(none\), not --limit 4 \(another set of images\)"):
+        train(cfg, tiny_dataset, run, "cpu", cache_dir, resume=True, limit=4)
     assert (run / "config.yaml").read_text() == written
     assert torch.load(run / "state.pt", weights_only=True)["epoch"] == 1
+    # another precision or device: allowed (a run may end on another machine), with a warning
+    started = torch.load(run / "state.pt", weights_only=True)["run"]
+    assert started == {"limit": None, "precision": "bf16" if use_bf16("auto", torch.device("cpu")) else "fp32",
+                       "device": "cpu"}
+    other = {"fp32": "bf16", "bf16": "fp32"}[started["precision"]]
+    load_resume_state(run / "state.pt", cfg, dict(started, precision=other, device="cuda"))
+    warning = capsys.readouterr().err
+    assert f"another precision: {started['precision']} → {other}, device: cpu → cuda" in warning, warning
     result = train(cfg, tiny_dataset, run, "cpu", cache_dir, resume=True)
     assert [h["epoch"] for h in result["history"]] == [1, 2]
 
@@ -304,10 +315,8 @@ def test_training_on_a_cache_of_another_precision_says_so_and_leaves_no_trace(ti
         build_cache(model, records, tmp_path, ["orig"], torch.device("cpu"), "bf16", build=False)
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_on_cpu(tiny_dataset, tmp_path):
-    """The same script under torchrun (gloo on CPU): ranks take equal shards (9 training samples do
-    not split evenly), rank 0 alone logs and saves, and the result loads in the model package."""
+def _torchrun_two(data: Path, run: Path, cache: Path, timeout: int) -> subprocess.CompletedProcess:
+    """training.train under torchrun with two CPU ranks (gloo); skips without a loopback network."""
     import socket
 
     try:  # the ranks meet over the loopback interface, which a network namespace (unshare -n) has down
@@ -318,16 +327,44 @@ def test_torchrun_two_processes_on_cpu(tiny_dataset, tmp_path):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
     except OSError as exc:
         pytest.skip(f"no usable loopback network for the ranks to meet ({exc})")
-    run = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-                           "-m", "training.train", "--config", "training/configs/mgc-a.yaml", "--data", str(tiny_dataset),
+                           "-m", "training.train", "--config", "training/configs/mgc-a.yaml", "--data", str(data),
                            "--out", str(run), "--encoder", "litemedsam", "--frozen", "--epochs", "2",
-                           "--batch-size", "2", "--lr", "1e-3", "--cache", str(tmp_path / "cache"), "--device", "cpu",
+                           "--batch-size", "2", "--lr", "1e-3", "--cache", str(cache), "--device", "cpu",
                            "--set", "views=[orig]", "--set", "model.seg_head.channels=[16,8]",
                            "--set", "curriculum={gt_until: 1, mixed_until: 1, p_gt: 0.5}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_stop_when_rank_0_cannot_build_the_cache(tiny_dataset, tmp_path):
+    """Rank 0 alone builds the embedding cache; when it fails (here a missing mask) the other rank
+    learns it and stops too with a message, instead of waiting at a barrier (NCCL: until its timeout;
+    gloo: a traceback from the barrier once rank 0 has exited)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    missing = sorted((data / "masks").glob("*.png"))[0]
+    missing.unlink()
+    try:
+        proc = _torchrun_two(data, tmp_path / "run", tmp_path / "cache", timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the ranks did not stop within 180 s after rank 0 failed")
+    assert proc.returncode != 0
+    assert "mask file missing" in proc.stderr and missing.name in proc.stderr, proc.stderr[-3000:]
+    assert "rank 0 could not build the embedding cache" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(tiny_dataset, tmp_path):
+    """The same script under torchrun (gloo on CPU): ranks take equal shards (9 training samples do
+    not split evenly), rank 0 alone logs and saves, and the result loads in the model package."""
+    run = tmp_path / "ddp"
+    proc = _torchrun_two(tiny_dataset, run, tmp_path / "cache", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = json.loads((run / "log.json").read_text())
     assert [r["epoch"] for r in log] == [1, 2]  # one writer: no duplicated rows

@@ -254,9 +254,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
 
 
-def save_state(path: Path, net, opt, sched, epoch: int, history: list, best: dict, cfg: dict) -> None:
+def save_state(path: Path, net, opt, sched, epoch: int, history: list, best: dict, cfg: dict,
+               run: dict | None = None) -> None:
+    """``run``: how the run was started beyond its config (``--limit``, precision, device type)."""
     state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "epoch": epoch, "history": history, "best": best, "rng": get_rng_state(), "config": cfg}
+             "epoch": epoch, "history": history, "best": best, "rng": get_rng_state(), "config": cfg,
+             "run": run or {}}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -268,11 +271,13 @@ def _flat(cfg, prefix: str = "") -> dict:
     return {k: v for key, value in cfg.items() for k, v in _flat(value, f"{prefix}.{key}" if prefix else str(key)).items()}
 
 
-def load_resume_state(path: Path, cfg: dict) -> dict:
+def load_resume_state(path: Path, cfg: dict, run: dict | None = None) -> dict:
     """``path`` (state.pt) with every tensor on the CPU (torch.set_rng_state takes CPU tensors only;
     the optimizer's load_state_dict moves its state to the parameters' device), refused when the run
-    was started with another config (epochs, curriculum, optimiser, ...): a resumed run continues
-    the run that was started, never a different one."""
+    was started with another config (epochs, curriculum, optimiser, ...) or another ``--limit`` (other
+    images): a resumed run continues the run that was started, never a different one. Another
+    precision or device type is allowed (a run started on a GPU may end on another machine) with a
+    warning: the weights then differ from an uninterrupted run's by more than rounding."""
     if not path.is_file():
         raise click.ClickException(f"--resume: {path} not found")
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -288,6 +293,15 @@ def load_resume_state(path: Path, cfg: dict) -> dict:
         raise click.ClickException(
             f"--resume: {path} continues a run started with other settings ({'; '.join(diff)}); resume with the "
             f"settings the run was started with (its config.yaml beside state.pt) or train into another --out")
+    before, now = state.get("run") or {}, run or {}
+    if "limit" in before and before["limit"] != now.get("limit"):
+        raise click.ClickException(
+            f"--resume: {path} continues a run started with --limit {before['limit'] or '(none)'}, not "
+            f"--limit {now.get('limit') or '(none)'} (another set of images); resume with the same --limit")
+    changed = [f"{k}: {before[k]} → {now.get(k)}" for k in ("precision", "device") if k in before and before[k] != now.get(k)]
+    if changed:
+        print(f"warning: {path} was written by a run with another {', '.join(changed)}; resuming, but the "
+              f"result will differ from an uninterrupted run's", file=sys.stderr)
     return state
 
 
@@ -338,7 +352,8 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
     if device.type == "cpu":
         keep_freed_memory()
     state_path = out / STATE_NAME
-    state = load_resume_state(state_path, cfg) if resume else None  # before anything is built or written
+    run_info = {"limit": int(limit) if limit else None, "precision": "bf16" if bf16 else "fp32", "device": device.type}
+    state = load_resume_state(state_path, cfg, run_info) if resume else None  # before anything is built or written
     seed = int(cfg["seed"])
     torch.manual_seed(seed)
     random.seed(seed)
@@ -352,13 +367,24 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
     use_cache = net.frozen and cache_dir is not None
     if use_cache:
         vc = views_for_classes(cfg["views"])
-        cache = build_cache(net, train_recs + val_recs, cache_dir, cfg["views"], device, precision,
-                            view_classes=vc, build=cache_build) if rank == 0 else None
-        if distributed:
-            dist.barrier()
-            if rank != 0:
+        cache, failure = None, None
+        if rank == 0:
+            try:
                 cache = build_cache(net, train_recs + val_recs, cache_dir, cfg["views"], device, precision,
-                                    view_classes=vc)
+                                    view_classes=vc, build=cache_build)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+                failure = exc
+        if distributed:
+            # rank 0 tells the others whether its build failed (they would wait at a barrier for ever)
+            failed = torch.tensor([int(failure is not None)], device=device if dist.get_backend() == "nccl" else "cpu")
+            dist.broadcast(failed, src=0)
+            if failed.item() and rank != 0:
+                raise click.ClickException("rank 0 could not build the embedding cache (its error is above)")
+        if failure is not None:
+            raise failure
+        if distributed and rank != 0:  # rank 0 built it: this rank opens it
+            cache = build_cache(net, train_recs + val_recs, cache_dir, cfg["views"], device, precision,
+                                view_classes=vc)
         tr_set, va_set = CachedSet(cache, train_recs), CachedSet(cache, val_recs)
         avail = lambda i, v: bool(cache.done[cache.index[train_recs[i].image_id], v])  # noqa: E731
     else:
@@ -433,7 +459,7 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
                 best = {"epoch": epoch, "value": value, "metric": best["metric"]}
                 save_model(net, out / "best", provenance=provenance(cfg, data, epoch, row))
             save_model(net, out / "last", provenance=provenance(cfg, data, epoch, row))
-            save_state(state_path, net, opt, sched, epoch, history, best, cfg)
+            save_state(state_path, net, opt, sched, epoch, history, best, cfg, run_info)
             write_logs(out, history)
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                   file=sys.stderr)
@@ -475,7 +501,8 @@ def provenance(cfg: dict, data: Path, epoch: int, row: dict) -> dict:
                    "(refused for images whose prepared files changed since they were encoded).")
 @click.option("--resume", is_flag=True,
               help="Continue from OUT/state.pt with the settings the run was started with (state.pt records "
-                   "them; other settings are refused, naming each difference).")
+                   "them; other settings or another --limit are refused, naming each difference; another "
+                   "--precision or device is allowed with a warning).")
 @click.option("--workers", default=0, help="DataLoader worker processes.")
 @click.option("--set", "sets", multiple=True, help="Any other config value, e.g. --set model.seg_head.channels=[64,32].")
 @click.option("--limit", type=click.IntRange(1), default=None,
