@@ -164,13 +164,42 @@ def test_resume_with_other_settings_is_refused_naming_them(tiny_dataset, cache_d
     # another precision or device: allowed (a run may end on another machine), with a warning
     started = torch.load(run / "state.pt", weights_only=True)["run"]
     assert started == {"limit": None, "precision": "bf16" if use_bf16("auto", torch.device("cpu")) else "fp32",
-                       "device": "cpu"}
+                       "device": "cpu", "encoder_sha256": build_model(cfg).config["encoder"]["weights"]["sha256"]}
     other = {"fp32": "bf16", "bf16": "fp32"}[started["precision"]]
     load_resume_state(run / "state.pt", cfg, dict(started, precision=other, device="cuda"))
     warning = capsys.readouterr().err
     assert f"another precision: {started['precision']} → {other}, device: cpu → cuda" in warning, warning
     result = train(cfg, tiny_dataset, run, "cpu", cache_dir, resume=True)
     assert [h["epoch"] for h in result["history"]] == [1, 2]
+
+
+def test_resume_accepts_a_moved_encoder_checkpoint_with_the_same_sha256(tmp_path, capsys):
+    """The config names the checkpoint by path; a run whose checkpoint was moved (another machine,
+    another folder) resumes when the file at the new path has the sha256 the run started from, and
+    is refused when it holds other weights."""
+    import click
+
+    from training.train import STATE_NAME
+
+    first, moved, other = tmp_path / "a" / "my_sam.pth", tmp_path / "b" / "my_sam.pth", tmp_path / "c" / "my_sam.pth"
+    for path, content in ((first, b"weights one"), (moved, b"weights one"), (other, b"weights two")):
+        path.parent.mkdir()
+        path.write_bytes(content)
+    cfg = load_config(REPO / "training" / "configs" / "sd-h.yaml",
+                      {"model.encoder": "sam_vit_b", "model.encoder_checkpoint": str(first)})
+    from model.checkpoint import encoder_weights_info
+
+    state = {"epoch": 1, "config": cfg, "run": {"encoder_sha256": encoder_weights_info("sam_vit_b", first)["sha256"]}}
+    torch.save(state, tmp_path / STATE_NAME)
+    first.unlink()
+    moved_cfg = load_config(REPO / "training" / "configs" / "sd-h.yaml",
+                            {"model.encoder": "sam_vit_b", "model.encoder_checkpoint": str(moved)})
+    assert load_resume_state(tmp_path / STATE_NAME, moved_cfg)["epoch"] == 1
+    assert "the encoder checkpoint moved" in capsys.readouterr().err
+    other_cfg = load_config(REPO / "training" / "configs" / "sd-h.yaml",
+                            {"model.encoder": "sam_vit_b", "model.encoder_checkpoint": str(other)})
+    with pytest.raises(click.ClickException, match=r"other settings \(model\.encoder_checkpoint: "):
+        load_resume_state(tmp_path / STATE_NAME, other_cfg)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

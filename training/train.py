@@ -271,6 +271,19 @@ def _flat(cfg, prefix: str = "") -> dict:
     return {k: v for key, value in cfg.items() for k, v in _flat(value, f"{prefix}.{key}" if prefix else str(key)).items()}
 
 
+def _same_encoder_weights(state: dict, cfg: dict) -> bool:
+    """Whether the encoder checkpoint ``cfg`` names has the sha256 the saved run started from (a
+    checkpoint moved or copied elsewhere is the same run; state.pt of older versions records none)."""
+    saved = (state.get("run") or {}).get("encoder_sha256")
+    m = cfg["model"]
+    try:
+        info = encoder_weights_info(m["encoder"], m.get("encoder_checkpoint"),
+                                    random=m.get("encoder_weights") == "random")
+    except WeightsError:
+        return False
+    return bool(saved) and info.get("sha256") == saved
+
+
 def load_resume_state(path: Path, cfg: dict, run: dict | None = None) -> dict:
     """``path`` (state.pt) with every tensor on the CPU (torch.set_rng_state takes CPU tensors only;
     the optimizer's load_state_dict moves its state to the parameters' device), refused when the run
@@ -287,8 +300,12 @@ def load_resume_state(path: Path, cfg: dict, run: dict | None = None) -> dict:
               file=sys.stderr)
         return state
     old, new = _flat(saved), _flat(cfg)
-    diff = [f"{k}: {old.get(k, '(unset)')!r} → {new.get(k, '(unset)')!r}"
-            for k in sorted(old.keys() | new.keys()) if old.get(k, "(unset)") != new.get(k, "(unset)")]
+    keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k, "(unset)") != new.get(k, "(unset)")]
+    if "model.encoder_checkpoint" in keys and _same_encoder_weights(state, cfg):
+        keys.remove("model.encoder_checkpoint")
+        print(f"note: the encoder checkpoint moved ({old.get('model.encoder_checkpoint')} → "
+              f"{new.get('model.encoder_checkpoint')}); same sha256, resuming", file=sys.stderr)
+    diff = [f"{k}: {old.get(k, '(unset)')!r} → {new.get(k, '(unset)')!r}" for k in keys]
     if diff:
         raise click.ClickException(
             f"--resume: {path} continues a run started with other settings ({'; '.join(diff)}); resume with the "
@@ -362,6 +379,7 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
     if limit:
         train_recs, val_recs = train_recs[:limit], val_recs[:max(2, limit // 4)]
     net = build_model(cfg).to(device)
+    run_info["encoder_sha256"] = net.config["encoder"]["weights"].get("sha256")
     if device.type == "cpu":  # oneDNN's speed depends on the layouts (PFSAMNet.to_cpu_layout)
         net.to_cpu_layout()
     use_cache = net.frozen and cache_dir is not None
