@@ -173,6 +173,19 @@ def test_resume_with_other_settings_is_refused_naming_them(tiny_dataset, cache_d
     assert [h["epoch"] for h in result["history"]] == [1, 2]
 
 
+def test_a_date_in_the_config_does_not_stop_the_run_from_resuming(tmp_path):
+    """YAML reads 2025-01-31 as a date, which torch.load(weights_only=True) refuses in state.pt: the
+    config keeps it as text, from the file and from --set alike."""
+    import yaml
+
+    path = tmp_path / "dated.yaml"
+    path.write_text((REPO / "training" / "configs" / "sd-h.yaml").read_text() + "\nnotes: {started: 2025-01-31}\n")
+    cfg = load_config(path, {"trial": yaml.safe_load("2026-11-29 10:00:00")})
+    assert cfg["notes"] == {"started": "2025-01-31"} and cfg["trial"] == "2026-11-29T10:00:00"
+    torch.save({"config": cfg}, tmp_path / "state.pt")
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["config"] == cfg
+
+
 def test_resume_accepts_a_moved_encoder_checkpoint_with_the_same_sha256(tmp_path, capsys):
     """The config names the checkpoint by path; a run whose checkpoint was moved (another machine,
     another folder) resumes when the file at the new path has the sha256 the run started from, and

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import datetime
 import json
 import math
 import os
@@ -72,7 +73,19 @@ def load_config(path: str | Path, overrides: dict) -> dict:
         scale = int(cfg["epochs"]) / int(file_epochs)
         cfg["curriculum"] = {**cfg["curriculum"], **{k: int(cfg["curriculum"][k] * scale + 0.5)
                                                       for k in ("gt_until", "mixed_until")}}
-    return cfg
+    return _plain(cfg)
+
+
+def _plain(value):
+    """YAML reads 2025-01-31 as a date; kept as text, since state.pt (loaded with weights_only=True)
+    takes plain values only and a date in the config would make the run impossible to resume."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return value.isoformat()
+    return value
 
 
 def build_model(cfg: dict) -> PFSAMNet:
