@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,11 @@ def use_bf16(precision: str, device: torch.device, cpu_auto: bool = True) -> boo
         raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
     if precision == "auto":
         return bf16_supported(device) and (device.type == "cuda" or cpu_auto)
+    if precision == "bf16" and not bf16_supported(device):
+        warnings.warn(f"bf16 was asked for on a {device.type.upper()} without native bf16 "
+                      f"({'compute capability 8.0+' if device.type == 'cuda' else 'AVX512-BF16 or AMX'}): it is "
+                      f"emulated, many times slower than fp32 (--precision auto or fp32 avoids it)",
+                      RuntimeWarning, stacklevel=2)
     return precision == "bf16"
 
 

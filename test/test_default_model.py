@@ -12,6 +12,7 @@ import socket
 
 import numpy as np
 import pytest
+import torch
 
 from model.predictor import DEFAULT_MODEL_DIR, Predictor
 from synthetic import make_ultrasound
@@ -102,12 +103,17 @@ def test_cpu_default_precision_is_fp32_and_bf16_is_measured(shared_data):
     from model.io import read_image
     from training.metrics import dice
 
+    from model.predictor import bf16_supported
+
     paths = [p for cls in ("benign", "malignant") for p in sorted((shared_data / "BUSI" / cls).glob("*).png"))[:12]]
     images = [read_image(p).array for p in paths]
     runs = {prec: Predictor.from_dir(DEFAULT_MODEL_DIR, device="cpu", batch_size=8, precision=prec).predict(images)
-            for prec in ("auto", "fp32", "bf16")}
+            for prec in ("auto", "fp32")}
     for a, b in zip(runs["auto"], runs["fp32"]):
         assert np.array_equal(a.mask, b.mask) and a.label == b.label
+    if not bf16_supported(torch.device("cpu")):  # emulated there: same rounding, 15 times the time (7 min)
+        pytest.skip("auto is fp32 (checked); bf16 is measured on CPUs with native bf16 only (AVX512-BF16 or AMX)")
+    runs["bf16"] = Predictor.from_dir(DEFAULT_MODEL_DIR, device="cpu", batch_size=8, precision="bf16").predict(images)
     scores = [dice(a.mask, b.mask) if a.mask.any() or b.mask.any() else 1.0 for a, b in zip(runs["fp32"], runs["bf16"])]
     agree = np.mean([a.label == b.label for a, b in zip(runs["fp32"], runs["bf16"])])
     print(f"bf16 vs fp32 on {len(images)} BUSI images: mean Dice {np.mean(scores):.4f}, min {np.min(scores):.4f}, "

@@ -131,6 +131,8 @@ def test_gpus_without_native_bf16_get_neither_bf16_nor_the_fused_kernel(monkeypa
     kernel (measured on Hopper only) is not offered; 8.0+ gets both."""
     from types import SimpleNamespace
 
+    import warnings
+
     from model.encoders import relpos_attention as ra
     from model.predictor import bf16_supported, use_bf16
 
@@ -141,7 +143,12 @@ def test_gpus_without_native_bf16_get_neither_bf16_nor_the_fused_kernel(monkeypa
         monkeypatch.setattr(torch.cuda, "get_device_properties",
                             lambda device=None, c=capability: SimpleNamespace(major=c[0], minor=c[1]))
         assert bf16_supported(cuda) is native and use_bf16("auto", cuda) is native
-        assert use_bf16("bf16", cuda) and not use_bf16("fp32", cuda)  # an explicit choice stands
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert use_bf16("bf16", cuda) and not use_bf16("fp32", cuda)  # an explicit choice stands
+        # ... with a warning where bf16 is only emulated
+        assert ["on a CUDA without native bf16 (compute capability 8.0+): it is emulated" in str(w.message)
+                for w in caught] == ([] if native else [True])
         assert ra.supported(q, 64, 64) is native
         assert not ra.supported(q, 48, 48)  # shapes are still checked first
 
