@@ -500,8 +500,12 @@ def test_fine_tuning_with_random_views_resumes_to_the_same_weights(tiny_dataset,
 
     Equal to within float rounding, not bit for bit: fine-tuning the encoder runs CPU kernels whose
     summation order can follow the memory alignment of their buffers (seen once in about ten runs
-    on this machine, under load). The same run with the fixed views lies far outside that tolerance,
-    so the comparison does see a different draw."""
+    on this machine, under load, and once in CI on a host without AVX-512). Adam turns such a
+    rounding difference in a near-zero gradient into a step of about lr, so element-wise tolerances
+    break; the whole weight vector is compared instead. The run with the fixed views (another
+    draw) lies at 0.41 of the weights' change from the start (measured), the resumed one at 0
+    (bit for bit) or, with a rounding difference, must stay below a tenth of the other draw's
+    distance."""
     cfg = tiny_cfg("sd-h", epochs=2)
     cfg["model"]["mode"] = "finetuned"
     cfg["views"] = ["orig", "hflip", "zoom", "bright"]
@@ -514,10 +518,11 @@ def test_fine_tuning_with_random_views_resumes_to_the_same_weights(tiny_dataset,
     a, b, f = (load_file(str(run / "last" / "model.safetensors")) for run in (straight, broken, fixed))
     assert a.keys() == b.keys() and any(k.startswith("encoder.") for k in a)
 
-    def close(x, y):
-        return all(torch.allclose(x[k], y[k], rtol=1e-4, atol=1e-6) for k in x)
+    def distance(x, y):
+        return float(sum(((x[k] - y[k]).double() ** 2).sum() for k in x if x[k].is_floating_point()) ** 0.5)
 
-    assert close(a, b)
-    assert not close(a, f)
+    assert all(torch.equal(a[k], b[k]) for k in a if not a[k].is_floating_point())  # batch-norm step counts
+    assert distance(a, f) > 0 and distance(a, b) < 0.1 * distance(a, f), (distance(a, b), distance(a, f))
+    assert not all(torch.allclose(a[k], f[k], rtol=1e-4, atol=1e-6) for k in a)
     start = build_model(cfg).state_dict()
     assert not torch.equal(start["encoder.neck.0.weight"], a["encoder.neck.0.weight"])
