@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import tempfile
 import zipfile
@@ -206,13 +207,9 @@ def _detached_data_file(path: Path) -> str | None:
     ``Local`` and ``local`` mean the pixels follow the header."""
     with open(path, "rb") as fh:
         for line in fh:
-            key, value = line, b""
-            for i, ch in enumerate(line):
-                if ch in b"=:":
-                    key, value = line[:i], line[i + 1:]
-                    break
+            key, *value = re.split(rb"[=:]", line, maxsplit=1)
             if key.strip() == b"ElementDataFile":
-                value = value.strip().decode("utf-8", "replace")
+                value = b"".join(value).strip().decode("utf-8", "replace")
                 return None if value in ("LOCAL", "Local", "local") else value
     return None
 

@@ -275,7 +275,7 @@ def evaluate_predictions(pred_dir: Path | str, data_dir: Path | str, split: str 
         truth = sorted(truth, key=lambda r: r["image_id"])[:limit]
     layout = detect_layout(pred_dir)
     preds, problems = (read_grand_challenge if layout == "grand-challenge" else read_pace)(pred_dir)
-    all_ids = {(r.get("image_id") or "").strip() for r in _read_csv(data_dir / "labels.csv")}
+    all_ids = {r["image_id"] for r in load_truth(data_dir, "all")}
     eval_ids = [r["image_id"] for r in truth]
 
     masks: dict[str, np.ndarray] = {}

@@ -269,7 +269,8 @@ def set_rng_state(state: dict) -> None:
 
 def save_state(path: Path, net, opt, sched, epoch: int, history: list, best: dict, cfg: dict,
                run: dict | None = None) -> None:
-    """``run``: how the run was started beyond its config (``--limit``, precision, device type)."""
+    """``run``: how the run was started beyond its config (``--limit``, precision, device type, the
+    encoder weights' sha256); ``load_resume_state`` checks it."""
     state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "epoch": epoch, "history": history, "best": best, "rng": get_rng_state(), "config": cfg,
              "run": run or {}}
