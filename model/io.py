@@ -164,10 +164,18 @@ def _read_pil(path: Path) -> LoadedImage:
 def _read_mha(path: Path) -> LoadedImage:
     import SimpleITK as sitk
 
-    detached = _detached_data_file(path)
-    if detached:  # a .mha keeps its pixels; a header that points elsewhere could read any file here
+    fields, data_offset = _mha_header(path)
+    detached = fields.get("ElementDataFile")
+    if detached and detached not in ("LOCAL", "Local", "local"):
+        # a .mha keeps its pixels; a header that points elsewhere could read any file here
         raise ImageReadError(path, f"its pixel data is in another file (ElementDataFile = {detached}); a .mha "
                                    f"must hold its own pixels (ElementDataFile = LOCAL)")
+    expected = _pixel_data_bytes(fields)
+    if expected is not None and data_offset >= 0:  # refused here, before ITK prints its own complaint
+        held = path.stat().st_size - data_offset
+        if held < expected:
+            raise ImageReadError(path, f"corrupt or truncated MetaImage: the header reads, the pixel data does not "
+                                       f"(the header announces {expected} bytes of it, the file holds {held})")
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -199,19 +207,47 @@ def _read_mha(path: Path) -> LoadedImage:
                        extra)
 
 
-def _detached_data_file(path: Path) -> str | None:
-    """The ``ElementDataFile`` of a MetaImage header when it is not local (the pixels are elsewhere).
+def _mha_header(path: Path) -> tuple[dict[str, str], int]:
+    """A MetaImage's header fields and the offset of its pixel data (-1 without ``ElementDataFile``).
 
-    Parsed as MetaIO parses it: the header is read line by line up to that field (MetaIO's last),
-    however long the comments before it; ``=`` or ``:`` separates key and value; ``LOCAL``,
-    ``Local`` and ``local`` mean the pixels follow the header."""
+    Parsed as MetaIO parses it: the header is read line by line up to ``ElementDataFile`` (MetaIO's
+    last field, after which the pixels follow), however long the comments before it; ``=`` or ``:``
+    separates key and value."""
+    fields: dict[str, str] = {}
     with open(path, "rb") as fh:
         for line in fh:
             key, *value = re.split(rb"[=:]", line, maxsplit=1)
-            if key.strip() == b"ElementDataFile":
-                value = b"".join(value).strip().decode("utf-8", "replace")
-                return None if value in ("LOCAL", "Local", "local") else value
-    return None
+            name = key.strip().decode("latin-1")
+            fields[name] = b"".join(value).strip().decode("utf-8", "replace")
+            if name == "ElementDataFile":
+                return fields, fh.tell()
+    return fields, -1
+
+
+# MetaIO's element types whose size does not depend on the platform
+_MET_TYPE_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+                   "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+
+
+def _pixel_data_bytes(fields: dict[str, str]) -> int | None:
+    """How many bytes of pixel data a local MetaImage header announces; None where it does not say
+    plainly (a ``HeaderSize`` to skip, an unknown element type or flag, compressed without its size)."""
+    if "HeaderSize" in fields:
+        return None
+    compressed = fields.get("CompressedData", "False").lower()
+    try:
+        if compressed in ("true", "t", "1"):
+            return int(fields["CompressedDataSize"])
+        if compressed not in ("false", "f", "0"):
+            return None
+        dims = [int(v) for v in fields["DimSize"].split()]
+        if "NDims" in fields:
+            dims = dims[:int(fields["NDims"])]
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
+        element = _MET_TYPE_BYTES[fields["ElementType"]]
+    except (KeyError, ValueError):
+        return None
+    return int(np.prod(dims, dtype=np.int64)) * channels * element
 
 
 def _denied(path: Path, what: str = "readable") -> str:

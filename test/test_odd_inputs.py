@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -301,6 +302,7 @@ def test_gc_refusals_name_the_file_and_the_reason(gc_run, mixed):
         assert rel in entry["error_messages"][0] and word.lower() in entry["error_messages"][0].lower()
     for rel in processed:
         assert results[rel]["error_messages"] == [] and len(results[rel]["outputs"]) == 2, rel
+    assert "data not read completely" not in proc.stderr + proc.stdout  # ITK's own line: the header check came first
 
 
 def test_ignored_files_are_never_mentioned(gc_run, pace_run, mixed):
@@ -498,3 +500,37 @@ def test_a_mha_header_is_parsed_as_metaio_parses_it(tmp_path):
         (tmp_path / f"{spelling}.mha").write_bytes((head + f"ElementDataFile = {spelling}\n").encode()
                                                    + pixels.tobytes())
         np.testing.assert_array_equal(read_image(tmp_path / f"{spelling}.mha").array, pixels)
+
+
+def test_a_truncated_mha_is_refused_from_its_header_before_itk_reads_it(tmp_path, capfd):
+    """The header says how many bytes of pixel data follow it (uncompressed: the size and element type;
+    compressed: CompressedDataSize): a file that holds fewer is refused with both figures, without
+    ITK's "data not read completely" on stderr; every element type, compressed or not, and a file with
+    bytes to spare still read."""
+    from model.io import ImageReadError, read_image
+
+    rng = np.random.default_rng(7)
+    base = rng.random((23, 31))
+    arrays = {"uint8": (base * 255).astype(np.uint8), "int16": (base * 3000 - 1000).astype(np.int16),
+              "uint16": (base * 65535).astype(np.uint16), "int32": (base * 1e6).astype(np.int32),
+              "uint32": (base * 1e6).astype(np.uint32), "float32": base.astype(np.float32),
+              "float64": base, "rgb": (rng.random((23, 31, 3)) * 255).astype(np.uint8)}
+    for name, arr in arrays.items():
+        img = sitk.GetImageFromArray(arr, isVector=arr.ndim == 3)
+        for compressed in (False, True):
+            path = tmp_path / f"{name}_{int(compressed)}.mha"
+            sitk.WriteImage(img, str(path), useCompression=compressed)
+            np.testing.assert_array_equal(read_image(path).array, arr)
+            whole = path.read_bytes()
+            path.write_bytes(whole + b"\0" * 16)  # bytes to spare: MetaIO ignores them
+            np.testing.assert_array_equal(read_image(path).array, arr)
+            cut = tmp_path / f"cut_{path.name}"
+            cut.write_bytes(whole[:-5])
+            with pytest.raises(ImageReadError, match="corrupt or truncated MetaImage") as err:
+                read_image(cut)
+            announced, held = map(int, re.search(r"announces (\d+) bytes of it, the file holds (\d+)\)",
+                                                 str(err.value)).groups())
+            assert announced - held == 5 and str(cut) in str(err.value)
+            if not compressed:
+                assert announced == arr.nbytes
+    assert "data not read completely" not in capfd.readouterr().err
