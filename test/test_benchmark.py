@@ -51,6 +51,7 @@ def test_benchmark_table_names_every_path():
     assert "4.00x" in text and "3.5" in text
 
 
+@pytest.mark.slow
 def test_benchmark_compiles_the_pytorch_encoder(tmp_path, monkeypatch):
     """--compile wraps the PyTorch encoder, never the ONNX Runtime one that CPU fp32 would pick
     (dynamo cannot trace an ONNX Runtime session); the 'eager' backend needs no C compiler."""
@@ -65,6 +66,7 @@ def test_benchmark_compiles_the_pytorch_encoder(tmp_path, monkeypatch):
     assert Attention.impl == "auto" and MLPBlock.gelu == "erf"  # the forms it set are put back
 
 
+@pytest.mark.slow
 def test_benchmark_runtime_option_picks_the_product_paths_encoder_runtime(tmp_path, monkeypatch):
     """--runtime as process.py's: auto is ONNX Runtime for LiteMedSAM on CPU in fp32, torch forces PyTorch;
     --compile with --runtime onnx is refused."""

@@ -261,6 +261,7 @@ def test_pace_and_gc_agree(pace_run, gc_run):
         assert labels[_stem(name)].lower() == results[name]["outputs"][1]["label"]
 
 
+@pytest.mark.slow  # two more process runs; test.sh's "pace" run does the same in the container
 def test_main_py_runs_the_pace_template_command(inputs, ensemble_dir, pace_run, tmp_path):
     """The PACE template's command line, ``python main.py -i IN -o OUT -t seg|cls -d ...``, as a
     real process: the PACE layout by default, the same masks and labels as process.py --format pace."""

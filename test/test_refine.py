@@ -126,7 +126,7 @@ def test_tune_keeps_refinement_only_when_validation_dice_rises():
     assert choose(base + tie)["refine"] is None  # equal Dice: no extra stage
 
 
-@pytest.mark.parametrize("tta", [False, True])
+@pytest.mark.parametrize("tta", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_tune_scores_what_process_py_predicts(tiny_dataset, tmp_path, tta):
     """Each option's score equals the Dice of the container's own predictions with that option in
     ensemble.json (same encoder runtime, precision, TTA), and the predictor keeps its own options."""

@@ -66,6 +66,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # Triton's interpreter: 30 s on a slow 2-core host
 def test_fused_kernel_equals_the_mask_form():
     cases = [(4, 16, 16, 32), (2, 32, 32, 64),  # rows kernel
              (14, 14, 32, 32), (6, 10, 16, 16), (7, 7, 64, 64)]  # tile kernel: SAM's windows, odd grids
