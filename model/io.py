@@ -231,8 +231,9 @@ _MET_TYPE_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 
 
 def _pixel_data_bytes(fields: dict[str, str]) -> int | None:
     """How many bytes of pixel data a local MetaImage header announces; None where it does not say
-    plainly (a ``HeaderSize`` to skip, an unknown element type or flag, compressed without its size)."""
-    if "HeaderSize" in fields:
+    plainly (a ``HeaderSize`` to skip, pixels as text, an unknown element type or flag, compressed
+    without its size)."""
+    if "HeaderSize" in fields or fields.get("BinaryData", "True").lower() not in ("true", "t", "1"):
         return None
     compressed = fields.get("CompressedData", "False").lower()
     try:

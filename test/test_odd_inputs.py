@@ -533,4 +533,8 @@ def test_a_truncated_mha_is_refused_from_its_header_before_itk_reads_it(tmp_path
             assert announced - held == 5 and str(cut) in str(err.value)
             if not compressed:
                 assert announced == arr.nbytes
+    text = tmp_path / "text.mha"  # BinaryData = False: the pixels as text, fewer bytes than as doubles
+    text.write_text("ObjectType = Image\nNDims = 2\nBinaryData = False\nDimSize = 3 2\nElementType = MET_DOUBLE\n"
+                    "ElementDataFile = LOCAL\n0.5 0.25 1 2 3 4\n")
+    np.testing.assert_array_equal(read_image(text).array, [[0.5, 0.25, 1], [2, 3, 4]])
     assert "data not read completely" not in capfd.readouterr().err
