@@ -9,6 +9,7 @@ the final name.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import stat
@@ -248,7 +249,7 @@ def _pixel_data_bytes(fields: dict[str, str]) -> int | None:
         element = _MET_TYPE_BYTES[fields["ElementType"]]
     except (KeyError, ValueError):
         return None
-    return int(np.prod(dims, dtype=np.int64)) * channels * element
+    return math.prod(dims) * channels * element
 
 
 def _denied(path: Path, what: str = "readable") -> str:

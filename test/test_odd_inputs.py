@@ -537,4 +537,9 @@ def test_a_truncated_mha_is_refused_from_its_header_before_itk_reads_it(tmp_path
     text.write_text("ObjectType = Image\nNDims = 2\nBinaryData = False\nDimSize = 3 2\nElementType = MET_DOUBLE\n"
                     "ElementDataFile = LOCAL\n0.5 0.25 1 2 3 4\n")
     np.testing.assert_array_equal(read_image(text).array, [[0.5, 0.25, 1], [2, 3, 4]])
+    huge = tmp_path / "huge.mha"  # a size beyond 64-bit integers is counted exactly, not wrapped around
+    huge.write_bytes(b"ObjectType = Image\nNDims = 2\nDimSize = 5000000000 5000000000\nElementType = MET_DOUBLE\n"
+                     b"ElementDataFile = LOCAL\n" + bytes(64))
+    with pytest.raises(ImageReadError, match="announces 200000000000000000000 bytes of it, the file holds 64"):
+        read_image(huge)
     assert "data not read completely" not in capfd.readouterr().err
