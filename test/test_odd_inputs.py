@@ -505,8 +505,8 @@ def test_a_mha_header_is_parsed_as_metaio_parses_it(tmp_path):
 def test_a_truncated_mha_is_refused_from_its_header_before_itk_reads_it(tmp_path, capfd):
     """The header says how many bytes of pixel data follow it (uncompressed: the size and element type;
     compressed: CompressedDataSize): a file that holds fewer is refused with both figures, without
-    ITK's "data not read completely" on stderr; every element type, compressed or not, and a file with
-    bytes to spare still read."""
+    ITK's "data not read completely" on stderr; eight element types, compressed or not, and a file
+    with bytes to spare still read."""
     from model.io import ImageReadError, read_image
 
     rng = np.random.default_rng(7)
