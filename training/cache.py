@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model.allocator import keep_freed_memory
 from model.io import write_text
 from model.network import PFSAMNet
 from model.preprocessing import mask_to_model, preprocess
@@ -178,6 +179,7 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
             encoder.fuse()
     if device.type == "cpu":
         encoder = encoder.to(memory_format=torch.channels_last)
+        keep_freed_memory()  # else every batch's activations are page-faulted afresh (model/allocator.py)
     bar = tqdm(total=len(todo), desc=f"cache {key[:8]}", unit="view", file=sys.stderr)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
