@@ -321,6 +321,21 @@ def test_cache_serves_a_subset_of_its_images_and_refuses_strangers(tiny_dataset,
         build_cache(model, [*records, stranger], tmp_path, ["orig"], torch.device("cpu"), "fp32")
 
 
+def test_cache_gives_validation_images_the_first_view_only(tiny_dataset, tmp_path):
+    """Validation reads the unaugmented view alone: the augmented views are encoded for training
+    images only (with the configs' four views on BUSI + BUS-BRA split 80/20, 12 % of the encoder
+    passes had gone to validation views that nothing read)."""
+    model = build_model(tiny_cfg("sd-h"))
+    records = [r for r in load_records(tiny_dataset) if r.label == "normal"][2:]  # the last train, the val image
+    assert [r.split for r in records] == ["train", "val"]
+    cache = build_cache(model, records, tmp_path, ["orig", "hflip"], torch.device("cpu"), "fp32")
+    done = {r.split: cache.done[cache.index[r.image_id]].tolist() for r in records}
+    assert done == {"train": [1, 1], "val": [1, 0]}
+    train_rec = records[0]
+    emb, _, mask = cache.get(train_rec.image_id, 1)  # the mirrored view of the training image
+    assert torch.equal(mask, cache.get(train_rec.image_id, 0)[2].flip(-1))
+
+
 def test_cache_encodes_again_what_the_data_changed(tmp_path):
     """meta.json records each image's prepared files (sha256): after a mask is corrected (the data
     prepared again) a build encodes that image again and serves the new mask; training on the cache

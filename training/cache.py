@@ -110,7 +110,8 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
                 view_classes: dict[str, list[str]] | None = None, build: bool = True) -> EmbeddingCache:
     """Encode every (record, view) not yet in the cache; return the cache (memory-mapped).
 
-    ``view_classes``: the classes each view is computed for (default: all); views are built in
+    ``view_classes``: the classes each view is computed for (default: all); only training images
+    get views beyond the first (validation reads the first view alone). Views are built in
     order, so a partly built cache already holds the first view of every image. ``build=False``
     encodes nothing: training then samples only the views already cached (the first view of every
     image must be there), e.g. while another process is still filling the cache.
@@ -160,7 +161,7 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
     todo = [(cache.index[r.image_id], r, v) for v in range(len(views))
             for r in sorted(records, key=lambda r: r.image_id)
             if not cache.done[cache.index[r.image_id], v]
-            and r.label in view_classes.get(views[v], [r.label])]
+            and (v == 0 or r.split == "train") and r.label in view_classes.get(views[v], [r.label])]
     if not build:
         first = [r.image_id for r in records if not cache.done[cache.index[r.image_id], 0]]
         if first:
