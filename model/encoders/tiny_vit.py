@@ -97,7 +97,7 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         x = self.norm(x)
         q, k, v = self.qkv(x).view(b, n, self.num_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
-        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
+        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)[None]
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(x.transpose(1, 2).reshape(b, n, -1))
 
