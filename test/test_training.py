@@ -332,7 +332,7 @@ def test_cache_gives_validation_images_the_first_view_only(tiny_dataset, tmp_pat
     done = {r.split: cache.done[cache.index[r.image_id]].tolist() for r in records}
     assert done == {"train": [1, 1], "val": [1, 0]}
     train_rec = records[0]
-    emb, _, mask = cache.get(train_rec.image_id, 1)  # the mirrored view of the training image
+    _, _, mask = cache.get(train_rec.image_id, 1)  # the mirrored view of the training image
     assert torch.equal(mask, cache.get(train_rec.image_id, 0)[2].flip(-1))
 
 
