@@ -219,6 +219,10 @@ class Predictor:
             raise ValueError("runtime 'onnx' runs the encoder on CPU in fp32 only (device cpu, precision auto/fp32)")
         if runtime == "onnx" or (runtime == "auto" and cpu_fp32 and not compile_backend):
             _to_onnx(members, force=runtime == "onnx")
+        if cpu_fp32 and not compile_backend:  # GELU inside the convs and linears (model/encoders/tiny_vit.py)
+            for enc in {id(m.encoder): m.encoder for m in members.values()}.values():
+                if hasattr(enc, "use_onednn_postops"):
+                    enc.use_onednn_postops()
         if compile_backend:
             compiled: dict[int, torch.nn.Module] = {}
             for m in members.values():

@@ -113,6 +113,55 @@ def test_tinyvit_attention_runs_on_the_fused_cpu_kernel():
     assert torch.allclose(fused, plain, atol=1e-5), float((fused - plain).abs().max())
 
 
+def test_onednn_postops_give_the_plain_encoders_outputs_and_run_fused():
+    """``use_onednn_postops``: GELU inside the convolutions and linears (and MBConv's residual add
+    inside its last conv) on the real LiteMedSAM weights gives the plain path's embedding and
+    features; the fused ops run instead of the separate GELUs; autograd and autocast take the
+    plain path; the predictor turns it on for a PyTorch encoder in fp32 on CPU."""
+    from model.encoders.tiny_vit import onednn_postops_available
+
+    if not onednn_postops_available():
+        pytest.skip("this torch has no oneDNN fused convolution/linear ops")
+    enc, _ = build_encoder("litemedsam")
+    with pytest.raises(ValueError, match="fuse"):
+        enc.use_onednn_postops()
+    enc = enc.eval().fuse().to(memory_format=torch.channels_last)
+    imgs = [make_ultrasound(300, 400, seed=s, lesion=s != 2)[0] for s in range(3)]
+    x = torch.stack([preprocess(i, 256, "minmax")[0] for i in imgs]).contiguous(memory_format=torch.channels_last)
+
+    def run():
+        with torch.inference_mode(), torch.profiler.profile() as prof:
+            out = enc(x)
+        return out, {e.key: e.count for e in prof.key_averages()}
+
+    (plain, plain_feats), plain_ops = run()
+    assert enc.use_onednn_postops() is True
+    (fused, fused_feats), fused_ops = run()
+    scale = float(plain.abs().max())
+    assert float((fused - plain).abs().max()) < 1e-4 * scale
+    for a, b in zip(plain_feats, fused_feats):
+        assert float((a - b).abs().max()) < 1e-4 * float(a.abs().max())
+    # oneDNN calls: the patch embedding's first conv, 2 MBConvs x (2 convs with GELU + the last conv
+    # with the residual add), 3 patch mergings x 2 convs with GELU; the 10 TinyViT blocks' MLPs
+    assert fused_ops.get("mkldnn::_convolution_pointwise", 0) == 1 + 2 * 3 + 3 * 2
+    assert fused_ops.get("mkldnn::_linear_pointwise", 0) == 10
+    assert plain_ops.get("aten::gelu", 0) - fused_ops.get("aten::gelu", 0) == 1 + 2 * 2 + 3 * 2 + 10
+    assert "mkldnn::_convolution_pointwise" not in plain_ops
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
+        enc(x[:1])
+    assert "mkldnn::_convolution_pointwise" not in {e.key for e in prof.key_averages()}
+    for m in enc.modules():
+        m.training = False
+    xg = x[:1].clone().requires_grad_()
+    emb, _ = enc(xg)
+    emb.sum().backward()  # the plain path (the fused ops have no backward)
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+    pred = Predictor.from_dir(runtime="torch", device="cpu")
+    encs = {id(m.encoder): m.encoder for m in pred.members.values()}
+    assert len(encs) == 1 and next(iter(encs.values())).layers[0].blocks[0].onednn
+
+
 def test_litemedsam_loads_real_weights_and_matches_the_package():
     enc, spec = build_encoder("litemedsam")  # strict: raises on any missing/unexpected key
     assert spec.input_size == 256 and spec.normalization == "minmax"
