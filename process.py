@@ -59,8 +59,9 @@ from model.inference import (FORMATS, TASKS, InferenceError, find_inputs, load_p
               help="auto: bf16 on CUDA (compute capability 8.0+) for SAM ViT encoders, else fp32 (bf16 is faster but moves the default "
                    "LiteMedSAM model's masks beyond tolerance).")
 @click.option("--runtime", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
-              help="Encoder runtime. auto: ONNX Runtime for the LiteMedSAM encoder on CPU in fp32 (1.5x faster, "
-                   "same outputs), else PyTorch.")
+              help="Encoder runtime. auto and torch: PyTorch (on CPU: BatchNorm folded, GELU inside oneDNN's "
+                   "convolutions and linears); onnx: ONNX Runtime, CPU fp32 only (the same outputs; slower than "
+                   "PyTorch on the machines measured, see the README).")
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
               help="torch.compile the encoder (faster on CUDA for large folders; the first batch compiles for about 30 s; "
                    "needs a C/C++ compiler and Python's headers, which the container ships unless built with COMPILER=0).")

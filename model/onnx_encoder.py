@@ -3,8 +3,11 @@
 Why: on a CPU the LiteMedSAM encoder is most of the time per image, and fp32 eager PyTorch is
 close to what its GEMMs allow; ONNX Runtime fuses the attention, GELU and layer-norm graphs and
 ran the same encoder 1.5x faster on the 2-core AVX-512 development machine (0.56 -> 0.37
-s/image at batch 8), with outputs equal to 3e-6 (tested in test/test_onnx_encoder.py). bf16 would
-be faster still but moves the default model's masks beyond tolerance (model/predictor.py).
+s/image at batch 8, session 7), with outputs equal to 3e-6 (tested in test/test_onnx_encoder.py).
+It was the CPU default until session 17. Since then PyTorch's own encoder runs its attention on
+the fused kernel and its GELUs inside oneDNN's convolutions and linears, and is the faster of the
+two (13 % end to end on 64 real images, the same masks), so this is the opt-in ``--runtime onnx``.
+bf16 would be faster still but moves the default model's masks beyond tolerance (model/predictor.py).
 
 The ONNX graph is exported once per encoder state (``torch.onnx.export``, TorchScript exporter,
 a few seconds) and kept in a cache folder, keyed by a digest of the weights: ``$PFSAM_CACHE``, else

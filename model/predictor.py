@@ -185,8 +185,8 @@ class Predictor:
                  compile_backend: str | None = None, runtime: str = "auto") -> "Predictor":
         """``compile_backend``: ``torch.compile`` each distinct encoder with this backend ("inductor"
         for speed on CUDA; the first batch of each new batch size then takes a while to compile).
-        ``runtime``: where the encoder runs. ``auto``: ONNX Runtime for encoders that allow it
-        (``EncoderSpec.onnx_on_cpu``, LiteMedSAM) on CPU in fp32 when onnxruntime is installed, else
+        ``runtime``: where the encoder runs. ``auto``: ONNX Runtime for encoders whose spec asks for it
+        (``EncoderSpec.onnx_on_cpu``; none does now) on CPU in fp32 when onnxruntime is installed, else
         PyTorch; ``onnx``: ONNX Runtime or an error; ``torch``: PyTorch (model/onnx_encoder.py)."""
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")

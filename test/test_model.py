@@ -135,7 +135,8 @@ def test_onednn_postops_give_the_plain_encoders_outputs_and_run_fused():
         return out, {e.key: e.count for e in prof.key_averages()}
 
     (plain, plain_feats), plain_ops = run()
-    assert enc.use_onednn_postops() is True
+    assert not enc.onednn_postops
+    assert enc.use_onednn_postops() is True and enc.onednn_postops
     (fused, fused_feats), fused_ops = run()
     scale = float(plain.abs().max())
     assert float((fused - plain).abs().max()) < 1e-4 * scale

@@ -1,6 +1,7 @@
 """The encoder through ONNX Runtime (model/onnx_encoder.py): same predictions as PyTorch on the
 real LiteMedSAM weights, exported once per weight state into the cache, and the predictor falls
-back to PyTorch (runtime auto) or says why not (runtime onnx) where it cannot be used."""
+back to PyTorch (runtime auto, for an encoder whose spec asks for ONNX Runtime; none does since
+session 17) or says why not (runtime onnx) where it cannot be used."""
 from __future__ import annotations
 
 import sys
@@ -55,7 +56,24 @@ def test_onnx_runtime_gives_the_pytorch_predictions(lite_ensemble):
         assert max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities) < 1e-4
 
 
-def test_auto_runtime_uses_onnx_on_cpu_fp32_only(lite_ensemble):
+@pytest.fixture
+def onnx_by_default(monkeypatch):
+    """LiteMedSAM's spec asking for ONNX Runtime under runtime auto, as it did until session 17."""
+    from dataclasses import replace
+
+    from model.encoders import ENCODERS
+
+    monkeypatch.setitem(ENCODERS, "litemedsam", replace(ENCODERS["litemedsam"], onnx_on_cpu=True))
+
+
+def test_auto_runtime_is_pytorch_for_the_default_encoder(lite_ensemble):
+    """LiteMedSAM's PyTorch encoder (fused attention, GELU inside oneDNN's ops) is now the faster."""
+    auto = Predictor.from_dir(lite_ensemble, device="cpu")
+    assert auto.encoder_runtime == "torch"
+    assert next(iter(auto.members.values())).encoder.layers[0].blocks[0].onednn
+
+
+def test_auto_runtime_uses_onnx_on_cpu_fp32_only_where_the_spec_asks(lite_ensemble, onnx_by_default):
     auto = Predictor.from_dir(lite_ensemble, device="cpu")
     assert isinstance(next(iter(auto.members.values())).encoder, OnnxEncoder)
     bf16 = Predictor.from_dir(lite_ensemble, device="cpu", precision="bf16")
@@ -98,7 +116,7 @@ def test_unwritable_cache_keeps_the_graph_in_memory(lite_ensemble, tmp_path, mon
     assert pred.predict_one(_images()[0]).mask.shape == (300, 400)
 
 
-def test_without_onnxruntime_auto_falls_back_and_onnx_says_why(lite_ensemble, monkeypatch):
+def test_without_onnxruntime_auto_falls_back_and_onnx_says_why(lite_ensemble, monkeypatch, onnx_by_default):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
     pred = Predictor.from_dir(lite_ensemble, device="cpu")
     assert not isinstance(next(iter(pred.members.values())).encoder, OnnxEncoder)
@@ -106,7 +124,7 @@ def test_without_onnxruntime_auto_falls_back_and_onnx_says_why(lite_ensemble, mo
         Predictor.from_dir(lite_ensemble, device="cpu", runtime="onnx")
 
 
-def test_onnx_refuses_an_encoder_whose_stage_features_are_needed(tmp_path):
+def test_onnx_refuses_an_encoder_whose_stage_features_are_needed(tmp_path, onnx_by_default):
     torch.manual_seed(0)
     un = PFSAMNet(make_config("litemedsam", "frozen", "unet-h", "gap"))
     d = save_ensemble(tmp_path / "ens", {"unet-h": un}, {"unet-h": 1.0}, {"unet-h": 1.0})

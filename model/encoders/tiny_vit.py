@@ -261,6 +261,11 @@ class TinyViT(nn.Module):
                     setattr(mod, cname, child.fused())
         return self
 
+    @property
+    def onednn_postops(self) -> bool:
+        """Whether ``use_onednn_postops`` is on."""
+        return self.patch_embed.onednn
+
     def use_onednn_postops(self, on: bool = True) -> bool:
         """Run each GELU as a post-op of the convolution or linear layer before it, and MBConv's
         residual add inside its last convolution, in fp32 CPU inference (elsewhere, with autograd,
