@@ -429,6 +429,40 @@ def test_loading_draws_no_random_weights_and_sets_every_tensor(tmp_path, monkeyp
     assert draws and torch.equal(fresh.encoder.blocks[0].attn.qkv.weight, sd.encoder.blocks[0].attn.qkv.weight)
 
 
+def test_weights_from_file_leaves_other_threads_drawing():
+    """While one thread loads a model (its initialisers skipped), a model built in another thread
+    to be trained still draws its seeded random weights; the initialisers come back afterwards."""
+    import threading
+
+    from model.encoders.weights import weights_from_file
+
+    original = torch.nn.init.kaiming_uniform_
+    torch.manual_seed(3)
+    expected = torch.nn.Linear(32, 32).weight.detach().clone()
+    inside, release = threading.Event(), threading.Event()
+    skipped = []
+
+    def load():
+        with weights_from_file():
+            skipped.append(torch.nn.init.kaiming_uniform_(torch.full((2, 2), 7.0)))
+            inside.set()
+            release.wait(60)
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        assert inside.wait(60)
+        assert torch.nn.init.kaiming_uniform_ is not original  # the context is open in the other thread
+        torch.manual_seed(3)
+        built = torch.nn.Linear(32, 32).weight.detach().clone()
+    finally:
+        release.set()
+        loader.join()
+    assert torch.equal(built, expected)
+    assert torch.equal(skipped[0], torch.full((2, 2), 7.0))  # inside, nothing was drawn
+    assert torch.nn.init.kaiming_uniform_ is original
+
+
 def test_tta_flag_changes_the_path_not_the_shapes(tmp_path):
     d, _, _ = make_ensemble(tmp_path)
     img, _ = make_ultrasound(150, 222, seed=6)

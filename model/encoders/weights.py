@@ -8,6 +8,7 @@ importing that package (its modules import timm and torchvision, which the CPU i
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import pickle
@@ -38,7 +39,9 @@ class WeightsError(RuntimeError):
 # torch.nn.init's in-place initialisers, which the layers' reset_parameters() call
 _INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
                  "xavier_normal_", "orthogonal_", "constant_", "zeros_", "ones_", "eye_", "dirac_")
-_init_lock = threading.RLock()
+_init_lock = threading.Lock()
+_init_state = {"users": 0, "saved": {}}  # how many contexts are open (any thread); the originals
+_init_local = threading.local()  # .depth: open contexts in this thread
 
 
 @contextlib.contextmanager
@@ -48,20 +51,36 @@ def weights_from_file():
     ViT-B, 4.6 s for a ViT-L on a 2-core CPU, per member. Until the load the parameters hold
     whatever memory torch.empty gave them, so use it only where every parameter is then loaded
     and a missing one is an error. Buffers that modules fill themselves (torch.zeros, index tables)
-    are unaffected. Nested uses are fine; the initialisers are restored on exit."""
+    are unaffected. Only the calling thread is affected: while a context is open, torch.nn.init's
+    initialisers are wrappers that skip the draw in a thread inside the context and draw as usual
+    in any other. Nested uses are fine; the initialisers are restored when the last one closes."""
     with _init_lock:
-        saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS if hasattr(torch.nn.init, name)}
-        for name in saved:
-            setattr(torch.nn.init, name, _keep)
-        try:
-            yield
-        finally:
+        if _init_state["users"] == 0:
+            saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS if hasattr(torch.nn.init, name)}
+            _init_state["saved"] = saved
             for name, fn in saved.items():
-                setattr(torch.nn.init, name, fn)
+                setattr(torch.nn.init, name, _skipping(fn))
+        _init_state["users"] += 1
+    _init_local.depth = getattr(_init_local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _init_local.depth -= 1
+        with _init_lock:
+            _init_state["users"] -= 1
+            if _init_state["users"] == 0:
+                for name, fn in _init_state["saved"].items():
+                    setattr(torch.nn.init, name, fn)
+                _init_state["saved"] = {}
 
 
-def _keep(tensor, *args, **kwargs):
-    return tensor
+def _skipping(fn):
+    @functools.wraps(fn)
+    def initialiser(tensor, *args, **kwargs):
+        if getattr(_init_local, "depth", 0):
+            return tensor
+        return fn(tensor, *args, **kwargs)
+    return initialiser
 
 
 def how_to_get(name: str) -> str:
