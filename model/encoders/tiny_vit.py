@@ -27,9 +27,10 @@ from .common import LayerNorm2d
 def onednn_postops_available() -> bool:
     """Whether this torch has oneDNN's fused convolution and linear ops (``torch.ops.mkldnn``,
     what inductor's CPU backend calls) and they give conv/linear + exact GELU here."""
+    g = torch.Generator().manual_seed(0)  # its own generator: the probe leaves the global RNG alone
     try:
-        x = torch.randn(1, 4, 5, 5)
-        w, b = torch.randn(4, 4, 1, 1), torch.randn(4)
+        x = torch.randn(1, 4, 5, 5, generator=g)
+        w, b = torch.randn(4, 4, 1, 1, generator=g), torch.randn(4, generator=g)
         conv = torch.ops.mkldnn._convolution_pointwise(x, w, b, [0, 0], [1, 1], [1, 1], 1, "gelu", [], "none")
         t = x[0].permute(1, 2, 0)  # (5, 5, 4): tokens, as Mlp gives them
         lin = torch.ops.mkldnn._linear_pointwise(t, w[:, :, 0, 0], b, "gelu", [], "none")
