@@ -61,7 +61,7 @@ from model.inference import (FORMATS, TASKS, InferenceError, find_inputs, load_p
 @click.option("--runtime", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
               help="Encoder runtime. auto and torch: PyTorch (on CPU: BatchNorm folded, GELU inside oneDNN's "
                    "convolutions and linears); onnx: ONNX Runtime, CPU fp32 only (the same outputs; slower than "
-                   "PyTorch on the machines measured, see the README).")
+                   "PyTorch where measured, see the README).")
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
               help="torch.compile the encoder (faster on CUDA for large folders; the first batch compiles for about 30 s; "
                    "needs a C/C++ compiler and Python's headers, which the container ships unless built with COMPILER=0).")

@@ -70,7 +70,7 @@ def test_auto_runtime_is_pytorch_for_the_default_encoder(lite_ensemble):
     """LiteMedSAM's PyTorch encoder (fused attention, GELU inside oneDNN's ops) is now the faster."""
     auto = Predictor.from_dir(lite_ensemble, device="cpu")
     assert auto.encoder_runtime == "torch"
-    assert next(iter(auto.members.values())).encoder.layers[0].blocks[0].onednn
+    assert next(iter(auto.members.values())).encoder.onednn_postops
 
 
 def test_auto_runtime_uses_onnx_on_cpu_fp32_only_where_the_spec_asks(lite_ensemble, onnx_by_default):
