@@ -143,9 +143,12 @@ def test_onednn_postops_give_the_plain_encoders_outputs_and_run_fused():
     for a, b in zip(plain_feats, fused_feats):
         assert float((a - b).abs().max()) < 1e-4 * float(a.abs().max())
     # oneDNN calls: the patch embedding's first conv, 2 MBConvs x (2 convs with GELU + the last conv
-    # with the residual add), 3 patch mergings x 2 convs with GELU; the 10 TinyViT blocks' MLPs
+    # with the residual add), 3 patch mergings x 2 convs with GELU; the 10 TinyViT blocks' 4 linear
+    # layers each (qkv, the projection with the residual add, the MLP's two, the second with its residual)
     assert fused_ops.get("mkldnn::_convolution_pointwise", 0) == 1 + 2 * 3 + 3 * 2
-    assert fused_ops.get("mkldnn::_linear_pointwise", 0) == 10
+    assert fused_ops.get("mkldnn::_linear_pointwise", 0) == 10 * 4
+    assert "aten::addmm" in plain_ops and "aten::addmm" not in fused_ops
+    assert plain_ops.get("aten::add", 0) - fused_ops.get("aten::add", 0) == 2 * 1 + 10 * 2
     assert plain_ops.get("aten::gelu", 0) - fused_ops.get("aten::gelu", 0) == 1 + 2 * 2 + 3 * 2 + 10
     assert "mkldnn::_convolution_pointwise" not in plain_ops
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
