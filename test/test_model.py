@@ -164,6 +164,31 @@ def test_onednn_postops_give_the_plain_encoders_outputs_and_run_fused():
     assert len(encs) == 1 and next(iter(encs.values())).onednn_postops
 
 
+@pytest.mark.parametrize("hw", [(14, 14), (10, 13), (64, 64)])
+def test_a_tinyvit_block_on_onednn_matches_the_plain_block_on_any_grid(hw):
+    """The oneDNN block runs the projection after undoing the windows, on the image's tokens only;
+    grids that fill whole windows, that need padding on one or both sides, give the plain block's
+    output (random weights, a channels-last input as the stages pass it, and an NCHW one)."""
+    from model.encoders.tiny_vit import TinyViTBlock, onednn_postops_available
+
+    if not onednn_postops_available():
+        pytest.skip("this torch has no oneDNN fused convolution/linear ops")
+    torch.manual_seed(0)
+    blk = TinyViTBlock(32, 2, 7, 4.0).eval()
+    with torch.no_grad():
+        blk.attn.attention_biases.normal_()
+        blk.local_conv = blk.local_conv.fused()
+    x = torch.randn(2, 32, *hw)
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        with torch.no_grad():
+            blk.onednn = False
+            plain = blk(inp)
+            blk.onednn = True
+            fused = blk(inp)
+        assert fused.shape == plain.shape == x.shape
+        assert float((fused - plain).abs().max()) < 1e-5 * float(plain.abs().max())
+
+
 def test_litemedsam_loads_real_weights_and_matches_the_package():
     enc, spec = build_encoder("litemedsam")  # strict: raises on any missing/unexpected key
     assert spec.input_size == 256 and spec.normalization == "minmax"
