@@ -221,7 +221,8 @@ class TinyViTBlock(nn.Module):
             # the output projection runs per token, so it runs after the windows are undone, on the
             # image's tokens only (not the padding), with the residual add inside it
             t = _linear_add(self.attn.proj, self._unwindow(self.attn.mix(self._windows(t), onednn=True), h, w), t)
-            return self.mlp.add_onednn(self.local_conv(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            t = self.local_conv(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            return self.mlp.add_onednn(t).permute(0, 3, 1, 2)
         t = self._unwindow(self.attn(self._windows(t)), h, w)
         x = x + t.permute(0, 3, 1, 2)
         x = self.local_conv(x)
