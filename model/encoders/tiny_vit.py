@@ -27,7 +27,8 @@ from .common import LayerNorm2d
 @functools.lru_cache(maxsize=None)
 def onednn_postops_available() -> bool:
     """Whether this torch has oneDNN's fused convolution and linear ops (``torch.ops.mkldnn``,
-    what inductor's CPU backend calls) and they give conv/linear + exact GELU here."""
+    what inductor's CPU backend calls) and they give conv/linear + exact GELU, and linear + add,
+    here."""
     g = torch.Generator().manual_seed(0)  # its own generator: the probe leaves the global RNG alone
     try:
         x = torch.randn(1, 4, 5, 5, generator=g)
