@@ -76,3 +76,33 @@ def test_classifier_parameters_keep_their_stored_names_and_shapes():
     shapes = {k: tuple(v.shape) for k, v in MGCAClassifier(embed_dim=256).state_dict().items()}
     assert shapes["adapt.0.weight"] == (256, 256, 1, 1) and shapes["adapt.0.bias"] == (256,)
     assert shapes["mlp.1.weight"] == (256, 2 * 256 + 1)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_group_norm_trains_in_nchw_on_cpu_with_the_same_values_and_gradients(autocast):
+    """model/heads/layout.py's GroupNorm: with gradients on a channels-last CPU input it runs the NCHW
+    kernel (faster) and returns channels-last; values and gradients are nn.GroupNorm's, in fp32 and
+    in bf16 autocast; without gradients it is nn.GroupNorm's own call, bit for bit."""
+    from model.heads.layout import GroupNorm
+
+    torch.manual_seed(0)
+    ours, ref = GroupNorm(4, 16), torch.nn.GroupNorm(4, 16)
+    with torch.no_grad():
+        ours.weight.normal_(), ours.bias.normal_()
+    ref.load_state_dict(ours.state_dict())
+    x = (torch.randn(3, 16, 20, 20) * 3 + 1).contiguous(memory_format=torch.channels_last)
+    outs, grads = [], []
+    for m in (ours, ref):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = m(xi.to(torch.bfloat16) if autocast else xi)
+        outs.append(y)
+        grads.append(torch.autograd.grad((y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(),
+                                         [xi, m.weight, m.bias]))
+    assert outs[0].is_contiguous(memory_format=torch.channels_last)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-4, "atol": 1e-4}  # summation order
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), **tol)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref(x))

@@ -7,10 +7,12 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from .layout import GroupNorm
+
 
 def conv_block(cin: int, cout: int, groups: int = 8) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-                         nn.GroupNorm(min(groups, cout), cout), nn.GELU())
+                         GroupNorm(min(groups, cout), cout), nn.GELU())
 
 
 class SDHead(nn.Module):

@@ -12,15 +12,16 @@ import math
 import torch
 from torch import nn
 
+from .layout import GroupNorm
 from .sd_head import conv_block
 
 
 class SkipAdapter(nn.Module):
     def __init__(self, cin: int, cout: int, ups: int):
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(cin, cout, 1, bias=False), nn.GroupNorm(min(8, cout), cout), nn.GELU()]
+        layers: list[nn.Module] = [nn.Conv2d(cin, cout, 1, bias=False), GroupNorm(min(8, cout), cout), nn.GELU()]
         for _ in range(ups):
-            layers += [nn.ConvTranspose2d(cout, cout, 2, stride=2), nn.GroupNorm(min(8, cout), cout), nn.GELU()]
+            layers += [nn.ConvTranspose2d(cout, cout, 2, stride=2), GroupNorm(min(8, cout), cout), nn.GELU()]
         self.seq = nn.Sequential(*layers)
 
     def forward(self, x):
