@@ -79,7 +79,7 @@ def test_classifier_parameters_keep_their_stored_names_and_shapes():
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_group_norm_trains_in_nchw_on_cpu_with_the_same_values_and_gradients(autocast):
+def test_group_norm_trains_in_nchw_on_cpu_with_the_same_values_and_gradients(autocast, monkeypatch):
     """model/heads/layout.py's GroupNorm: with gradients on a channels-last CPU input it runs the NCHW
     kernel (faster) and returns channels-last; values and gradients are nn.GroupNorm's, in fp32 and
     in bf16 autocast; without gradients it is nn.GroupNorm's own call, bit for bit."""
@@ -91,6 +91,13 @@ def test_group_norm_trains_in_nchw_on_cpu_with_the_same_values_and_gradients(aut
         ours.weight.normal_(), ours.bias.normal_()
     ref.load_state_dict(ours.state_dict())
     x = (torch.randn(3, 16, 20, 20) * 3 + 1).contiguous(memory_format=torch.channels_last)
+    kernel_inputs_nchw, group_norm = [], F.group_norm  # the layout each module hands the kernel
+
+    def recording(inp, *args, **kwargs):
+        kernel_inputs_nchw.append(inp.is_contiguous())
+        return group_norm(inp, *args, **kwargs)
+
+    monkeypatch.setattr(F, "group_norm", recording)
     outs, grads = [], []
     for m in (ours, ref):
         xi = x.clone().requires_grad_(True)
@@ -99,6 +106,7 @@ def test_group_norm_trains_in_nchw_on_cpu_with_the_same_values_and_gradients(aut
         outs.append(y)
         grads.append(torch.autograd.grad((y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(),
                                          [xi, m.weight, m.bias]))
+    assert kernel_inputs_nchw == [True, False]  # ours gives the kernel NCHW, nn.GroupNorm channels-last
     assert outs[0].is_contiguous(memory_format=torch.channels_last)
     tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-4, "atol": 1e-4}  # summation order
     torch.testing.assert_close(outs[0].float(), outs[1].float(), **tol)
