@@ -1,8 +1,14 @@
-"""The paper's Table 3 from several ``training.evaluate`` outputs.
+"""The paper's Table 3 from several ``training.evaluate`` outputs, and a paired comparison of two.
 
 ``python -m training.compare EVAL_DIR... --out table3.md``: one row per evaluated model (named
 after its folder) with accuracy, cross-entropy, macro AUC, segmentation BCE (where the predictions
 came with ``training.predict --logits``; else "–"), DSC, HD95 and NSD.
+
+``python -m training.compare EVAL_A EVAL_B --paired --out cmp.md``: the same table, then each
+headline figure of A and B with the difference B - A and its paired bootstrap interval
+(``training.metrics.paired_difference``: both models scored on the same resampled images). The two
+evaluations must cover the same images of the same dataset. An interval that contains 0 means the
+data do not tell the two apart.
 """
 from __future__ import annotations
 
@@ -12,16 +18,33 @@ from pathlib import Path
 import click
 
 from model.io import write_text
+from training import metrics as M
 
 COLUMNS = [("accuracy", "Accuracy"), ("cross_entropy", "CE"), ("auc_macro", "AUC"), ("seg_bce", "BCE"),
            ("dsc", "DSC"), ("hd95", "HD95"), ("nsd", "NSD")]
+# The paired table: the headline figures a change of model is judged by, in report order.
+PAIRED = [("dsc", "DSC"), ("iou", "IoU"), ("hd95", "HD95"), ("nsd", "NSD"), ("accuracy", "accuracy"),
+          ("f1_macro", "macro-F1"), ("auc_macro", "macro AUC"), ("auc_malignant", "malignant AUC"),
+          ("cross_entropy", "CE"), ("seg_bce", "BCE"), ("normal_empty_share", "normal images with an empty mask"),
+          ("normal_fp_area", "false-positive area on normal images")]
+
+
+def _metrics(d: Path) -> dict:
+    path = d / "metrics.json"
+    if not path.is_file():
+        raise click.ClickException(f"{d}: no metrics.json (write it with python -m training.evaluate --out {d})")
+    return json.loads(path.read_text())
+
+
+def _num(v, digits: int = 3) -> str:
+    return "–" if v is None or v != v else f"{v:.{digits}f}"
 
 
 def table(evals: list[Path]) -> str:
     lines = ["| model | " + " | ".join(c for _, c in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
     for d in evals:
-        m = json.loads((d / "metrics.json").read_text())
+        m = _metrics(d)
         cells = []
         for key, _ in COLUMNS:
             v = m.get(key)
@@ -30,12 +53,56 @@ def table(evals: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired(a: Path, b: Path, n_boot: int = 1000, seed: int = 0) -> tuple[str, dict]:
+    """The paired comparison of two evaluations as Markdown, and its numbers."""
+    ma, mb = _metrics(a), _metrics(b)
+    for d, m in ((a, ma), (b, mb)):
+        if not m.get("cases"):
+            raise click.ClickException(f"{d}/metrics.json has no per-image cases (written by an older "
+                                       "training.evaluate? evaluate the predictions again)")
+    if ma.get("units", {}).get("distance") != mb.get("units", {}).get("distance"):
+        raise click.ClickException(f"distances in {ma['units']['distance']} in {a} but {mb['units']['distance']} "
+                                   f"in {b}: not comparable")
+    try:
+        res = M.paired_difference(ma["cases"], mb["cases"], n_boot=n_boot, seed=seed)
+    except ValueError as exc:
+        raise click.ClickException(f"{a} and {b}: {exc}") from None
+    ci = res.get("ci", {})
+    unit = ma.get("units", {}).get("distance", "px")
+    lines = [f"Paired comparison on {res['n_images']} images ({res['n_lesion_images']} with a lesion): "
+             f"A = {a.name}, B = {b.name}; {n_boot} paired bootstrap resamples, seed {seed}, 95 % intervals.", "",
+             "| metric | A | B | B − A | 95 % interval of B − A |", "|---|---|---|---|---|"]
+    for key, name in PAIRED:
+        digits = 2 if key in ("hd95", "normal_fp_area") else 3
+        low, high = ci.get(key, [None, None])
+        interval = "–" if low is None else f"{low:+.{digits}f} … {high:+.{digits}f}"
+        diff = res["diff"][key]
+        label = f"{name} ({unit})" if key == "hd95" else name
+        lines.append(f"| {label} | {_num(res['a'][key], digits)} | {_num(res['b'][key], digits)} | "
+                     f"{'–' if diff != diff else f'{diff:+.{digits}f}'} | {interval} |")
+    d = res["dice"]
+    lines += ["", f"Dice per lesion image: B higher on {d['b_higher']}, lower on {d['b_lower']}, "
+                  f"equal on {d['equal']}."]
+    return "\n".join(lines) + "\n", res
+
+
 @click.command()
 @click.argument("evals", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Markdown file to write.")
-def main(evals, out):
-    """Write the Table-3 comparison of several evaluated models."""
-    text = table([Path(e) for e in evals])
+@click.option("--paired", "is_paired", is_flag=True,
+              help="Two evaluations of the same images (A B): add B − A with paired bootstrap intervals.")
+@click.option("--n-boot", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Bootstrap resamples (--paired).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed (--paired).")
+def main(evals, out, is_paired, n_boot, seed):
+    """Write the Table-3 comparison of several evaluated models (EVAL dirs of training.evaluate);
+    with --paired, of two models on the same images, with the differences and their intervals."""
+    paths = [Path(e) for e in evals]
+    if is_paired and len(paths) != 2:
+        raise click.UsageError(f"--paired compares two evaluations (A B), not {len(paths)}")
+    text = table(paths)
+    if is_paired:
+        text += "\n" + paired(paths[0], paths[1], n_boot, seed)[0]
     write_text(out, text)
     click.echo(text)
 

@@ -81,6 +81,9 @@ Aggregation and confidence intervals
     interpolation for 95%) of the resampled values, ignoring resamples where the metric is
     undefined (e.g. no lesion image or no malignant case drawn). Same seed, same intervals.
     ``by_source`` repeats everything (with its own bootstrap, same seed) per ``source`` value.
+    ``paired_difference``: two models on the same images; the interval of each difference B - A
+    comes from resampling the images once for both, so it is narrower than the two intervals
+    side by side suggest (``python -m training.compare A B --paired``).
 """
 from __future__ import annotations
 
@@ -598,6 +601,47 @@ def evaluate_cases(cases: Iterable[Case | Mapping], tau: float = 2.0, n_boot: in
         out["by_source"] = {s: _summarise([c for c in scored if c["source"] == s], n_boot, seed, level)
                             for s in sources}
     out["cases"] = scored
+    return out
+
+
+def paired_difference(a: Sequence[Mapping], b: Sequence[Mapping], n_boot: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> dict:
+    """Two evaluations of the same images (``evaluate_cases(...)["cases"]`` or metrics.json's
+    ``cases``), compared: the headline figures of each, ``diff`` = B - A, and a paired bootstrap
+    interval of each difference (both scored on the same resampled images each time, so what the
+    images share cancels). ``dice`` counts the lesion images where B's Dice is higher, lower or equal.
+
+    The images must be the same, with the same true labels; else a ValueError names the first few
+    that differ.
+    """
+    by_id = {str(c["image_id"]): c for c in b}
+    ids = [str(c["image_id"]) for c in a]
+    only_a, only_b = sorted(set(ids) - set(by_id)), sorted(set(by_id) - set(ids))
+    if only_a or only_b or len(ids) != len(by_id) or len(b) != len(by_id):
+        raise ValueError(f"not the same images: {len(only_a)} only in A {only_a[:3]}, {len(only_b)} only in B "
+                         f"{only_b[:3]}" + ("; an image id occurs twice" if not (only_a or only_b) else ""))
+    b = [by_id[i] for i in ids]
+    other = [i for i, ca, cb in zip(ids, a, b) if class_index(ca["label"]) != class_index(cb["label"])]
+    if other:
+        raise ValueError(f"{len(other)} images have other true labels in A and B (another dataset?): {other[:3]}")
+    ta, tb = _Table(a), _Table(b)
+    idx = np.arange(ta.n)
+    va, vb = ta.headline(idx), tb.headline(idx)
+    out: dict[str, Any] = {"n_images": ta.n, "n_lesion_images": int(ta.lesion.sum()), "a": va, "b": vb,
+                           "diff": {k: vb[k] - va[k] for k in va}}
+    les = ta.lesion
+    da, db = ta.seg["dice"][les], tb.seg["dice"][les]
+    out["dice"] = {"b_higher": int((db > da).sum()), "b_lower": int((db < da).sum()), "equal": int((db == da).sum())}
+    if n_boot > 0 and ta.n > 0:
+        def diff(i: np.ndarray) -> dict:
+            ha, hb = ta.headline(i), tb.headline(i)
+            return {k: hb[k] - ha[k] for k in ha}
+
+        ci = bootstrap_ci(diff, ta.n, n_boot, seed, level)
+        out["ci_valid_resamples"] = ci.pop("_valid")
+        out["ci"] = ci
+        out["bootstrap"] = {"n_boot": int(n_boot), "seed": int(seed), "level": float(level), "method": "percentile",
+                            "paired": True}
     return out
 
 

@@ -1,0 +1,151 @@
+"""training.compare: the Table-3 rows and the paired comparison of two evaluations of the same images."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from training import compare as C
+from training import metrics as M
+
+H, W = 64, 64
+
+
+def disc(cy: int, cx: int, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[:H, :W]
+    return ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).astype(np.uint8)
+
+
+def shifted(mask: np.ndarray, dx: int) -> np.ndarray:
+    out = np.zeros_like(mask)
+    out[:, dx:] = mask[:, :W - dx] if dx else mask
+    return out
+
+
+def make_cases(shift: dict[str, int], seed: int = 0, p_malignant_shift: float = 0.0) -> list[M.Case]:
+    """24 images (20 lesions of very different sizes, 4 normal); each lesion's prediction is the truth
+    moved by shift[id] pixels (default 4), so Dice varies a lot between images and little between two models
+    whose shifts differ by one pixel on every image."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(24):
+        cid = f"PACE_{i:05d}_00{i % 3}_BUS"
+        if i < 4:
+            label, gt, pred = "normal", np.zeros((H, W), np.uint8), np.zeros((H, W), np.uint8)
+        else:
+            label = "malignant" if i % 2 else "benign"
+            gt = disc(32, 28, 2 + (i % 10) * 2.6)
+            pred = shifted(gt, shift.get(cid, 4))
+        p_mal = float(np.clip(rng.uniform(0.0, 0.5) + (0.4 if label == "malignant" else 0.0) + p_malignant_shift, 0, 1))
+        p = np.array([0.1 if label != "normal" else 0.8, 0.5, p_mal])
+        cases.append(M.Case(image_id=cid, label=label, gt=gt, pred=pred, probabilities=(p / p.sum()).tolist()))
+    return cases
+
+
+def evaluation(cases, n_boot=300) -> dict:
+    return M.to_jsonable(M.evaluate_cases(cases, n_boot=n_boot, seed=0))
+
+
+def write_eval(root: Path, name: str, res: dict) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps(res))
+    return d
+
+
+LESION_IDS = [f"PACE_{i:05d}_00{i % 3}_BUS" for i in range(4, 24)]
+
+
+def test_a_model_against_itself_differs_by_nothing():
+    a = evaluation(make_cases({}))
+    res = M.paired_difference(a["cases"], a["cases"], n_boot=200)
+    for key, value in res["diff"].items():
+        if value == value:  # defined (seg_bce is not: no probability maps)
+            assert value == 0, key
+            assert res["ci"][key] == [0.0, 0.0], key
+    assert res["dice"] == {"b_higher": 0, "b_lower": 0, "equal": 20}
+    assert res["n_images"] == 24 and res["n_lesion_images"] == 20
+
+
+def test_pairing_resolves_a_small_consistent_gain_that_the_two_intervals_do_not():
+    a = evaluation(make_cases({cid: 4 for cid in LESION_IDS}))
+    b = evaluation(make_cases({cid: 3 for cid in LESION_IDS}))
+    res = M.paired_difference(a["cases"], b["cases"], n_boot=500, seed=1)
+    assert res["a"]["dsc"] == pytest.approx(a["dsc"]) and res["b"]["dsc"] == pytest.approx(b["dsc"])
+    assert res["diff"]["dsc"] == pytest.approx(b["dsc"] - a["dsc"])
+    assert res["diff"]["dsc"] > 0
+    # side by side, each model's own interval contains the other's mean: they look alike ...
+    assert a["ci"]["dsc"][1] > b["dsc"] and b["ci"]["dsc"][0] < a["dsc"]
+    # ... but B is better on every lesion image, and the paired interval says so
+    assert res["dice"] == {"b_higher": 20, "b_lower": 0, "equal": 0}
+    assert res["ci"]["dsc"][0] > 0
+    # the class probabilities are the same: no difference there, exactly
+    assert res["diff"]["auc_malignant"] == 0 and res["ci"]["auc_malignant"] == [0.0, 0.0]
+
+
+def test_the_order_of_the_images_does_not_matter():
+    a = evaluation(make_cases({}))
+    b = evaluation(make_cases({cid: 1 for cid in LESION_IDS[::2]}))
+    defined = (lambda d: {k: v for k, v in d.items() if v == v})  # NaN != NaN (seg_bce: no maps)
+    direct = M.paired_difference(a["cases"], b["cases"], n_boot=100)
+    shuffled = M.paired_difference(a["cases"], b["cases"][::-1], n_boot=100)
+    assert defined(direct["diff"]) == defined(shuffled["diff"]) and direct["ci"] == shuffled["ci"]
+    assert direct["dice"] == {"b_higher": 10, "b_lower": 0, "equal": 10}
+
+
+def test_other_images_or_other_labels_are_refused():
+    a = evaluation(make_cases({}), n_boot=0)["cases"]
+    with pytest.raises(ValueError, match=r"not the same images: 1 only in A \['PACE_00000_000_BUS'\], 0 only in B"):
+        M.paired_difference(a, a[1:], n_boot=0)
+    relabelled = [dict(c, label="malignant") if c["image_id"] == LESION_IDS[0] else c for c in a]
+    with pytest.raises(ValueError, match=f"1 images have other true labels.*{LESION_IDS[0]}"):
+        M.paired_difference(a, relabelled, n_boot=0)
+    with pytest.raises(ValueError, match="occurs twice"):
+        M.paired_difference(a, a + a[:1], n_boot=0)
+
+
+def test_cli_table_and_paired_report(tmp_path):
+    a = write_eval(tmp_path, "before", evaluation(make_cases({cid: 4 for cid in LESION_IDS})))
+    b = write_eval(tmp_path, "after", evaluation(make_cases({cid: 3 for cid in LESION_IDS})))
+    out = tmp_path / "cmp.md"
+    r = CliRunner().invoke(C.main, [str(a), str(b), "--paired", "--n-boot", "200", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert f"| before | {ma['accuracy']:.3f} |" in text and f"| after | {mb['accuracy']:.3f} |" in text
+    assert "A = before, B = after" in text
+    dsc_row = next(line for line in text.splitlines() if line.startswith("| DSC |"))
+    cells = [c.strip() for c in dsc_row.strip("|").split("|")]
+    assert cells[1:4] == [f"{ma['dsc']:.3f}", f"{mb['dsc']:.3f}", f"{mb['dsc'] - ma['dsc']:+.3f}"]
+    low, high = (float(x) for x in cells[4].split(" … "))
+    assert 0 < low <= mb["dsc"] - ma["dsc"] <= high
+    assert "B higher on 20, lower on 0, equal on 0" in text
+    assert text in r.output
+
+
+def test_cli_without_paired_writes_one_row_per_evaluation(tmp_path):
+    dirs = [write_eval(tmp_path, f"m{i}", evaluation(make_cases({}, seed=i), n_boot=0)) for i in range(3)]
+    out = tmp_path / "t.md"
+    r = CliRunner().invoke(C.main, [*map(str, dirs), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| m") and not line.startswith("| model")]
+    assert [row.split("|")[1].strip() for row in rows] == ["m0", "m1", "m2"]
+    assert "Paired" not in out.read_text()
+
+
+def test_cli_errors_name_the_problem(tmp_path):
+    a = write_eval(tmp_path, "a", evaluation(make_cases({}), n_boot=0))
+    b = write_eval(tmp_path, "b", evaluation(make_cases({})[2:], n_boot=0))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = (lambda *args: CliRunner().invoke(C.main, [*map(str, args), "--out", str(tmp_path / "o.md")]))
+    r = run(a, b, a, "--paired")
+    assert r.exit_code == 2 and "--paired compares two evaluations (A B), not 3" in r.output
+    r = run(a, empty, "--paired")
+    assert r.exit_code == 1 and f"{empty}: no metrics.json" in r.output
+    r = run(a, b, "--paired")
+    assert r.exit_code == 1 and f"{a} and {b}: not the same images: 2 only in A" in r.output
+    assert not (tmp_path / "o.md").exists()
