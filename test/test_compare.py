@@ -148,4 +148,8 @@ def test_cli_errors_name_the_problem(tmp_path):
     assert r.exit_code == 1 and f"{empty}: no metrics.json" in r.output
     r = run(a, b, "--paired")
     assert r.exit_code == 1 and f"{a} and {b}: not the same images: 2 only in A" in r.output
+    in_mm = evaluation(make_cases({}), n_boot=0)
+    in_mm["units"]["distance"] = "mm"  # a Grand Challenge evaluation (mha spacing) against a PACE one
+    r = run(a, write_eval(tmp_path, "gc", in_mm), "--paired")
+    assert r.exit_code == 1 and f"distances in px in {a} but in mm in {tmp_path / 'gc'}: not comparable" in r.output
     assert not (tmp_path / "o.md").exists()

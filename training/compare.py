@@ -60,15 +60,14 @@ def paired(a: Path, b: Path, n_boot: int = 1000, seed: int = 0) -> tuple[str, di
         if not m.get("cases"):
             raise click.ClickException(f"{d}/metrics.json has no per-image cases (written by an older "
                                        "training.evaluate? evaluate the predictions again)")
-    if ma.get("units", {}).get("distance") != mb.get("units", {}).get("distance"):
-        raise click.ClickException(f"distances in {ma['units']['distance']} in {a} but {mb['units']['distance']} "
-                                   f"in {b}: not comparable")
+    unit_a, unit_b = (m.get("units", {}).get("distance", "px") for m in (ma, mb))
+    if unit_a != unit_b:
+        raise click.ClickException(f"distances in {unit_a} in {a} but in {unit_b} in {b}: not comparable")
     try:
         res = M.paired_difference(ma["cases"], mb["cases"], n_boot=n_boot, seed=seed)
     except ValueError as exc:
         raise click.ClickException(f"{a} and {b}: {exc}") from None
     ci = res.get("ci", {})
-    unit = ma.get("units", {}).get("distance", "px")
     lines = [f"Paired comparison on {res['n_images']} images ({res['n_lesion_images']} with a lesion): "
              f"A = {a.name}, B = {b.name}; {n_boot} paired bootstrap resamples, seed {seed}, 95 % intervals.", "",
              "| metric | A | B | B − A | 95 % interval of B − A |", "|---|---|---|---|---|"]
@@ -77,7 +76,7 @@ def paired(a: Path, b: Path, n_boot: int = 1000, seed: int = 0) -> tuple[str, di
         low, high = ci.get(key, [None, None])
         interval = "–" if low is None else f"{low:+.{digits}f} … {high:+.{digits}f}"
         diff = res["diff"][key]
-        label = f"{name} ({unit})" if key == "hd95" else name
+        label = f"{name} ({unit_a})" if key == "hd95" else name
         lines.append(f"| {label} | {_num(res['a'][key], digits)} | {_num(res['b'][key], digits)} | "
                      f"{'–' if diff != diff else f'{diff:+.{digits}f}'} | {interval} |")
     d = res["dice"]
