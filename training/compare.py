@@ -36,8 +36,9 @@ def _metrics(d: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _num(v, digits: int = 3) -> str:
-    return "–" if v is None or v != v else f"{v:.{digits}f}"
+def _num(v, digits: int = 3, sign: str = "") -> str:
+    """A figure, or "–" where it is undefined (None from JSON, NaN); ``sign="+"`` writes the sign."""
+    return "–" if v is None or v != v else f"{v:{sign}.{digits}f}"
 
 
 def table(evals: list[Path]) -> str:
@@ -53,8 +54,8 @@ def table(evals: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def paired(a: Path, b: Path, n_boot: int = 1000, seed: int = 0) -> tuple[str, dict]:
-    """The paired comparison of two evaluations as Markdown, and its numbers."""
+def paired(a: Path, b: Path, n_boot: int = 1000, seed: int = 0) -> str:
+    """The paired comparison of two evaluations, as Markdown."""
     ma, mb = _metrics(a), _metrics(b)
     for d, m in ((a, ma), (b, mb)):
         if not m.get("cases"):
@@ -74,15 +75,14 @@ def paired(a: Path, b: Path, n_boot: int = 1000, seed: int = 0) -> tuple[str, di
     for key, name in PAIRED:
         digits = 2 if key in ("hd95", "normal_fp_area") else 3
         low, high = ci.get(key, [None, None])
-        interval = "–" if low is None else f"{low:+.{digits}f} … {high:+.{digits}f}"
-        diff = res["diff"][key]
+        interval = "–" if low is None else f"{_num(low, digits, '+')} … {_num(high, digits, '+')}"
         label = f"{name} ({unit_a})" if key == "hd95" else name
         lines.append(f"| {label} | {_num(res['a'][key], digits)} | {_num(res['b'][key], digits)} | "
-                     f"{'–' if diff != diff else f'{diff:+.{digits}f}'} | {interval} |")
+                     f"{_num(res['diff'][key], digits, '+')} | {interval} |")
     d = res["dice"]
     lines += ["", f"Dice per lesion image: B higher on {d['b_higher']}, lower on {d['b_lower']}, "
                   f"equal on {d['equal']}."]
-    return "\n".join(lines) + "\n", res
+    return "\n".join(lines) + "\n"
 
 
 @click.command()
@@ -101,7 +101,7 @@ def main(evals, out, is_paired, n_boot, seed):
         raise click.UsageError(f"--paired compares two evaluations (A B), not {len(paths)}")
     text = table(paths)
     if is_paired:
-        text += "\n" + paired(paths[0], paths[1], n_boot, seed)[0]
+        text += "\n" + paired(paths[0], paths[1], n_boot, seed)
     write_text(out, text)
     click.echo(text)
 
