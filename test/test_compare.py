@@ -136,6 +136,19 @@ def test_cli_without_paired_writes_one_row_per_evaluation(tmp_path):
     assert "Paired" not in out.read_text()
 
 
+def test_models_in_folders_of_the_same_name_are_told_apart(tmp_path):
+    cases = make_cases({})
+    a = write_eval(tmp_path / "runs" / "default", "eval", evaluation(cases, n_boot=0))
+    b = write_eval(tmp_path / "runs" / "repro", "eval", evaluation(cases, n_boot=0))
+    c = write_eval(tmp_path / "other" / "repro", "eval", evaluation(cases, n_boot=0))
+    assert C.labels([a, b]) == ["default/eval", "repro/eval"]
+    assert C.labels([a, b, c]) == ["runs/default/eval", "runs/repro/eval", "other/repro/eval"]
+    assert C.labels([a, tmp_path / "runs" / "default" / ".." / "default" / "eval"]) == ["eval", "eval"]
+    text = C.paired(a, b, n_boot=10) + C.table([a, b])
+    assert "A = default/eval, B = repro/eval" in text
+    assert "| default/eval |" in text and "| repro/eval |" in text
+
+
 def test_cli_errors_name_the_problem(tmp_path):
     a = write_eval(tmp_path, "a", evaluation(make_cases({}), n_boot=0))
     b = write_eval(tmp_path, "b", evaluation(make_cases({})[2:], n_boot=0))

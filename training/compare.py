@@ -1,7 +1,7 @@
 """The paper's Table 3 from several ``training.evaluate`` outputs, and a paired comparison of two.
 
 ``python -m training.compare EVAL_DIR... --out table3.md``: one row per evaluated model (named
-after its folder) with accuracy, cross-entropy, macro AUC, segmentation BCE (where the predictions
+after its folder, with as many parent folders as it takes to tell the models apart) with accuracy, cross-entropy, macro AUC, segmentation BCE (where the predictions
 came with ``training.predict --logits``; else "–"), DSC, HD95 and NSD.
 
 ``python -m training.compare EVAL_A EVAL_B --paired --out cmp.md``: the same table, then each
@@ -41,16 +41,27 @@ def _num(v, digits: int = 3, sign: str = "") -> str:
     return "–" if v is None or v != v else f"{v:{sign}.{digits}f}"
 
 
+def labels(evals: list[Path]) -> list[str]:
+    """Each evaluation's name: its folder, with as many parent folders as it takes to tell it from
+    the others (``runs/a/eval`` and ``runs/b/eval`` are ``a/eval`` and ``b/eval``)."""
+    parts = [Path(d).resolve().parts for d in evals]
+    for k in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-k:]) for p in parts]
+        if len(set(names)) == len(set(parts)):  # the same folder given twice keeps one name
+            return names
+    return [str(Path(*p)) for p in parts]
+
+
 def table(evals: list[Path]) -> str:
     lines = ["| model | " + " | ".join(c for _, c in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
-    for d in evals:
+    for d, label in zip(evals, labels(evals)):
         m = _metrics(d)
         cells = []
         for key, _ in COLUMNS:
             v = m.get(key)
             cells.append("–" if v is None else f"{v:.3f}" if isinstance(v, (int, float)) else str(v))
-        lines.append(f"| {d.name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -69,8 +80,9 @@ def paired(a: Path, b: Path, n_boot: int = 1000, seed: int = 0) -> str:
     except ValueError as exc:
         raise click.ClickException(f"{a} and {b}: {exc}") from None
     ci = res.get("ci", {})
+    name_a, name_b = labels([a, b])
     lines = [f"Paired comparison on {res['n_images']} images ({res['n_lesion_images']} with a lesion): "
-             f"A = {a.name}, B = {b.name}; {n_boot} paired bootstrap resamples, seed {seed}, 95 % intervals.", "",
+             f"A = {name_a}, B = {name_b}; {n_boot} paired bootstrap resamples, seed {seed}, 95 % intervals.", "",
              "| metric | A | B | B − A | 95 % interval of B − A |", "|---|---|---|---|---|"]
     for key, name in PAIRED:
         digits = 2 if key in ("hd95", "normal_fp_area") else 3
