@@ -1,8 +1,9 @@
 """The paper's Table 3 from several ``training.evaluate`` outputs, and a paired comparison of two.
 
 ``python -m training.compare EVAL_DIR... --out table3.md``: one row per evaluated model (named
-after its folder, with as many parent folders as it takes to tell the models apart) with accuracy, cross-entropy, macro AUC, segmentation BCE (where the predictions
-came with ``training.predict --logits``; else "–"), DSC, HD95 and NSD.
+after its folder, with as many parent folders as it takes to tell the models apart) with accuracy,
+cross-entropy, macro AUC, segmentation BCE (where the predictions came with ``training.predict
+--logits``; else "–"), DSC, HD95 and NSD.
 
 ``python -m training.compare EVAL_A EVAL_B --paired --out cmp.md``: the same table, then each
 headline figure of A and B with the difference B - A and its paired bootstrap interval
