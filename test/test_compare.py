@@ -144,6 +144,7 @@ def test_models_in_folders_of_the_same_name_are_told_apart(tmp_path):
     assert C.labels([a, b]) == ["default/eval", "repro/eval"]
     assert C.labels([a, b, c]) == ["runs/default/eval", "runs/repro/eval", "other/repro/eval"]
     assert C.labels([a, tmp_path / "runs" / "default" / ".." / "default" / "eval"]) == ["eval", "eval"]
+    assert C.labels([Path("/eval"), Path("/runs/eval")]) == ["/eval", "runs/eval"]  # not "//eval"
     text = C.paired(a, b, n_boot=10) + C.table([a, b])
     assert "A = default/eval, B = repro/eval" in text
     assert "| default/eval |" in text and "| repro/eval |" in text

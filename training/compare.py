@@ -46,11 +46,10 @@ def labels(evals: list[Path]) -> list[str]:
     """Each evaluation's name: its folder, with as many parent folders as it takes to tell it from
     the others (``runs/a/eval`` and ``runs/b/eval`` are ``a/eval`` and ``b/eval``)."""
     parts = [Path(d).resolve().parts for d in evals]
-    for k in range(1, max(len(p) for p in parts) + 1):
-        names = ["/".join(p[-k:]) for p in parts]
-        if len(set(names)) == len(set(parts)):  # the same folder given twice keeps one name
-            return names
-    return [str(Path(*p)) for p in parts]
+    k = 1  # the whole paths (k = the longest) always tell distinct folders apart
+    while len({p[-k:] for p in parts}) < len(set(parts)):  # the same folder given twice keeps one name
+        k += 1
+    return [Path(*p[-k:]).as_posix() for p in parts]
 
 
 def table(evals: list[Path]) -> str:
@@ -61,7 +60,7 @@ def table(evals: list[Path]) -> str:
         cells = []
         for key, _ in COLUMNS:
             v = m.get(key)
-            cells.append("–" if v is None else f"{v:.3f}" if isinstance(v, (int, float)) else str(v))
+            cells.append(_num(v) if v is None or isinstance(v, (int, float)) else str(v))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
