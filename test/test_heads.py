@@ -114,3 +114,90 @@ def test_group_norm_trains_in_nchw_on_cpu_with_the_same_values_and_gradients(aut
         torch.testing.assert_close(a.float(), b.float(), **tol)
     with torch.no_grad():
         assert torch.equal(ours(x), ref(x))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_up_conv_equals_the_transposed_convolution_with_the_same_gradients(autocast, channels_last):
+    """UNet-H's UpConv2x2 on CPU (a 1x1 convolution to 4 x cout channels, then pixel_shuffle) computes
+    nn.ConvTranspose2d(cin, cout, 2, stride=2) with the same weights, in fp32 and in bf16 autocast,
+    with the same gradients, and keeps its parameter names and shapes (stored UNet-H heads load)."""
+    from model.upconv import UpConv2x2
+
+    torch.manual_seed(0)
+    ours, ref = UpConv2x2(6, 5), torch.nn.ConvTranspose2d(6, 5, 2, stride=2)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 6, 7, 9)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.linspace(-0.5, 1.5, 2 * 5 * 14 * 18).view(2, 5, 14, 18)
+    outs, grads = [], []
+    for m in (ours, ref):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = m(xi)
+        outs.append(y)
+        grads.append(torch.autograd.grad((y.float() * weight).sum(), [xi, m.weight, m.bias]))
+    assert outs[0].shape == (2, 5, 14, 18) and outs[0].dtype == outs[1].dtype
+    # each output pixel is one input pixel through one of the four kernel taps: a changed tap moves
+    # exactly a quarter of the outputs
+    with torch.no_grad():
+        probe = UpConv2x2(6, 5)
+        probe.load_state_dict(ours.state_dict())
+        probe.weight[:, :, 1, 0] += 1
+        moved = (probe(x) != ours(x)).float().mean().item()
+    assert moved == pytest.approx(0.25)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), **tol)
+    for a, b in zip(*grads):  # sums over up to 504 products: the summation order shows in fp32 too
+        torch.testing.assert_close(a.float(), b.float(), **(tol if autocast else {"rtol": 1e-4, "atol": 1e-4}))
+
+
+def unet_head_textbook(head, embedding, features):
+    """UNet-H as its docstring draws it: transposed convolutions and concatenated skips."""
+    def up(m, x):
+        return F.conv_transpose2d(x, m.weight, m.bias, stride=2)
+
+    def adapter(a, x):
+        for m in a.seq:
+            x = up(m, x) if isinstance(m, torch.nn.ConvTranspose2d) else m(x)
+        return x
+
+    s0, s1, s2 = (adapter(a, f) for a, f in zip(head.skips, features))
+    x = head.level0(torch.cat([embedding, s2], 1))
+    x = head.level1(torch.cat([up(head.up1, x), s1], 1))
+    x = head.level2(torch.cat([up(head.up2, x), s0], 1))
+    return head.out(x)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_unet_head_equals_transposed_convolutions_on_concatenated_skips(channels_last):
+    """UNet-H on CPU (UpConv2x2, the level convolutions split over their input channels) against the
+    textbook graph, with the same gradients, on the shapes of LiteMedSAM's stages scaled down
+    (stage 0 at twice the embedding grid)."""
+    from model.heads.unet_head import UNetHead
+
+    torch.manual_seed(0)
+    head = UNetHead(embed_dim=24, skip_channels=[12, 16, 20], skip_scales=[2, 1, 1], channels=(16, 16, 8), skip_dim=8)
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(2, 24, 8, 8, generator=g)
+    feats = [torch.randn(2, 12, 16, 16, generator=g), torch.randn(2, 16, 8, 8, generator=g),
+             torch.randn(2, 20, 8, 8, generator=g)]
+    if channels_last:
+        head = head.to(memory_format=torch.channels_last)
+        emb, feats = emb.contiguous(memory_format=torch.channels_last), [
+            f.contiguous(memory_format=torch.channels_last) for f in feats]
+    weight = torch.linspace(-0.5, 1.5, 2 * 32 * 32).view(2, 1, 32, 32)
+    outs, grads = [], []
+    for fn in (head, lambda e, f: unet_head_textbook(head, e, f)):
+        inputs = [t.clone().requires_grad_(True) for t in [emb, *feats]]
+        y = fn(inputs[0], inputs[1:])
+        outs.append(y)
+        grads.append(torch.autograd.grad((y * weight).sum(), [*inputs, *head.parameters()]))
+    assert outs[0].shape == (2, 1, 32, 32)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # every skip reaches the mask
+    assert all(gr.abs().sum() > 0 for gr in grads[0][:4])

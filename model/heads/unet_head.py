@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..upconv import UpConv2x2
 from .layout import GroupNorm
 from .sd_head import conv_block
 
@@ -21,11 +23,26 @@ class SkipAdapter(nn.Module):
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(cin, cout, 1, bias=False), GroupNorm(min(8, cout), cout), nn.GELU()]
         for _ in range(ups):
-            layers += [nn.ConvTranspose2d(cout, cout, 2, stride=2), GroupNorm(min(8, cout), cout), nn.GELU()]
+            layers += [UpConv2x2(cout, cout), GroupNorm(min(8, cout), cout), nn.GELU()]
         self.seq = nn.Sequential(*layers)
 
     def forward(self, x):
         return self.seq(x)
+
+
+def level_on_concat(block: nn.Sequential, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """``block(torch.cat([x, skip], 1))`` for a ``conv_block`` (3x3 convolution without bias, norm,
+    activation). On CPU the convolution runs as two over its weight's input-channel slices, summed:
+    the same function without the concatenated copy, and the backward hands each input a dense
+    gradient instead of a channel slice of one (elementwise backward kernels are slow on such
+    strided views). Measured with UNet-H on LiteMedSAM's features (batch 16, bf16 autocast,
+    forward + backward): 2.00 -> 1.76 s per step."""
+    if x.device.type != "cpu":
+        return block(torch.cat([x, skip], 1))
+    conv, c = block[0], x.shape[1]
+    y = (F.conv2d(x, conv.weight[:, :c], conv.bias, conv.stride, conv.padding)
+         + F.conv2d(skip, conv.weight[:, c:], None, conv.stride, conv.padding))
+    return block[1:](y)
 
 
 class UNetHead(nn.Module):
@@ -40,15 +57,15 @@ class UNetHead(nn.Module):
             SkipAdapter(c, skip_dim, int(math.log2(t // s))) for c, s, t in zip(skip_channels, skip_scales, targets))
         c0, c1, c2 = channels
         self.level0 = conv_block(embed_dim + skip_dim, c0)
-        self.up1 = nn.ConvTranspose2d(c0, c0, 2, stride=2)
+        self.up1 = UpConv2x2(c0, c0)
         self.level1 = conv_block(c0 + skip_dim, c1)
-        self.up2 = nn.ConvTranspose2d(c1, c1, 2, stride=2)
+        self.up2 = UpConv2x2(c1, c1)
         self.level2 = conv_block(c1 + skip_dim, c2)
         self.out = nn.Conv2d(c2, 1, 1)
 
     def forward(self, embedding, features):
         s0, s1, s2 = (adapter(f) for adapter, f in zip(self.skips, list(features)[-3:]))
-        x = self.level0(torch.cat([embedding, s2], 1))
-        x = self.level1(torch.cat([self.up1(x), s1], 1))
-        x = self.level2(torch.cat([self.up2(x), s0], 1))
+        x = level_on_concat(self.level0, embedding, s2)
+        x = level_on_concat(self.level1, self.up1(x), s1)
+        x = level_on_concat(self.level2, self.up2(x), s0)
         return self.out(x)
