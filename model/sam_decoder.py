@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoders.common import LayerNorm2d
-from .upconv import UpConv2x2
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -165,8 +164,8 @@ class MaskDecoder(nn.Module):
         self.iou_token = nn.Embedding(1, dim)
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, dim)
         self.output_upscaling = nn.Sequential(
-            UpConv2x2(dim, dim // 4), LayerNorm2d(dim // 4), nn.GELU(),
-            UpConv2x2(dim // 4, dim // 8), nn.GELU())
+            nn.ConvTranspose2d(dim, dim // 4, 2, 2), LayerNorm2d(dim // 4), nn.GELU(),
+            nn.ConvTranspose2d(dim // 4, dim // 8, 2, 2), nn.GELU())
         self.output_hypernetworks_mlps = nn.ModuleList([MLP(dim, dim, dim // 8, 3)
                                                         for _ in range(self.num_mask_tokens)])
         self.iou_prediction_head = MLP(dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)

@@ -1,4 +1,4 @@
-"""A 2 x 2, stride-2 transposed convolution in the form that is fast on CPU."""
+"""A 2 x 2, stride-2 transposed convolution in the form whose training step is fast on CPU."""
 from __future__ import annotations
 
 import torch
@@ -7,19 +7,21 @@ from torch import nn
 
 
 class UpConv2x2(nn.ConvTranspose2d):
-    """``nn.ConvTranspose2d(cin, cout, 2, stride=2)`` (the same parameters and state-dict keys) that
-    runs on CPU as what it is: a 1x1 convolution to ``4 * cout`` channels, one per output pixel of
-    each 2 x 2 block, then ``pixel_shuffle``. oneDNN's transposed convolution is the slow kernel on
-    CPU, above all its backward; the outputs are equal (fp32 and bf16 autocast, tested). UNet-H on
+    """``nn.ConvTranspose2d(cin, cout, 2, stride=2)`` (the same parameters and state-dict keys) whose
+    CPU training step runs it as what it is: a 1x1 convolution to ``4 * cout`` channels, one per
+    output pixel of each 2 x 2 block, then ``pixel_shuffle``. oneDNN's transposed convolution has
+    the slow backward on CPU; the outputs are equal (fp32 and bf16 autocast, tested). UNet-H on
     LiteMedSAM's features, one training step (batch 16, bf16 autocast, forward + backward, the AMX
-    host): 2.19 -> 2.00 s. On other devices it is the transposed convolution itself.
-    Used by UNet-H and by SAM's mask decoder (the box refiner's output upscaling)."""
+    host): 2.19 -> 2.00 s. Without gradients, and on other devices, it is the transposed
+    convolution itself: its forward is the faster one there (UNet-H's forward, batch 4, fp32:
+    62 against 68 ms per image; the box refiner, SAM's mask decoder with two such upscalings, as
+    the conv form: 27 against 28 ms), so predictions do not change by a rounding."""
 
     def __init__(self, cin: int, cout: int):
         super().__init__(cin, cout, 2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or not torch.is_grad_enabled():
             return super().forward(x)
         cin, cout = self.weight.shape[:2]
         # out[o, 2i + di, 2j + dj] = sum_c x[c, i, j] w[c, o, di, dj] + b[o]; pixel_shuffle reads

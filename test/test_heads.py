@@ -119,9 +119,10 @@ def test_group_norm_trains_in_nchw_on_cpu_with_the_same_values_and_gradients(aut
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_up_conv_equals_the_transposed_convolution_with_the_same_gradients(autocast, channels_last):
-    """UNet-H's UpConv2x2 on CPU (a 1x1 convolution to 4 x cout channels, then pixel_shuffle) computes
-    nn.ConvTranspose2d(cin, cout, 2, stride=2) with the same weights, in fp32 and in bf16 autocast,
-    with the same gradients, and keeps its parameter names and shapes (stored UNet-H heads load)."""
+    """UNet-H's UpConv2x2 training on CPU (a 1x1 convolution to 4 x cout channels, then pixel_shuffle)
+    computes nn.ConvTranspose2d(cin, cout, 2, stride=2) with the same weights, in fp32 and in bf16
+    autocast, with the same gradients, and keeps its parameter names and shapes (stored UNet-H heads
+    load); without gradients it is the transposed convolution's own call, bit for bit."""
     from model.upconv import UpConv2x2
 
     torch.manual_seed(0)
@@ -141,17 +142,19 @@ def test_up_conv_equals_the_transposed_convolution_with_the_same_gradients(autoc
         grads.append(torch.autograd.grad((y.float() * weight).sum(), [xi, m.weight, m.bias]))
     assert outs[0].shape == (2, 5, 14, 18) and outs[0].dtype == outs[1].dtype
     # each output pixel is one input pixel through one of the four kernel taps: a changed tap moves
-    # exactly a quarter of the outputs
+    # exactly a quarter of the outputs, those at (odd row, even column) (the training form: gradients on)
+    probe = UpConv2x2(6, 5)
+    probe.load_state_dict(ours.state_dict())
     with torch.no_grad():
-        probe = UpConv2x2(6, 5)
-        probe.load_state_dict(ours.state_dict())
         probe.weight[:, :, 1, 0] += 1
-        moved = (probe(x) != ours(x)).float().mean().item()
-    assert moved == pytest.approx(0.25)
+    moved = (probe(x) != ours(x)).any(1)
+    assert moved.float().mean().item() == pytest.approx(0.25) and moved[:, 1::2, 0::2].all()
     tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(outs[0].float(), outs[1].float(), **tol)
     for a, b in zip(*grads):  # sums over up to 504 products: the summation order shows in fp32 too
         torch.testing.assert_close(a.float(), b.float(), **(tol if autocast else {"rtol": 1e-4, "atol": 1e-4}))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert torch.equal(ours(x), ref(x))
 
 
 def unet_head_textbook(head, embedding, features):
