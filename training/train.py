@@ -514,7 +514,8 @@ def provenance(cfg: dict, data: Path, epoch: int, row: dict) -> dict:
 @click.command(context_settings={"show_default": True})
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Variant config: training/configs/{unet-h,sd-h,mgc-a}.yaml (the paper's), default-{sd-h,mgc-a}.yaml "
-                   "(the embedded default model's).")
+                   "(the embedded default model's), litemedsam-unet-h.yaml (UNet-H on the default's encoder; "
+                   "its result inside).")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Prepared dataset.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--encoder", default=None, help="Override the encoder (sam_vit_b, ..., litemedsam).")
