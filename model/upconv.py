@@ -14,8 +14,8 @@ class UpConv2x2(nn.ConvTranspose2d):
     LiteMedSAM's features, one training step (batch 16, bf16 autocast, forward + backward, the AMX
     host): 2.19 -> 2.00 s. Without gradients, and on other devices, it is the transposed
     convolution itself: its forward is the faster one there (UNet-H's forward, batch 4, fp32:
-    62 against 68 ms per image; the box refiner, SAM's mask decoder with two such upscalings, as
-    the conv form: 27 against 28 ms), so predictions do not change by a rounding."""
+    62 against 68 ms per image; the box refiner, whose SAM mask decoder upscales with two of them:
+    27 ms per image as it is, 28 in the conv form), so predictions do not change by a rounding."""
 
     def __init__(self, cin: int, cout: int):
         super().__init__(cin, cout, 2, stride=2)
