@@ -118,7 +118,7 @@ def test_group_norm_trains_in_nchw_on_cpu_with_the_same_values_and_gradients(aut
 
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_up_conv_equals_the_transposed_convolution_with_the_same_gradients(autocast, channels_last):
+def test_up_conv_equals_the_transposed_convolution_with_the_same_gradients(autocast, channels_last, monkeypatch):
     """UNet-H's UpConv2x2 training on CPU (a 1x1 convolution to 4 x cout channels, then pixel_shuffle)
     computes nn.ConvTranspose2d(cin, cout, 2, stride=2) with the same weights, in fp32 and in bf16
     autocast, with the same gradients, and keeps its parameter names and shapes (stored UNet-H heads
@@ -153,8 +153,13 @@ def test_up_conv_equals_the_transposed_convolution_with_the_same_gradients(autoc
     torch.testing.assert_close(outs[0].float(), outs[1].float(), **tol)
     for a, b in zip(*grads):  # sums over up to 504 products: the summation order shows in fp32 too
         torch.testing.assert_close(a.float(), b.float(), **(tol if autocast else {"rtol": 1e-4, "atol": 1e-4}))
+    # which form ran: the two agree bit for bit on these shapes, so the outputs cannot tell
+    shuffles, pixel_shuffle = [], F.pixel_shuffle
+    monkeypatch.setattr(F, "pixel_shuffle", lambda *a, **k: shuffles.append(1) or pixel_shuffle(*a, **k))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        assert torch.equal(ours(x), ref(x))
+        assert torch.equal(ours(x), ref(x)) and shuffles == []
+    ours(x)
+    assert shuffles == [1]  # with gradients on, the conv form
 
 
 def unet_head_textbook(head, embedding, features):
