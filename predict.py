@@ -53,7 +53,8 @@ class Predictor(BasePredictor):
         self,
         image: Path = Input(description="Breast ultrasound image (.png, .jpg, .tif or .mha)"),
         overlay: bool = Input(description="Also return an overlay image", default=True),
-        tta: bool = Input(description="Horizontal-flip test-time augmentation", default=False),
+        tta: bool = Input(description="Horizontal-flip test-time augmentation (the image and its mirror image, averaged; "
+                                         "twice the encoder time)", default=False),
     ) -> Output:
         self.predictor.tta = bool(tta)
         out_dir = Path(tempfile.mkdtemp(prefix="pfsam-"))

@@ -52,7 +52,8 @@ from model.inference import (FORMATS, TASKS, InferenceError, find_inputs, load_p
               help="Ensemble folder [default: the upload at /opt/ml/model (its ensemble.json or config.json at the top or one folder "
                    "down; files without one are an error), else model/weights/default].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--tta/--no-tta", default=False, show_default=True, help="Horizontal-flip test-time augmentation.")
+@click.option("--tta/--no-tta", default=False, show_default=True, help="Horizontal-flip test-time augmentation: the image and its mirror image (mirrored within its own columns), "
+              "averaged; twice the encoder time.")
 @click.option("--overlay/--no-overlay", default=False, show_default=True,
               help="Also write overlays/<name>.png (contour, label, probability).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,

@@ -5,7 +5,8 @@ Segmentation and classification are weighted averages of the members' probabilit
 encoders are frozen and identical share one encoder module and one forward pass per batch.
 Precision ``auto``: bf16 autocast on CUDA for encoders whose outputs hold under it (SAM ViTs),
 fp32 otherwise (LiteMedSAM, and every encoder on CPU); ``bf16`` forces it. Optional
-horizontal-flip TTA.
+horizontal-flip TTA: the image mirrored within its own columns (``preprocessing.mirror``: the padding
+stays at the right, as in training), its outputs mirrored back and averaged with the plain view's.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from .encoders import get_spec
 from .io_threads import io_pool
 from .network import PFSAMNet
 from .onnx_encoder import OnnxEncoder, OnnxUnavailable, onnx_encoder
-from .preprocessing import Geometry, keep_largest_component, postprocess, postprocess_with_logits, preprocess
+from .preprocessing import (Geometry, grid_widths, keep_largest_component, mirror, postprocess,
+                            postprocess_with_logits, preprocess)
 from .refine import BoxRefiner
 from .toolchain import build_problem
 
@@ -238,19 +240,22 @@ class Predictor:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Network inputs (B x 3 x S x S) -> (mask probabilities B x R x R, class probabilities B x 3)."""
-        return self.combine_views(self.encode_views(x))
+    def forward(self, x: torch.Tensor, widths=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Network inputs (B x 3 x S x S) -> (mask probabilities B x R x R, class probabilities B x 3).
+        ``widths``: each image's columns in its input (``Geometry.resized[1]``; the rest is padding),
+        which TTA mirrors within; None: all S columns."""
+        return self.combine_views(self.encode_views(x, widths), widths)
 
-    def encode_views(self, x: torch.Tensor) -> list:
-        """The encoder outputs of x (and of its mirror image with TTA), as ``encoded(model)`` functions
-        for ``combine``: each runs one pass per distinct encoder module, on first use, and keeps it
-        (``training.tune`` combines one batch's encoding under several postprocess options)."""
+    def encode_views(self, x: torch.Tensor, widths=None) -> list:
+        """The encoder outputs of x (and with TTA of its mirror image, ``mirror(x, widths)``), as
+        ``encoded(model)`` functions for ``combine``: each runs one pass per distinct encoder module, on
+        first use, and keeps it (``training.tune`` combines one batch's encoding under several
+        postprocess options)."""
         x = x.to(self.device, non_blocking=True)
-        if self.device.type == "cpu" and self.encoder_runtime == "torch":  # ONNX Runtime takes NCHW as it is
-            x = x.contiguous(memory_format=torch.channels_last)
         views = []
-        for v in ([x, x.flip(-1)] if self.tta else [x]):
+        for v in ([x, mirror(x, widths)] if self.tta else [x]):
+            if self.device.type == "cpu" and self.encoder_runtime == "torch":  # ONNX Runtime takes NCHW as it is
+                v = v.contiguous(memory_format=torch.channels_last)
             cache: dict[int, tuple] = {}
 
             def encoded(model, v=v, cache=cache):  # called inside combine (inference mode)
@@ -264,12 +269,15 @@ class Predictor:
         return views
 
     @torch.inference_mode()
-    def combine_views(self, views: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """``combine`` over ``encode_views``' views, the mirrored view's mask flipped back, averaged."""
+    def combine_views(self, views: list, widths=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``combine`` over ``encode_views``' views (the same ``widths``), the mirrored view's mask
+        mirrored back, averaged."""
         seg_sum, cls_sum = 0.0, 0.0
         for vi, encoded in enumerate(views):
             seg, cls = self.combine(encoded)
-            seg_sum = seg_sum + (seg.flip(-1) if vi == 1 else seg)
+            if vi == 1:
+                seg = mirror(seg, None if widths is None else grid_widths(widths, self.input_size, seg.shape[-1]))
+            seg_sum = seg_sum + seg
             cls_sum = cls_sum + cls
         return (seg_sum / len(views)).cpu(), (cls_sum / len(views)).cpu()
 
@@ -311,9 +319,10 @@ class Predictor:
             return Prediction(mask, probs, label, {"logits": full})
         return Prediction(postprocess(logits, geom, threshold=thr), probs, label)
 
-    def _forward_fitting(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward`` through ``fit_in_gpu_memory``."""
-        return fit_in_gpu_memory(self.forward, x, lambda a, b: (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])))
+    def _forward_fitting(self, x: torch.Tensor, widths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` through ``fit_in_gpu_memory`` (which halves the range of items it is given)."""
+        return fit_in_gpu_memory(lambda r: self.forward(x[r.start:r.stop], widths[r.start:r.stop]), range(len(x)),
+                                 lambda a, b: (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])))
 
     def _map(self, fn, *iterables) -> list:
         if self.io_threads <= 0:
@@ -331,7 +340,7 @@ class Predictor:
             batch = self._map(lambda img: preprocess(img, self.input_size, self.normalization),
                               images[start:start + self.batch_size])
             x = torch.stack([b[0] for b in batch])
-            seg, cls = self._forward_fitting(x)
+            seg, cls = self._forward_fitting(x, [b[1].resized[1] for b in batch])
             results += self._map(lambda i: self.finish(seg[i], cls[i], batch[i][1]), range(len(batch)))
         return results
 

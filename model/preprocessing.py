@@ -14,6 +14,10 @@ antialiased bilinear) -> the encoder's own normalisation -> zero padding at the 
   as MedSAM and LiteMedSAM were trained; a constant image becomes all zeros.
   Padding is applied after normalisation, so padded pixels are 0 in the network's input space.
 
+Mirroring (``mirror``, test-time augmentation): an input or a head's output is mirrored left-right
+within the image's own columns, so the padding stays at the right: the mirrored input is the input
+of the mirrored image (to rounding), as the encoder was trained on it.
+
 Backward (``postprocess``): mask logits at the head's resolution -> upsampled to S x S -> padding
 cropped -> resized to the input's exact height x width -> threshold (probability 0.5, logit 0).
 """
@@ -157,6 +161,27 @@ def mask_to_model(mask: np.ndarray, geom: Geometry, out_size: int) -> torch.Tens
     out = torch.zeros(out_size, out_size, dtype=torch.float32)
     out[:oh, :ow] = torch.from_numpy((small >= 0.5).astype(np.float32))
     return out
+
+
+def grid_widths(widths, size: int, grid: int) -> list[int]:
+    """Image columns (``Geometry.resized[1]``, on the ``size`` x ``size`` input) on a ``grid`` x ``grid``
+    map of the same square, the head's output: rounded as ``mask_to_model`` rounds them."""
+    return [int(w) if grid == size else max(1, round(int(w) * grid / size)) for w in widths]
+
+
+def mirror(t: torch.Tensor, widths=None) -> torch.Tensor:
+    """``t`` (B x ... x W) with each item mirrored left-right within its first ``widths[i]`` columns,
+    the image's own; the padding after them stays where it is. ``widths`` None: all W columns (a
+    plain flip)."""
+    if widths is None:
+        return t.flip(-1)
+    n, cols = t.shape[0], t.shape[-1]
+    if len(widths) != n:
+        raise ValueError(f"mirror: {len(widths)} widths for a batch of {n}")
+    w = torch.as_tensor(list(widths), device=t.device).view(n, *([1] * (t.ndim - 1)))
+    j = torch.arange(cols, device=t.device)
+    idx = torch.where(j < w, w - 1 - j, j).expand(t.shape)
+    return torch.gather(t, -1, idx)
 
 
 def upsample_logits(logits: torch.Tensor, geom: Geometry) -> torch.Tensor:

@@ -291,11 +291,12 @@ def _images(n: int = 5) -> list[np.ndarray]:
 def _oom_forward(predictor, monkeypatch, fails, calls: list[int]):
     real = type(predictor).forward.__get__(predictor)  # the class's method, not an earlier patch
 
-    def forward(x):
+    def forward(x, widths=None):
         calls.append(int(x.shape[0]))
+        assert widths is not None and len(widths) == len(x)  # each image's own columns, halved with the batch
         if fails(int(x.shape[0])):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        return real(x)
+        return real(x, widths)
 
     monkeypatch.setattr(predictor, "forward", forward)
 

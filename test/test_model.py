@@ -489,13 +489,40 @@ def test_weights_from_file_leaves_other_threads_drawing():
     assert torch.nn.init.kaiming_uniform_ is original
 
 
-def test_tta_flag_changes_the_path_not_the_shapes(tmp_path):
-    d, _, _ = make_ensemble(tmp_path)
-    img, _ = make_ultrasound(150, 222, seed=6)
-    a = Predictor.from_dir(d, device="cpu", precision="fp32").predict_one(img)
-    b = Predictor.from_dir(d, device="cpu", precision="fp32", tta=True).predict_one(img)
-    assert a.mask.shape == b.mask.shape == img.shape
-    assert a.probabilities != b.probabilities
+@pytest.mark.parametrize("which", ["default", "vit"])
+def test_tta_averages_the_image_and_its_mirror_image(tmp_path, which):
+    """TTA = the plain path's mean over the image and the image mirrored left-right, the latter's mask
+    mirrored back. A portrait image is padded at the right: its mirrored view must keep the padding
+    there, as training's flipped view has it, where a flip of the padded input would move it left.
+    ``default``: the shipped model (input and mask grids 256); ``vit``: a small ViT ensemble whose mask
+    grid (32) is a quarter of its input (128), the image's 80 columns there 20."""
+    from model.predictor import DEFAULT_MODEL_DIR
+    from model.preprocessing import mirror
+
+    d = DEFAULT_MODEL_DIR if which == "default" else make_ensemble(tmp_path)[0]
+    pred = Predictor.from_dir(d, device="cpu", precision="fp32")
+    img, _ = make_ultrasound(160, 100, seed=6)
+    x, geom = preprocess(img, pred.input_size, pred.normalization)
+    xm, geom_m = preprocess(np.ascontiguousarray(img[:, ::-1]), pred.input_size, pred.normalization)
+    w = geom.resized[1]
+    assert geom_m == geom and w < pred.input_size  # padded at the right
+    assert torch.allclose(mirror(x[None], [w])[0], xm, atol=1e-5)  # the mirrored view is the mirror image's input
+    assert not torch.allclose(x.flip(-1), xm, atol=0.1)  # which a plain flip of the padded input is not
+    s1, c1 = pred.forward(x[None], [w])
+    s2, c2 = pred.forward(xm[None], [w])
+    grid = s1.shape[-1]
+    assert grid == (256 if which == "default" else 32)
+    pred.tta = True
+    s, c = pred.forward(x[None], [w])
+    wg = w * grid // pred.input_size
+    expected = (s1 + mirror(s2, [wg])) / 2
+    assert torch.allclose(s, expected, atol=1e-4), float((s - expected).abs().max())
+    assert torch.allclose(c, (c1 + c2) / 2, atol=1e-5)
+    assert not torch.allclose(s, s1, atol=1e-3)  # the mirror image's view counts
+    out = pred.predict_one(img)  # predict passes each image's width
+    assert out.mask.shape == img.shape
+    assert np.allclose([out.probabilities[k] for k in ("normal", "benign", "malignant")], c[0].tolist(), atol=1e-5)
+    assert np.array_equal(out.mask, postprocess(torch.logit(s[0].clamp(1e-6, 1 - 1e-6)), geom))
 
 
 def test_registry_lists_all_encoders():

@@ -184,11 +184,12 @@ def test_tune_retries_a_batch_that_runs_out_of_gpu_memory_in_halves(tiny_dataset
     single = score_options(pred, tiny_dataset, batch=1, refine_options=[None, box])
     real, calls = Predictor.encode_views, []
 
-    def encode_views(self, x):
+    def encode_views(self, x, widths=None):
         calls.append(int(x.shape[0]))
+        assert widths is not None and len(widths) == len(x)
         if x.shape[0] > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(self, x)
+        return real(self, x, widths)
 
     monkeypatch.setattr(Predictor, "encode_views", encode_views)
     n = len(load_records(tiny_dataset, "val"))
@@ -199,7 +200,7 @@ def test_tune_retries_a_batch_that_runs_out_of_gpu_memory_in_halves(tiny_dataset
     for a, b in zip(retried, single):
         assert a["dsc"] == pytest.approx(b["dsc"], abs=1e-9) and a["normal_empty_share"] == b["normal_empty_share"]
     monkeypatch.setattr(Predictor, "encode_views",
-                        lambda self, x: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("simulated")))
+                        lambda self, x, widths=None: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("simulated")))
     res = CliRunner().invoke(tune.main, ["--model-dir", str(ens), "--data", str(tiny_dataset), "-d", "cpu",
                                          "--batch-size", "2"])
     assert res.exit_code == 1 and "out of GPU memory at batch size 2" in res.output and "Traceback" not in res.output

@@ -33,7 +33,7 @@ def predict_split(model_dir: Path, data: Path, split: str | None, out: Path, dev
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Prediction folder (PACE layout).")
 @click.option("-d", "--device", default="auto", type=click.Choice(["auto", "cpu", "cuda", "gpu"]))
 @click.option("--batch-size", default=4)
-@click.option("--tta/--no-tta", default=False)
+@click.option("--tta/--no-tta", default=False, help="As process.py's: horizontal-flip test-time augmentation.")
 @click.option("--precision", default="auto", type=click.Choice(["auto", "bf16", "fp32"]))
 @click.option("--logits", is_flag=True, help="Also write OUT/logits/<image_id>.npy (float16 lesion logits at "
               "full size; their sigmoid is the probability), from which training.evaluate reports the segmentation BCE.")
