@@ -228,6 +228,20 @@ def test_pre_post_round_trip_keeps_the_exact_size(hw, size):
     assert mask.shape == hw and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
 
 
+def test_mirror_flips_each_item_within_its_width_and_keeps_the_padding():
+    from model.preprocessing import grid_widths, mirror
+
+    t = torch.arange(2 * 3 * 6, dtype=torch.float32).view(2, 3, 6)
+    m = mirror(t, [4, 6])
+    assert torch.equal(m[0, :, :4], t[0, :, :4].flip(-1)) and torch.equal(m[0, :, 4:], t[0, :, 4:])
+    assert torch.equal(m[1], t[1].flip(-1))  # the full width: a plain flip
+    assert torch.equal(mirror(m, [4, 6]), t) and torch.equal(mirror(t), t.flip(-1))
+    with pytest.raises(ValueError, match="3 widths for a batch of 2"):
+        mirror(t, [1, 2, 3])
+    assert grid_widths([80, 171, 1024, 1], 1024, 256) == [20, 43, 256, 1]
+    assert grid_widths([171], 256, 256) == [171]
+
+
 def test_a_mask_survives_the_round_trip():
     img, mask = make_ultrasound(317, 211, seed=3)
     _, geom = preprocess(img, 256, "minmax")
