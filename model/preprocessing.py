@@ -154,9 +154,7 @@ def preprocess(arr: np.ndarray, size: int, normalization: str) -> tuple[torch.Te
 def mask_to_model(mask: np.ndarray, geom: Geometry, out_size: int) -> torch.Tensor:
     """Ground-truth mask (H x W, {0,1}) -> out_size x out_size float {0,1}, aligned with the
     head's output grid (same resize + padding as the image, scaled to ``out_size``)."""
-    h, w = geom.resized
-    oh = max(1, round(h * out_size / geom.size))
-    ow = max(1, round(w * out_size / geom.size))
+    oh, ow = grid_widths(geom.resized, geom.size, out_size)
     small = _resize_plane((mask > 0).astype(np.float32), (oh, ow))
     out = torch.zeros(out_size, out_size, dtype=torch.float32)
     out[:oh, :ow] = torch.from_numpy((small >= 0.5).astype(np.float32))
@@ -164,9 +162,9 @@ def mask_to_model(mask: np.ndarray, geom: Geometry, out_size: int) -> torch.Tens
 
 
 def grid_widths(widths, size: int, grid: int) -> list[int]:
-    """Image columns (``Geometry.resized[1]``, on the ``size`` x ``size`` input) on a ``grid`` x ``grid``
-    map of the same square, the head's output: rounded as ``mask_to_model`` rounds them."""
-    return [int(w) if grid == size else max(1, round(int(w) * grid / size)) for w in widths]
+    """Image rows or columns (``Geometry.resized``, on the ``size`` x ``size`` input) on a ``grid`` x
+    ``grid`` map of the same square, the head's output; ``mask_to_model`` places the mask there."""
+    return [max(1, round(int(w) * grid / size)) for w in widths]
 
 
 def mirror(t: torch.Tensor, widths=None) -> torch.Tensor:

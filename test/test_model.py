@@ -511,7 +511,7 @@ def test_tta_averages_the_image_and_its_mirror_image(tmp_path, which):
     ``default``: the shipped model (input and mask grids 256); ``vit``: a small ViT ensemble whose mask
     grid (32) is a quarter of its input (128), the image's 80 columns there 20."""
     from model.predictor import DEFAULT_MODEL_DIR
-    from model.preprocessing import mirror
+    from model.preprocessing import grid_widths, mirror
 
     d = DEFAULT_MODEL_DIR if which == "default" else make_ensemble(tmp_path)[0]
     pred = Predictor.from_dir(d, device="cpu", precision="fp32")
@@ -528,8 +528,7 @@ def test_tta_averages_the_image_and_its_mirror_image(tmp_path, which):
     assert grid == (256 if which == "default" else 32)
     pred.tta = True
     s, c = pred.forward(x[None], [w])
-    wg = w * grid // pred.input_size
-    expected = (s1 + mirror(s2, [wg])) / 2
+    expected = (s1 + mirror(s2, grid_widths([w], pred.input_size, grid))) / 2
     assert torch.allclose(s, expected, atol=1e-4), float((s - expected).abs().max())
     assert torch.allclose(c, (c1 + c2) / 2, atol=1e-5)
     assert not torch.allclose(s, s1, atol=1e-3)  # the mirror image's view counts
