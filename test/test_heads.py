@@ -80,13 +80,14 @@ def test_classifier_parameters_keep_their_stored_names_and_shapes():
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_group_norm_trains_in_nchw_on_cpu_with_the_same_values_and_gradients(autocast, monkeypatch):
-    """model/heads/layout.py's GroupNorm: with gradients on a channels-last CPU input it runs the NCHW
-    kernel (faster) and returns channels-last; values and gradients are nn.GroupNorm's, in fp32 and
-    in bf16 autocast; without gradients it is nn.GroupNorm's own call, bit for bit."""
+    """model/heads/layout.py's GroupNorm with ``nchw_training``: with gradients on a channels-last
+    bf16 CPU input it runs the NCHW kernel (faster there) and returns channels-last; an fp32 input
+    goes to nn.GroupNorm's own channels-last kernel (faster in fp32); values and gradients are
+    nn.GroupNorm's either way; without gradients it is nn.GroupNorm's own call, bit for bit."""
     from model.heads.layout import GroupNorm
 
     torch.manual_seed(0)
-    ours, ref = GroupNorm(4, 16), torch.nn.GroupNorm(4, 16)
+    ours, ref = GroupNorm(4, 16, nchw_training=True), torch.nn.GroupNorm(4, 16)
     with torch.no_grad():
         ours.weight.normal_(), ours.bias.normal_()
     ref.load_state_dict(ours.state_dict())
@@ -106,7 +107,8 @@ def test_group_norm_trains_in_nchw_on_cpu_with_the_same_values_and_gradients(aut
         outs.append(y)
         grads.append(torch.autograd.grad((y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(),
                                          [xi, m.weight, m.bias]))
-    assert kernel_inputs_nchw == [True, False]  # ours gives the kernel NCHW, nn.GroupNorm channels-last
+    # in bf16 ours gives the kernel NCHW, nn.GroupNorm channels-last; in fp32 both channels-last
+    assert kernel_inputs_nchw == ([True, False] if autocast else [False, False])
     assert outs[0].is_contiguous(memory_format=torch.channels_last)
     tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-4, "atol": 1e-4}  # summation order
     torch.testing.assert_close(outs[0].float(), outs[1].float(), **tol)
@@ -114,6 +116,34 @@ def test_group_norm_trains_in_nchw_on_cpu_with_the_same_values_and_gradients(aut
         torch.testing.assert_close(a.float(), b.float(), **tol)
     with torch.no_grad():
         assert torch.equal(ours(x), ref(x))
+
+
+def test_each_head_chooses_its_group_norms_training_layout(monkeypatch):
+    """SD-H's norms take the NCHW round trip in bf16 training (faster in that head), UNet-H's never
+    (its own kernel is faster there): a bf16 training step hands the kernel the layouts so chosen."""
+    from model.heads.layout import GroupNorm
+    from model.heads.sd_head import SDHead
+    from model.heads.unet_head import UNetHead
+
+    torch.manual_seed(0)
+    sd = SDHead(16, (8, 8)).to(memory_format=torch.channels_last)
+    unet = UNetHead(16, [8, 8, 8], [2, 1, 1], channels=(8, 8, 8), skip_dim=8).to(memory_format=torch.channels_last)
+    assert {m.nchw_training for m in sd.modules() if isinstance(m, GroupNorm)} == {True}
+    assert {m.nchw_training for m in unet.modules() if isinstance(m, GroupNorm)} == {False}
+    cl = lambda *s: torch.randn(*s).contiguous(memory_format=torch.channels_last)  # noqa: E731
+    emb = cl(2, 16, 8, 8)
+    group_norm = F.group_norm
+    for head, args, nchw in ((sd, (emb,), True), (unet, (emb, [cl(2, 8, 16, 16), cl(2, 8, 8, 8), cl(2, 8, 8, 8)]), False)):
+        seen = []
+
+        def recording(inp, *a, **k):
+            seen.append(inp.is_contiguous())
+            return group_norm(inp, *a, **k)
+
+        monkeypatch.setattr(F, "group_norm", recording)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            head(*args).float().sum().backward()
+        assert seen and set(seen) == {nchw}
 
 
 @pytest.mark.parametrize("autocast", [False, True])

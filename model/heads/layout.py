@@ -17,16 +17,40 @@ from torch import nn
 
 
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (the same parameters and state-dict keys) whose CPU training step runs in
-    NCHW: ATen's channels-last GroupNorm, above all its backward, is slower on CPU than its NCHW
-    kernel (forward + backward at 16 x 32 x 128 x 128: 44 against 9 ms in bf16, 48 against 34 ms
-    in fp32), so with gradients on, a channels-last input is copied to NCHW and the result back.
-    One cached training step at batch 16 in bf16 autocast, alternating in one process (session 19):
-    SD-H 228 -> 206 ms, MGC-A 220 -> 201 ms.
-    Without gradients it is nn.GroupNorm's own call, so predictions do not change by a rounding."""
+    """``nn.GroupNorm`` (the same parameters and state-dict keys) that can run its CPU training step
+    in NCHW: with ``nchw_training`` and gradients on, a channels-last bf16 input (bf16 autocast) is
+    copied to NCHW for ATen's kernel and the result back. Without gradients, or for fp32, or where
+    the head does not ask for it, it is nn.GroupNorm's own call, so predictions do not change by a
+    rounding.
+
+    Which layout is faster depends on the dtype and on the head around it, so the head chooses.
+    One training step at batch 16 on LiteMedSAM's shapes (forward + backward, random inputs, the
+    Intel AMX host, torch 2.14.1; the two forms alternating in one process, two runs of three to
+    six rounds each, medians):
+
+    ============  =====================  ======================
+    step          NCHW round trip        nn.GroupNorm's own
+    ============  =====================  ======================
+    SD-H, bf16    148 / 158 ms           165 / 166 ms
+    SD-H, fp32    372 / 383 ms           325 / 332 ms
+    UNet-H, bf16  2035 / 1856 ms         1642 / 1629 ms
+    UNet-H, fp32  5298 / 4365 ms         4286 / 4027 ms
+    ============  =====================  ======================
+
+    So SD-H (and MGC-A, which trains with it) takes the round trip in bf16, and UNet-H never
+    (session 19 had given every GroupNorm the round trip, in fp32 too: SD-H 228 -> 206 ms, MGC-A
+    220 -> 201 ms then, in bf16 with torch of that session). A size rule (the round trip in bf16
+    up to 32 x 128 x 128 values per image, where the norm alone with its GELU is faster that way:
+    69 against 91 ms at batch 16) gave UNet-H 1883 ms: its own kernel is faster inside that head."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 nchw_training: bool = False):
+        super().__init__(num_groups, num_channels, eps, affine)
+        self.nchw_training = nchw_training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and torch.is_grad_enabled() and x.ndim == 4 and not x.is_contiguous()
+        if (self.nchw_training and x.device.type == "cpu" and x.dtype == torch.bfloat16
+                and torch.is_grad_enabled() and x.ndim == 4 and not x.is_contiguous()
                 and x.is_contiguous(memory_format=torch.channels_last)):
             y = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
             return y.contiguous(memory_format=torch.channels_last)

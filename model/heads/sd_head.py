@@ -10,16 +10,18 @@ from torch import nn
 from .layout import GroupNorm
 
 
-def conv_block(cin: int, cout: int, groups: int = 8) -> nn.Sequential:
+def conv_block(cin: int, cout: int, groups: int = 8, nchw_training: bool = False) -> nn.Sequential:
+    """3x3 convolution (no bias), GroupNorm, GELU; ``nchw_training``: the norm's CPU training layout
+    (model/heads/layout.py)."""
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-                         GroupNorm(min(groups, cout), cout), nn.GELU())
+                         GroupNorm(min(groups, cout), cout, nchw_training=nchw_training), nn.GELU())
 
 
 class SDHead(nn.Module):
     def __init__(self, embed_dim: int = 256, channels: tuple[int, ...] = (128, 64), dropout: float = 0.1):
         super().__init__()
         chans = [embed_dim, *channels]
-        self.blocks = nn.ModuleList(conv_block(a, b) for a, b in zip(chans[:-1], chans[1:]))
+        self.blocks = nn.ModuleList(conv_block(a, b, nchw_training=True) for a, b in zip(chans[:-1], chans[1:]))
         self.drop = nn.Dropout2d(dropout)
         self.out = nn.Conv2d(chans[-1], 1, 1)
 
