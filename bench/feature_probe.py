@@ -26,13 +26,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import CLASS_NAMES as CLASSES  # noqa: E402
 from model.encoders import build_encoder  # noqa: E402
 from model.io import read_mask  # noqa: E402
 from model.predictor import use_bf16  # noqa: E402
 from model.preprocessing import mask_to_model, preprocess  # noqa: E402
 from training.datasets import load_pair, load_records  # noqa: E402
+from training.metrics import accuracy, auc_macro, binary_auc, bootstrap_ci  # noqa: E402
 
-CLASSES = ("normal", "benign", "malignant")
 MAPS = ("neck", "stage3", "stage2", "stage1", "stage0")
 COMBOS = (("neck",), ("stage3",), ("stage2",), ("stage1",), ("stage0",), ("neck", "stage2"),
           ("neck", "stage3", "stage2", "stage1"))
@@ -95,24 +96,17 @@ def encode(data_dir: Path, pred_masks: Path | None, limit: int | None, ring: int
 
 
 def _metrics(y: np.ndarray, p: np.ndarray) -> tuple[float, float, float]:
-    from sklearn.metrics import roc_auc_score
-    # macro AUC: the mean of one-vs-rest AUCs (sklearn's "ovr"), over the classes present
-    macro = np.mean([roc_auc_score(y == c, p[:, c]) for c in range(len(CLASSES)) if 0 < (y == c).sum() < len(y)])
-    return float((p.argmax(1) == y).mean()), float(macro), float(roc_auc_score(y == 2, p[:, 2]))
+    """Accuracy, macro AUC (over the classes present) and malignant-vs-rest AUC."""
+    return accuracy(y, p.argmax(1)), auc_macro(y, p), binary_auc(y == 2, p[:, 2])
 
 
-def _paired(y, p, q, rng, n=1000) -> str:
-    """95 % bootstrap interval of accuracy and malignant AUC, ``p`` minus ``q``."""
-    from sklearn.metrics import roc_auc_score
-    d = []
-    for _ in range(n):
-        i = rng.integers(0, len(y), len(y))
-        if not 0 < (y[i] == 2).sum() < len(i):
-            continue
-        d.append(((p[i].argmax(1) == y[i]).mean() - (q[i].argmax(1) == y[i]).mean(),
-                  roc_auc_score(y[i] == 2, p[i, 2]) - roc_auc_score(y[i] == 2, q[i, 2])))
-    lo, hi = np.percentile(d, [2.5, 97.5], axis=0)
-    return f"acc {lo[0]:+.3f} … {hi[0]:+.3f}, mal AUC {lo[1]:+.3f} … {hi[1]:+.3f}"
+def _paired(y, p, q) -> str:
+    """95 % paired bootstrap interval of accuracy and malignant AUC, ``p`` minus ``q``."""
+    def diff(i):
+        return {"acc": accuracy(y[i], p[i].argmax(1)) - accuracy(y[i], q[i].argmax(1)),
+                "mal": binary_auc(y[i] == 2, p[i, 2]) - binary_auc(y[i] == 2, q[i, 2])}
+    ci = bootstrap_ci(diff, len(y))
+    return f"acc {ci['acc'][0]:+.3f} … {ci['acc'][1]:+.3f}, mal AUC {ci['mal'][0]:+.3f} … {ci['mal'][1]:+.3f}"
 
 
 @click.command()
@@ -132,7 +126,6 @@ def main(data_dir, pred_masks, probs, limit, ring, c_values):
     y = np.array([CLASSES.index(r.label) for r in records])
     tr = np.array([r.split == "train" for r in records])
     va = ~tr
-    rng = np.random.default_rng(0)
     shipped = None
     if probs is not None:
         rows = {r["image_id"]: [float(r[c]) for c in CLASSES] for r in csv.DictReader(probs.open())}
@@ -152,7 +145,7 @@ def main(data_dir, pred_masks, probs, limit, ring, c_values):
                 acc, mac, mal = _metrics(y[va], p)
                 line += f" {tag}: acc {acc:.3f}  macro AUC {mac:.3f}  mal AUC {mal:.3f} |"
                 if tag == "pred mask" and shipped is not None:
-                    line += f" vs --probs: {_paired(y[va], p, shipped, rng)}"
+                    line += f" vs --probs: {_paired(y[va], p, shipped)}"
             print(line)
 
 
