@@ -24,6 +24,7 @@ from . import CLASS_NAMES
 from .allocator import keep_freed_memory
 from .checkpoint import encoder_key, load_model, read_config, read_ensemble
 from .encoders import get_spec
+from .encoders.weights import checkpoint_reads_shared
 from .io_threads import io_pool
 from .network import PFSAMNet
 from .onnx_encoder import OnnxEncoder, OnnxUnavailable, onnx_encoder
@@ -182,6 +183,7 @@ class Predictor:
                                                 seg_member.config["encoder"]["name"], self.input_size).to(self.device)
 
     @classmethod
+    @checkpoint_reads_shared()  # the encoder and the box refiner read LiteMedSAM's file once
     def from_dir(cls, model_dir: str | Path = DEFAULT_MODEL_DIR, device: str = "auto", batch_size: int = 4,
                  tta: bool = False, precision: str = "auto", encoder_checkpoint=None,
                  compile_backend: str | None = None, runtime: str = "auto") -> "Predictor":

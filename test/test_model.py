@@ -362,6 +362,42 @@ def test_official_checkpoint_with_wrong_hash_is_refused(tmp_path):
         build_encoder("sam_vit_b", checkpoint=other, input_size=256)
 
 
+def test_a_checkpoint_is_hashed_and_read_once_per_model_build_and_afresh_after(tmp_path, monkeypatch):
+    import builtins
+
+    import model.encoders.weights as w
+    from model.predictor import DEFAULT_MODEL_DIR
+
+    lite = litemedsam_checkpoint().resolve()
+    hashed, loaded = [], []
+    real_open, real_read = builtins.open, w._read_state
+    monkeypatch.setattr(w, "open", lambda f, *a, **k: hashed.append(Path(f).resolve()) or real_open(f, *a, **k),
+                        raising=False)  # the hash reads the file through this name
+    monkeypatch.setattr(w, "_read_state", lambda f: loaded.append(Path(f).resolve()) or real_read(f))  # the load
+    # the default model: its encoder, the verification of its recorded hash and the box refiner all
+    # ask for LiteMedSAM's file; it is hashed once and read once
+    Predictor.from_dir(DEFAULT_MODEL_DIR, device="cpu")
+    assert hashed.count(lite) == 1 and loaded.count(lite) == 1
+    # outside a model build every call reads the file afresh: a file replaced between two builds is
+    # never taken from memory
+    path = tmp_path / "enc.pth"
+    torch.save({"image_encoder.a": torch.zeros(3)}, path)
+    first = w.load_checkpoint_state(path)
+    torch.save({"image_encoder.a": torch.ones(3), "image_encoder.b": torch.ones(2)}, path)
+    assert set(w.load_checkpoint_state(path)) == {"image_encoder.a", "image_encoder.b"}
+    assert loaded.count(path.resolve()) == 2 and torch.equal(first["image_encoder.a"], torch.zeros(3))
+    # inside one: one read, each caller its own dict, and a changed file is read again
+    with w.checkpoint_reads_shared():
+        one = w.load_checkpoint_state(path)
+        one.pop("image_encoder.b")
+        assert set(w.load_checkpoint_state(path)) == {"image_encoder.a", "image_encoder.b"}
+        assert loaded.count(path.resolve()) == 3
+        torch.save({"image_encoder.a": torch.full((5,), 2.0)}, path)
+        assert torch.equal(w.load_image_encoder_state(path)["a"], torch.full((5,), 2.0))
+        assert loaded.count(path.resolve()) == 4
+    assert w.load_checkpoint_state(path) and loaded.count(path.resolve()) == 5
+
+
 def test_training_finds_the_checkpoint_where_the_readme_says(tiny_dataset, tmp_path, monkeypatch):
     """training.train (and training.cache) look for an encoder's official file in $PFSAM_CHECKPOINT_DIR
     and checkpoints/ as model loading does; a missing file is a clean error naming the download, the
