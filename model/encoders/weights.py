@@ -96,7 +96,8 @@ def checkpoint_reads_shared():
     """Within the block (and this thread), a checkpoint file is hashed and read once.
 
     Building the default model asks three times for the hash of LiteMedSAM's 39 MB file and reads it
-    twice, for the encoder and for the box refiner: about 0.1 s of a one-image job. A file is known by
+    twice, for the encoder and for the box refiner (under cProfile, hashing 84 -> 28 ms and reading
+    153 -> 75 ms; a one-image process.py job 2.05 -> 2.00 s). A file is known by
     its path, inode, size and mtime; the state dicts handed out are copies of the one read (their
     tensors are only copied from). Outside the block every call reads the file afresh."""
     outer = getattr(_reads, "memo", None)
