@@ -366,13 +366,14 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
 
 
 def predict_file(predictor, image_path: str | Path, output_dir: str | Path, overlay: bool = True) -> Case:
-    """One image -> its mask (``.mha`` with the input's geometry for ``.mha`` inputs, else a
-    0/255 ``.png``) and optionally an overlay, in ``output_dir``; raises on any failure (Cog)."""
+    """One image -> its mask (``.mha`` with the input's geometry for MetaImage inputs, known by their
+    content where the name has no image suffix: ``io.is_metaimage``; else a 0/255 ``.png``) and
+    optionally an overlay, in ``output_dir``; raises on any failure (Cog)."""
     path, out = Path(image_path), Path(output_dir)
     image = check_content(read_image(path))
     pred = predictor.predict([image.array])[0]
     case = Case(path, path.name, path.stem or "image", prediction=pred)
-    if path.suffix.lower() == ".mha":
+    if image.metaimage:  # by content: a Cog upload of a .mha arrives as file.bin
         mask_path = out / f"{case.name}_mask.mha"
         write_mha(mask_path, pred.mask.astype(np.uint8), like=image)
     else:

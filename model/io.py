@@ -23,6 +23,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".mha", ".bmp"}
+# ITK's MetaImage reader, named: ITK picks its reader by the file's suffix, and a MetaImage that
+# arrives under another name (a Cog or web upload is saved as ``file.bin``) is known by its content
+METAIMAGE_IO = "MetaImageIO"
+# a MetaImage's header opens with one of MetaIO's fields, ``=`` (or ``:``) and its value
+_METAIO_FIRST_LINE = re.compile(
+    rb"[ \t]*(ObjectType|ObjectSubType|NDims|Comment|Name|ID|ParentID|FormTypeName|CompressedData|BinaryData|"
+    rb"BinaryDataByteOrderMSB|ElementByteOrderMSB|DimSize|ElementType|ElementSpacing|HeaderSize|Modality)[ \t]*[=:]")
 # Decompression-bomb guard: a 2-D ultrasound image is far below this (10000 x 10000 is allowed).
 Image.MAX_IMAGE_PIXELS = 30000 * 30000
 
@@ -46,6 +53,7 @@ class LoadedImage:
     origin: tuple[float, ...] = (0.0, 0.0)
     direction: tuple[float, ...] = (1.0, 0.0, 0.0, 1.0)
     extra: dict = field(default_factory=dict)
+    metaimage: bool = False  # read as a MetaImage (by content): its mask is written as one, with this geometry
 
     @property
     def size(self) -> tuple[int, int]:
@@ -96,15 +104,34 @@ def list_images(root: Path | str) -> list[Path]:
     return sorted(found)
 
 
+def is_metaimage(path: Path | str) -> bool:
+    """Whether ``read_image`` reads ``path`` as a MetaImage: a ``.mha`` file, or a file whose suffix
+    names no image format (``upload.bin``, none) and whose first line is a MetaIO header field. A
+    file named as another format (``.png``) is read as that format."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".mha":
+        return True
+    if suffix in IMAGE_SUFFIXES:
+        return False
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(256)
+    except OSError:
+        return False
+    return _METAIO_FIRST_LINE.match(head) is not None
+
+
 def image_pixels(path: Path | str) -> int:
     """Height x width of an image from its header alone (nothing decoded); 0 when it cannot be read
     (``read_image`` then says why)."""
     path = Path(path)
     try:
-        if path.suffix.lower() == ".mha":
+        if is_metaimage(path):
             import SimpleITK as sitk
 
             reader = sitk.ImageFileReader()
+            reader.SetImageIO(METAIMAGE_IO)
             reader.SetFileName(str(path))
             reader.ReadImageInformation()
             size = reader.GetSize()
@@ -178,12 +205,13 @@ def _read_mha(path: Path) -> LoadedImage:
             raise ImageReadError(path, f"corrupt or truncated MetaImage: the header reads, the pixel data does not "
                                        f"(the header announces {expected} bytes of it, the file holds {held})")
     try:
-        img = sitk.ReadImage(str(path))
+        img = sitk.ReadImage(str(path), imageIO=METAIMAGE_IO)
     except RuntimeError as exc:
         msg = str(exc).strip().splitlines()
         if "File cannot be read" in str(exc):  # ITK's "Reason" is then errno's leftover, not the cause
             try:
                 reader = sitk.ImageFileReader()
+                reader.SetImageIO(METAIMAGE_IO)
                 reader.SetFileName(str(path))
                 reader.ReadImageInformation()
             except RuntimeError:
@@ -205,7 +233,7 @@ def _read_mha(path: Path) -> LoadedImage:
         raise ImageReadError(path, f"{dim}-D image; expected 2-D")
     arr = sitk.GetArrayFromImage(img)  # H x W (x C for vector pixels)
     return LoadedImage(_check_pixels(path, arr), str(path), tuple(spacing), tuple(origin), tuple(direction),
-                       extra)
+                       extra, metaimage=True)
 
 
 def _mha_header(path: Path) -> tuple[dict[str, str], int]:
@@ -287,7 +315,9 @@ def unwritable_reason(folder: Path) -> str:
 
 
 def read_image(path: Path | str) -> LoadedImage:
-    """Read one 2-D image (png, jpg, tif, bmp, mha); raise ``ImageReadError`` with the reason."""
+    """Read one 2-D image (png, jpg, tif, bmp, mha); raise ``ImageReadError`` with the reason. The
+    suffix picks MetaImage or Pillow; a file whose suffix names no image format is read by its
+    content (``is_metaimage``, else Pillow, which knows its formats by their signatures)."""
     path = Path(path)
     if path.is_dir():  # list_images lists the folders it could not list
         raise ImageReadError(path, f"folder cannot be listed, so its images are not read: {unlistable_reason(path)}")
@@ -302,7 +332,7 @@ def read_image(path: Path | str) -> LoadedImage:
         open(path, "rb").close()
     except PermissionError:  # not "corrupt": a mounted folder's permissions (the container's user differs)
         raise ImageReadError(path, _denied(path)) from None
-    if path.suffix.lower() == ".mha":
+    if is_metaimage(path):
         return _read_mha(path)
     return _read_pil(path)
 

@@ -543,3 +543,57 @@ def test_a_truncated_mha_is_refused_from_its_header_before_itk_reads_it(tmp_path
     with pytest.raises(ImageReadError, match="announces 200000000000000000000 bytes of it, the file holds 64"):
         read_image(huge)
     assert "data not read completely" not in capfd.readouterr().err
+
+
+def test_an_image_without_an_image_suffix_is_read_by_its_content(tmp_path, ensemble_dir):
+    """A Cog or web upload is saved under a name that says nothing (``file.bin``, no suffix): a
+    MetaImage is then known by its header's first field and read with its geometry, other images by
+    Pillow's signatures; predict_file writes a MetaImage's mask as a MetaImage. A file named as a
+    format is read as that format, and a detached MetaImage header is refused under any name."""
+    from model.inference import load_predictor, predict_file
+    from model.io import ImageReadError, image_pixels, is_metaimage, read_image
+
+    arr = _us(37, 52, 21)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.3, 0.45))
+    img.SetOrigin((4.0, -2.5))
+    img.SetDirection((-1.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(img, str(tmp_path / "scan.mha"), useCompression=True)
+    whole = (tmp_path / "scan.mha").read_bytes()
+    commented = b"Comment = exported by a scanner\n" + whole
+    Image.fromarray(arr).save(tmp_path / "grey.png")
+    as_read = read_image(tmp_path / "scan.mha")
+    assert as_read.metaimage and not read_image(tmp_path / "grey.png").metaimage
+    for name, data in {"file.bin": whole, "upload": whole, "case.dat": commented}.items():
+        (tmp_path / name).write_bytes(data)
+        got = read_image(tmp_path / name)
+        assert is_metaimage(tmp_path / name) and got.metaimage, name
+        np.testing.assert_array_equal(got.array, arr)
+        assert (got.spacing, got.origin, got.direction) == (as_read.spacing, as_read.origin, as_read.direction)
+        assert image_pixels(tmp_path / name) == 37 * 52
+    (tmp_path / "png.bin").write_bytes((tmp_path / "grey.png").read_bytes())
+    assert not is_metaimage(tmp_path / "png.bin")
+    np.testing.assert_array_equal(read_image(tmp_path / "png.bin").array, arr)
+    (tmp_path / "named.png").write_bytes(whole)  # named as a PNG: read as one, and refused as none
+    assert not is_metaimage(tmp_path / "named.png")
+    with pytest.raises(ImageReadError, match="named.png: not a readable image"):
+        read_image(tmp_path / "named.png")
+    (tmp_path / "detached.bin").write_text("ObjectType = Image\nNDims = 2\nDimSize = 10 10\n"
+                                           "ElementType = MET_UCHAR\nElementDataFile = /etc/hostname\n")
+    with pytest.raises(ImageReadError, match="detached.bin: its pixel data is in another file"):
+        read_image(tmp_path / "detached.bin")
+    (tmp_path / "notes.bin").write_text("Name: not an image, though it opens like a header field\n")
+    with pytest.raises(ImageReadError, match="notes.bin: "):
+        read_image(tmp_path / "notes.bin")
+
+    predictor = load_predictor(ensemble_dir, device="cpu", batch_size=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    case = predict_file(predictor, tmp_path / "file.bin", out, overlay=False)
+    assert [p.name for p in case.outputs] == ["file_mask.mha"]
+    mask = sitk.ReadImage(str(case.outputs[0]))
+    assert mask.GetSpacing() == pytest.approx((0.3, 0.45)) and mask.GetOrigin() == pytest.approx((4.0, -2.5))
+    assert mask.GetDirection() == pytest.approx((-1.0, 0.0, 0.0, 1.0)) and mask.GetSize() == (52, 37)
+    reference = predict_file(predictor, tmp_path / "scan.mha", out, overlay=False)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(sitk.ReadImage(
+        str(reference.outputs[0]))))
