@@ -1,0 +1,198 @@
+"""The Cog predictor (predict.py) under Cog's own runtime, and under its stand-ins without it.
+
+``cog predict`` and a Replicate-style deployment run ``python -m cog.server.http`` in the image that
+``cog build`` makes: the cog SDK inspects ``predict.py:Predictor``, a worker process runs ``setup()``
+once, and each HTTP request's input file is saved under a name of Cog's choosing (a data URI of
+``application/octet-stream`` becomes ``…file.bin``). The server here is the cog and coglet wheels
+pinned in requirements-dev.txt, on a loopback port, with the embedded default model; its answers are
+compared with the same images predicted in this process. The Cog CLI (a Go binary that builds the
+image) is not on PyPI and is not exercised. Skips without the cog wheels or without a loopback
+network (``unshare -n``).
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "test"))
+from make_fixtures import synthetic_ultrasound  # noqa: E402
+
+SPACING, ORIGIN = (0.12, 0.2), (3.0, -1.5)
+
+
+def _free_port() -> int:
+    """A free loopback port, once a connection to it has gone through (OSError where the loopback
+    interface is down, as in a new network namespace: binding still works there, connecting not)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return port
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=180) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:  # a failed prediction may come with an error status
+        return json.loads(exc.read())
+
+
+def _data_uri(path: Path, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def _decoded(uri: str) -> bytes:
+    head, _, payload = uri.partition(",")
+    assert head.startswith("data:") and head.endswith(";base64"), head[:80]
+    return base64.b64decode(payload)
+
+
+@pytest.fixture(scope="module")
+def cog_server(tmp_path_factory):
+    """``python -m cog.server.http`` serving predict.py:Predictor; yields its base URL once READY."""
+    pytest.importorskip("coglet", reason="the Cog runtime (cog and coglet, requirements-dev.txt) is not installed")
+    try:
+        port = _free_port()
+    except OSError as exc:  # a network namespace (unshare -n) has its loopback interface down
+        pytest.skip(f"no usable loopback network ({exc})")
+    log = tmp_path_factory.mktemp("cog") / "server.log"
+    # the worker process is started as `python`: this interpreter's folder first on PATH
+    env = dict(os.environ, PORT=str(port), COG_PREDICT_TYPE_STUB="predict.py:Predictor",
+               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"], cwd=REPO, env=env,
+                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline, health = time.monotonic() + 180, {}
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                health = _get(f"{url}/health-check")
+            except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+                health = {}
+            if health.get("status") in ("READY", "SETUP_FAILED", "DEFUNCT"):
+                break
+            time.sleep(0.5)
+        assert health.get("status") == "READY", f"the Cog server did not get ready: {health}\n{log.read_text()[-3000:]}"
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cog-images")
+    grey, _ = synthetic_ultrasound(180, 240, 31)
+    Image.fromarray(grey).save(root / "scan.png")
+    mha, _ = synthetic_ultrasound(150, 200, 32)
+    img = sitk.GetImageFromArray(mha)
+    img.SetSpacing(SPACING)
+    img.SetOrigin(ORIGIN)
+    sitk.WriteImage(img, str(root / "scan.mha"), useCompression=True)
+    (root / "text.png").write_text("this is not an image\n")
+    Image.fromarray(np.zeros((120, 160), np.uint8)).save(root / "black.png")
+    return {p.name: p for p in root.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory):
+    """The same predictor as the server's setup() (the embedded default model), in this process."""
+    import predict
+
+    p = predict.Predictor()
+    p.setup()
+    return p, tmp_path_factory.mktemp("cog-in-process")
+
+
+def test_cog_server_answers_as_the_predictor_does_in_process(cog_server, images, in_process):
+    predictor, scratch = in_process
+    import predict
+
+    for name, mime in (("scan.png", "image/png"), ("scan.mha", "application/octet-stream")):
+        res = _post(f"{cog_server}/predictions", {"input": {"image": _data_uri(images[name], mime),
+                                                            "overlay": name.endswith(".png")}})
+        assert res["status"] == "succeeded", res.get("error")
+        got = res["output"]
+        want = predictor.predict(image=predict.Path(str(images[name])), overlay=name.endswith(".png"), tta=False)
+        assert got["classification"] == want.classification in ("Normal", "Benign", "Malignant")
+        probs = [got[f"probability_{c}"] for c in ("normal", "benign", "malignant")]
+        assert math.isclose(sum(probs), 1.0, abs_tol=1e-5)
+        assert probs == pytest.approx([want.probability_normal, want.probability_benign, want.probability_malignant],
+                                      abs=1e-5)
+        if name.endswith(".png"):
+            mask = np.asarray(Image.open(io.BytesIO(_decoded(got["segmentation_mask"]))))
+            np.testing.assert_array_equal(mask, np.asarray(Image.open(str(want.segmentation_mask))))
+            assert set(np.unique(mask).tolist()) <= {0, 255} and mask.shape == (180, 240)
+            assert Image.open(io.BytesIO(_decoded(got["overlay"]))).size == (240, 180)
+        else:  # sent as file.bin, known as a MetaImage by its content: the mask comes back as one
+            assert got["overlay"] is None
+            (scratch / "served_mask.mha").write_bytes(_decoded(got["segmentation_mask"]))
+            served = sitk.ReadImage(str(scratch / "served_mask.mha"))
+            assert served.GetSpacing() == pytest.approx(SPACING) and served.GetOrigin() == pytest.approx(ORIGIN)
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(served),
+                                          sitk.GetArrayFromImage(sitk.ReadImage(str(want.segmentation_mask))))
+
+
+def test_cog_server_fails_a_bad_input_with_the_reason_and_keeps_serving(cog_server, images):
+    for name, reason in (("text.png", "not a readable image"),
+                         ("black.png", r"every pixel has the same value (0): nothing to segment")):
+        res = _post(f"{cog_server}/predictions", {"input": {"image": _data_uri(images[name], "image/png")}})
+        assert res["status"] == "failed" and reason in res["error"], res
+    res = _post(f"{cog_server}/predictions", {"input": {"image": _data_uri(images["scan.png"], "image/png"),
+                                                        "overlay": False}})
+    assert res["status"] == "succeeded" and res["output"]["overlay"] is None, res.get("error")
+    assert _get(f"{cog_server}/health-check")["status"] == "READY"
+
+
+def test_predict_py_runs_on_its_stand_ins_without_cog(tmp_path):
+    """Where cog is not installed (the challenge container, plain Python), predict.py's stand-ins for
+    BasePredictor, BaseModel, Input and Path keep it importable and its predict() callable."""
+    code = f"""
+import sys
+sys.modules["cog"] = None  # `import cog` raises ImportError
+sys.path.insert(0, {str(REPO)!r})
+import predict
+assert predict.BasePredictor.__module__ == "predict", predict.BasePredictor
+p = predict.Predictor()
+p.setup()
+out = p.predict(image=predict.Path({str(tmp_path / 'scan.png')!r}), overlay=True, tta=False)
+print(out.dict()["classification"], out.segmentation_mask.name, out.overlay.name)
+"""
+    grey, _ = synthetic_ultrasound(100, 130, 33)
+    Image.fromarray(grey).save(tmp_path / "scan.png")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    label, mask, overlay = res.stdout.split()
+    assert label in ("Normal", "Benign", "Malignant") and (mask, overlay) == ("scan_mask.png", "scan_overlay.png")
