@@ -55,12 +55,20 @@ def _get(url: str) -> dict:
 
 
 def _post(url: str, body: dict) -> dict:
+    """One prediction request. Cog answers a failed prediction before it frees its one slot, so a
+    request right after one may be turned away 'At capacity' (seen with torch 2.5.1): it is sent again, as a
+    client would."""
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=180) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as exc:  # a failed prediction may come with an error status
-        return json.loads(exc.read())
+    for _ in range(100):
+        try:
+            with urllib.request.urlopen(req, timeout=180) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as exc:  # a failed prediction may come with an error status
+            res = json.loads(exc.read())
+        if "At capacity" not in str(res.get("error")):
+            return res
+        time.sleep(0.1)
+    return res
 
 
 def _data_uri(path: Path, mime: str) -> str:
