@@ -2,8 +2,11 @@
 
 A thin adapter like ``process.py``: the model is loaded once in ``setup()`` and each ``predict()``
 goes through ``model.inference.predict_file``, the same code the batch runs use. Without cog
-installed (tests, plain Python) minimal stand-ins for ``BasePredictor``, ``BaseModel``, ``Input``
-and ``Path`` keep the class importable and callable.
+installed (the challenge container, plain Python) minimal stand-ins for ``BasePredictor``,
+``BaseModel``, ``Input`` and ``Path`` keep the class importable and callable. Cog saves each upload
+under a name of its own (``…file.bin``); ``predict_file`` reads such a file by its content.
+test/test_cog.py serves this class with Cog's own server (the cog and coglet wheels) and tests the
+stand-ins without them.
 """
 from __future__ import annotations
 
