@@ -17,6 +17,20 @@ sys.path.insert(0, str(REPO / "test"))
 warnings.filterwarnings("ignore", category=FutureWarning, module="timm")
 
 
+def free_loopback_port() -> int:
+    """A free port on 127.0.0.1, once a connection to it has gone through; OSError where the
+    loopback interface is down (a network namespace, ``unshare -n``: binding still works there,
+    connecting not). Tests that need it skip on that error."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return port
+
+
 def pytest_configure(config):
     # the ONNX graph cache (model/onnx_encoder.py) of this session: never the user's ~/.cache
     if "PFSAM_CACHE" not in os.environ:

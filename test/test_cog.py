@@ -17,7 +17,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,20 +32,10 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "test"))
+from conftest import free_loopback_port  # noqa: E402
 from make_fixtures import synthetic_ultrasound  # noqa: E402
 
 SPACING, ORIGIN = (0.12, 0.2), (3.0, -1.5)
-
-
-def _free_port() -> int:
-    """A free loopback port, once a connection to it has gone through (OSError where the loopback
-    interface is down, as in a new network namespace: binding still works there, connecting not)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen(1)
-        port = s.getsockname()[1]
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-        return port
 
 
 def _get(url: str) -> dict:
@@ -86,7 +75,7 @@ def cog_server(tmp_path_factory):
     """``python -m cog.server.http`` serving predict.py:Predictor; yields its base URL once READY."""
     pytest.importorskip("coglet", reason="the Cog runtime (cog and coglet, requirements-dev.txt) is not installed")
     try:
-        port = _free_port()
+        port = free_loopback_port()
     except OSError as exc:  # a network namespace (unshare -n) has its loopback interface down
         pytest.skip(f"no usable loopback network ({exc})")
     log = tmp_path_factory.mktemp("cog") / "server.log"

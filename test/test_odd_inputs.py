@@ -583,7 +583,7 @@ def test_an_image_without_an_image_suffix_is_read_by_its_content(tmp_path, ensem
     with pytest.raises(ImageReadError, match="detached.bin: its pixel data is in another file"):
         read_image(tmp_path / "detached.bin")
     (tmp_path / "notes.bin").write_text("Name: not an image, though it opens like a header field\n")
-    with pytest.raises(ImageReadError, match="notes.bin: "):
+    with pytest.raises(ImageReadError, match="notes.bin: not a readable MetaImage"):
         read_image(tmp_path / "notes.bin")
 
     predictor = load_predictor(ensemble_dir, device="cpu", batch_size=1)

@@ -382,14 +382,10 @@ def test_training_on_a_cache_of_another_precision_says_so_and_leaves_no_trace(ti
 
 def _torchrun_two(data: Path, run: Path, cache: Path, timeout: int) -> subprocess.CompletedProcess:
     """training.train under torchrun with two CPU ranks (gloo); skips without a loopback network."""
-    import socket
+    from conftest import free_loopback_port
 
     try:  # the ranks meet over the loopback interface, which a network namespace (unshare -n) has down
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            s.listen(1)
-            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        port = free_loopback_port()
     except OSError as exc:
         pytest.skip(f"no usable loopback network for the ranks to meet ({exc})")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
