@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .io import (ImageReadError, LoadedImage, image_pixels, list_images, read_image, unlistable_reason,
-                 unwritable_reason, write_mha, write_png)
+from .io import (ImageReadError, LoadedImage, image_pixels, is_utf8_name, list_images, printable, read_image,
+                 unlistable_reason, unwritable_reason, write_mha, write_png)
 from .overlay import render_overlay
 from .writers import ERRORS_FILE, OUTPUT_IMAGE_FOLDERS, WRITERS, Case, output_names, relative_path, stale_outputs
 
@@ -146,6 +146,8 @@ def prepare_output(output_dir: str | Path, create: bool = True) -> Path:
     work, ``create=False`` checks without leaving a folder behind. ``InferenceError`` names the
     folder and the reason."""
     out = Path(output_dir)
+    if not is_utf8_name(out.absolute()):  # the outputs name it (results.json), and ITK cannot write there
+        raise InferenceError(f"output folder {printable(out)}: its path is not valid UTF-8; choose another")
     if out.exists() and not out.is_dir():
         raise InferenceError(f"output folder {out} is a file, not a folder")
     if not out.exists() and not create:  # the nearest existing folder above it must take a new folder
@@ -267,7 +269,7 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
     prepare_output(out)
     root = input_dir if input_dir.is_dir() else input_dir.parent
     names = output_names(paths, root)
-    cases = [Case(Path(p), relative_path(Path(p), root).as_posix(), n) for p, n in zip(paths, names)]
+    cases = [Case(Path(p), printable(relative_path(Path(p), root).as_posix()), n) for p, n in zip(paths, names)]
     writer = WRITERS[fmt](out, task, overlay)
 
     def fail(case: Case, reason: str) -> None:

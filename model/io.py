@@ -30,8 +30,36 @@ METAIMAGE_IO = "MetaImageIO"
 _METAIO_FIRST_LINE = re.compile(
     rb"[ \t]*(ObjectType|ObjectSubType|NDims|Comment|Name|ID|ParentID|FormTypeName|CompressedData|BinaryData|"
     rb"BinaryDataByteOrderMSB|ElementByteOrderMSB|DimSize|ElementType|ElementSpacing|HeaderSize|Modality)[ \t]*[=:]")
-# Decompression-bomb guard: a 2-D ultrasound image is far below this (10000 x 10000 is allowed).
-Image.MAX_IMAGE_PIXELS = 30000 * 30000
+# The largest image read, checked from its header before anything is decoded: an ultrasound frame is
+# under a megapixel, and decoding holds a few full-size copies (Pillow's, the orientation's, the array),
+# so much beyond this (the size test_odd_inputs runs under 4 GB) would not fit a 4 GB container
+MAX_PIXELS = 10000 * 10000
+Image.MAX_IMAGE_PIXELS = None  # Pillow's own guard (a warning, then its own error) gives way to this one
+
+
+def _too_large(path: Path, width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise ImageReadError(path, f"image too large: {width} x {height} = {width * height:,} pixels; at most "
+                                   f"{MAX_PIXELS:,} (10000 x 10000) are read, so that decoding it fits a 4 GB container")
+
+
+def printable(path: Path | str) -> str:
+    """``path`` as text that can be written anywhere: bytes of a file name that are not UTF-8 (which
+    Python keeps as lone surrogates) as ``\\xNN`` escapes."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+NOT_UTF8 = "its file name is not valid UTF-8 (rename it)"
+
+
+def is_utf8_name(path: Path | str) -> bool:
+    """Whether ``path`` is valid UTF-8. The libraries below need it: ITK aborts the whole process on
+    such a name (a C++ exception no Python code can catch), and CSV and JSON outputs cannot hold it."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class ImageReadError(ValueError):
@@ -126,6 +154,8 @@ def image_pixels(path: Path | str) -> int:
     """Height x width of an image from its header alone (nothing decoded); 0 when it cannot be read
     (``read_image`` then says why)."""
     path = Path(path)
+    if not is_utf8_name(path):
+        return 0
     try:
         if is_metaimage(path):
             import SimpleITK as sitk
@@ -156,16 +186,56 @@ def _check_pixels(path: Path, arr: np.ndarray) -> np.ndarray:
     return arr
 
 
+def _sixteen_bit_colour(path: Path, im: Image.Image) -> str | None:
+    """ITK's reader for a 16-bit image of several channels (colour, or grey with alpha), which Pillow
+    decodes to 8 bits per channel, keeping only the high byte; None for every other image."""
+    if im.format == "PNG":
+        with open(path, "rb") as fh:
+            head = fh.read(26)  # signature, IHDR: width, height, bit depth, colour type
+        return "PNGImageIO" if len(head) == 26 and head[24] == 16 and head[25] in (2, 4, 6) else None
+    if im.format == "TIFF":
+        bits = im.tag_v2.get(258, 1)
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        return "TIFFImageIO" if int(im.tag_v2.get(277, 1)) > 1 and max(bits) > 8 else None
+    return None
+
+
+# EXIF orientation -> the numpy steps that show the stored pixels as a viewer does (Pillow's
+# exif_transpose for arrays of any type): 2 mirror, 3 rotate 180, 4 flip, 5 transpose, 6 rotate 90
+# clockwise, 7 transverse, 8 rotate 90 counter-clockwise
+_ORIENT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+           8: lambda a: np.rot90(a, 1)}
+
+
+def _read_itk_colour(path: Path, reader: str, orientation: int) -> np.ndarray:
+    import SimpleITK as sitk
+
+    try:
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path), imageIO=reader))
+    except RuntimeError as exc:
+        lines = str(exc).strip().splitlines()
+        raise ImageReadError(path, f"a 16-bit image with several channels that cannot be read at 16 bits "
+                                   f"({lines[-1] if lines else 'unknown error'}); save it as 16-bit grey, or as "
+                                   f"8-bit colour") from None
+    return np.ascontiguousarray(_ORIENT.get(orientation, lambda a: a)(arr))
+
+
 def _read_pil(path: Path) -> LoadedImage:
     try:
         # from a file object, not the path: Pillow 13 memory-maps an uncompressed TIFF opened by path,
         # and exif_transpose then returns it unrotated (orientations 5-8 kept the stored h x w)
         with open(path, "rb") as fh, Image.open(fh) as im:
-            im.load()
+            _too_large(path, *im.size)  # from the header, before decoding
             # a multi-picture JPEG (MPO: phones' and some scanners' exports) holds the image first and
             # previews or gain maps after it; every other format's frames are slices or pages
             if getattr(im, "n_frames", 1) > 1 and im.format != "MPO":
                 raise ImageReadError(path, f"has {im.n_frames} frames; expected a single 2-D image")
+            reader = _sixteen_bit_colour(path, im)
+            if reader:  # all 16 bits, from ITK; the orientation from Pillow's reading of the EXIF
+                arr = _read_itk_colour(path, reader, int(im.getexif().get(0x0112, 1) or 1))
+                return LoadedImage(_check_pixels(path, arr), str(path))
+            im.load()
             # the image as a viewer shows it (and as a mask drawn on it lies): EXIF orientation applied
             im = ImageOps.exif_transpose(im)
             if im.mode in ("P", "PA"):
@@ -182,8 +252,6 @@ def _read_pil(path: Path) -> LoadedImage:
         raise
     except UnidentifiedImageError:
         raise ImageReadError(path, "not a readable image (unknown or corrupt format)") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageReadError(path, f"image too large ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(path, f"corrupt or truncated image ({exc})") from None
     return LoadedImage(_check_pixels(path, arr), str(path))
@@ -204,6 +272,12 @@ def _read_mha(path: Path) -> LoadedImage:
         if held < expected:
             raise ImageReadError(path, f"corrupt or truncated MetaImage: the header reads, the pixel data does not "
                                        f"(the header announces {expected} bytes of it, the file holds {held})")
+    try:
+        dims = [int(v) for v in fields.get("DimSize", "").split()]
+    except ValueError:
+        dims = []  # ITK reports it
+    if len(dims) >= 2:
+        _too_large(path, dims[0], math.prod(dims[1:]))
     try:
         img = sitk.ReadImage(str(path), imageIO=METAIMAGE_IO)
     except RuntimeError as exc:
@@ -319,6 +393,8 @@ def read_image(path: Path | str) -> LoadedImage:
     suffix picks MetaImage or Pillow; a file whose suffix names no image format is read by its
     content (``is_metaimage``, else Pillow, which knows its formats by their signatures)."""
     path = Path(path)
+    if not is_utf8_name(path):
+        raise ImageReadError(printable(path), NOT_UTF8)
     if path.is_dir():  # list_images lists the folders it could not list
         raise ImageReadError(path, f"folder cannot be listed, so its images are not read: {unlistable_reason(path)}")
     if not path.is_file():
@@ -411,6 +487,8 @@ def write_mha(path: Path | str, array: np.ndarray, like: LoadedImage | None = No
     """
     import SimpleITK as sitk
 
+    if not is_utf8_name(Path(path).absolute()):  # ITK would abort the process (is_utf8_name)
+        raise ValueError(f"{printable(path)}: cannot write a MetaImage there: the path is not valid UTF-8")
     img = sitk.GetImageFromArray(np.ascontiguousarray(array))
     if like is not None:
         if like.extra.get("dimension") == 3:  # only the 3-D geometry: a slice in the x-z or y-z plane

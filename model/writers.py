@@ -37,11 +37,14 @@ sub-folder only), ``<stem>_<ext>``, ``<folders>_<stem>_<ext>``, then ``<stem>_<e
 (``<ext>``: the suffix in lower case without the dot; ``<folders>``: the relative folder path
 joined with ``_``). So ``a.jpg`` -> ``a`` and ``a.png`` -> ``a_png``; ``x/a.png`` -> ``a`` and
 ``y/a.png`` -> ``y_a``. The same set of inputs always gives the same names, whatever the order
-in which they are listed.
+in which they are listed. A name longer than ``MAX_NAME_BYTES`` (UTF-8), which with ``_mask.png``
+would pass the file system's 255-byte limit, is cut and ends in ``_`` and 8 hex digits of its
+SHA-256 instead, so that it stays distinct and the same from run to run.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from dataclasses import dataclass, field
@@ -86,6 +89,18 @@ def relative_path(path: Path, root: Path) -> Path:
         return Path(path.name)
 
 
+MAX_NAME_BYTES = 236  # + "_mask.png" = 245 bytes, under the 255 most file systems allow
+
+
+def fit_name(name: str) -> str:
+    """``name``, or where longer than ``MAX_NAME_BYTES`` its start and a digest of the whole."""
+    data = name.encode("utf-8", "surrogateescape")
+    if len(data) <= MAX_NAME_BYTES:
+        return name
+    head = data[:MAX_NAME_BYTES - 9].decode("utf-8", "ignore")  # whole characters only
+    return f"{head}_{hashlib.sha256(data).hexdigest()[:8]}"
+
+
 def output_names(paths: Sequence[Path], root: str | Path) -> list[str]:
     """Distinct, deterministic output names for ``paths`` (see the module docstring for the rule)."""
     root = Path(root)
@@ -101,7 +116,7 @@ def output_names(paths: Sequence[Path], root: str | Path) -> list[str]:
             else [stem, f"{stem}_{ext}"]
         k = 2
         while True:
-            free = [c for c in candidates if c.casefold() not in taken]
+            free = [c for c in map(fit_name, candidates) if c.casefold() not in taken]
             if free:
                 break
             candidates = [f"{stem}_{ext}_{k}"]

@@ -597,3 +597,118 @@ def test_an_image_without_an_image_suffix_is_read_by_its_content(tmp_path, ensem
     reference = predict_file(predictor, tmp_path / "scan.mha", out, overlay=False)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(sitk.ReadImage(
         str(reference.outputs[0]))))
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_by_name_and_the_rest_is_written(tmp_path, ensemble_dir):
+    """A name whose bytes are not UTF-8 (Latin-1 ``café``, as old scanners and zip tools write): ITK
+    aborted the whole process on such a .mha (exit 134, nothing written) and the CSV and JSON
+    summaries could not hold it (every case failed in pace). Now that case is refused with the
+    reason, its name escaped (``caf\\xe9``), and every other case is written."""
+    import os
+
+    from model.inference import InferenceError, prepare_output
+
+    src = tmp_path / "in"
+    src.mkdir()
+    arr = _us(40, 56, 31)
+    for stem in ("ok", os.fsdecode(b"caf\xe9")):
+        Image.fromarray(arr).save(src / f"{stem}.png")
+        _mha(src / "written.mha", arr)  # under an ASCII name: ITK here would abort pytest itself
+        (src / "written.mha").rename(src / f"{stem}.mha")
+    for fmt in ("gc", "pace"):
+        out = tmp_path / f"out_{fmt}"
+        proc, _ = _process(["-i", str(src), "-o", str(out), "--format", fmt, "--model-dir", str(ensemble_dir),
+                            "-d", "cpu"])
+        assert proc.returncode == 3, proc.stderr[-2000:]
+        errors = _errors_csv(out)
+        reason = "its file name is not valid UTF-8 (rename it)"
+        assert errors == {"caf\\xe9.mha": reason, "caf\\xe9.png": reason}
+        assert f"error: caf\\xe9.mha: {reason}" in proc.stderr
+        assert "2 of 4 images processed, 2 failed" in proc.stderr
+        if fmt == "gc":
+            masks = sorted(p.name for p in (out / "images" / SLUG).iterdir())
+            assert masks == ["ok.mha", "ok_png.mha"] or masks == ["ok_mha.mha", "ok.mha"], masks
+            assert len(json.loads((out / "results.json").read_text())) == 4
+        else:
+            rows = (out / "classification" / "predictions.csv").read_text().splitlines()
+            assert len(rows) == 3 and sorted(p.name for p in (out / "segmentation").iterdir()) == \
+                sorted(f"{r.split(',')[0]}_mask.png" for r in rows[1:])
+    with pytest.raises(InferenceError, match=r"output folder .*out\\xe9: its path is not valid UTF-8"):
+        prepare_output(tmp_path / os.fsdecode(b"out\xe9"))
+
+
+def test_an_image_too_large_to_decode_in_4_gb_is_refused_from_its_header(tmp_path):
+    """Past 10000 x 10000 pixels (the size the 4 GB tests above run) an image is refused from its
+    header, before anything is decoded: Pillow's own guard only warned up to 1.8 gigapixels, and a
+    30000 x 30000 PNG of a few MB took 3.5 GB to decode."""
+    import struct
+    import zlib
+
+    from model.io import MAX_PIXELS, ImageReadError, read_image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = tmp_path / "wide.png"  # a header announcing 40000 x 30000 grey pixels (what a bomb looks like)
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 30000, 8, 0, 0, 0, 0))
+                    + chunk(b"IDAT", zlib.compress(b"\x00" * 40001)) + chunk(b"IEND", b""))
+    with pytest.raises(ImageReadError, match=r"wide.png: image too large: 40000 x 30000 = 1,200,000,000 pixels"):
+        read_image(png)
+    mha = tmp_path / "deep.mha"  # compressed, without CompressedDataSize: its size is not checked otherwise
+    mha.write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 12000 9000 1\nElementType = MET_UCHAR\n"
+                    b"CompressedData = True\nElementDataFile = LOCAL\n" + zlib.compress(bytes(1000)))
+    with pytest.raises(ImageReadError, match=r"deep.mha: image too large: 12000 x 9000 = 108,000,000 pixels"):
+        read_image(mha)
+    assert MAX_PIXELS == 10000 * 10000
+
+
+def _png16(path: Path, arr: np.ndarray, colour_type: int, exif: bytes | None = None) -> None:
+    """A 16-bit PNG written byte by byte (Pillow writes none with several channels)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w = arr.shape[:2]
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
+                     + (chunk(b"eXIf", exif) if exif else b"") + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+def test_16_bit_colour_keeps_all_16_bits_and_its_orientation(tmp_path):
+    """Pillow decodes 16-bit RGB, RGBA (and grey+alpha) to 8 bits a channel, the high byte only: an
+    image using a narrow range (1000..1199) arrived as two grey levels. Such files are read by ITK,
+    at 16 bits, with their EXIF orientation applied as Pillow applies it (checked against Pillow on
+    the same pixels' low and high bytes as 8-bit images); 16-bit grey+alpha, which ITK cannot read,
+    is refused with the reason rather than cut to 8 bits."""
+    from model.io import ImageReadError, read_image
+
+    rng = np.random.default_rng(5)
+    stored = np.stack([1000 + rng.integers(0, 200, (23, 37)), 30000 + rng.integers(0, 9000, (23, 37)),
+                       rng.integers(0, 65536, (23, 37))], -1).astype(np.uint16)
+    _png16(tmp_path / "rgb16.png", stored, 2)
+    got = read_image(tmp_path / "rgb16.png").array
+    assert got.dtype == np.uint16 and np.array_equal(got, stored)
+    assert len(np.unique(got[..., 0])) > 100  # not the two levels of its high byte
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        _png16(tmp_path / f"o{orientation}.png", stored, 2, exif.tobytes()[6:])  # eXIf: without "Exif\0\0"
+        got = read_image(tmp_path / f"o{orientation}.png").array
+        for part, byte in (("low", stored & 255), ("high", stored >> 8)):
+            Image.fromarray(byte.astype(np.uint8)).save(tmp_path / f"{part}.png", exif=exif)
+            np.testing.assert_array_equal(got & 255 if part == "low" else got >> 8,
+                                          read_image(tmp_path / f"{part}.png").array,
+                                          err_msg=f"orientation {orientation}, {part} byte")
+    rgba = np.concatenate([stored, np.full((23, 37, 1), 65535, np.uint16)], -1)
+    _png16(tmp_path / "rgba16.png", rgba, 6)
+    assert np.array_equal(read_image(tmp_path / "rgba16.png").array, rgba)
+    img = sitk.GetImageFromArray(stored, isVector=True)
+    sitk.WriteImage(img, str(tmp_path / "rgb16.tif"))
+    assert np.array_equal(read_image(tmp_path / "rgb16.tif").array, stored)
+    _png16(tmp_path / "la16.png", np.stack([stored[..., 0], np.full((23, 37), 65535)], -1), 4)
+    with pytest.raises(ImageReadError, match="la16.png: a 16-bit image with several channels that cannot be read "
+                                             "at 16 bits .*save it as 16-bit grey, or as 8-bit colour"):
+        read_image(tmp_path / "la16.png")

@@ -521,6 +521,28 @@ def test_output_name_rule():
     assert len({n.casefold() for n in output_names(same, root)}) == 4
 
 
+def test_names_too_long_for_the_file_system_are_cut_distinctly(cli, tmp_path):
+    """Up to 236 bytes a name is the stem; past it (``<stem>_mask.png`` would pass the 255-byte limit
+    and the case failed) the start and a digest, cut on whole UTF-8 characters, still distinct."""
+    from model.writers import MAX_NAME_BYTES
+
+    root = Path("/in")
+    stems = ["é" * 125 + "x", "é" * 125 + "y", "n" * MAX_NAME_BYTES]  # 251 bytes each, 236
+    names = output_names([root / f"{s}.png" for s in stems], root)
+    assert names[2] == stems[2]
+    assert names[0] != names[1] and all(n.startswith("é" * 113 + "_") for n in names[:2])
+    assert all(len(n.encode()) <= MAX_NAME_BYTES for n in names)
+    assert output_names([root / f"{stems[0]}.png"], root) == names[:1]  # the same from run to run
+    d = tmp_path / "in"
+    d.mkdir()
+    img = synthetic_ultrasound(40, 52, 3)[0]
+    for s in stems:
+        Image.fromarray(img).save(d / f"{s}.png")
+    res = cli("-i", d, "-o", tmp_path / "out", "--format", "pace")
+    assert res.exit_code == 0, res.output
+    assert _files(tmp_path / "out" / "segmentation") == sorted(f"{n}_mask.png" for n in names)
+
+
 def test_an_output_folder_inside_the_input_folder_is_not_read_back(cli, tmp_path):
     d = _one_image(tmp_path)
     assert cli("-i", d, "-o", d / "out", "--format", "pace").exit_code == 0
