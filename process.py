@@ -54,6 +54,11 @@ from model.inference import (FORMATS, TASKS, InferenceError, find_inputs, load_p
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--tta/--no-tta", default=False, show_default=True, help="Horizontal-flip test-time augmentation: the image and its mirror image (mirrored within its own columns), "
               "averaged; twice the encoder time.")
+@click.option("--class-prior", type=click.Choice(["trained", "data"]), default=None,
+              help="Class probabilities under the class frequencies the model was trained with (trained: its "
+                   "training's class-weighted sampling) or under its training data's own (data: those weights "
+                   "divided out; higher accuracy, lower recall of the oversampled classes) [default: the model's "
+                   "ensemble.json postprocess.class_prior, else trained].")
 @click.option("--overlay/--no-overlay", default=False, show_default=True,
               help="Also write overlays/<name>.png (contour, label, probability).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
@@ -70,7 +75,7 @@ from model.inference import (FORMATS, TASKS, InferenceError, find_inputs, load_p
               help="Progress bar on stderr [default: on when stderr is a terminal; off in captured logs, such "
                    "as a container's].")
 def main(input_dir: Path, output_dir: Path, task: str, device: str, fmt: str, model_dir: Path | None,
-         batch_size: int, tta: bool, overlay: bool, precision: str, runtime: str, compile_: bool,
+         batch_size: int, tta: bool, class_prior: str | None, overlay: bool, precision: str, runtime: str, compile_: bool,
          progress: bool | None) -> None:
     if progress is None:
         progress = sys.stderr.isatty()
@@ -78,7 +83,8 @@ def main(input_dir: Path, output_dir: Path, task: str, device: str, fmt: str, mo
         inputs = find_inputs(input_dir, exclude=output_dir)
         prepare_output(output_dir, create=False)  # before the model loads: a folder it cannot write fails now
         predictor = load_predictor(model_dir, device=device, batch_size=batch_size, tta=tta, precision=precision,
-                                   compile_backend="inductor" if compile_ else None, runtime=runtime)
+                                   compile_backend="inductor" if compile_ else None, runtime=runtime,
+                                   class_prior=class_prior)
         result = run(predictor, input_dir, output_dir, task=task, fmt=fmt, overlay=overlay, inputs=inputs,
                      progress=progress)
     except InferenceError as exc:

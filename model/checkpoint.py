@@ -174,7 +174,24 @@ def encoder_key(cfg: dict) -> str | None:
     return f"{enc['name']}:{enc['input_size']}:{w.get('sha256')}"
 
 
-DEFAULT_POSTPROCESS = {"threshold": 0.5, "gate_normal": False, "largest_component": False, "refine": None}
+DEFAULT_POSTPROCESS = {"threshold": 0.5, "gate_normal": False, "largest_component": False, "refine": None,
+                       "class_prior": "trained"}
+# "trained": class probabilities as the classification members learnt them, under the class weights of
+# their training's sampling; "data": those weights divided out (Bayes' rule), i.e. under the training
+# data's own class frequencies (``class_sampling_weights``)
+CLASS_PRIORS = ("trained", "data")
+
+
+def class_sampling_weights(config: dict, class_names=CLASS_NAMES) -> list[float]:
+    """The class weights a member's training sampled its images by (``train_config.class_weights`` in
+    its provenance; training.train draws each image with probability proportional to its class's
+    weight), in ``class_names`` order; 1.0 for a class it does not name, and all 1.0 for a member
+    without that record (nothing known to divide out)."""
+    weights = ((config.get("provenance") or {}).get("train_config") or {}).get("class_weights") or {}
+    out = [float(weights.get(name, 1.0)) for name in class_names]
+    if not all(w > 0 and w != float("inf") for w in out):
+        raise CheckpointError(f"class_weights must be positive and finite, not {weights!r}")
+    return out
 
 
 def save_ensemble(out_dir: str | Path, members: dict[str, PFSAMNet | str | Path],
@@ -217,6 +234,9 @@ def validate_ensemble(spec: dict, where: Path) -> dict:
     unknown_pp = set(spec.get("postprocess", {})) - set(DEFAULT_POSTPROCESS)
     if unknown_pp:
         raise CheckpointError(f"{where}: unknown postprocess options {sorted(unknown_pp)}")
+    prior = spec.get("postprocess", {}).get("class_prior", "trained")
+    if prior not in CLASS_PRIORS:
+        raise CheckpointError(f"{where}: postprocess.class_prior must be one of {', '.join(CLASS_PRIORS)}, not {prior!r}")
     refine = spec.get("postprocess", {}).get("refine")
     if refine is not None:
         ok = (isinstance(refine, dict) and refine.get("type") == "box" and set(refine) <= {"type", "margin", "blend"}

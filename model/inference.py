@@ -70,7 +70,7 @@ def default_model_dir() -> Path:
 
 def load_predictor(model_dir: str | Path | None = None, device: str = "auto", batch_size: int = 4,
                    tta: bool = False, precision: str = "auto", compile_backend: str | None = None,
-                   runtime: str = "auto"):
+                   runtime: str = "auto", class_prior: str | None = None):
     """Load the ensemble once; any failure becomes an ``InferenceError`` naming the folder."""
     from .predictor import Predictor
 
@@ -90,7 +90,8 @@ def load_predictor(model_dir: str | Path | None = None, device: str = "auto", ba
                              f"{'is a file, not a model folder' if model_dir.exists() else 'does not exist'}")
     try:
         predictor = Predictor.from_dir(model_dir, device=device, batch_size=batch_size, tta=tta,
-                                       precision=precision, compile_backend=compile_backend, runtime=runtime)
+                                       precision=precision, compile_backend=compile_backend, runtime=runtime,
+                                       class_prior=class_prior)
     except Exception as exc:  # noqa: BLE001 - every reason is reported the same way
         raise InferenceError(f"cannot load the model from {model_dir}: {exc}") from exc
     from .encoders.sam_vit import fused_attention_note

@@ -7,6 +7,9 @@ Precision ``auto``: bf16 autocast on CUDA for encoders whose outputs hold under 
 fp32 otherwise (LiteMedSAM, and every encoder on CPU); ``bf16`` forces it. Optional
 horizontal-flip TTA: the image mirrored within its own columns (``preprocessing.mirror``: the padding
 stays at the right, as in training), its outputs mirrored back and averaged with the plain view's.
+Class prior (``postprocess.class_prior``, or ``class_prior=`` to override it): ``trained`` gives the
+classification members' probabilities as they learnt them, under their training's class-weighted
+sampling; ``data`` divides those weights out (``checkpoint.class_sampling_weights``).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch
 
 from . import CLASS_NAMES
 from .allocator import keep_freed_memory
-from .checkpoint import encoder_key, load_model, read_config, read_ensemble
+from .checkpoint import CLASS_PRIORS, class_sampling_weights, encoder_key, load_model, read_config, read_ensemble
 from .encoders import get_spec
 from .encoders.weights import checkpoint_reads_shared
 from .io_threads import io_pool
@@ -140,7 +143,7 @@ def fit_in_gpu_memory(fn, batch, join, first_size: int | None = None):
 
 class Predictor:
     def __init__(self, members: dict[str, PFSAMNet], spec: dict, device: torch.device,
-                 batch_size: int = 4, tta: bool = False, precision: str = "auto"):
+                 batch_size: int = 4, tta: bool = False, precision: str = "auto", class_prior: str | None = None):
         self.members = members
         self.spec = spec
         self.device = device
@@ -163,11 +166,27 @@ class Predictor:
         self.bf16 = use_bf16(precision, device, cpu_auto=False) and (precision == "bf16" or auto_ok)
         self.refiner: BoxRefiner | None = None
         self.set_refine(self.post.get("refine"))
+        # log of each classification member's sampling weights: subtracted from its class logits
+        # under class_prior "data" (softmax(z - log w) = p / w, renormalised: Bayes' rule)
+        self._log_sampling = {k: torch.tensor(class_sampling_weights(self.members[k].config), device=device).log()
+                              for k in self.cls_w}
+        self.class_prior = class_prior or self.post.get("class_prior", "trained")
         # threads for decoding, pre- and postprocessing beside the model (model.inference.run
         # prefetches the next batch; predict maps its per-image steps): 0 on CPU, where the model
         # already uses every core; on CUDA the CPU work would otherwise leave the GPU idle
         self.io_threads = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
         self._pool: tuple[int, ThreadPoolExecutor] | None = None
+
+    @property
+    def class_prior(self) -> str:
+        """``trained`` or ``data`` (module docstring); settable, as ``tta`` is, between predictions."""
+        return self._class_prior
+
+    @class_prior.setter
+    def class_prior(self, value: str) -> None:
+        if value not in CLASS_PRIORS:
+            raise ValueError(f"class_prior must be one of {', '.join(CLASS_PRIORS)}, not {value!r}")
+        self._class_prior = value
 
     @property
     def encoder_runtime(self) -> str:
@@ -186,12 +205,16 @@ class Predictor:
     @checkpoint_reads_shared()  # the encoder and the box refiner read LiteMedSAM's file once
     def from_dir(cls, model_dir: str | Path = DEFAULT_MODEL_DIR, device: str = "auto", batch_size: int = 4,
                  tta: bool = False, precision: str = "auto", encoder_checkpoint=None,
-                 compile_backend: str | None = None, runtime: str = "auto") -> "Predictor":
+                 compile_backend: str | None = None, runtime: str = "auto",
+                 class_prior: str | None = None) -> "Predictor":
         """``compile_backend``: ``torch.compile`` each distinct encoder with this backend ("inductor"
         for speed on CUDA; the first batch of each new batch size then takes a while to compile).
         ``runtime``: where the encoder runs. ``auto``: ONNX Runtime for encoders whose spec asks for it
         (``EncoderSpec.onnx_on_cpu``; none does now) on CPU in fp32 when onnxruntime is installed, else
-        PyTorch; ``onnx``: ONNX Runtime or an error; ``torch``: PyTorch (model/onnx_encoder.py)."""
+        PyTorch; ``onnx``: ONNX Runtime or an error; ``torch``: PyTorch (model/onnx_encoder.py).
+        ``class_prior``: ``trained`` or ``data`` (module docstring); None: the ensemble's."""
+        if class_prior is not None and class_prior not in CLASS_PRIORS:
+            raise ValueError(f"class_prior must be one of {', '.join(CLASS_PRIORS)}, not {class_prior!r}")
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
         dev = resolve_device(device)
@@ -236,7 +259,7 @@ class Predictor:
                 m.encoder = compiled[key]
         if dev.type == "cpu":
             keep_freed_memory()  # no page faults per batch: about 2x faster on CPU (model/allocator.py)
-        return cls(members, spec, dev, batch_size, tta, precision)
+        return cls(members, spec, dev, batch_size, tta, precision, class_prior)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -297,7 +320,10 @@ class Predictor:
                     if seg_embedding is None:  # the refiner decodes the first segmentation member's embedding
                         seg_embedding = emb
                 if name in self.cls_w:
-                    cls = cls + self.cls_w[name] * torch.softmax(out["class_logits"].float(), -1)
+                    logits = out["class_logits"].float()
+                    if self.class_prior == "data":
+                        logits = logits - self._log_sampling[name]
+                    cls = cls + self.cls_w[name] * torch.softmax(logits, -1)
         seg = seg / sum(self.seg_w.values())
         if self.refiner is not None:  # fp32: the decoder's boundaries are what it is there for
             seg = self.refiner(seg_embedding, seg)

@@ -124,6 +124,18 @@ def _umask() -> int:
     return mask
 
 
+def test_class_prior_is_set_by_export_and_kept_for_the_same_members(runs, tmp_path):
+    out = tmp_path / "ens"
+    assert _export(runs["sd-h"], runs["mgc-a"], "--out", out).exit_code == 0
+    assert json.loads((out / "ensemble.json").read_text())["postprocess"]["class_prior"] == "trained"
+    res = _export(runs["sd-h"], runs["mgc-a"], "--out", out, "--class-prior", "data")
+    assert res.exit_code == 0, res.output
+    assert Predictor.from_dir(out, device="cpu").class_prior == "data"
+    assert _export(runs["sd-h"], runs["mgc-a"], "--out", out).exit_code == 0  # not given: kept
+    assert json.loads((out / "ensemble.json").read_text())["postprocess"]["class_prior"] == "data"
+    assert _export(runs["sd-h"], runs["mgc-a"], "--out", out, "--class-prior", "uniform").exit_code == 2
+
+
 def test_a_run_without_best_is_a_clear_error(runs, tmp_path):
     run = tmp_path / "no-best"
     run.mkdir()

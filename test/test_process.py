@@ -95,9 +95,10 @@ def _invoke_with(predictor, args) -> object:
     calls = []
 
     def fake_load(model_dir=None, device="auto", batch_size=4, tta=False, precision="auto", compile_backend=None,
-                  runtime="auto"):
+                  runtime="auto", class_prior=None):
         calls.append({"model_dir": model_dir, "device": device, "batch_size": batch_size, "tta": tta,
-                      "precision": precision, "compile_backend": compile_backend, "runtime": runtime})
+                      "precision": precision, "compile_backend": compile_backend, "runtime": runtime,
+                      "class_prior": class_prior})
         predictor.batch_size, predictor.tta = batch_size, tta
         return predictor
 

@@ -267,10 +267,13 @@ def export(runs: list[Path], out: Path, which: str = "best", metrics_path: Path 
                    "same members, else off].")
 @click.option("--largest-component/--all-components", default=None,
               help="Keep only the largest lesion [default: as in OUT/ensemble.json for the same members, else off].")
+@click.option("--class-prior", default=None, type=click.Choice(["trained", "data"]),
+              help="postprocess.class_prior, process.py's default for this ensemble [default: as in OUT/ensemble.json "
+                   "for the same members, else trained].")
 @click.option("--command", default="", help="The command that reproduces the ensemble (for the card).")
-def main(runs, out, which, metrics_path, data_report, gate_normal, largest_component, command):
+def main(runs, out, which, metrics_path, data_report, gate_normal, largest_component, class_prior, command):
     """Export trained runs as an ensemble directory (safetensors + JSON + MODEL_CARD.md)."""
-    post = {"gate_normal": gate_normal, "largest_component": largest_component}
+    post = {"gate_normal": gate_normal, "largest_component": largest_component, "class_prior": class_prior}
     export([Path(r) for r in runs], Path(out), which, Path(metrics_path) if metrics_path else None, post,
            Path(data_report) if data_report else None, command)
     click.echo(f"ensemble written to {out}")

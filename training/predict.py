@@ -18,8 +18,8 @@ from .datasets import load_records
 
 def predict_split(model_dir: Path, data: Path, split: str | None, out: Path, device: str = "auto",
                   batch_size: int = 4, tta: bool = False, precision: str = "auto", progress: bool = True,
-                  logits: bool = False, limit: int | None = None):
-    predictor = load_predictor(model_dir, device, batch_size, tta, precision)
+                  logits: bool = False, limit: int | None = None, class_prior: str | None = None):
+    predictor = load_predictor(model_dir, device, batch_size, tta, precision, class_prior=class_prior)
     predictor.keep_logits = logits
     records = load_records(data, None if split == "all" else split)[:limit]  # sorted by image id
     return run(predictor, data / "images", out, fmt="pace", inputs=[r.image_path for r in records],
@@ -35,15 +35,17 @@ def predict_split(model_dir: Path, data: Path, split: str | None, out: Path, dev
 @click.option("--batch-size", default=4)
 @click.option("--tta/--no-tta", default=False, help="As process.py's: horizontal-flip test-time augmentation.")
 @click.option("--precision", default="auto", type=click.Choice(["auto", "bf16", "fp32"]))
+@click.option("--class-prior", default=None, type=click.Choice(["trained", "data"]),
+              help="As process.py's [default: the ensemble's postprocess.class_prior].")
 @click.option("--logits", is_flag=True, help="Also write OUT/logits/<image_id>.npy (float16 lesion logits at "
               "full size; their sigmoid is the probability), from which training.evaluate reports the segmentation BCE.")
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Only the split's first N images by image id (a quick check; training.evaluate --limit N scores them).")
-def main(model_dir, data, split, out, device, batch_size, tta, precision, logits, limit):
+def main(model_dir, data, split, out, device, batch_size, tta, precision, class_prior, logits, limit):
     """Predict a split of a prepared dataset, for training.evaluate."""
     try:
         result = predict_split(Path(model_dir), Path(data), split, Path(out), device, batch_size, tta, precision,
-                               logits=logits, limit=limit)
+                               logits=logits, limit=limit, class_prior=class_prior)
     except InferenceError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
