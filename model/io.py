@@ -296,16 +296,21 @@ def _read_mha(path: Path) -> LoadedImage:
     dim = img.GetDimension()
     spacing, origin, direction = img.GetSpacing(), img.GetOrigin(), img.GetDirection()
     extra = {"dimension": dim, "geometry": (spacing, origin, direction)}
+    arr = sitk.GetArrayFromImage(img)  # (D x) H x W (x C for vector pixels): ITK's axes reversed
     if dim == 3:
-        depth = img.GetSize()[2]
-        if depth != 1:
-            raise ImageReadError(path, f"3-D image with {depth} slices; expected a single 2-D slice")
-        img = img[:, :, 0]
-        spacing, origin = spacing[:2], origin[:2]
-        direction = (direction[0], direction[1], direction[3], direction[4])
+        size = img.GetSize()
+        if 1 not in size:
+            raise ImageReadError(path, f"3-D image of {size[0]} x {size[1]} x {size[2]} voxels; expected a single "
+                                       f"2-D slice (one axis of size 1)")
+        # the slice's axis: the third as usual, else the one stored with size 1 (a W x 1 x D volume)
+        axis = 2 if size[2] == 1 else size.index(1)
+        keep = [i for i in range(3) if i != axis]
+        arr = np.take(arr, 0, axis=2 - axis)  # numpy's axis order is ITK's reversed
+        extra["singleton_axis"] = axis
+        spacing, origin = tuple(spacing[i] for i in keep), tuple(origin[i] for i in keep)
+        direction = tuple(direction[3 * r + c] for r in keep for c in keep)
     elif dim != 2:
         raise ImageReadError(path, f"{dim}-D image; expected 2-D")
-    arr = sitk.GetArrayFromImage(img)  # H x W (x C for vector pixels)
     return LoadedImage(_check_pixels(path, arr), str(path), tuple(spacing), tuple(origin), tuple(direction),
                        extra, metaimage=True)
 
@@ -493,7 +498,8 @@ def write_mha(path: Path | str, array: np.ndarray, like: LoadedImage | None = No
     if like is not None:
         if like.extra.get("dimension") == 3:  # only the 3-D geometry: a slice in the x-z or y-z plane
             spacing, origin, direction = like.extra["geometry"]  # has no valid 2-D direction of its own
-            img = sitk.JoinSeries(img)
+            axis = like.extra.get("singleton_axis", 2)  # the size-1 axis where the input had it
+            img = sitk.GetImageFromArray(np.ascontiguousarray(np.expand_dims(array, 2 - axis)))
             img.SetSpacing(spacing)
             img.SetOrigin(origin)
             img.SetDirection(direction)
