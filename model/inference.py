@@ -401,8 +401,9 @@ def summary_line(result: RunResult) -> str:
         text += f", {bad} failed"
     if folders:
         text += f", {len(folders)} folder{'s' if len(folders) != 1 else ''} not listed"
-    if result.failed:
-        text += f" (see {result.output_dir / ERRORS_FILE})"
+    if result.failed:  # errors.csv is among the summary files, which may be what failed
+        errors = result.output_dir / ERRORS_FILE
+        text += f" (see {errors})" if errors.is_file() else " (the reasons are above; errors.csv could not be written)"
     return f"{text}; outputs in {result.output_dir}"
 
 

@@ -449,6 +449,21 @@ def test_a_prediction_failure_is_isolated_to_its_image(cli, predictor, tmp_path,
     assert "simulated failure" in (tmp_path / "out" / "errors.csv").read_text()
 
 
+def test_summary_files_that_cannot_be_written_are_reported_without_pointing_to_a_missing_file(cli, tmp_path,
+                                                                                              monkeypatch):
+    from model import writers
+
+    def full_disk(self, cases):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writers.PACEWriter, "finish", full_disk)
+    res = cli("-i", _one_image(tmp_path), "-o", tmp_path / "out", "--format", "pace")
+    assert res.exit_code == 1, res.output
+    assert "writing the summary files into" in res.output and "No space left on device" in res.output
+    assert "0 of 1 image processed, 1 failed (the reasons are above; errors.csv could not be written)" in res.output
+    assert not (tmp_path / "out" / "errors.csv").exists()
+
+
 def test_nothing_processed_exits_1(cli, tmp_path):
     d = tmp_path / "bad"
     d.mkdir()
