@@ -51,6 +51,7 @@ class Predictor(BasePredictor):
     def setup(self, model_dir: Optional[str] = None) -> None:
         """Load the ensemble once: ``/opt/ml/model`` if it holds one, else model/weights/default."""
         self.predictor = load_predictor(model_dir, device="auto", batch_size=1)
+        self.model_class_prior = self.predictor.class_prior  # ensemble.json's postprocess.class_prior
 
     def predict(
         self,
@@ -58,8 +59,13 @@ class Predictor(BasePredictor):
         overlay: bool = Input(description="Also return an overlay image", default=True),
         tta: bool = Input(description="Horizontal-flip test-time augmentation (the image and its mirror image, averaged; "
                                          "twice the encoder time)", default=False),
+        class_prior: str = Input(description="Class probabilities under the class frequencies the model was trained "
+                                              "with (trained), or under its training data's own (data: the training's "
+                                              "class weights divided out); model: as the model's ensemble.json says",
+                                 choices=["model", "trained", "data"], default="model"),
     ) -> Output:
         self.predictor.tta = bool(tta)
+        self.predictor.class_prior = self.model_class_prior if class_prior == "model" else class_prior
         out_dir = Path(tempfile.mkdtemp(prefix="pfsam-"))
         case = predict_file(self.predictor, Path(str(image)), out_dir, overlay=bool(overlay))
         pred = case.prediction

@@ -142,7 +142,8 @@ def test_cog_server_answers_as_the_predictor_does_in_process(cog_server, images,
                                                             "overlay": name.endswith(".png")}})
         assert res["status"] == "succeeded", res.get("error")
         got = res["output"]
-        want = predictor.predict(image=predict.Path(str(images[name])), overlay=name.endswith(".png"), tta=False)
+        want = predictor.predict(image=predict.Path(str(images[name])), overlay=name.endswith(".png"), tta=False,
+                                 class_prior="model")
         assert got["classification"] == want.classification in ("Normal", "Benign", "Malignant")
         probs = [got[f"probability_{c}"] for c in ("normal", "benign", "malignant")]
         assert math.isclose(sum(probs), 1.0, abs_tol=1e-5)
@@ -184,7 +185,7 @@ import predict
 assert predict.BasePredictor.__module__ == "predict", predict.BasePredictor
 p = predict.Predictor()
 p.setup()
-out = p.predict(image=predict.Path({str(tmp_path / 'scan.png')!r}), overlay=True, tta=False)
+out = p.predict(image=predict.Path({str(tmp_path / 'scan.png')!r}), overlay=True, tta=False, class_prior="model")
 print(out.dict()["classification"], out.segmentation_mask.name, out.overlay.name)
 """
     grey, _ = synthetic_ultrasound(100, 130, 33)
@@ -193,3 +194,21 @@ print(out.dict()["classification"], out.segmentation_mask.name, out.overlay.name
     assert res.returncode == 0, res.stderr[-2000:]
     label, mask, overlay = res.stdout.split()
     assert label in ("Normal", "Benign", "Malignant") and (mask, overlay) == ("scan_mask.png", "scan_overlay.png")
+
+
+def test_cog_server_takes_the_class_prior(cog_server, images):
+    """``class_prior``: ``model`` (the default model's ensemble.json: trained) and ``trained`` give the
+    same answer; ``data`` divides its MGC-A's sampling weights (normal x3, malignant x1.5) out; any
+    other value is refused by Cog's own input check."""
+    answers = {}
+    for prior in ("model", "trained", "data"):
+        res = _post(f"{cog_server}/predictions", {"input": {"image": _data_uri(images["scan.png"], "image/png"),
+                                                            "overlay": False, "class_prior": prior}})
+        assert res["status"] == "succeeded", res.get("error")
+        answers[prior] = np.array([res["output"][f"probability_{c}"] for c in ("normal", "benign", "malignant")])
+    np.testing.assert_allclose(answers["model"], answers["trained"], atol=1e-7)
+    expected = answers["trained"] / [3.0, 1.0, 1.5]
+    np.testing.assert_allclose(answers["data"], expected / expected.sum(), atol=1e-5)
+    res = _post(f"{cog_server}/predictions", {"input": {"image": _data_uri(images["scan.png"], "image/png"),
+                                                        "class_prior": "flat"}})
+    assert res.get("status") != "succeeded" and "flat" in json.dumps(res), res

@@ -767,7 +767,7 @@ def test_cog_predictor_setup_and_predict(ensemble_dir, inputs):
     root, sizes = inputs
     p = cog_predict.Predictor()
     p.setup(model_dir=str(ensemble_dir))
-    out = p.predict(image=cog_predict.Path(str(root / "colour.png")), overlay=True, tta=False)
+    out = p.predict(image=cog_predict.Path(str(root / "colour.png")), overlay=True, tta=False, class_prior="model")
     assert out.classification in ("Normal", "Benign", "Malignant")  # as in the challenge's classification.csv
     probs = (out.probability_normal, out.probability_benign, out.probability_malignant)
     assert math.isclose(sum(probs), 1.0, abs_tol=1e-5)
@@ -776,17 +776,17 @@ def test_cog_predictor_setup_and_predict(ensemble_dir, inputs):
     mask = Image.open(str(out.segmentation_mask))
     assert mask.size == (w, h) and set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
     assert Image.open(str(out.overlay)).size == (w, h)
-    mha = p.predict(image=cog_predict.Path(str(root / "scan.mha")), overlay=False, tta=False)
+    mha = p.predict(image=cog_predict.Path(str(root / "scan.mha")), overlay=False, tta=False, class_prior="model")
     assert str(mha.segmentation_mask).endswith(".mha") and mha.overlay is None
     assert sitk.ReadImage(str(mha.segmentation_mask)).GetSpacing() == pytest.approx(MHA_SPACING)
     with pytest.raises(Exception, match="not a readable image|corrupt"):
         bad = Path(str(out.segmentation_mask)).parent / "bad.png"
         bad.write_bytes(b"nope")
-        p.predict(image=cog_predict.Path(str(bad)), overlay=False, tta=False)
+        p.predict(image=cog_predict.Path(str(bad)), overlay=False, tta=False, class_prior="model")
     black = Path(str(out.segmentation_mask)).parent / "black.png"
     Image.fromarray(np.zeros((200, 300), np.uint8)).save(black)
     with pytest.raises(Exception, match=r"black.png: every pixel has the same value \(0\): nothing to segment"):
-        p.predict(image=cog_predict.Path(str(black)), overlay=False, tta=False)
+        p.predict(image=cog_predict.Path(str(black)), overlay=False, tta=False, class_prior="model")
 
 
 def test_cog_yaml_pins_match_the_runtime_requirements():
