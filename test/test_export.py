@@ -215,3 +215,10 @@ def test_the_model_card_states_the_split_the_data_report_records(runs, tmp_path)
     ens = export_mod.export([runs["sd-h"]], tmp_path / "ens2", data_report=tmp_path / "report.json")
     card = (ens / "MODEL_CARD.md").read_text()
     assert "Split: per class train/val fraction unknown with seed unknown," in card and "seed 0" not in card
+    assert "near-duplicates not grouped" in card  # a report of before session 27 says nothing of them
+    near = {"enabled": True, "correlation": 0.95, "pairs": 164, "groups": 106, "images": 239, "dropped_conflicting": 14}
+    (tmp_path / "report.json").write_text(json.dumps({**report, "near_duplicates": near}))
+    card = (export_mod.export([runs["sd-h"]], tmp_path / "ens3", data_report=tmp_path / "report.json")
+            / "MODEL_CARD.md").read_text()
+    assert ("near-duplicates (thumbnails correlating above 0.95) kept on one side, 106 groups of 239 images, "
+            "14 images of groups with conflicting labels removed") in card

@@ -357,3 +357,111 @@ def test_files_the_readers_leave_out_are_reported(tmp_path):
     for path, reason in warned.items():
         assert f"warning: {tmp_path / path}: {reason}" in result.stderr
     assert report["prepared"] == 2 and not report["errors"]
+
+
+def _smooth_scan(seed: int) -> np.ndarray:
+    """A scan-like image with structure on the scale of a thumbnail's pixels (a smoothed random field):
+    two of them correlate far below the near-duplicate threshold (0.57 at most over 60 seeds)."""
+    from scipy import ndimage
+
+    f = ndimage.gaussian_filter(np.random.default_rng(seed).random((96, 128)), 8)
+    return ((f - f.min()) / (f.max() - f.min()) * 200 + 20).astype(np.uint8)
+
+
+def _reexported(image: np.ndarray, seed: int) -> np.ndarray:
+    """The same scan exported again: a pixel or two cropped off each side, resized back, noise, JPEG."""
+    import io as iolib
+
+    from PIL import Image
+
+    crop = image[1:-1, 2:-2]
+    a = np.asarray(Image.fromarray(crop).resize((128, 96), Image.BILINEAR), np.float32)
+    a = np.clip(a + np.random.default_rng(seed).normal(0, 4, a.shape), 0, 255).astype(np.uint8)
+    buf = iolib.BytesIO()
+    Image.fromarray(a).save(buf, "JPEG", quality=75)
+    return np.asarray(Image.open(buf))
+
+
+def test_near_duplicates_share_a_side_and_conflicting_ones_are_dropped(tmp_path):
+    """BUSI holds the same scan exported twice, not pixel-identical, sometimes under two labels: such
+    images (thumbnails correlating above 0.95) stay on one side of the split, and a group whose labels
+    disagree is dropped; ``--no-near-duplicates`` keeps the split as pixel identity alone makes it."""
+    root = tmp_path / "BUSI"
+    lesion = box(30, 60, 40, 90, shape=(96, 128))
+    for label, n, base in (("benign", 14, 0), ("malignant", 10, 100), ("normal", 8, 200)):
+        for i in range(1, n + 1):
+            write_png(root / label / f"{label} ({i}).png", _smooth_scan(base + i))
+            write_png(root / label / f"{label} ({i})_mask.png", lesion if label != "normal" else lesion * 0)
+    pairs = {"benign (15)": ("benign", 1), "benign (16)": ("benign", 1), "malignant (11)": ("malignant", 102),
+             "malignant (12)": ("benign", 2), "normal (9)": ("normal", 201)}  # name -> (label, scan seed)
+    for k, (name, (label, seed)) in enumerate(pairs.items()):
+        folder = name.split(" ")[0]
+        write_png(root / folder / f"{name}.png", _reexported(_smooth_scan(seed), k))
+        write_png(root / folder / f"{name}_mask.png", lesion if folder != "normal" else lesion * 0)
+
+    run_cli(["--busi", str(root), "--out", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    names = {r["image_id"]: Path(r["original_path"]).stem for r in read_csv(tmp_path / "out" / "labels.csv")}
+    side = {names[r["image_id"]]: r["split"] for r in read_csv(tmp_path / "out" / "split.csv")}
+    groups = {frozenset(Path(i["path"]).stem for i in d["images"]): d for d in report["duplicates"]
+              if d["kind"] == "near-duplicate"}
+    assert set(groups) == {frozenset({"benign (1)", "benign (15)", "benign (16)"}),
+                           frozenset({"malignant (2)", "malignant (11)"}), frozenset({"benign (2)", "malignant (12)"}),
+                           frozenset({"normal (1)", "normal (9)"})}
+    assert all(d["correlation"][0] > 0.95 for d in groups.values())
+    conflict = groups[frozenset({"benign (2)", "malignant (12)"})]
+    assert conflict["conflicting_labels"] and conflict["kept"] is None
+    assert "benign (2)" not in side and "malignant (12)" not in side  # the same scan under two labels: neither
+    for members in (("benign (1)", "benign (15)", "benign (16)"), ("malignant (2)", "malignant (11)"),
+                    ("normal (1)", "normal (9)")):
+        assert len({side[m] for m in members}) == 1, members
+    assert report["near_duplicates"] == {"enabled": True, "correlation": 0.95, "pairs": 6, "groups": 4,
+                                         "images": 9, "dropped_conflicting": 2}
+    assert len(side) == 14 + 10 + 8 + 5 - 2
+
+    run_cli(["--busi", str(root), "--out", str(tmp_path / "plain"), "--no-near-duplicates"])
+    plain = json.loads((tmp_path / "plain" / "report.json").read_text())
+    assert plain["near_duplicates"]["enabled"] is False and plain["prepared"] == 14 + 10 + 8 + 5
+    assert not [d for d in plain["duplicates"] if d["kind"] == "near-duplicate"]
+
+
+def test_split_keeps_linked_images_and_their_patients_together():
+    """``assign_split``'s ``together``: 20 linked pairs all on one side each (by chance about 0.68 ** 20),
+    and a link between two patients' images joins the patients' groups (all their images on one side);
+    without links the split is the patient split as before."""
+    rows = [{"image_id": f"i{k:03d}", "label": ("benign", "malignant")[k % 2], "source": "BUS", "patient_id": ""}
+            for k in range(100)]
+    rows += [{"image_id": f"p{k}{s}", "label": "benign", "source": "BBR", "patient_id": f"P{k}"}
+             for k in range(20) for s in "ab"]
+    pairs = [[f"i{k:03d}", f"i{k + 50:03d}"] for k in range(20)] + [["p0a", "p1b"]]
+    split = prep.assign_split(rows, 0.2, 0, together=pairs)
+    assert all(split[a] == split[b] for a, b in pairs)
+    assert len({split[i] for i in ("p0a", "p0b", "p1a", "p1b")}) == 1
+    assert prep.assign_split(rows, 0.2, 0, together=[]) == prep.assign_split(rows, 0.2, 0)
+    assert any(split[a] != split[b] for a, b in [[f"i{k:03d}", f"i{k + 50:03d}"] for k in range(20)]
+               for split in [prep.assign_split(rows, 0.2, 0)])
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="real data not present")
+def test_real_busi_near_duplicates(tmp_path):
+    """On BUSI: the pairs looked at by eye in session 27 (the same scan, re-exported) are found, the
+    same scan labelled benign and malignant (or normal) is dropped, and no group spans the split."""
+    run_cli(["--busi", str(REAL_DATA / "BUSI"), "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "report.json").read_text())
+    groups = [d for d in report["duplicates"] if d["kind"] == "near-duplicate"]
+    names = [{Path(i["path"]).name for i in d["images"]} for d in groups]
+
+    def grouped(*files: str) -> dict:
+        return next(d for d, n in zip(groups, names) if set(files) <= n)
+
+    for same in (("malignant (4).png", "malignant (5).png"), ("benign (152).png", "benign (18).png"),
+                 ("benign (266).png", "benign (279).png"), ("normal (58).png", "normal (60).png")):
+        assert not grouped(*same)["conflicting_labels"], same
+    for conflict in (("benign (399).png", "malignant (93).png"), ("benign (437).png", "normal (34).png"),
+                     ("benign (42).png", "malignant (51).png")):
+        assert grouped(*conflict)["kept"] is None, conflict
+    side = {r["image_id"]: r["split"] for r in read_csv(tmp_path / "split.csv")}
+    for d in groups:
+        if d["kept"]:
+            assert len({side[i] for i in d["kept"]}) == 1, d["kept"]
+    assert report["near_duplicates"]["pairs"] >= 150 and report["near_duplicates"]["dropped_conflicting"] >= 10

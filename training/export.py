@@ -57,6 +57,17 @@ def split_text(data_report: dict) -> str:
     return f"per class {ratio} with seed {seed if seed is not None else 'unknown'}"
 
 
+def near_duplicate_text(data_report: dict) -> str:
+    """How the split treated near-duplicate images, as the data report records it."""
+    near = data_report.get("near_duplicates") or {}
+    if not near.get("enabled"):
+        return ("near-duplicates not grouped (the same scan re-exported can be on both sides: prepared "
+                "with --no-near-duplicates or before session 27)")
+    return (f"near-duplicates (thumbnails correlating above {near.get('correlation')}) kept on one side, "
+            f"{near.get('groups')} groups of {near.get('images')} images, {near.get('dropped_conflicting')} "
+            f"images of groups with conflicting labels removed")
+
+
 def selection_caveat(split: str, tuned: bool) -> str:
     """What the metrics' split was also used for: training.train picks each member's best epoch on the
     validation split, and training.tune the postprocessing; figures on that split are optimistic."""
@@ -94,7 +105,7 @@ def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics:
                 lines.append(f"- {key}: " + ", ".join(f"{k} {v}" for k, v in counts[key].items()))
         lines.append("")
         lines.append(f"Split: {split_text(data_report)}, grouped by patient where known (BUS-BRA); "
-                     "conflicting duplicates removed (training.prepare).")
+                     f"conflicting duplicates removed; {near_duplicate_text(data_report)} (training.prepare).")
     spec = json.loads((out / ENSEMBLE_NAME).read_text())
     lines += ["", "## Postprocessing", "", f"`{json.dumps(spec['postprocess'])}`", ""]
     if spec.get("postprocess_validation"):

@@ -15,6 +15,13 @@ from 1 over the whole listing sorted by (source, original path), skipping number
 folder already uses (PACE inputs keep their own ids). A case that cannot be used (bad mask, no
 mask for a lesion, no label) is reported and skipped; pixel-identical images are kept once, and
 not at all when their labels disagree. Patients are identified by (source, patient_id).
+
+Near-duplicates (on by default; ``--no-near-duplicates`` gives the split of before session 27, on
+which the embedded default model was trained): the same scan exported twice, re-cropped or
+re-encoded, is not pixel-identical, and BUSI holds about a hundred such pairs. Images whose 32 x 32
+grey thumbnails correlate above ``NEAR_DUPLICATE_CORRELATION`` are one group: the split keeps a group
+on one side, as it keeps a patient's images, and a group whose labels disagree (the same scan
+called benign and malignant) is dropped, as pixel-identical conflicts are.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from model.io import ImageReadError, atomic_path, read_image, read_mask, write_png, write_text
@@ -79,6 +87,60 @@ def fingerprint(record: Record) -> tuple[np.ndarray, str, str, bool]:
     return image, pixel_hash, hashlib.sha256(data).hexdigest(), plain
 
 
+NEAR_DUPLICATE_CORRELATION = 0.95
+THUMBNAIL_SIDE = 32
+_GREY = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601, as Pillow's "L"
+
+
+def thumbnail(image: np.ndarray) -> np.ndarray | None:
+    """The image as a 32 x 32 grey thumbnail, centred and scaled to unit norm (so that the dot product
+    of two is their correlation); None for an image of one value."""
+    a = image.astype(np.float32)
+    if a.ndim == 3:
+        a = a[..., 0] if a.shape[2] in (1, 2) else a[..., :3] @ _GREY
+    t = np.asarray(Image.fromarray(a, "F").resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.BILINEAR), np.float64)
+    t = t.ravel() - t.mean()
+    norm = float(np.linalg.norm(t))
+    return t / norm if norm > 1e-9 else None
+
+
+def near_duplicate_pairs(thumbs: dict[str, np.ndarray], threshold: float = NEAR_DUPLICATE_CORRELATION,
+                         block: int = 1024) -> list[tuple[str, str, float]]:
+    """(id, id, correlation) of every pair of thumbnails correlating above ``threshold``, ids in order;
+    in blocks of rows, so that memory grows with the images, not with their square."""
+    ids = sorted(thumbs)
+    if len(ids) < 2:
+        return []
+    x = np.stack([thumbs[i] for i in ids])
+    pairs = []
+    for start in range(0, len(ids), block):
+        c = x[start:start + block] @ x.T
+        for a, b in np.argwhere(c > threshold):
+            if b > start + a:
+                pairs.append((ids[start + a], ids[b], round(float(c[a, b]), 4)))
+    return pairs
+
+
+def _groups(pairs) -> list[list[str]]:
+    """Connected groups of the pairs' ids (sorted)."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b, *_ in pairs:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    members: dict[str, list[str]] = defaultdict(list)
+    for x in parent:
+        members[find(x)].append(x)
+    return sorted(sorted(m) for m in members.values())
+
+
 def lesion_mask(record: Record, size: tuple[int, int]) -> np.ndarray:
     """Union of the record's masks as uint8 {0,255}; raises ImageReadError for an unusable mask."""
     h, w = size
@@ -104,12 +166,29 @@ def write_case(out: Path, image_id: str, source: Path, image: np.ndarray, plain:
     write_png(out / "masks" / f"{image_id}.png", mask)
 
 
-def assign_split(rows: list[dict], val_fraction: float, seed: int) -> dict[str, str]:
-    """image_id -> train|val: whole patient groups, aiming at val_fraction of each (source, label)."""
+def assign_split(rows: list[dict], val_fraction: float, seed: int,
+                 together: list[list[str]] | None = None) -> dict[str, str]:
+    """image_id -> train|val: whole patient groups, aiming at val_fraction of each (source, label).
+    ``together``: lists of image ids that must share a side too (near-duplicates); with them a
+    patient's group and a near-duplicate group that share an image become one."""
+    def own_key(row: dict) -> tuple:
+        return (row["source"], row["patient_id"]) if row["patient_id"] else ("", row["image_id"])
+
+    key_of = {row["image_id"]: own_key(row) for row in rows}
+    parent: dict[tuple, tuple] = {}
+
+    def find(k: tuple) -> tuple:
+        while parent.setdefault(k, k) != k:
+            k = parent[k]
+        return k
+
+    for ids in together or []:
+        roots = sorted({find(key_of[i]) for i in ids if i in key_of})
+        for r in roots[1:]:
+            parent[r] = roots[0]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
-        key = (row["source"], row["patient_id"]) if row["patient_id"] else ("", row["image_id"])
-        groups[key].append(row)
+        groups[find(own_key(row))].append(row)
     totals = Counter((r["source"], r["label"]) for r in rows)
     target = {k: round(val_fraction * n) for k, n in totals.items()}
     keys = sorted(groups)
@@ -137,7 +216,7 @@ def _csv_text(fields: list[str], rows: list[dict]) -> str:
 
 
 def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: float = 0.2,
-            limit: int | None = None) -> dict:
+            limit: int | None = None, near_duplicates: bool = True) -> dict:
     start = time.monotonic()
     out = Path(out)
     errors, warnings = [], []
@@ -153,6 +232,7 @@ def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: fl
         tqdm.write(f"error: {path or record.image}: {reason}", file=sys.stderr)
 
     by_pixels: dict[str, list[tuple[Record, str, bool]]] = defaultdict(list)  # hash -> (record, byte hash, ok)
+    thumbs: dict[str, np.ndarray] = {}  # image id -> thumbnail, for near-duplicates
     written: dict[str, Record] = {}  # pixel hash -> the one record written for it
     for record in tqdm(records, desc="prepare", unit="img", file=sys.stderr):
         if record.problem:
@@ -173,6 +253,10 @@ def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: fl
                              "reason": "normal image with a non-empty mask; mask written empty"})
             mask[:] = 0
         by_pixels[pixel_hash].append((record, byte_hash, ok))
+        if near_duplicates and ok and pixel_hash not in written:
+            t = thumbnail(image)
+            if t is not None:
+                thumbs[record.image_id] = t
         if ok and pixel_hash not in written:
             write_case(out, record.image_id, record.image, image, plain, mask)
             written[pixel_hash] = record
@@ -195,10 +279,40 @@ def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: fl
         if keep is not None:
             kept.append(keep)
 
+    together: list[list[str]] = []
+    near = {"enabled": near_duplicates, "correlation": NEAR_DUPLICATE_CORRELATION, "pairs": 0, "groups": 0,
+            "images": 0, "dropped_conflicting": 0}
+    if near_duplicates:
+        by_id = {r.image_id: r for r in kept}
+        pairs = near_duplicate_pairs({i: t for i, t in thumbs.items() if i in by_id})
+        best = {}
+        for a, b, c in pairs:
+            best[a], best[b] = max(best.get(a, -1.0), c), max(best.get(b, -1.0), c)
+        dropped = set()
+        for ids in _groups(pairs):
+            labels = {by_id[i].label for i in ids}
+            conflict = len(labels) > 1
+            if conflict:
+                dropped.update(ids)
+            else:
+                together.append(ids)
+            corr = [c for a, b, c in pairs if a in ids]
+            duplicates.append({
+                "kind": "near-duplicate", "conflicting_labels": conflict, "kept": None if conflict else ids,
+                "correlation": [min(corr), max(corr)],
+                "images": [{"image_id": i, "label": by_id[i].label, "path": str(by_id[i].image)} for i in ids],
+            })
+            tqdm.write(f"near-duplicates ({'conflicting labels, none kept' if conflict else 'kept together'}; "
+                       f"correlation {min(corr):.3f}–{max(corr):.3f}): "
+                       + ", ".join(f"{by_id[i].image} [{by_id[i].label}]" for i in ids), file=sys.stderr)
+        near.update(pairs=len(pairs), groups=len(_groups(pairs)), images=len(best),
+                    dropped_conflicting=len(dropped))
+        kept = [r for r in kept if r.image_id not in dropped]
+
     rows = sorted(({"image_id": r.image_id, "label": r.label, "source": r.source,
                     "original_path": str(r.image.resolve()), "patient_id": r.patient_id} for r in kept),
                   key=lambda row: row["image_id"])
-    split = assign_split(rows, val_fraction, seed)
+    split = assign_split(rows, val_fraction, seed, together)
     for row in rows:
         row["split"] = split[row["image_id"]]
     names = {f"{row['image_id']}.png" for row in rows}
@@ -224,6 +338,7 @@ def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: fl
             "source_split": count(lambda r: f"{r['source']}/{r['split']}"),
         },
         "duplicates": duplicates,
+        "near_duplicates": near,
         "errors": errors,
         "warnings": warnings,
         "seconds": round(time.monotonic() - start, 1),
@@ -241,19 +356,26 @@ def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: fl
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="output folder")
 @click.option("--seed", default=0, show_default=True, help="seed of the train/val split")
 @click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0.0, 1.0))
+@click.option("--near-duplicates/--no-near-duplicates", default=True, show_default=True,
+              help="Keep near-duplicate images (the same scan re-exported: 32 x 32 thumbnails correlating above "
+                   f"{NEAR_DUPLICATE_CORRELATION}) on one side of the split, and drop those whose labels disagree; "
+                   "--no-near-duplicates gives the split the embedded default model was trained on.")
 @click.option("--limit", type=click.IntRange(1), hidden=True, help="debug: first N cases of each source")
-def main(busi, busbra, breast, pace, out, seed, val_fraction, limit):
+def main(busi, busbra, breast, pace, out, seed, val_fraction, near_duplicates, limit):
     """Prepare BUSI / BUS-BRA / BrEaST / PACE data as images, masks, labels.csv and split.csv."""
     sources = {k: v for k, v in {"busi": busi, "busbra": busbra, "breast": breast, "pace": pace}.items() if v}
     if not sources:
         raise click.UsageError("give at least one source: --busi, --busbra, --breast or --pace")
     try:
-        report = prepare(sources, out, seed, val_fraction, limit)
+        report = prepare(sources, out, seed, val_fraction, limit, near_duplicates)
     except (FileNotFoundError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     c = report["counts"]
     click.echo(f"prepared {report['prepared']} of {report['listed']} images in {out} ({report['seconds']} s): "
-               f"{c['label']} {c['source']} {c['split']}; {len(report['duplicates'])} duplicate groups, "
+               f"{c['label']} {c['source']} {c['split']}; "
+               f"{sum(d['kind'] != 'near-duplicate' for d in report['duplicates'])} duplicate groups, "
+               f"{report['near_duplicates']['groups']} near-duplicate groups "
+               f"({report['near_duplicates']['dropped_conflicting']} images dropped for conflicting labels), "
                f"{len(report['errors'])} errors", err=True)
 
 
