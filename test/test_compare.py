@@ -166,4 +166,11 @@ def test_cli_errors_name_the_problem(tmp_path):
     in_mm["units"]["distance"] = "mm"  # a Grand Challenge evaluation (mha spacing) against a PACE one
     r = run(a, write_eval(tmp_path, "gc", in_mm), "--paired")
     assert r.exit_code == 1 and f"distances in px in {a} but in mm in {tmp_path / 'gc'}: not comparable" in r.output
+    r = run(a, write_eval(tmp_path, "gc2", in_mm))  # the table's HD95 column too
+    assert r.exit_code == 1 and f"distances in px in {a} but in mm in {tmp_path / 'gc2'}: not comparable" in r.output
+    tau4 = evaluation(make_cases({}), n_boot=0)
+    tau4["units"]["tau"] = 4.0  # the same predictions, NSD at 4 px: a "gain" that is only the tolerance
+    for paired in (["--paired"], []):
+        r = run(a, write_eval(tmp_path, f"tau4{len(paired)}", tau4), *paired)
+        assert r.exit_code == 1 and "NSD at a tolerance of 2.0 px in" in r.output and "of 4.0 px in" in r.output
     assert not (tmp_path / "o.md").exists()

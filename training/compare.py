@@ -52,7 +52,25 @@ def labels(evals: list[Path]) -> list[str]:
     return [Path(*p[-k:]).as_posix() for p in parts]
 
 
+def _same_units(evals: list[Path], metrics: list[dict]) -> None:
+    """HD95 and NSD of evaluations in different units (px or mm) or with another NSD tolerance are not
+    comparable: such a mix is refused, naming the two, rather than put in one column."""
+    first = None
+    for d, m in zip(evals, metrics):
+        units = m.get("units", {})
+        here = (units.get("distance", "px"), units.get("tau"))
+        if first is None:
+            first = (d, here)
+        elif here[0] != first[1][0]:
+            raise click.ClickException(f"distances in {first[1][0]} in {first[0]} but in {here[0]} in {d}: "
+                                       "not comparable")
+        elif here[1] != first[1][1]:
+            raise click.ClickException(f"NSD at a tolerance of {first[1][1]} {first[1][0]} in {first[0]} but of "
+                                       f"{here[1]} {here[0]} in {d}: not comparable (evaluate both with the same)")
+
+
 def table(evals: list[Path]) -> str:
+    _same_units(evals, [_metrics(d) for d in evals])
     lines = ["| model | " + " | ".join(c for _, c in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
     for d, label in zip(evals, labels(evals)):
@@ -72,9 +90,8 @@ def paired(a: Path, b: Path, n_boot: int = 1000, seed: int = 0) -> str:
         if not m.get("cases"):
             raise click.ClickException(f"{d}/metrics.json has no per-image cases (written by an older "
                                        "training.evaluate? evaluate the predictions again)")
-    unit_a, unit_b = (m.get("units", {}).get("distance", "px") for m in (ma, mb))
-    if unit_a != unit_b:
-        raise click.ClickException(f"distances in {unit_a} in {a} but in {unit_b} in {b}: not comparable")
+    _same_units([a, b], [ma, mb])
+    unit_a = ma.get("units", {}).get("distance", "px")
     try:
         res = M.paired_difference(ma["cases"], mb["cases"], n_boot=n_boot, seed=seed)
     except ValueError as exc:
