@@ -191,7 +191,8 @@ def test_pace_layout_cli(tmp_path, data):
     assert "; 1 extra" in result.output
     res = json.loads((out / "metrics.json").read_text())
     assert res["layout"] == "pace" and res["units"] == {"distance": "px", "area": "px^2", "tau": 2.0}
-    assert res["bootstrap"] == {"n_boot": 50, "seed": 3, "level": 0.95, "method": "percentile"}
+    assert res["bootstrap"] == {"n_boot": 50, "seed": 3, "level": 0.95, "method": "percentile", "unit": "image",
+                                "n_units": 6}  # no patient ids in this labels.csv
     assert res["hd95"] == pytest.approx(expected_hd95((1.0, 1.0), 40.0))  # diagonal of 24 x 32
     assert res["normal_images"]["mean_fp_area"] == pytest.approx(3.0)  # 6 px and 0 px
     assert res["f1_macro"] == pytest.approx(np.mean([2 / 3, 0.8, 2 / 3]))

@@ -327,6 +327,34 @@ def test_evaluate_cases_bootstrap_deterministic():
         assert lo <= r1[k] <= hi, k
 
 
+def test_a_patients_images_are_resampled_together():
+    """Images of one patient are not independent: the bootstrap resamples patients (``Case.group``).
+    Three identical copies of each case, grouped, give exactly the intervals of the cases alone (the
+    same draws over the same units); resampled image by image they would look three times as many,
+    and their intervals are narrower. The paired comparison resamples the same units."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(8)  # every other case with random probabilities: labels and AUC not perfect
+    cases = [replace(c, probabilities=rng.dirichlet([1, 1, 1])) if i % 2 else c for i, c in enumerate(make_cases(30))]
+    copies = [replace(c, image_id=f"{c.image_id}-{k}", group=f"P{c.image_id}") for c in cases for k in range(3)]
+    alone = M.evaluate_cases(cases, n_boot=200, seed=4, by_source=False)
+    grouped = M.evaluate_cases(copies, n_boot=200, seed=4, by_source=False)
+    as_images = M.evaluate_cases([replace(c, group="") for c in copies], n_boot=200, seed=4, by_source=False)
+    for k in ("dsc", "hd95", "accuracy", "auc_malignant", "cross_entropy"):
+        assert grouped[k] == pytest.approx(alone[k]), k
+        assert grouped["ci"][k] == pytest.approx(alone["ci"][k]), k
+        width = lambda r: r["ci"][k][1] - r["ci"][k][0]  # noqa: E731
+        assert width(as_images) < 0.8 * width(grouped), k
+    assert grouped["bootstrap"]["unit"] == "group" and grouped["bootstrap"]["n_units"] == 30
+    assert alone["bootstrap"]["unit"] == "image" and alone["bootstrap"]["n_units"] == 30
+    shifted = [replace(c, pred=np.roll(c.pred, 1, axis=0)) if c.pred is not None else c for c in copies]
+    res = M.paired_difference(grouped["cases"], M.evaluate_cases(shifted, n_boot=0)["cases"], n_boot=200, seed=4)
+    ref = M.paired_difference(alone["cases"], M.evaluate_cases(
+        [replace(c, pred=np.roll(c.pred, 1, axis=0)) if c.pred is not None else c for c in cases], n_boot=0)["cases"],
+        n_boot=200, seed=4)
+    assert res["bootstrap"]["unit"] == "group" and res["ci"]["dsc"] == pytest.approx(ref["ci"]["dsc"])
+
+
 def test_evaluate_cases_aggregates():
     cases = make_cases()
     res = M.evaluate_cases(cases, n_boot=50)

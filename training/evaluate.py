@@ -323,6 +323,7 @@ def evaluate_predictions(pred_dir: Path | str, data_dir: Path | str, split: str 
         cases.append(M.Case(image_id=cid, label=r["label"], gt=gts[cid], pred=masks.get(cid),
                             probabilities=p.get("probabilities"), pred_label=p.get("label"),
                             source=r.get("source", ""),
+                            group=f"{r.get('source', '')}:{r['patient_id']}" if r.get("patient_id") else "",
                             spacing=spacings.get(cid, default_spacing) if layout == "grand-challenge" else None,
                             seg_bce=bce))
     res = M.evaluate_cases(cases, tau=tau, n_boot=n_boot, seed=seed)

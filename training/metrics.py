@@ -438,16 +438,23 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], probs: 
 # Bootstrap
 # --------------------------------------------------------------------------------------------
 
-def bootstrap_ci(statistic, n: int, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+def bootstrap_ci(statistic, n: int, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                 groups: Sequence[np.ndarray] | None = None) -> dict:
     """Percentile intervals of ``statistic(indices) -> {name: value}`` over resampled indices.
 
+    ``groups``: the indices of each unit that is resampled whole (a patient's images, which are not
+    independent of each other); None: each index is its own unit.
     Returns {name: [low, high]} ([None, None] when no resample gives a finite value) and, under
     ``"_valid"``, how many resamples gave a finite value per name.
     """
     rng = np.random.default_rng(seed)
     values: dict[str, list[float]] = {}
     for _ in range(n_boot):
-        for k, v in statistic(rng.integers(0, n, n)).items():
+        if groups is None:
+            idx = rng.integers(0, n, n)
+        else:
+            idx = np.concatenate([groups[g] for g in rng.integers(0, len(groups), len(groups))])
+        for k, v in statistic(idx).items():
             values.setdefault(k, []).append(v)
     alpha = 100 * (1 - level) / 2
     out: dict[str, Any] = {"_valid": {}}
@@ -481,6 +488,7 @@ class Case:
     spacing: Sequence[float] | None = None  # (row, col)
     prob_map: np.ndarray | None = None
     seg_bce: float | None = None  # already computed (training.evaluate: no full-size map kept per case)
+    group: str = ""  # the unit the bootstrap resamples whole, e.g. "BBR:patient 12"; "" = the image alone
 
 
 def _probs(p) -> np.ndarray | None:
@@ -506,7 +514,7 @@ def score_case(case: Case | Mapping, tau: float = 2.0) -> dict:
     pred_label = class_index(case.pred_label)
     if pred_label < 0 and probs is not None:
         pred_label = int(np.argmax(probs))
-    out = {"image_id": str(case.image_id), "source": str(case.source or ""),
+    out = {"image_id": str(case.image_id), "source": str(case.source or ""), "group": str(case.group or ""),
            "label": CLASS_NAMES[class_index(case.label)],
            "pred_label": CLASS_NAMES[pred_label] if pred_label >= 0 else None,
            "probabilities": (probs if probs is not None else np.full(N_CLASSES, 1.0 / N_CLASSES)).tolist(),
@@ -531,6 +539,12 @@ class _Table:
         self.pred_empty = np.array([c["pred_empty"] for c in scored], bool)
         self.seg = {k: np.array([c[k] for c in scored], float) for k in ("dice", "iou", "hd95", "nsd", "pred_area",
                                                                         "seg_bce")}
+        # the bootstrap's units: a patient's images together (``Case.group``); None when every image
+        # is its own unit (as in metrics.json files written before groups were recorded)
+        members: dict[str, list[int]] = {}
+        for i, c in enumerate(scored):
+            members.setdefault(c.get("group") or f"image:{c['image_id']}", []).append(i)
+        self.groups = [np.array(m) for m in members.values()] if len(members) < self.n else None
 
     def headline(self, idx: np.ndarray) -> dict:
         les, nor = idx[self.lesion[idx]], idx[~self.lesion[idx]]
@@ -572,10 +586,14 @@ def _summarise(scored: Sequence[dict], n_boot: int, seed: int, level: float) -> 
     out["classification"] = {k: v for k, v in cls.items() if k not in CLS_KEYS and k != "confusion_matrix"}
     out["confusion_matrix"] = cls["confusion_matrix"]
     if n_boot > 0 and t.n > 0:
-        ci = bootstrap_ci(t.headline, t.n, n_boot, seed, level)
+        ci = bootstrap_ci(t.headline, t.n, n_boot, seed, level, t.groups)
         out["ci_valid_resamples"] = ci.pop("_valid")
         out["ci"] = ci
     return out
+
+
+def _unit(t: _Table) -> dict:
+    return {"unit": "image" if t.groups is None else "group", "n_units": t.n if t.groups is None else len(t.groups)}
 
 
 def evaluate_cases(cases: Iterable[Case | Mapping], tau: float = 2.0, n_boot: int = 1000, seed: int = 0,
@@ -595,7 +613,8 @@ def evaluate_cases(cases: Iterable[Case | Mapping], tau: float = 2.0, n_boot: in
     mm = with_spacing == {True}
     out = _summarise(scored, n_boot, seed, level)
     out["units"] = {"distance": "mm" if mm else "px", "area": "mm^2" if mm else "px^2", "tau": float(tau)}
-    out["bootstrap"] = {"n_boot": int(n_boot), "seed": int(seed), "level": float(level), "method": "percentile"}
+    out["bootstrap"] = {"n_boot": int(n_boot), "seed": int(seed), "level": float(level), "method": "percentile",
+                        **_unit(_Table(scored))}
     if by_source:
         sources = sorted({c["source"] for c in scored})
         out["by_source"] = {s: _summarise([c for c in scored if c["source"] == s], n_boot, seed, level)
@@ -637,11 +656,11 @@ def paired_difference(a: Sequence[Mapping], b: Sequence[Mapping], n_boot: int = 
             ha, hb = ta.headline(i), tb.headline(i)
             return {k: hb[k] - ha[k] for k in ha}
 
-        ci = bootstrap_ci(diff, ta.n, n_boot, seed, level)
+        ci = bootstrap_ci(diff, ta.n, n_boot, seed, level, ta.groups)
         out["ci_valid_resamples"] = ci.pop("_valid")
         out["ci"] = ci
         out["bootstrap"] = {"n_boot": int(n_boot), "seed": int(seed), "level": float(level), "method": "percentile",
-                            "paired": True}
+                            "paired": True, **_unit(ta)}
     return out
 
 
