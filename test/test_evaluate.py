@@ -192,13 +192,35 @@ def test_pace_layout_cli(tmp_path, data):
     res = json.loads((out / "metrics.json").read_text())
     assert res["layout"] == "pace" and res["units"] == {"distance": "px", "area": "px^2", "tau": 2.0}
     assert res["bootstrap"] == {"n_boot": 50, "seed": 3, "level": 0.95, "method": "percentile", "unit": "image",
-                                "n_units": 6}  # no patient ids in this labels.csv
+                                "n_units": 6}  # one patient per image in this labels.csv
     assert res["hd95"] == pytest.approx(expected_hd95((1.0, 1.0), 40.0))  # diagonal of 24 x 32
     assert res["normal_images"]["mean_fp_area"] == pytest.approx(3.0)  # 6 px and 0 px
     assert res["f1_macro"] == pytest.approx(np.mean([2 / 3, 0.8, 2 / 3]))
     direct = E.evaluate_predictions(pred, data, "val", tmp_path / "out2", n_boot=50, seed=3)
     check_common(direct, tmp_path / "out2")
     assert direct["ci"] == res["ci"]
+
+
+def test_the_bootstrap_resamples_patients_and_near_duplicates_together(tmp_path, data):
+    """Images of one patient (labels.csv) and near-duplicates (report.json, training.prepare) are
+    one unit each; an image of another split or a conflicting group (kept: null) joins nothing."""
+    rows = list(csv.DictReader(open(data / "labels.csv")))
+    for r in rows:  # the BBR normal pair: one patient
+        if r["image_id"] in ("PACE_00003_000_BBR", "PACE_00004_000_BBR"):
+            r["patient_id"] = "P1"
+    with open(data / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    near = [{"kind": "near-duplicate", "kept": ["PACE_00001_001_BUS", "PACE_00006_001_BBR", "PACE_00007_001_BUS"]},
+            {"kind": "near-duplicate", "kept": None, "images": [{"image_id": "PACE_00002_002_BUS"}]}]
+    (data / "report.json").write_text(json.dumps({"duplicates": near}))
+    groups = E.bootstrap_groups(data, E.load_truth(data, "val"))
+    assert groups["PACE_00003_000_BBR"] == groups["PACE_00004_000_BBR"] != ""
+    assert groups["PACE_00001_001_BUS"] == groups["PACE_00006_001_BBR"] != groups["PACE_00003_000_BBR"]
+    assert groups["PACE_00002_002_BUS"] == groups[MISSING] == ""
+    res = E.evaluate_predictions(make_pace(tmp_path / "pred"), data, "val", None, n_boot=50)
+    assert res["bootstrap"]["unit"] == "group" and res["bootstrap"]["n_units"] == 4
 
 
 def test_grand_challenge_layout(tmp_path, data):

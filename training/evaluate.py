@@ -76,6 +76,44 @@ def load_truth(data_dir: Path | str, split: str = "val") -> list[dict[str, str]]
     return [r for r in rows if r["image_id"] in chosen]
 
 
+def bootstrap_groups(data_dir: Path | str, rows: list[dict[str, str]]) -> dict[str, str]:
+    """image id -> the unit the bootstrap resamples it with ("" = alone): a patient's images
+    (labels.csv's source and patient_id) joined with their near-duplicates (the same scan
+    re-exported, which training.prepare's report.json lists); neither is independent of the other."""
+    parent = {r["image_id"]: r["image_id"] for r in rows}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def join(ids) -> None:
+        ids = sorted(i for i in ids if i in parent)
+        for i in ids[1:]:
+            a, b = find(ids[0]), find(i)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+
+    patients: dict[tuple, list[str]] = {}
+    for r in rows:
+        if r.get("patient_id"):
+            patients.setdefault((r.get("source", ""), r["patient_id"]), []).append(r["image_id"])
+    for ids in patients.values():
+        join(ids)
+    report = Path(data_dir) / "report.json"
+    if report.is_file():
+        try:
+            duplicates = json.loads(report.read_text()).get("duplicates", [])
+        except (json.JSONDecodeError, AttributeError):
+            duplicates = []
+        for d in duplicates:
+            if isinstance(d, dict) and d.get("kind") == "near-duplicate" and isinstance(d.get("kept"), list):
+                join(str(i) for i in d["kept"])
+    size: Counter = Counter(find(i) for i in parent)
+    return {i: f"group:{find(i)}" if size[find(i)] > 1 else "" for i in parent}
+
+
 def detect_layout(pred_dir: Path | str) -> str:
     """``"grand-challenge"`` or ``"pace"``; ValueError when neither layout is recognised."""
     pred_dir = Path(pred_dir)
@@ -302,6 +340,7 @@ def evaluate_predictions(pred_dir: Path | str, data_dir: Path | str, split: str 
     default_spacing = Counter(spacings.values()).most_common(1)[0][0] if spacings else (1.0, 1.0)
 
     cases, missing_maps = [], []
+    groups = bootstrap_groups(data_dir, truth)
     for r in truth:
         cid = r["image_id"]
         p = preds.get(cid, {})
@@ -323,7 +362,7 @@ def evaluate_predictions(pred_dir: Path | str, data_dir: Path | str, split: str 
         cases.append(M.Case(image_id=cid, label=r["label"], gt=gts[cid], pred=masks.get(cid),
                             probabilities=p.get("probabilities"), pred_label=p.get("label"),
                             source=r.get("source", ""),
-                            group=f"{r.get('source', '')}:{r['patient_id']}" if r.get("patient_id") else "",
+                            group=groups[cid],
                             spacing=spacings.get(cid, default_spacing) if layout == "grand-challenge" else None,
                             seg_bce=bce))
     res = M.evaluate_cases(cases, tau=tau, n_boot=n_boot, seed=seed)
