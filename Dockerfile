@@ -42,10 +42,13 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # A non-root user; the output folders exist and belong to it (a fresh named volume mounted on
 # /output copies that ownership).
+# `python` as well as `python3`: the PACE template's command is `python main.py …`, and a Debian or
+# Ubuntu base with only the system Python has no `python`.
 RUN groupadd --non-unique --gid "${USER_GID}" user \
     && useradd --non-unique --uid "${USER_UID}" --gid user --create-home --home-dir /home/user --shell /usr/sbin/nologin user \
     && mkdir -p /opt/app /input /output /opt/ml/model \
-    && chown user:user /output
+    && chown user:user /output \
+    && { command -v python >/dev/null || ln -s "$(command -v python3)" /usr/local/bin/python; }
 
 WORKDIR /opt/app
 

@@ -24,6 +24,8 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   "$HERE/build.sh"
 fi
 
+# a failed save or tar leaves no multi-GB temporary file behind
+trap 'rm -f "$HERE/$IMAGE.tar.gz.tmp" "$HERE/model.tar.gz.tmp"' EXIT
 start=$(date +%s)
 docker save "$IMAGE" | gzip -c > "$HERE/$IMAGE.tar.gz.tmp"
 mv "$HERE/$IMAGE.tar.gz.tmp" "$HERE/$IMAGE.tar.gz"

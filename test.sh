@@ -28,6 +28,11 @@ fi
 if [ -z "${CONTAINER_USER:-}" ]; then
   if [ "$(id -u)" = 0 ]; then CONTAINER_USER=1000:1000; else CONTAINER_USER="$(id -u):$(id -g)"; fi
 fi
+if ! "$PYTHON" -c 'import numpy, SimpleITK' 2>/dev/null; then  # the comparison runs on the host
+  echo "test.sh: $PYTHON lacks numpy or SimpleITK, which the comparison of the outputs needs: run" \
+       "'bash test/run.sh' once (it creates .venv), or set PYTHON" >&2
+  exit 2
+fi
 INPUT="$HERE/test/input"
 SINGLE_CASE="images/breast-ultrasound-image/bus_spacing.mha"
 

@@ -22,11 +22,12 @@ SINGLE_CASE="images/breast-ultrasound-image/bus_spacing.mha"
 mkdir -p "$WORK/input-single/$(dirname "$SINGLE_CASE")"
 cp "$HERE/test/input/$SINGLE_CASE" "$WORK/input-single/$SINGLE_CASE"
 
-rm -f "$HERE/test/expected_output.json"
+# recorded into the work folder and moved into place only when both runs succeeded
 for run in all single; do
   if [ "$run" = all ]; then in_dir="$HERE/test/input"; else in_dir="$WORK/input-single"; fi
   (cd "$HERE" && "$PYTHON" process.py -i "$in_dir" -o "$WORK/out-$run" --model-dir "$MODEL_DIR" --no-progress)
   "$PYTHON" "$HERE/test/compare_output.py" record --run "$run" --output "$WORK/out-$run" --input "$in_dir" \
-      --model-dir "$MODEL_DIR" --model-kind "$KIND" --expected "$HERE/test/expected_output.json"
+      --model-dir "$MODEL_DIR" --model-kind "$KIND" --expected "$WORK/expected_output.json"
 done
+mv "$WORK/expected_output.json" "$HERE/test/expected_output.json"
 echo "make_expected.sh: wrote test/expected_output.json (model: $KIND)"

@@ -212,3 +212,18 @@ def test_cog_server_takes_the_class_prior(cog_server, images):
     res = _post(f"{cog_server}/predictions", {"input": {"image": _data_uri(images["scan.png"], "image/png"),
                                                         "class_prior": "flat"}})
     assert res.get("status") != "succeeded" and "flat" in json.dumps(res), res
+
+
+def test_the_build_context_keeps_what_cog_build_needs():
+    """`cog build` reads .dockerignore as gitignore rules (go-gitignore): it refuses to build when its
+    own folder .cog is ignored, and its image runs predict.py from the context; the Dockerfile build
+    still gets only the application's files (the rules start with `**`)."""
+    pathspec = pytest.importorskip("pathspec", reason="pathspec (requirements-dev.txt) is not installed")
+    spec = pathspec.GitIgnoreSpec.from_lines((REPO / ".dockerignore").read_text().splitlines())
+    for kept in ("predict.py", "cog.yaml", ".cog/tmp/build1/weights", "process.py", "main.py", "docker-entrypoint.sh",
+                 "requirements-runtime.txt", "model/inference.py", "model/weights/default/ensemble.json"):
+        assert not spec.match_file(kept), kept
+    for left_out in (".venv/bin/python", ".git/HEAD", "data/prepared/labels.csv", "runs/x/best/model.safetensors",
+                     "test/test_cog.py", "pfsam-bus.tar.gz", "model/weights/mine/ensemble.json",
+                     "model/__pycache__/io.cpython-311.pyc", "README.md"):
+        assert spec.match_file(left_out), left_out
