@@ -60,6 +60,8 @@ WORKDIR /opt/app
 # Python.h is looked for where model.toolchain.python_include_dir looks (the code is not in the
 # image yet at this step: kept before it so that code changes do not rerun apt).
 ARG COMPILER=1
+# test.sh reads it: an image built with the toolchain whose toolchain does not work fails its test
+LABEL org.pfsam.compiler="${COMPILER}"
 # hadolint ignore=DL3008
 RUN if [ "${COMPILER}" = 1 ]; then \
       headers="$(python3 -c 'import os, sysconfig as s; k = s.get_default_scheme(); print(os.path.isfile(os.path.join(s.get_paths(scheme="posix_prefix" if k == "posix_local" else k)["include"], "Python.h")))')"; \

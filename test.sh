@@ -6,7 +6,7 @@
 # which adds breast-lesion-classification.json and malignancy-likelihood.json), "pace" (the PACE
 # template's `python main.py ...` command: the same masks and labels as "all", in the PACE layout)
 # and "compile" (the same with --compile, through the image's C/C++ toolchain, on a writable root;
-# skipped for an image built with COMPILER=0).
+# skipped for an image built with COMPILER=0, failed for one built with its toolchain that cannot build).
 #
 # The model: the baked-in model/weights/default when it exists; otherwise (or with TEST_MODEL=random)
 # the deterministic untrained test ensemble (test/make_test_model.py), mounted read-only at
@@ -136,8 +136,12 @@ if why="$(docker run --rm --network none --user "$CONTAINER_USER" --entrypoint p
   else
     "$PYTHON" "$HERE/test/compare_output.py" pace --output "$out" --gc "$WORK/out-all" || status=1
   fi
+elif [ "$(docker image inspect --format '{{ index .Config.Labels "org.pfsam.compiler" }}' "$IMAGE" 2>/dev/null)" = 1 ]; then
+  echo "FAIL [compile]: the image was built with its toolchain (COMPILER=1), but it cannot build code:"
+  echo "$why" | sed 's/^/  /'
+  status=1
 else
-  echo "test.sh: run 'compile' skipped: the image cannot build code:"
+  echo "test.sh: run 'compile' skipped: the image was built without a toolchain (COMPILER=0):"
   echo "$why" | sed 's/^/  /'
 fi
 
