@@ -57,7 +57,8 @@ from model.inference import (FORMATS, TASKS, InferenceError, find_inputs, load_p
 @click.option("--class-prior", type=click.Choice(["trained", "data"]), default=None,
               help="Class probabilities under the class frequencies the model was trained with (trained: its "
                    "training's class-weighted sampling) or under its training data's own (data: those weights "
-                   "divided out; higher accuracy, lower recall of the oversampled classes) [default: the model's "
+                   "divided out; for the default model higher accuracy, lower recall of the oversampled normal and "
+                   "malignant classes) [default: the model's "
                    "ensemble.json postprocess.class_prior, else trained].")
 @click.option("--overlay/--no-overlay", default=False, show_default=True,
               help="Also write overlays/<name>.png (contour, label, probability).")
