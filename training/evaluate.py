@@ -47,6 +47,7 @@ from model.writers import LOGITS_DIR
 from model.io import ImageReadError, atomic_path, is_image_file, read_image, read_mask, write_png, write_text
 from training import metrics as M
 from training.datasets import parse_label, read_split
+from training.grouping import linked
 
 GC_MASK_DIR = Path("images") / "breast-lesion-segmentation"
 N_WORST = 8
@@ -80,38 +81,22 @@ def bootstrap_groups(data_dir: Path | str, rows: list[dict[str, str]]) -> dict[s
     """image id -> the unit the bootstrap resamples it with ("" = alone): a patient's images
     (labels.csv's source and patient_id) joined with their near-duplicates (the same scan
     re-exported, which training.prepare's report.json lists); neither is independent of the other."""
-    parent = {r["image_id"]: r["image_id"] for r in rows}
-
-    def find(x: str) -> str:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    def join(ids) -> None:
-        ids = sorted(i for i in ids if i in parent)
-        for i in ids[1:]:
-            a, b = find(ids[0]), find(i)
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-
     patients: dict[tuple, list[str]] = {}
     for r in rows:
         if r.get("patient_id"):
             patients.setdefault((r.get("source", ""), r["patient_id"]), []).append(r["image_id"])
-    for ids in patients.values():
-        join(ids)
+    links = list(patients.values())
     report = Path(data_dir) / "report.json"
     if report.is_file():
         try:
             duplicates = json.loads(report.read_text()).get("duplicates", [])
         except (json.JSONDecodeError, AttributeError):
             duplicates = []
-        for d in duplicates:
-            if isinstance(d, dict) and d.get("kind") == "near-duplicate" and isinstance(d.get("kept"), list):
-                join(str(i) for i in d["kept"])
-    size: Counter = Counter(find(i) for i in parent)
-    return {i: f"group:{find(i)}" if size[find(i)] > 1 else "" for i in parent}
+        links += [[str(i) for i in d["kept"]] for d in duplicates
+                  if isinstance(d, dict) and d.get("kind") == "near-duplicate" and isinstance(d.get("kept"), list)]
+    root = linked((r["image_id"] for r in rows), links)
+    size = Counter(root.values())
+    return {i: f"group:{r}" if size[r] > 1 else "" for i, r in root.items()}
 
 
 def detect_layout(pred_dir: Path | str) -> str:

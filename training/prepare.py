@@ -42,6 +42,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from model.io import ImageReadError, atomic_path, read_image, read_mask, write_png, write_text
+from training.grouping import linked
 from training.sources import LABEL_CODE, PACE_NAME, READERS, Record
 
 LABEL_FIELDS = ["image_id", "label", "source", "original_path", "patient_id"]
@@ -123,21 +124,9 @@ def near_duplicate_pairs(thumbs: dict[str, np.ndarray], threshold: float = NEAR_
 
 def _groups(pairs) -> list[list[str]]:
     """Connected groups of the pairs' ids (sorted)."""
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        while parent.setdefault(x, x) != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for a, b, *_ in pairs:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
     members: dict[str, list[str]] = defaultdict(list)
-    for x in parent:
-        members[find(x)].append(x)
+    for x, root in linked({x for p in pairs for x in p[:2]}, (p[:2] for p in pairs)).items():
+        members[root].append(x)
     return sorted(sorted(m) for m in members.values())
 
 
@@ -175,20 +164,10 @@ def assign_split(rows: list[dict], val_fraction: float, seed: int,
         return (row["source"], row["patient_id"]) if row["patient_id"] else ("", row["image_id"])
 
     key_of = {row["image_id"]: own_key(row) for row in rows}
-    parent: dict[tuple, tuple] = {}
-
-    def find(k: tuple) -> tuple:
-        while parent.setdefault(k, k) != k:
-            k = parent[k]
-        return k
-
-    for ids in together or []:
-        roots = sorted({find(key_of[i]) for i in ids if i in key_of})
-        for r in roots[1:]:
-            parent[r] = roots[0]
+    root = linked(key_of.values(), ([key_of[i] for i in ids if i in key_of] for ids in together or []))
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
-        groups[find(own_key(row))].append(row)
+        groups[root[own_key(row)]].append(row)
     totals = Counter((r["source"], r["label"]) for r in rows)
     target = {k: round(val_fraction * n) for k, n in totals.items()}
     keys = sorted(groups)
@@ -285,18 +264,16 @@ def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: fl
     if near_duplicates:
         by_id = {r.image_id: r for r in kept}
         pairs = near_duplicate_pairs({i: t for i, t in thumbs.items() if i in by_id})
-        best = {}
-        for a, b, c in pairs:
-            best[a], best[b] = max(best.get(a, -1.0), c), max(best.get(b, -1.0), c)
+        groups = _groups(pairs)
         dropped = set()
-        for ids in _groups(pairs):
+        for ids in groups:
             labels = {by_id[i].label for i in ids}
             conflict = len(labels) > 1
             if conflict:
                 dropped.update(ids)
             else:
                 together.append(ids)
-            corr = [c for a, b, c in pairs if a in ids]
+            corr = [c for a, _, c in pairs if a in set(ids)]
             duplicates.append({
                 "kind": "near-duplicate", "conflicting_labels": conflict, "kept": None if conflict else ids,
                 "correlation": [min(corr), max(corr)],
@@ -305,7 +282,7 @@ def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: fl
             tqdm.write(f"near-duplicates ({'conflicting labels, none kept' if conflict else 'kept together'}; "
                        f"correlation {min(corr):.3f}–{max(corr):.3f}): "
                        + ", ".join(f"{by_id[i].image} [{by_id[i].label}]" for i in ids), file=sys.stderr)
-        near.update(pairs=len(pairs), groups=len(_groups(pairs)), images=len(best),
+        near.update(pairs=len(pairs), groups=len(groups), images=sum(map(len, groups)),
                     dropped_conflicting=len(dropped))
         kept = [r for r in kept if r.image_id not in dropped]
 
