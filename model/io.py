@@ -296,12 +296,14 @@ def _read_mha(path: Path) -> LoadedImage:
     dim = img.GetDimension()
     spacing, origin, direction = img.GetSpacing(), img.GetOrigin(), img.GetDirection()
     extra = {"dimension": dim, "geometry": (spacing, origin, direction)}
+    size = img.GetSize()
+    if dim == 3 and 1 not in size:
+        raise ImageReadError(path, f"3-D image of {size[0]} x {size[1]} x {size[2]} voxels; expected a single "
+                                   f"2-D slice (one axis of size 1)")
+    if dim not in (2, 3):
+        raise ImageReadError(path, f"{dim}-D image; expected 2-D")
     arr = sitk.GetArrayFromImage(img)  # (D x) H x W (x C for vector pixels): ITK's axes reversed
     if dim == 3:
-        size = img.GetSize()
-        if 1 not in size:
-            raise ImageReadError(path, f"3-D image of {size[0]} x {size[1]} x {size[2]} voxels; expected a single "
-                                       f"2-D slice (one axis of size 1)")
         # the slice's axis: the third as usual, else the one stored with size 1 (a W x 1 x D volume)
         axis = 2 if size[2] == 1 else size.index(1)
         keep = [i for i in range(3) if i != axis]
@@ -309,8 +311,6 @@ def _read_mha(path: Path) -> LoadedImage:
         extra["singleton_axis"] = axis
         spacing, origin = tuple(spacing[i] for i in keep), tuple(origin[i] for i in keep)
         direction = tuple(direction[3 * r + c] for r in keep for c in keep)
-    elif dim != 2:
-        raise ImageReadError(path, f"{dim}-D image; expected 2-D")
     return LoadedImage(_check_pixels(path, arr), str(path), tuple(spacing), tuple(origin), tuple(direction),
                        extra, metaimage=True)
 

@@ -213,8 +213,6 @@ class Predictor:
         (``EncoderSpec.onnx_on_cpu``; none does now) on CPU in fp32 when onnxruntime is installed, else
         PyTorch; ``onnx``: ONNX Runtime or an error; ``torch``: PyTorch (model/onnx_encoder.py).
         ``class_prior``: ``trained`` or ``data`` (module docstring); None: the ensemble's."""
-        if class_prior is not None and class_prior not in CLASS_PRIORS:
-            raise ValueError(f"class_prior must be one of {', '.join(CLASS_PRIORS)}, not {class_prior!r}")
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
         dev = resolve_device(device)
