@@ -273,7 +273,8 @@ def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: fl
                 dropped.update(ids)
             else:
                 together.append(ids)
-            corr = [c for a, _, c in pairs if a in set(ids)]
+            members = set(ids)
+            corr = [c for a, _, c in pairs if a in members]
             duplicates.append({
                 "kind": "near-duplicate", "conflicting_labels": conflict, "kept": None if conflict else ids,
                 "correlation": [min(corr), max(corr)],
