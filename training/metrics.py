@@ -566,8 +566,7 @@ def _median(a: np.ndarray) -> float:
     return float(np.median(a)) if len(a) else float("nan")
 
 
-def _summarise(scored: Sequence[dict], n_boot: int, seed: int, level: float) -> dict:
-    t = _Table(scored)
+def _summarise(t: _Table, n_boot: int, seed: int, level: float) -> dict:
     idx = np.arange(t.n)
     out: dict[str, Any] = {"n_images": t.n, "n_lesion_images": int(t.lesion.sum()),
                            "n_normal_images": int((~t.lesion).sum())}
@@ -611,13 +610,15 @@ def evaluate_cases(cases: Iterable[Case | Mapping], tau: float = 2.0, n_boot: in
     if len(with_spacing) > 1:
         raise ValueError("some cases have a spacing and some do not: distances would mix mm and pixels")
     mm = with_spacing == {True}
-    out = _summarise(scored, n_boot, seed, level)
+    table = _Table(scored)
+    out = _summarise(table, n_boot, seed, level)
     out["units"] = {"distance": "mm" if mm else "px", "area": "mm^2" if mm else "px^2", "tau": float(tau)}
     out["bootstrap"] = {"n_boot": int(n_boot), "seed": int(seed), "level": float(level), "method": "percentile",
-                        **_unit(_Table(scored))}
+                        **_unit(table)}
     if by_source:
         sources = sorted({c["source"] for c in scored})
-        out["by_source"] = {s: _summarise([c for c in scored if c["source"] == s], n_boot, seed, level)
+        out["by_source"] = {s: _summarise(_Table([c for c in scored if c["source"] == s]), n_boot, seed,
+                                       level)
                             for s in sources}
     out["cases"] = scored
     return out

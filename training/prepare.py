@@ -232,11 +232,9 @@ def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: fl
                              "reason": "normal image with a non-empty mask; mask written empty"})
             mask[:] = 0
         by_pixels[pixel_hash].append((record, byte_hash, ok))
-        if near_duplicates and ok and pixel_hash not in written:
-            t = thumbnail(image)
-            if t is not None:
-                thumbs[record.image_id] = t
         if ok and pixel_hash not in written:
+            if near_duplicates and (t := thumbnail(image)) is not None:
+                thumbs[record.image_id] = t
             write_case(out, record.image_id, record.image, image, plain, mask)
             written[pixel_hash] = record
 
