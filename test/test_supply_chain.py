@@ -1,6 +1,6 @@
 """Supply chain: exact dependency pins, and no unpickling of arbitrary objects.
 
-* ``requirements-runtime.txt`` and ``requirements-dev.txt``: every requirement line pins one exact
+* ``requirements.txt`` and ``requirements-dev.txt``: every requirement line pins one exact
   version (``name==X.Y.Z``): no ranges, no unpinned names, no URLs, VCS links, editable installs
   or included files, no package listed twice.
 * Every ``torch.load`` call in the repository's Python files passes ``weights_only=True`` (a
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-REQUIREMENTS = ("requirements-runtime.txt", "requirements-dev.txt")
+REQUIREMENTS = ("requirements.txt", "requirements-dev.txt")
 PIN = re.compile(r"^(?P<name>[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)(?:\[[A-Za-z0-9._,-]+\])?"
                  r"==(?P<version>[0-9]+(?:\.[0-9]+)*(?:(?:a|b|rc|\.post|\.dev)[0-9]+)*(?:\+[A-Za-z0-9.]+)?)$")
 SKIP_DIRS = {".git", ".venv", "venv", "__pycache__", "node_modules", "data", "cache", "runs", "checkpoints",
