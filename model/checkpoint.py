@@ -100,7 +100,7 @@ def save_model(model: PFSAMNet, out_dir: str | Path, provenance: dict | None = N
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
-    write_text(out_dir / CONFIG_NAME, json.dumps(cfg, indent=2) + "\n")
+    write_text(out_dir / CONFIG_NAME, json.dumps(cfg, indent=2, allow_nan=False) + "\n")
     return out_dir
 
 
@@ -214,7 +214,7 @@ def save_ensemble(out_dir: str | Path, members: dict[str, PFSAMNet | str | Path]
             "postprocess": {**DEFAULT_POSTPROCESS, **(postprocess or {})},
             "class_names": list(CLASS_NAMES), **(extra or {})}
     validate_ensemble(spec, out_dir)
-    write_text(out_dir / ENSEMBLE_NAME, json.dumps(spec, indent=2) + "\n")
+    write_text(out_dir / ENSEMBLE_NAME, json.dumps(spec, indent=2, allow_nan=False) + "\n")
     return out_dir
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -456,6 +457,35 @@ def test_train_cli_says_when_no_epoch_had_a_defined_selection_metric(tmp_path, m
     res = CliRunner().invoke(train_mod.main, ["--config", str(REPO / "training" / "configs" / "mgc-a.yaml"),
                                               "--data", str(tmp_path), "--out", str(tmp_path / "run")])
     assert res.exit_code == 0 and res.output == ""
+
+
+def test_a_run_with_undefined_metrics_writes_strict_json(tiny_dataset, cache_dir, tmp_path):
+    """A validation split of benign images only: the macro AUC is undefined and no epoch is best.
+    log.json, summary.json and last/config.json say so with null, which strict JSON parsers (and
+    evaluate's metrics.json) accept, rather than Python's NaN and -Infinity."""
+    import csv
+    import shutil
+
+    def strict(path):
+        return json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path.name} holds {c}"))
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    labels = {r["image_id"]: r["label"] for r in csv.DictReader(open(data / "labels.csv"))}
+    benign = [i for i, label in labels.items() if label == "benign"]
+    with open(data / "split.csv", "w", newline="") as fh:
+        fh.write("image_id,split\n" + "".join(f"{i},{'val' if i in benign[:2] else 'train'}\n" for i in labels))
+    cfg = tiny_cfg("mgc-a", epochs=1)
+    run = tmp_path / "run"
+    result = train(cfg, data, run, "cpu", cache_dir, precision="fp32")
+    row = result["history"][0]
+    assert math.isnan(row["val_auc"]) and 0.0 <= row["val_dsc"] <= 1.0 and result["best"]["epoch"] == 0
+    assert strict(run / "log.json")[0]["val_auc"] is None
+    summary = strict(run / "summary.json")
+    assert summary["best"] == {"epoch": 0, "value": None, "metric": "val_auc"} and summary["last"]["val_auc"] is None
+    metrics = strict(run / "last" / "config.json")["provenance"]["metrics"]
+    assert metrics["val_auc"] is None and metrics["val_dsc"] == pytest.approx(row["val_dsc"])
+    assert not (run / "best").exists()
 
 
 def test_a_run_that_fails_before_training_leaves_no_run_folder(tiny_dataset, tmp_path):

@@ -42,7 +42,7 @@ from .augment import apply_view, class_views
 from .cache import MASK_RES, CacheError, build_cache, views_for_classes
 from .datasets import DataError, Record, load_pair, load_records
 from .losses import multitask_loss
-from .metrics import auc_macro, dice
+from .metrics import auc_macro, dice, to_jsonable
 
 STATE_NAME = "state.pt"
 
@@ -337,7 +337,7 @@ def load_resume_state(path: Path, cfg: dict, run: dict | None = None) -> dict:
 
 
 def write_logs(out: Path, history: list[dict]) -> None:
-    write_text(out / "log.json", json.dumps(history, indent=1) + "\n")
+    write_text(out / "log.json", json.dumps(to_jsonable(history), indent=1, allow_nan=False) + "\n")
     keys = list(history[0])
     with atomic_path(out / "log.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, keys)
@@ -499,7 +499,8 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
             break
     if rank == 0 and history:
         plot_curves(out, history)
-        write_text(out / "summary.json", json.dumps({"best": best, "last": history[-1]}, indent=2) + "\n")
+        write_text(out / "summary.json", json.dumps(to_jsonable({"best": best, "last": history[-1]}), indent=2,
+                                                        allow_nan=False) + "\n")
     if distributed:
         dist.destroy_process_group()
     return {"best": best, "history": history}
@@ -507,7 +508,7 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
 
 def provenance(cfg: dict, data: Path, epoch: int, row: dict) -> dict:
     return {"variant": cfg.get("variant"), "data": str(data), "epoch": epoch,
-            "metrics": {k: v for k, v in row.items() if k.startswith("val_")},
+            "metrics": to_jsonable({k: v for k, v in row.items() if k.startswith("val_")}),
             "train_config": copy.deepcopy(cfg), "torch": torch.__version__}
 
 
