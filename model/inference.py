@@ -11,7 +11,9 @@ The files each format writes, and how outputs are named: ``model/writers.py``. O
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,8 +119,9 @@ def find_inputs(input_dir: str | Path, exclude: str | Path | None = None) -> lis
         raise InferenceError(f"input folder {input_dir} cannot be listed: {unlistable_reason(input_dir)}")
     paths = list_images(input_dir)
     if exclude is not None:
-        skip = [(Path(exclude) / sub).resolve() for sub in OUTPUT_IMAGE_FOLDERS]
-        paths = [p for p in paths if not any(p.resolve().is_relative_to(s) for s in skip)]
+        # realpath, not Path.resolve: it raises on a link loop, which read_image reports by name
+        skip = [Path(os.path.realpath(Path(exclude) / sub)) for sub in OUTPUT_IMAGE_FOLDERS]
+        paths = [p for p in paths if not any(Path(os.path.realpath(p)).is_relative_to(s) for s in skip)]
     if not paths:
         raise InferenceError(f"no images (.mha, .tif/.tiff, .png, .jpg/.jpeg, .bmp) found below {input_dir}")
     return paths
@@ -137,8 +140,11 @@ def check_content(image: LoadedImage) -> LoadedImage:
     arr = image.array
     if arr.ndim == 3 and arr.shape[2] in (2, 4):
         arr = arr[..., :-1]  # alpha
-    if arr.min() == arr.max():
-        raise ImageReadError(image.path, f"every pixel has the same value ({arr.flat[0]}): nothing to segment")
+    lo, hi = arr.min(axis=(0, 1)), arr.max(axis=(0, 1))  # per channel: one colour everywhere, not only one grey
+    if np.array_equal(lo, hi):
+        value = lo.flat[0] if (lo == lo.flat[0]).all() else tuple(lo.tolist())
+        shown = value if isinstance(value, tuple) else f"({value})"
+        raise ImageReadError(image.path, f"every pixel has the same value {shown}: nothing to segment")
     return image
 
 
@@ -360,6 +366,11 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
         for case in cases:
             if case.ok:
                 case.error = f"summary files not written: {_reason(exc)}"
+        try:  # errors.csv is written last: an earlier run's must not stand for this one's
+            writer.write_errors(cases)
+        except Exception:  # noqa: BLE001 - then no errors.csv at all; the reasons are in the log
+            with contextlib.suppress(OSError):
+                (out / ERRORS_FILE).unlink(missing_ok=True)
     stale = stale_outputs(out, cases, task)
     if stale:  # an earlier run's files: graders read every file in these folders
         shown = ", ".join(p.relative_to(out).as_posix() for p in stale[:3]) + (", ..." if len(stale) > 3 else "")

@@ -9,6 +9,7 @@ the final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import re
@@ -154,7 +155,7 @@ def image_pixels(path: Path | str) -> int:
     """Height x width of an image from its header alone (nothing decoded); 0 when it cannot be read
     (``read_image`` then says why)."""
     path = Path(path)
-    if not is_utf8_name(path):
+    if not is_utf8_name(path) or not path.is_file():  # a FIFO (or a link to one) would block the open
         return 0
     try:
         if is_metaimage(path):
@@ -393,6 +394,21 @@ def unwritable_reason(folder: Path) -> str:
     return ""
 
 
+def _not_a_file(path: Path) -> str:
+    """Why ``path``, which is no regular file, cannot be read: a broken link, a link loop, or a FIFO,
+    socket or device (opening a FIFO would wait for a writer for ever)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"link loop: its links (the first to {os.readlink(path)}) never reach a file"
+        if path.is_symlink():
+            return f"broken link: its target {os.readlink(path)} does not exist"
+        return "file not found"
+    return "not a regular file (a pipe, socket or device)" + (
+        f": its link target is {os.readlink(path)}" if path.is_symlink() else "")
+
+
 def read_image(path: Path | str) -> LoadedImage:
     """Read one 2-D image (png, jpg, tif, bmp, mha); raise ``ImageReadError`` with the reason. The
     suffix picks MetaImage or Pillow; a file whose suffix names no image format is read by its
@@ -403,9 +419,7 @@ def read_image(path: Path | str) -> LoadedImage:
     if path.is_dir():  # list_images lists the folders it could not list
         raise ImageReadError(path, f"folder cannot be listed, so its images are not read: {unlistable_reason(path)}")
     if not path.is_file():
-        if path.is_symlink():
-            raise ImageReadError(path, f"broken link: its target {os.readlink(path)} does not exist")
-        raise ImageReadError(path, "file not found")
+        raise ImageReadError(path, _not_a_file(path))
     st = path.stat()
     if st.st_size == 0:
         raise ImageReadError(path, "empty file (0 bytes)")

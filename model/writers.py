@@ -54,7 +54,7 @@ from typing import Sequence
 import numpy as np
 
 from . import CLASS_NAMES
-from .io import LoadedImage, write_mha, write_npy, write_png, write_text, write_zip
+from .io import LoadedImage, printable, write_mha, write_npy, write_png, write_text, write_zip
 from .overlay import render_overlay
 
 LOGITS_DIR = "logits"  # PACE layout, training.predict --logits: <name>.npy, float16 lesion logits at full size
@@ -156,6 +156,10 @@ class _Writer:
             case.outputs.append(path)
 
     def finish(self, cases: list[Case]) -> None:
+        self.write_errors(cases)
+
+    def write_errors(self, cases: list[Case]) -> None:
+        """errors.csv for the failed cases; none when nothing failed (an earlier run's is removed)."""
         errors = self.out / ERRORS_FILE
         failed = [c for c in cases if not c.ok]
         if failed:
@@ -184,7 +188,7 @@ class GCWriter(_Writer):
             if self.cls:
                 outputs.append({"type": "classification", "label": pred.label,
                                 "probabilities": {k: float(pred.probabilities[k]) for k in CLASS_NAMES}})
-        return {"inputs": [{"image": {"name": case.path.name}, "path": str(case.path)}],
+        return {"inputs": [{"image": {"name": printable(case.path.name)}, "path": printable(case.path)}],
                 "outputs": outputs, "error_messages": [] if case.ok else [f"{case.rel}: {case.error}"]}
 
     def finish(self, cases: list[Case]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -174,6 +175,15 @@ def make_inputs(root: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str],
     flat[..., 3] = rng.integers(0, 256, (40, 50), dtype=np.uint8)  # only the alpha varies
     Image.fromarray(flat, "RGBA").save(root / "flat_rgba.png")
     refused["flat_rgba.png"] = "every pixel has the same value (90)"
+    Image.fromarray(np.full((40, 50, 3), (200, 30, 30), np.uint8)).save(root / "red.png")
+    refused["red.png"] = "every pixel has the same value (200, 30, 30): nothing to segment"  # one colour
+    # links that lead nowhere readable: a loop (Path.resolve raised on it and ended the whole run), and
+    # a link to a FIFO (opening it waited for a writer for ever)
+    (root / "loop.png").symlink_to("loop.png")
+    refused["loop.png"] = "link loop: its links (the first to loop.png) never reach a file"
+    os.mkfifo(root.parent / "fifo")
+    (root / "pipe.png").symlink_to(root.parent / "fifo")
+    refused["pipe.png"] = "not a regular file (a pipe, socket or device)"
 
     # --- ignored
     ignored = [".DS_Store", "._rgba.png", "__MACOSX/rgba.png", "__MACOSX/._rgba.png", "notes.txt", "table.csv",
@@ -628,7 +638,10 @@ def test_a_file_name_that_is_not_utf8_is_refused_by_name_and_the_rest_is_written
         if fmt == "gc":
             masks = sorted(p.name for p in (out / "images" / SLUG).iterdir())
             assert masks == ["ok.mha", "ok_png.mha"] or masks == ["ok_mha.mha", "ok.mha"], masks
-            assert len(json.loads((out / "results.json").read_text())) == 4
+            results = json.loads((out / "results.json").read_text())
+            names = sorted(r["inputs"][0]["image"]["name"] for r in results)  # escaped, as in errors.csv
+            assert names == ["caf\\xe9.mha", "caf\\xe9.png", "ok.mha", "ok.png"], names
+            assert all(r["inputs"][0]["path"].encode("utf-8") for r in results)  # no lone surrogates
         else:
             rows = (out / "classification" / "predictions.csv").read_text().splitlines()
             assert len(rows) == 3 and sorted(p.name for p in (out / "segmentation").iterdir()) == \

@@ -451,17 +451,34 @@ def test_a_prediction_failure_is_isolated_to_its_image(cli, predictor, tmp_path,
 
 def test_summary_files_that_cannot_be_written_are_reported_without_pointing_to_a_missing_file(cli, tmp_path,
                                                                                               monkeypatch):
+    """An earlier run into the same folder left an errors.csv. When this run's summary files cannot be
+    written, errors.csv is replaced by this run's reasons where it can be written, and removed where it
+    cannot (a full disk): the summary line never points to the earlier run's file."""
     from model import writers
 
-    def full_disk(self, cases):
+    d = _one_image(tmp_path)
+    out = tmp_path / "out"
+    (d / "bad.png").write_bytes(b"garbage")
+    assert cli("-i", d, "-o", out, "--format", "pace").exit_code == 3
+    assert "bad.png" in (out / "errors.csv").read_text()
+    (d / "bad.png").unlink()
+    shutil.rmtree(out / "classification")
+    (out / "classification").write_text("a file where the folder was")  # the CSVs cannot be written
+    res = cli("-i", d, "-o", out, "--format", "pace")
+    assert res.exit_code == 1, res.output
+    assert f"0 of 1 image processed, 1 failed (see {out / 'errors.csv'})" in res.output
+    errors = list(csv.DictReader(open(out / "errors.csv")))
+    assert [r["file"] for r in errors] == ["case.png"] and errors[0]["reason"].startswith("summary files not written")
+
+    def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(writers.PACEWriter, "finish", full_disk)
-    res = cli("-i", _one_image(tmp_path), "-o", tmp_path / "out", "--format", "pace")
+    monkeypatch.setattr(writers, "write_text", full_disk)
+    res = cli("-i", d, "-o", out, "--format", "pace")
     assert res.exit_code == 1, res.output
     assert "writing the summary files into" in res.output and "No space left on device" in res.output
     assert "0 of 1 image processed, 1 failed (the reasons are above; errors.csv could not be written)" in res.output
-    assert not (tmp_path / "out" / "errors.csv").exists()
+    assert not (out / "errors.csv").exists()
 
 
 def test_nothing_processed_exits_1(cli, tmp_path):
