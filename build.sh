@@ -2,8 +2,13 @@
 # Build the inference image "pfsam-bus" (Grand Challenge algorithm container).
 #   ./build.sh                                          # base: the official CUDA PyTorch runtime image
 #   BASE_IMAGE=local/python-torch-cpu:3.11 ./build.sh   # any image with python3, pip and torch
-# Extra `docker build` arguments may follow (e.g. --no-cache).
+# Extra `docker build` arguments may follow (e.g. --no-cache); -h, --help: this text.
 set -euo pipefail
+for arg in "$@"; do
+  case "$arg" in
+    -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
+  esac
+done
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 IMAGE="${IMAGE:-pfsam-bus}"
 

@@ -17,7 +17,14 @@
 #   SKIP_BUILD=1 ./test.sh            # reuse the image already built
 # Env: PYTHON (host python with numpy + SimpleITK [+ torch for the test model]; default .venv/bin/python),
 #      MEMORY (default 4g), CONTAINER_USER (default 1000:1000 when run as root, else your uid:gid).
+# No arguments (-h, --help: this text).
 set -euo pipefail
+if [ $# -gt 0 ]; then
+  case "$1" in
+    -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) echo "test.sh: unknown argument '$1': it takes none; settings are environment variables (see --help)" >&2; exit 2 ;;
+  esac
+fi
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 IMAGE="${IMAGE:-pfsam-bus}"
 MEMORY="${MEMORY:-4g}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import sys
 from pathlib import Path
@@ -222,3 +223,77 @@ def test_the_model_card_states_the_split_the_data_report_records(runs, tmp_path)
             / "MODEL_CARD.md").read_text()
     assert ("near-duplicates (thumbnails correlating above 0.95) kept on one side, 106 groups of 239 images, "
             "14 images of groups with conflicting labels removed") in card
+
+
+def _frozen_vit_run(root: Path, checkpoint: Path) -> Path:
+    """A run of SD-H on a frozen ViT-B (a small random one, 128 px) whose weights are the external
+    checkpoint ``checkpoint``, written here as a SAM checkpoint: training stores only the heads then."""
+    import torch
+
+    from model.checkpoint import encoder_weights_info
+    from model.encoders import build_encoder
+    from model.network import PFSAMNet, make_config
+
+    torch.manual_seed(0)
+    encoder, _ = build_encoder("sam_vit_b", weights="random", input_size=128)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({f"image_encoder.{k}": v.half() for k, v in encoder.state_dict().items()}, checkpoint)
+    cfg = make_config("sam_vit_b", "frozen", "sd-h", "gap", seg_head_args={"channels": [32, 16]},
+                      encoder_weights=encoder_weights_info("sam_vit_b", checkpoint))
+    cfg["encoder"]["input_size"] = 128
+    save_model(PFSAMNet(cfg, encoder_checkpoint=checkpoint), root / "best")
+    (root / "config.yaml").write_text("variant: sd-h\n")
+    return root
+
+
+def test_include_encoder_checkpoint_makes_an_ensemble_that_runs_offline(tmp_path, monkeypatch):
+    """A member on a frozen SAM ViT / MedSAM encoder stores only its heads and loads the encoder's
+    checkpoint at run time, from $PFSAM_CHECKPOINT_DIR, its own folder or a checkpoints folder; on
+    Grand Challenge only the uploaded model is there. --include-encoder-checkpoint copies the
+    verified file into the member's folder, and export.sh refuses an ensemble without it."""
+    import torch
+
+    from model.checkpoint import CheckpointError
+    from model.encoders.weights import load_image_encoder_state
+    from test_scripts import run_export_sh
+
+    name = "pfsam_test_vit_b.pth"  # no such file in checkpoints/ or /opt/ml/checkpoints
+    ckpts = tmp_path / "ckpts"
+    run = _frozen_vit_run(tmp_path / "run", ckpts / name)
+    monkeypatch.setenv("PFSAM_CHECKPOINT_DIR", str(ckpts))
+    plain, full = tmp_path / "plain", tmp_path / "full"
+    res = _export(run, "--out", plain)
+    assert res.exit_code == 0, res.output
+    assert f"note: member 'sd-h' loads its encoder checkpoint {name} at run time" in res.output
+    assert "--include-encoder-checkpoint" in res.output and not (plain / "sd-h" / name).exists()
+    res = _export(run, "--out", full, "--include-encoder-checkpoint")
+    assert res.exit_code == 0 and "note:" not in res.output, res.output
+    assert (full / "sd-h" / name).read_bytes() == (ckpts / name).read_bytes()
+
+    # where the checkpoint folder is gone (the container): the plain ensemble does not load, the full one does
+    monkeypatch.delenv("PFSAM_CHECKPOINT_DIR")
+    shutil.move(ckpts, tmp_path / "elsewhere")
+    with pytest.raises(CheckpointError, match=f"needs the encoder checkpoint {name}"):
+        Predictor.from_dir(plain, device="cpu")
+    encoder = Predictor.from_dir(full, device="cpu", precision="fp32", runtime="torch").members["sd-h"].encoder
+    weights = load_image_encoder_state(tmp_path / "elsewhere" / name)
+    assert torch.equal(encoder.blocks[0].attn.qkv.weight, weights["blocks.0.attn.qkv.weight"].float())
+
+    # export.sh refuses the plain ensemble, naming the member and the fix (one that holds the file is
+    # exported: test_scripts.py, without a 170 MB file to compress)
+    res, _ = run_export_sh(tmp_path / "sh", plain)
+    assert res.returncode == 1 and f"member 'sd-h' needs the encoder checkpoint {name}" in res.stderr
+    assert "--include-encoder-checkpoint" in res.stderr
+
+    # the file cannot be found, or is not the one the member was trained on: a clear error, nothing written
+    res = _export(run, "--out", tmp_path / "none", "--include-encoder-checkpoint")
+    assert res.exit_code == 1 and not (tmp_path / "none").exists()
+    assert f"member 'sd-h' ({run / 'best'}) needs its encoder checkpoint {name}" in res.output
+    assert "PFSAM_CHECKPOINT_DIR" in res.output
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / name).write_bytes(b"other weights")
+    monkeypatch.setenv("PFSAM_CHECKPOINT_DIR", str(other))
+    res = _export(run, "--out", full, "--include-encoder-checkpoint")
+    assert res.exit_code == 1 and "does not match the expected" in res.output and str(other / name) in res.output
+    assert (full / "sd-h" / name).read_bytes() == (tmp_path / "elsewhere" / name).read_bytes()  # left as it was

