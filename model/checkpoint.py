@@ -8,6 +8,7 @@ the config records the encoder file's sha256, checked again at load time. No pic
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -218,22 +219,40 @@ def save_ensemble(out_dir: str | Path, members: dict[str, PFSAMNet | str | Path]
     return out_dir
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def validate_ensemble(spec: dict, where: Path) -> dict:
     if spec.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{where}: unsupported ensemble format_version {spec.get('format_version')!r}")
     members = spec.get("members") or {}
-    if not members:
-        raise CheckpointError(f"{where}: ensemble has no members")
+    if not members or not isinstance(members, dict):
+        raise CheckpointError(f"{where}: ensemble has no members (\"members\": {{name: folder}})")
     for key in ("segmentation_weights", "classification_weights"):
         weights = spec.get(key) or {}
+        if not isinstance(weights, dict):
+            raise CheckpointError(f"{where}: {key} must map member names to weights, not {weights!r}")
         unknown = set(weights) - set(members)
         if unknown:
             raise CheckpointError(f"{where}: {key} names unknown members {sorted(unknown)}")
+        bad = {k: v for k, v in weights.items() if not _is_number(v) or not math.isfinite(v) or v < 0}
+        if bad:  # NaN passed the sum's check below and dropped its member in silence; inf made every probability NaN
+            raise CheckpointError(f"{where}: {key} must be finite numbers >= 0, not {bad}")
         if sum(float(v) for v in weights.values()) <= 0:
             raise CheckpointError(f"{where}: {key} must give some member a positive weight")
-    unknown_pp = set(spec.get("postprocess", {})) - set(DEFAULT_POSTPROCESS)
+    post = spec.get("postprocess", {})
+    if not isinstance(post, dict):
+        raise CheckpointError(f"{where}: postprocess must be an object of options, not {post!r}")
+    unknown_pp = set(post) - set(DEFAULT_POSTPROCESS)
     if unknown_pp:
         raise CheckpointError(f"{where}: unknown postprocess options {sorted(unknown_pp)}")
+    threshold = post.get("threshold", 0.5)
+    if not _is_number(threshold) or not 0 < threshold < 1:  # else every image failed at its prediction
+        raise CheckpointError(f"{where}: postprocess.threshold must be a number between 0 and 1, not {threshold!r}")
+    for key in ("gate_normal", "largest_component"):
+        if not isinstance(post.get(key, False), bool):  # "false" would count as true
+            raise CheckpointError(f"{where}: postprocess.{key} must be true or false, not {post[key]!r}")
     prior = spec.get("postprocess", {}).get("class_prior", "trained")
     if prior not in CLASS_PRIORS:
         raise CheckpointError(f"{where}: postprocess.class_prior must be one of {', '.join(CLASS_PRIORS)}, not {prior!r}")
@@ -259,5 +278,8 @@ def read_ensemble(model_dir: str | Path) -> dict:
         spec = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
-    spec["postprocess"] = {**DEFAULT_POSTPROCESS, **spec.get("postprocess", {})}
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{path}: not an ensemble description (a JSON object), but a JSON {type(spec).__name__}")
+    if isinstance(spec.get("postprocess", {}), dict):  # else validate_ensemble says what is wrong
+        spec["postprocess"] = {**DEFAULT_POSTPROCESS, **spec.get("postprocess", {})}
     return validate_ensemble(spec, model_dir)

@@ -893,3 +893,36 @@ def test_mlp_gelu_epilogue_equals_the_separate_gelu(monkeypatch):
                 mlp(x)
         finally:
             MLPBlock.gelu = default
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["postprocess"].update(threshold=1.5), r"postprocess.threshold must be a number between 0 and 1, not 1.5"),
+    (lambda s: s["postprocess"].update(threshold="high"), r"postprocess.threshold must be .* not 'high'"),
+    (lambda s: s["postprocess"].update(gate_normal="false"), r"postprocess.gate_normal must be true or false, not 'false'"),
+    (lambda s: s.update(postprocess=None), r"postprocess must be an object of options, not None"),
+    (lambda s: s["classification_weights"].update({m: float("inf") for m in s["classification_weights"]}),
+     r"classification_weights must be finite numbers >= 0, not \{.*inf"),
+    (lambda s: s["segmentation_weights"].update({next(iter(s["segmentation_weights"])): float("nan")}),
+     r"segmentation_weights must be finite numbers >= 0, not \{.*nan"),
+    (lambda s: s["segmentation_weights"].update({next(iter(s["segmentation_weights"])): -1.0}),
+     r"segmentation_weights must be finite numbers >= 0"),
+    (lambda s: s.update(members=["sdh", "mgca"]), r"ensemble has no members"),
+])
+def test_ensemble_json_values_that_would_fail_later_or_in_silence_are_refused_at_load(tmp_path, edit, message):
+    """A threshold outside (0, 1) or not a number loaded and then failed every image ("math domain
+    error"); an infinite weight made every probability NaN (label "normal") and a NaN weight dropped
+    its member in silence; "false" counted as true. Each is now refused when the ensemble loads, naming
+    the folder and the key."""
+    from make_test_model import make_test_ensemble
+    from model.checkpoint import read_ensemble
+
+    ens = make_test_ensemble(tmp_path / "ens")
+    read_ensemble(ens)  # as made, it loads
+    spec = json.loads((ens / "ensemble.json").read_text())
+    edit(spec)
+    (ens / "ensemble.json").write_text(json.dumps(spec))
+    with pytest.raises(CheckpointError, match=rf"ens: {message}"):
+        read_ensemble(ens)
+    (ens / "ensemble.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"ensemble.json: not an ensemble description \(a JSON object\), but a JSON list"):
+        read_ensemble(ens)
