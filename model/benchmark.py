@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .checkpoint import encoder_weights_info, save_ensemble
+from .encoders import ENCODERS
 from .network import PFSAMNet, make_config
 from .encoders.sam_vit import Attention, MLPBlock
 from .encoders.weights import weights_from_file
@@ -289,13 +290,14 @@ def table(res: dict) -> str:
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--encoder", default="litemedsam", help="litemedsam, sam_vit_b, sam_vit_l, sam_vit_h, medsam_vit_b")
+@click.option("--encoder", default="litemedsam", type=click.Choice(list(ENCODERS)), help="The encoder.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--batch-size", default=8)
-@click.option("--images", "n_images", default=16, help="Images through the product path.")
+@click.option("--batch-size", default=8, type=click.IntRange(min=1))
+@click.option("--images", "n_images", default=16, type=click.IntRange(min=1),
+              help="Images through the product path (at least one batch).")
 @click.option("--precision", default="auto", type=click.Choice(["auto", "bf16", "fp32"]))
 @click.option("--peak-tflops", type=float, default=None, help="The device's peak (e.g. 989 for H100 bf16 dense).")
-@click.option("--e2e-images", default=16, help="Images for the end-to-end run (0: skip).")
+@click.option("--e2e-images", default=16, type=click.IntRange(min=0), help="Images for the end-to-end run (0: skip).")
 @click.option("--no-reference", is_flag=True, help="Skip the reference path.")
 @click.option("--attention", default="auto", show_default=True,
               help="SAM attention form: auto, bias (additive mask), augment (q/k augmented, flash kernels) or "

@@ -361,6 +361,9 @@ class Predictor:
 
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
         """Predict a list of images (H x W or H x W x C arrays as read by ``model.io``)."""
+        if isinstance(images, np.ndarray):  # iterating it would predict each of its rows as an image
+            raise TypeError(f"predict takes a list of images, not one array (shape {images.shape}): "
+                            "predict([image]) or predict_one(image)")
         results: list[Prediction] = []
         for start in range(0, len(images), self.batch_size):
             batch = self._map(lambda img: preprocess(img, self.input_size, self.normalization),

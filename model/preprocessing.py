@@ -82,7 +82,11 @@ def _to_0_255(arr: np.ndarray) -> np.ndarray:
         return arr
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8) * 255
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"unsupported pixel type {arr.dtype} (expected integers, floats or booleans)")
     lo, hi = float(arr.min()), float(arr.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # else every probability is NaN and the label "normal"
+        raise ValueError("the image holds NaN or infinite pixel values")
     if not (hi - lo < _F32_SAFE and max(-lo, hi) < _F32_SAFE):
         # floats near float32's or float64's limits: (a - lo) would overflow to inf, then NaN.
         # Rescale in float64, halved first so that hi - lo stays finite even for float64.

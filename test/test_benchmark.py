@@ -80,3 +80,13 @@ def test_benchmark_runtime_option_picks_the_product_paths_encoder_runtime(tmp_pa
     with pytest.raises(click.UsageError, match="--compile"):
         benchmark.bench("litemedsam", "cpu", 2, 2, "fp32", None, 0, reference=False, compile_backend="eager",
                         runtime="onnx")
+
+
+@pytest.mark.parametrize("args, word", [(["--batch-size", "0"], "--batch-size"), (["--images", "-3"], "--images"),
+                                        (["--e2e-images", "-1"], "--e2e-images"), (["--encoder", "bogus"], "--encoder")])
+def test_benchmark_refuses_bad_option_values_before_running(args, word, monkeypatch):
+    """They ended in tracebacks (a reshape error, "no images found", a ValueError) or were raised in
+    silence (--images -3); now click names the option and nothing runs."""
+    monkeypatch.setattr(benchmark, "bench", lambda *a, **k: pytest.fail("the benchmark ran"))
+    result = CliRunner().invoke(benchmark.main, ["--device", "cpu", *args])
+    assert result.exit_code == 2 and f"Invalid value for '{word}'" in result.output, result.output

@@ -926,3 +926,20 @@ def test_ensemble_json_values_that_would_fail_later_or_in_silence_are_refused_at
     (ens / "ensemble.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match=r"ensemble.json: not an ensemble description \(a JSON object\), but a JSON list"):
         read_ensemble(ens)
+
+
+def test_images_the_model_cannot_read_right_are_refused_not_answered():
+    """A float image with a NaN or infinite pixel gave NaN probabilities and the label "normal" with
+    only a numpy warning; a complex image was cast to real; a bare array given to predict was taken as
+    a list of its rows (40 one-row "images" for a 40-row image)."""
+    img = make_ultrasound(64, 80, seed=3)[0].astype(np.float32)
+    for bad in (np.nan, np.inf, -np.inf):
+        arr = img.copy()
+        arr[5, 7] = bad
+        with pytest.raises(ValueError, match="NaN or infinite pixel values"):
+            preprocess(arr, 256, "minmax")
+    with pytest.raises(ValueError, match="unsupported pixel type complex64"):
+        preprocess(img.astype(np.complex64), 256, "minmax")
+    preprocess(img, 256, "minmax")  # the same image, finite, is fine
+    with pytest.raises(TypeError, match=r"predict takes a list of images, not one array \(shape \(64, 80\)\)"):
+        Predictor.predict(None, img)  # refused before the predictor is used
