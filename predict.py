@@ -10,6 +10,7 @@ stand-ins without them.
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 from typing import Optional
 
@@ -67,7 +68,11 @@ class Predictor(BasePredictor):
         self.predictor.tta = bool(tta)
         self.predictor.class_prior = self.model_class_prior if class_prior == "model" else class_prior
         out_dir = Path(tempfile.mkdtemp(prefix="pfsam-"))
-        case = predict_file(self.predictor, Path(str(image)), out_dir, overlay=bool(overlay))
+        try:
+            case = predict_file(self.predictor, Path(str(image)), out_dir, overlay=bool(overlay))
+        except BaseException:  # a refused input leaves no folder behind on a long-running server
+            shutil.rmtree(out_dir, ignore_errors=True)
+            raise
         pred = case.prediction
         return Output(segmentation_mask=Path(str(case.outputs[0])),
                       classification=pred.label.capitalize(),

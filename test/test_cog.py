@@ -199,13 +199,24 @@ p = predict.Predictor()
 p.setup()
 out = p.predict(image=predict.Path({str(tmp_path / 'scan.png')!r}), overlay=True, tta=False, class_prior="model")
 print(out.dict()["classification"], out.segmentation_mask.name, out.overlay.name)
+try:
+    p.predict(image=predict.Path({str(tmp_path / 'notes.png')!r}), overlay=True, tta=False, class_prior="model")
+except Exception as exc:
+    print("refused:", exc, file=sys.stderr)
 """
     grey, _ = synthetic_ultrasound(100, 130, 33)
     Image.fromarray(grey).save(tmp_path / "scan.png")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    (tmp_path / "notes.png").write_text("not an image")
+    tmp = tmp_path / "tmp"  # where the predictions' folders go
+    tmp.mkdir()
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TMPDIR": str(tmp)})
     assert res.returncode == 0, res.stderr[-2000:]
     label, mask, overlay = res.stdout.split()
     assert label in ("Normal", "Benign", "Malignant") and (mask, overlay) == ("scan_mask.png", "scan_overlay.png")
+    assert "refused:" in res.stderr and "notes.png" in res.stderr
+    kept = [p for p in tmp.iterdir() if p.name.startswith("pfsam-")]  # the refused input's folder is gone
+    assert len(kept) == 1 and sorted(f.name for f in kept[0].iterdir()) == ["scan_mask.png", "scan_overlay.png"]
 
 
 def test_cog_server_takes_the_class_prior(cog_server, images):
