@@ -112,9 +112,13 @@ def read_config(model_dir: str | Path) -> dict:
         raise CheckpointError(f"{model_dir}: no {CONFIG_NAME} (not a PF-SAM BUS model directory)")
     try:
         cfg = json.loads(path.read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError(f"not a model config (a JSON object), but a JSON {type(cfg).__name__}")
         return validate_config(cfg) | {k: v for k, v in cfg.items() if k == "provenance"}
     except (json.JSONDecodeError, ValueError) as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+    except (TypeError, AttributeError, KeyError) as exc:  # a value of the wrong kind (a list for an object, ...)
+        raise CheckpointError(f"{path}: not a valid model config ({type(exc).__name__}: {exc})") from None
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu", encoder=None,
@@ -142,10 +146,14 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", encode
     # no random draw for weights that are all set below: the encoder's by its checkpoint (strict) or
     # by ours, the heads' by ours (a missing tensor is an error)
     with weights_from_file():
-        if encoder is None:
-            model = PFSAMNet(cfg, encoder_weights="random" if included else "pretrained", encoder_checkpoint=ckpt)
-        else:
-            model = PFSAMNet(cfg, encoder=encoder)
+        try:
+            if encoder is None:
+                model = PFSAMNet(cfg, encoder_weights="random" if included else "pretrained", encoder_checkpoint=ckpt)
+            else:
+                model = PFSAMNet(cfg, encoder=encoder)
+        except (TypeError, KeyError) as exc:  # e.g. a misspelt head option: SDHead() got an unexpected keyword
+            raise CheckpointError(f"{model_dir / CONFIG_NAME}: does not build a model ({type(exc).__name__}: "
+                                  f"{exc})") from None
     try:
         state = load_file(str(weights_file))
     except Exception as exc:

@@ -301,12 +301,19 @@ def test_bad_configs_and_files_give_clear_errors(tmp_path):
         (lambda c: c["encoder"].__setitem__("normalization", "sam"), "normalisation"),
         (lambda c: c["seg_head"].__setitem__("type", "fpn"), "unknown segmentation head"),
         (lambda c: c["seg_head"].__setitem__("channels", [16, 8]), "shape"),
+        # values of the wrong kind named the file nowhere ("SDHead.__init__() got an unexpected keyword")
+        (lambda c: c["seg_head"].__setitem__("chanels", [16, 8]), r"config.json: does not build a model \(TypeError: .*chanels"),
+        (lambda c: c.__setitem__("encoder", ["litemedsam"]), r"config.json: not a valid model config \(AttributeError"),
+        (lambda c: [c.clear(), c.__setitem__("x", 1)], "format_version"),
     ]:
         bad = json.loads(json.dumps(cfg))
         mutate(bad)
         cfg_path.write_text(json.dumps(bad))
         with pytest.raises((CheckpointError, ValueError), match=message):
             load_model(tmp_path / "m")
+    cfg_path.write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"config.json: not a model config \(a JSON object\), but a JSON list"):
+        load_model(tmp_path / "m")
     with pytest.raises(CheckpointError, match="no config.json"):
         load_model(tmp_path)
 
