@@ -174,3 +174,16 @@ def test_cli_errors_name_the_problem(tmp_path):
         r = run(a, write_eval(tmp_path, f"tau4{len(paired)}", tau4), *paired)
         assert r.exit_code == 1 and "NSD at a tolerance of 2.0 px in" in r.output and "of 4.0 px in" in r.output
     assert not (tmp_path / "o.md").exists()
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", ""])
+def test_a_malformed_metrics_json_is_a_clear_error_naming_it(tmp_path, text):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir()
+    bad.mkdir()
+    (good / "metrics.json").write_text(json.dumps({"dsc": 0.8, "units": {"distance": "px", "tau": 2.0}}))
+    (bad / "metrics.json").write_text(text)
+    res = CliRunner().invoke(C.main, [str(good), str(bad), "--out", str(tmp_path / "t.md")])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert f"{bad / 'metrics.json'}: not" in res.output
+    assert not (tmp_path / "t.md").exists()

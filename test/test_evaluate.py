@@ -254,6 +254,30 @@ def test_bad_predictions_are_reported(tmp_path, data):
     assert "shape" in problems["PACE_00001_001_BUS"] and "PACE_00002_002_BUS" in problems
 
 
+@pytest.mark.parametrize("row", ["10,20,70", "0.5,0.6,0.2", "0.1,0.8,0.098"])
+def test_probabilities_that_do_not_sum_to_1_are_unusable(tmp_path, data, row):
+    """'10,20,70' (percentages) used to score a cross-entropy of -0.0, perfect; a row that is not a
+    distribution (sum off by more than 1e-3) is reported and scored as missing."""
+    pred = make_pace(tmp_path / "pred")
+    path = pred / "classification" / "probabilities.csv"
+    text = path.read_text().replace("PACE_00001_001_BUS,0.1,0.8,0.1", f"PACE_00001_001_BUS,{row}")
+    path.write_text(text)
+    res = E.evaluate_predictions(pred, data, "val", None, n_boot=0)
+    assert "PACE_00001_001_BUS" in res["missing"]["probabilities"]
+    problems = {p["image_id"]: p["problem"] for p in res["problems"]}
+    assert problems["PACE_00001_001_BUS"].startswith("probabilities.csv: unusable row")
+    assert E._parse_probs({"normal": "0.3334", "benign": "0.3333", "malignant": "0.3333"}) == [0.3334, 0.3333, 0.3333]
+
+
+def test_a_csv_that_is_not_text_is_an_error_naming_it(tmp_path, data):
+    pred = make_pace(tmp_path / "pred")
+    path = pred / "classification" / "predictions.csv"
+    path.write_bytes(b"image_id,label\n\xff\xfe\x00bad\n")
+    result = CliRunner().invoke(E.main, ["--pred", str(pred), "--data", str(data), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"{path}: not a UTF-8 text file" in result.output
+
+
 def test_unknown_layout_fails(tmp_path, data):
     (tmp_path / "nothing").mkdir()
     result = CliRunner().invoke(E.main, ["--pred", str(tmp_path / "nothing"), "--data", str(data),

@@ -164,6 +164,16 @@ def test_a_failed_export_leaves_the_existing_ensemble_as_it_was(runs, tmp_path):
     assert _tree(out) == before
 
 
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_metrics_that_are_not_evaluates_json_are_a_clear_error_and_nothing_is_written(runs, tmp_path, text):
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(text)
+    res = _export(runs["sd-h"], runs["mgc-a"], "--out", tmp_path / "ens", "--metrics", metrics)
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert f"--metrics {metrics}: not" in res.output
+    assert not (tmp_path / "ens").exists()
+
+
 def test_members_with_different_preprocessing_are_refused(runs, tmp_path):
     other = tmp_path / "vit"
     (other / "best").mkdir(parents=True)

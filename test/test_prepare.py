@@ -283,16 +283,74 @@ def test_split(prepared):
 
 
 def test_deterministic_rerun_and_overwrite(prepared, fixtures, tmp_path):
+    """Over an earlier run the files are overwritten and those of ids its labels.csv listed but this
+    run drops are removed; a file prepare never wrote there is left in place, with a warning."""
     out = prepared["out"]
-    (out / "images" / "stale.png").write_bytes(b"x")
-    run_cli(args(fixtures["root"], out, "--seed", "0"))  # the folder exists: files overwritten, stale removed
-    assert not (out / "images" / "stale.png").exists()
+    gone = "PACE_99999_001_BUS"
+    for sub in ("images", "masks"):
+        (out / sub / f"{gone}.png").write_bytes(b"x")
+    with open(out / "labels.csv", "a") as fh:
+        fh.write(f"{gone},benign,BUS,/nowhere/{gone}.png,\n")
+    (out / "images" / "my_notes.png").write_bytes(b"x")
+    result = run_cli(args(fixtures["root"], out, "--seed", "0"))
+    assert not (out / "images" / f"{gone}.png").exists() and not (out / "masks" / f"{gone}.png").exists()
+    assert (out / "images" / "my_notes.png").read_bytes() == b"x"
+    assert f"{out / 'images' / 'my_notes.png'}: not written by training.prepare" in result.stderr
+    (out / "images" / "my_notes.png").unlink()
     assert read_csv(out / "labels.csv") == prepared["labels"] and read_csv(out / "split.csv") == prepared["split"]
     run_cli(args(fixtures["root"], tmp_path / "seed1", "--seed", "1", "--val-fraction", "0.3"))
     other = read_csv(tmp_path / "seed1" / "split.csv")
     assert [r["image_id"] for r in other] == [r["image_id"] for r in prepared["split"]]
     assert other != prepared["split"]
     assert 0.25 < sum(r["split"] == "val" for r in other) / len(other) < 0.35
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "contains"])
+def test_an_out_folder_overlapping_a_source_is_refused_and_nothing_is_deleted(tmp_path, where):
+    """--out must not be a source folder, lie inside one or hold one: prepare removes files in --out
+    (it deleted a benign image without a mask and a stray PNG of the source before)."""
+    src = tmp_path / "top" / "PACE"
+    make_pace(src)
+    write_png(src / "PACE_00030_001_BUS.png", noise(605))  # benign without a mask: not prepared
+    write_png(src / "images" / "my_notes_scan.png", noise(606))
+    before = _files(tmp_path)
+    out = {"same": src, "inside": src / "prepared", "contains": tmp_path / "top"}[where]
+    result = CliRunner().invoke(prep.main, ["--pace", str(src), "--out", str(out)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"--out {out}" in result.output and f"--pace source folder {src}" in result.output, result.output
+    assert _files(tmp_path) == before
+
+
+def test_no_images_found_is_refused_and_an_existing_dataset_is_kept(prepared, tmp_path):
+    """A source with no image it can read (the wrong folder) used to 'prepare 0 of 0', empty the
+    existing dataset in --out and write an empty labels.csv."""
+    wrong = tmp_path / "wrong"
+    write_png(wrong / "scan1.png", noise(607))  # no PACE name: not a PACE image
+    before = _files(prepared["out"])
+    result = CliRunner().invoke(prep.main, ["--pace", str(wrong), "--out", str(prepared["out"])])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"no images found in --pace {wrong}" in result.output
+    assert _files(prepared["out"]) == before
+
+
+def test_none_prepared_is_refused_and_an_existing_dataset_is_kept(prepared, tmp_path):
+    src = tmp_path / "pace"
+    write_png(src / "PACE_00030_001_BUS.png", noise(608))  # benign without a mask: skipped
+    before = _files(prepared["out"])
+    result = CliRunner().invoke(prep.main, ["--pace", str(src), "--out", str(prepared["out"])])
+    assert result.exit_code == 1 and "none of the 1 images found could be prepared" in result.output, result.output
+    assert _files(prepared["out"]) == before
+
+
+def test_a_split_without_validation_images_is_a_warning(fixtures, tmp_path):
+    result = run_cli(args(fixtures["root"], tmp_path / "o", "--val-fraction", "0"))
+    assert "split.csv: no validation images in split.csv" in result.stderr, result.stderr
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert any("no validation images" in w["reason"] for w in report["warnings"])
 
 
 def test_cli_errors(tmp_path, fixtures):
@@ -353,6 +411,8 @@ def test_files_the_readers_leave_out_are_reported(tmp_path):
         "PACE/PACE_00041_000_BUS.jpg": "not used: PACE images and masks are PNG files",
         "PACE/masks/PACE_00042_001_BUS.png": "not used: a mask without its image (PACE_00042_001_BUS.png)",
         "PACE/PACE_00043_002_BUS_mask.png": "not used: a mask without its image (PACE_00043_002_BUS.png)",
+        "out/split.csv": "no validation images in split.csv (2 images, --val-fraction 0.2); "
+                         "training.train refuses such a split",  # one image per class: none to spare
     }
     for path, reason in warned.items():
         assert f"warning: {tmp_path / path}: {reason}" in result.stderr

@@ -504,6 +504,72 @@ def test_a_run_that_fails_before_training_leaves_no_run_folder(tiny_dataset, tmp
     assert not (tmp_path / "run").exists()
 
 
+SD_H = (REPO / "training" / "configs" / "sd-h.yaml").read_text()
+# (config text or None for sd-h.yaml, extra arguments, what the error says): each used to fail with a
+# traceback, some after the run folder was written, or (select, --set optim.lrr) to run as not asked
+CONFIG_FAULTS = {
+    "typo": (SD_H.replace("batch_size:", "batchsize:"), [], "unknown config key 'batchsize': did you mean 'batch_size'?"),
+    "select": (SD_H.replace("select: val_dsc", "select: val_dice"), [],
+               "config key select is 'val_dice': not a metric the run computes; allowed: val_dsc, val_acc, val_auc"),
+    "set_typo": (None, ["--set", "optim.lrr=5"], "unknown config key optim.lrr: did you mean optim.lr?"),
+    "scheduler": (None, ["--set", "optim.scheduler=cosin"], "optim.scheduler is 'cosin'; allowed: constant, cosine"),
+    "empty": ("", [], "not a config (a mapping of keys to values) but an empty file"),
+    "malformed": ("model: {encoder: litemedsam\n  mode: frozen\n", [], "not a readable YAML config"),
+    "set_without_value": (None, ["--set", "optim.lr"], "'optim.lr': give key=value"),
+    "batch_size_0": (None, ["--batch-size", "0"], "Invalid value for '--batch-size': 0 is not in the range x>=1"),
+    "precision": (None, ["--precision", "fp16"], "Invalid value for '--precision': 'fp16' is not one of"),
+    "no_labels": (None, ["--data", "NOLABELS"], "labels.csv not found: prepare the data first"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(CONFIG_FAULTS))
+def test_config_and_option_faults_are_clear_errors_before_the_run_folder(tiny_dataset, tmp_path, fault):
+    from click.testing import CliRunner
+
+    from training import train as train_mod
+
+    text, extra, message = CONFIG_FAULTS[fault]
+    config = REPO / "training" / "configs" / "sd-h.yaml"
+    if text is not None:
+        config = tmp_path / "c.yaml"
+        config.write_text(text)
+    data = tiny_dataset
+    if "NOLABELS" in extra:
+        data, extra = tmp_path / "data", []
+        data.mkdir()
+        (data / "split.csv").write_text("image_id,split\n")
+    res = CliRunner().invoke(train_mod.main, ["--config", str(config), "--data", str(data), "--out",
+                                              str(tmp_path / "run"), "--encoder", "litemedsam", "--device", "cpu",
+                                              "--epochs", "1", *extra])
+    assert res.exit_code in (1, 2) and isinstance(res.exception, SystemExit), res.output
+    assert message in res.output, res.output
+    if text is not None:
+        assert str(config) in res.output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_device_cuda_without_a_gpu_is_a_clear_error(tiny_dataset, tmp_path):
+    from click.testing import CliRunner
+
+    from training import train as train_mod
+
+    res = CliRunner().invoke(train_mod.main, ["--config", str(REPO / "training" / "configs" / "sd-h.yaml"),
+                                              "--data", str(tiny_dataset), "--out", str(tmp_path / "run"),
+                                              "--device", "cuda"])
+    assert res.exit_code == 2 and "no CUDA GPU is available" in res.output and not (tmp_path / "run").exists()
+
+
+def test_config_keys_of_the_users_own_are_kept_and_every_shipped_config_passes(capsys):
+    """Only keys training reads are checked: notes of one's own (not close to a key) are kept."""
+    from training.train import check_config
+
+    for path in sorted((REPO / "training" / "configs").glob("*.yaml")):
+        assert check_config(load_config(path, {})) == [], path
+    assert check_config(load_config(REPO / "training" / "configs" / "sd-h.yaml", {"notes": "x", "trial": 2})) == \
+        ["notes", "trial"]
+
+
 def test_views_on_the_fly_are_random_per_draw_and_reproducible(tiny_dataset):
     """Fine-tuning (no cache): each draw of zoom or bright gets its own parameters from (seed, epoch,
     position), the same again for the same draw (resume, other workers); the mask is cropped with

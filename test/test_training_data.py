@@ -114,3 +114,69 @@ def test_cache_cli_reports_a_missing_mask_without_a_traceback(data, tmp_path):
     assert res.returncode == 1, res.stderr
     assert "Error: " in res.stderr and "PACE_00003_001_BUS.png" in res.stderr and "mask file missing" in res.stderr
     assert "Traceback" not in res.stderr, res.stderr
+
+
+def _edit(data: Path, name: str, text_of) -> None:
+    """Rewrite data/name with text_of(its text)."""
+    path = data / name
+    path.write_text(text_of(path.read_text()))
+
+
+# (file, edit of its text, the error's message): rows that used to drop out of training unseen
+SPLIT_AND_LABEL_FAULTS = {
+    "typo": ("split.csv", lambda t: t.replace("PACE_00003_001_BUS,train", "PACE_00003_001_BUS,trian"),
+             r"split\.csv, line 4 \(PACE_00003_001_BUS\): unknown split 'trian'; allowed: train, val"),
+    "split_row_twice": ("split.csv", lambda t: t + "PACE_00001_000_BUS,val\n",
+                        r"split\.csv, line 8: PACE_00001_000_BUS is listed again \(first on line 2\)"),
+    "label_row_twice": ("labels.csv", lambda t: t + t.splitlines()[1] + "\n",
+                        r"labels\.csv, line 8: PACE_00001_000_BUS is listed again \(first on line 2\)"),
+    "no_split_row": ("split.csv", lambda t: t.replace("PACE_00003_001_BUS,train\n", ""),
+                     r"labels\.csv, line 4: PACE_00003_001_BUS has no row in .*split\.csv"),
+    "unknown_id": ("split.csv", lambda t: t + "PACE_09999_001_BUS,train\n",
+                   r"split\.csv: 1 image id\(s\) not in .*labels\.csv: PACE_09999_001_BUS"),
+    "no_split_column": ("split.csv", lambda t: t.replace("image_id,split", "image_id,fold"),
+                        r"split\.csv: no split column \(header: image_id,fold\)"),
+    "no_id_column": ("labels.csv", lambda t: t.replace("image_id,", "id,", 1),
+                     r"labels\.csv: no image_id column"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(SPLIT_AND_LABEL_FAULTS))
+def test_rows_of_labels_and_split_that_do_not_match_are_errors_naming_the_file_and_id(data, fault):
+    name, edit, message = SPLIT_AND_LABEL_FAULTS[fault]
+    _edit(data, name, edit)
+    with pytest.raises(DataError, match=message):
+        load_records(data, "train")
+
+
+@pytest.mark.parametrize("side", ["train", "val"])
+def test_train_cli_refuses_an_empty_split_before_making_the_run_folder(data, tmp_path, side):
+    """An empty val split used to fail after a whole epoch (and leave a run folder), an empty train
+    split with 'Probabilities do not sum to 1'."""
+    from training.train import main
+
+    other = "val" if side == "train" else "train"
+    _edit(data, "split.csv", lambda t: t.replace(f",{side}\n", f",{other}\n"))
+    res = CliRunner().invoke(main, ["--config", str(REPO / "training" / "configs" / "default-sd-h.yaml"),
+                                    "--data", str(data), "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert f"{data / 'split.csv'}: no {side} images (of the 6 listed" in res.output, res.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_refuses_a_split_without_images(data, tmp_path):
+    _edit(data, "split.csv", lambda t: t.replace(",val\n", ",train\n"))
+    res = CliRunner().invoke(E.main, ["--pred", str(tmp_path), "--data", str(data), "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert f"{data / 'split.csv'}: no val images; nothing to evaluate" in res.output
+
+
+@pytest.mark.parametrize("cli", ["predict", "tune"])
+def test_predict_and_tune_report_a_missing_labels_csv_without_a_traceback(data, tmp_path, cli):
+    from training import predict, tune
+
+    (data / "labels.csv").unlink()
+    args = ["--model-dir", str(tmp_path), "--data", str(data)] + (["--out", str(tmp_path / "p")] if cli == "predict" else [])
+    res = CliRunner().invoke({"predict": predict.main, "tune": tune.main}[cli], args)
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert f"{data / 'labels.csv'} not found: prepare the data first" in res.output

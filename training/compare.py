@@ -34,7 +34,15 @@ def _metrics(d: Path) -> dict:
     path = d / "metrics.json"
     if not path.is_file():
         raise click.ClickException(f"{d}: no metrics.json (write it with python -m training.evaluate --out {d})")
-    return json.loads(path.read_text())
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"{path}: not a JSON file ({exc}); write it with python -m training.evaluate "
+                                   f"--out {d}") from None
+    if not isinstance(m, dict) or not isinstance(m.get("units", {}), dict):
+        raise click.ClickException(f"{path}: not training.evaluate's metrics.json (a JSON object of metrics, "
+                                   f"not {type(m).__name__})")
+    return m
 
 
 def _num(v, digits: int = 3, sign: str = "") -> str:

@@ -44,32 +44,80 @@ def parse_label(value, labels_csv: str | Path, line: int, image_id: str) -> str:
     return name
 
 
+SPLITS = ("train", "val")
+
+
+def _rows(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """(line, row) of a csv, the columns ``required`` checked; DataError naming the file otherwise."""
+    try:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            fields = [(f or "").strip().lower() for f in reader.fieldnames or []]
+            missing = [c for c in required if c not in fields]
+            if missing:
+                raise DataError(f"{path}: no {', '.join(missing)} column (header: {','.join(fields) or 'none'}); "
+                                f"expected {','.join(required)}, as training.prepare writes it")
+            rows = []
+            for row in reader:
+                rows.append((reader.line_num, {(k or "").strip().lower(): v for k, v in row.items()}))
+            return rows
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a readable csv file ({exc})") from None
+
+
 def read_split(split_csv: str | Path) -> dict[str, str]:
-    """``image_id -> split`` of a split.csv, ids and values stripped (a hand-edited file may pad them)."""
-    with open(split_csv, newline="") as fh:
-        return {(row.get("image_id") or "").strip(): (row.get("split") or "").strip().lower()
-                for row in csv.DictReader(fh)}
+    """``image_id -> split`` of a split.csv, ids and values stripped (a hand-edited file may pad them)
+    and values in any case; DataError naming the file and the line for a row without an image id,
+    a split other than train or val, or an image id given twice."""
+    split_csv = Path(split_csv)
+    splits: dict[str, str] = {}
+    first: dict[str, int] = {}
+    for line, row in _rows(split_csv, ("image_id", "split")):
+        iid = (row.get("image_id") or "").strip()
+        value = (row.get("split") or "").strip().lower()
+        if not iid:
+            raise DataError(f"{split_csv}, line {line}: no image_id")
+        if value not in SPLITS:
+            raise DataError(f"{split_csv}, line {line} ({iid}): unknown split {row.get('split')!r}; "
+                            f"allowed: {', '.join(SPLITS)}")
+        if iid in splits:
+            raise DataError(f"{split_csv}, line {line}: {iid} is listed again (first on line {first[iid]})")
+        splits[iid], first[iid] = value, line
+    return splits
 
 
 def load_records(data_dir: str | Path, split: str | None = None) -> list[Record]:
-    """Records of a prepared dataset, sorted by image id; ``split`` in train|val|None (all)."""
+    """Records of a prepared dataset, sorted by image id; ``split`` in train|val|None (all).
+    labels.csv and split.csv must list the same image ids, once each: anything else is a DataError
+    naming the file and the id (an image left out of both would silently drop out of training)."""
     data_dir = Path(data_dir)
     labels_csv, split_csv = data_dir / "labels.csv", data_dir / "split.csv"
     for p in (labels_csv, split_csv):
         if not p.is_file():
             raise FileNotFoundError(f"{p} not found: prepare the data first (python -m training.prepare ...)")
     splits = read_split(split_csv)
-    records = []
-    with open(labels_csv, newline="") as fh:
-        reader = csv.DictReader(fh)
-        for row in reader:
-            iid = (row.get("image_id") or "").strip()
-            label = parse_label(row.get("label"), labels_csv, reader.line_num, iid)
-            s = splits.get(iid)
-            if s is None or (split is not None and s != split):
-                continue
-            records.append(Record(iid, label, row.get("source", ""), s,
-                                  data_dir / "images" / f"{iid}.png", data_dir / "masks" / f"{iid}.png"))
+    records, first = [], {}
+    for line, row in _rows(labels_csv, ("image_id", "label")):
+        iid = (row.get("image_id") or "").strip()
+        if not iid:
+            raise DataError(f"{labels_csv}, line {line}: no image_id")
+        label = parse_label(row.get("label"), labels_csv, line, iid)
+        if iid in first:
+            raise DataError(f"{labels_csv}, line {line}: {iid} is listed again (first on line {first[iid]})")
+        first[iid] = line
+        s = splits.get(iid)
+        if s is None:
+            raise DataError(f"{labels_csv}, line {line}: {iid} has no row in {split_csv}")
+        if split is not None and s != split:
+            continue
+        records.append(Record(iid, label, row.get("source") or "", s,
+                              data_dir / "images" / f"{iid}.png", data_dir / "masks" / f"{iid}.png"))
+    unknown = [i for i in splits if i not in first]
+    if unknown:
+        raise DataError(f"{split_csv}: {len(unknown)} image id(s) not in {labels_csv}: {', '.join(unknown[:5])}"
+                        + (" …" if len(unknown) > 5 else ""))
     return sorted(records, key=lambda r: r.image_id)
 
 

@@ -46,7 +46,7 @@ from model import CLASS_NAMES
 from model.writers import LOGITS_DIR
 from model.io import ImageReadError, atomic_path, is_image_file, read_image, read_mask, write_png, write_text
 from training import metrics as M
-from training.datasets import parse_label, read_split
+from training.datasets import DataError, parse_label, read_split
 from training.grouping import linked
 
 GC_MASK_DIR = Path("images") / "breast-lesion-segmentation"
@@ -58,8 +58,13 @@ N_WORST = 8
 # --------------------------------------------------------------------------------------------
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(f)]
+    try:
+        with open(path, newline="") as f:
+            return [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(f)]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a readable csv file ({exc})") from None
 
 
 def load_truth(data_dir: Path | str, split: str = "val") -> list[dict[str, str]]:
@@ -122,13 +127,18 @@ def _parse_label(value: Any) -> str | None:
     return CLASS_NAMES[k] if k >= 0 else None
 
 
+PROB_SUM_TOLERANCE = 1e-3
+
+
 def _parse_probs(values: Mapping[str, Any]) -> list[float] | None:
     low = {str(k).strip().lower(): v for k, v in values.items()}
     try:
         p = [float(low[c]) for c in CLASS_NAMES]
     except (KeyError, TypeError, ValueError):
         return None
-    return p if all(math.isfinite(x) and x >= 0 for x in p) else None
+    if not all(math.isfinite(x) and x >= 0 for x in p) or abs(sum(p) - 1.0) > PROB_SUM_TOLERANCE:
+        return None  # probabilities: none negative, summing to 1 (10,20,70 would score a perfect log loss)
+    return p
 
 
 def read_pace(pred_dir: Path | str) -> tuple[dict[str, dict], list[dict]]:
@@ -296,6 +306,9 @@ def evaluate_predictions(pred_dir: Path | str, data_dir: Path | str, split: str 
     truth = load_truth(data_dir, split)
     if limit is not None:
         truth = sorted(truth, key=lambda r: r["image_id"])[:limit]
+    if not truth:
+        raise DataError(f"{data_dir / 'labels.csv'}: no images" if split == "all" else
+                        f"{data_dir / 'split.csv'}: no {split} images; nothing to evaluate")
     layout = detect_layout(pred_dir)
     preds, problems = (read_grand_challenge if layout == "grand-challenge" else read_pace)(pred_dir)
     all_ids = {r["image_id"] for r in load_truth(data_dir, "all")}

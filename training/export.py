@@ -86,6 +86,19 @@ def selection_caveat(split: str, tuned: bool) -> str:
             "not how it generalises.")
 
 
+def _read_metrics(path: Path) -> dict:
+    """--metrics: training.evaluate's metrics.json, as a dict; ClickException naming it otherwise."""
+    try:
+        metrics = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"--metrics {path}: not a JSON file ({exc}); give training.evaluate's "
+                                   "metrics.json") from None
+    if not isinstance(metrics, dict):
+        raise click.ClickException(f"--metrics {path}: not training.evaluate's metrics.json (a JSON object of "
+                                   f"metrics, not {type(metrics).__name__})")
+    return metrics
+
+
 def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics: dict | None,
                data_report: dict | None, command: str) -> str:
     lines = ["# PF-SAM BUS ensemble: model card", "",
@@ -268,7 +281,7 @@ def export(runs: list[Path], out: Path, which: str = "best", metrics_path: Path 
                        "--include-encoder-checkpoint", err=True)
     names = list(members)
     seg, cls = pick(names, SEG_PREFERENCE), pick(names, CLS_PREFERENCE)
-    metrics = json.loads(metrics_path.read_text()) if metrics_path else None
+    metrics = _read_metrics(Path(metrics_path)) if metrics_path else None
     extra = {"validation": {k: metrics[k] for k in HEADLINE if k in metrics}} if metrics else {}
     given = {k: v for k, v in (postprocess or {}).items() if v is not None}
     post = dict(given)

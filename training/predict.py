@@ -13,15 +13,15 @@ import click
 
 from model.inference import InferenceError, load_predictor, run, summary_line
 
-from .datasets import load_records
+from .datasets import DataError, load_records
 
 
 def predict_split(model_dir: Path, data: Path, split: str | None, out: Path, device: str = "auto",
                   batch_size: int = 4, tta: bool = False, precision: str = "auto", progress: bool = True,
                   logits: bool = False, limit: int | None = None, class_prior: str | None = None):
+    records = load_records(data, None if split == "all" else split)[:limit]  # sorted by image id; data first
     predictor = load_predictor(model_dir, device, batch_size, tta, precision, class_prior=class_prior)
     predictor.keep_logits = logits
-    records = load_records(data, None if split == "all" else split)[:limit]  # sorted by image id
     return run(predictor, data / "images", out, fmt="pace", inputs=[r.image_path for r in records],
                progress=progress)
 
@@ -49,6 +49,8 @@ def main(model_dir, data, split, out, device, batch_size, tta, precision, class_
     except InferenceError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    except (FileNotFoundError, DataError) as exc:  # labels.csv / split.csv: the message names the file
+        raise click.ClickException(str(exc)) from None
     click.echo(summary_line(result), err=True)
     sys.exit(result.exit_code)
 

@@ -15,6 +15,8 @@ from 1 over the whole listing sorted by (source, original path), skipping number
 folder already uses (PACE inputs keep their own ids). A case that cannot be used (bad mask, no
 mask for a lesion, no label) is reported and skipped; pixel-identical images are kept once, and
 not at all when their labels disagree. Patients are identified by (source, patient_id).
+An --out that is, lies inside or holds a source folder is refused, and so are sources in which
+nothing can be prepared; over an earlier run only the files of ids its labels.csv listed are removed.
 
 Near-duplicates (on by default; ``--no-near-duplicates`` gives the split of before session 27, on
 which the embedded default model was trained): the same scan exported twice, re-cropped or
@@ -194,10 +196,36 @@ def _csv_text(fields: list[str], rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+class PrepareError(RuntimeError):
+    """A preparation refused before anything in --out is deleted; the message names the folders."""
+
+
+def check_out_folder(sources: dict[str, Path], out: Path) -> None:
+    """PrepareError when ``out`` is a source folder, lies inside one or holds one: preparing replaces
+    files in ``out`` and removes the ones it wrote before, which must never touch the sources."""
+    o = Path(out).resolve()
+    for name, root in sources.items():
+        s = Path(root).resolve()
+        if o == s or s in o.parents or o in s.parents:
+            where = "is" if o == s else "is inside" if s in o.parents else "contains"
+            raise PrepareError(f"--out {out} {where} the --{name} source folder {root}: prepare writes and removes "
+                               "files in --out; give a folder outside the sources")
+
+
+def _previous_ids(out: Path) -> set[str]:
+    """The image ids the labels.csv of an earlier run in ``out`` lists (the files prepare wrote there)."""
+    try:
+        with open(out / "labels.csv", newline="") as fh:
+            return {(row.get("image_id") or "").strip() for row in csv.DictReader(fh)} - {""}
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return set()
+
+
 def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: float = 0.2,
             limit: int | None = None, near_duplicates: bool = True) -> dict:
     start = time.monotonic()
     out = Path(out)
+    check_out_folder(sources, out)
     errors, warnings = [], []
 
     def unused(path: Path, reason: str) -> None:
@@ -205,6 +233,10 @@ def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: fl
         tqdm.write(f"warning: {path}: {reason}", file=sys.stderr)
 
     records = list_records(sources, limit, unused)
+    if not records:
+        raise PrepareError("no images found in " + ", ".join(f"--{k} {v}" for k, v in sources.items())
+                           + f"; nothing prepared and nothing in {out} changed (is it the right folder and option?)")
+    previous = _previous_ids(out)
 
     def fail(record: Record, reason: str, path: Path | str | None = None) -> None:
         errors.append({"path": str(path or record.image), "image_id": record.image_id, "reason": reason})
@@ -288,15 +320,31 @@ def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: fl
     rows = sorted(({"image_id": r.image_id, "label": r.label, "source": r.source,
                     "original_path": str(r.image.resolve()), "patient_id": r.patient_id} for r in kept),
                   key=lambda row: row["image_id"])
+    if not rows:
+        raise PrepareError(f"none of the {len(records)} images found could be prepared (errors above); "
+                           f"labels.csv and split.csv in {out} left as they were")
     split = assign_split(rows, val_fraction, seed, together)
     for row in rows:
         row["split"] = split[row["image_id"]]
+    for side in ("train", "val"):
+        if not any(row["split"] == side for row in rows):
+            reason = (f"no {'validation' if side == 'val' else 'training'} images in split.csv "
+                      f"({len(rows)} images, --val-fraction {val_fraction}); training.train refuses such a split")
+            warnings.append({"path": str(out / "split.csv"), "image_id": "", "reason": reason})
+            tqdm.write(f"warning: {out / 'split.csv'}: {reason}", file=sys.stderr)
     names = {f"{row['image_id']}.png" for row in rows}
+    ours = {f"{i}.png" for i in previous | {r.image_id for r in written.values()}}  # written here, or listed before
     for sub in ("images", "masks"):  # files of dropped duplicates or of an earlier run
         (out / sub).mkdir(parents=True, exist_ok=True)
-        for stale in (out / sub).glob("*.png"):
-            if stale.name not in names:
+        for stale in sorted((out / sub).glob("*.png")):
+            if stale.name in names:
+                continue
+            if stale.name in ours:
                 stale.unlink()
+            else:
+                reason = "not written by training.prepare (no earlier labels.csv lists it); left in place"
+                warnings.append({"path": str(stale), "image_id": "", "reason": reason})
+                tqdm.write(f"warning: {stale}: {reason}", file=sys.stderr)
     write_text(out / "labels.csv", _csv_text(LABEL_FIELDS, rows))
     write_text(out / "split.csv", _csv_text(["image_id", "split"], rows))
 
@@ -344,7 +392,7 @@ def main(busi, busbra, breast, pace, out, seed, val_fraction, near_duplicates, l
         raise click.UsageError("give at least one source: --busi, --busbra, --breast or --pace")
     try:
         report = prepare(sources, out, seed, val_fraction, limit, near_duplicates)
-    except (FileNotFoundError, RuntimeError) as exc:
+    except (FileNotFoundError, RuntimeError) as exc:  # PrepareError too
         raise click.ClickException(str(exc)) from None
     c = report["counts"]
     click.echo(f"prepared {report['prepared']} of {report['listed']} images in {out} ({report['seconds']} s): "

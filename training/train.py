@@ -30,6 +30,7 @@ import yaml
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from model import CLASS_NAMES
 from model.allocator import keep_freed_memory
 from model.checkpoint import encoder_weights_info, resolve_encoder_checkpoint, save_model
 from model.encoders.weights import WeightsError
@@ -56,15 +57,23 @@ def load_config(path: str | Path, overrides: dict) -> dict:
     """The config file with ``overrides`` (dotted keys; None = keep) applied. When the number of
     epochs is overridden and the curriculum is not, the curriculum's boundaries are scaled with it
     (the paper's 20/40 of 60 epochs become 10/20 of 30), so every phase keeps its share of the run."""
-    cfg = yaml.safe_load(Path(path).read_text())
+    try:
+        cfg = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: not a readable YAML config ({' '.join(str(exc).split())})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: not a config (a mapping of keys to values) but "
+                          f"{'an empty file' if cfg is None else repr(cfg)[:80]}")
     file_epochs = cfg.get("epochs")
     for key, value in overrides.items():
         if value is None:
             continue
         node = cfg
         parts = key.split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {'.'.join(parts[:i + 1])} is {node!r} in {path}, not a section of keys")
         node[parts[-1]] = value
     curriculum_set = any(v is not None and (k in ("curriculum.gt_until", "curriculum.mixed_until") or
                                             (k == "curriculum" and {"gt_until", "mixed_until"} & set(v or {})))
@@ -74,6 +83,85 @@ def load_config(path: str | Path, overrides: dict) -> dict:
         cfg["curriculum"] = {**cfg["curriculum"], **{k: int(cfg["curriculum"][k] * scale + 0.5)
                                                       for k in ("gt_until", "mixed_until")}}
     return _plain(cfg)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be trained as it is; the message names the file or key and the reason."""
+
+
+# The keys training reads (training/configs/*.yaml use them all but the optional ones marked).
+CONFIG_SCHEMA = {
+    "variant": None, "model": {"encoder", "mode", "seg_head", "cls_head",
+                               "encoder_checkpoint", "encoder_weights"},  # the last two optional
+    "loss": {"seg_weight", "cls_weight", "eps"}, "optim": {"lr", "weight_decay", "scheduler"},
+    "epochs": None, "batch_size": None, "curriculum": {"gt_until", "mixed_until", "p_gt"}, "views": None,
+    "class_weights": set(CLASS_NAMES), "select": None, "seed": None, "augment": None,
+}
+REQUIRED = {"model": {"encoder", "mode", "seg_head", "cls_head"}, "loss": {"seg_weight", "cls_weight", "eps"},
+            "optim": {"lr"}, "epochs": None, "batch_size": None, "curriculum": {"gt_until", "mixed_until"},
+            "views": None, "seed": None}
+SELECT_METRICS = ("val_dsc", "val_acc", "val_auc")  # computed every epoch (evaluate_epoch); higher is better
+CHOICES = {("optim", "scheduler"): ("constant", "cosine"), ("augment",): ("random", "fixed"),
+           ("model", "mode"): ("frozen", "finetuned")}
+
+
+def check_config(cfg) -> list[str]:
+    """ConfigError for a config training cannot run as asked: a key missing, a key in a section that
+    training does not read (``optim.lrr``), a top-level key that looks like a misspelt one
+    (``batchsize``), a value outside its choices, ``select`` not a metric the run computes. Returns
+    the other top-level keys (notes of the user's: kept in config.yaml, not used)."""
+    import difflib
+
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"the config is not a mapping of keys to values but {type(cfg).__name__}")
+    unused = []
+    for key, value in cfg.items():
+        if key not in CONFIG_SCHEMA:
+            close = difflib.get_close_matches(str(key), CONFIG_SCHEMA, n=1, cutoff=0.75)
+            if close:
+                raise ConfigError(f"unknown config key {key!r}: did you mean {close[0]!r}?")
+            unused.append(str(key))
+            continue
+        allowed = CONFIG_SCHEMA[key]
+        if allowed is None:
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} must hold keys ({', '.join(sorted(allowed))}), not {value!r}")
+        for sub in value:
+            if sub not in allowed:
+                close = difflib.get_close_matches(str(sub), allowed, n=1, cutoff=0.6)
+                raise ConfigError(f"unknown config key {key}.{sub}" + (f": did you mean {key}.{close[0]}?" if close
+                                  else f"; {key} takes {', '.join(sorted(allowed))}"))
+    for key, subs in REQUIRED.items():
+        if key not in cfg:
+            raise ConfigError(f"config key {key!r} is missing")
+        missing = sorted(subs - set(cfg[key])) if subs else []
+        if missing:
+            raise ConfigError(f"config key {key}.{missing[0]} is missing")
+    for path, choices in CHOICES.items():
+        node = cfg
+        for p in path[:-1]:
+            node = node.get(p, {})
+        if path[-1] in node and node[path[-1]] not in choices:
+            raise ConfigError(f"config key {'.'.join(path)} is {node[path[-1]]!r}; allowed: {', '.join(choices)}")
+    for head in ("seg_head", "cls_head"):
+        if not isinstance(cfg["model"][head], dict) or "type" not in cfg["model"][head]:
+            raise ConfigError(f"config key model.{head} must hold its type, e.g. {{type: sd-h}}")
+    if cfg.get("select", "val_dsc") not in SELECT_METRICS:
+        raise ConfigError(f"config key select is {cfg['select']!r}: not a metric the run computes; "
+                          f"allowed: {', '.join(SELECT_METRICS)}")
+    for key, low in (("epochs", 0), ("batch_size", 1), ("seed", 0)):  # 0 epochs: the run's folder alone
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < low:
+            raise ConfigError(f"config key {key} is {cfg[key]!r}: give a whole number of at least {low}")
+    for section, key in (("optim", "lr"), ("optim", "weight_decay"), ("loss", "seg_weight"), ("loss", "cls_weight"),
+                         ("loss", "eps"), ("curriculum", "p_gt"), ("curriculum", "gt_until"),
+                         ("curriculum", "mixed_until")):
+        if key in cfg[section]:
+            try:
+                float(cfg[section][key])
+            except (TypeError, ValueError):
+                raise ConfigError(f"config key {section}.{key} is {cfg[section][key]!r}: not a number") from None
+    return unused
 
 
 def _plain(value):
@@ -370,8 +458,11 @@ def plot_curves(out: Path, history: list[dict]) -> None:
 def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir: Path | None = None,
           resume: bool = False, workers: int = 0, limit: int | None = None, precision: str = "auto",
           stop_after: int | None = None, cache_build: bool = True) -> dict:
+    unused = check_config(cfg)  # before anything is built or written
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = 0, 1
+    if unused and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: config key(s) {', '.join(unused)} not used by training (kept in config.yaml)", file=sys.stderr)
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -390,6 +481,11 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
     random.seed(seed)
 
     train_recs, val_recs = load_records(data, "train"), load_records(data, "val")
+    for side, recs in (("train", train_recs), ("val", val_recs)):
+        if not recs:  # before anything is built or written: an empty side fails only after an epoch
+            raise DataError(f"{Path(data) / 'split.csv'}: no {side} images (of the {len(train_recs) + len(val_recs)} "
+                            f"listed with {Path(data) / 'labels.csv'}); training needs both splits: prepare the data "
+                            "again with a --val-fraction that leaves images on both sides")
     if limit:
         train_recs, val_recs = train_recs[:limit], val_recs[:max(2, limit // 4)]
     net = build_model(cfg).to(device)
@@ -522,12 +618,13 @@ def provenance(cfg: dict, data: Path, epoch: int, row: dict) -> dict:
 @click.option("--encoder", default=None, help="Override the encoder (sam_vit_b, ..., litemedsam).")
 @click.option("--encoder-checkpoint", default=None, help="SAM/MedSAM checkpoint file for the encoder.")
 @click.option("--frozen/--finetune", default=None, help="Freeze the encoder or fine-tune it (config default).")
-@click.option("--epochs", type=int, default=None)
-@click.option("--batch-size", type=int, default=None)
+@click.option("--epochs", type=click.IntRange(1), default=None)
+@click.option("--batch-size", type=click.IntRange(1), default=None)
 @click.option("--lr", type=float, default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=click.IntRange(0), default=None)
 @click.option("--device", default="auto", help="auto, cpu, cuda.")
-@click.option("--precision", default="auto", help="auto (bf16 where native), bf16, fp32.")
+@click.option("--precision", default="auto", type=click.Choice(["auto", "bf16", "fp32"]),
+              help="auto (bf16 where native), bf16, fp32.")
 @click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
               help="Embedding cache folder (frozen encoder only).")
 @click.option("--cache-build/--no-cache-build", default=True,
@@ -549,16 +646,31 @@ def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, ba
                  "model.mode": None if frozen is None else ("frozen" if frozen else "finetuned"),
                  "epochs": epochs, "batch_size": batch_size, "optim.lr": lr, "seed": seed}
     for s in sets:
-        key, _, value = s.partition("=")
-        overrides[key] = yaml.safe_load(value)
-    cfg = load_config(config_path, overrides)
+        key, eq, value = s.partition("=")
+        if not eq or not key.strip():
+            raise click.BadParameter(f"{s!r}: give key=value, e.g. --set optim.weight_decay=0.01", param_hint="--set")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise click.BadParameter(f"{s!r}: the value is not YAML ({' '.join(str(exc).split())})",
+                                     param_hint="--set") from None
+    if device != "auto" and "WORLD_SIZE" not in os.environ:  # torchrun picks each rank's GPU itself
+        try:
+            if resolve_device(device).type == "cuda" and not torch.cuda.is_available():  # cuda:N
+                raise RuntimeError(f"device {device!r} requested but no CUDA GPU is available (use --device auto or cpu)")
+        except RuntimeError as exc:
+            raise click.BadParameter(str(exc), param_hint="--device") from None
     try:
+        cfg = load_config(config_path, overrides)
         result = train(cfg, Path(data), Path(out), device, Path(cache_dir) if cache_dir else None, resume,
                        workers, limit, precision, cache_build=cache_build)
     except NonFiniteLoss as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except (WeightsError, CacheError, DataError, ImageReadError) as exc:  # the message names the file and what to do
+    except ConfigError as exc:
+        raise click.ClickException(f"{config_path}: {exc}" if not str(exc).startswith(str(config_path))
+                                   else str(exc)) from None
+    except (WeightsError, CacheError, DataError, ImageReadError, FileNotFoundError) as exc:  # names the file
         raise click.ClickException(str(exc)) from None
     best = result["best"]
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 alone evaluates, saves and reports

@@ -31,7 +31,7 @@ from model.predictor import GPUOutOfMemoryError, Predictor, fit_in_gpu_memory
 from model.preprocessing import preprocess
 from model.refine import REFINE_ENCODERS
 
-from .datasets import load_pair, load_records
+from .datasets import DataError, load_pair, load_records
 from .metrics import dice
 
 OPTIONS = [{"gate_normal": g, "largest_component": c} for g in (False, True) for c in (False, True)]
@@ -122,6 +122,10 @@ def main(model_dir, data, device, tta, precision, batch_size, limit, write):
     """Score the postprocess options on the validation split, as process.py would predict them, and
     pick them: refinement and largest component by the highest mean lesion Dice; gating on normal
     only where it empties more normal masks for less than 0.005 Dice."""
+    try:  # the data's faults (no labels.csv, ids that do not match) before the model is loaded
+        load_records(Path(data), "val")
+    except (FileNotFoundError, DataError) as exc:
+        raise click.ClickException(str(exc)) from None
     try:  # the container's loading path: a missing GPU or checkpoint is a message, not a traceback
         predictor = load_predictor(model_dir, device=device, batch_size=batch_size, tta=tta, precision=precision)
     except InferenceError as exc:
