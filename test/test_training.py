@@ -641,3 +641,21 @@ def test_fine_tuning_with_random_views_resumes_to_the_same_weights(tiny_dataset,
     assert not all(torch.allclose(a[k], f[k], rtol=1e-4, atol=1e-6) for k in a)
     start = build_model(cfg).state_dict()
     assert not torch.equal(start["encoder.neck.0.weight"], a["encoder.neck.0.weight"])
+
+
+def test_curriculum_draws_replay_per_epoch_and_differ_between_torchrun_ranks():
+    """Every rank drew the mixed phase's ground-truth-or-prediction picks with the same generator, so
+    the picks of rank 0's k-th sample were those of every rank's k-th sample; now each rank draws its
+    own, one process draws as before (seed * 1000 + epoch), and a resumed epoch draws the same."""
+    from training.train import curriculum_generator, guide_masks
+
+    gt, pred = torch.ones(64, 8, 8), torch.full((64, 1, 8, 8), -20.0)  # sigmoid(-20) ~ 0: tells them apart
+
+    def picks(gen):
+        return guide_masks("mixed", gt, pred, 0.5, gen)[:, 0, 0, 0].round().bool().tolist()
+
+    one = picks(curriculum_generator(3, 25))
+    assert one == picks(torch.Generator().manual_seed(3 * 1000 + 25)) == picks(curriculum_generator(3, 25))
+    ranks = [picks(curriculum_generator(3, 25, rank, 2)) for rank in (0, 1)]
+    assert ranks[0] != ranks[1] and ranks[0] == picks(curriculum_generator(3, 25, 0, 2))
+    assert 16 < sum(ranks[0]) < 48 and 16 < sum(ranks[1]) < 48  # about half ground truth on each

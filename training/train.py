@@ -275,6 +275,13 @@ def curriculum_phase(cfg: dict, epoch: int) -> str:
     return "mixed" if epoch <= c["mixed_until"] else "pred"
 
 
+def curriculum_generator(seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Generator:
+    """The mixed phase's ground-truth-or-prediction draws of one epoch on one rank: seeded by (seed,
+    epoch), so a resumed run draws the same, and by the rank, so that torchrun's ranks draw apart
+    (one process: the seed of before, seed * 1000 + epoch)."""
+    return torch.Generator().manual_seed((seed * 1000 + epoch) * world + rank)
+
+
 def guide_masks(phase: str, gt: torch.Tensor, pred_logits: torch.Tensor, p_gt: float,
                 gen: torch.Generator) -> torch.Tensor:
     gt = gt[:, None].float()
@@ -556,7 +563,7 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
         plan = plan[:len(plan) - len(plan) % world][rank::world]
         loader = DataLoader(tr_set, batch_size=bs, sampler=plan, collate_fn=collate, num_workers=workers,
                             pin_memory=device.type == "cuda", persistent_workers=False)
-        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        gen = curriculum_generator(seed, epoch, rank, world)
         model.train()
         t0, seen, sums = time.time(), 0, {"loss": 0.0, "seg": 0.0, "ce": 0.0}
         bar = tqdm(loader, desc=f"epoch {epoch}/{epochs} [{phase}]", file=sys.stderr, disable=rank != 0,
