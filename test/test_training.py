@@ -24,6 +24,12 @@ from training.train import build_model, curriculum_phase, epoch_plan, load_confi
 REPO = Path(__file__).resolve().parents[1]
 
 
+def shutil_usage(free: int):
+    import shutil
+
+    return shutil._ntuple_diskusage(total=free * 10, used=free * 9, free=free)
+
+
 def tiny_cfg(variant: str, epochs: int = 2) -> dict:
     cfg = load_config(REPO / "training" / "configs" / f"{variant}.yaml",
                       {"model.encoder": "litemedsam", "model.mode": "frozen", "epochs": epochs,
@@ -320,6 +326,54 @@ def test_cache_serves_a_subset_of_its_images_and_refuses_strangers(tiny_dataset,
     stranger = records[0].__class__(**{**records[0].__dict__, "image_id": "PACE_99999_001_BUS"})
     with pytest.raises(ValueError, match="another image list"):
         build_cache(model, [*records, stranger], tmp_path, ["orig"], torch.device("cpu"), "fp32")
+
+
+def test_a_damaged_cache_or_folder_is_an_error_naming_it_not_zeros_or_a_crash(tiny_dataset, tmp_path, monkeypatch):
+    """A cache file cut short (a full disk, an interrupted copy) was padded with zeros by numpy and
+    trained on as embeddings; a disk too small for the build killed it with SIGBUS mid-way; a
+    read-only folder gave an OSError traceback, and a finished cache on a read-only mount could not be
+    trained on (its files were opened for writing)."""
+    import training.cache as tc
+    from training.cache import CacheError
+
+    model = build_model(tiny_cfg("sd-h"))
+    records = load_records(tiny_dataset)[:4]
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(tc.shutil, "disk_usage", lambda p: shutil_usage(free=3 * 2**20))  # about one view
+    with pytest.raises(CacheError, match=r"4 views to encode need 0\.0\d GiB, and only 0\.00 GiB are free there"):
+        build_cache(model, records, tmp_path / "small", ["orig"], cpu, "fp32")
+    monkeypatch.undo()
+    built = build_cache(model, records, tmp_path / "c", ["orig"], cpu, "fp32")
+    opened = build_cache(model, records, tmp_path / "c", ["orig"], cpu, "fp32", build=False)
+    assert opened.embedding.mode == "r" and built.embedding.mode != "r"  # reading needs no write permission
+    emb = built.root / "embedding.f16"
+    with open(emb, "r+b") as fh:
+        fh.truncate(emb.stat().st_size // 2)
+    for build in (True, False):
+        with pytest.raises(CacheError, match=rf"embedding.f16: {emb.stat().st_size} bytes where the cache needs "
+                                             rf"{2 * emb.stat().st_size}.*delete .* and build the cache again"):
+            build_cache(model, records, tmp_path / "c", ["orig"], cpu, "fp32", build=build)
+    assert emb.stat().st_size == 4 * 256 * 64 * 64  # left as it was: nothing padded
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(30, "Read-only file system", str(self))
+
+    monkeypatch.setattr(tc.Path, "mkdir", read_only)
+    with pytest.raises(CacheError, match=r"ro/[0-9a-f]+: the embedding cache cannot be written there "
+                                         r"\(Read-only file system\); give --cache a folder this user can write"):
+        build_cache(model, records, tmp_path / "ro", ["orig"], cpu, "fp32")
+
+
+def test_cache_key_of_random_encoder_weights_follows_their_values():
+    """Random weights were keyed as "random" alone: a run with another seed trained on the first run's
+    embeddings."""
+    keys = []
+    for seed in (0, 0, 1):
+        cfg = tiny_cfg("sd-h")
+        cfg["model"]["encoder_weights"] = "random"
+        torch.manual_seed(seed)
+        keys.append(cache_key(build_model(cfg), ["orig"], "fp32", False))
+    assert keys[0] == keys[1] != keys[2]
 
 
 def test_cache_gives_validation_images_the_first_view_only(tiny_dataset, tmp_path):

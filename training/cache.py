@@ -13,10 +13,12 @@ prepared again) is encoded again, and training on the cache as it is (``build=Fa
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -63,8 +65,14 @@ def preprocessing_fingerprint(size: int, normalization: str, views: list[str]) -
 def cache_key(model: PFSAMNet, views: list[str], precision: str, with_features: bool) -> str:
     enc = model.config["encoder"]
     enc_module = sys.modules[type(model.encoder).__module__]
+    weights = enc["weights"].get("sha256", enc["weights"].get("source"))
+    if weights == "random":  # random weights differ by the seed they were drawn with: key them by their values
+        digest = hashlib.sha256()
+        for name, t in model.encoder.state_dict().items():
+            digest.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+        weights = f"random:{digest.hexdigest()[:16]}"
     payload = {"encoder": enc["name"], "input_size": enc["input_size"], "normalization": enc["normalization"],
-               "weights": enc["weights"].get("sha256", enc["weights"].get("source")), "precision": precision,
+               "weights": weights, "precision": precision,
                "views": list(views), "features": with_features, "mask_res": MASK_RES,
                "encoder_code": _source_sha(enc_module),
                "preprocessing": preprocessing_fingerprint(enc["input_size"], enc["normalization"], list(views))}
@@ -80,6 +88,11 @@ class EmbeddingCache:
 
         def mm(name, dtype, shape):
             path = root / name
+            if path.exists():  # numpy would pad a short file with zeros and serve them as embeddings
+                want = int(np.prod(shape)) * np.dtype(dtype).itemsize
+                if path.stat().st_size != want:
+                    raise CacheError(f"{path}: {path.stat().st_size} bytes where the cache needs {want} (cut short "
+                                     f"by a full disk or a copy?); delete {root} and build the cache again")
             return np.memmap(path, dtype=dtype, mode=mode if path.exists() else "w+", shape=shape)
 
         self.embedding = mm("embedding.f16", np.float16, (n, v, 256, 64, 64))
@@ -105,6 +118,16 @@ class CacheError(ValueError):
     """No usable cache where one was asked for; the message says why and what to run."""
 
 
+@contextlib.contextmanager
+def _folder_errors(root: Path, build: bool):
+    """An OSError opening the cache (a read-only or full folder) as a CacheError naming the folder."""
+    try:
+        yield
+    except OSError as exc:
+        raise CacheError(f"{root}: the embedding cache cannot be {'written' if build else 'read'} there "
+                         f"({exc.strerror or exc}); give --cache a folder this user can write") from None
+
+
 def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, views: list[str],
                 device: torch.device, precision: str = "auto", batch_size: int = 8,
                 view_classes: dict[str, list[str]] | None = None, build: bool = True) -> EmbeddingCache:
@@ -126,7 +149,8 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
                          f"{precision_name}, views, encoder code or preprocessing "
                          f"differ from the caches there: {', '.join(others) or 'none'}); "
                          "build it with training.cache or train without --no-cache-build")
-    root.mkdir(parents=True, exist_ok=True)
+    with _folder_errors(root, build):
+        root.mkdir(parents=True, exist_ok=True)
     ids = sorted(r.image_id for r in records)
     meta_path = root / "meta.json"
     skip_shapes = None
@@ -144,8 +168,10 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
         ids = meta["ids"]
     else:
         meta = {"ids": ids, "views": views, "skip_shapes": skip_shapes, "content": {}}
-        write_text(meta_path, json.dumps(meta))
-    cache = EmbeddingCache(root, ids, views, skip_shapes)
+        with _folder_errors(root, build):
+            write_text(meta_path, json.dumps(meta))
+    with _folder_errors(root, build):  # read-only when nothing is to be built: a finished cache on a read-only mount
+        cache = EmbeddingCache(root, ids, views, skip_shapes, mode="r+" if build else "r")
     stale = sorted(i for i, sha in content.items() if meta.get("content", {}).get(i) != sha)
     if stale and not build:
         raise CacheError(f"{root}: {len(stale)} cached images were encoded from other image or mask files than "
@@ -170,6 +196,12 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
         return cache
     if not todo:
         return cache
+    per_view = cache.embedding[0, 0].nbytes + cache.mask[0, 0].nbytes + sum(s[0, 0].nbytes for s in cache.skips)
+    free = shutil.disk_usage(root).free
+    if free < len(todo) * per_view:  # the memory-mapped files take their disk space as they are written:
+        # a disk that fills up mid-build kills the process with SIGBUS, not an error
+        raise CacheError(f"{root}: {len(todo)} views to encode need {len(todo) * per_view / 2**30:.2f} GiB, and "
+                         f"only {free / 2**30:.2f} GiB are free there; free space or give --cache another folder")
     bf16 = use_bf16(precision, device)
     encoder = copy.deepcopy(model.encoder).eval()
     if hasattr(encoder, "fuse"):

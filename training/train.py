@@ -517,9 +517,9 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
                 raise click.ClickException("rank 0 could not build the embedding cache (its error is above)")
         if failure is not None:
             raise failure
-        if distributed and rank != 0:  # rank 0 built it: this rank opens it
+        if distributed and rank != 0:  # rank 0 built it (or, with --no-cache-build, did not): this rank opens it
             cache = build_cache(net, train_recs + val_recs, cache_dir, cfg["views"], device, precision,
-                                view_classes=vc)
+                                view_classes=vc, build=False)
         tr_set, va_set = CachedSet(cache, train_recs), CachedSet(cache, val_recs)
         avail = lambda i, v: bool(cache.done[cache.index[train_recs[i].image_id], v])  # noqa: E731
     else:
