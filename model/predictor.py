@@ -52,8 +52,8 @@ def resolve_device(device: str = "auto") -> torch.device:
     device = {"gpu": "cuda"}.get(device, device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but no CUDA GPU is available (use -d auto or -d cpu)")
+    if device.startswith("cuda") and not torch.cuda.is_available():  # cuda:N too
+        raise RuntimeError(f"device {device!r} requested but no CUDA GPU is available (use auto or cpu)")
     return torch.device(device)
 
 

@@ -608,10 +608,11 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(tiny_dataset, tmp_path):
 
     from training import train as train_mod
 
-    res = CliRunner().invoke(train_mod.main, ["--config", str(REPO / "training" / "configs" / "sd-h.yaml"),
-                                              "--data", str(tiny_dataset), "--out", str(tmp_path / "run"),
-                                              "--device", "cuda"])
-    assert res.exit_code == 2 and "no CUDA GPU is available" in res.output and not (tmp_path / "run").exists()
+    for device in ("cuda", "cuda:0"):  # model.predictor.resolve_device refuses both
+        res = CliRunner().invoke(train_mod.main, ["--config", str(REPO / "training" / "configs" / "sd-h.yaml"),
+                                                  "--data", str(tiny_dataset), "--out", str(tmp_path / "run"),
+                                                  "--device", device])
+        assert res.exit_code == 2 and "no CUDA GPU is available" in res.output and not (tmp_path / "run").exists()
 
 
 def test_config_keys_of_the_users_own_are_kept_and_every_shipped_config_passes(capsys):

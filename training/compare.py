@@ -13,7 +13,6 @@ data do not tell the two apart.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -35,14 +34,9 @@ def _metrics(d: Path) -> dict:
     if not path.is_file():
         raise click.ClickException(f"{d}: no metrics.json (write it with python -m training.evaluate --out {d})")
     try:
-        m = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise click.ClickException(f"{path}: not a JSON file ({exc}); write it with python -m training.evaluate "
-                                   f"--out {d}") from None
-    if not isinstance(m, dict) or not isinstance(m.get("units", {}), dict):
-        raise click.ClickException(f"{path}: not training.evaluate's metrics.json (a JSON object of metrics, "
-                                   f"not {type(m).__name__})")
-    return m
+        return M.read_metrics_json(path)
+    except ValueError as exc:
+        raise click.ClickException(f"{exc}; write it with python -m training.evaluate --out {d}") from None
 
 
 def _num(v, digits: int = 3, sign: str = "") -> str:

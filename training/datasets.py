@@ -47,8 +47,9 @@ def parse_label(value, labels_csv: str | Path, line: int, image_id: str) -> str:
 SPLITS = ("train", "val")
 
 
-def _rows(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
-    """(line, row) of a csv, the columns ``required`` checked; DataError naming the file otherwise."""
+def csv_rows(path: Path, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
+    """(line, row) of a csv, its column names stripped and lower-case, the columns ``required``
+    checked; DataError naming the file for those missing, a file not UTF-8 or not csv."""
     try:
         with open(path, newline="") as fh:
             reader = csv.DictReader(fh)
@@ -74,7 +75,7 @@ def read_split(split_csv: str | Path) -> dict[str, str]:
     split_csv = Path(split_csv)
     splits: dict[str, str] = {}
     first: dict[str, int] = {}
-    for line, row in _rows(split_csv, ("image_id", "split")):
+    for line, row in csv_rows(split_csv, ("image_id", "split")):
         iid = (row.get("image_id") or "").strip()
         value = (row.get("split") or "").strip().lower()
         if not iid:
@@ -99,7 +100,7 @@ def load_records(data_dir: str | Path, split: str | None = None) -> list[Record]
             raise FileNotFoundError(f"{p} not found: prepare the data first (python -m training.prepare ...)")
     splits = read_split(split_csv)
     records, first = [], {}
-    for line, row in _rows(labels_csv, ("image_id", "label")):
+    for line, row in csv_rows(labels_csv, ("image_id", "label")):
         iid = (row.get("image_id") or "").strip()
         if not iid:
             raise DataError(f"{labels_csv}, line {line}: no image_id")

@@ -31,7 +31,6 @@ by Dice: image, ground-truth contour green, predicted contour red).
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections import Counter
@@ -46,7 +45,7 @@ from model import CLASS_NAMES
 from model.writers import LOGITS_DIR
 from model.io import ImageReadError, atomic_path, is_image_file, read_image, read_mask, write_png, write_text
 from training import metrics as M
-from training.datasets import DataError, parse_label, read_split
+from training.datasets import DataError, csv_rows, parse_label, read_split
 from training.grouping import linked
 
 GC_MASK_DIR = Path("images") / "breast-lesion-segmentation"
@@ -58,13 +57,7 @@ N_WORST = 8
 # --------------------------------------------------------------------------------------------
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
-    try:
-        with open(path, newline="") as f:
-            return [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(f)]
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
-    except csv.Error as exc:
-        raise DataError(f"{path}: not a readable csv file ({exc})") from None
+    return [{k: (v or "").strip() for k, v in row.items()} for _, row in csv_rows(path)]
 
 
 def load_truth(data_dir: Path | str, split: str = "val") -> list[dict[str, str]]:

@@ -23,6 +23,8 @@ from model.checkpoint import (CONFIG_NAME, ENSEMBLE_NAME, WEIGHTS_NAME, Checkpoi
 from model.encoders.weights import WeightsError, how_to_get, sha256_of, verify_checkpoint
 from model.io import write_text
 
+from .metrics import read_metrics_json
+
 SEG_PREFERENCE = ("sd-h", "unet-h", "mgc-a")
 HEADLINE = ("n_images", "dsc", "iou", "hd95", "nsd", "accuracy", "f1_macro", "auc_macro", "auc_malignant",
             "sens_at_90_spec", "spec_at_90_sens", "normal_empty_share", "seg_bce")
@@ -84,19 +86,6 @@ def selection_caveat(split: str, tuned: bool) -> str:
         return "These are figures on the training split: they say how well the model fits, not how it generalises."
     return ("These figures mix the training and validation splits (split all): they say how well the model fits, "
             "not how it generalises.")
-
-
-def _read_metrics(path: Path) -> dict:
-    """--metrics: training.evaluate's metrics.json, as a dict; ClickException naming it otherwise."""
-    try:
-        metrics = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise click.ClickException(f"--metrics {path}: not a JSON file ({exc}); give training.evaluate's "
-                                   "metrics.json") from None
-    if not isinstance(metrics, dict):
-        raise click.ClickException(f"--metrics {path}: not training.evaluate's metrics.json (a JSON object of "
-                                   f"metrics, not {type(metrics).__name__})")
-    return metrics
 
 
 def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics: dict | None,
@@ -281,7 +270,10 @@ def export(runs: list[Path], out: Path, which: str = "best", metrics_path: Path 
                        "--include-encoder-checkpoint", err=True)
     names = list(members)
     seg, cls = pick(names, SEG_PREFERENCE), pick(names, CLS_PREFERENCE)
-    metrics = _read_metrics(Path(metrics_path)) if metrics_path else None
+    try:
+        metrics = read_metrics_json(metrics_path) if metrics_path else None
+    except ValueError as exc:
+        raise click.ClickException(f"--metrics {exc}; give training.evaluate's metrics.json") from None
     extra = {"validation": {k: metrics[k] for k in HEADLINE if k in metrics}} if metrics else {}
     given = {k: v for k, v in (postprocess or {}).items() if v is not None}
     post = dict(given)

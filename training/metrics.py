@@ -87,8 +87,10 @@ Aggregation and confidence intervals
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -663,6 +665,19 @@ def paired_difference(a: Sequence[Mapping], b: Sequence[Mapping], n_boot: int = 
         out["bootstrap"] = {"n_boot": int(n_boot), "seed": int(seed), "level": float(level), "method": "percentile",
                             "paired": True, **_unit(ta)}
     return out
+
+
+def read_metrics_json(path) -> dict:
+    """training.evaluate's metrics.json as a dict; ValueError starting with the path when the file
+    is not JSON or not such an object (compare and export name where it came from)."""
+    try:
+        metrics = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a JSON file ({exc})") from None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("units", {}), dict):
+        raise ValueError(f"{path}: not training.evaluate's metrics.json (a JSON object of metrics, "
+                         f"not {type(metrics).__name__})")
+    return metrics
 
 
 def to_jsonable(obj: Any) -> Any:

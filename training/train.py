@@ -35,7 +35,7 @@ from model.allocator import keep_freed_memory
 from model.checkpoint import encoder_weights_info, resolve_encoder_checkpoint, save_model
 from model.encoders.weights import WeightsError
 from model.io import ImageReadError, atomic_path, write_text
-from model.network import PFSAMNet, make_config
+from model.network import ENCODER_MODES, PFSAMNet, make_config
 from model.predictor import resolve_device, use_bf16
 from model.preprocessing import mask_to_model, preprocess
 
@@ -101,8 +101,8 @@ REQUIRED = {"model": {"encoder", "mode", "seg_head", "cls_head"}, "loss": {"seg_
             "optim": {"lr"}, "epochs": None, "batch_size": None, "curriculum": {"gt_until", "mixed_until"},
             "views": None, "seed": None}
 SELECT_METRICS = ("val_dsc", "val_acc", "val_auc")  # computed every epoch (evaluate_epoch); higher is better
-CHOICES = {("optim", "scheduler"): ("constant", "cosine"), ("augment",): ("random", "fixed"),
-           ("model", "mode"): ("frozen", "finetuned")}
+AUGMENT_MODES = ("random", "fixed")
+CHOICES = {("optim", "scheduler"): ("constant", "cosine"), ("augment",): AUGMENT_MODES, ("model", "mode"): ENCODER_MODES}
 
 
 def check_config(cfg) -> list[str]:
@@ -232,7 +232,7 @@ def view_seed(cfg: dict, net: PFSAMNet) -> int | None:
     trains (a frozen one trains on the cache's views with or without --cache) and ``augment`` is
     ``random`` (the default)."""
     augment = cfg.get("augment", "random")
-    if augment not in ("random", "fixed"):
+    if augment not in AUGMENT_MODES:
         raise ValueError(f"augment must be random or fixed, not {augment!r}")
     return int(cfg["seed"]) if augment == "random" and not net.frozen else None
 
@@ -661,10 +661,9 @@ def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, ba
         except yaml.YAMLError as exc:
             raise click.BadParameter(f"{s!r}: the value is not YAML ({' '.join(str(exc).split())})",
                                      param_hint="--set") from None
-    if device != "auto" and "WORLD_SIZE" not in os.environ:  # torchrun picks each rank's GPU itself
+    if "WORLD_SIZE" not in os.environ:  # torchrun picks each rank's GPU itself
         try:
-            if resolve_device(device).type == "cuda" and not torch.cuda.is_available():  # cuda:N
-                raise RuntimeError(f"device {device!r} requested but no CUDA GPU is available (use --device auto or cpu)")
+            resolve_device(device)
         except RuntimeError as exc:
             raise click.BadParameter(str(exc), param_hint="--device") from None
     try:
