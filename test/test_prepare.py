@@ -346,6 +346,21 @@ def test_none_prepared_is_refused_and_an_existing_dataset_is_kept(prepared, tmp_
     assert _files(prepared["out"]) == before
 
 
+def test_none_kept_after_duplicates_leaves_no_files_behind(prepared, tmp_path):
+    """The same pixels under two labels are both dropped, after each was written: with nothing left to
+    prepare, the images and masks written by this run used to stay in --out beside the old labels.csv."""
+    src = tmp_path / "pace"
+    write_png(src / "PACE_00030_001_BUS.png", noise(609))
+    write_png(src / "PACE_00030_001_BUS_mask.png", box(1, 9, 1, 9))
+    write_png(src / "PACE_00031_002_BUS.png", noise(609))  # the same scan, labelled malignant
+    write_png(src / "PACE_00031_002_BUS_mask.png", box(1, 9, 1, 9))
+    for out in (prepared["out"], tmp_path / "fresh"):
+        before = _files(out) if out.exists() else {}
+        result = CliRunner().invoke(prep.main, ["--pace", str(src), "--out", str(out)])
+        assert result.exit_code == 1 and "none of the 2 images found could be prepared" in result.output, result.output
+        assert _files(out) == before
+
+
 def test_a_split_without_validation_images_is_a_warning(fixtures, tmp_path):
     result = run_cli(args(fixtures["root"], tmp_path / "o", "--val-fraction", "0"))
     assert "split.csv: no validation images in split.csv" in result.stderr, result.stderr

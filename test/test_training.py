@@ -599,6 +599,8 @@ def test_config_and_option_faults_are_clear_errors_before_the_run_folder(tiny_da
     assert message in res.output, res.output
     if text is not None:
         assert str(config) in res.output
+    if fault in ("set_typo", "scheduler"):  # the value came from --set, not from the config file
+        assert f"--set {extra[1]}: " in res.output and str(config) not in res.output, res.output
     assert not (tmp_path / "run").exists()
 
 

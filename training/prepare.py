@@ -321,6 +321,9 @@ def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: fl
                     "original_path": str(r.image.resolve()), "patient_id": r.patient_id} for r in kept),
                   key=lambda row: row["image_id"])
     if not rows:
+        for image_id in {r.image_id for r in written.values()} - previous:  # written here, all dropped since
+            for sub in ("images", "masks"):
+                (out / sub / f"{image_id}.png").unlink(missing_ok=True)
         raise PrepareError(f"none of the {len(records)} images found could be prepared (errors above); "
                            f"labels.csv and split.csv in {out} left as they were")
     split = assign_split(rows, val_fraction, seed, together)

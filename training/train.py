@@ -615,6 +615,17 @@ def provenance(cfg: dict, data: Path, epoch: int, row: dict) -> dict:
             "train_config": copy.deepcopy(cfg), "torch": torch.__version__}
 
 
+def _config_error_origin(message: str, config_path, sets) -> str:
+    """A config error named after where the bad value came from: the ``--set`` whose key (or a section
+    above it) the message names, else the config file."""
+    import re
+
+    named = [s for s in sets if re.search(rf"(?<![\w.]){re.escape(s.partition('=')[0].strip())}(?![\w])", message)]
+    if named:
+        return f"--set {' --set '.join(named)}: {message}"
+    return message if message.startswith(str(config_path)) else f"{config_path}: {message}"
+
+
 @click.command(context_settings={"show_default": True})
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Variant config: training/configs/{unet-h,sd-h,mgc-a}.yaml (the paper's), default-{sd-h,mgc-a}.yaml "
@@ -674,8 +685,7 @@ def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, ba
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except ConfigError as exc:
-        raise click.ClickException(f"{config_path}: {exc}" if not str(exc).startswith(str(config_path))
-                                   else str(exc)) from None
+        raise click.ClickException(_config_error_origin(str(exc), config_path, sets)) from None
     except (WeightsError, CacheError, DataError, ImageReadError, FileNotFoundError) as exc:  # names the file
         raise click.ClickException(str(exc)) from None
     best = result["best"]
