@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Training epoch of a frozen-encoder model from the embedding cache vs encoding every image on the
-# fly, one after the other on this machine, and the ratio (README, Performance). The cached epoch
+# fly, one after the other on this machine, and the ratio (docs/performance.md). The cached epoch
 # takes seconds and a shared 2-core machine makes it noisy, so it runs REPEAT times (the median counts). Needs the prepared
 # data and a cache holding the orig view of those images (python -m training.cache ... --first-view-only).
 #

@@ -55,7 +55,7 @@ class Attention(nn.Module):
     the global blocks (at least ``GLOBAL_MIN_TOKENS`` tokens, 64x64 at 1024 input), the second for
     the 14x14 windows. Class default ``"auto"``: on CUDA ``fused`` for both (where the kernels cannot be
     built, ``relpos_attention.available``: ``augment`` for global blocks, ``bias`` for windows),
-    ``bias`` on CPU (README, Performance: per-layer timings of each form on an H100). The forms:
+    ``bias`` on CPU (docs/performance.md: per-layer timings of each form on an H100). The forms:
 
     * ``bias``: the terms become an additive (B, heads, N, N) mask. Exact, but the mask is
       materialised (400 MB per image and global block at 1024 input) and rules out flash attention.
