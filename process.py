@@ -27,16 +27,21 @@ Exit status: 0 all images processed; 3 some failed (the others are written);
 """
 from __future__ import annotations
 
+import platform
 import sys
 from pathlib import Path
 
 import click
+import torch
 
+from model import __version__
 from model.inference import (FORMATS, TASKS, InferenceError, find_inputs, load_predictor, prepare_output, run,
                              summary_line)
 
 
 @click.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version",
+                      message=f"PF-SAM BUS %(version)s (python {platform.python_version()}, torch {torch.__version__})")
 @click.option("-i", "--input", "input_dir", type=click.Path(path_type=Path), default=Path("/input"),
               show_default=True, help="Folder searched recursively for .mha, .tif/.tiff, .png, .jpg/.jpeg, .bmp images.")
 @click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=Path("/output"),

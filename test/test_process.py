@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -283,6 +284,18 @@ def test_main_py_runs_the_pace_template_command(inputs, ensemble_dir, pace_run, 
                 assert (out / f).read_text() == (pace_out / f).read_text()
     usage = subprocess.run([sys.executable, "main.py", "--help"], capture_output=True, text=True, cwd=str(REPO))
     assert usage.returncode == 0 and "Usage: main.py" in usage.stdout and "[default: pace]" in usage.stdout
+
+
+@pytest.mark.parametrize("entry", ["process.py", "main.py"])
+def test_version_names_the_product_and_its_torch(entry):
+    import torch
+
+    import model
+
+    proc = subprocess.run([sys.executable, entry, "--version"], capture_output=True, text=True, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"PF-SAM BUS {model.__version__} ") and f"torch {torch.__version__}" in proc.stdout
+    assert re.fullmatch(r"\d+\.\d+\.\d+", model.__version__)
 
 
 def test_codabench_format_is_the_validation_phase_upload(cli, pace_run, inputs, tmp_path):
