@@ -6,7 +6,10 @@ antialiased bilinear) -> the encoder's own normalisation -> zero padding at the 
 (SAM style) -> float32 tensor 3 x S x S.
 
 * Intensity scale: uint8 is used as is; bool becomes {0, 255}; any other type is rescaled linearly
-  from its own min..max to 0..255 (16-bit and float images rarely use their full range).
+  from its own min..max to 0..255 (16-bit and float images rarely use their full range) and rounded
+  to 8 bits, as the training images (8-bit PNGs) and SAM's own pipeline (uint8) come: the same scan
+  stored at 8 bits, at 16 bits (x 257) or as float on 0..1 then gives the same network input, where
+  resizing the fine levels apart gave masks that differed (Dice 0.72 at worst on real images).
 * Alpha is dropped; grey is replicated to three channels (after resizing, to save memory on
   huge images).
 * Normalisation ``sam``: (x - SAM pixel mean) / SAM pixel std on 0-255.
@@ -77,7 +80,7 @@ _F32_SAFE = float(np.finfo(np.float32).max) / 4  # values and ranges float32 ari
 
 
 def _to_0_255(arr: np.ndarray) -> np.ndarray:
-    """uint8 unchanged; bool -> {0,255}; other types -> float32 min-max rescaled to 0..255."""
+    """uint8 unchanged; bool -> {0,255}; other types -> min-max rescaled to 0..255, rounded to uint8."""
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == np.bool_:
@@ -87,22 +90,27 @@ def _to_0_255(arr: np.ndarray) -> np.ndarray:
     lo, hi = float(arr.min()), float(arr.max())
     if not (math.isfinite(lo) and math.isfinite(hi)):  # else every probability is NaN and the label "normal"
         raise ValueError("the image holds NaN or infinite pixel values")
+    if hi <= lo:
+        return np.zeros(arr.shape, np.uint8)
     if not (hi - lo < _F32_SAFE and max(-lo, hi) < _F32_SAFE):
         # floats near float32's or float64's limits: (a - lo) would overflow to inf, then NaN.
         # Rescale in float64, halved first so that hi - lo stays finite even for float64.
+        a = ((arr.astype(np.float64) * 0.5 - lo * 0.5) / (hi * 0.5 - lo * 0.5)).astype(np.float32)
+    else:
+        a = arr.astype(np.float32)
+        lo, hi = float(a.min()), float(a.max())
         if hi <= lo:
-            return np.zeros(arr.shape, np.float32)
-        a64 = arr.astype(np.float64) * 0.5
-        return ((a64 - lo * 0.5) * (255.0 / (hi * 0.5 - lo * 0.5))).astype(np.float32)
-    a = arr.astype(np.float32)
-    lo, hi = float(a.min()), float(a.max())
-    if hi <= lo:
-        return np.zeros(a.shape, np.float32)
-    return (a - lo) * (255.0 / (hi - lo))
+            return np.zeros(a.shape, np.uint8)
+        a -= np.float32(lo)
+        a /= np.float32(hi - lo)  # divide, not multiply by 255 / (hi - lo): that overflows for a range under 1e-36
+    a *= np.float32(255.0)
+    np.rint(a, out=a)
+    np.clip(a, 0, 255, out=a)
+    return a.astype(np.uint8)
 
 
 def _resize_plane(plane: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Antialiased bilinear resize of one H x W plane (uint8 or float32) with PIL."""
+    """Antialiased bilinear resize of one H x W plane (uint8 images; float32 masks) with PIL."""
     h, w = hw
     if plane.shape == (h, w):
         return plane.astype(np.float32)

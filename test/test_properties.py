@@ -224,6 +224,8 @@ def _textbook_normalisation(img: np.ndarray, normalization: str) -> torch.Tensor
 @example(np.array([[3e38, 3e38]], np.float32), 64, "sam", 64, 3)
 @example(_random(np.random.default_rng(5), (3000, 1), np.int32), 256, "sam", 256, 4)
 @example(np.zeros((1, 3000, 4), np.float64), 256, "minmax", 64, 5)
+# a float range under 1e-36 once made 255 / (max - min) overflow to inf, then NaN
+@example(np.linspace(0, 1e-40, 12, dtype=np.float32).reshape(3, 4), 64, "minmax", 64, 6)
 def test_preprocess_and_postprocess_round_trip(arr, size, normalization, res, seed):
     h_in, w_in = arr.shape[:2]
     x, geom = preprocess(arr, size, normalization)
@@ -240,6 +242,21 @@ def test_preprocess_and_postprocess_round_trip(arr, size, normalization, res, se
     mask = postprocess(logits, geom)
     assert mask.shape == (h_in, w_in) and mask.dtype == np.uint8
     assert set(np.unique(mask).tolist()) <= {0, 1}
+
+
+@settings(max_examples=20, **SETTINGS)
+@given(st.integers(2, 400), st.integers(1, 400), st.booleans(), st.sampled_from(NORMALIZATIONS),
+       st.sampled_from([64, 256]), st.integers(0, 2 ** 32 - 1))
+def test_the_same_scan_at_8_or_16_bits_or_in_float_gives_the_same_input(h, w, rgb, normalization, size, seed):
+    """A full-range 8-bit scan, the same scan at 16 bits (x 257), in float on 0..1 and on a scale
+    of 1e-40 reach the encoder as the same bits: resized at 8 bits, they once differed by up to
+    0.0056 after normalisation, and the default model's masks by Dice 0.72 at worst."""
+    g = np.random.default_rng(seed).integers(0, 256, (h, w, 3) if rgb else (h, w), dtype=np.uint8)
+    g.flat[0], g.flat[-1] = 0, 255
+    x8, _ = preprocess(g, size, normalization)
+    for other in (g.astype(np.uint16) * 257, g.astype(np.float32) / 255, g.astype(np.float64) / 255 * 1e-40):
+        x, _ = preprocess(other, size, normalization)
+        assert torch.equal(x, x8), other.dtype
 
 
 @settings(max_examples=20, **SETTINGS)
