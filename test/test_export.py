@@ -210,7 +210,24 @@ def test_metrics_without_logits_go_into_the_model_card(runs, tmp_path):
     assert "| seg_bce | – |  |" in card
     # the split the figures come from, and that it also chose the best epochs: optimistic
     assert "## Metrics on the val split" in card and "also chose each member's best epoch" in card
-    assert "optimistic" in card
+    assert "optimistic" in card and "; best epoch " in card
+    # the last epochs (--which last): the card said "best epoch" and that the split chose it
+    res = _export(runs["sd-h"], runs["mgc-a"], "--out", tmp_path / "last", "--which", "last",
+                  "--metrics", tmp_path / "eval" / "metrics.json")
+    assert res.exit_code == 0, res.output
+    card = (tmp_path / "last" / "MODEL_CARD.md").read_text()
+    assert "; last epoch " in card and "best epoch" not in card and "split chose nothing here" in card, card
+
+
+def test_a_data_report_that_is_missing_or_not_a_report_is_an_error(runs, tmp_path):
+    """A mistyped --data-report used to export with the card's data section empty, exit 0."""
+    res = _export(runs["sd-h"], "--out", tmp_path / "ens", "--data-report", tmp_path / "reprot.json")
+    assert res.exit_code == 2 and "reprot.json" in res.output and "does not exist" in res.output, res.output
+    (tmp_path / "labels.csv").write_text("image_id,label\n")
+    res = _export(runs["sd-h"], "--out", tmp_path / "ens", "--data-report", tmp_path / "labels.csv")
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert f"--data-report {tmp_path / 'labels.csv'}: not training.prepare's report.json" in res.output
+    assert not (tmp_path / "ens").exists()
 
 
 def test_the_model_card_states_the_split_the_data_report_records(runs, tmp_path):

@@ -1,6 +1,7 @@
 """The shell scripts: the venv that demo.sh and test/run.sh make (test/ensure_venv.sh), export.sh's
-file names and checks, and -h/--help of build.sh, test.sh and export.sh. Docker is never run: a stub
-`docker` on PATH records what the scripts ask of it."""
+file names and checks, -h/--help of build.sh, test.sh and export.sh, and the command that
+training/reproduce.sh records in the model card. Docker is never run: a stub `docker` on PATH records
+what the scripts ask of it (and a stub interpreter what reproduce.sh runs)."""
 from __future__ import annotations
 
 import gzip
@@ -185,3 +186,39 @@ def test_build_sh_still_passes_its_arguments_to_docker_build(tmp_path):
     res = _run([REPO / "build.sh", "--no-cache"], REPO, stubs, DOCKER_LOG=str(tmp_path / "docker.log"), IMAGE="x")
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "docker.log").read_text() == f"build --no-cache --tag x {REPO}\n"
+
+
+# --- training/reproduce.sh ------------------------------------------------------------------------
+
+STUB_TRAINING_PYTHON = """#!/usr/bin/env bash
+for a in "$@"; do printf '%s\\n' "$a"; done >> "$PY_LOG"
+echo "--- end of call" >> "$PY_LOG"
+"""
+
+
+def test_reproduce_sh_records_a_command_that_reproduces_the_run(tmp_path):
+    """The model card's Reproduce line: the environment that defined the run and every argument quoted
+    (it was `training/reproduce.sh --busi /x y/busi …` without the ENCODER/MODE/EPOCHS it ran with,
+    and broke on the spaces). The interpreter is a stub that records each call's arguments."""
+    import shlex
+
+    here = tmp_path / "repo"
+    (here / "training").mkdir(parents=True)
+    shutil.copy2(REPO / "training" / "reproduce.sh", here / "training" / "reproduce.sh")
+    stubs = _stub(tmp_path / "stubs", "python", STUB_TRAINING_PYTHON)
+    log = tmp_path / "py.log"
+    out = tmp_path / "x y" / "out"
+    sources = ["--busi", str(tmp_path / "x y" / "BUSI"), "--busbra", str(tmp_path / "it's" / "BUS-BRA")]
+    res = _run([here / "training" / "reproduce.sh", *sources, out], here, stubs, PYTHON=str(stubs / "python"),
+               PY_LOG=str(log), ENCODER="litemedsam", MODE="frozen", EPOCHS="1", EXTRA="--set views=[orig]")
+    assert res.returncode == 0, res.stderr
+    calls = [c.strip("\n").split("\n") for c in log.read_text().split("--- end of call\n") if c.strip()]
+    last = calls[-1]
+    assert last[:2] == ["-m", "training.export"] and "--command" in last
+    command = shlex.split(last[last.index("--command") + 1])
+    assert command == ["ENCODER=litemedsam", "MODE=frozen", "EPOCHS=1", "BATCH_SIZE=4", "EXTRA=--set views=[orig]",
+                       "training/reproduce.sh", *sources, str(out)]
+    # the training calls it stands for: the frozen encoder, one epoch, the extra option split as the script splits it
+    train = [c for c in calls if c[:2] == ["-m", "training.train"]]
+    assert len(train) == 3 and all(c[c.index("--epochs") + 1] == "1" and "--frozen" in c and
+                                   c[-2:] == ["--set", "views=[orig]"] for c in train)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ from training.datasets import load_pair, load_records
 from training.export import export
 from training.losses import multitask_loss
 from model.predictor import use_bf16
-from training.train import build_model, curriculum_phase, epoch_plan, load_config, load_resume_state, train
+from training.train import (build_model, curriculum_phase, data_digest, epoch_plan, load_config, load_resume_state,
+                            train)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,11 +173,22 @@ def test_resume_with_other_settings_is_refused_naming_them(tiny_dataset, cache_d
     # another precision or device: allowed (a run may end on another machine), with a warning
     started = torch.load(run / "state.pt", weights_only=True)["run"]
     assert started == {"limit": None, "precision": "bf16" if use_bf16("auto", torch.device("cpu")) else "fp32",
-                       "device": "cpu", "encoder_sha256": build_model(cfg).config["encoder"]["weights"]["sha256"]}
+                       "device": "cpu", "encoder_sha256": build_model(cfg).config["encoder"]["weights"]["sha256"],
+                       "data_sha256": data_digest(tiny_dataset), "cache": True}
     other = {"fp32": "bf16", "bf16": "fp32"}[started["precision"]]
-    load_resume_state(run / "state.pt", cfg, dict(started, precision=other, device="cuda"))
+    load_resume_state(run / "state.pt", cfg, dict(started, precision=other, device="cuda", cache=False))
     warning = capsys.readouterr().err
-    assert f"another precision: {started['precision']} → {other}, device: cpu → cuda" in warning, warning
+    assert (f"another precision: {started['precision']} → {other}, device: cpu → cuda, cache: embeddings from the "
+            "cache → the encoder on the fly") in warning, warning
+    # other data (training.prepare run again into DATA): refused, where it used to resume in silence
+    moved = tmp_path / "data"
+    shutil.copytree(tiny_dataset, moved)
+    rows = (moved / "split.csv").read_text().splitlines()
+    image_id, side = rows[1].split(",")
+    rows[1] = f"{image_id},{'val' if side == 'train' else 'train'}"  # one image moves to the other side
+    (moved / "split.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(click.ClickException, match=r"started on other data: DATA's labels.csv or split.csv changed"):
+        train(cfg, moved, run, "cpu", cache_dir, resume=True)
     result = train(cfg, tiny_dataset, run, "cpu", cache_dir, resume=True)
     assert [h["epoch"] for h in result["history"]] == [1, 2]
 
@@ -305,7 +318,12 @@ def test_cli_help_and_nan_stop(tiny_dataset, cache_dir, tmp_path):
                            "--set", "views=[orig,hflip]", "--set", "model.seg_head.channels=[32,16]"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "loss is" in proc.stderr and "last good checkpoint" in proc.stderr
+    assert "loss is" in proc.stderr
+    # the message tells where the last good checkpoint is, or that there is none (the first epoch failed)
+    if (run / "state.pt").is_file():
+        assert f"last good checkpoint (epoch {torch.load(run / 'state.pt', weights_only=True)['epoch']})" in proc.stderr
+    else:
+        assert "epoch 1: loss is" in proc.stderr and "No checkpoint was written" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_cache_serves_a_subset_of_its_images_and_refuses_strangers(tiny_dataset, tmp_path, monkeypatch):

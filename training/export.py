@@ -74,11 +74,17 @@ def near_duplicate_text(data_report: dict) -> str:
             f"images of groups with conflicting labels removed")
 
 
-def selection_caveat(split: str, tuned: bool) -> str:
+def selection_caveat(split: str, tuned: bool, which: str = "best") -> str:
     """What the metrics' split was also used for: training.train picks each member's best epoch on the
-    validation split, and training.tune the postprocessing; figures on that split are optimistic."""
+    validation split (``which`` best), and training.tune the postprocessing; figures on that split are
+    then optimistic."""
     if split == "val":
-        used = "each member's best epoch" + (" and the postprocessing above" if tuned else "")
+        used = " and ".join((["each member's best epoch"] if which == "best" else [])
+                            + (["the postprocessing above"] if tuned else []))
+        if not used:
+            return ("The members are their runs' last epochs and no postprocessing was tuned, so the validation "
+                    "split chose nothing here; a challenge's test phase or a held-out set still gives the figures "
+                    "to quote.")
         return (f"The validation split also chose {used}, and the data has no untouched test split (the "
                 "paper's per-class 80/20 protocol), so these figures are optimistic; a challenge's test phase "
                 "or a held-out set gives an unbiased one.")
@@ -89,7 +95,7 @@ def selection_caveat(split: str, tuned: bool) -> str:
 
 
 def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics: dict | None,
-               data_report: dict | None, command: str) -> str:
+               data_report: dict | None, command: str, which: str = "best") -> str:
     lines = ["# PF-SAM BUS ensemble: model card", "",
              f"Segmentation from **{seg}**, classification from **{cls}**.", "", "## Members", ""]
     for name, mdir in members.items():
@@ -99,7 +105,7 @@ def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics:
         lines.append(f"- `{name}`: encoder `{enc['name']}` ({enc['mode']}, input {enc['input_size']}, "
                      f"{enc['normalization']} normalisation, weights {enc['weights'].get('source')} "
                      f"sha256 {str(enc['weights'].get('sha256', ''))[:12]}), seg head `{cfg['seg_head']['type']}`, "
-                     f"classifier `{cfg['cls_head']['type']}`; best epoch {prov.get('epoch')} "
+                     f"classifier `{cfg['cls_head']['type']}`; {which} epoch {prov.get('epoch')} "
                      f"(head-grid validation: " + ", ".join(f"{k} {_fmt(v)}" for k, v in prov.get('metrics', {}).items()) + ")")
     lines += ["", "## Data and split", ""]
     if data_report:
@@ -127,7 +133,7 @@ def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics:
     split = (metrics or {}).get("split", "val")
     lines += ["", f"## Metrics on the {split} split (training.evaluate, full resolution)", ""]
     if metrics:
-        lines += [selection_caveat(split, bool(spec.get("postprocess_validation"))), ""]
+        lines += [selection_caveat(split, bool(spec.get("postprocess_validation")), which), ""]
         keys = ["n_images", "dsc", "iou", "hd95", "nsd", "accuracy", "f1_macro", "auc_macro", "auc_malignant",
                 "sens_at_90_spec", "spec_at_90_sens", "cross_entropy", "normal_empty_share", "seg_bce"]
         ci = metrics.get("ci", {})
@@ -275,6 +281,15 @@ def export(runs: list[Path], out: Path, which: str = "best", metrics_path: Path 
     except ValueError as exc:
         raise click.ClickException(f"--metrics {exc}; give training.evaluate's metrics.json") from None
     extra = {"validation": {k: metrics[k] for k in HEADLINE if k in metrics}} if metrics else {}
+    report = None
+    if data_report:
+        try:
+            report = json.loads(Path(data_report).read_text())
+            if not isinstance(report, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise click.ClickException(f"--data-report {data_report}: not training.prepare's report.json "
+                                       f"({' '.join(str(exc).split())})") from None
     given = {k: v for k, v in (postprocess or {}).items() if v is not None}
     post = dict(given)
     old = out / ENSEMBLE_NAME
@@ -303,9 +318,9 @@ def export(runs: list[Path], out: Path, which: str = "best", metrics_path: Path 
                       postprocess=post, extra=extra)
         for name, path in checkpoints.items():  # where loading the member looks first after $PFSAM_CHECKPOINT_DIR
             shutil.copyfile(path, tmp / name / path.name)
-        report = json.loads(data_report.read_text()) if data_report and data_report.is_file() else None
         write_text(tmp / "MODEL_CARD.md", model_card(tmp, {n: tmp / n for n in names}, seg, cls, metrics, report,
-                                                     command or "(not recorded: pass --command to training.export)"))
+                                                     command or "(not recorded: pass --command to training.export)",
+                                                     which))
         (_replace_items if in_place else _replace_dir)(tmp, out)
     finally:
         if tmp.exists():
@@ -319,7 +334,8 @@ def export(runs: list[Path], out: Path, which: str = "best", metrics_path: Path 
 @click.option("--which", default="best", type=click.Choice(["best", "last"]))
 @click.option("--metrics", "metrics_path", default=None, type=click.Path(exists=True, dir_okay=False),
               help="metrics.json from training.evaluate, for the model card.")
-@click.option("--data-report", default=None, type=click.Path(dir_okay=False), help="DATA/report.json for the card.")
+@click.option("--data-report", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="DATA/report.json for the card.")
 @click.option("--gate-normal/--no-gate-normal", default=None,
               help="Empty the mask when the class is normal [default: as training.tune chose in OUT/ensemble.json for the "
                    "same members, else off].")

@@ -40,7 +40,14 @@ done
 "$PY" -m training.tune --model-dir "$OUT/ensemble" --data "$OUT/data" -d "$DEVICE" --write  # postprocess options
 "$PY" -m training.predict --model-dir "$OUT/ensemble" --data "$OUT/data" --split val --out "$OUT/pred/ensemble" -d "$DEVICE"
 "$PY" -m training.evaluate --pred "$OUT/pred/ensemble" --data "$OUT/data" --split val --out "$OUT/eval/ensemble"
+# the card's command: the environment that defined the run, every argument quoted for the shell
+env_set=(ENCODER="$ENCODER" MODE="$MODE" EPOCHS="$EPOCHS" BATCH_SIZE="$BATCH_SIZE")
+[ -n "${ENCODER_CHECKPOINT:-}" ] && env_set+=(ENCODER_CHECKPOINT="$ENCODER_CHECKPOINT")
+[ "$NPROC" -gt 1 ] && env_set+=(NPROC="$NPROC")
+[ -n "$EXTRA" ] && env_set+=(EXTRA="$EXTRA")
+cmd=$(printf '%q ' "${env_set[@]}" training/reproduce.sh "${sources[@]}" "$OUT")
+cmd=${cmd% }
 "$PY" -m training.export "$OUT/runs/sd-h" "$OUT/runs/mgc-a" --out "$OUT/ensemble" \
     --metrics "$OUT/eval/ensemble/metrics.json" --data-report "$OUT/data/report.json" \
-    --command "training/reproduce.sh ${sources[*]} $OUT"
+    --command "$cmd"
 echo "done: Table 3 in $OUT/table3.md, ensemble in $OUT/ensemble"

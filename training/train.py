@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import csv
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -393,13 +394,27 @@ def _same_encoder_weights(state: dict, cfg: dict) -> bool:
     return bool(saved) and info.get("sha256") == saved
 
 
+def data_digest(data: Path) -> str | None:
+    """sha256 of DATA's labels.csv and split.csv (the images, their labels, sources and split): a resumed
+    run must see the data it started on. None when they cannot be read (loading the records says why)."""
+    h = hashlib.sha256()
+    try:
+        for name in ("labels.csv", "split.csv"):
+            h.update((Path(data) / name).read_bytes())
+            h.update(b"\0")
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
 def load_resume_state(path: Path, cfg: dict, run: dict | None = None) -> dict:
     """``path`` (state.pt) with every tensor on the CPU (torch.set_rng_state takes CPU tensors only;
     the optimizer's load_state_dict moves its state to the parameters' device), refused when the run
-    was started with another config (epochs, curriculum, optimiser, ...) or another ``--limit`` (other
-    images): a resumed run continues the run that was started, never a different one. Another
-    precision or device type is allowed (a run started on a GPU may end on another machine) with a
-    warning: the weights then differ from an uninterrupted run's by more than rounding."""
+    was started with another config (epochs, curriculum, optimiser, ...), another ``--limit`` or other
+    data (DATA's labels.csv or split.csv changed): a resumed run continues the run that was started,
+    never a different one. Another precision, device type or use of the embedding cache is allowed (a
+    run started on a GPU may end on another machine) with a warning: the weights then differ from an
+    uninterrupted run's by more than rounding."""
     if not path.is_file():
         raise click.ClickException(f"--resume: {path} not found")
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -420,11 +435,17 @@ def load_resume_state(path: Path, cfg: dict, run: dict | None = None) -> dict:
             f"--resume: {path} continues a run started with other settings ({'; '.join(diff)}); resume with the "
             f"settings the run was started with (its config.yaml beside state.pt) or train into another --out")
     before, now = state.get("run") or {}, run or {}
+    if before.get("data_sha256") and now.get("data_sha256") and before["data_sha256"] != now["data_sha256"]:
+        raise click.ClickException(
+            f"--resume: {path} continues a run started on other data: DATA's labels.csv or split.csv changed since "
+            f"(training.prepare was run again?); restore that data or train into another --out")
     if "limit" in before and before["limit"] != now.get("limit"):
         raise click.ClickException(
             f"--resume: {path} continues a run started with --limit {before['limit'] or '(none)'}, not "
             f"--limit {now.get('limit') or '(none)'} (another set of images); resume with the same --limit")
-    changed = [f"{k}: {before[k]} → {now.get(k)}" for k in ("precision", "device") if k in before and before[k] != now.get(k)]
+    shown = {"cache": lambda v: "embeddings from the cache" if v else "the encoder on the fly"}
+    changed = [f"{k}: {shown.get(k, str)(before[k])} → {shown.get(k, str)(now.get(k))}"
+               for k in ("precision", "device", "cache") if k in before and before[k] != now.get(k)]
     if changed:
         print(f"warning: {path} was written by a run with another {', '.join(changed)}; resuming, but the "
               f"result will differ from an uninterrupted run's", file=sys.stderr)
@@ -481,7 +502,9 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
     if device.type == "cpu":
         keep_freed_memory()
     state_path = out / STATE_NAME
-    run_info = {"limit": int(limit) if limit else None, "precision": "bf16" if bf16 else "fp32", "device": device.type}
+    run_info = {"limit": int(limit) if limit else None, "precision": "bf16" if bf16 else "fp32", "device": device.type,
+                "data_sha256": data_digest(data),
+                "cache": cache_dir is not None and cfg["model"].get("mode") == "frozen"}
     state = load_resume_state(state_path, cfg, run_info) if resume else None  # before anything is built or written
     seed = int(cfg["seed"])
     torch.manual_seed(seed)
@@ -571,8 +594,9 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
         for batch in bar:
             _, losses = run_batch(model, batch, device, bf16, phase, p_gt, gen, cfg)
             if not torch.isfinite(losses["loss"]):
-                raise NonFiniteLoss(f"epoch {epoch}: loss is {float(losses['loss'])}; stopping. The last good "
-                                    f"checkpoint (epoch {epoch - 1}) is kept in {state_path}")
+                kept = (f"The last good checkpoint (epoch {epoch - 1}) is kept in {state_path}" if epoch > 1
+                        else "No checkpoint was written (the first epoch failed)")
+                raise NonFiniteLoss(f"epoch {epoch}: loss is {float(losses['loss'])}; stopping. {kept}")
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             opt.step()
@@ -650,8 +674,9 @@ def _config_error_origin(message: str, config_path, sets) -> str:
                    "(refused for images whose prepared files changed since they were encoded).")
 @click.option("--resume", is_flag=True,
               help="Continue from OUT/state.pt with the settings the run was started with (state.pt records "
-                   "them; other settings or another --limit are refused, naming each difference; another "
-                   "--precision or device is allowed with a warning).")
+                   "them; other settings, another --limit or changed DATA (labels.csv, split.csv) are refused, "
+                   "naming each difference; another --precision, device or use of --cache is allowed with a "
+                   "warning).")
 @click.option("--workers", default=0, help="DataLoader worker processes.")
 @click.option("--set", "sets", multiple=True, help="Any other config value, e.g. --set model.seg_head.channels=[64,32].")
 @click.option("--limit", type=click.IntRange(1), default=None,
