@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import json
 import operator
+import sys
 from pathlib import Path
 
 import click
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from model.checkpoint import ENSEMBLE_NAME
 from model.io import write_text
@@ -56,6 +58,7 @@ def score_options(predictor: Predictor, data: Path, batch: int = 8, refine_optio
     for refine in refine_options:  # built once (each reads and hash-checks the decoder's weights)
         predictor.set_refine(refine)
         refiners.append(predictor.refiner)
+    bar = tqdm(total=len(records), desc="tune", unit="image", file=sys.stderr, disable=None)  # off unless a terminal
     try:
         for s in range(0, len(records), batch):
             pairs = [load_pair(r) for r in records[s:s + batch]]
@@ -68,7 +71,9 @@ def score_options(predictor: Predictor, data: Path, batch: int = 8, refine_optio
                             results[ri, oi]["dice"].append(dice(gt, pred.mask))
                         else:
                             results[ri, oi]["normal_empty"].append(float(not pred.mask.any()))
+            bar.update(len(pairs))
     finally:
+        bar.close()
         predictor.refiner, predictor.post = shipped
     # None (JSON null) where the split has no image of the kind (with --limit)
     return [{"refine": refine_options[ri], **OPTIONS[oi], "dsc": float(np.mean(r["dice"])) if r["dice"] else None,
