@@ -23,11 +23,13 @@ Outputs (details in model/writers.py):
 
 \b
 Exit status: 0 all images processed; 3 some failed (the others are written);
-1 none processed, no input images, or the model cannot be loaded.
+1 none processed, no input images, or the model cannot be loaded;
+143 stopped by SIGTERM (docker stop): masks written so far are kept, no summary files.
 """
 from __future__ import annotations
 
 import platform
+import signal
 import sys
 from pathlib import Path
 
@@ -37,6 +39,12 @@ import torch
 from model import __version__
 from model.inference import (FORMATS, TASKS, InferenceError, find_inputs, load_predictor, prepare_output, run,
                              summary_line)
+from model.writers import output_folders
+
+
+def _stop(signum, frame) -> None:
+    click.echo(f"stopped by {signal.Signals(signum).name}: outputs written so far are kept", err=True)
+    sys.exit(128 + signum)
 
 
 @click.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
@@ -56,7 +64,9 @@ from model.inference import (FORMATS, TASKS, InferenceError, find_inputs, load_p
 @click.option("--model-dir", type=click.Path(path_type=Path), default=None,
               help="Ensemble folder [default: the upload at /opt/ml/model (its ensemble.json or config.json at the top or one folder "
                    "down; files without one are an error), else model/weights/default].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Images per encoder batch. On CPU each adds about 0.4 GB of memory: keep it at 8 or below "
+                   "in a 4 GB container.")
 @click.option("--tta/--no-tta", default=False, show_default=True, help="Horizontal-flip test-time augmentation: the image and its mirror image (mirrored within its own columns), "
               "averaged; twice the encoder time.")
 @click.option("--class-prior", type=click.Choice(["trained", "data"]), default=None,
@@ -83,11 +93,15 @@ from model.inference import (FORMATS, TASKS, InferenceError, find_inputs, load_p
 def main(input_dir: Path, output_dir: Path, task: str, device: str, fmt: str, model_dir: Path | None,
          batch_size: int, tta: bool, class_prior: str | None, overlay: bool, precision: str, runtime: str, compile_: bool,
          progress: bool | None) -> None:
+    # SIGTERM (docker stop, a platform's time limit) ends the run as an exception would: temporary files go,
+    # what is written stays. As PID 1 in a container, Python would otherwise ignore it until SIGKILL.
+    signal.signal(signal.SIGTERM, _stop)
     if progress is None:
         progress = sys.stderr.isatty()
     try:
         inputs = find_inputs(input_dir, exclude=output_dir)
-        prepare_output(output_dir, create=False)  # before the model loads: a folder it cannot write fails now
+        # before the model loads: a folder it cannot write fails now
+        prepare_output(output_dir, create=False, folders=output_folders(fmt, task, overlay))
         predictor = load_predictor(model_dir, device=device, batch_size=batch_size, tta=tta, precision=precision,
                                    compile_backend="inductor" if compile_ else None, runtime=runtime,
                                    class_prior=class_prior)

@@ -24,7 +24,8 @@ import numpy as np
 from .io import (ImageReadError, LoadedImage, image_pixels, is_utf8_name, list_images, printable, read_image,
                  unlistable_reason, unwritable_reason, write_mha, write_png)
 from .overlay import render_overlay
-from .writers import ERRORS_FILE, OUTPUT_IMAGE_FOLDERS, WRITERS, Case, output_names, relative_path, stale_outputs
+from .writers import (ERRORS_FILE, OUTPUT_IMAGE_FOLDERS, WRITERS, Case, output_folders, output_names, relative_path,
+                      stale_outputs)
 
 TASKS = ("all", "seg", "cls")
 FORMATS = ("gc", "pace", "codabench")
@@ -148,10 +149,11 @@ def check_content(image: LoadedImage) -> LoadedImage:
     return image
 
 
-def prepare_output(output_dir: str | Path, create: bool = True) -> Path:
+def prepare_output(output_dir: str | Path, create: bool = True, folders: list[str] | tuple = ()) -> Path:
     """Check that this user can write the output folder, and create it (``create``); before any model
-    work, ``create=False`` checks without leaving a folder behind. ``InferenceError`` names the
-    folder and the reason."""
+    work, ``create=False`` checks without leaving a folder behind. ``folders`` (``output_folders``:
+    what the run writes into) that an earlier run left there, perhaps as another user, are checked
+    too. ``InferenceError`` names the folder and the reason."""
     out = Path(output_dir)
     if not is_utf8_name(out.absolute()):  # the outputs name it (results.json), and ITK cannot write there
         raise InferenceError(f"output folder {printable(out)}: its path is not valid UTF-8; choose another")
@@ -170,6 +172,17 @@ def prepare_output(output_dir: str | Path, create: bool = True) -> Path:
     reason = unwritable_reason(out)
     if reason:
         raise InferenceError(f"cannot write into the output folder {out}: {reason}")
+    for sub in folders:  # the deepest part that exists: the run creates the rest in it
+        folder = out / sub
+        while not folder.exists() and folder != out:
+            folder = folder.parent
+        if folder == out:
+            continue
+        if not folder.is_dir():
+            raise InferenceError(f"cannot write into {folder}: an earlier run left a file there, not a folder")
+        if reason := unwritable_reason(folder):
+            raise InferenceError(f"cannot write into {folder}, a folder an earlier run left in the output folder: "
+                                 f"{reason}")
     return out
 
 
@@ -273,7 +286,7 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
         raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
     input_dir, out = Path(input_dir), Path(output_dir)
     paths = list(inputs) if inputs is not None else find_inputs(input_dir, exclude=out)
-    prepare_output(out)
+    prepare_output(out, folders=output_folders(fmt, task, overlay))
     root = input_dir if input_dir.is_dir() else input_dir.parent
     names = output_names(paths, root)
     cases = [Case(Path(p), printable(relative_path(Path(p), root).as_posix()), n) for p, n in zip(paths, names)]
@@ -364,8 +377,12 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
     except Exception as exc:  # noqa: BLE001 - without the summary files no case counts as done
         log(f"error: writing the summary files into {out} failed: {_reason(exc)}")
         for case in cases:
-            if case.ok:
-                case.error = f"summary files not written: {_reason(exc)}"
+            if case.ok:  # failed like any other: its masks and overlays go too (the summary does not list them)
+                case.error, case.prediction = f"summary files not written: {_reason(exc)}", None
+                for path in case.outputs:
+                    with contextlib.suppress(OSError):
+                        path.unlink(missing_ok=True)
+                case.outputs.clear()
         try:  # errors.csv is written last: an earlier run's must not stand for this one's
             writer.write_errors(cases)
         except Exception:  # noqa: BLE001 - then no errors.csv at all; the reasons are in the log

@@ -63,6 +63,20 @@ GC_CLASSIFICATION_FILE = "breast-lesion-classification.json"
 GC_LIKELIHOOD_FILE = "malignancy-likelihood.json"
 ERRORS_FILE = "errors.csv"
 OUTPUT_IMAGE_FOLDERS = (f"images/{GC_SEGMENTATION_SLUG}", "segmentation", "overlays")  # what runs write images into
+
+
+def output_folders(fmt: str, task: str, overlay: bool) -> list[str]:
+    """The folders below the output folder that a run of this format, task and overlay writes files into."""
+    folders = []
+    if task in ("all", "seg"):
+        folders.append(f"images/{GC_SEGMENTATION_SLUG}" if fmt == "gc" else "segmentation")
+    if task in ("all", "cls") and fmt == "pace":
+        folders.append("classification")
+    if overlay:
+        folders.append("overlays")
+    return folders
+
+
 # classification files that a run with task seg does not write, so an earlier run's would stand beside its masks
 CLASSIFICATION_FILES = ("classification/predictions.csv", "classification/probabilities.csv", "classification.csv")
 

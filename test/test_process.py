@@ -298,6 +298,34 @@ def test_version_names_the_product_and_its_torch(entry):
     assert re.fullmatch(r"\d+\.\d+\.\d+", model.__version__)
 
 
+def test_sigterm_stops_the_run_promptly_and_keeps_what_is_written(tmp_path):
+    """docker stop sends SIGTERM, which Python as a container's PID 1 ignored until the SIGKILL 10 s
+    later: now it ends the run at once (exit 143) with no temporary file left and the written masks whole."""
+    import signal
+    import time
+
+    d = tmp_path / "in"
+    d.mkdir()
+    for k in range(40):
+        Image.fromarray(synthetic_ultrasound(300, 400, k)[0]).save(d / f"case{k:02d}.png")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "process.py", "-i", str(d), "-o", str(out), "--format", "pace",
+                             "-d", "cpu", "--no-progress"], cwd=str(REPO), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((out / "segmentation").glob("*_mask.png")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert time.monotonic() - t0 < 10 and "stopped by SIGTERM" in err
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")], list(out.rglob("*"))  # no temporary file
+    masks = sorted((out / "segmentation").glob("*_mask.png"))
+    assert 1 <= len(masks) < 40
+    for m in masks:
+        assert np.asarray(Image.open(m)).shape == (300, 400)
+
+
 def test_codabench_format_is_the_validation_phase_upload(cli, pace_run, inputs, tmp_path):
     """submission.zip holds classification.csv (image_id,label) and segmentation/<id>_mask.png, nothing
     else, equal to the files beside it and to the PACE outputs; a failed case is in neither; the
@@ -475,13 +503,20 @@ def test_summary_files_that_cannot_be_written_are_reported_without_pointing_to_a
     assert cli("-i", d, "-o", out, "--format", "pace").exit_code == 3
     assert "bad.png" in (out / "errors.csv").read_text()
     (d / "bad.png").unlink()
-    shutil.rmtree(out / "classification")
-    (out / "classification").write_text("a file where the folder was")  # the CSVs cannot be written
+    real_write_text = writers.write_text
+
+    def csv_fails(path, *args, **kwargs):  # the CSVs cannot be written, errors.csv can
+        if Path(path).parent.name == "classification":
+            raise OSError(5, "Input/output error")
+        return real_write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(writers, "write_text", csv_fails)
     res = cli("-i", d, "-o", out, "--format", "pace")
     assert res.exit_code == 1, res.output
     assert f"0 of 1 image processed, 1 failed (see {out / 'errors.csv'})" in res.output
     errors = list(csv.DictReader(open(out / "errors.csv")))
     assert [r["file"] for r in errors] == ["case.png"] and errors[0]["reason"].startswith("summary files not written")
+    assert not (out / "segmentation" / "case_mask.png").exists()  # failed, like any failed case: no mask left
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -674,6 +709,27 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_model_loa
     monkeypatch.undo()
     assert _invoke_with(predictor, ["-i", d, "-o", locked, "--format", "pace"]).exit_code == 0
     assert sorted(p.name for p in locked.iterdir()) == ["classification", "segmentation"]  # no check file left
+    # an earlier run's folder that this user may not write into (that run ran as another user): refused
+    # before the model loads, naming it; it used to run every image and then fail each on a temporary file
+    seg = locked / "segmentation"
+
+    def seg_locked(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == seg:
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(inference_io.tempfile, "mkstemp", seg_locked)
+    res = _invoke_with(predictor, ["-i", d, "-o", locked, "--format", "pace"])
+    assert res.exit_code == 1 and res.calls == [], res.output
+    assert f"error: cannot write into {seg}, a folder an earlier run left in the output folder: permission " \
+           "denied" in res.output
+    for ok in (["--format", "pace", "-t", "cls"], ["--format", "gc"]):  # runs that write nothing there
+        assert _invoke_with(predictor, ["-i", d, "-o", locked, *ok]).exit_code == 0, ok
+    monkeypatch.undo()
+    (locked / "overlays").write_text("a file where the folder goes")
+    res = _invoke_with(predictor, ["-i", d, "-o", locked, "--format", "pace", "--overlay"])
+    assert res.exit_code == 1 and res.calls == [], res.output
+    assert f"error: cannot write into {locked / 'overlays'}: an earlier run left a file there" in res.output
 
 
 def test_batches_are_bounded_by_count_and_by_pixels(tmp_path, monkeypatch):
