@@ -28,18 +28,27 @@ Exit status: 0 all images processed; 3 some failed (the others are written);
 """
 from __future__ import annotations
 
-import platform
 import signal
 import sys
 from pathlib import Path
 
 import click
-import torch
 
 from model import __version__
 from model.inference import (FORMATS, TASKS, InferenceError, find_inputs, load_predictor, prepare_output, run,
                              summary_line)
 from model.writers import output_folders
+
+
+def _print_version(ctx: click.Context, param, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    import platform
+
+    import torch  # here, not at the top: --help and the checks before the model loads stay free of its import
+
+    click.echo(f"PF-SAM BUS {__version__} (python {platform.python_version()}, torch {torch.__version__})")
+    ctx.exit()
 
 
 def _stop(signum, frame) -> None:
@@ -48,8 +57,8 @@ def _stop(signum, frame) -> None:
 
 
 @click.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, "-V", "--version",
-                      message=f"PF-SAM BUS %(version)s (python {platform.python_version()}, torch {torch.__version__})")
+@click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version (with Python's and torch's) and exit.")
 @click.option("-i", "--input", "input_dir", type=click.Path(path_type=Path), default=Path("/input"),
               show_default=True, help="Folder searched recursively for .mha, .tif/.tiff, .png, .jpg/.jpeg, .bmp images.")
 @click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=Path("/output"),

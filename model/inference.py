@@ -293,10 +293,7 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
     writer = WRITERS[fmt](out, task, overlay)
 
     def fail(case: Case, reason: str) -> None:
-        case.error, case.prediction = reason, None
-        for path in case.outputs:  # a failed case leaves no partial outputs behind
-            path.unlink(missing_ok=True)
-        case.outputs.clear()
+        case.fail(reason)
         log(f"error: {case.rel}: {reason}")
 
     from tqdm import tqdm
@@ -378,11 +375,7 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
         log(f"error: writing the summary files into {out} failed: {_reason(exc)}")
         for case in cases:
             if case.ok:  # failed like any other: its masks and overlays go too (the summary does not list them)
-                case.error, case.prediction = f"summary files not written: {_reason(exc)}", None
-                for path in case.outputs:
-                    with contextlib.suppress(OSError):
-                        path.unlink(missing_ok=True)
-                case.outputs.clear()
+                case.fail(f"summary files not written: {_reason(exc)}")
         try:  # errors.csv is written last: an earlier run's must not stand for this one's
             writer.write_errors(cases)
         except Exception:  # noqa: BLE001 - then no errors.csv at all; the reasons are in the log

@@ -43,6 +43,7 @@ SHA-256 instead, so that it stays distinct and the same from run to run.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -93,6 +94,14 @@ class Case:
     @property
     def ok(self) -> bool:
         return self.prediction is not None and self.error is None
+
+    def fail(self, reason: str) -> None:
+        """Mark the case failed; a failed case leaves no partial outputs behind."""
+        self.error, self.prediction = reason, None
+        for path in self.outputs:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        self.outputs.clear()
 
 
 def relative_path(path: Path, root: Path) -> Path:
