@@ -36,7 +36,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TRITON_HOME=/tmp/.cache \
     TRITON_CACHE_DIR=/tmp/.cache/triton \
     TORCHINDUCTOR_CACHE_DIR=/tmp/.cache/torchinductor \
-    PFSAM_CACHE=/opt/app/cache
+    PFSAM_CACHE=/opt/app/cache \
+    ORT_DISABLE_TELEMETRY=1
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 

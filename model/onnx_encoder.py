@@ -14,6 +14,13 @@ a few seconds) and kept in a cache folder, keyed by a digest of the weights: ``$
 ``$XDG_CACHE_HOME/pfsam-bus``, else ``~/.cache/pfsam-bus``. The container exports it at build time
 (Dockerfile). A cache folder that cannot be written is not an error: the graph then lives in memory
 for the process. Only encoders whose stage features no head needs are exported (SD-H and MGC-A).
+
+ONNX Runtime's Linux wheels (1.32) carry Microsoft's telemetry client: on first use it writes a
+device id and an event database under ``~/.cache/Microsoft/DeveloperTools/.onnxruntime`` and later
+looks up and posts to ``mobile.events.data.microsoft.com`` (seen with strace, session 33). A medical
+image tool sends nothing anywhere, so onnxruntime is only imported here, after
+``ORT_DISABLE_TELEMETRY=1`` is set (the variable is read once, at import: set afterwards, or
+``onnxruntime.disable_telemetry_events()``, still leaves the files). A value the user set is kept.
 """
 from __future__ import annotations
 
@@ -33,6 +40,16 @@ OPSET = 17
 
 class OnnxUnavailable(RuntimeError):
     """onnxruntime (or, for a first export, onnx) is not installed, or the export failed."""
+
+
+def import_onnxruntime():
+    """The onnxruntime module, its telemetry off (module docstring); ``OnnxUnavailable`` without it."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise OnnxUnavailable("onnxruntime is not installed") from exc
+    return onnxruntime
 
 
 def cache_dir() -> Path:
@@ -110,10 +127,7 @@ class OnnxEncoder(nn.Module):
 
     def __init__(self, graph: bytes | Path, threads: int | None = None):
         super().__init__()
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise OnnxUnavailable("onnxruntime is not installed") from exc
+        ort = import_onnxruntime()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
@@ -130,8 +144,5 @@ class OnnxEncoder(nn.Module):
 
 def onnx_encoder(encoder: nn.Module, name: str, input_size: int, log=None) -> OnnxEncoder:
     """The encoder through ONNX Runtime; ``OnnxUnavailable`` when that cannot be done here."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError as exc:
-        raise OnnxUnavailable("onnxruntime is not installed") from exc
+    import_onnxruntime()
     return OnnxEncoder(onnx_graph(encoder, name, input_size, log))

@@ -15,6 +15,9 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "test"))
 warnings.filterwarnings("ignore", category=FutureWarning, module="timm")
+# Test modules import onnxruntime before the product does (importorskip): its telemetry off here
+# too, before that import (model/onnx_encoder.py says why).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 
 def free_loopback_port() -> int:

@@ -132,3 +132,46 @@ def test_onnx_refuses_an_encoder_whose_stage_features_are_needed(tmp_path, onnx_
     with pytest.raises(OnnxUnavailable, match="stage features"):
         Predictor.from_dir(d, device="cpu", runtime="onnx")
     assert np.isfinite(Predictor.from_dir(d, device="cpu").predict_one(_images()[0]).mask).all()
+
+
+_TELEMETRY_CHILD = """
+import sys, torch
+from torch import nn
+from model.onnx_encoder import onnx_encoder
+
+class Enc(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 4, stride=4)
+    def forward(self, x):
+        return self.conv(x), []
+
+enc = Enc().eval()
+ort = onnx_encoder(enc, "tiny", 32)
+x = torch.rand(2, 3, 32, 32)
+emb, _ = ort(x)
+assert torch.allclose(emb, enc(x)[0], atol=1e-5), "ONNX Runtime and PyTorch differ"
+print("ran", tuple(emb.shape))
+"""
+
+
+def test_onnx_runtime_writes_no_telemetry_files(tmp_path):
+    """ONNX Runtime 1.32's telemetry client writes a device id and an event database under
+    ~/.cache/Microsoft (and later posts to Microsoft) unless ORT_DISABLE_TELEMETRY is set before its
+    import: the product's import sets it. A fresh process, as a user's, without the variable."""
+    import os
+    import subprocess
+
+    from conftest import REPO
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
+    env.update(HOME=str(home), PFSAM_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", _TELEMETRY_CHILD], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "ran (2, 4, 8, 8)" in out.stdout
+    assert len(list((tmp_path / "cache").glob("tiny-32-*.onnx"))) == 1  # the graph went where it should
+    written = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
+    assert written == [], f"files written under HOME: {written}"
