@@ -17,7 +17,8 @@ for the process. Only encoders whose stage features no head needs are exported (
 
 ONNX Runtime's Linux wheels (1.32) carry Microsoft's telemetry client: on first use it writes a
 device id and an event database under ``~/.cache/Microsoft/DeveloperTools/.onnxruntime`` and later
-looks up and posts to ``mobile.events.data.microsoft.com`` (seen with strace, session 33). A medical
+looks up ``mobile.events.data.microsoft.com``, its upload endpoint (seen with strace, session 33; the
+lookup failed there, so no upload was seen). A medical
 image tool sends nothing anywhere, so onnxruntime is only imported here, after
 ``ORT_DISABLE_TELEMETRY=1`` is set (the variable is read once, at import: set afterwards, or
 ``onnxruntime.disable_telemetry_events()``, still leaves the files). A value the user set is kept.

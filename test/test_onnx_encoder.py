@@ -4,6 +4,8 @@ back to PyTorch (runtime auto, for an encoder whose spec asks for ONNX Runtime; 
 session 17) or says why not (runtime onnx) where it cannot be used."""
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -13,6 +15,7 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
+from conftest import REPO  # noqa: E402
 from model import onnx_encoder  # noqa: E402
 from model.checkpoint import encoder_weights_info, save_ensemble  # noqa: E402
 from model.network import PFSAMNet, make_config  # noqa: E402
@@ -157,13 +160,8 @@ print("ran", tuple(emb.shape))
 
 def test_onnx_runtime_writes_no_telemetry_files(tmp_path):
     """ONNX Runtime 1.32's telemetry client writes a device id and an event database under
-    ~/.cache/Microsoft (and later posts to Microsoft) unless ORT_DISABLE_TELEMETRY is set before its
-    import: the product's import sets it. A fresh process, as a user's, without the variable."""
-    import os
-    import subprocess
-
-    from conftest import REPO
-
+    ~/.cache/Microsoft (and later looks up its upload endpoint) unless ORT_DISABLE_TELEMETRY is set
+    before its import: the product's import sets it. A fresh process, as a user's, without the variable."""
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
