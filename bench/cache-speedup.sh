@@ -2,7 +2,8 @@
 # Training epoch of a frozen-encoder model from the embedding cache vs encoding every image on the
 # fly, one after the other on this machine, and the ratio (docs/performance.md). The cached epoch
 # takes seconds and a shared 2-core machine makes it noisy, so it runs REPEAT times (the median counts). Needs the prepared
-# data and a cache holding the orig view of those images (python -m training.cache ... --first-view-only).
+# data and a cache holding the orig view of those images (python -m training.cache ... --first-view-only;
+# --limit LIMIT encodes only the images this run reads).
 #
 #   [DATA=data/prepared] [CACHE=cache] [LIMIT=256] [REPEAT=3] [CONFIG=...] bash bench/cache-speedup.sh
 set -euo pipefail

@@ -346,6 +346,31 @@ def test_cache_serves_a_subset_of_its_images_and_refuses_strangers(tiny_dataset,
         build_cache(model, [*records, stranger], tmp_path, ["orig"], torch.device("cpu"), "fp32")
 
 
+def test_cache_limit_builds_what_train_limit_reads(tiny_dataset, tmp_path):
+    """`training.cache --limit N` encodes the images `training.train --limit N` uses, no others, so that
+    run trains with --no-cache-build; a run without the limit (more images) is refused, naming them."""
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-m", "training.cache", "--data", str(tiny_dataset), "--cache", str(cache),
+                           "--views", "orig,hflip", "--first-view-only", "--limit", "2", "--device", "cpu",
+                           "--precision", "fp32"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (meta,) = cache.glob("*/meta.json")
+    train, val = load_records(tiny_dataset, "train"), load_records(tiny_dataset, "val")
+    assert len(train) > 2 and len(val) > 2  # the limit leaves images out on both sides
+    assert json.loads(meta.read_text())["ids"] == sorted(r.image_id for r in train[:2] + val[:2])
+    common = [sys.executable, "-m", "training.train", "--config", "training/configs/sd-h.yaml",
+              "--data", str(tiny_dataset), "--encoder", "litemedsam", "--frozen", "--epochs", "1",
+              "--cache", str(cache), "--no-cache-build", "--device", "cpu", "--precision", "fp32",
+              "--set", "views=[orig,hflip]", "--set", "model.seg_head.channels=[16,8]"]
+    run = subprocess.run([*common, "--out", str(tmp_path / "run"), "--limit", "2"], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "run" / "last" / "config.json").is_file()
+    more = subprocess.run([*common, "--out", str(tmp_path / "more")], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert more.returncode != 0 and "another image list" in more.stderr, more.stderr[-2000:]
+
+
 def test_a_damaged_cache_or_folder_is_an_error_naming_it_not_zeros_or_a_crash(tiny_dataset, tmp_path, monkeypatch):
     """A cache file cut short (a full disk, an interrupted copy) was padded with zeros by numpy and
     trained on as embeddings; a disk too small for the build killed it with SIGBUS mid-way; a

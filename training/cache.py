@@ -264,7 +264,7 @@ if __name__ == "__main__":
 
     from model.io import ImageReadError
 
-    from .datasets import DataError, load_records
+    from .datasets import DataError, limit_records, load_records
 
     @click.command()
     @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Prepared dataset.")
@@ -279,8 +279,12 @@ if __name__ == "__main__":
     @click.option("--first-view-only", is_flag=True,
                   help="Encode only the first view (orig) of every image; the cache keeps its key, so training "
                        "with --no-cache-build samples that view only (how the embedded default was trained).")
+    @click.option("--limit", type=click.IntRange(1), default=None,
+                  help="Only the images training.train --limit N trains and validates on (the first N training "
+                       "and N/4 validation images): a cache for a quick run. A later run on more images needs "
+                       "another --cache folder (a cache serves subsets of its images, not more).")
     def main(data, cache_dir, encoder, encoder_checkpoint, views, features, device, precision, batch_size,
-             first_view_only):
+             first_view_only, limit):
         """Precompute the frozen-encoder embedding cache for a prepared dataset."""
         view_list = views.split(",")
         wanted = views_for_classes(view_list)
@@ -295,7 +299,8 @@ if __name__ == "__main__":
         dev = resolve_device(device)
         net = PFSAMNet(cfg, encoder_checkpoint=ckpt).to(dev)
         try:
-            build_cache(net, load_records(data), cache_dir, view_list, dev, precision, batch_size, wanted)
+            train, val = limit_records(load_records(data, "train"), load_records(data, "val"), limit)
+            build_cache(net, train + val, cache_dir, view_list, dev, precision, batch_size, wanted)
         except (CacheError, DataError, ImageReadError, FileNotFoundError) as exc:
             raise click.ClickException(str(exc)) from None
 

@@ -122,6 +122,14 @@ def load_records(data_dir: str | Path, split: str | None = None) -> list[Record]
     return sorted(records, key=lambda r: r.image_id)
 
 
+def limit_records(train: list[Record], val: list[Record], limit: int | None) -> tuple[list[Record], list[Record]]:
+    """``--limit N`` of training.train and training.cache: the first N training images (by id) and
+    N/4 validation images (at least 2), so a cache built with a limit serves the run with that limit."""
+    if not limit:
+        return train, val
+    return train[:limit], val[:max(2, limit // 4)]
+
+
 def content_sha(rec: Record) -> str:
     """sha256 of a record's prepared image and mask files (what the embedding cache was built from)."""
     h = hashlib.sha256()

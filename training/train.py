@@ -42,7 +42,7 @@ from model.preprocessing import mask_to_model, preprocess
 
 from .augment import apply_view, class_views
 from .cache import MASK_RES, CacheError, build_cache, views_for_classes
-from .datasets import DataError, Record, load_pair, load_records
+from .datasets import DataError, Record, limit_records, load_pair, load_records
 from .losses import multitask_loss
 from .metrics import auc_macro, dice, to_jsonable
 
@@ -516,8 +516,7 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
             raise DataError(f"{Path(data) / 'split.csv'}: no {side} images (of the {len(train_recs) + len(val_recs)} "
                             f"listed with {Path(data) / 'labels.csv'}); training needs both splits: prepare the data "
                             "again with a --val-fraction that leaves images on both sides")
-    if limit:
-        train_recs, val_recs = train_recs[:limit], val_recs[:max(2, limit // 4)]
+    train_recs, val_recs = limit_records(train_recs, val_recs, limit)
     net = build_model(cfg).to(device)
     run_info["encoder_sha256"] = net.config["encoder"]["weights"].get("sha256")
     if device.type == "cpu":  # oneDNN's speed depends on the layouts (PFSAMNet.to_cpu_layout)
@@ -681,7 +680,7 @@ def _config_error_origin(message: str, config_path, sets) -> str:
 @click.option("--set", "sets", multiple=True, help="Any other config value, e.g. --set model.seg_head.channels=[64,32].")
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Only the first N training images and N/4 validation images (at least 2): smoke runs and "
-                   "benchmarks (bench/cache-speedup.sh).")
+                   "benchmarks (bench/cache-speedup.sh); training.cache --limit N builds the same images' cache.")
 def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, batch_size, lr, seed, device,
          precision, cache_dir, cache_build, resume, workers, sets, limit):
     """Train one variant of the model."""
