@@ -341,14 +341,48 @@ def test_cache_serves_a_subset_of_its_images_and_refuses_strangers(tiny_dataset,
     assert len(records[::3]) == 2
     for r in records[::3]:
         assert torch.equal(sub.get(r.image_id, 0)[0], full.get(r.image_id, 0)[0])
-    stranger = records[0].__class__(**{**records[0].__dict__, "image_id": "PACE_99999_001_BUS"})
-    with pytest.raises(ValueError, match="another image list"):
-        build_cache(model, [*records, stranger], tmp_path, ["orig"], torch.device("cpu"), "fp32")
+
+
+
+def test_cache_grows_by_the_images_it_lacks_and_keeps_the_rest(tiny_dataset, tmp_path, monkeypatch):
+    """A cache built for fewer images (a --limit run) refused a run on more: it had to be deleted and
+    every image encoded again. Now the images it lacks are appended and encoded, no others; with
+    --no-cache-build (build=False) they are refused, naming one. A growth cut short before meta.json
+    was written (longer files, the old list) still serves the old list and grows again cleanly."""
+    import training.cache as tc
+    from training.cache import CacheError
+
+    cpu = torch.device("cpu")
+    model = build_model(tiny_cfg("sd-h"))
+    records = load_records(tiny_dataset)[:6]
+    first = build_cache(model, records, tmp_path, ["orig"], cpu, "fp32")
+    before = {r.image_id: first.get(r.image_id, 0)[0] for r in records}
+    root, n_bytes = first.root, (first.root / "embedding.f16").stat().st_size
+    stranger = records[0].__class__(**{**records[0].__dict__, "image_id": "PACE_99999_001_BUS"})  # records[0]'s files
+    with pytest.raises(CacheError, match=r"1 of these images are not in the cache \(e\.g\. PACE_99999_001_BUS.*"
+                                         r"add them with training\.cache or train without --no-cache-build"):
+        build_cache(model, [*records, stranger], tmp_path, ["orig"], cpu, "fp32", build=False)
+    assert (root / "embedding.f16").stat().st_size == n_bytes  # refused before anything changed
+    tc._grow_files(root, 6, 9, 1, None)  # as if a growth was killed before it wrote meta.json
+    again = build_cache(model, records, tmp_path, ["orig"], cpu, "fp32", build=False)
+    assert all(torch.equal(again.get(i, 0)[0], e) for i, e in before.items())
+    loaded = []
+    monkeypatch.setattr(tc, "load_pair", lambda rec: loaded.append(rec.image_id) or load_pair(rec))
+    grown = build_cache(model, [*records, stranger], tmp_path, ["orig"], cpu, "fp32")
+    assert loaded == ["PACE_99999_001_BUS"]  # only the new image was encoded
+    assert grown.ids == [*first.ids, "PACE_99999_001_BUS"]  # appended: the cached rows did not move
+    assert (root / "embedding.f16").stat().st_size == n_bytes // 6 * 7
+    assert all(torch.equal(grown.get(i, 0)[0], e) for i, e in before.items())
+    new = grown.get("PACE_99999_001_BUS", 0)
+    assert new[0].abs().sum() > 0 and torch.allclose(new[0], before[records[0].image_id], atol=2e-3, rtol=1e-2)
+    assert torch.equal(new[2], grown.get(records[0].image_id, 0)[2])  # its mask target too
+    reopened = build_cache(model, [*records, stranger], tmp_path, ["orig"], cpu, "fp32", build=False)
+    assert torch.equal(reopened.get("PACE_99999_001_BUS", 0)[0], new[0])
 
 
 def test_cache_limit_builds_what_train_limit_reads(tiny_dataset, tmp_path):
     """`training.cache --limit N` encodes the images `training.train --limit N` uses, no others, so that
-    run trains with --no-cache-build; a run without the limit (more images) is refused, naming them."""
+    run trains with --no-cache-build; a run on more images with --no-cache-build is refused."""
     cache = tmp_path / "cache"
     proc = subprocess.run([sys.executable, "-m", "training.cache", "--data", str(tiny_dataset), "--cache", str(cache),
                            "--views", "orig,hflip", "--first-view-only", "--limit", "2", "--device", "cpu",
@@ -366,9 +400,9 @@ def test_cache_limit_builds_what_train_limit_reads(tiny_dataset, tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "run" / "last" / "config.json").is_file()
-    more = subprocess.run([*common, "--out", str(tmp_path / "more")], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-    assert more.returncode != 0 and "another image list" in more.stderr, more.stderr[-2000:]
+    more = subprocess.run([*common, "--out", str(tmp_path / "more"), "--limit", "3"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert more.returncode == 1 and "1 of these images are not in the cache" in more.stderr, more.stderr[-2000:]
 
 
 def test_a_damaged_cache_or_folder_is_an_error_naming_it_not_zeros_or_a_crash(tiny_dataset, tmp_path, monkeypatch):

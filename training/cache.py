@@ -2,7 +2,8 @@
 
 Stored under ``CACHE/<key>/`` as memory-mapped fp16 arrays (``embedding.f16``: N x V x 256 x 64 x 64,
 ``skip{i}.f16`` when the head needs the stage features) plus the training targets at the head's
-resolution (``mask.u8``: N x V x R x R) and a ``done.u8`` map, so an interrupted build resumes.
+resolution (``mask.u8``: N x V x R x R) and a ``done.u8`` map, so an interrupted build resumes. Images are rows in
+the order ``meta.json`` lists them; a build for images the cache lacks appends them (the files grow).
 The key hashes everything the cached values depend on: encoder name, input size, normalisation,
 the sha256 of the encoder weights, the precision, the views, the source code of the encoder's
 module, and a fingerprint of the preprocessing: the exact bytes that ``model.preprocessing`` and
@@ -18,6 +19,7 @@ import copy
 import hashlib
 import inspect
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -89,8 +91,9 @@ class EmbeddingCache:
         def mm(name, dtype, shape):
             path = root / name
             if path.exists():  # numpy would pad a short file with zeros and serve them as embeddings
+                # (a longer one holds rows of a growth cut short before meta.json listed them: never read)
                 want = int(np.prod(shape)) * np.dtype(dtype).itemsize
-                if path.stat().st_size != want:
+                if path.stat().st_size < want:
                     raise CacheError(f"{path}: {path.stat().st_size} bytes where the cache needs {want} (cut short "
                                      f"by a full disk or a copy?); delete {root} and build the cache again")
             return np.memmap(path, dtype=dtype, mode=mode if path.exists() else "w+", shape=shape)
@@ -116,6 +119,25 @@ class EmbeddingCache:
 
 class CacheError(ValueError):
     """No usable cache where one was asked for; the message says why and what to run."""
+
+
+def _array_files(n: int, v: int, skip_shapes: list[tuple] | None) -> dict[str, int]:
+    """The cache's files and their sizes in bytes for n images of v views (rows: image-major)."""
+    sizes = {"embedding.f16": n * v * 256 * 64 * 64 * 2, "mask.u8": n * v * MASK_RES * MASK_RES, "done.u8": n * v}
+    for i, shape in enumerate(skip_shapes or []):
+        sizes[f"skip{i}.f16"] = n * v * int(np.prod(shape)) * 2
+    return sizes
+
+
+def _grow_files(root: Path, listed: int, n: int, v: int, skip_shapes: list[tuple] | None) -> None:
+    """Grow the cache's files from the ``listed`` images meta.json lists to ``n``. The new rows are zeros
+    (sparse on disk) with done flags 0, so they are encoded; the listed rows do not move. A file shorter
+    than the listed images is left as it is, for ``EmbeddingCache`` to report as damaged."""
+    before = _array_files(listed, v, skip_shapes)
+    for name, size in _array_files(n, v, skip_shapes).items():
+        path = root / name
+        if path.exists() and path.stat().st_size >= before[name]:
+            os.truncate(path, size)
 
 
 @contextlib.contextmanager
@@ -159,12 +181,18 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
             _, feats = model.encoder(torch.zeros(1, 3, model.input_size, model.input_size, device=device))
         skip_shapes = [tuple(f.shape[1:]) for f in feats]
     content = {r.image_id: content_sha(r) for r in records}  # the prepared image and mask files
-    if meta_path.exists():
+    if meta_path.exists():  # a subset of the cached images (e.g. --limit) is served from the same arrays
         meta = json.loads(meta_path.read_text())
         missing = sorted(set(ids) - set(meta["ids"]))
-        if missing:  # a subset of the cached images (e.g. --limit) is served from the same arrays
-            raise CacheError(f"{root}: cache built for another image list ({len(missing)} images not in it, "
-                             f"e.g. {missing[0]}); delete it or use another --cache")
+        if missing and not build:
+            raise CacheError(f"{root}: {len(missing)} of these images are not in the cache (e.g. {missing[0]}; "
+                             "it was built for fewer, e.g. with --limit); add them with training.cache or train "
+                             "without --no-cache-build")
+        with _folder_errors(root, build):
+            if missing:  # appended after the cached images, whose rows and flags stay where they are
+                _grow_files(root, len(meta["ids"]), len(meta["ids"]) + len(missing), len(views), skip_shapes)
+                meta["ids"] = meta["ids"] + missing
+                write_text(meta_path, json.dumps(meta))  # last: until then the cache lists the images it had
         ids = meta["ids"]
     else:
         meta = {"ids": ids, "views": views, "skip_shapes": skip_shapes, "content": {}}
@@ -281,8 +309,8 @@ if __name__ == "__main__":
                        "with --no-cache-build samples that view only (how the embedded default was trained).")
     @click.option("--limit", type=click.IntRange(1), default=None,
                   help="Only the images training.train --limit N trains and validates on (the first N training "
-                       "and N/4 validation images): a cache for a quick run. A later run on more images needs "
-                       "another --cache folder (a cache serves subsets of its images, not more).")
+                       "and N/4 validation images): a cache for a quick run. A later build or run on more images "
+                       "adds the images it lacks to it.")
     def main(data, cache_dir, encoder, encoder_checkpoint, views, features, device, precision, batch_size,
              first_view_only, limit):
         """Precompute the frozen-encoder embedding cache for a prepared dataset."""
