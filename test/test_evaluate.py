@@ -337,8 +337,9 @@ def test_logits_give_the_segmentation_bce(tiny_dataset, tmp_path):
 
 
 def test_predict_and_evaluate_limit_take_the_same_first_images(tiny_dataset, tmp_path):
-    """A quick check: predict --limit N writes the split's first N images by id, and evaluate --limit N
-    scores exactly those (nothing missing); without --limit evaluate counts the rest as missing."""
+    """A quick check: predict --limit N writes N of the split's images, the first of each class in turn,
+    and evaluate --limit N scores exactly those (nothing missing); without --limit evaluate counts the
+    rest as missing."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -347,8 +348,12 @@ def test_predict_and_evaluate_limit_take_the_same_first_images(tiny_dataset, tmp
     from training.datasets import load_records
 
     ens = make_test_ensemble(tmp_path / "ens")
-    ids = sorted(r.image_id for r in load_records(tiny_dataset, "val"))
+    recs = load_records(tiny_dataset, "val")
+    ids = sorted(r.image_id for r in recs)
     assert len(ids) > 2
+    first = {c: min(r.image_id for r in recs if r.label == c) for c in ("normal", "benign")}
+    taken = sorted(first.values())  # a normal and a benign image: the classes' order
+    ids = taken + sorted(set(ids) - set(taken))
     res = CliRunner().invoke(P.main, ["--model-dir", str(ens), "--data", str(tiny_dataset), "--out",
                                       str(tmp_path / "pred"), "-d", "cpu", "--limit", "2"])
     assert res.exit_code == 0, res.output
@@ -359,4 +364,4 @@ def test_predict_and_evaluate_limit_take_the_same_first_images(tiny_dataset, tmp
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["n_images"] == 2 and metrics["missing"]["cases"] == []
     full = E.evaluate_predictions(tmp_path / "pred", tiny_dataset, "val", n_boot=10)
-    assert full["n_images"] == len(ids) and full["missing"]["cases"] == ids[2:]
+    assert full["n_images"] == len(ids) and sorted(full["missing"]["cases"]) == ids[2:]

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from model.predictor import Predictor
 from training.cache import build_cache, cache_key
-from training.datasets import load_pair, load_records
+from training.datasets import limit_records, load_pair, load_records
 from training.export import export
 from training.losses import multitask_loss
 from model.predictor import use_bf16
@@ -146,6 +146,27 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_dataset, cache_dir, tmp_pa
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_of_a_limit_run_of_the_earlier_rule_is_refused(tiny_dataset, cache_dir, tmp_path):
+    """--limit took the first N images by id before it took each class in turn: a --limit run started
+    by that version would resume on other images, so it is refused; a run of this version resumes."""
+    import click
+
+    from training.train import LIMIT_RULE
+
+    cfg = tiny_cfg("sd-h", epochs=2)
+    run = tmp_path / "run"
+    train(cfg, tiny_dataset, run, "cpu", cache_dir, stop_after=1, limit=4)
+    state = torch.load(run / "state.pt", weights_only=True)
+    assert state["run"]["limit"] == 4 and state["run"]["limit_rule"] == LIMIT_RULE
+    now = dict(state["run"])
+    load_resume_state(run / "state.pt", cfg, now)  # the same version: resumes
+    del state["run"]["limit_rule"]
+    torch.save(state, run / "state.pt")
+    with pytest.raises(click.ClickException, match=r"continues a --limit run of an earlier version, whose --limit "
+                                                   r"took other images"):
+        load_resume_state(run / "state.pt", cfg, now)
 
 
 def test_resume_with_other_settings_is_refused_naming_them(tiny_dataset, cache_dir, tmp_path, capsys):
@@ -391,7 +412,8 @@ def test_cache_limit_builds_what_train_limit_reads(tiny_dataset, tmp_path):
     (meta,) = cache.glob("*/meta.json")
     train, val = load_records(tiny_dataset, "train"), load_records(tiny_dataset, "val")
     assert len(train) > 2 and len(val) > 2  # the limit leaves images out on both sides
-    assert json.loads(meta.read_text())["ids"] == sorted(r.image_id for r in train[:2] + val[:2])
+    train, val = limit_records(train, val, 2)  # 2 of each split, their classes in turn
+    assert json.loads(meta.read_text())["ids"] == sorted(r.image_id for r in train + val)
     common = [sys.executable, "-m", "training.train", "--config", "training/configs/sd-h.yaml",
               "--data", str(tiny_dataset), "--encoder", "litemedsam", "--frozen", "--epochs", "1",
               "--cache", str(cache), "--no-cache-build", "--device", "cpu", "--precision", "fp32",

@@ -180,3 +180,43 @@ def test_predict_and_tune_report_a_missing_labels_csv_without_a_traceback(data, 
     res = CliRunner().invoke({"predict": predict.main, "tune": tune.main}[cli], args)
     assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
     assert f"{data / 'labels.csv'} not found: prepare the data first" in res.output
+
+
+def test_limit_takes_each_class_in_turn_so_a_quick_run_sees_every_class():
+    """--limit N took the first N images by id: on BUSI prepared by training.prepare the first 32
+    training and 8 validation images were all benign (a smoke run had nothing to classify and no AUC)."""
+    from training.datasets import Record, first_of_each_class, limit_records
+
+    def rec(i: int, label: str) -> Record:
+        return Record(f"PACE_{i:05d}_000_BUS", label, "BUS", "train", Path("i.png"), Path("m.png"))
+
+    # the ids of one class first, as prepare numbers BUSI's folders
+    recs = [rec(i, "benign") for i in range(10)] + [rec(10 + i, "malignant") for i in range(3)] + \
+        [rec(20 + i, "normal") for i in range(2)]
+    six = first_of_each_class(recs, 6)
+    assert [r.image_id for r in six] == sorted(r.image_id for r in six)  # by id
+    assert sorted(r.label for r in six) == ["benign"] * 2 + ["malignant"] * 2 + ["normal"] * 2
+    assert {r.image_id for r in six if r.label == "benign"} == {recs[0].image_id, recs[1].image_id}  # a class's first
+    twelve = [r.label for r in first_of_each_class(recs, 12)]  # normal and malignant run out: benign fills up
+    assert (twelve.count("normal"), twelve.count("malignant"), twelve.count("benign")) == (2, 3, 7)
+    assert first_of_each_class(recs, 99) == sorted(recs, key=lambda r: r.image_id)
+    assert first_of_each_class(recs, None) is recs
+    train, val = limit_records(recs, recs[::-1], 8)  # N/4 validation images, at least 2
+    assert len(train) == 8 and sorted(r.label for r in val) == ["benign", "normal"]
+    # labels.csv rows (training.evaluate) take the same images as records (training.predict)
+    rows = [{"image_id": r.image_id, "label": r.label} for r in reversed(recs)]
+    picked = first_of_each_class(rows, 5, label=lambda r: r["label"], image_id=lambda r: r["image_id"])
+    assert [r["image_id"] for r in picked] == [r.image_id for r in first_of_each_class(recs, 5)]
+
+
+@pytest.mark.real_data
+def test_limit_on_prepared_busi_holds_every_class(shared_data, tmp_path):
+    from collections import Counter
+
+    from training.datasets import limit_records
+    from training.prepare import prepare
+
+    prepare({"busi": shared_data / "BUSI"}, tmp_path / "data")
+    train, val = limit_records(load_records(tmp_path / "data", "train"), load_records(tmp_path / "data", "val"), 32)
+    assert Counter(r.label for r in train[:32]) != Counter(r.label for r in load_records(tmp_path / "data", "train")[:32])
+    assert set(Counter(r.label for r in train)) == set(Counter(r.label for r in val)) == {"normal", "benign", "malignant"}

@@ -122,12 +122,30 @@ def load_records(data_dir: str | Path, split: str | None = None) -> list[Record]
     return sorted(records, key=lambda r: r.image_id)
 
 
+def first_of_each_class(items: list, n: int | None, label=lambda r: r.label, image_id=lambda r: r.image_id) -> list:
+    """What ``--limit N`` keeps: N of ``items`` (records, or labels.csv rows with ``label`` and
+    ``image_id`` given), taken from each class in turn (normal, benign, malignant; within a class by
+    image id) until N are taken, and returned by image id. So a quick run or check sees every class
+    the split holds; the first N by id alone were all benign on BUSI (nothing to classify, no AUC)."""
+    if not n:
+        return items
+    queues = [sorted((i for i in items if label(i) == c), key=image_id) for c in CLASS_NAMES]
+    queues.append(sorted((i for i in items if label(i) not in CLASS_NAMES), key=image_id))
+    taken: list = []
+    while len(taken) < min(n, len(items)):
+        for queue in queues:
+            if queue and len(taken) < n:
+                taken.append(queue.pop(0))
+    return sorted(taken, key=image_id)
+
+
 def limit_records(train: list[Record], val: list[Record], limit: int | None) -> tuple[list[Record], list[Record]]:
-    """``--limit N`` of training.train and training.cache: the first N training images (by id) and
-    N/4 validation images (at least 2), so a cache built with a limit serves the run with that limit."""
+    """``--limit N`` of training.train and training.cache: N training images and N/4 validation images
+    (at least 2), each class in turn (``first_of_each_class``), so a cache built with a limit serves
+    the run with that limit."""
     if not limit:
         return train, val
-    return train[:limit], val[:max(2, limit // 4)]
+    return first_of_each_class(train, limit), first_of_each_class(val, max(2, limit // 4))
 
 
 def content_sha(rec: Record) -> str:

@@ -45,7 +45,7 @@ from model import CLASS_NAMES
 from model.writers import LOGITS_DIR
 from model.io import ImageReadError, atomic_path, is_image_file, read_image, read_mask, write_png, write_text
 from training import metrics as M
-from training.datasets import DataError, csv_rows, parse_label, read_split
+from training.datasets import DataError, csv_rows, first_of_each_class, parse_label, read_split
 from training.grouping import linked
 
 GC_MASK_DIR = Path("images") / "breast-lesion-segmentation"
@@ -291,14 +291,14 @@ def evaluate_predictions(pred_dir: Path | str, data_dir: Path | str, split: str 
     report files to ``out_dir`` when given. Returns the metrics.json dict (NaN kept as float NaN).
 
     ``prob_maps`` ({image_id: H x W lesion probabilities}) adds the segmentation BCE. ``limit``: only
-    the split's first N images by image id (those ``training.predict --limit N`` predicts).
+    N of the split's images, each class in turn (those ``training.predict --limit N`` predicts).
     """
     pred_dir, data_dir = Path(pred_dir), Path(data_dir)
     if prob_maps is None and (pred_dir / LOGITS_DIR).is_dir():
         prob_maps = ProbabilityMaps(pred_dir / LOGITS_DIR)
     truth = load_truth(data_dir, split)
     if limit is not None:
-        truth = sorted(truth, key=lambda r: r["image_id"])[:limit]
+        truth = first_of_each_class(truth, limit, label=lambda r: r["label"], image_id=lambda r: r["image_id"])
     if not truth:
         raise DataError(f"{data_dir / 'labels.csv'}: no images" if split == "all" else
                         f"{data_dir / 'split.csv'}: no {split} images; nothing to evaluate")
@@ -587,7 +587,8 @@ def write_outputs(res: dict, out_dir: Path, data_dir: Path, gts: Mapping[str, np
 @click.option("--n-boot", type=click.IntRange(min=0), default=1000, show_default=True, help="Bootstrap resamples.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--limit", type=click.IntRange(1), default=None,
-              help="Only the split's first N images by image id (as training.predict --limit N).")
+              help="Only N of the split's images, the first by image id of each class in turn (as training.predict "
+                   "--limit N).")
 def main(pred_dir: Path, data_dir: Path, split: str, out_dir: Path, tau: float, n_boot: int, seed: int,
          limit: int | None) -> None:
     """Evaluate predictions against a prepared dataset and write metrics.json, report.md and plots."""

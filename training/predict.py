@@ -13,13 +13,13 @@ import click
 
 from model.inference import InferenceError, load_predictor, run, summary_line
 
-from .datasets import DataError, load_records
+from .datasets import DataError, first_of_each_class, load_records
 
 
 def predict_split(model_dir: Path, data: Path, split: str | None, out: Path, device: str = "auto",
                   batch_size: int = 4, tta: bool = False, precision: str = "auto", progress: bool = True,
                   logits: bool = False, limit: int | None = None, class_prior: str | None = None):
-    records = load_records(data, None if split == "all" else split)[:limit]  # sorted by image id; data first
+    records = first_of_each_class(load_records(data, None if split == "all" else split), limit)  # data first
     predictor = load_predictor(model_dir, device, batch_size, tta, precision, class_prior=class_prior)
     predictor.keep_logits = logits
     return run(predictor, data / "images", out, fmt="pace", inputs=[r.image_path for r in records],
@@ -40,7 +40,8 @@ def predict_split(model_dir: Path, data: Path, split: str | None, out: Path, dev
 @click.option("--logits", is_flag=True, help="Also write OUT/logits/<image_id>.npy (float16 lesion logits at "
               "full size; their sigmoid is the probability), from which training.evaluate reports the segmentation BCE.")
 @click.option("--limit", type=click.IntRange(1), default=None,
-              help="Only the split's first N images by image id (a quick check; training.evaluate --limit N scores them).")
+              help="Only N of the split's images, the first by image id of each class in turn (a quick check; "
+                   "training.evaluate --limit N scores them).")
 def main(model_dir, data, split, out, device, batch_size, tta, precision, class_prior, logits, limit):
     """Predict a split of a prepared dataset, for training.evaluate."""
     try:

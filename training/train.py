@@ -49,6 +49,11 @@ from .metrics import auc_macro, dice, to_jsonable
 STATE_NAME = "state.pt"
 
 
+# which images --limit takes (datasets.first_of_each_class), recorded so that --resume never continues
+# a run on other images than it started with
+LIMIT_RULE = "each class in turn"
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -443,6 +448,10 @@ def load_resume_state(path: Path, cfg: dict, run: dict | None = None) -> dict:
         raise click.ClickException(
             f"--resume: {path} continues a run started with --limit {before['limit'] or '(none)'}, not "
             f"--limit {now.get('limit') or '(none)'} (another set of images); resume with the same --limit")
+    if before.get("limit") and before.get("limit_rule") != now.get("limit_rule"):
+        raise click.ClickException(
+            f"--resume: {path} continues a --limit run of an earlier version, whose --limit took other images "
+            f"(the first N by image id, not each class in turn); train into another --out")
     shown = {"cache": lambda v: "embeddings from the cache" if v else "the encoder on the fly"}
     changed = [f"{k}: {shown.get(k, str)(before[k])} → {shown.get(k, str)(now.get(k))}"
                for k in ("precision", "device", "cache") if k in before and before[k] != now.get(k)]
@@ -502,7 +511,8 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
     if device.type == "cpu":
         keep_freed_memory()
     state_path = out / STATE_NAME
-    run_info = {"limit": int(limit) if limit else None, "precision": "bf16" if bf16 else "fp32", "device": device.type,
+    run_info = {"limit": int(limit) if limit else None, **({"limit_rule": LIMIT_RULE} if limit else {}),
+                "precision": "bf16" if bf16 else "fp32", "device": device.type,
                 "data_sha256": data_digest(data),
                 "cache": cache_dir is not None and cfg["model"].get("mode") == "frozen"}
     state = load_resume_state(state_path, cfg, run_info) if resume else None  # before anything is built or written
@@ -679,8 +689,9 @@ def _config_error_origin(message: str, config_path, sets) -> str:
 @click.option("--workers", default=0, help="DataLoader worker processes.")
 @click.option("--set", "sets", multiple=True, help="Any other config value, e.g. --set model.seg_head.channels=[64,32].")
 @click.option("--limit", type=click.IntRange(1), default=None,
-              help="Only the first N training images and N/4 validation images (at least 2): smoke runs and "
-                   "benchmarks (bench/cache-speedup.sh); training.cache --limit N builds the same images' cache.")
+              help="Only N training images and N/4 validation images (at least 2), the first by image id of each "
+                   "class in turn: smoke runs and benchmarks (bench/cache-speedup.sh); training.cache --limit N "
+                   "builds the same images' cache.")
 def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, batch_size, lr, seed, device,
          precision, cache_dir, cache_build, resume, workers, sets, limit):
     """Train one variant of the model."""
