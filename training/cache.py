@@ -309,8 +309,8 @@ if __name__ == "__main__":
                        "with --no-cache-build samples that view only (how the embedded default was trained).")
     @click.option("--limit", type=click.IntRange(1), default=None,
                   help="Only the images training.train --limit N trains and validates on (N training and N/4 "
-                       "validation images, each class in turn): a cache for a quick run. A later build or run on more images "
-                       "adds the images it lacks to it.")
+                       "validation images, each class in turn): a cache for a quick run. A later build or run "
+                       "on more images adds the images it lacks to it.")
     def main(data, cache_dir, encoder, encoder_checkpoint, views, features, device, precision, batch_size,
              first_view_only, limit):
         """Precompute the frozen-encoder embedding cache for a prepared dataset."""
