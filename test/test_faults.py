@@ -112,7 +112,8 @@ def test_building_the_cache_leaves_the_rng_alone(tiny_dataset, tmp_path):
     built: the weights agree only if building it draws no random numbers from the training's stream."""
     from training.cache import build_cache
     from training.datasets import load_records
-    from training.train import build_model, load_config
+    from training.config import load_config
+    from training.train import build_model
 
     cfg = load_config(REPO / "training" / "configs" / "mgc-a.yaml", {"model.encoder": "litemedsam", "model.mode": "frozen"})
     cfg["model"]["seg_head"] = {"type": "sd-h", "channels": [8, 8]}

@@ -20,8 +20,10 @@ from training.datasets import limit_records, load_pair, load_records
 from training.export import export
 from training.losses import multitask_loss
 from model.predictor import use_bf16
-from training.train import (build_model, curriculum_phase, data_digest, epoch_plan, load_config, load_resume_state,
-                            train)
+from training.config import load_config
+from training.curriculum import curriculum_phase
+from training.run_state import data_digest, load_resume_state
+from training.train import build_model, epoch_plan, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -153,7 +155,7 @@ def test_resume_of_a_limit_run_of_the_earlier_rule_is_refused(tiny_dataset, cach
     by that version would resume on other images, so it is refused; a run of this version resumes."""
     import click
 
-    from training.train import LIMIT_RULE
+    from training.run_state import LIMIT_RULE
 
     cfg = tiny_cfg("sd-h", epochs=2)
     run = tmp_path / "run"
@@ -233,7 +235,7 @@ def test_resume_accepts_a_moved_encoder_checkpoint_with_the_same_sha256(tmp_path
     is refused when it holds other weights."""
     import click
 
-    from training.train import STATE_NAME
+    from training.run_state import STATE_NAME
 
     first, moved, other = tmp_path / "a" / "my_sam.pth", tmp_path / "b" / "my_sam.pth", tmp_path / "c" / "my_sam.pth"
     for path, content in ((first, b"weights one"), (moved, b"weights one"), (other, b"weights two")):
@@ -272,7 +274,7 @@ def test_resume_on_cuda_restores_the_cpu_rng_state(tiny_dataset, tmp_path):
 
 def test_rng_states_are_restored_from_wherever_they_were_loaded(monkeypatch):
     """set_rng_state hands torch CPU byte tensors, also for states loaded onto another device."""
-    from training.train import get_rng_state, set_rng_state
+    from training.run_state import get_rng_state, set_rng_state
 
     moved = []
 
@@ -718,7 +720,7 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(tiny_dataset, tmp_path):
 
 def test_config_keys_of_the_users_own_are_kept_and_every_shipped_config_passes(capsys):
     """Only keys training reads are checked: notes of one's own (not close to a key) are kept."""
-    from training.train import check_config
+    from training.config import check_config
 
     for path in sorted((REPO / "training" / "configs").glob("*.yaml")):
         assert check_config(load_config(path, {})) == [], path
@@ -803,7 +805,7 @@ def test_curriculum_draws_replay_per_epoch_and_differ_between_torchrun_ranks():
     """Every rank drew the mixed phase's ground-truth-or-prediction picks with the same generator, so
     the picks of rank 0's k-th sample were those of every rank's k-th sample; now each rank draws its
     own, one process draws as before (seed * 1000 + epoch), and a resumed epoch draws the same."""
-    from training.train import curriculum_generator, guide_masks
+    from training.curriculum import curriculum_generator, guide_masks
 
     gt, pred = torch.ones(64, 8, 8), torch.full((64, 1, 8, 8), -20.0)  # sigmoid(-20) ~ 0: tells them apart
 

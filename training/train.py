@@ -4,8 +4,8 @@ The same script runs on one CPU, one GPU, or several GPUs under ``torchrun`` (Di
 each epoch's sample list is drawn once from the seed and sharded by rank; rank 0 logs and saves).
 A frozen encoder trains from the embedding cache (``training.cache``); a fine-tuned one encodes
 images on the fly. Every epoch writes ``RUN/state.pt`` atomically (model, optimizer, scheduler,
-RNG states, epoch, history, config); ``--resume`` continues from it exactly, and only with the
-config the run was started with. Each epoch's sample order, views and curriculum draws come
+RNG states, epoch, history, config: ``training.run_state``); ``--resume`` continues from it exactly,
+and only with the config the run was started with (``training.config`` reads and checks it). Each epoch's sample order, views and curriculum draws come
 from generators seeded by (seed, epoch), so a resumed run ends with the same weights as an
 uninterrupted one.
 """
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import datetime
-import hashlib
 import json
 import math
 import os
@@ -31,155 +29,26 @@ import yaml
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model import CLASS_NAMES
 from model.allocator import keep_freed_memory
 from model.checkpoint import encoder_weights_info, resolve_encoder_checkpoint, save_model
 from model.encoders.weights import WeightsError
 from model.io import ImageReadError, atomic_path, write_text
-from model.network import ENCODER_MODES, PFSAMNet, make_config
+from model.network import PFSAMNet, make_config
 from model.predictor import resolve_device, use_bf16
 from model.preprocessing import mask_to_model, preprocess
 
 from .augment import apply_view, class_views
 from .cache import MASK_RES, CacheError, build_cache, views_for_classes
+from .config import AUGMENT_MODES, ConfigError, check_config, config_error_origin, load_config
+from .curriculum import curriculum_generator, curriculum_phase, guide_masks
 from .datasets import DataError, Record, limit_records, load_pair, load_records
 from .losses import multitask_loss
 from .metrics import auc_macro, dice, to_jsonable
-
-STATE_NAME = "state.pt"
-
-
-# which images --limit takes (datasets.first_of_each_class), recorded so that --resume never continues
-# a run on other images than it started with
-LIMIT_RULE = "each class in turn"
+from .run_state import LIMIT_RULE, STATE_NAME, data_digest, load_resume_state, save_state, set_rng_state
 
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-# ----------------------------------------------------------------------------------------- config
-def load_config(path: str | Path, overrides: dict) -> dict:
-    """The config file with ``overrides`` (dotted keys; None = keep) applied. When the number of
-    epochs is overridden and the curriculum is not, the curriculum's boundaries are scaled with it
-    (the paper's 20/40 of 60 epochs become 10/20 of 30), so every phase keeps its share of the run."""
-    try:
-        cfg = yaml.safe_load(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: not a readable YAML config ({' '.join(str(exc).split())})") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: not a config (a mapping of keys to values) but "
-                          f"{'an empty file' if cfg is None else repr(cfg)[:80]}")
-    file_epochs = cfg.get("epochs")
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        node = cfg
-        parts = key.split(".")
-        for i, p in enumerate(parts[:-1]):
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{key}: {'.'.join(parts[:i + 1])} is {node!r} in {path}, not a section of keys")
-        node[parts[-1]] = value
-    curriculum_set = any(v is not None and (k in ("curriculum.gt_until", "curriculum.mixed_until") or
-                                            (k == "curriculum" and {"gt_until", "mixed_until"} & set(v or {})))
-                         for k, v in overrides.items())  # p_gt alone sets no boundary
-    if "curriculum" in cfg and file_epochs and not curriculum_set and int(cfg["epochs"]) != int(file_epochs):
-        scale = int(cfg["epochs"]) / int(file_epochs)
-        cfg["curriculum"] = {**cfg["curriculum"], **{k: int(cfg["curriculum"][k] * scale + 0.5)
-                                                      for k in ("gt_until", "mixed_until")}}
-    return _plain(cfg)
-
-
-class ConfigError(ValueError):
-    """A config that cannot be trained as it is; the message names the file or key and the reason."""
-
-
-# The keys training reads (training/configs/*.yaml use them all but the optional ones marked).
-CONFIG_SCHEMA = {
-    "variant": None, "model": {"encoder", "mode", "seg_head", "cls_head",
-                               "encoder_checkpoint", "encoder_weights"},  # the last two optional
-    "loss": {"seg_weight", "cls_weight", "eps"}, "optim": {"lr", "weight_decay", "scheduler"},
-    "epochs": None, "batch_size": None, "curriculum": {"gt_until", "mixed_until", "p_gt"}, "views": None,
-    "class_weights": set(CLASS_NAMES), "select": None, "seed": None, "augment": None,
-}
-REQUIRED = {"model": {"encoder", "mode", "seg_head", "cls_head"}, "loss": {"seg_weight", "cls_weight", "eps"},
-            "optim": {"lr"}, "epochs": None, "batch_size": None, "curriculum": {"gt_until", "mixed_until"},
-            "views": None, "seed": None}
-SELECT_METRICS = ("val_dsc", "val_acc", "val_auc")  # computed every epoch (evaluate_epoch); higher is better
-AUGMENT_MODES = ("random", "fixed")
-CHOICES = {("optim", "scheduler"): ("constant", "cosine"), ("augment",): AUGMENT_MODES, ("model", "mode"): ENCODER_MODES}
-
-
-def check_config(cfg) -> list[str]:
-    """ConfigError for a config training cannot run as asked: a key missing, a key in a section that
-    training does not read (``optim.lrr``), a top-level key that looks like a misspelt one
-    (``batchsize``), a value outside its choices, ``select`` not a metric the run computes. Returns
-    the other top-level keys (notes of the user's: kept in config.yaml, not used)."""
-    import difflib
-
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"the config is not a mapping of keys to values but {type(cfg).__name__}")
-    unused = []
-    for key, value in cfg.items():
-        if key not in CONFIG_SCHEMA:
-            close = difflib.get_close_matches(str(key), CONFIG_SCHEMA, n=1, cutoff=0.75)
-            if close:
-                raise ConfigError(f"unknown config key {key!r}: did you mean {close[0]!r}?")
-            unused.append(str(key))
-            continue
-        allowed = CONFIG_SCHEMA[key]
-        if allowed is None:
-            continue
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key {key!r} must hold keys ({', '.join(sorted(allowed))}), not {value!r}")
-        for sub in value:
-            if sub not in allowed:
-                close = difflib.get_close_matches(str(sub), allowed, n=1, cutoff=0.6)
-                raise ConfigError(f"unknown config key {key}.{sub}" + (f": did you mean {key}.{close[0]}?" if close
-                                  else f"; {key} takes {', '.join(sorted(allowed))}"))
-    for key, subs in REQUIRED.items():
-        if key not in cfg:
-            raise ConfigError(f"config key {key!r} is missing")
-        missing = sorted(subs - set(cfg[key])) if subs else []
-        if missing:
-            raise ConfigError(f"config key {key}.{missing[0]} is missing")
-    for path, choices in CHOICES.items():
-        node = cfg
-        for p in path[:-1]:
-            node = node.get(p, {})
-        if path[-1] in node and node[path[-1]] not in choices:
-            raise ConfigError(f"config key {'.'.join(path)} is {node[path[-1]]!r}; allowed: {', '.join(choices)}")
-    for head in ("seg_head", "cls_head"):
-        if not isinstance(cfg["model"][head], dict) or "type" not in cfg["model"][head]:
-            raise ConfigError(f"config key model.{head} must hold its type, e.g. {{type: sd-h}}")
-    if cfg.get("select", "val_dsc") not in SELECT_METRICS:
-        raise ConfigError(f"config key select is {cfg['select']!r}: not a metric the run computes; "
-                          f"allowed: {', '.join(SELECT_METRICS)}")
-    for key, low in (("epochs", 0), ("batch_size", 1), ("seed", 0)):  # 0 epochs: the run's folder alone
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < low:
-            raise ConfigError(f"config key {key} is {cfg[key]!r}: give a whole number of at least {low}")
-    for section, key in (("optim", "lr"), ("optim", "weight_decay"), ("loss", "seg_weight"), ("loss", "cls_weight"),
-                         ("loss", "eps"), ("curriculum", "p_gt"), ("curriculum", "gt_until"),
-                         ("curriculum", "mixed_until")):
-        if key in cfg[section]:
-            try:
-                float(cfg[section][key])
-            except (TypeError, ValueError):
-                raise ConfigError(f"config key {section}.{key} is {cfg[section][key]!r}: not a number") from None
-    return unused
-
-
-def _plain(value):
-    """YAML reads 2025-01-31 as a date; kept as text, since state.pt (loaded with weights_only=True)
-    takes plain values only and a date in the config would make the run impossible to resume."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, (datetime.date, datetime.datetime)):
-        return value.isoformat()
-    return value
 
 
 def build_model(cfg: dict) -> PFSAMNet:
@@ -272,34 +141,6 @@ def epoch_plan(records: list[Record], cfg: dict, epoch: int, available=None) -> 
     return plan
 
 
-# ------------------------------------------------------------------------------------ curriculum
-def curriculum_phase(cfg: dict, epoch: int) -> str:
-    """``gt`` (epochs 1..gt_until), ``mixed`` (..mixed_until), ``pred`` after; epochs are 1-based."""
-    c = cfg["curriculum"]
-    if epoch <= c["gt_until"]:
-        return "gt"
-    return "mixed" if epoch <= c["mixed_until"] else "pred"
-
-
-def curriculum_generator(seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Generator:
-    """The mixed phase's ground-truth-or-prediction draws of one epoch on one rank: seeded by (seed,
-    epoch), so a resumed run draws the same, and by the rank, so that torchrun's ranks draw apart
-    (one process: the seed of before, seed * 1000 + epoch)."""
-    return torch.Generator().manual_seed((seed * 1000 + epoch) * world + rank)
-
-
-def guide_masks(phase: str, gt: torch.Tensor, pred_logits: torch.Tensor, p_gt: float,
-                gen: torch.Generator) -> torch.Tensor:
-    gt = gt[:, None].float()
-    pred = torch.sigmoid(pred_logits.detach().float())
-    if phase == "gt":
-        return gt
-    if phase == "pred":
-        return pred
-    pick = (torch.rand(gt.shape[0], generator=gen) < p_gt).to(gt.device)[:, None, None, None]
-    return torch.where(pick, gt, pred)
-
-
 # -------------------------------------------------------------------------------------- training
 def run_batch(model, batch, device, bf16, phase, p_gt, gen, cfg):
     net = model.module if hasattr(model, "module") else model
@@ -352,113 +193,6 @@ def evaluate_epoch(model, loader, device, bf16, cfg) -> dict:
         auc = float("nan")
     return {"val_loss": sum(losses) / len(labels_a), "val_dsc": float(np.mean(dices)) if dices else float("nan"),
             "val_acc": acc, "val_auc": auc}
-
-
-def get_rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore ``get_rng_state()``'s states; torch takes them as CPU byte tensors only, wherever the
-    state was loaded to."""
-    torch.set_rng_state(state["torch"].cpu())
-    random.setstate(state["python"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
-
-
-def save_state(path: Path, net, opt, sched, epoch: int, history: list, best: dict, cfg: dict,
-               run: dict | None = None) -> None:
-    """``run``: how the run was started beyond its config (``--limit``, precision, device type, the
-    encoder weights' sha256); ``load_resume_state`` checks it."""
-    state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "epoch": epoch, "history": history, "best": best, "rng": get_rng_state(), "config": cfg,
-             "run": run or {}}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def _flat(cfg, prefix: str = "") -> dict:
-    """A nested config as {dotted key: value}."""
-    if not isinstance(cfg, dict) or not cfg:
-        return {prefix: cfg}
-    return {k: v for key, value in cfg.items() for k, v in _flat(value, f"{prefix}.{key}" if prefix else str(key)).items()}
-
-
-def _same_encoder_weights(state: dict, cfg: dict) -> bool:
-    """Whether the encoder checkpoint ``cfg`` names has the sha256 the saved run started from (a
-    checkpoint moved or copied elsewhere is the same run; state.pt of older versions records none)."""
-    saved = (state.get("run") or {}).get("encoder_sha256")
-    m = cfg["model"]
-    try:
-        info = encoder_weights_info(m["encoder"], m.get("encoder_checkpoint"),
-                                    random=m.get("encoder_weights") == "random")
-    except WeightsError:
-        return False
-    return bool(saved) and info.get("sha256") == saved
-
-
-def data_digest(data: Path) -> str | None:
-    """sha256 of DATA's labels.csv and split.csv (the images, their labels, sources and split): a resumed
-    run must see the data it started on. None when they cannot be read (loading the records says why)."""
-    h = hashlib.sha256()
-    try:
-        for name in ("labels.csv", "split.csv"):
-            h.update((Path(data) / name).read_bytes())
-            h.update(b"\0")
-    except OSError:
-        return None
-    return h.hexdigest()
-
-
-def load_resume_state(path: Path, cfg: dict, run: dict | None = None) -> dict:
-    """``path`` (state.pt) with every tensor on the CPU (torch.set_rng_state takes CPU tensors only;
-    the optimizer's load_state_dict moves its state to the parameters' device), refused when the run
-    was started with another config (epochs, curriculum, optimiser, ...), another ``--limit`` or other
-    data (DATA's labels.csv or split.csv changed): a resumed run continues the run that was started,
-    never a different one. Another precision, device type or use of the embedding cache is allowed (a
-    run started on a GPU may end on another machine) with a warning: the weights then differ from an
-    uninterrupted run's by more than rounding."""
-    if not path.is_file():
-        raise click.ClickException(f"--resume: {path} not found")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = state.get("config")
-    if saved is None:  # written before state.pt recorded its config: nothing to compare
-        print(f"warning: {path} records no config (an older version wrote it); resuming with this one",
-              file=sys.stderr)
-        return state
-    old, new = _flat(saved), _flat(cfg)
-    keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k, "(unset)") != new.get(k, "(unset)")]
-    if "model.encoder_checkpoint" in keys and _same_encoder_weights(state, cfg):
-        keys.remove("model.encoder_checkpoint")
-        print(f"note: the encoder checkpoint moved ({old.get('model.encoder_checkpoint')} → "
-              f"{new.get('model.encoder_checkpoint')}); same sha256, resuming", file=sys.stderr)
-    diff = [f"{k}: {old.get(k, '(unset)')!r} → {new.get(k, '(unset)')!r}" for k in keys]
-    if diff:
-        raise click.ClickException(
-            f"--resume: {path} continues a run started with other settings ({'; '.join(diff)}); resume with the "
-            f"settings the run was started with (its config.yaml beside state.pt) or train into another --out")
-    before, now = state.get("run") or {}, run or {}
-    if before.get("data_sha256") and now.get("data_sha256") and before["data_sha256"] != now["data_sha256"]:
-        raise click.ClickException(
-            f"--resume: {path} continues a run started on other data: DATA's labels.csv or split.csv changed since "
-            f"(training.prepare was run again?); restore that data or train into another --out")
-    if "limit" in before and before["limit"] != now.get("limit"):
-        raise click.ClickException(
-            f"--resume: {path} continues a run started with --limit {before['limit'] or '(none)'}, not "
-            f"--limit {now.get('limit') or '(none)'} (another set of images); resume with the same --limit")
-    if before.get("limit") and before.get("limit_rule") != now.get("limit_rule"):
-        raise click.ClickException(
-            f"--resume: {path} continues a --limit run of an earlier version, whose --limit took other images "
-            f"(the first N by image id, not each class in turn); train into another --out")
-    shown = {"cache": lambda v: "embeddings from the cache" if v else "the encoder on the fly"}
-    changed = [f"{k}: {shown.get(k, str)(before[k])} → {shown.get(k, str)(now.get(k))}"
-               for k in ("precision", "device", "cache") if k in before and before[k] != now.get(k)]
-    if changed:
-        print(f"warning: {path} was written by a run with another {', '.join(changed)}; resuming, but the "
-              f"result will differ from an uninterrupted run's", file=sys.stderr)
-    return state
 
 
 def write_logs(out: Path, history: list[dict]) -> None:
@@ -648,17 +382,6 @@ def provenance(cfg: dict, data: Path, epoch: int, row: dict) -> dict:
             "train_config": copy.deepcopy(cfg), "torch": torch.__version__}
 
 
-def _config_error_origin(message: str, config_path, sets) -> str:
-    """A config error named after where the bad value came from: the ``--set`` whose key (or a section
-    above it) the message names, else the config file."""
-    import re
-
-    named = [s for s in sets if re.search(rf"(?<![\w.]){re.escape(s.partition('=')[0].strip())}(?![\w])", message)]
-    if named:
-        return f"--set {' --set '.join(named)}: {message}"
-    return message if message.startswith(str(config_path)) else f"{config_path}: {message}"
-
-
 @click.command(context_settings={"show_default": True})
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Variant config: training/configs/{unet-h,sd-h,mgc-a}.yaml (the paper's), default-{sd-h,mgc-a}.yaml "
@@ -720,7 +443,7 @@ def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, ba
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except ConfigError as exc:
-        raise click.ClickException(_config_error_origin(str(exc), config_path, sets)) from None
+        raise click.ClickException(config_error_origin(str(exc), config_path, sets)) from None
     except (WeightsError, CacheError, DataError, ImageReadError, FileNotFoundError) as exc:  # names the file
         raise click.ClickException(str(exc)) from None
     best = result["best"]

@@ -1,0 +1,128 @@
+"""A run's ``state.pt``: everything to continue training (model, optimiser, scheduler, RNG states, epoch,
+history, config, how the run was started), written atomically every epoch, and read back only for the
+run it belongs to: ``--resume`` with other settings, another ``--limit`` or other data is refused."""
+from __future__ import annotations
+
+import hashlib
+import random
+import sys
+from pathlib import Path
+
+import click
+import torch
+
+from model.checkpoint import encoder_weights_info
+from model.encoders.weights import WeightsError
+from model.io import atomic_path
+
+STATE_NAME = "state.pt"
+# which images --limit takes (datasets.first_of_each_class), recorded so that --resume never continues
+# a run on other images than it started with
+LIMIT_RULE = "each class in turn"
+
+
+def get_rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore ``get_rng_state()``'s states; torch takes them as CPU byte tensors only, wherever the
+    state was loaded to."""
+    torch.set_rng_state(state["torch"].cpu())
+    random.setstate(state["python"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
+
+
+def save_state(path: Path, net, opt, sched, epoch: int, history: list, best: dict, cfg: dict,
+               run: dict | None = None) -> None:
+    """``run``: how the run was started beyond its config (``--limit``, precision, device type, the
+    encoder weights' sha256); ``load_resume_state`` checks it."""
+    state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "epoch": epoch, "history": history, "best": best, "rng": get_rng_state(), "config": cfg,
+             "run": run or {}}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _flat(cfg, prefix: str = "") -> dict:
+    """A nested config as {dotted key: value}."""
+    if not isinstance(cfg, dict) or not cfg:
+        return {prefix: cfg}
+    return {k: v for key, value in cfg.items() for k, v in _flat(value, f"{prefix}.{key}" if prefix else str(key)).items()}
+
+
+def _same_encoder_weights(state: dict, cfg: dict) -> bool:
+    """Whether the encoder checkpoint ``cfg`` names has the sha256 the saved run started from (a
+    checkpoint moved or copied elsewhere is the same run; state.pt of older versions records none)."""
+    saved = (state.get("run") or {}).get("encoder_sha256")
+    m = cfg["model"]
+    try:
+        info = encoder_weights_info(m["encoder"], m.get("encoder_checkpoint"),
+                                    random=m.get("encoder_weights") == "random")
+    except WeightsError:
+        return False
+    return bool(saved) and info.get("sha256") == saved
+
+
+def data_digest(data: Path) -> str | None:
+    """sha256 of DATA's labels.csv and split.csv (the images, their labels, sources and split): a resumed
+    run must see the data it started on. None when they cannot be read (loading the records says why)."""
+    h = hashlib.sha256()
+    try:
+        for name in ("labels.csv", "split.csv"):
+            h.update((Path(data) / name).read_bytes())
+            h.update(b"\0")
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def load_resume_state(path: Path, cfg: dict, run: dict | None = None) -> dict:
+    """``path`` (state.pt) with every tensor on the CPU (torch.set_rng_state takes CPU tensors only;
+    the optimizer's load_state_dict moves its state to the parameters' device), refused when the run
+    was started with another config (epochs, curriculum, optimiser, ...), another ``--limit`` or other
+    data (DATA's labels.csv or split.csv changed): a resumed run continues the run that was started,
+    never a different one. Another precision, device type or use of the embedding cache is allowed (a
+    run started on a GPU may end on another machine) with a warning: the weights then differ from an
+    uninterrupted run's by more than rounding."""
+    if not path.is_file():
+        raise click.ClickException(f"--resume: {path} not found")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = state.get("config")
+    if saved is None:  # written before state.pt recorded its config: nothing to compare
+        print(f"warning: {path} records no config (an older version wrote it); resuming with this one",
+              file=sys.stderr)
+        return state
+    old, new = _flat(saved), _flat(cfg)
+    keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k, "(unset)") != new.get(k, "(unset)")]
+    if "model.encoder_checkpoint" in keys and _same_encoder_weights(state, cfg):
+        keys.remove("model.encoder_checkpoint")
+        print(f"note: the encoder checkpoint moved ({old.get('model.encoder_checkpoint')} → "
+              f"{new.get('model.encoder_checkpoint')}); same sha256, resuming", file=sys.stderr)
+    diff = [f"{k}: {old.get(k, '(unset)')!r} → {new.get(k, '(unset)')!r}" for k in keys]
+    if diff:
+        raise click.ClickException(
+            f"--resume: {path} continues a run started with other settings ({'; '.join(diff)}); resume with the "
+            f"settings the run was started with (its config.yaml beside state.pt) or train into another --out")
+    before, now = state.get("run") or {}, run or {}
+    if before.get("data_sha256") and now.get("data_sha256") and before["data_sha256"] != now["data_sha256"]:
+        raise click.ClickException(
+            f"--resume: {path} continues a run started on other data: DATA's labels.csv or split.csv changed since "
+            f"(training.prepare was run again?); restore that data or train into another --out")
+    if "limit" in before and before["limit"] != now.get("limit"):
+        raise click.ClickException(
+            f"--resume: {path} continues a run started with --limit {before['limit'] or '(none)'}, not "
+            f"--limit {now.get('limit') or '(none)'} (another set of images); resume with the same --limit")
+    if before.get("limit") and before.get("limit_rule") != now.get("limit_rule"):
+        raise click.ClickException(
+            f"--resume: {path} continues a --limit run of an earlier version, whose --limit took other images "
+            f"(the first N by image id, not each class in turn); train into another --out")
+    shown = {"cache": lambda v: "embeddings from the cache" if v else "the encoder on the fly"}
+    changed = [f"{k}: {shown.get(k, str)(before[k])} → {shown.get(k, str)(now.get(k))}"
+               for k in ("precision", "device", "cache") if k in before and before[k] != now.get(k)]
+    if changed:
+        print(f"warning: {path} was written by a run with another {', '.join(changed)}; resuming, but the "
+              f"result will differ from an uninterrupted run's", file=sys.stderr)
+    return state
