@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from model.io import read_image, write_png
 from training import evaluate as E
+from training import read_predictions as R
 from training import metrics as M
 
 sitk = pytest.importorskip("SimpleITK")
@@ -225,7 +226,7 @@ def test_the_bootstrap_resamples_patients_and_near_duplicates_together(tmp_path,
 
 def test_grand_challenge_layout(tmp_path, data):
     pred = make_gc(tmp_path / "gc")
-    assert E.detect_layout(pred) == "grand-challenge"
+    assert R.detect_layout(pred) == "grand-challenge"
     out = tmp_path / "out"
     res = E.evaluate_predictions(pred, data, "val", out, n_boot=50)
     assert res["layout"] == "grand-challenge" and res["units"]["distance"] == "mm"
@@ -266,7 +267,7 @@ def test_probabilities_that_do_not_sum_to_1_are_unusable(tmp_path, data, row):
     assert "PACE_00001_001_BUS" in res["missing"]["probabilities"]
     problems = {p["image_id"]: p["problem"] for p in res["problems"]}
     assert problems["PACE_00001_001_BUS"].startswith("probabilities.csv: unusable row")
-    assert E._parse_probs({"normal": "0.3334", "benign": "0.3333", "malignant": "0.3333"}) == [0.3334, 0.3333, 0.3333]
+    assert R._parse_probs({"normal": "0.3334", "benign": "0.3333", "malignant": "0.3333"}) == [0.3334, 0.3333, 0.3333]
 
 
 def test_a_csv_that_is_not_text_is_an_error_naming_it(tmp_path, data):

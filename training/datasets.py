@@ -68,6 +68,11 @@ def csv_rows(path: Path, required: tuple[str, ...] = ()) -> list[tuple[int, dict
         raise DataError(f"{path}: not a readable csv file ({exc})") from None
 
 
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """A CSV file's rows as dicts, every value stripped (a missing one as ""); errors as ``csv_rows``."""
+    return [{k: (v or "").strip() for k, v in row.items()} for _, row in csv_rows(path)]
+
+
 def read_split(split_csv: str | Path) -> dict[str, str]:
     """``image_id -> split`` of a split.csv, ids and values stripped (a hand-edited file may pad them)
     and values in any case; DataError naming the file and the line for a row without an image id,
