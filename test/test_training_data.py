@@ -201,8 +201,9 @@ def test_limit_takes_each_class_in_turn_so_a_quick_run_sees_every_class():
     assert (twelve.count("normal"), twelve.count("malignant"), twelve.count("benign")) == (2, 3, 7)
     assert first_of_each_class(recs, 99) == sorted(recs, key=lambda r: r.image_id)
     assert first_of_each_class(recs, None) is recs
-    train, val = limit_records(recs, recs[::-1], 8)  # N/4 validation images, at least 2
-    assert len(train) == 8 and sorted(r.label for r in val) == ["benign", "normal"]
+    train, val = limit_records(recs, recs[::-1], 8)  # N/4 validation images, at least one per class
+    assert len(train) == 8 and sorted(r.label for r in val) == ["benign", "malignant", "normal"]
+    assert len(limit_records(recs, recs, 20)[1]) == 5
     # labels.csv rows (training.evaluate) take the same images as records (training.predict)
     rows = [{"image_id": r.image_id, "label": r.label} for r in reversed(recs)]
     picked = first_of_each_class(rows, 5, label=lambda r: r["label"], image_id=lambda r: r["image_id"])

@@ -146,11 +146,11 @@ def first_of_each_class(items: list, n: int | None, label=lambda r: r.label, ima
 
 def limit_records(train: list[Record], val: list[Record], limit: int | None) -> tuple[list[Record], list[Record]]:
     """``--limit N`` of training.train and training.cache: N training images and N/4 validation images
-    (at least 2), each class in turn (``first_of_each_class``), so a cache built with a limit serves
-    the run with that limit."""
+    (at least one per class, so that validation AUC is defined), each class in turn
+    (``first_of_each_class``), so a cache built with a limit serves the run with that limit."""
     if not limit:
         return train, val
-    return first_of_each_class(train, limit), first_of_each_class(val, max(2, limit // 4))
+    return first_of_each_class(train, limit), first_of_each_class(val, max(len(CLASS_NAMES), limit // 4))
 
 
 def content_sha(rec: Record) -> str:

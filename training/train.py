@@ -412,7 +412,7 @@ def provenance(cfg: dict, data: Path, epoch: int, row: dict) -> dict:
 @click.option("--workers", default=0, help="DataLoader worker processes.")
 @click.option("--set", "sets", multiple=True, help="Any other config value, e.g. --set model.seg_head.channels=[64,32].")
 @click.option("--limit", type=click.IntRange(1), default=None,
-              help="Only N training images and N/4 validation images (at least 2), the first by image id of each "
+              help="Only N training images and N/4 validation images (at least 3: one per class), the first by image id of each "
                    "class in turn: smoke runs and benchmarks (bench/cache-speedup.sh); training.cache --limit N "
                    "builds the same images' cache.")
 def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, batch_size, lr, seed, device,
