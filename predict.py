@@ -56,7 +56,7 @@ class Predictor(BasePredictor):
 
     def predict(
         self,
-        image: Path = Input(description="Breast ultrasound image (.png, .jpg, .tif or .mha)"),
+        image: Path = Input(description="Breast ultrasound image (.png, .jpg, .tif, .mha or DICOM)"),
         overlay: bool = Input(description="Also return an overlay image", default=True),
         tta: bool = Input(description="Horizontal-flip test-time augmentation (the image and its mirror image, averaged; "
                                          "twice the encoder time)", default=False),

@@ -124,7 +124,7 @@ def find_inputs(input_dir: str | Path, exclude: str | Path | None = None) -> lis
         skip = [Path(os.path.realpath(Path(exclude) / sub)) for sub in OUTPUT_IMAGE_FOLDERS]
         paths = [p for p in paths if not any(Path(os.path.realpath(p)).is_relative_to(s) for s in skip)]
     if not paths:
-        raise InferenceError(f"no images (.mha, .tif/.tiff, .png, .jpg/.jpeg, .bmp) found below {input_dir}")
+        raise InferenceError(f"no images (.mha, .tif/.tiff, .png, .jpg/.jpeg, .bmp, DICOM) found below {input_dir}")
     return paths
 
 

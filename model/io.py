@@ -23,7 +23,11 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".mha", ".bmp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".mha", ".bmp", ".dcm", ".dicom"}
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+# ITK's DICOM reader (GDCM), named: a DICOM file is known by its content too (scanners and PACS exports
+# often write it without a suffix, a Cog upload arrives as file.bin)
+DICOM_IO = "GDCMImageIO"
 # ITK's MetaImage reader, named: ITK picks its reader by the file's suffix, and a MetaImage that
 # arrives under another name (a Cog or web upload is saved as ``file.bin``) is known by its content
 METAIMAGE_IO = "MetaImageIO"
@@ -91,10 +95,35 @@ class LoadedImage:
 
 
 def is_image_file(path: Path) -> bool:
-    """An input we try to read: known suffix (any case), not hidden, not AppleDouble/__MACOSX."""
+    """An input we try to read: known suffix (any case), or no suffix and DICOM content (a scanner's
+    ``IM00001``; not ``DICOMDIR``, the index of a DICOM folder); not hidden, not AppleDouble/__MACOSX."""
     if path.name.startswith(".") or "__MACOSX" in path.parts:
         return False
+    if not path.suffix:
+        return path.name.upper() != "DICOMDIR" and _dicom_preamble(path)
     return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _dicom_preamble(path: Path) -> bool:
+    """A DICOM Part 10 file: 128 bytes of preamble, then ``DICM``. Only a regular file is opened (a pipe
+    would block the open)."""
+    if not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom(path: Path | str) -> bool:
+    """Whether ``read_image`` reads ``path`` as DICOM: a ``.dcm``/``.dicom`` file, or a file whose suffix
+    names no image format (none, ``file.bin``) with DICOM's ``DICM`` signature."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
+        return True
+    return suffix not in IMAGE_SUFFIXES and _dicom_preamble(path)
 
 
 def list_images(root: Path | str) -> list[Path]:
@@ -158,11 +187,11 @@ def image_pixels(path: Path | str) -> int:
     if not is_utf8_name(path) or not path.is_file():  # a FIFO (or a link to one) would block the open
         return 0
     try:
-        if is_metaimage(path):
+        if is_metaimage(path) or is_dicom(path):
             import SimpleITK as sitk
 
             reader = sitk.ImageFileReader()
-            reader.SetImageIO(METAIMAGE_IO)
+            reader.SetImageIO(DICOM_IO if is_dicom(path) else METAIMAGE_IO)
             reader.SetFileName(str(path))
             reader.ReadImageInformation()
             size = reader.GetSize()
@@ -316,6 +345,43 @@ def _read_mha(path: Path) -> LoadedImage:
                        extra, metaimage=True)
 
 
+def _read_dicom(path: Path) -> LoadedImage:
+    """One DICOM frame (an ultrasound still: grey, RGB, or a palette or YBR image that GDCM turns into
+    RGB; compressed or not) with its pixel spacing; a cine loop (several frames) is refused. GDCM
+    inverts MONOCHROME1 (low values white), so the image comes as it is displayed (tested)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO(DICOM_IO)
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise ImageReadError(path, "not a readable DICOM image (no image pixel data, or a damaged file)") from None
+
+    size = reader.GetSize()
+    frames = math.prod(size[2:]) if len(size) > 2 else 1
+    if frames > 1:
+        raise ImageReadError(path, f"has {frames} frames (a cine loop or a volume); expected a single 2-D image: "
+                                   "export one frame")
+    _too_large(path, size[0], size[1])
+    try:
+        img = reader.Execute()
+    except RuntimeError as exc:
+        lines = str(exc).strip().splitlines()
+        raise ImageReadError(path, "corrupt or unsupported DICOM pixel data "
+                                   f"({lines[-1] if lines else 'unknown error'})") from None
+    arr = sitk.GetArrayFromImage(img)
+    arr = arr.reshape(arr.shape[-3:] if img.GetNumberOfComponentsPerPixel() > 1 else arr.shape[-2:])
+    spacing, origin, direction = img.GetSpacing(), img.GetOrigin(), img.GetDirection()
+    dim = img.GetDimension()
+    d2 = np.array([[direction[dim * r + c] for c in range(2)] for r in range(2)], dtype=float)
+    if not np.allclose(d2 @ d2.T, np.eye(2), atol=1e-6):  # a plane the x-y axes do not span: no 2-D direction
+        d2 = np.eye(2)
+    direction2 = tuple(float(v) for v in d2.ravel())
+    return LoadedImage(_check_pixels(path, arr), str(path), tuple(spacing[:2]), tuple(origin[:2]), direction2)
+
+
 def _mha_header(path: Path) -> tuple[dict[str, str], int]:
     """A MetaImage's header fields and the offset of its pixel data (-1 without ``ElementDataFile``).
 
@@ -410,9 +476,9 @@ def _not_a_file(path: Path) -> str:
 
 
 def read_image(path: Path | str) -> LoadedImage:
-    """Read one 2-D image (png, jpg, tif, bmp, mha); raise ``ImageReadError`` with the reason. The
-    suffix picks MetaImage or Pillow; a file whose suffix names no image format is read by its
-    content (``is_metaimage``, else Pillow, which knows its formats by their signatures)."""
+    """Read one 2-D image (png, jpg, tif, bmp, mha, DICOM); raise ``ImageReadError`` with the reason. The
+    suffix picks DICOM, MetaImage or Pillow; a file whose suffix names no image format is read by its
+    content (``is_dicom``, ``is_metaimage``, else Pillow, which knows its formats by their signatures)."""
     path = Path(path)
     if not is_utf8_name(path):
         raise ImageReadError(printable(path), NOT_UTF8)
@@ -427,6 +493,8 @@ def read_image(path: Path | str) -> LoadedImage:
         open(path, "rb").close()
     except PermissionError:  # not "corrupt": a mounted folder's permissions (the container's user differs)
         raise ImageReadError(path, _denied(path)) from None
+    if is_dicom(path):
+        return _read_dicom(path)
     if is_metaimage(path):
         return _read_mha(path)
     return _read_pil(path)

@@ -754,3 +754,72 @@ def test_a_one_slice_volume_is_read_whichever_axis_has_size_1(tmp_path):
     with pytest.raises(ImageReadError, match=r"stack.mha: 3-D image of 30 x 20 x 3 voxels; expected a single 2-D "
                                              r"slice \(one axis of size 1\)"):
         read_image(tmp_path / "stack.mha")
+
+
+def _dicom(path: Path, array: np.ndarray, spacing=None, compressor: str = "") -> None:
+    """A DICOM Part 10 file (secondary capture) written by ITK's GDCM; ``compressor`` JPEG: JPEG
+    lossless (transfer syntax 1.2.840.10008.1.2.4.70), as ultrasound stills often come."""
+    img = sitk.GetImageFromArray(array, isVector=array.ndim == 3 and array.shape[-1] == 3)
+    if spacing is not None:
+        img.SetSpacing(spacing)
+    writer = sitk.ImageFileWriter()
+    writer.SetImageIO("GDCMImageIO")
+    writer.SetFileName(str(path))
+    if compressor:
+        writer.SetUseCompression(True)
+        writer.SetCompressor(compressor)
+    writer.Execute(img)
+
+
+def test_dicom_stills_are_read_with_their_spacing_and_cine_loops_are_refused(tmp_path, ensemble_dir):
+    """Clinics export ultrasound as DICOM, often without a suffix (``IM00001``); it was ignored (no
+    known suffix) or, named .dcm, never listed. Now grey 8/16-bit and RGB (here JPEG-compressed) stills
+    are read (by suffix or by the DICM signature), MONOCHROME1 as displayed, their Grand Challenge masks
+    carry the pixel spacing; a cine loop (several frames) and a damaged file are refused naming the file; DICOMDIR
+    (a DICOM folder's index) is not an input."""
+    from model.inference import load_predictor, run
+    from model.io import ImageReadError, image_pixels, is_dicom, list_images, read_image
+
+    src = tmp_path / "in"
+    (src / "series").mkdir(parents=True)
+    grey, rgb = _us(37, 52, 31), np.stack([_us(30, 40, 32), _us(30, 40, 33), _us(30, 40, 34)], -1)
+    _dicom(src / "grey.dcm", grey, spacing=(0.12, 0.09))
+    _dicom(src / "colour.DICOM", rgb, compressor="JPEG")
+    assert b"1.2.840.10008.1.2.4.70" in (src / "colour.DICOM").read_bytes()
+    _dicom(src / "series" / "IM00001", (grey.astype(np.uint16) * 16))  # 12-bit data in 16, no suffix
+    _dicom(src / "cine.dcm", np.stack([grey, grey[::-1], grey[:, ::-1]]))  # 3 frames
+    whole = (src / "grey.dcm").read_bytes()
+    (src / "damaged.dcm").write_bytes(whole[: len(whole) // 2])
+    (src / "series" / "DICOMDIR").write_bytes(whole)  # stands in for the index file: never an input
+    (src / "series" / "notes").write_text("not an image, no suffix: ignored")
+    os.mkfifo(src / "series" / "pipe")  # never opened: the listing would block on it
+    m1 = whole.replace(b"MONOCHROME2", b"MONOCHROME1")
+    assert m1 != whole
+    (tmp_path / "inverted.dcm").write_bytes(m1)
+
+    got = read_image(src / "grey.dcm")
+    np.testing.assert_array_equal(got.array, grey)
+    assert got.spacing == pytest.approx((0.12, 0.09)) and not got.metaimage
+    np.testing.assert_array_equal(read_image(src / "colour.DICOM").array, rgb)
+    sixteen = read_image(src / "series" / "IM00001").array
+    assert sixteen.dtype == np.uint16 and np.array_equal(sixteen, grey.astype(np.uint16) * 16)
+    np.testing.assert_array_equal(read_image(tmp_path / "inverted.dcm").array, 255 - grey)  # as displayed
+    (tmp_path / "upload.bin").write_bytes(whole)  # a Cog upload: known by its content
+    assert is_dicom(tmp_path / "upload.bin") and image_pixels(tmp_path / "upload.bin") == 37 * 52
+    np.testing.assert_array_equal(read_image(tmp_path / "upload.bin").array, grey)
+    with pytest.raises(ImageReadError, match=r"cine\.dcm: has 3 frames \(a cine loop or a volume\)"):
+        read_image(src / "cine.dcm")
+    with pytest.raises(ImageReadError, match=r"damaged\.dcm: not a readable DICOM image"):
+        read_image(src / "damaged.dcm")
+    assert [p.relative_to(src).as_posix() for p in list_images(src)] == [
+        "cine.dcm", "colour.DICOM", "damaged.dcm", "grey.dcm", "series/IM00001"]
+
+    predictor = load_predictor(ensemble_dir, device="cpu", batch_size=2)
+    result = run(predictor, src, tmp_path / "gc", fmt="gc", progress=False, log=lambda _: None)
+    assert result.exit_code == 3
+    masks = tmp_path / "gc" / "images" / SLUG
+    assert sorted(p.name for p in masks.iterdir()) == ["IM00001.mha", "colour.mha", "grey.mha"]
+    mask = sitk.ReadImage(str(masks / "grey.mha"))
+    assert mask.GetSize() == (52, 37) and mask.GetSpacing() == pytest.approx((0.12, 0.09))
+    errors = (tmp_path / "gc" / "errors.csv").read_text()
+    assert "cine.dcm" in errors and "damaged.dcm" in errors
