@@ -18,8 +18,8 @@ Outputs (details in model/writers.py):
   codabench : segmentation/<name>_mask.png, classification.csv, and submission.zip holding both
   all  : errors.csv (file,reason) when some case failed; overlays/<name>.png with --overlay
          (off by default in every format: challenge graders expect only their own files)
-<name> is the input's file stem; inputs whose names collide get distinct names
-(a.jpg -> a, a.png -> a_png; x/a.png -> a, y/a.png -> y_a).
+<name> is the input's file stem (a DICOM file without an image suffix: its whole name);
+inputs whose names collide get distinct names (a.jpg -> a, a.png -> a_png; x/a.png -> a, y/a.png -> y_a).
 
 \b
 Exit status: 0 all images processed; 3 some failed (the others are written);

@@ -95,13 +95,14 @@ class LoadedImage:
 
 
 def is_image_file(path: Path) -> bool:
-    """An input we try to read: known suffix (any case), or no suffix and DICOM content (a scanner's
-    ``IM00001``; not ``DICOMDIR``, the index of a DICOM folder); not hidden, not AppleDouble/__MACOSX."""
+    """An input we try to read: a known suffix (any case), or DICOM content under any other name (a
+    scanner's ``IM00001``, a UID such as ``1.2.840.113619.2.55.1``; not ``DICOMDIR``, the index of a
+    DICOM folder); not hidden, not AppleDouble/__MACOSX."""
     if path.name.startswith(".") or "__MACOSX" in path.parts:
         return False
-    if not path.suffix:
-        return path.name.upper() != "DICOMDIR" and _dicom_preamble(path)
-    return path.suffix.lower() in IMAGE_SUFFIXES
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    return path.name.upper() != "DICOMDIR" and _dicom_preamble(path)
 
 
 def _dicom_preamble(path: Path) -> bool:
@@ -118,7 +119,7 @@ def _dicom_preamble(path: Path) -> bool:
 
 def is_dicom(path: Path | str) -> bool:
     """Whether ``read_image`` reads ``path`` as DICOM: a ``.dcm``/``.dicom`` file, or a file whose suffix
-    names no image format (none, ``file.bin``) with DICOM's ``DICM`` signature."""
+    names no image format (none, ``file.bin``, a UID's last number) with DICOM's ``DICM`` signature."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in DICOM_SUFFIXES:

@@ -29,7 +29,8 @@ classification outputs.
 
 Output names
 ------------
-``<name>`` is the input's file stem (``case1.png`` -> ``case1``; the PACE ``image_id``). When two
+``<name>`` is the input's file stem (``case1.png`` -> ``case1``; the PACE ``image_id``); a DICOM file
+listed by its content keeps its whole name (``1.2.840.113619.2.55.7``, ``IM00001``). When two
 inputs would get the same name (compared case-insensitively: ``a.png`` and ``a.jpg``, or ``x/a.png``
 and ``y/a.png``), the inputs are taken in sorted order of their path relative to the input folder
 and each gets the first free name among: ``<stem>``, ``<folders>_<stem>`` (inputs in a
@@ -55,7 +56,7 @@ from typing import Sequence
 import numpy as np
 
 from . import CLASS_NAMES
-from .io import LoadedImage, printable, write_mha, write_npy, write_png, write_text, write_zip
+from .io import IMAGE_SUFFIXES, LoadedImage, printable, write_mha, write_npy, write_png, write_text, write_zip
 from .overlay import render_overlay
 
 LOGITS_DIR = "logits"  # PACE layout, training.predict --logits: <name>.npy, float16 lesion logits at full size
@@ -133,16 +134,17 @@ def output_names(paths: Sequence[Path], root: str | Path) -> list[str]:
     names: list[str] = [""] * len(rels)
     for i in order:
         rel = rels[i]
-        stem, ext = rel.stem, rel.suffix.lower().lstrip(".")
+        known = rel.suffix.lower() in IMAGE_SUFFIXES  # else a DICOM file named by a UID: the suffix is its own
+        stem, ext = (rel.stem, rel.suffix.lower().lstrip(".")) if known else (rel.name, "")
         folders = "_".join(rel.parent.parts)
-        candidates = [stem, f"{folders}_{stem}", f"{stem}_{ext}", f"{folders}_{stem}_{ext}"] if folders \
-            else [stem, f"{stem}_{ext}"]
+        candidates = [stem] + [f"{folders}_{stem}"] * bool(folders) + [f"{stem}_{ext}"] * bool(ext) \
+            + [f"{folders}_{stem}_{ext}"] * bool(folders and ext)
         k = 2
         while True:
             free = [c for c in map(fit_name, candidates) if c.casefold() not in taken]
             if free:
                 break
-            candidates = [f"{stem}_{ext}_{k}"]
+            candidates = [f"{stem}_{ext}_{k}" if ext else f"{stem}_{k}"]
             k += 1
         names[i] = free[0]
         taken.add(free[0].casefold())

@@ -772,7 +772,7 @@ def _dicom(path: Path, array: np.ndarray, spacing=None, compressor: str = "") ->
 
 
 def test_dicom_stills_are_read_with_their_spacing_and_cine_loops_are_refused(tmp_path, ensemble_dir):
-    """Clinics export ultrasound as DICOM, often without a suffix (``IM00001``); it was ignored (no
+    """Clinics export ultrasound as DICOM, often without a suffix (``IM00001``, a UID); it was ignored (no
     known suffix) or, named .dcm, never listed. Now grey 8/16-bit and RGB (here JPEG-compressed) stills
     are read (by suffix or by the DICM signature), MONOCHROME1 as displayed, their Grand Challenge masks
     carry the pixel spacing; a cine loop (several frames) and a damaged file are refused naming the file; DICOMDIR
@@ -791,7 +791,9 @@ def test_dicom_stills_are_read_with_their_spacing_and_cine_loops_are_refused(tmp
     whole = (src / "grey.dcm").read_bytes()
     (src / "damaged.dcm").write_bytes(whole[: len(whole) // 2])
     (src / "series" / "DICOMDIR").write_bytes(whole)  # stands in for the index file: never an input
+    (src / "series" / "1.2.840.113619.2.55.7").write_bytes(whole)  # named by its UID: suffix ".7"
     (src / "series" / "notes").write_text("not an image, no suffix: ignored")
+    (src / "series" / "report.txt").write_text("not an image either: ignored")
     os.mkfifo(src / "series" / "pipe")  # never opened: the listing would block on it
     m1 = whole.replace(b"MONOCHROME2", b"MONOCHROME1")
     assert m1 != whole
@@ -812,13 +814,14 @@ def test_dicom_stills_are_read_with_their_spacing_and_cine_loops_are_refused(tmp
     with pytest.raises(ImageReadError, match=r"damaged\.dcm: not a readable DICOM image"):
         read_image(src / "damaged.dcm")
     assert [p.relative_to(src).as_posix() for p in list_images(src)] == [
-        "cine.dcm", "colour.DICOM", "damaged.dcm", "grey.dcm", "series/IM00001"]
+        "cine.dcm", "colour.DICOM", "damaged.dcm", "grey.dcm", "series/1.2.840.113619.2.55.7", "series/IM00001"]
 
     predictor = load_predictor(ensemble_dir, device="cpu", batch_size=2)
     result = run(predictor, src, tmp_path / "gc", fmt="gc", progress=False, log=lambda _: None)
     assert result.exit_code == 3
     masks = tmp_path / "gc" / "images" / SLUG
-    assert sorted(p.name for p in masks.iterdir()) == ["IM00001.mha", "colour.mha", "grey.mha"]
+    assert sorted(p.name for p in masks.iterdir()) == ["1.2.840.113619.2.55.7.mha", "IM00001.mha", "colour.mha",
+                                                       "grey.mha"]  # a UID keeps its last number
     mask = sitk.ReadImage(str(masks / "grey.mha"))
     assert mask.GetSize() == (52, 37) and mask.GetSpacing() == pytest.approx((0.12, 0.09))
     errors = (tmp_path / "gc" / "errors.csv").read_text()

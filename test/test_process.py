@@ -600,6 +600,12 @@ def test_output_name_rule():
     # generated names never collide with real stems either
     same = [root / "a.png", root / "a.jpg", root / "a_png.png", root / "a_jpg.jpg"]
     assert len({n.casefold() for n in output_names(same, root)}) == 4
+    # DICOM files listed by content keep their whole names: UIDs that differ in their last number
+    dicom = [root / "s1" / "1.2.840.5.7", root / "s1" / "1.2.840.5.8", root / "s2" / "IM0001", root / "s3" / "IM0001",
+             root / "IM0001.dcm"]
+    assert output_names(dicom, root) == ["1.2.840.5.7", "1.2.840.5.8", "s2_IM0001", "s3_IM0001", "IM0001"]
+    assert output_names([root / "IM0001", root / "IM0001.dcm", root / "im0001.DCM"], root) == [
+        "IM0001", "IM0001_dcm", "im0001_dcm_2"]
 
 
 def test_names_too_long_for_the_file_system_are_cut_distinctly(cli, tmp_path):
