@@ -412,6 +412,8 @@ def test_cache_limit_builds_what_train_limit_reads(tiny_dataset, tmp_path):
                            "--precision", "fp32"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (meta,) = cache.glob("*/meta.json")
+    assert f"{meta.parent}: 5 images (2 train, 3 val) of the 5 it holds; views encoded for them: orig 5, hflip 0" \
+        in proc.stderr, proc.stderr[-2000:]
     train, val = load_records(tiny_dataset, "train"), load_records(tiny_dataset, "val")
     assert len(train) > 2  # the limit leaves training images out
     train, val = limit_records(train, val, 2)  # 2 training images, a validation image of each class

@@ -328,8 +328,13 @@ if __name__ == "__main__":
         net = PFSAMNet(cfg, encoder_checkpoint=ckpt).to(dev)
         try:
             train, val = limit_records(load_records(data, "train"), load_records(data, "val"), limit)
-            build_cache(net, train + val, cache_dir, view_list, dev, precision, batch_size, wanted)
+            cache = build_cache(net, train + val, cache_dir, view_list, dev, precision, batch_size, wanted)
         except (CacheError, DataError, ImageReadError, FileNotFoundError) as exc:
             raise click.ClickException(str(exc)) from None
+        mine = [cache.index[r.image_id] for r in train + val]
+        done = cache.done[mine].sum(axis=0)
+        click.echo(f"{cache.root}: {len(mine)} images ({len(train)} train, {len(val)} val) of the {len(cache.ids)} "
+                   "it holds; views encoded for them: "
+                   + ", ".join(f"{v} {int(n)}" for v, n in zip(view_list, done)), err=True)
 
     main()
