@@ -826,3 +826,60 @@ def test_dicom_stills_are_read_with_their_spacing_and_cine_loops_are_refused(tmp
     assert mask.GetSize() == (52, 37) and mask.GetSpacing() == pytest.approx((0.12, 0.09))
     errors = (tmp_path / "gc" / "errors.csv").read_text()
     assert "cine.dcm" in errors and "damaged.dcm" in errors
+
+
+def _us_still(path: Path, array: np.ndarray, regions: list[tuple[int, int, float, float]],
+              pixel_spacing: tuple[float, float] | None = None) -> None:
+    """An Ultrasound Image Storage file as scanners write it (pydicom): grey 8-bit, its pixel size only in
+    the Sequence of Ultrasound Regions, one (spatial format, units, delta x, delta y) per region."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    us = "1.2.840.10008.5.1.4.1.1.6.1"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = us, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta, ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta, us, meta.MediaStorageSOPInstanceUID, "US"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = *array.shape, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    items = []
+    for fmt, units, dx, dy in regions:
+        r = Dataset()
+        r.RegionSpatialFormat, r.RegionDataType, r.RegionFlags = fmt, 1, 0
+        r.RegionLocationMinX0, r.RegionLocationMinY0 = 0, 0
+        r.RegionLocationMaxX1, r.RegionLocationMaxY1 = array.shape[1] - 1, array.shape[0] - 1
+        r.PhysicalUnitsXDirection = r.PhysicalUnitsYDirection = units
+        r.PhysicalDeltaX, r.PhysicalDeltaY = dx, dy
+        items.append(r)
+    ds.SequenceOfUltrasoundRegions = pydicom.sequence.Sequence(items)
+    if pixel_spacing:
+        ds.PixelSpacing = list(pixel_spacing)
+    ds.PixelData = np.ascontiguousarray(array, np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_an_ultrasound_dicom_gets_the_pixel_size_of_its_ultrasound_regions(tmp_path, ensemble_dir):
+    """Ultrasound stills carry their pixel size in the Sequence of Ultrasound Regions (in cm), not in
+    Pixel Spacing, and ITK reads only the latter: their masks had 1 x 1 mm pixels. Now the 2-D tissue
+    regions' size is used (in mm), when they agree; Pixel Spacing, where present, still wins."""
+    from model.inference import load_predictor, run
+    from model.io import read_image
+
+    img = _us(48, 64, 41)
+    src = tmp_path / "in"
+    src.mkdir()
+    _us_still(src / "bmode.dcm", img, [(1, 3, 0.0125, 0.0125)])
+    _us_still(src / "with_doppler.dcm", img, [(1, 3, 0.01, 0.02), (3, 7, 0.5, 0.5)])  # Doppler: cm/s, not a size
+    _us_still(src / "disagree.dcm", img, [(1, 3, 0.01, 0.01), (1, 3, 0.02, 0.02)])
+    _us_still(src / "pixel_spacing.dcm", img, [(1, 3, 0.0125, 0.0125)], pixel_spacing=(0.3, 0.2))
+    np.testing.assert_array_equal(read_image(src / "bmode.dcm").array, img)
+    assert read_image(src / "bmode.dcm").spacing == pytest.approx((0.125, 0.125))
+    assert read_image(src / "with_doppler.dcm").spacing == pytest.approx((0.1, 0.2))
+    assert read_image(src / "disagree.dcm").spacing == pytest.approx((1.0, 1.0))
+    assert read_image(src / "pixel_spacing.dcm").spacing == pytest.approx((0.2, 0.3))  # DICOM: row, then column
+    predictor = load_predictor(ensemble_dir, device="cpu", batch_size=4)
+    assert run(predictor, src, tmp_path / "gc", fmt="gc", progress=False, log=lambda _: None).exit_code == 0
+    mask = sitk.ReadImage(str(tmp_path / "gc" / "images" / SLUG / "bmode.mha"))
+    assert mask.GetSpacing() == pytest.approx((0.125, 0.125)) and mask.GetSize() == (64, 48)
