@@ -883,3 +883,33 @@ def test_an_ultrasound_dicom_gets_the_pixel_size_of_its_ultrasound_regions(tmp_p
     assert run(predictor, src, tmp_path / "gc", fmt="gc", progress=False, log=lambda _: None).exit_code == 0
     mask = sitk.ReadImage(str(tmp_path / "gc" / "images" / SLUG / "bmode.mha"))
     assert mask.GetSpacing() == pytest.approx((0.125, 0.125)) and mask.GetSize() == (64, 48)
+
+
+def test_a_ybr_colour_dicom_is_read_as_rgb(tmp_path):
+    """Ultrasound colour stills come as YBR_FULL_422 (luma and half-width chroma) when uncompressed:
+    read as RGB (GDCM converts), not as three channels of Y, Cb and Cr."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.pixels import convert_color_space
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from model.io import read_image
+
+    g = np.kron(_us(6, 8, 51)[:6, :8], np.ones((10, 10), np.uint8))  # chroma constant over pixel pairs
+    rgb = np.stack([np.clip(g.astype(int) + 30, 0, 255), g, g], -1).astype(np.uint8)  # a reddish grey
+    ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
+    pairs = ybr.reshape(g.shape[0], -1, 2, 3)
+    packed = np.stack([pairs[:, :, 0, 0], pairs[:, :, 1, 0], pairs[:, :, 0, 1], pairs[:, :, 0, 2]], -1)
+    us = "1.2.840.10008.5.1.4.1.1.6.1"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = us, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta, ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta, us, meta.MediaStorageSOPInstanceUID, "US"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PlanarConfiguration = *g.shape, 3, 0
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.ascontiguousarray(packed, np.uint8).tobytes()
+    ds.save_as(tmp_path / "colour.dcm", enforce_file_format=True)
+    got = read_image(tmp_path / "colour.dcm").array
+    assert got.shape == rgb.shape and np.abs(got.astype(int) - rgb).max() <= 1
+    assert np.abs(got.astype(int) - ybr).max() > 50  # not the raw Y, Cb, Cr
