@@ -188,11 +188,12 @@ def image_pixels(path: Path | str) -> int:
     if not is_utf8_name(path) or not path.is_file():  # a FIFO (or a link to one) would block the open
         return 0
     try:
-        if is_metaimage(path) or is_dicom(path):
+        dicom = is_dicom(path)
+        if dicom or is_metaimage(path):
             import SimpleITK as sitk
 
             reader = sitk.ImageFileReader()
-            reader.SetImageIO(DICOM_IO if is_dicom(path) else METAIMAGE_IO)
+            reader.SetImageIO(DICOM_IO if dicom else METAIMAGE_IO)
             reader.SetFileName(str(path))
             reader.ReadImageInformation()
             size = reader.GetSize()
@@ -362,7 +363,7 @@ def _read_dicom(path: Path) -> LoadedImage:
         raise ImageReadError(path, "not a readable DICOM image (no image pixel data, or a damaged file)") from None
 
     size = reader.GetSize()
-    frames = math.prod(size[2:]) if len(size) > 2 else 1
+    frames = math.prod(size[2:])  # 1 for a 2-D image or a one-slice volume
     if frames > 1:
         raise ImageReadError(path, f"has {frames} frames (a cine loop or a volume); expected a single 2-D image: "
                                    "export one frame")

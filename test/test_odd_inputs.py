@@ -828,11 +828,8 @@ def test_dicom_stills_are_read_with_their_spacing_and_cine_loops_are_refused(tmp
     assert "cine.dcm" in errors and "damaged.dcm" in errors
 
 
-def _us_still(path: Path, array: np.ndarray, regions: list[tuple[int, int, float, float]],
-              pixel_spacing: tuple[float, float] | None = None) -> None:
-    """An Ultrasound Image Storage file as scanners write it (pydicom): grey 8-bit, its pixel size only in
-    the Sequence of Ultrasound Regions, one (spatial format, units, delta x, delta y) per region."""
-    import pydicom
+def _us_dataset(shape: tuple[int, int], samples: int, photometric: str, pixels: np.ndarray):
+    """An uncompressed 8-bit Ultrasound Image Storage dataset (pydicom) holding ``pixels`` as stored."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -842,8 +839,22 @@ def _us_still(path: Path, array: np.ndarray, regions: list[tuple[int, int, float
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta, ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta, us, meta.MediaStorageSOPInstanceUID, "US"
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = *array.shape, 1, "MONOCHROME2"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = *shape, samples, photometric
+    if samples > 1:
+        ds.PlanarConfiguration = 0
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.ascontiguousarray(pixels, np.uint8).tobytes()
+    return ds
+
+
+def _us_still(path: Path, array: np.ndarray, regions: list[tuple[int, int, float, float]],
+              pixel_spacing: tuple[float, float] | None = None) -> None:
+    """An Ultrasound Image Storage file as scanners write it (pydicom): grey 8-bit, its pixel size only in
+    the Sequence of Ultrasound Regions, one (spatial format, units, delta x, delta y) per region."""
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    ds = _us_dataset(array.shape, 1, "MONOCHROME2", array)
     items = []
     for fmt, units, dx, dy in regions:
         r = Dataset()
@@ -856,7 +867,6 @@ def _us_still(path: Path, array: np.ndarray, regions: list[tuple[int, int, float
     ds.SequenceOfUltrasoundRegions = pydicom.sequence.Sequence(items)
     if pixel_spacing:
         ds.PixelSpacing = list(pixel_spacing)
-    ds.PixelData = np.ascontiguousarray(array, np.uint8).tobytes()
     ds.save_as(path, enforce_file_format=True)
 
 
@@ -888,9 +898,7 @@ def test_an_ultrasound_dicom_gets_the_pixel_size_of_its_ultrasound_regions(tmp_p
 def test_a_ybr_colour_dicom_is_read_as_rgb(tmp_path):
     """Ultrasound colour stills come as YBR_FULL_422 (luma and half-width chroma) when uncompressed:
     read as RGB (GDCM converts), not as three channels of Y, Cb and Cr."""
-    from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.pixels import convert_color_space
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     from model.io import read_image
 
@@ -899,17 +907,7 @@ def test_a_ybr_colour_dicom_is_read_as_rgb(tmp_path):
     ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
     pairs = ybr.reshape(g.shape[0], -1, 2, 3)
     packed = np.stack([pairs[:, :, 0, 0], pairs[:, :, 1, 0], pairs[:, :, 0, 1], pairs[:, :, 0, 2]], -1)
-    us = "1.2.840.10008.5.1.4.1.1.6.1"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = us, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta, ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta, us, meta.MediaStorageSOPInstanceUID, "US"
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PlanarConfiguration = *g.shape, 3, 0
-    ds.PhotometricInterpretation = "YBR_FULL_422"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = np.ascontiguousarray(packed, np.uint8).tobytes()
-    ds.save_as(tmp_path / "colour.dcm", enforce_file_format=True)
+    _us_dataset(g.shape, 3, "YBR_FULL_422", packed).save_as(tmp_path / "colour.dcm", enforce_file_format=True)
     got = read_image(tmp_path / "colour.dcm").array
     assert got.shape == rgb.shape and np.abs(got.astype(int) - rgb).max() <= 1
     assert np.abs(got.astype(int) - ybr).max() > 50  # not the raw Y, Cb, Cr

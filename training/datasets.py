@@ -134,14 +134,13 @@ def first_of_each_class(items: list, n: int | None, label=lambda r: r.label, ima
     the split holds; the first N by id alone were all benign on BUSI (nothing to classify, no AUC)."""
     if not n:
         return items
-    queues = [sorted((i for i in items if label(i) == c), key=image_id) for c in CLASS_NAMES]
-    queues.append(sorted((i for i in items if label(i) not in CLASS_NAMES), key=image_id))
-    taken: list = []
-    while len(taken) < min(n, len(items)):
-        for queue in queues:
-            if queue and len(taken) < n:
-                taken.append(queue.pop(0))
-    return sorted(taken, key=image_id)
+    rank: dict[str, int] = {}  # an item's place within its class, by image id
+    keyed = []
+    for item in sorted(items, key=image_id):
+        c = label(item)
+        keyed.append((rank.setdefault(c, 0), CLASS_NAMES.index(c) if c in CLASS_NAMES else len(CLASS_NAMES), item))
+        rank[c] += 1
+    return sorted((item for *_, item in sorted(keyed, key=lambda k: k[:2])[:n]), key=image_id)
 
 
 def limit_records(train: list[Record], val: list[Record], limit: int | None) -> tuple[list[Record], list[Record]]:

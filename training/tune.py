@@ -43,7 +43,7 @@ REFINE_OPTIONS = [None, {"type": "box", "margin": 5, "blend": 1.0}, {"type": "bo
 def score_options(predictor: Predictor, data: Path, batch: int = 8, refine_options: list | None = None,
                   limit: int | None = None) -> list[dict]:
     """Mean lesion Dice and the share of empty masks on normal images of every (refinement,
-    postprocess option) on the validation split (its first ``limit`` images when given)."""
+    postprocess option) on the validation split (``limit`` of its images, each class in turn, when given)."""
     records = first_of_each_class(load_records(data, "val"), limit)
     if not records:
         raise click.UsageError(f"{data}: no validation images (prepared with training.prepare?)")
@@ -121,7 +121,8 @@ def choose(scores: list[dict]) -> dict:
 @click.option("--precision", default="auto", type=click.Choice(["auto", "bf16", "fp32"]),
               help="As process.py's (auto: bf16 on CUDA 8.0+ for SAM ViT encoders, else fp32).")
 @click.option("--batch-size", default=8)
-@click.option("--limit", type=click.IntRange(1), default=None, help="Score only N validation images, the first by image id of each class in turn.")
+@click.option("--limit", type=click.IntRange(1), default=None,
+              help="Score only N validation images, the first by image id of each class in turn.")
 @click.option("--write", is_flag=True, help="Write the chosen options into ensemble.json.")
 def main(model_dir, data, device, tta, precision, batch_size, limit, write):
     """Score the postprocess options on the validation split, as process.py would predict them, and
