@@ -19,7 +19,7 @@ from . import CLASS_NAMES
 from .encoders import get_spec
 from .encoders.weights import (WeightsError, how_to_get, litemedsam_checkpoint, sha256_of, verify_checkpoint,
                                weights_from_file)
-from .io import atomic_path, write_text
+from .atomic_files import atomic_path, write_text
 from .network import FORMAT_VERSION, PFSAMNet, validate_config
 
 CONFIG_NAME = "config.json"

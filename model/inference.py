@@ -4,7 +4,7 @@ One run: find the images below the input folder (``model.io.list_images``), read
 time, predict with the ensemble (``model.predictor.Predictor``), write each case's outputs as soon
 as it is predicted, then the run's summary files. A case that cannot be read, predicted or written
 is reported (stderr, ``errors.csv``, and ``error_messages`` in ``results.json``) and every other
-case is still written. All files are written atomically through ``model.io``.
+case is still written. All files are written atomically (``model.atomic_files``).
 
 The files each format writes, and how outputs are named: ``model/writers.py``. Overlays:
 ``model/overlay.py``.
@@ -21,8 +21,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .io import (ImageReadError, LoadedImage, image_pixels, is_utf8_name, list_images, printable, read_image,
-                 unlistable_reason, unwritable_reason, write_mha, write_png)
+from .atomic_files import write_png
+from .image import ImageReadError, LoadedImage, is_utf8_name, printable
+from .io import image_pixels, list_images, read_image, unlistable_reason, unwritable_reason
+from .metaimage import write_mha
 from .overlay import render_overlay
 from .writers import (ERRORS_FILE, OUTPUT_IMAGE_FOLDERS, WRITERS, Case, output_folders, output_names, relative_path,
                       stale_outputs)

@@ -1,97 +1,29 @@
-"""Reading and writing image files: the only module that touches image files on disk.
+"""Reading input images: listing a folder's images and reading one (``read_image``), whatever its format
+(Pillow's formats here, DICOM in ``model.dicom``, MetaImage in ``model.metaimage``), and masks.
 
 ``read_image`` returns the pixels as a numpy array (H x W, or H x W x C with C in 1..4) together
 with the geometry a medical image carries (spacing, origin, direction; unit values for PNG/JPEG).
-Every failure raises ``ImageReadError`` naming the file and the reason. Writers go through a
-temporary file in the same folder and ``os.replace``: a crash never leaves a truncated file under
+Every failure raises ``ImageReadError`` naming the file and the reason. Outputs are written through
+``model.atomic_files`` (a temporary file, then a rename): a crash never leaves a truncated file under
 the final name.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
-import math
 import os
-import re
 import stat
 import tempfile
-import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".mha", ".bmp", ".dcm", ".dicom"}
-DICOM_SUFFIXES = {".dcm", ".dicom"}
-# ITK's DICOM reader (GDCM), named: a DICOM file is known by its content too (scanners and PACS exports
-# often write it without a suffix, a Cog upload arrives as file.bin)
-DICOM_IO = "GDCMImageIO"
-# ITK's MetaImage reader, named: ITK picks its reader by the file's suffix, and a MetaImage that
-# arrives under another name (a Cog or web upload is saved as ``file.bin``) is known by its content
-METAIMAGE_IO = "MetaImageIO"
-# a MetaImage's header opens with one of MetaIO's fields, ``=`` (or ``:``) and its value
-_METAIO_FIRST_LINE = re.compile(
-    rb"[ \t]*(ObjectType|ObjectSubType|NDims|Comment|Name|ID|ParentID|FormTypeName|CompressedData|BinaryData|"
-    rb"BinaryDataByteOrderMSB|ElementByteOrderMSB|DimSize|ElementType|ElementSpacing|HeaderSize|Modality)[ \t]*[=:]")
-# The largest image read, checked from its header before anything is decoded: an ultrasound frame is
-# under a megapixel, and decoding holds a few full-size copies (Pillow's, the orientation's, the array),
-# so much beyond this (the size test_odd_inputs runs under 4 GB) would not fit a 4 GB container
-MAX_PIXELS = 10000 * 10000
-Image.MAX_IMAGE_PIXELS = None  # Pillow's own guard (a warning, then its own error) gives way to this one
+from .dicom import DICOM_IO, dicom_preamble, is_dicom, read_dicom
+from .image import (IMAGE_SUFFIXES, NOT_UTF8, ImageReadError, LoadedImage, check_pixels, check_size, is_utf8_name,
+                    printable)
+from .metaimage import METAIMAGE_IO, is_metaimage, read_metaimage
 
-
-def _too_large(path: Path, width: int, height: int) -> None:
-    if width * height > MAX_PIXELS:
-        raise ImageReadError(path, f"image too large: {width} x {height} = {width * height:,} pixels; at most "
-                                   f"{MAX_PIXELS:,} (10000 x 10000) are read, so that decoding it fits a 4 GB container")
-
-
-def printable(path: Path | str) -> str:
-    """``path`` as text that can be written anywhere: bytes of a file name that are not UTF-8 (which
-    Python keeps as lone surrogates) as ``\\xNN`` escapes."""
-    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
-
-
-NOT_UTF8 = "its file name is not valid UTF-8 (rename it)"
-
-
-def is_utf8_name(path: Path | str) -> bool:
-    """Whether ``path`` is valid UTF-8. The libraries below need it: ITK aborts the whole process on
-    such a name (a C++ exception no Python code can catch), and CSV and JSON outputs cannot hold it."""
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-class ImageReadError(ValueError):
-    """An input that cannot be used; ``str()`` names the file and the reason."""
-
-    def __init__(self, path: Path | str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = str(path)
-        self.reason = reason
-
-
-@dataclass
-class LoadedImage:
-    """Pixels plus the geometry needed to write a mask that overlays the input exactly."""
-
-    array: np.ndarray  # H x W or H x W x C
-    path: str = ""
-    spacing: tuple[float, float] = (1.0, 1.0)  # (x, y), mm for mha, 1.0 (pixels) otherwise
-    origin: tuple[float, ...] = (0.0, 0.0)
-    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 1.0)
-    extra: dict = field(default_factory=dict)
-    metaimage: bool = False  # read as a MetaImage (by content): its mask is written as one, with this geometry
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(height, width)."""
-        return int(self.array.shape[0]), int(self.array.shape[1])
+Image.MAX_IMAGE_PIXELS = None  # Pillow's own guard (a warning, then its own error) gives way to image.MAX_PIXELS
 
 
 def is_image_file(path: Path) -> bool:
@@ -102,29 +34,7 @@ def is_image_file(path: Path) -> bool:
         return False
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return True
-    return path.name.upper() != "DICOMDIR" and _dicom_preamble(path)
-
-
-def _dicom_preamble(path: Path) -> bool:
-    """A DICOM Part 10 file: 128 bytes of preamble, then ``DICM``. Only a regular file is opened (a pipe
-    would block the open)."""
-    if not path.is_file():
-        return False
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
-
-
-def is_dicom(path: Path | str) -> bool:
-    """Whether ``read_image`` reads ``path`` as DICOM: a ``.dcm``/``.dicom`` file, or a file whose suffix
-    names no image format (none, ``file.bin``, a UID's last number) with DICOM's ``DICM`` signature."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in DICOM_SUFFIXES:
-        return True
-    return suffix not in IMAGE_SUFFIXES and _dicom_preamble(path)
+    return path.name.upper() != "DICOMDIR" and dicom_preamble(path)
 
 
 def list_images(root: Path | str) -> list[Path]:
@@ -163,24 +73,6 @@ def list_images(root: Path | str) -> list[Path]:
     return sorted(found)
 
 
-def is_metaimage(path: Path | str) -> bool:
-    """Whether ``read_image`` reads ``path`` as a MetaImage: a ``.mha`` file, or a file whose suffix
-    names no image format (``upload.bin``, none) and whose first line is a MetaIO header field. A
-    file named as another format (``.png``) is read as that format."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".mha":
-        return True
-    if suffix in IMAGE_SUFFIXES:
-        return False
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(256)
-    except OSError:
-        return False
-    return _METAIO_FIRST_LINE.match(head) is not None
-
-
 def image_pixels(path: Path | str) -> int:
     """Height x width of an image from its header alone (nothing decoded); 0 when it cannot be read
     (``read_image`` then says why)."""
@@ -202,20 +94,6 @@ def image_pixels(path: Path | str) -> int:
             return int(im.size[0]) * int(im.size[1])
     except Exception:  # noqa: BLE001 - any unreadable file: read_image reports it
         return 0
-
-
-def _check_pixels(path: Path, arr: np.ndarray) -> np.ndarray:
-    if arr.size == 0 or arr.ndim < 2:
-        raise ImageReadError(path, f"no 2-D pixel data (shape {arr.shape})")
-    if arr.ndim == 3 and arr.shape[2] > 4:
-        raise ImageReadError(path, f"unsupported channel count {arr.shape[2]}")
-    if arr.ndim > 3:
-        raise ImageReadError(path, f"unsupported array shape {arr.shape}")
-    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-        raise ImageReadError(path, "contains NaN or infinite pixel values")
-    if np.issubdtype(arr.dtype, np.complexfloating):
-        raise ImageReadError(path, "complex pixel type is not an image")
-    return arr
 
 
 def _sixteen_bit_colour(path: Path, im: Image.Image) -> str | None:
@@ -258,7 +136,7 @@ def _read_pil(path: Path) -> LoadedImage:
         # from a file object, not the path: Pillow 13 memory-maps an uncompressed TIFF opened by path,
         # and exif_transpose then returns it unrotated (orientations 5-8 kept the stored h x w)
         with open(path, "rb") as fh, Image.open(fh) as im:
-            _too_large(path, *im.size)  # from the header, before decoding
+            check_size(path, *im.size)  # from the header, before decoding
             # a multi-picture JPEG (MPO: phones' and some scanners' exports) holds the image first and
             # previews or gain maps after it; every other format's frames are slices or pages
             if getattr(im, "n_frames", 1) > 1 and im.format != "MPO":
@@ -266,7 +144,7 @@ def _read_pil(path: Path) -> LoadedImage:
             reader = _sixteen_bit_colour(path, im)
             if reader:  # all 16 bits, from ITK; the orientation from Pillow's reading of the EXIF
                 arr = _read_itk_colour(path, reader, int(im.getexif().get(0x0112, 1) or 1))
-                return LoadedImage(_check_pixels(path, arr), str(path))
+                return LoadedImage(check_pixels(path, arr), str(path))
             im.load()
             # the image as a viewer shows it (and as a mask drawn on it lies): EXIF orientation applied
             im = ImageOps.exif_transpose(im)
@@ -286,170 +164,7 @@ def _read_pil(path: Path) -> LoadedImage:
         raise ImageReadError(path, "not a readable image (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(path, f"corrupt or truncated image ({exc})") from None
-    return LoadedImage(_check_pixels(path, arr), str(path))
-
-
-def _read_mha(path: Path) -> LoadedImage:
-    import SimpleITK as sitk
-
-    fields, data_offset = _mha_header(path)
-    detached = fields.get("ElementDataFile")
-    if detached and detached not in ("LOCAL", "Local", "local"):
-        # a .mha keeps its pixels; a header that points elsewhere could read any file here
-        raise ImageReadError(path, f"its pixel data is in another file (ElementDataFile = {detached}); a .mha "
-                                   f"must hold its own pixels (ElementDataFile = LOCAL)")
-    expected = _pixel_data_bytes(fields)
-    if expected is not None and data_offset >= 0:  # refused here, before ITK prints its own complaint
-        held = path.stat().st_size - data_offset
-        if held < expected:
-            raise ImageReadError(path, f"corrupt or truncated MetaImage: the header reads, the pixel data does not "
-                                       f"(the header announces {expected} bytes of it, the file holds {held})")
-    try:
-        dims = [int(v) for v in fields.get("DimSize", "").split()]
-    except ValueError:
-        dims = []  # ITK reports it
-    if len(dims) >= 2:
-        _too_large(path, dims[0], math.prod(dims[1:]))
-    try:
-        img = sitk.ReadImage(str(path), imageIO=METAIMAGE_IO)
-    except RuntimeError as exc:
-        msg = str(exc).strip().splitlines()
-        if "File cannot be read" in str(exc):  # ITK's "Reason" is then errno's leftover, not the cause
-            try:
-                reader = sitk.ImageFileReader()
-                reader.SetImageIO(METAIMAGE_IO)
-                reader.SetFileName(str(path))
-                reader.ReadImageInformation()
-            except RuntimeError:
-                raise ImageReadError(path, "not a readable MetaImage (its header cannot be parsed)") from None
-            raise ImageReadError(path, "corrupt or truncated MetaImage: the header reads, the pixel data "
-                                       "does not (incomplete or damaged)") from None
-        raise ImageReadError(path, f"cannot read as MetaImage ({msg[-1] if msg else 'unknown error'})") from None
-    dim = img.GetDimension()
-    spacing, origin, direction = img.GetSpacing(), img.GetOrigin(), img.GetDirection()
-    extra = {"dimension": dim, "geometry": (spacing, origin, direction)}
-    size = img.GetSize()
-    if dim == 3 and 1 not in size:
-        raise ImageReadError(path, f"3-D image of {size[0]} x {size[1]} x {size[2]} voxels; expected a single "
-                                   f"2-D slice (one axis of size 1)")
-    if dim not in (2, 3):
-        raise ImageReadError(path, f"{dim}-D image; expected 2-D")
-    arr = sitk.GetArrayFromImage(img)  # (D x) H x W (x C for vector pixels): ITK's axes reversed
-    if dim == 3:
-        # the slice's axis: the third as usual, else the one stored with size 1 (a W x 1 x D volume)
-        axis = 2 if size[2] == 1 else size.index(1)
-        keep = [i for i in range(3) if i != axis]
-        arr = np.take(arr, 0, axis=2 - axis)  # numpy's axis order is ITK's reversed
-        extra["singleton_axis"] = axis
-        spacing, origin = tuple(spacing[i] for i in keep), tuple(origin[i] for i in keep)
-        direction = tuple(direction[3 * r + c] for r in keep for c in keep)
-    return LoadedImage(_check_pixels(path, arr), str(path), tuple(spacing), tuple(origin), tuple(direction),
-                       extra, metaimage=True)
-
-
-def _read_dicom(path: Path) -> LoadedImage:
-    """One DICOM frame (an ultrasound still: grey, RGB, or a palette or YBR image that GDCM turns into
-    RGB; compressed or not) with its pixel spacing (Pixel Spacing, else the ultrasound regions' pixel
-    size: ``_ultrasound_spacing``); a cine loop (several frames) is refused. GDCM
-    inverts MONOCHROME1 (low values white), so the image comes as it is displayed (tested)."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetImageIO(DICOM_IO)
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        raise ImageReadError(path, "not a readable DICOM image (no image pixel data, or a damaged file)") from None
-
-    size = reader.GetSize()
-    frames = math.prod(size[2:])  # 1 for a 2-D image or a one-slice volume
-    if frames > 1:
-        raise ImageReadError(path, f"has {frames} frames (a cine loop or a volume); expected a single 2-D image: "
-                                   "export one frame")
-    _too_large(path, size[0], size[1])
-    try:
-        img = reader.Execute()
-    except RuntimeError as exc:
-        lines = str(exc).strip().splitlines()
-        raise ImageReadError(path, "corrupt or unsupported DICOM pixel data "
-                                   f"({lines[-1] if lines else 'unknown error'})") from None
-    arr = sitk.GetArrayFromImage(img)
-    arr = arr.reshape(arr.shape[-3:] if img.GetNumberOfComponentsPerPixel() > 1 else arr.shape[-2:])
-    spacing, origin, direction = img.GetSpacing(), img.GetOrigin(), img.GetDirection()
-    if not any(reader.HasMetaDataKey(k) for k in ("0028|0030", "0018|1164")):  # no Pixel / Imager Pixel Spacing
-        spacing = _ultrasound_spacing(path) or spacing  # ITK said 1.0: it reads no ultrasound regions
-    dim = img.GetDimension()
-    d2 = np.array([[direction[dim * r + c] for c in range(2)] for r in range(2)], dtype=float)
-    if not np.allclose(d2 @ d2.T, np.eye(2), atol=1e-6):  # a plane the x-y axes do not span: no 2-D direction
-        d2 = np.eye(2)
-    direction2 = tuple(float(v) for v in d2.ravel())
-    return LoadedImage(_check_pixels(path, arr), str(path), tuple(spacing[:2]), tuple(origin[:2]), direction2)
-
-
-def _ultrasound_spacing(path: Path) -> tuple[float, float] | None:
-    """(x, y) in mm from a DICOM ultrasound still's Sequence of Ultrasound Regions (0018,6011): its 2-D
-    tissue regions (spatial format 1) measured in cm (physical units 3), all with one pixel size (a
-    dual view's two regions alike); None where there is no such region or they disagree (the mask
-    then keeps ITK's unit spacing, as for any image without one)."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[(0x0018, 0x6011)])
-        deltas = {(abs(float(r.PhysicalDeltaX)) * 10.0, abs(float(r.PhysicalDeltaY)) * 10.0)
-                  for r in ds.get("SequenceOfUltrasoundRegions", [])
-                  if r.get("RegionSpatialFormat") == 1 and r.get("PhysicalUnitsXDirection") == 3
-                  and r.get("PhysicalUnitsYDirection") == 3}
-    except Exception:  # noqa: BLE001 - a header pydicom cannot parse: the image is read without it
-        return None
-    if len(deltas) != 1:
-        return None
-    (dx, dy), = deltas
-    return (dx, dy) if all(math.isfinite(v) and v > 0 for v in (dx, dy)) else None
-
-
-def _mha_header(path: Path) -> tuple[dict[str, str], int]:
-    """A MetaImage's header fields and the offset of its pixel data (-1 without ``ElementDataFile``).
-
-    Parsed as MetaIO parses it: the header is read line by line up to ``ElementDataFile`` (MetaIO's
-    last field, after which the pixels follow), however long the comments before it; ``=`` or ``:``
-    separates key and value."""
-    fields: dict[str, str] = {}
-    with open(path, "rb") as fh:
-        for line in fh:
-            key, *value = re.split(rb"[=:]", line, maxsplit=1)
-            name = key.strip().decode("latin-1")
-            fields[name] = b"".join(value).strip().decode("utf-8", "replace")
-            if name == "ElementDataFile":
-                return fields, fh.tell()
-    return fields, -1
-
-
-# MetaIO's element types whose size does not depend on the platform
-_MET_TYPE_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
-                   "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
-
-
-def _pixel_data_bytes(fields: dict[str, str]) -> int | None:
-    """How many bytes of pixel data a local MetaImage header announces; None where it does not say
-    plainly (a ``HeaderSize`` to skip, pixels as text, an unknown element type or flag, compressed
-    without its size)."""
-    if "HeaderSize" in fields or fields.get("BinaryData", "True").lower() not in ("true", "t", "1"):
-        return None
-    compressed = fields.get("CompressedData", "False").lower()
-    try:
-        if compressed in ("true", "t", "1"):
-            return int(fields["CompressedDataSize"])
-        if compressed not in ("false", "f", "0"):
-            return None
-        dims = [int(v) for v in fields["DimSize"].split()]
-        if "NDims" in fields:
-            dims = dims[:int(fields["NDims"])]
-        channels = int(fields.get("ElementNumberOfChannels", "1"))
-        element = _MET_TYPE_BYTES[fields["ElementType"]]
-    except (KeyError, ValueError):
-        return None
-    return math.prod(dims) * channels * element
+    return LoadedImage(check_pixels(path, arr), str(path))
 
 
 def _denied(path: Path, what: str = "readable") -> str:
@@ -520,9 +235,9 @@ def read_image(path: Path | str) -> LoadedImage:
     except PermissionError:  # not "corrupt": a mounted folder's permissions (the container's user differs)
         raise ImageReadError(path, _denied(path)) from None
     if is_dicom(path):
-        return _read_dicom(path)
+        return read_dicom(path)
     if is_metaimage(path):
-        return _read_mha(path)
+        return read_metaimage(path)
     return _read_pil(path)
 
 
@@ -540,80 +255,3 @@ def read_mask(path: Path | str) -> np.ndarray:
     if not set(values.tolist()) <= {0, 1, 255, 65535}:
         raise ImageReadError(path, f"mask is not binary (values {values[:6].tolist()}...)")
     return (arr > 0).astype(np.uint8)
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-@contextlib.contextmanager
-def atomic_path(final: Path | str) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; rename it onto ``final`` only if the block succeeds."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # a short name: the final name may be as long as the file system allows, the temporary one too
-    fd, tmp = tempfile.mkstemp(prefix=".pfsam-", suffix=".tmp" + final.suffix[:16], dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs must be readable like any file
-    try:
-        yield tmp_path
-        os.replace(tmp_path, final)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def write_text(path: Path | str, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def write_zip(path: Path | str, members: dict[str, Path]) -> None:
-    """A zip of the files ``members`` (name in the archive -> file), in sorted order with a fixed
-    date, so that the same files always give the same bytes; PNGs stored, other files deflated."""
-    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as zf:
-        for name in sorted(members):
-            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_STORED if name.lower().endswith(".png") else zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, Path(members[name]).read_bytes())
-
-
-def write_png(path: Path | str, array: np.ndarray) -> None:
-    """Write uint8 (grey or RGB) pixels as PNG, atomically."""
-    with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
-
-
-def write_npy(path: Path | str, array: np.ndarray) -> None:
-    """Write an array as .npy (no pickle), atomically."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
-
-
-def write_mha(path: Path | str, array: np.ndarray, like: LoadedImage | None = None) -> None:
-    """Write a 2-D array as compressed MetaImage with the geometry of ``like``, atomically.
-
-    An input that was 3-D with one slice gets a 3-D, one-slice output, as Grand Challenge expects.
-    """
-    import SimpleITK as sitk
-
-    if not is_utf8_name(Path(path).absolute()):  # ITK would abort the process (is_utf8_name)
-        raise ValueError(f"{printable(path)}: cannot write a MetaImage there: the path is not valid UTF-8")
-    img = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    if like is not None:
-        if like.extra.get("dimension") == 3:  # only the 3-D geometry: a slice in the x-z or y-z plane
-            spacing, origin, direction = like.extra["geometry"]  # has no valid 2-D direction of its own
-            axis = like.extra.get("singleton_axis", 2)  # the size-1 axis where the input had it
-            img = sitk.GetImageFromArray(np.ascontiguousarray(np.expand_dims(array, 2 - axis)))
-            img.SetSpacing(spacing)
-            img.SetOrigin(origin)
-            img.SetDirection(direction)
-        else:
-            img.SetSpacing(tuple(float(s) for s in like.spacing))
-            img.SetOrigin(tuple(float(o) for o in like.origin))
-            img.SetDirection(tuple(float(d) for d in like.direction))
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(img, str(tmp), useCompression=True)

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .io import atomic_path
+from .atomic_files import atomic_path
 
 OPSET = 17
 

@@ -56,7 +56,9 @@ from typing import Sequence
 import numpy as np
 
 from . import CLASS_NAMES
-from .io import IMAGE_SUFFIXES, LoadedImage, printable, write_mha, write_npy, write_png, write_text, write_zip
+from .atomic_files import write_npy, write_png, write_text, write_zip
+from .image import IMAGE_SUFFIXES, LoadedImage, printable
+from .metaimage import write_mha
 from .overlay import render_overlay
 
 LOGITS_DIR = "logits"  # PACE layout, training.predict --logits: <name>.npy, float16 lesion logits at full size

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # also when run as a script (demo.sh): python test/synthetic.py OUT
     sys.path.insert(0, str(REPO))
 
-from model.io import write_png  # noqa: E402
+from model.atomic_files import write_png  # noqa: E402
 
 
 def make_ultrasound(h: int, w: int, lesion: bool = True, seed: int = 0,

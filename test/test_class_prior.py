@@ -110,7 +110,7 @@ def test_the_ensembles_setting_is_the_default_and_the_cli_overrides_it(weighted_
     assert inference.load_predictor(ens, device="cpu", class_prior="trained").class_prior == "trained"
     img_dir = tmp_path / "in"
     img_dir.mkdir()
-    from model.io import write_png
+    from model.atomic_files import write_png
 
     write_png(img_dir / "case.png", _images(1)[0])
     rows = {}

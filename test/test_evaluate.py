@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from model.io import read_image, write_png
+from model.atomic_files import write_png
+from model.io import read_image
 from training import evaluate as E
 from training import read_predictions as R
 from training import metrics as M

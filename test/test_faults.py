@@ -32,7 +32,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "test"))
 
 from model import io as mio  # noqa: E402
-from model.io import atomic_path, write_mha, write_png, write_text  # noqa: E402
+from model.atomic_files import atomic_path, write_png, write_text  # noqa: E402
+from model.metaimage import write_mha  # noqa: E402
 
 # ------------------------------------------------------------------------------------------
 # Training killed with SIGKILL during epoch 2, then resumed

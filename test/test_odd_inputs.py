@@ -657,7 +657,8 @@ def test_an_image_too_large_to_decode_in_4_gb_is_refused_from_its_header(tmp_pat
     import struct
     import zlib
 
-    from model.io import MAX_PIXELS, ImageReadError, read_image
+    from model.image import MAX_PIXELS
+    from model.io import ImageReadError, read_image
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -731,7 +732,8 @@ def test_a_one_slice_volume_is_read_whichever_axis_has_size_1(tmp_path):
     """A slice stored as W x 1 x D (or 1 x H x D) voxels, not W x H x 1: read as the 2-D image it is,
     and its mask written back in the same layout with the same 3-D geometry, as Grand Challenge
     compares it with the input. A volume without an axis of size 1 is refused with its size."""
-    from model.io import ImageReadError, read_image, write_mha
+    from model.io import ImageReadError, read_image
+    from model.metaimage import write_mha
 
     plane = _us(29, 41, 33)  # D x W as numpy holds it
     direction = (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from model.io import read_image, write_png
+from model.atomic_files import write_png
+from model.io import read_image
 from training import prepare as prep
 from training.sources import PACE_CODE_LABEL, read_busbra, read_busi
 

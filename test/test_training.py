@@ -497,7 +497,7 @@ def test_cache_encodes_again_what_the_data_changed(tmp_path):
     """meta.json records each image's prepared files (sha256): after a mask is corrected (the data
     prepared again) a build encodes that image again and serves the new mask; training on the cache
     as it is (--no-cache-build) refuses the stale entry."""
-    from model.io import write_png
+    from model.atomic_files import write_png
     from synthetic import make_prepared_dataset
     from training.cache import CacheError
 

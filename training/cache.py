@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from model.allocator import keep_freed_memory
-from model.io import write_text
+from model.atomic_files import write_text
 from model.network import PFSAMNet
 from model.preprocessing import mask_to_model, preprocess
 from model.predictor import use_bf16

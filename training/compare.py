@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from model.io import write_text
+from model.atomic_files import write_text
 from training import metrics as M
 
 COLUMNS = [("accuracy", "Accuracy"), ("cross_entropy", "CE"), ("auc_macro", "AUC"), ("seg_bce", "BCE"),

@@ -21,7 +21,7 @@ import yaml
 from model.checkpoint import (CONFIG_NAME, ENSEMBLE_NAME, WEIGHTS_NAME, CheckpointError, locate_checkpoint, read_config,
                               save_ensemble)
 from model.encoders.weights import WeightsError, how_to_get, sha256_of, verify_checkpoint
-from model.io import write_text
+from model.atomic_files import write_text
 
 from .metrics import read_metrics_json
 

@@ -12,7 +12,7 @@ Masks
 
 Units and spacing
     ``spacing`` is (row, col) = (y, x) pixel size, the order of the numpy axes (note that
-    ``model.io.LoadedImage.spacing`` is (x, y): swap it). ``spacing=None`` means (1, 1) and
+    ``model.image.LoadedImage.spacing`` is (x, y): swap it). ``spacing=None`` means (1, 1) and
     distances in pixels, areas in pixels; with a spacing (mha files) distances are in mm and
     areas in mm^2. The NSD tolerance ``tau`` is in the same unit as the distances (default 2,
     i.e. 2 px without spacing, 2 mm with one).

@@ -43,7 +43,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from model.io import ImageReadError, atomic_path, read_image, read_mask, write_png, write_text
+from model.atomic_files import atomic_path, write_png, write_text
+from model.io import ImageReadError, read_image, read_mask
 from training.grouping import linked
 from training.sources import LABEL_CODE, PACE_NAME, READERS, Record
 

@@ -11,7 +11,8 @@ import numpy as np
 from scipy import ndimage
 
 from model import CLASS_NAMES
-from model.io import atomic_path, read_image, write_png, write_text
+from model.atomic_files import atomic_path, write_png, write_text
+from model.io import read_image
 
 from . import metrics as M
 

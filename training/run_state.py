@@ -13,7 +13,7 @@ import torch
 
 from model.checkpoint import encoder_weights_info
 from model.encoders.weights import WeightsError
-from model.io import atomic_path
+from model.atomic_files import atomic_path
 
 STATE_NAME = "state.pt"
 # which images --limit takes (datasets.first_of_each_class), recorded so that --resume never continues

@@ -32,7 +32,8 @@ from tqdm import tqdm
 from model.allocator import keep_freed_memory
 from model.checkpoint import encoder_weights_info, resolve_encoder_checkpoint, save_model
 from model.encoders.weights import WeightsError
-from model.io import ImageReadError, atomic_path, write_text
+from model.atomic_files import atomic_path, write_text
+from model.io import ImageReadError
 from model.network import PFSAMNet, make_config
 from model.predictor import resolve_device, use_bf16
 from model.preprocessing import mask_to_model, preprocess

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from model.checkpoint import ENSEMBLE_NAME
-from model.io import write_text
+from model.atomic_files import write_text
 from model.inference import InferenceError, load_predictor
 from model.predictor import GPUOutOfMemoryError, Predictor, fit_in_gpu_memory
 from model.preprocessing import preprocess

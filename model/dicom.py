@@ -1,0 +1,98 @@
+"""DICOM input: ultrasound stills, known by their suffix or by their content, read through ITK's GDCM,
+their pixel size from Pixel Spacing or, for ultrasound, the Sequence of Ultrasound Regions (pydicom)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .image import IMAGE_SUFFIXES, ImageReadError, LoadedImage, check_pixels, check_size
+
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+# ITK's DICOM reader (GDCM), named: a DICOM file is known by its content too (scanners and PACS exports
+# often write it without a suffix, a Cog upload arrives as file.bin)
+DICOM_IO = "GDCMImageIO"
+
+
+def dicom_preamble(path: Path) -> bool:
+    """A DICOM Part 10 file: 128 bytes of preamble, then ``DICM``. Only a regular file is opened (a pipe
+    would block the open)."""
+    if not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom(path: Path | str) -> bool:
+    """Whether ``read_image`` reads ``path`` as DICOM: a ``.dcm``/``.dicom`` file, or a file whose suffix
+    names no image format (none, ``file.bin``, a UID's last number) with DICOM's ``DICM`` signature."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
+        return True
+    return suffix not in IMAGE_SUFFIXES and dicom_preamble(path)
+
+
+def read_dicom(path: Path) -> LoadedImage:
+    """One DICOM frame (an ultrasound still: grey, RGB, or a palette or YBR image that GDCM turns into
+    RGB; compressed or not) with its pixel spacing (Pixel Spacing, else the ultrasound regions' pixel
+    size: ``_ultrasound_spacing``); a cine loop (several frames) is refused. GDCM
+    inverts MONOCHROME1 (low values white), so the image comes as it is displayed (tested)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO(DICOM_IO)
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise ImageReadError(path, "not a readable DICOM image (no image pixel data, or a damaged file)") from None
+
+    size = reader.GetSize()
+    frames = math.prod(size[2:])  # 1 for a 2-D image or a one-slice volume
+    if frames > 1:
+        raise ImageReadError(path, f"has {frames} frames (a cine loop or a volume); expected a single 2-D image: "
+                                   "export one frame")
+    check_size(path, size[0], size[1])
+    try:
+        img = reader.Execute()
+    except RuntimeError as exc:
+        lines = str(exc).strip().splitlines()
+        raise ImageReadError(path, "corrupt or unsupported DICOM pixel data "
+                                   f"({lines[-1] if lines else 'unknown error'})") from None
+    arr = sitk.GetArrayFromImage(img)
+    arr = arr.reshape(arr.shape[-3:] if img.GetNumberOfComponentsPerPixel() > 1 else arr.shape[-2:])
+    spacing, origin, direction = img.GetSpacing(), img.GetOrigin(), img.GetDirection()
+    if not any(reader.HasMetaDataKey(k) for k in ("0028|0030", "0018|1164")):  # no Pixel / Imager Pixel Spacing
+        spacing = _ultrasound_spacing(path) or spacing  # ITK said 1.0: it reads no ultrasound regions
+    dim = img.GetDimension()
+    d2 = np.array([[direction[dim * r + c] for c in range(2)] for r in range(2)], dtype=float)
+    if not np.allclose(d2 @ d2.T, np.eye(2), atol=1e-6):  # a plane the x-y axes do not span: no 2-D direction
+        d2 = np.eye(2)
+    direction2 = tuple(float(v) for v in d2.ravel())
+    return LoadedImage(check_pixels(path, arr), str(path), tuple(spacing[:2]), tuple(origin[:2]), direction2)
+
+
+def _ultrasound_spacing(path: Path) -> tuple[float, float] | None:
+    """(x, y) in mm from a DICOM ultrasound still's Sequence of Ultrasound Regions (0018,6011): its 2-D
+    tissue regions (spatial format 1) measured in cm (physical units 3), all with one pixel size (a
+    dual view's two regions alike); None where there is no such region or they disagree (the mask
+    then keeps ITK's unit spacing, as for any image without one)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[(0x0018, 0x6011)])
+        deltas = {(abs(float(r.PhysicalDeltaX)) * 10.0, abs(float(r.PhysicalDeltaY)) * 10.0)
+                  for r in ds.get("SequenceOfUltrasoundRegions", [])
+                  if r.get("RegionSpatialFormat") == 1 and r.get("PhysicalUnitsXDirection") == 3
+                  and r.get("PhysicalUnitsYDirection") == 3}
+    except Exception:  # noqa: BLE001 - a header pydicom cannot parse: the image is read without it
+        return None
+    if len(deltas) != 1:
+        return None
+    (dx, dy), = deltas
+    return (dx, dy) if all(math.isfinite(v) and v > 0 for v in (dx, dy)) else None

@@ -1,0 +1,86 @@
+"""What reading an image gives (``LoadedImage``) and how it fails (``ImageReadError``), with the
+checks every reader applies: the size limit, the pixel array's shape and values, and file names that
+the libraries below cannot take. Shared by the readers of each format (``model.io``, ``model.dicom``,
+``model.metaimage``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".mha", ".bmp", ".dcm", ".dicom"}
+# The largest image read, checked from its header before anything is decoded: an ultrasound frame is
+# under a megapixel, and decoding holds a few full-size copies (Pillow's, the orientation's, the array),
+# so much beyond this (the size test_odd_inputs runs under 4 GB) would not fit a 4 GB container
+MAX_PIXELS = 10000 * 10000
+
+
+def printable(path: Path | str) -> str:
+    """``path`` as text that can be written anywhere: bytes of a file name that are not UTF-8 (which
+    Python keeps as lone surrogates) as ``\\xNN`` escapes."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+NOT_UTF8 = "its file name is not valid UTF-8 (rename it)"
+
+
+def is_utf8_name(path: Path | str) -> bool:
+    """Whether ``path`` is valid UTF-8. The libraries below need it: ITK aborts the whole process on
+    such a name (a C++ exception no Python code can catch), and CSV and JSON outputs cannot hold it."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class ImageReadError(ValueError):
+    """An input that cannot be used; ``str()`` names the file and the reason."""
+
+    def __init__(self, path: Path | str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+@dataclass
+class LoadedImage:
+    """Pixels plus the geometry needed to write a mask that overlays the input exactly."""
+
+    array: np.ndarray  # H x W or H x W x C
+    path: str = ""
+    spacing: tuple[float, float] = (1.0, 1.0)  # (x, y), mm for mha, 1.0 (pixels) otherwise
+    origin: tuple[float, ...] = (0.0, 0.0)
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 1.0)
+    extra: dict = field(default_factory=dict)
+    metaimage: bool = False  # read as a MetaImage (by content): its mask is written as one, with this geometry
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width)."""
+        return int(self.array.shape[0]), int(self.array.shape[1])
+
+
+def check_size(path: Path, width: int, height: int) -> None:
+    """Refuse an image larger than ``MAX_PIXELS``, from the size its header gives, before decoding it."""
+    if width * height > MAX_PIXELS:
+        raise ImageReadError(path, f"image too large: {width} x {height} = {width * height:,} pixels; at most "
+                                   f"{MAX_PIXELS:,} (10000 x 10000) are read, so that decoding it fits a 4 GB container")
+
+
+def check_pixels(path: Path, arr: np.ndarray) -> np.ndarray:
+    """``arr`` if it is a 2-D image (grey, or 1-4 channels) of finite real values; else ``ImageReadError``."""
+    if arr.size == 0 or arr.ndim < 2:
+        raise ImageReadError(path, f"no 2-D pixel data (shape {arr.shape})")
+    if arr.ndim == 3 and arr.shape[2] > 4:
+        raise ImageReadError(path, f"unsupported channel count {arr.shape[2]}")
+    if arr.ndim > 3:
+        raise ImageReadError(path, f"unsupported array shape {arr.shape}")
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise ImageReadError(path, "contains NaN or infinite pixel values")
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise ImageReadError(path, "complex pixel type is not an image")
+    return arr
