@@ -42,8 +42,9 @@ def list_images(root: Path | str) -> list[Path]:
     and folders skipped.
 
     What cannot be looked at is listed too, so that ``read_image`` reports it by name instead of it
-    being skipped in silence: a folder that cannot be listed (its permissions) and a link to an image
-    that does not exist. A link to a folder already walked (a loop) is not followed again.
+    being skipped in silence: a folder that cannot be listed (its permissions), a link to an image
+    that does not exist, and a pipe, socket or device named as an image. A link to a folder already
+    walked (a loop) is not followed again.
     """
     root = Path(root)
     if root.is_file():
@@ -68,7 +69,7 @@ def list_images(root: Path | str) -> list[Path]:
         dirnames[:] = keep
         for name in filenames:
             p = Path(dirpath) / name
-            if is_image_file(p) and (p.is_file() or p.is_symlink()):
+            if is_image_file(p):  # a pipe, socket or device under an image's name too: read_image says what it is
                 found.append(p)
     return sorted(found)
 

@@ -184,6 +184,8 @@ def make_inputs(root: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str],
     os.mkfifo(root.parent / "fifo")
     (root / "pipe.png").symlink_to(root.parent / "fifo")
     refused["pipe.png"] = "not a regular file (a pipe, socket or device)"
+    os.mkfifo(root / "fifo.png")  # a pipe under an image's name, not behind a link: it was skipped in silence
+    refused["fifo.png"] = "not a regular file (a pipe, socket or device)"
 
     # --- ignored
     ignored = [".DS_Store", "._rgba.png", "__MACOSX/rgba.png", "__MACOSX/._rgba.png", "notes.txt", "table.csv",
