@@ -378,6 +378,9 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
         for case in cases:
             if case.ok:  # failed like any other: its masks and overlays go too (the summary does not list them)
                 case.fail(f"summary files not written: {_reason(exc)}")
+        for path in writer.summary_files():  # those written before the failure would list failed cases as done
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
         try:  # errors.csv is written last: an earlier run's must not stand for this one's
             writer.write_errors(cases)
         except Exception:  # noqa: BLE001 - then no errors.csv at all; the reasons are in the log

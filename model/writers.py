@@ -185,6 +185,11 @@ class _Writer:
     def finish(self, cases: list[Case]) -> None:
         self.write_errors(cases)
 
+    def summary_files(self) -> list[Path]:
+        """The summary files ``finish`` writes before errors.csv (removed when one of them cannot be
+        written: then every case has failed, and none may stand as if it had not)."""
+        return []
+
     def write_errors(self, cases: list[Case]) -> None:
         """errors.csv for the failed cases; none when nothing failed (an earlier run's is removed)."""
         errors = self.out / ERRORS_FILE
@@ -217,6 +222,9 @@ class GCWriter(_Writer):
                                 "probabilities": {k: float(pred.probabilities[k]) for k in CLASS_NAMES}})
         return {"inputs": [{"image": {"name": printable(case.path.name)}, "path": printable(case.path)}],
                 "outputs": outputs, "error_messages": [] if case.ok else [f"{case.rel}: {case.error}"]}
+
+    def summary_files(self) -> list[Path]:
+        return [self.out / "results.json", self.out / GC_CLASSIFICATION_FILE, self.out / GC_LIKELIHOOD_FILE]
 
     def finish(self, cases: list[Case]) -> None:
         write_text(self.out / "results.json", _json_text([self.entry(c) for c in cases]))
@@ -254,6 +262,10 @@ class PACEWriter(_Writer):
     def labels_csv(cases: list[Case]) -> str:
         return _csv_text(("image_id", "label"), [(c.name, c.prediction.label.capitalize()) for c in cases if c.ok])
 
+    def summary_files(self) -> list[Path]:
+        return [self.out / "classification" / name for name in ("predictions.csv", "probabilities.csv")
+                if self.cls]
+
     def finish(self, cases: list[Case]) -> None:
         if self.cls:
             probs = [(c.name, *(f"{float(c.prediction.probabilities[k]):.6f}" for k in CLASS_NAMES))
@@ -268,6 +280,9 @@ class CodabenchWriter(PACEWriter):
     """PACE's validation-phase upload: ``classification.csv`` beside ``segmentation/``, and both in
     ``submission.zip`` (entries in sorted order with a fixed date: the same predictions give the
     same bytes)."""
+
+    def summary_files(self) -> list[Path]:
+        return ([self.out / "classification.csv"] if self.cls else []) + [self.out / "submission.zip"]
 
     def finish(self, cases: list[Case]) -> None:
         members = {}

@@ -529,6 +529,29 @@ def test_summary_files_that_cannot_be_written_are_reported_without_pointing_to_a
     assert not (out / "errors.csv").exists()
 
 
+@pytest.mark.parametrize("fmt, blocked, written_before", [
+    ("pace", "classification/probabilities.csv", ["classification/predictions.csv"]),
+    ("codabench", "submission.zip", ["classification.csv"]),
+    ("gc", "breast-lesion-classification.json", ["results.json"]),
+])
+def test_a_summary_file_that_cannot_be_written_leaves_no_summary_file_claiming_a_case(cli, tmp_path, fmt, blocked,
+                                                                                       written_before):
+    """A folder stands where one summary file goes (a full disk fails the same way, at any file): the
+    summary files written before it would list the cases as done, beside errors.csv saying they failed
+    and with their masks removed. They go too."""
+    d = _one_image(tmp_path)
+    out = tmp_path / "out"
+    (out / blocked).mkdir(parents=True)
+    res = cli("-i", d, "-o", out, "--format", fmt)
+    assert res.exit_code == 1, res.output
+    assert "writing the summary files into" in res.output and "0 of 1 image processed, 1 failed" in res.output
+    assert _files(out) == ["errors.csv"], _files(out)  # no mask, and none of written_before
+    assert all(not (out / name).exists() for name in written_before)
+    (out / blocked).rmdir()
+    assert cli("-i", d, "-o", out, "--format", fmt).exit_code == 0  # the same run, unblocked, writes them
+    assert all((out / name).is_file() for name in written_before + [blocked]) and not (out / "errors.csv").exists()
+
+
 def test_nothing_processed_exits_1(cli, tmp_path):
     d = tmp_path / "bad"
     d.mkdir()
