@@ -23,7 +23,7 @@ import numpy as np
 
 from .atomic_files import write_png
 from .image import ImageReadError, LoadedImage, is_utf8_name, printable
-from .io import image_pixels, list_images, read_image, unlistable_reason, unwritable_reason
+from .io import image_pixels, list_images, lookup_denied, read_image, unlistable_reason, unwritable_reason
 from .metaimage import write_mha
 from .overlay import render_overlay
 from .writers import (ERRORS_FILE, OUTPUT_IMAGE_FOLDERS, WRITERS, Case, output_folders, output_names, relative_path,
@@ -42,6 +42,16 @@ class InferenceError(RuntimeError):
     """Nothing can be processed (no inputs, no model, no device); the message says why."""
 
 
+@contextlib.contextmanager
+def _looking_at(what: str):
+    """A ``PermissionError`` while looking at a folder (a folder on its way this user may not enter, or
+    one it may not list) becomes an ``InferenceError``: ``what``, the folder in the way and its mode."""
+    try:
+        yield
+    except PermissionError as exc:
+        raise InferenceError(f"{what}: {lookup_denied(exc.filename or '.')}") from None
+
+
 # --------------------------------------------------------------------------------------------
 # Model
 
@@ -54,12 +64,13 @@ def default_model_dir() -> Path:
     ``/opt/ml/model`` or one folder down (a tarball packed with its folder). An upload that holds
     files but no model is an error, never a silent fall-back to the built-in model."""
     root = SAGEMAKER_MODEL_DIR
-    if (root / "ensemble.json").is_file() or (root / "config.json").is_file():
-        return root
-    entries = sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
-    if entries:
+    with _looking_at(f"cannot read the uploaded model in {root}"):
+        if (root / "ensemble.json").is_file() or (root / "config.json").is_file():
+            return root
+        entries = sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
         found = (sorted(p.parent for p in root.glob("*/ensemble.json"))
-                 or sorted(p.parent for p in root.glob("*/config.json")))
+                 or sorted(p.parent for p in root.glob("*/config.json"))) if entries else []
+    if entries:
         if len(found) == 1:
             return found[0]
         if found:
@@ -90,9 +101,10 @@ def load_predictor(model_dir: str | Path | None = None, device: str = "auto", ba
         resolve_device(device)  # a device that is not there is not a model failure
     except RuntimeError as exc:
         raise InferenceError(str(exc)) from None
-    if not model_dir.is_dir():  # only a named folder can be missing: the defaults are checked above
-        raise InferenceError(f"cannot load the model: {model_dir} "
-                             f"{'is a file, not a model folder' if model_dir.exists() else 'does not exist'}")
+    with _looking_at(f"cannot load the model from {model_dir}"):
+        if not model_dir.is_dir():  # only a named folder can be missing: the defaults are checked above
+            raise InferenceError(f"cannot load the model: {model_dir} "
+                                 f"{'is a file, not a model folder' if model_dir.exists() else 'does not exist'}")
     try:
         predictor = Predictor.from_dir(model_dir, device=device, batch_size=batch_size, tta=tta,
                                        precision=precision, compile_backend=compile_backend, runtime=runtime,
@@ -116,11 +128,12 @@ def find_inputs(input_dir: str | Path, exclude: str | Path | None = None) -> lis
     except what a run writes into the output folder ``exclude`` (its mask and overlay folders, when
     the output folder is or contains the input folder); ``InferenceError`` if there is none."""
     input_dir = Path(input_dir)
-    if not input_dir.exists():
-        raise InferenceError(f"input folder {input_dir} does not exist")
-    if input_dir.is_dir() and unlistable_reason(input_dir):
-        raise InferenceError(f"input folder {input_dir} cannot be listed: {unlistable_reason(input_dir)}")
-    paths = list_images(input_dir)
+    with _looking_at(f"input folder {input_dir} cannot be read"):
+        if not input_dir.exists():
+            raise InferenceError(f"input folder {input_dir} does not exist")
+        if input_dir.is_dir() and unlistable_reason(input_dir):
+            raise InferenceError(f"input folder {input_dir} cannot be listed: {unlistable_reason(input_dir)}")
+        paths = list_images(input_dir)
     if exclude is not None:
         # realpath, not Path.resolve: it raises on a link loop, which read_image reports by name
         skip = [Path(os.path.realpath(Path(exclude) / sub)) for sub in OUTPUT_IMAGE_FOLDERS]
@@ -159,32 +172,33 @@ def prepare_output(output_dir: str | Path, create: bool = True, folders: list[st
     out = Path(output_dir)
     if not is_utf8_name(out.absolute()):  # the outputs name it (results.json), and ITK cannot write there
         raise InferenceError(f"output folder {printable(out)}: its path is not valid UTF-8; choose another")
-    if out.exists() and not out.is_dir():
-        raise InferenceError(f"output folder {out} is a file, not a folder")
-    if not out.exists() and not create:  # the nearest existing folder above it must take a new folder
-        above = next(p for p in out.absolute().parents if p.exists())
-        reason = f"{above} is a file, not a folder" if not above.is_dir() else unwritable_reason(above)
+    with _looking_at(f"cannot use the output folder {out}"):
+        if out.exists() and not out.is_dir():
+            raise InferenceError(f"output folder {out} is a file, not a folder")
+        if not out.exists() and not create:  # the nearest existing folder above it must take a new folder
+            above = next(p for p in out.absolute().parents if p.exists())
+            reason = f"{above} is a file, not a folder" if not above.is_dir() else unwritable_reason(above)
+            if reason:
+                raise InferenceError(f"cannot create the output folder {out}: {reason}")
+            return out
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InferenceError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
+        reason = unwritable_reason(out)
         if reason:
-            raise InferenceError(f"cannot create the output folder {out}: {reason}")
-        return out
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InferenceError(f"cannot create the output folder {out}: {exc.strerror or exc}") from exc
-    reason = unwritable_reason(out)
-    if reason:
-        raise InferenceError(f"cannot write into the output folder {out}: {reason}")
-    for sub in folders:  # the deepest part that exists: the run creates the rest in it
-        folder = out / sub
-        while not folder.exists() and folder != out:
-            folder = folder.parent
-        if folder == out:
-            continue
-        if not folder.is_dir():
-            raise InferenceError(f"cannot write into {folder}: an earlier run left a file there, not a folder")
-        if reason := unwritable_reason(folder):
-            raise InferenceError(f"cannot write into {folder}, a folder an earlier run left in the output folder: "
-                                 f"{reason}")
+            raise InferenceError(f"cannot write into the output folder {out}: {reason}")
+        for sub in folders:  # the deepest part that exists: the run creates the rest in it
+            folder = out / sub
+            while not folder.exists() and folder != out:
+                folder = folder.parent
+            if folder == out:
+                continue
+            if not folder.is_dir():
+                raise InferenceError(f"cannot write into {folder}: an earlier run left a file there, not a folder")
+            if reason := unwritable_reason(folder):
+                raise InferenceError(f"cannot write into {folder}, a folder an earlier run left in the output folder: "
+                                     f"{reason}")
     return out
 
 

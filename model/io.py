@@ -177,6 +177,20 @@ def _denied(path: Path, what: str = "readable") -> str:
             f"{stat.S_IMODE(st.st_mode):o}, owner uid {st.st_uid})")
 
 
+def lookup_denied(path: Path | str) -> str:
+    """Why looking at ``path`` raised ``PermissionError`` (Python's ``exists``/``is_dir`` raise it rather
+    than answer False): the first folder on its way that this user may not enter, else ``path`` itself,
+    which it may not read (a mounted folder's permissions; the container's user differs)."""
+    path = Path(os.path.abspath(path))
+    for folder in reversed(path.parents):
+        if not os.access(folder, os.X_OK):
+            return f"{folder}, a folder on its way, cannot be entered: " + _denied(folder, "searchable")
+    try:
+        return _denied(path)
+    except OSError:  # gone, or still not reachable: what is known
+        return "permission denied"
+
+
 def unlistable_reason(folder: Path) -> str:
     """Why ``folder`` cannot be listed (an empty string when it can)."""
     try:

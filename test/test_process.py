@@ -943,3 +943,66 @@ def test_a_missing_gpu_is_named_as_such(inputs, tmp_path, monkeypatch):
                                             "--no-progress"])
     assert res.exit_code == 1
     assert "no CUDA GPU is available" in res.output and "cannot load the model" not in res.output, res.output
+
+
+_AS_NOBODY = """import runpy, sys
+from pathlib import Path
+import model.inference
+model.inference.SAGEMAKER_MODEL_DIR = Path(sys.argv[1])  # where Grand Challenge mounts the upload
+sys.argv = ["process.py", *sys.argv[2:]]
+runpy.run_path("process.py", run_name="__main__")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to run process.py as another user")
+def test_a_folder_this_user_may_not_enter_is_an_error_naming_it_not_a_traceback(tmp_path):
+    """Real permissions, not simulated: process.py runs as uid 65534 (a container's user) against folders
+    of mode 700 owned by root. Python's exists()/is_dir() raise PermissionError there instead of
+    answering False, which ended the run with a traceback; each is an ``error:`` line naming the folder in
+    the way, exit 1, before any model work."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="pfsam-perm-", dir="/tmp"))  # pytest's tmp_path is root's alone
+    try:
+        base.chmod(0o755)
+        (base / "in").mkdir(mode=0o755)
+        Image.fromarray(synthetic_ultrasound(50, 70, 21)[0]).save(base / "in" / "case.png")
+        (base / "in" / "case.png").chmod(0o644)
+        (base / "out").mkdir()
+        (base / "out").chmod(0o777)
+        locked = base / "locked"
+        (locked / "data").mkdir(parents=True)
+        (locked / "model").mkdir()
+        (locked / "model" / "ensemble.json").write_text("{}")
+        locked.chmod(0o700)  # root's: the other user may not enter it
+        upload = base / "upload"  # an uploaded model.tar.gz unpacked with umask 077
+        (upload / "ens").mkdir(parents=True)
+        upload.chmod(0o700)
+
+        def run(upload_dir: Path, *args: str) -> subprocess.CompletedProcess:
+            env = {**os.environ, "HOME": str(base / "out"), "PYTHONDONTWRITEBYTECODE": "1"}
+            cmd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable, "-c",
+                   _AS_NOBODY, str(upload_dir), *args, "-d", "cpu", "--no-progress"]
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(REPO), env=env)
+
+        no_upload = base / "none"
+        in_ok, out_ok = str(base / "in"), str(base / "out" / "o")
+        checks = [
+            (run(no_upload, "-i", str(locked / "data"), "-o", out_ok),
+             f"error: input folder {locked / 'data'} cannot be read: {locked}, a folder on its way, cannot be "
+             "entered: permission denied: not searchable by this user (uid 65534; the folder has mode 700, owner uid 0)"),
+            (run(no_upload, "-i", in_ok, "-o", str(locked / "out")),
+             f"error: cannot use the output folder {locked / 'out'}: {locked}, a folder on its way, cannot be entered"),
+            (run(no_upload, "-i", in_ok, "-o", out_ok, "--model-dir", str(locked / "model")),
+             f"error: cannot load the model from {locked / 'model'}: {locked}, a folder on its way, cannot be entered"),
+            (run(upload, "-i", in_ok, "-o", out_ok),
+             f"error: cannot read the uploaded model in {upload}: {upload}, a folder on its way, cannot be entered: "
+             "permission denied: not searchable by this user (uid 65534; the folder has mode 700, owner uid 0)"),
+        ]
+        for proc, expected in checks:
+            assert proc.returncode == 1, proc.stderr
+            assert "Traceback" not in proc.stderr and expected in proc.stderr, proc.stderr
+        assert not (base / "out" / "o").exists()  # refused before anything was written
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
