@@ -53,6 +53,7 @@ class Predictor(BasePredictor):
         """Load the ensemble once: ``/opt/ml/model`` if it holds one, else model/weights/default."""
         self.predictor = load_predictor(model_dir, device="auto", batch_size=1)
         self.model_class_prior = self.predictor.class_prior  # ensemble.json's postprocess.class_prior
+        self.served: Optional[Path] = None  # the last prediction's output folder
 
     def predict(
         self,
@@ -67,12 +68,18 @@ class Predictor(BasePredictor):
     ) -> Output:
         self.predictor.tta = bool(tta)
         self.predictor.class_prior = self.model_class_prior if class_prior == "model" else class_prior
+        # Cog never deletes the files a prediction returns (replicate/cog#1434): the previous prediction's
+        # folder, served by now (one prediction at a time), goes, so that a long-running server keeps one
+        if getattr(self, "served", None) is not None:
+            shutil.rmtree(self.served, ignore_errors=True)
+            self.served = None
         out_dir = Path(tempfile.mkdtemp(prefix="pfsam-"))
         try:
             case = predict_file(self.predictor, Path(str(image)), out_dir, overlay=bool(overlay))
         except BaseException:  # a refused input leaves no folder behind on a long-running server
             shutil.rmtree(out_dir, ignore_errors=True)
             raise
+        self.served = out_dir
         pred = case.prediction
         return Output(segmentation_mask=Path(str(case.outputs[0])),
                       classification=pred.label.capitalize(),
