@@ -13,5 +13,6 @@ ensure_venv
 .venv/bin/python test/synthetic.py demo/input >/dev/null
 rc=0
 .venv/bin/python process.py -i demo/input -o demo/output --format pace --overlay "$@" || rc=$?
-echo "demo: outputs in demo/output (segmentation/, classification/, overlays/); process.py exit $rc"
+# the folders there (pace, the default: segmentation/, classification/, overlays/; --format gc: images/)
+echo "demo: outputs in demo/output ($(cd demo/output 2>/dev/null && ls -dm -- */ 2>/dev/null || echo none)); process.py exit $rc"
 exit "$rc"
