@@ -400,7 +400,7 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
         except Exception:  # noqa: BLE001 - then no errors.csv at all; the reasons are in the log
             with contextlib.suppress(OSError):
                 (out / ERRORS_FILE).unlink(missing_ok=True)
-    stale = stale_outputs(out, cases, task)
+    stale = stale_outputs(out, cases, task, writer)
     if stale:  # an earlier run's files: graders read every file in these folders
         shown = ", ".join(p.relative_to(out).as_posix() for p in stale[:3]) + (", ..." if len(stale) > 3 else "")
         log(f"warning: {len(stale)} file{'s' if len(stale) != 1 else ''} in {out} {'were' if len(stale) != 1 else 'was'} "

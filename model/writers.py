@@ -300,14 +300,33 @@ class CodabenchWriter(PACEWriter):
 WRITERS = {"gc": GCWriter, "pace": PACEWriter, "codabench": CodabenchWriter}
 
 
-def stale_outputs(out: Path, cases: Sequence[Case], task: str = "all") -> list[Path]:
+def stale_outputs(out: Path, cases: Sequence[Case], task: str = "all", writer: _Writer | None = None) -> list[Path]:
     """Files in the output's mask and overlay folders that this run did not write, and, when the run
-    wrote no classification (task ``seg``), the classification files an earlier run left."""
+    wrote no classification (task ``seg``), the classification files an earlier run left.
+
+    The PACE template runs ``main.py -t seg`` and ``-t cls`` into one output folder, so a one-task run
+    does not count the other task's files for its own images: with ``writer`` (this run's), the masks
+    named after its inputs beside a ``-t cls`` run, and beside a ``-t seg`` run classification files
+    that list none but its inputs."""
     written = {p.resolve() for case in cases for p in case.outputs}
+    if task == "cls" and writer is not None:
+        written |= {writer.mask_path(c).resolve() for c in cases}
     found = []
     for sub in OUTPUT_IMAGE_FOLDERS:
         if (out / sub).is_dir():
             found += [p for p in (out / sub).rglob("*") if p.is_file() and p.resolve() not in written]
     if task == "seg":
-        found += [out / name for name in CLASSIFICATION_FILES if (out / name).is_file()]
+        names = {c.name for c in cases} if writer is not None else set()
+        found += [out / name for name in CLASSIFICATION_FILES
+                  if (out / name).is_file() and not _lists_only(out / name, names)]
     return sorted(found)
+
+
+def _lists_only(path: Path, names: set[str]) -> bool:
+    """Whether the classification CSV ``path`` names images (``image_id``) and only those in ``names``."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            ids = {row["image_id"] for row in csv.DictReader(fh)}
+    except (OSError, UnicodeDecodeError, KeyError, csv.Error):
+        return False
+    return bool(ids) and ids <= names
