@@ -13,10 +13,12 @@
 # /opt/ml/model as Grand Challenge mounts an uploaded model. Regenerate the expected output with
 # test/make_expected.sh (same model choice).
 #
-#   ./test.sh                         # BASE_IMAGE passes through to build.sh
+#   ./test.sh                         # builds the image as build.sh last built it (BASE_IMAGE, --build-arg ...,
+#                                     # recorded in the image), so ./build.sh ARGS && ./test.sh tests that image;
+#                                     # BASE_IMAGE given here builds on that base instead
 #   SKIP_BUILD=1 ./test.sh            # reuse the image already built
-# Env: PYTHON (host python with numpy + SimpleITK [+ torch for the test model]; default .venv/bin/python),
-#      MEMORY (default 4g), CONTAINER_USER (default 1000:1000 when run as root, else your uid:gid).
+# Env: IMAGE (default pfsam-bus), PYTHON (host python with numpy + SimpleITK [+ torch for the test model];
+#      default .venv/bin/python), MEMORY (default 4g), CONTAINER_USER (default 1000:1000 when run as root, else your uid:gid).
 # No arguments (-h, --help: this text).
 set -euo pipefail
 if [ $# -gt 0 ]; then
@@ -44,7 +46,13 @@ INPUT="$HERE/test/input"
 SINGLE_CASE="images/breast-ultrasound-image/bus_spacing.mha"
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  "$HERE/build.sh"
+  "$HERE/build.sh" --as-before  # as build.sh last built $IMAGE (BASE_IMAGE, --build-arg ...), unless BASE_IMAGE is given
+fi
+# the image must be here (docker run would try to pull a missing one), and docker must answer
+if ! why="$(docker image inspect "$IMAGE" 2>&1 >/dev/null)"; then
+  echo "test.sh: FAIL: cannot use the image $IMAGE: ${why:-docker image inspect failed}" \
+       "$([ "${SKIP_BUILD:-0}" = 1 ] && echo "(SKIP_BUILD=1: build it first with ./build.sh)")" >&2
+  exit 1
 fi
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/pfsam-test.XXXXXX")"

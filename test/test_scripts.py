@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -185,7 +186,52 @@ def test_build_sh_still_passes_its_arguments_to_docker_build(tmp_path):
     stubs = _stub(tmp_path / "stubs", "docker", STUB_DOCKER)
     res = _run([REPO / "build.sh", "--no-cache"], REPO, stubs, DOCKER_LOG=str(tmp_path / "docker.log"), IMAGE="x")
     assert res.returncode == 0, res.stderr
-    assert (tmp_path / "docker.log").read_text() == f"build --no-cache --tag x {REPO}\n"
+    assert (tmp_path / "docker.log").read_text() == f"build --no-cache --label org.pfsam.build-args= --tag x {REPO}\n"
+
+
+# a docker that keeps the label of the last image built and answers `image inspect` with it; runs nothing
+STUB_DOCKER_LABELS = """#!/usr/bin/env bash
+echo "$*" >> "$DOCKER_LOG"
+if [ -n "${DOCKER_DOWN:-}" ]; then echo "Cannot connect to the Docker daemon at unix:///var/run/docker.sock" >&2; exit 1; fi
+case "$1" in
+  build) for a in "$@"; do case "$a" in org.pfsam.build-args=*) printf '%s' "${a#*=}" > "$DOCKER_LOG.label" ;; esac; done ;;
+  image) if [ ! -f "$DOCKER_LOG.label" ]; then echo "Error: No such image: ${*: -1}" >&2; exit 1; fi
+         cat "$DOCKER_LOG.label"; echo ;;
+  *) exit 1 ;;
+esac
+"""
+
+
+def test_test_sh_builds_the_image_as_build_sh_last_built_it(tmp_path):
+    """`BASE_IMAGE=... ./build.sh --build-arg USER_UID=0 && ./test.sh`: test.sh's own build dropped the base
+    and the arguments, so it tested (and left under the tag) another image than the one just built."""
+    stubs = _stub(tmp_path / "stubs", "docker", STUB_DOCKER_LABELS)
+    log = tmp_path / "docker.log"
+    env = dict(DOCKER_LOG=str(log), TMPDIR=str(tmp_path), PYTHON=sys.executable)
+
+    def builds() -> list[str]:
+        return [line for line in log.read_text().splitlines() if line.startswith("build ")]
+
+    res = _run([REPO / "build.sh", "--build-arg", "USER_UID=0", "--no-cache", "--build-arg=COMPILER=0"], REPO, stubs,
+               BASE_IMAGE="local/base:1", **env)
+    assert res.returncode == 0, res.stderr
+    _run([REPO / "test.sh"], REPO, stubs, **env)  # its containers do not run here: only its build matters
+    first, again = builds()
+    assert first.replace(" --no-cache", "") == again, (first, again)  # what it was built from, not how
+    assert again.startswith("build --build-arg BASE_IMAGE=local/base:1 --build-arg USER_UID=0 --build-arg=COMPILER=0 "
+                            "--label org.pfsam.build-args=")
+    _run([REPO / "test.sh"], REPO, stubs, BASE_IMAGE="local/other:2", **env)  # a base given to test.sh wins
+    assert builds()[-1].startswith("build --build-arg BASE_IMAGE=local/other:2 --label ")
+    log.with_name("docker.log.label").unlink()  # an image built before labels (or none at all): the plain build
+    _run([REPO / "test.sh"], REPO, stubs, **env)
+    assert builds()[-1].startswith("build --label org.pfsam.build-args= --tag pfsam-bus ")
+    # no image (SKIP_BUILD=1 before any build) or no docker: said at once, not as four containers that
+    # "exited with status 1" and a toolchain check read as an image built without one
+    log.with_name("docker.log.label").unlink()
+    for down, reason in (("", "Error: No such image: pfsam-bus"), ("1", "Cannot connect to the Docker daemon")):
+        res = _run([REPO / "test.sh"], REPO, stubs, SKIP_BUILD="1", DOCKER_DOWN=down, **env)
+        assert res.returncode == 1 and f"test.sh: FAIL: cannot use the image pfsam-bus: {reason}" in res.stderr
+        assert "SKIP_BUILD=1: build it first with ./build.sh" in res.stderr and "FAIL [" not in res.stdout, res.stdout
 
 
 # --- training/reproduce.sh ------------------------------------------------------------------------
