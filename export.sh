@@ -35,12 +35,16 @@ fi
 # A member on a frozen SAM ViT / MedSAM encoder stores only its heads and loads the encoder's checkpoint at
 # run time from its own folder (or the machine's checkpoint folders, which Grand Challenge does not have).
 missing="$(python3 - "$MODEL_DIR" <<'EOF'
-import json, sys
+import json, os, sys
 from pathlib import Path
 root = Path(sys.argv[1])
 path = root / "ensemble.json"
 try:
     for name, sub in json.loads(path.read_text())["members"].items():
+        if os.path.isabs(sub) or os.path.normpath(sub).split(os.sep)[0] == "..":
+            print(f"export.sh: member {name!r} lies outside {root} ({sub}), and model.tar.gz holds that folder alone: "
+                  f"export the ensemble with its members inside (python -m training.export RUN... --out DIR)")
+            continue
         path = root / sub / "config.json"
         w = json.loads(path.read_text())["encoder"]["weights"]
         if w.get("source") == "checkpoint" and not w.get("included", True) and not (root / sub / str(w.get("file"))).is_file():
@@ -68,7 +72,9 @@ trap 'rm -f "$HERE/$IMAGE_FILE.tmp" "$HERE/model.tar.gz.tmp"' EXIT
 start=$(date +%s)
 docker save "$IMAGE" | gzip -c > "$HERE/$IMAGE_FILE.tmp"
 mv "$HERE/$IMAGE_FILE.tmp" "$HERE/$IMAGE_FILE"
-tar --sort=name --owner=0 --group=0 --numeric-owner --mode=u=rwX,go=rX --exclude=__pycache__ \
+# --dereference: a linked file (a checkpoint linked into a member's folder) goes in as the file, not as a
+# link that points nowhere on Grand Challenge
+tar --sort=name --owner=0 --group=0 --numeric-owner --mode=u=rwX,go=rX --exclude=__pycache__ --dereference \
     -C "$MODEL_DIR" -czf "$HERE/model.tar.gz.tmp" .
 mv "$HERE/model.tar.gz.tmp" "$HERE/model.tar.gz"
 echo "export.sh: $(du -h "$HERE/$IMAGE_FILE" | cut -f1) $IMAGE_FILE, $(du -h "$HERE/model.tar.gz" | cut -f1) model.tar.gz ($(( $(date +%s) - start ))s)"

@@ -144,6 +144,25 @@ def test_export_sh_refuses_a_member_whose_encoder_checkpoint_is_not_inside(tmp_p
         assert "./m/my_sam.pth" in tar.getnames()
 
 
+def test_export_sh_packs_a_linked_checkpoint_as_the_file_and_refuses_a_member_outside(tmp_path):
+    """A checkpoint linked into a member's folder went into model.tar.gz as a link to this machine's path,
+    and a member folder outside MODEL_DIR (``"../other"``, which the loader accepts) was left out: both
+    exports passed their check and gave an upload that cannot load on Grand Challenge."""
+    weights = {"source": "checkpoint", "file": "my_sam.pth", "sha256": "ab" * 32, "included": False}
+    model = _heads_only_member(tmp_path / "model", weights)
+    (tmp_path / "ckpt.pth").write_bytes(b"the weights")
+    (model / "m" / "my_sam.pth").symlink_to(tmp_path / "ckpt.pth")
+    res, here = run_export_sh(tmp_path, model)
+    assert res.returncode == 0, res.stderr
+    with tarfile.open(here / "model.tar.gz") as tar:
+        member = tar.getmember("./m/my_sam.pth")
+        assert member.isfile() and tar.extractfile(member).read() == b"the weights"
+    (model / "ensemble.json").write_text(json.dumps({"members": {"m": "m", "x": "../other/m2"}}))
+    res, _ = run_export_sh(tmp_path, model)
+    assert res.returncode == 1
+    assert f"export.sh: member 'x' lies outside {model} (../other/m2)" in res.stderr, res.stderr
+
+
 def test_export_sh_names_an_unreadable_ensemble(tmp_path):
     model = _heads_only_member(tmp_path / "model", {"source": "random"})
     (model / "m" / "config.json").write_text("{not json")
