@@ -14,9 +14,10 @@ CONFIG=${CONFIG:-training/configs/default-sd-h.yaml}
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 run() { $PY -m training.train --config "$CONFIG" --data "$DATA" --out "$OUT/$1" --epochs 1 --limit "$LIMIT" "${@:2}" \
-  > "$OUT/$1.log" 2>&1 || { tail -5 "$OUT/$1.log"; exit 1; }
+  > "$OUT/$1.log" 2>&1 || { echo "cache-speedup.sh: training.train ($1) failed; its log ends:" >&2; tail -5 "$OUT/$1.log" >&2; exit 1; }
   $PY -c "import csv,sys; r=list(csv.DictReader(open(sys.argv[1])))[-1]; print(r['images_per_s'])" "$OUT/$1/log.csv"; }
-cached=$(for i in $(seq "$REPEAT"); do run "cached$i" --cache "$CACHE" --no-cache-build; done)
+# (inside $( ) the tail goes to stderr: the error shows, and the subshell's failure ends the script under set -e)
+cached=$(for i in $(seq "$REPEAT"); do run "cached$i" --cache "$CACHE" --no-cache-build || exit 1; done)
 fly=$(run on-the-fly)
 $PY - "$fly" "$LIMIT" "$CONFIG" $cached <<'PY'
 import statistics, sys

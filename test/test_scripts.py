@@ -287,3 +287,15 @@ def test_reproduce_sh_records_a_command_that_reproduces_the_run(tmp_path):
     train = [c for c in calls if c[:2] == ["-m", "training.train"]]
     assert len(train) == 3 and all(c[c.index("--epochs") + 1] == "1" and "--frozen" in c and
                                    c[-2:] == ["--set", "views=[orig]"] for c in train)
+
+
+def test_cache_speedup_sh_shows_why_a_training_run_failed(tmp_path):
+    """Its runs are inside $( ): the failing run's log tail went into the variable, set -e ended the
+    script and the EXIT trap removed the logs, so it failed with no word (a missing cache, say)."""
+    stubs = _stub(tmp_path / "stubs", "failing-python",
+                  '#!/usr/bin/env bash\necho "error: no embedding cache in cache/ (python -m training.cache)" >&2\nexit 1\n')
+    res = _run([REPO / "bench" / "cache-speedup.sh"], REPO, stubs, PYTHON=str(stubs / "failing-python"),
+               TMPDIR=str(tmp_path))
+    assert res.returncode == 1
+    assert "cache-speedup.sh: training.train (cached1) failed; its log ends:" in res.stderr
+    assert "error: no embedding cache in cache/" in res.stderr, res.stderr
