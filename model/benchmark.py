@@ -39,7 +39,7 @@ import torch
 from .checkpoint import encoder_weights_info, save_ensemble
 from .encoders import ENCODERS
 from .network import PFSAMNet, make_config
-from .encoders.sam_vit import Attention, MLPBlock
+from .encoders.sam_vit import ATTENTION_IMPLS, Attention, MLPBlock
 from .encoders.weights import weights_from_file
 from .onnx_encoder import OnnxEncoder
 from .predictor import Predictor, resolve_device
@@ -131,29 +131,48 @@ def bench(encoder: str, device: str, batch_size: int, n_images: int, precision: 
         Attention.impl, MLPBlock.gelu = forms
 
 
+def _check_options(encoder: str, device: str, precision: str, attention: str, compile_backend: str | None,
+                   runtime: str) -> torch.device:
+    """The device, once the options are known to fit together; ``click.UsageError`` (exit 2) naming the
+    option otherwise, before anything is built."""
+    try:
+        dev = resolve_device(device)
+    except RuntimeError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--device'") from None
+    if compile_backend and runtime == "onnx":
+        raise click.UsageError("--compile runs the encoder in PyTorch: not with --runtime onnx")
+    if runtime == "onnx" and (dev.type != "cpu" or precision == "bf16"):
+        raise click.UsageError("--runtime onnx runs the encoder on CPU in fp32 only (--device cpu, --precision "
+                               "auto or fp32)")
+    parts = attention.split(",")
+    if len(parts) > 2 or any(p not in ATTENTION_IMPLS for p in parts):
+        raise click.BadParameter(f"one of {', '.join(ATTENTION_IMPLS)}, or two of them as GLOBAL,WINDOW; not "
+                                 f"{attention!r}", param_hint="'--attention'")
+    if attention != "auto" and not encoder.startswith(("sam_vit", "medsam")):
+        raise click.UsageError(f"--attention chooses SAM ViT attention; the {encoder} encoder has none")
+    return dev
+
+
 def _bench(tmp: Path, encoder: str, device: str, batch_size: int, n_images: int, precision: str,
            peak_tflops: float | None, e2e_images: int, reference: bool, attention: str,
            compile_backend: str | None, runtime: str = "auto", mlp_gelu: str = "erf") -> dict:
-    dev = resolve_device(device)
-    if compile_backend and runtime == "onnx":
-        raise click.UsageError("--compile runs the encoder in PyTorch: not with --runtime onnx")
+    dev = _check_options(encoder, device, precision, attention, compile_backend, runtime)
     Attention.impl = attention
     MLPBlock.gelu = mlp_gelu
     ens, enc_state = build_ensemble(encoder, tmp / "ens")
-    # a compiled encoder runs in PyTorch (whatever an encoder's spec asks of the runtime "auto")
+    # compiled as process.py --compile compiles it (Predictor.from_dir: no oneDNN post-ops, PyTorch runtime)
     pred = Predictor.from_dir(ens, device=str(dev), batch_size=batch_size, precision=precision,
-                              runtime="torch" if compile_backend else runtime)
+                              runtime="torch" if compile_backend else runtime, compile_backend=compile_backend)
     if encoder != "litemedsam":  # random encoders are stored per member: share one for a fair product path
         enc = next(iter(pred.members.values())).encoder
         for m in pred.members.values():
             m.encoder = enc
-    plain_encoder = next(iter(pred.members.values())).encoder
-    if compile_backend:
-        compiled = torch.compile(plain_encoder, backend=compile_backend, dynamic=False)
-        for m in pred.members.values():
-            m.encoder = compiled
+    encoder_module = next(iter(pred.members.values())).encoder
+    plain_encoder = getattr(encoder_module, "_orig_mod", encoder_module)  # under torch.compile's wrapper
     size = pred.input_size
-    n_images = max(n_images, batch_size)
+    # whole batches only: a smaller last batch is another shape, which a compiled encoder (dynamic=False)
+    # would compile again inside the timed loop
+    n_images = -(-max(n_images, batch_size) // batch_size) * batch_size
     x = torch.rand(n_images, 3, size, size).to(dev)
     res: dict = {"encoder": encoder, "device": str(dev), "device_name": torch.cuda.get_device_name(dev)
                  if dev.type == "cuda" else "cpu", "threads": torch.get_num_threads(), "batch_size": batch_size,
@@ -289,12 +308,12 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--encoder", default="litemedsam", type=click.Choice(list(ENCODERS)), help="The encoder.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--batch-size", default=8, type=click.IntRange(min=1))
 @click.option("--images", "n_images", default=16, type=click.IntRange(min=1),
-              help="Images through the product path (at least one batch).")
+              help="Images through the product path (rounded up to whole batches).")
 @click.option("--precision", default="auto", type=click.Choice(["auto", "bf16", "fp32"]))
 @click.option("--peak-tflops", type=float, default=None, help="The device's peak (e.g. 989 for H100 bf16 dense).")
 @click.option("--e2e-images", default=16, type=click.IntRange(min=0), help="Images for the end-to-end run (0: skip).")
@@ -315,6 +334,7 @@ def table(res: dict) -> str:
 def main(encoder, device, batch_size, n_images, precision, peak_tflops, e2e_images, no_reference, attention,
          compile_backend, runtime, mlp_gelu, as_json):
     """Images/s and peak memory of the reference path and the product's path, side by side."""
+    _check_options(encoder, device, precision, attention, compile_backend, runtime)  # before anything is built
     res = bench(encoder, device, batch_size, n_images, precision, peak_tflops, e2e_images, not no_reference,
                 attention, compile_backend, runtime, mlp_gelu)
     click.echo(json.dumps(res, indent=2) if as_json else table(res))

