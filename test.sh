@@ -31,6 +31,10 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 IMAGE="${IMAGE:-pfsam-bus}"
 MEMORY="${MEMORY:-4g}"
 TEST_MODEL="${TEST_MODEL:-auto}"
+case "$TEST_MODEL" in
+  auto|default|random) ;;
+  *) echo "test.sh: TEST_MODEL must be auto, default or random, not '$TEST_MODEL'" >&2; exit 2 ;;
+esac
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$HERE/.venv/bin/python" ]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
 fi
@@ -149,7 +153,7 @@ if why="$(docker run --rm --network none --user "$CONTAINER_USER" --entrypoint p
     echo "FAIL [compile]: the container exited with status $rc"
     status=1
   else
-    "$PYTHON" "$HERE/test/compare_output.py" pace --output "$out" --gc "$WORK/out-all" || status=1
+    "$PYTHON" "$HERE/test/compare_output.py" pace --run compile --output "$out" --gc "$WORK/out-all" || status=1
   fi
 elif [ "$(docker image inspect --format '{{ index .Config.Labels "org.pfsam.compiler" }}' "$IMAGE" 2>/dev/null)" = 1 ]; then
   echo "FAIL [compile]: the image was built with its toolchain (COMPILER=1), but it cannot build code:"

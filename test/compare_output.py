@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gc", type=Path, default=None, help="pace: the Grand Challenge output folder")
     parser.add_argument("--input", type=Path, default=None, help="the input folder (geometry checks)")
     parser.add_argument("--expected", type=Path, default=DEFAULT_EXPECTED)
-    parser.add_argument("--run", default="all", help="which run of the expected file (all | single)")
+    parser.add_argument("--run", default="all", help="which run of the expected file (all | single); pace: the run's "
+                                                      "name in the verdict (default pace)")
     parser.add_argument("--model-dir", type=Path, default=None, help="the model the output was made with (compare, record)")
     parser.add_argument("--model-kind", default=None, help="record: default | test-random")
     parser.add_argument("--tol", type=float, default=1e-3)
@@ -232,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             problems = compare_pace(args.output, args.gc, args.tol)
         except (FileNotFoundError, KeyError, StopIteration, json.JSONDecodeError, RuntimeError) as exc:
             problems = [f"cannot read the outputs: {exc!r}"]
-        print(f"{'FAIL' if problems else 'PASS'} [pace]: {args.output} against {args.gc}"
+        label = "pace" if args.run == "all" else args.run  # the run that wrote the PACE layout
+        print(f"{'FAIL' if problems else 'PASS'} [{label}]: {args.output} against {args.gc}"
               + "".join(f"\n  {p}" for p in problems))
         return 1 if problems else 0
     if args.model_dir is None:

@@ -299,3 +299,11 @@ def test_cache_speedup_sh_shows_why_a_training_run_failed(tmp_path):
     assert res.returncode == 1
     assert "cache-speedup.sh: training.train (cached1) failed; its log ends:" in res.stderr
     assert "error: no embedding cache in cache/" in res.stderr, res.stderr
+
+
+def test_test_sh_refuses_a_test_model_it_does_not_know(tmp_path):
+    """TEST_MODEL=randon fell back to the default model in silence."""
+    stubs = _stub(tmp_path / "stubs", "docker", STUB_DOCKER)
+    res = _run([REPO / "test.sh"], REPO, stubs, TEST_MODEL="randon", DOCKER_LOG=str(tmp_path / "docker.log"))
+    assert res.returncode == 2 and "TEST_MODEL must be auto, default or random, not 'randon'" in res.stderr
+    assert not (tmp_path / "docker.log").exists()
