@@ -17,7 +17,9 @@
 
 Both paths get the same random weights for SAM encoders (no checkpoint needed) and the real
 weights for LiteMedSAM. Peak memory: RSS high-water mark on CPU (reset between phases through
-/proc/self/clear_refs), ``max_memory_allocated`` on CUDA. FLOPs are counted with
+/proc/self/clear_refs), ``max_memory_allocated`` on CUDA. On CPU the reference phase runs after the
+product's in the same process, so its peak includes what the product keeps resident (its model, and the
+freed memory the allocator keeps: model/allocator.py): it overstates the reference's own. FLOPs are counted with
 ``torch.utils.flop_counter`` for one image through the product's encoder and heads, with attention
 counted as the plain (mask) form through PyTorch's math backend: the useful work, not the
 zero-padded augmented form, and counted on CPU too (its fused kernels have no FLOP formula).
