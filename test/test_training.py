@@ -150,6 +150,47 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_dataset, cache_dir, tmp_pa
         assert torch.equal(a[k], b[k]), k
 
 
+def test_resume_samples_the_views_the_run_started_with(tiny_dataset, tmp_path, capsys):
+    """A run with --no-cache-build on a cache of the first view only, resumed with a plain --cache
+    (which encodes the views it lacked), sampled every view from then on, in silence: its weights
+    differed from the uninterrupted run's. state.pt records the views the cache lacked at the start;
+    the resumed run leaves them out too, and a resume on a cache lacking views the run sampled is
+    refused."""
+    import click
+
+    cfg = tiny_cfg("mgc-a", epochs=2)
+    cfg["class_weights"] = {"normal": 3.0, "benign": 1.0, "malignant": 1.5}
+    cpu, cache = torch.device("cpu"), tmp_path / "cache"
+    first_only = {"orig": ["normal", "benign", "malignant"], "hflip": []}  # training.cache --first-view-only
+    build_cache(build_model(cfg), load_records(tiny_dataset), cache, cfg["views"], cpu, "fp32", view_classes=first_only)
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    train(cfg, tiny_dataset, straight, "cpu", cache, precision="fp32", cache_build=False)
+    train(cfg, tiny_dataset, broken, "cpu", cache, precision="fp32", cache_build=False, stop_after=1)
+    lacked = torch.load(broken / "state.pt", weights_only=True)["run"]["views_missing"]
+    train_ids = {r.image_id for r in load_records(tiny_dataset, "train")}
+    assert lacked and set(lacked) == train_ids and all(v == [1] for v in lacked.values())
+    train(cfg, tiny_dataset, broken, "cpu", cache, precision="fp32", resume=True)  # builds the flipped views
+    assert "the resumed run leaves them out too" in capsys.readouterr().err
+    (key,) = [p for p in cache.iterdir() if p.is_dir()]
+    done = np.fromfile(key / "done.u8", np.uint8)
+    assert done.sum() > len(load_records(tiny_dataset))  # the flipped views were encoded meanwhile
+    a = load_file(str(straight / "last" / "model.safetensors"))
+    b = load_file(str(broken / "last" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # a run that sampled both views, resumed on a cache with the first view only: refused
+    full = tmp_path / "full"
+    train(cfg, tiny_dataset, full, "cpu", cache, precision="fp32", stop_after=1)
+    assert torch.load(full / "state.pt", weights_only=True)["run"]["views_missing"] == {}
+    other = tmp_path / "other_cache"
+    build_cache(build_model(cfg), load_records(tiny_dataset), other, cfg["views"], cpu, "fp32", view_classes=first_only)
+    with pytest.raises(click.ClickException, match=r"continues a run that sampled \d+ views the embedding cache "
+                                                   r"lacks now \(e\.g\. 'hflip' of PACE_.*resume without "
+                                                   r"--no-cache-build"):
+        train(cfg, tiny_dataset, full, "cpu", other, precision="fp32", resume=True, cache_build=False)
+    assert torch.load(full / "state.pt", weights_only=True)["epoch"] == 1
+
+
 def test_resume_of_a_limit_run_of_the_earlier_rule_is_refused(tiny_dataset, cache_dir, tmp_path):
     """--limit took the first N images by id before it took each class in turn: a --limit run started
     by that version would resume on other images, so it is refused; a run of this version resumes."""
@@ -197,7 +238,7 @@ def test_resume_with_other_settings_is_refused_naming_them(tiny_dataset, cache_d
     started = torch.load(run / "state.pt", weights_only=True)["run"]
     assert started == {"limit": None, "precision": "bf16" if use_bf16("auto", torch.device("cpu")) else "fp32",
                        "device": "cpu", "encoder_sha256": build_model(cfg).config["encoder"]["weights"]["sha256"],
-                       "data_sha256": data_digest(tiny_dataset), "cache": True}
+                       "data_sha256": data_digest(tiny_dataset), "cache": True, "views_missing": {}}
     other = {"fp32": "bf16", "bf16": "fp32"}[started["precision"]]
     load_resume_state(run / "state.pt", cfg, dict(started, precision=other, device="cuda", cache=False))
     warning = capsys.readouterr().err

@@ -158,8 +158,8 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
     ``view_classes``: the classes each view is computed for (default: all); only training images
     get views beyond the first (validation reads the first view alone). Views are built in
     order, so a partly built cache already holds the first view of every image. ``build=False``
-    encodes nothing: training then samples only the views already cached (the first view of every
-    image must be there), e.g. while another process is still filling the cache.
+    encodes nothing: training then samples only the views cached when it starts (the first view of
+    every image must be there), e.g. while another process is still filling the cache.
     """
     with_features = model.needs_features
     precision_name = "bf16" if use_bf16(precision, device) else "fp32"
@@ -272,6 +272,20 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
     bar.close()
     cache.flush()
     return cache
+
+
+def views_missing(cache: EmbeddingCache, records: list[Record], views: list[str]) -> dict[str, list[int]]:
+    """The views each record's class draws from (``augment.class_views``) that the cache lacks:
+    {image_id: [view index, ...]} for the records that lack any ({} for a complete cache)."""
+    from .augment import class_views
+
+    per_class = class_views(views)
+    out = {}
+    for r in records:
+        lacking = [v for v in per_class[r.label] if not cache.done[cache.index[r.image_id], v]]
+        if lacking:
+            out[r.image_id] = lacking
+    return out
 
 
 def views_for_classes(views: list[str]) -> dict[str, list[str]]:

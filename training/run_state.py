@@ -126,3 +126,26 @@ def load_resume_state(path: Path, cfg: dict, run: dict | None = None) -> dict:
         print(f"warning: {path} was written by a run with another {', '.join(changed)}; resuming, but the "
               f"result will differ from an uninterrupted run's", file=sys.stderr)
     return state
+
+
+def views_left_out(state: dict | None, lacking: dict[str, list[int]], path: Path,
+                   views: list[str]) -> dict[str, list[int]]:
+    """The views the run leaves out of its sampling, {image_id: [view index]}: those the embedding cache
+    lacked when the run started (``--no-cache-build`` on a partly built cache; ``lacking`` is what it
+    lacks now). A resumed run leaves out what state.pt records, so that it samples the views the run
+    started with whatever the cache holds now; refused where the cache now lacks a view the run
+    sampled (a state.pt of an older version records none: the cache's views now)."""
+    started = ((state or {}).get("run") or {}).get("views_missing")
+    if started is None:
+        return lacking
+    gone = [(i, v) for i, vs in sorted(lacking.items()) for v in vs if v not in started.get(i, ())]
+    if gone:
+        i, v = gone[0]
+        raise click.ClickException(
+            f"--resume: {path} continues a run that sampled {len(gone)} views the embedding cache lacks now "
+            f"(e.g. {views[v]!r} of {i}); resume without --no-cache-build (the cache then encodes them) or "
+            f"with the --cache and --precision the run was started with")
+    if sum(map(len, started.values())) > sum(map(len, lacking.values())):
+        print(f"note: {path} was started on a cache without {sum(map(len, started.values()))} of the views; the "
+              f"resumed run leaves them out too, as the run did", file=sys.stderr)
+    return {i: list(vs) for i, vs in started.items()}

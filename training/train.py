@@ -39,13 +39,14 @@ from model.predictor import resolve_device, use_bf16
 from model.preprocessing import mask_to_model, preprocess
 
 from .augment import apply_view, class_views
-from .cache import MASK_RES, CacheError, build_cache, views_for_classes
+from .cache import MASK_RES, CacheError, build_cache, views_for_classes, views_missing
 from .config import AUGMENT_MODES, ConfigError, check_config, config_error_origin, load_config
 from .curriculum import curriculum_generator, curriculum_phase, guide_masks
 from .datasets import DataError, Record, limit_records, load_pair, load_records
 from .losses import multitask_loss
 from .metrics import auc_macro, dice, to_jsonable
-from .run_state import LIMIT_RULE, STATE_NAME, data_digest, load_resume_state, save_state, set_rng_state
+from .run_state import (LIMIT_RULE, STATE_NAME, data_digest, load_resume_state, save_state, set_rng_state,
+                        views_left_out)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -288,11 +289,14 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
             cache = build_cache(net, train_recs + val_recs, cache_dir, cfg["views"], device, precision,
                                 view_classes=vc, build=False)
         tr_set, va_set = CachedSet(cache, train_recs), CachedSet(cache, val_recs)
-        avail = lambda i, v: bool(cache.done[cache.index[train_recs[i].image_id], v])  # noqa: E731
     else:
         tr_set = ImageSet(train_recs, cfg["views"], net.input_size, net.normalization, random_seed=view_seed(cfg, net))
         va_set = ImageSet(val_recs, cfg["views"], net.input_size, net.normalization)  # orig view only
-        avail = None
+    # the views the cache lacks at the start are left out of every epoch, and out of a resumed run's
+    left_out = views_left_out(state, views_missing(cache, train_recs, cfg["views"]) if use_cache else {},
+                              state_path, cfg["views"])
+    run_info["views_missing"] = left_out
+    avail = (lambda i, v: v not in left_out.get(train_recs[i].image_id, ())) if left_out else None  # noqa: E731
 
     out.mkdir(parents=True, exist_ok=True)  # after what can fail early (data, encoder weights, cache)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -403,8 +407,9 @@ def provenance(cfg: dict, data: Path, epoch: int, row: dict) -> dict:
 @click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
               help="Embedding cache folder (frozen encoder only).")
 @click.option("--cache-build/--no-cache-build", default=True,
-              help="Encode the views missing from the cache first, or train on the views already there "
-                   "(refused for images whose prepared files changed since they were encoded).")
+              help="Encode the views missing from the cache first, or train on the views already there at "
+                   "the start (refused for images whose prepared files changed since they were encoded; a "
+                   "resumed run samples the views the run started with).")
 @click.option("--resume", is_flag=True,
               help="Continue from OUT/state.pt with the settings the run was started with (state.pt records "
                    "them; other settings, another --limit or changed DATA (labels.csv, split.csv) are refused, "
