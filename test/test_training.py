@@ -103,13 +103,13 @@ def test_training_reduces_the_loss_and_export_loads(tiny_dataset, cache_dir, tmp
     nine steps on twelve images are too few to tell training from noise)."""
     cfg = tiny_cfg("mgc-a", epochs=9)
     cfg["curriculum"] = {"gt_until": 3, "mixed_until": 6, "p_gt": 0.5}
-    run = tmp_path / "run"
+    run, start = tmp_path / "run", tmp_path / "start"
     train(dict(cfg, epochs=0), tiny_dataset, run, "cpu", cache_dir, precision="fp32")  # epoch 0: saves nothing
     torch.manual_seed(cfg["seed"])
     from model.checkpoint import save_model
 
-    save_model(build_model(cfg), run / "last")
-    before = full_loss(run, tiny_dataset, cache_dir, cfg, "fp32")
+    save_model(build_model(cfg), start / "last")
+    before = full_loss(start, tiny_dataset, cache_dir, cfg, "fp32")
     result = train(cfg, tiny_dataset, run, "cpu", cache_dir, precision="fp32")
     after = full_loss(run, tiny_dataset, cache_dir, cfg, "fp32")
     assert after < before * 0.9, (before, after)
@@ -189,6 +189,38 @@ def test_resume_samples_the_views_the_run_started_with(tiny_dataset, tmp_path, c
                                                    r"--no-cache-build"):
         train(cfg, tiny_dataset, full, "cpu", other, precision="fp32", resume=True, cache_build=False)
     assert torch.load(full / "state.pt", weights_only=True)["epoch"] == 1
+
+
+def test_a_new_run_into_the_folder_of_an_earlier_run_is_refused(tiny_dataset, cache_dir, tmp_path):
+    """Without --resume a run into an --out that held a run started at epoch 1 there: it overwrote
+    state.pt (Ctrl-C, then the command again without --resume) and kept the earlier run's best/,
+    which training.export then packaged (a run whose metric was never defined writes none). It is
+    refused before anything is written, naming the folder and --resume; a folder that a run left
+    with its config.yaml alone (stopped before its first epoch ended) takes a new run."""
+    import click
+    from click.testing import CliRunner
+
+    from training import train as train_mod
+
+    cfg = tiny_cfg("sd-h", epochs=2)
+    run = tmp_path / "run"
+    train(cfg, tiny_dataset, run, "cpu", cache_dir, stop_after=1)
+    before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*")}
+    with pytest.raises(click.ClickException, match=rf"--out {run} holds an earlier run \(state\.pt, last, best, "
+                                                   r"log\.json, log\.csv, summary\.json, curves\.png\); pass --resume to continue it, or "
+                                                   r"choose another --out or remove that folder first"):
+        train(cfg, tiny_dataset, run, "cpu", cache_dir)
+    (run / "state.pt").unlink()  # a best/ without state.pt (copied elsewhere, say): no --resume to offer
+    res = CliRunner().invoke(train_mod.main, ["--config", str(REPO / "training" / "configs" / "sd-h.yaml"),
+                                              "--data", str(tiny_dataset), "--out", str(run), "--device", "cpu"])
+    assert res.exit_code == 1 and f"--out {run} holds an earlier run (last, best," in res.output, res.output
+    assert "--resume" not in res.output
+    assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*")} == {k: v for k, v in before.items() if k != "state.pt"}
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / "config.yaml").write_text("epochs: 1\n")  # a run that stopped before its first epoch ended
+    result = train(dict(cfg, epochs=1), tiny_dataset, started, "cpu", cache_dir)
+    assert [h["epoch"] for h in result["history"]] == [1] and (started / "state.pt").is_file()
 
 
 def test_resume_of_a_limit_run_of_the_earlier_rule_is_refused(tiny_dataset, cache_dir, tmp_path):

@@ -21,6 +21,21 @@ STATE_NAME = "state.pt"
 LIMIT_RULE = "each class in turn"
 
 
+# what a run writes into its folder once an epoch has ended (config.yaml alone: none had)
+RUN_FILES = (STATE_NAME, "last", "best", "log.json", "log.csv", "summary.json", "curves.png")
+
+
+def refuse_earlier_run(out: Path) -> None:
+    """A new run (no ``--resume``) into a folder that holds an earlier run's results would mix with
+    them (its best/ kept and exported, its state.pt overwritten): refused, before anything is written."""
+    found = [name for name in RUN_FILES if (Path(out) / name).exists()]
+    if found:
+        resume = "pass --resume to continue it, or " if STATE_NAME in found else ""
+        raise click.ClickException(
+            f"--out {out} holds an earlier run ({', '.join(found)}); {resume}choose another --out or remove that "
+            "folder first (a new run there would mix with that run's best/ and logs)")
+
+
 def get_rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}

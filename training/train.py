@@ -45,8 +45,8 @@ from .curriculum import curriculum_generator, curriculum_phase, guide_masks
 from .datasets import DataError, Record, limit_records, load_pair, load_records
 from .losses import multitask_loss
 from .metrics import auc_macro, dice, to_jsonable
-from .run_state import (LIMIT_RULE, STATE_NAME, data_digest, load_resume_state, save_state, set_rng_state,
-                        views_left_out)
+from .run_state import (LIMIT_RULE, STATE_NAME, data_digest, load_resume_state, refuse_earlier_run, save_state,
+                        set_rng_state, views_left_out)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -232,6 +232,8 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
           resume: bool = False, workers: int = 0, limit: int | None = None, precision: str = "auto",
           stop_after: int | None = None, cache_build: bool = True) -> dict:
     unused = check_config(cfg)  # before anything is built or written
+    if not resume:
+        refuse_earlier_run(out)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = 0, 1
     if unused and int(os.environ.get("RANK", "0")) == 0:
@@ -393,7 +395,9 @@ def provenance(cfg: dict, data: Path, epoch: int, row: dict) -> dict:
                    "(the embedded default model's), litemedsam-unet-h.yaml (UNet-H on the default's encoder; "
                    "its result inside).")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Prepared dataset.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run directory: a new one (a folder holding an earlier run is refused), or the run's own "
+                   "with --resume.")
 @click.option("--encoder", default=None, help="Override the encoder (sam_vit_b, ..., litemedsam).")
 @click.option("--encoder-checkpoint", default=None, help="SAM/MedSAM checkpoint file for the encoder.")
 @click.option("--frozen/--finetune", default=None, help="Freeze the encoder or fine-tune it (config default).")
