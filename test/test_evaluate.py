@@ -203,6 +203,27 @@ def test_pace_layout_cli(tmp_path, data):
     assert direct["ci"] == res["ci"]
 
 
+def test_a_missing_or_unusable_mask_of_a_normal_image_is_a_failure(tmp_path, data):
+    """The CLI said 'each scored as a failure' of the normal images' missing masks, yet scored them as
+    correct empty predictions (share 1.000, false-positive area 0). A missing mask (PACE_00003: its
+    prediction was empty) and one of the wrong size (PACE_00004) now count as failures: not empty,
+    the whole image false positive."""
+    pred = make_pace(tmp_path / "pred")
+    (pred / "segmentation" / "PACE_00003_000_BBR_mask.png").unlink()
+    write_png(pred / "segmentation" / "PACE_00004_000_BBR_mask.png", np.zeros((H, W + 1), np.uint8))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(E.main, ["--pred", str(pred), "--data", str(data), "--out", str(out), "--n-boot", "0"])
+    assert result.exit_code == 0, result.output
+    assert "missing: 1 predictions, 3 masks" in result.output and "each scored as a failure" in result.output
+    res = json.loads((out / "metrics.json").read_text())
+    assert sorted(res["missing"]["masks"]) == ["PACE_00003_000_BBR", "PACE_00004_000_BBR", MISSING]
+    assert res["normal_empty_share"] == 0.0 and res["normal_images"]["n_empty_prediction"] == 0
+    assert res["normal_fp_area"] == res["normal_images"]["mean_fp_area"] == H * W
+    assert res["dsc"] == pytest.approx((1 + 0.75 + 0 + 0) / 4)  # lesion images as before
+    report = (out / "report.md").read_text()
+    assert "PACE_00004_000_BBR" in report and "scored as missing" in report
+
+
 def test_the_bootstrap_resamples_patients_and_near_duplicates_together(tmp_path, data):
     """Images of one patient (labels.csv) and near-duplicates (report.json, training.prepare) are
     one unit each; an image of another split or a conflicting group (kept: null) joins nothing."""

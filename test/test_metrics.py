@@ -393,7 +393,9 @@ def test_evaluate_cases_missing_prediction_counts_as_failure():
     assert res["hd95"] == pytest.approx((0 + math.hypot(20, 20)) / 2)
     assert res["nsd"] == pytest.approx(0.5)
     assert res["accuracy"] == pytest.approx(1 / 3)  # b has no label, c's label overrides its argmax
-    assert res["normal_empty_share"] == 1.0
+    # c's missing mask is a failure, not a correct empty prediction: its whole 20 x 20 image is false positive
+    assert res["normal_empty_share"] == 0.0 and res["normal_fp_area"] == 400.0
+    assert res["normal_images"]["n_empty_prediction"] == 0 and res["cases"][2]["fp_area"] == 400.0
     b = res["cases"][1]
     assert b["missing_mask"] and b["missing_probabilities"] and b["missing_label"] and b["pred_label"] is None
     assert b["probabilities"] == pytest.approx([1 / 3] * 3)

@@ -68,8 +68,10 @@ Classification (class order ``model.CLASS_NAMES`` = normal, benign, malignant)
     have a map (all images, normal ones included); NaN when no map is given.
 
 Missing predictions (set by the caller, see ``training.evaluate``)
-    A case without a predicted mask is scored with an empty mask (Dice 0, HD95 = diagonal on a
-    lesion image; a correct empty prediction on a normal image). A case without probabilities gets
+    A case without a predicted mask (missing, unreadable or of the wrong size) is a failure: on a
+    lesion image it is scored as an empty mask (Dice 0, HD95 = diagonal); on a normal image it is
+    not an empty prediction (``pred_empty`` False: it lowers ``normal_empty_share``) and its
+    predicted and false-positive area is the whole image. A case without probabilities gets
     the uniform (1/3, 1/3, 1/3), and without a label the label -1 (always wrong) unless
     probabilities are given, in which case the label is their argmax (first class on ties).
 
@@ -512,6 +514,9 @@ def score_case(case: Case | Mapping, tau: float = 2.0) -> dict:
     gt = _as_bool(case.gt, "gt")
     pred = np.zeros_like(gt) if case.pred is None else _as_bool(case.pred, "pred")
     seg = segmentation_metrics(gt, pred, case.spacing, tau)
+    if case.pred is None and not seg["has_lesion"]:  # a failure, not a correct empty prediction
+        sy, sx = _spacing(case.spacing)
+        seg.update(pred_empty=False, pred_area=float(gt.size * sy * sx), fp_area=float(gt.size * sy * sx))
     probs = _probs(case.probabilities)
     pred_label = class_index(case.pred_label)
     if pred_label < 0 and probs is not None:
