@@ -748,6 +748,11 @@ CONFIG_FAULTS = {
     "batch_size_0": (None, ["--batch-size", "0"], "Invalid value for '--batch-size': 0 is not in the range x>=1"),
     "precision": (None, ["--precision", "fp16"], "Invalid value for '--precision': 'fp16' is not one of"),
     "no_labels": (None, ["--data", "NOLABELS"], "labels.csv not found: prepare the data first"),
+    # a class weight of 0 trained and exported an ensemble that could not be loaded; a negative one
+    # failed in numpy after config.yaml was written
+    **{f"class_weight_{v}": (None, ["--set", f"class_weights.normal={v}"],
+                             f"config key class_weights.normal is {w}: give a positive finite number")
+       for v, w in (("0", "0"), ("-1", "-1"), (".nan", "nan"), (".inf", "inf"), ("yes", "True"))},
 }
 
 

@@ -3,6 +3,7 @@ reads before anything is built or written (training/configs/*.yaml hold them all
 from __future__ import annotations
 
 import datetime
+import math
 import re
 from pathlib import Path
 
@@ -120,7 +121,22 @@ def check_config(cfg) -> list[str]:
                 float(cfg[section][key])
             except (TypeError, ValueError):
                 raise ConfigError(f"config key {section}.{key} is {cfg[section][key]!r}: not a number") from None
+    for name, weight in (cfg.get("class_weights") or {}).items():  # 0 would train, and the ensemble not load
+        if not _number(weight) or not 0 < float(weight) < math.inf:
+            raise ConfigError(f"config key class_weights.{name} is {weight!r}: give a positive finite number "
+                              "(each image is drawn in proportion to its class's weight)")
     return unused
+
+
+def _number(value) -> bool:
+    """Whether ``value`` reads as a number (YAML's 1e-3, without a dot, is text); True/False do not."""
+    if isinstance(value, bool):
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _plain(value):
