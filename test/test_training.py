@@ -1,6 +1,7 @@
 """training.train / cache / export on a tiny synthetic dataset with the real LiteMedSAM encoder (frozen)."""
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -137,12 +138,20 @@ def test_training_reduces_the_loss_and_export_loads(tiny_dataset, cache_dir, tmp
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_dataset, cache_dir, tmp_path):
+    """Also the cosine schedule: the log's lr is the rate each epoch ran at (it was the next epoch's:
+    the scheduler stepped before the rate was read), in the resumed run's log too."""
     cfg = tiny_cfg("mgc-a", epochs=3)
+    cfg["optim"] = {**cfg["optim"], "scheduler": "cosine"}
     straight = tmp_path / "straight"
     train(cfg, tiny_dataset, straight, "cpu", cache_dir)
     broken = tmp_path / "broken"
     train(cfg, tiny_dataset, broken, "cpu", cache_dir, stop_after=1)
     train(cfg, tiny_dataset, broken, "cpu", cache_dir, resume=True)
+    cosine = [1e-3 * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)]  # 1e-3, 7.5e-4, 2.5e-4
+    for run in (straight, broken):
+        assert [h["lr"] for h in json.loads((run / "log.json").read_text())] == pytest.approx(cosine, rel=1e-9)
+        with open(run / "log.csv") as fh:
+            assert [float(r["lr"]) for r in csv.DictReader(fh)] == pytest.approx(cosine, rel=1e-9)
     a = load_file(str(straight / "last" / "model.safetensors"))
     b = load_file(str(broken / "last" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -692,7 +701,6 @@ def test_a_run_with_undefined_metrics_writes_strict_json(tiny_dataset, cache_dir
     """A validation split of benign images only: the macro AUC is undefined and no epoch is best.
     log.json, summary.json and last/config.json say so with null, which strict JSON parsers (and
     evaluate's metrics.json) accept, rather than Python's NaN and -Infinity."""
-    import csv
     import shutil
 
     def strict(path):

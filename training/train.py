@@ -355,13 +355,14 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
             for k in sums:
                 sums[k] += float(losses[k].detach()) * n
             bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}")
+        lr = opt.param_groups[0]["lr"]  # the rate this epoch ran at, before the step to the next epoch's
         sched.step()
         secs = time.time() - t0
         row = {"epoch": epoch, "phase": phase, "train_loss": sums["loss"] / max(seen, 1),
                "train_seg": sums["seg"] / max(seen, 1), "train_ce": sums["ce"] / max(seen, 1)}
         if rank == 0:
             row |= evaluate_epoch(net, va_loader, device, bf16, cfg)
-            row |= {"lr": opt.param_groups[0]["lr"], "images_per_s": seen * world / secs, "seconds": secs}
+            row |= {"lr": lr, "images_per_s": seen * world / secs, "seconds": secs}
             history.append(row)
             value = row.get(best["metric"], float("nan"))
             if value == value and value > best["value"]:
