@@ -761,7 +761,37 @@ CONFIG_FAULTS = {
     **{f"class_weight_{v}": (None, ["--set", f"class_weights.normal={v}"],
                              f"config key class_weights.normal is {w}: give a positive finite number")
        for v, w in (("0", "0"), ("-1", "-1"), (".nan", "nan"), (".inf", "inf"), ("yes", "True"))},
+    # tracebacks, some after the run folder was written, or (p_gt, the curriculum's order) silently accepted
+    "encoder": (None, ["--encoder", "sam_vit_bb"], "Invalid value for '--encoder': 'sam_vit_bb' is not one of"),
+    "seg_head_type": (None, ["--set", "model.seg_head.type=foo"],
+                      "config key model.seg_head.type is 'foo'; allowed: sd-h, unet-h"),
+    "seg_head_option": (None, ["--set", "model.seg_head.chanels=[64,32]"],
+                        "unknown config key model.seg_head.chanels; sd-h takes type, channels, dropout"),
+    "channels": (None, ["--set", "model.seg_head.channels=[64]"], "config key model.seg_head.channels is [64]: "
+                 "give 2 channel counts, e.g. [128, 64] (sd-h takes 2; each 1 to 7 or a multiple of 8)"),
+    "channels_norm": (None, ["--set", "model.seg_head.channels=[12,8]"], "channels is [12, 8]: give 2 channel"),
+    "hidden": (None, ["--set", "model.cls_head.hidden=0"], "config key model.cls_head.hidden is 0: give a positive"),
+    "lr": (None, ["--lr", "-1"], "--lr -1.0: config key optim.lr is -1.0: give a positive finite number"),
+    "lr_nan": (None, ["--lr", "nan"], "--lr nan: config key optim.lr is nan: give a positive finite number"),
+    "weight_decay": (None, ["--set", "optim.weight_decay=-0.1"], "optim.weight_decay is -0.1: give a finite number"),
+    "loss_weights": (None, ["--set", "loss={seg_weight: 0, cls_weight: 0, eps: 1.0e-6}"],
+                     "loss.seg_weight and loss.cls_weight are both 0: nothing would train"),
+    "views_unknown": (None, ["--set", "views=[orig,foo]"],
+                      "config key views is ['orig', 'foo']: unknown view 'foo'; allowed: orig, hflip, zoom, bright"),
+    "views_empty": (None, ["--set", "views=[]"], "config key views is []: give a list of views from orig, hflip"),
+    "views_first": (None, ["--set", "views=[hflip,orig]"],
+                    "config key views is ['hflip', 'orig']: must start with orig (validation reads the first view"),
+    "views_twice": (None, ["--set", "views=[orig,hflip,hflip]"], "a view is listed twice"),
+    "p_gt": (None, ["--set", "curriculum.p_gt=1.5"], "config key curriculum.p_gt is 1.5: give a number from 0 to 1"),
+    "curriculum_order": (None, ["--set", "curriculum={gt_until: 5, mixed_until: 2}"],
+                         "config keys curriculum.gt_until (5) and curriculum.mixed_until (2): the ground-truth phase "
+                         "must end no later than the mixed one"),
+    "curriculum_text": (None, ["--set", "curriculum.gt_until=abc"], "curriculum.gt_until is 'abc': give a whole number"),
+    "workers": (None, ["--workers", "-1"], "Invalid value for '--workers': -1 is not in the range x>=0"),
 }
+NAMED_SET = {"set_typo", "scheduler", "seg_head_type", "seg_head_option", "channels", "channels_norm", "hidden",
+             "weight_decay", "loss_weights", "views_unknown", "views_empty", "views_first", "views_twice", "p_gt",
+             "curriculum_order", "curriculum_text", *(f for f in CONFIG_FAULTS if f.startswith("class_weight_"))}
 
 
 @pytest.mark.parametrize("fault", sorted(CONFIG_FAULTS))
@@ -787,9 +817,41 @@ def test_config_and_option_faults_are_clear_errors_before_the_run_folder(tiny_da
     assert message in res.output, res.output
     if text is not None:
         assert str(config) in res.output
-    if fault in ("set_typo", "scheduler"):  # the value came from --set, not from the config file
+    if fault in NAMED_SET:  # the value came from --set, not from the config file
         assert f"--set {extra[1]}: " in res.output and str(config) not in res.output, res.output
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_encoder_in_the_config_file_is_named_with_the_file(tiny_dataset, tmp_path):
+    from click.testing import CliRunner
+
+    from training import train as train_mod
+
+    config = tmp_path / "c.yaml"
+    config.write_text(SD_H.replace("encoder: sam_vit_b", "encoder: sam_vit_bb"))
+    res = CliRunner().invoke(train_mod.main, ["--config", str(config), "--data", str(tiny_dataset), "--out",
+                                              str(tmp_path / "run"), "--device", "cpu"])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert (f"{config}: config key model.encoder is 'sam_vit_bb'; allowed: sam_vit_b, sam_vit_l, sam_vit_h, "
+            "medsam_vit_b, litemedsam") in res.output, res.output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--precision", "foo"], "Invalid value for '--precision': 'foo' is not one of 'auto', 'bf16', 'fp32'"),
+    (["--views", "orig,flip"], "Invalid value for '--views': 'orig,flip' (['orig', 'flip']: unknown view 'flip'; "
+                               "allowed: orig, hflip, zoom, bright)"),
+    (["--views", "hflip"], "must start with orig"),
+    (["--encoder", "sam_vit_bb"], "Invalid value for '--encoder': 'sam_vit_bb' is not one of"),
+    (["--batch-size", "0"], "Invalid value for '--batch-size': 0 is not in the range x>=1"),
+])
+def test_cache_cli_refuses_bad_options_before_anything_is_built(tiny_dataset, tmp_path, args, message):
+    """training.cache --precision foo and --views orig,flip ended in tracebacks."""
+    proc = subprocess.run([sys.executable, "-m", "training.cache", "--data", str(tiny_dataset), "--cache",
+                           str(tmp_path / "cache"), "--device", "cpu", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "cache").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")

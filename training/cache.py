@@ -308,16 +308,29 @@ if __name__ == "__main__":
 
     from .datasets import DataError, limit_records, load_records
 
+    from model.encoders import ENCODERS
+
+    from .config_values import views_problem
+
+    def view_list(ctx, param, value: str) -> list[str]:
+        views = [v.strip() for v in value.split(",")]
+        problem = views_problem(views)
+        if problem:
+            raise click.BadParameter(f"{value!r} ({problem}); the config's views, comma-separated")
+        return views
+
     @click.command()
     @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Prepared dataset.")
     @click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False), help="Cache folder.")
-    @click.option("--encoder", default="litemedsam", show_default=True)
+    @click.option("--encoder", default="litemedsam", show_default=True, type=click.Choice(list(ENCODERS)))
     @click.option("--encoder-checkpoint", default=None, help="SAM/MedSAM checkpoint file (not for litemedsam).")
-    @click.option("--views", default="orig,hflip,zoom,bright", show_default=True)
+    @click.option("--views", default="orig,hflip,zoom,bright", show_default=True, callback=view_list,
+                  help="The training config's views, in its order (orig first).")
     @click.option("--features/--no-features", default=False, help="Also cache the stage features (UNet-H).")
     @click.option("--device", default="auto", show_default=True)
-    @click.option("--precision", default="auto", show_default=True)
-    @click.option("--batch-size", default=8, show_default=True)
+    @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp32"]),
+                  help="auto (bf16 where native), bf16, fp32: training.train's --precision.")
+    @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
     @click.option("--first-view-only", is_flag=True,
                   help="Encode only the first view (orig) of every image; the cache keeps its key, so training "
                        "with --no-cache-build samples that view only (how the embedded default was trained).")
@@ -328,8 +341,7 @@ if __name__ == "__main__":
     def main(data, cache_dir, encoder, encoder_checkpoint, views, features, device, precision, batch_size,
              first_view_only, limit):
         """Precompute the frozen-encoder embedding cache for a prepared dataset."""
-        view_list = views.split(",")
-        wanted = views_for_classes(view_list)
+        wanted = views_for_classes(views)
         if first_view_only:
             wanted = {v: (classes if i == 0 else []) for i, (v, classes) in enumerate(wanted.items())}
         try:
@@ -338,17 +350,20 @@ if __name__ == "__main__":
         except WeightsError as exc:
             raise click.ClickException(str(exc)) from None
         cfg = make_config(encoder, "frozen", "unet-h" if features else "sd-h", "gap", encoder_weights=info)
-        dev = resolve_device(device)
+        try:
+            dev = resolve_device(device)
+        except RuntimeError as exc:
+            raise click.BadParameter(str(exc), param_hint="--device") from None
         net = PFSAMNet(cfg, encoder_checkpoint=ckpt).to(dev)
         try:
             train, val = limit_records(load_records(data, "train"), load_records(data, "val"), limit)
-            cache = build_cache(net, train + val, cache_dir, view_list, dev, precision, batch_size, wanted)
+            cache = build_cache(net, train + val, cache_dir, views, dev, precision, batch_size, wanted)
         except (CacheError, DataError, ImageReadError, FileNotFoundError) as exc:
             raise click.ClickException(str(exc)) from None
         mine = [cache.index[r.image_id] for r in train + val]
         done = cache.done[mine].sum(axis=0)
         click.echo(f"{cache.root}: {len(mine)} images ({len(train)} train, {len(val)} val) of the {len(cache.ids)} "
                    "it holds; views encoded for them: "
-                   + ", ".join(f"{v} {int(n)}" for v, n in zip(view_list, done)), err=True)
+                   + ", ".join(f"{v} {int(n)}" for v, n in zip(views, done)), err=True)
 
     main()

@@ -3,7 +3,6 @@ reads before anything is built or written (training/configs/*.yaml hold them all
 from __future__ import annotations
 
 import datetime
-import math
 import re
 from pathlib import Path
 
@@ -11,6 +10,8 @@ import yaml
 
 from model import CLASS_NAMES
 from model.network import ENCODER_MODES
+
+from .config_values import ValueProblem, check_values
 
 
 def load_config(path: str | Path, overrides: dict) -> dict:
@@ -36,9 +37,13 @@ def load_config(path: str | Path, overrides: dict) -> dict:
                 raise ConfigError(f"{key}: {'.'.join(parts[:i + 1])} is {node!r} in {path}, not a section of keys")
         node[parts[-1]] = value
     curriculum_set = any(v is not None and (k in ("curriculum.gt_until", "curriculum.mixed_until") or
-                                            (k == "curriculum" and {"gt_until", "mixed_until"} & set(v or {})))
+                                            (k == "curriculum" and isinstance(v, dict)
+                                             and bool({"gt_until", "mixed_until"} & set(v))))
                          for k, v in overrides.items())  # p_gt alone sets no boundary
-    if "curriculum" in cfg and file_epochs and not curriculum_set and int(cfg["epochs"]) != int(file_epochs):
+    cur = cfg.get("curriculum")
+    scalable = isinstance(cur, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (
+        cfg.get("epochs"), file_epochs, cur.get("gt_until"), cur.get("mixed_until")))  # else check_config says why
+    if scalable and file_epochs and not curriculum_set and int(cfg["epochs"]) != int(file_epochs):
         scale = int(cfg["epochs"]) / int(file_epochs)
         cfg["curriculum"] = {**cfg["curriculum"], **{k: int(cfg["curriculum"][k] * scale + 0.5)
                                                       for k in ("gt_until", "mixed_until")}}
@@ -68,7 +73,8 @@ CHOICES = {("optim", "scheduler"): ("constant", "cosine"), ("augment",): AUGMENT
 def check_config(cfg) -> list[str]:
     """ConfigError for a config training cannot run as asked: a key missing, a key in a section that
     training does not read (``optim.lrr``), a top-level key that looks like a misspelt one
-    (``batchsize``), a value outside its choices, ``select`` not a metric the run computes. Returns
+    (``batchsize``), a value outside its choices, ``select`` not a metric the run computes, a value
+    training cannot use (``training.config_values``: encoder, heads, views, numbers). Returns
     the other top-level keys (notes of the user's: kept in config.yaml, not used)."""
     import difflib
 
@@ -113,30 +119,11 @@ def check_config(cfg) -> list[str]:
     for key, low in (("epochs", 0), ("batch_size", 1), ("seed", 0)):  # 0 epochs: the run's folder alone
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < low:
             raise ConfigError(f"config key {key} is {cfg[key]!r}: give a whole number of at least {low}")
-    for section, key in (("optim", "lr"), ("optim", "weight_decay"), ("loss", "seg_weight"), ("loss", "cls_weight"),
-                         ("loss", "eps"), ("curriculum", "p_gt"), ("curriculum", "gt_until"),
-                         ("curriculum", "mixed_until")):
-        if key in cfg[section]:
-            try:
-                float(cfg[section][key])
-            except (TypeError, ValueError):
-                raise ConfigError(f"config key {section}.{key} is {cfg[section][key]!r}: not a number") from None
-    for name, weight in (cfg.get("class_weights") or {}).items():  # 0 would train, and the ensemble not load
-        if not _number(weight) or not 0 < float(weight) < math.inf:
-            raise ConfigError(f"config key class_weights.{name} is {weight!r}: give a positive finite number "
-                              "(each image is drawn in proportion to its class's weight)")
-    return unused
-
-
-def _number(value) -> bool:
-    """Whether ``value`` reads as a number (YAML's 1e-3, without a dot, is text); True/False do not."""
-    if isinstance(value, bool):
-        return False
     try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
+        check_values(cfg)
+    except ValueProblem as exc:
+        raise ConfigError(str(exc)) from None
+    return unused
 
 
 def _plain(value):
@@ -151,10 +138,17 @@ def _plain(value):
     return value
 
 
-def config_error_origin(message: str, config_path, sets) -> str:
+def config_error_origin(message: str, config_path, sets, options: dict[str, str] | None = None) -> str:
     """A config error named after where the bad value came from: the ``--set`` whose key (or a section
-    above it) the message names, else the config file."""
-    named = [s for s in sets if re.search(rf"(?<![\w.]){re.escape(s.partition('=')[0].strip())}(?![\w])", message)]
+    above it) the message names, or the option (``options``: {dotted key: "--lr -1.0"}, those given)
+    that set that key, else the config file."""
+    def names(key: str) -> bool:
+        return bool(re.search(rf"(?<![\w.]){re.escape(key.strip())}(?![\w])", message))
+
+    named = [s for s in sets if names(s.partition("=")[0])]
     if named:
         return f"--set {' --set '.join(named)}: {message}"
+    given = [flag for key, flag in (options or {}).items() if names(key)]
+    if given:
+        return f"{', '.join(given)}: {message}"
     return message if message.startswith(str(config_path)) else f"{config_path}: {message}"

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from model.allocator import keep_freed_memory
 from model.checkpoint import encoder_weights_info, resolve_encoder_checkpoint, save_model
+from model.encoders import ENCODERS
 from model.encoders.weights import WeightsError
 from model.atomic_files import atomic_path, write_text
 from model.io import ImageReadError
@@ -390,6 +391,11 @@ def provenance(cfg: dict, data: Path, epoch: int, row: dict) -> dict:
             "train_config": copy.deepcopy(cfg), "torch": torch.__version__}
 
 
+# the config keys the options set, to name the option behind a bad value (--frozen/--finetune and
+# --encoder are choices, --epochs, --batch-size and --seed ranges: click refuses theirs)
+OPTION_KEYS = {"optim.lr": "--lr", "model.encoder_checkpoint": "--encoder-checkpoint"}
+
+
 @click.command(context_settings={"show_default": True})
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Variant config: training/configs/{unet-h,sd-h,mgc-a}.yaml (the paper's), default-{sd-h,mgc-a}.yaml "
@@ -399,7 +405,7 @@ def provenance(cfg: dict, data: Path, epoch: int, row: dict) -> dict:
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run directory: a new one (a folder holding an earlier run is refused), or the run's own "
                    "with --resume.")
-@click.option("--encoder", default=None, help="Override the encoder (sam_vit_b, ..., litemedsam).")
+@click.option("--encoder", default=None, type=click.Choice(list(ENCODERS)), help="Override the encoder.")
 @click.option("--encoder-checkpoint", default=None, help="SAM/MedSAM checkpoint file for the encoder.")
 @click.option("--frozen/--finetune", default=None, help="Freeze the encoder or fine-tune it (config default).")
 @click.option("--epochs", type=click.IntRange(1), default=None)
@@ -420,7 +426,7 @@ def provenance(cfg: dict, data: Path, epoch: int, row: dict) -> dict:
                    "them; other settings, another --limit or changed DATA (labels.csv, split.csv) are refused, "
                    "naming each difference; another --precision, device or use of --cache is allowed with a "
                    "warning).")
-@click.option("--workers", default=0, help="DataLoader worker processes.")
+@click.option("--workers", default=0, type=click.IntRange(0), help="DataLoader worker processes.")
 @click.option("--set", "sets", multiple=True, help="Any other config value, e.g. --set model.seg_head.channels=[64,32].")
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Only N training images and N/4 validation images (at least 3: one per class), the first by image id of each "
@@ -454,7 +460,8 @@ def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, ba
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except ConfigError as exc:
-        raise click.ClickException(config_error_origin(str(exc), config_path, sets)) from None
+        given = {key: f"{flag} {overrides[key]}" for key, flag in OPTION_KEYS.items() if overrides.get(key) is not None}
+        raise click.ClickException(config_error_origin(str(exc), config_path, sets, given)) from None
     except (WeightsError, CacheError, DataError, ImageReadError, FileNotFoundError) as exc:  # names the file
         raise click.ClickException(str(exc)) from None
     best = result["best"]
