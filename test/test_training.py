@@ -428,7 +428,44 @@ def test_cli_help_and_nan_stop(tiny_dataset, cache_dir, tmp_path):
     if (run / "state.pt").is_file():
         assert f"last good checkpoint (epoch {torch.load(run / 'state.pt', weights_only=True)['epoch']})" in proc.stderr
     else:
-        assert "epoch 1: loss is" in proc.stderr and "No checkpoint was written" in proc.stderr, proc.stderr[-2000:]
+        assert "epoch 1: " in proc.stderr and "No checkpoint was written" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_an_epoch_with_a_non_finite_validation_loss_or_weights_is_not_saved(tiny_dataset, cache_dir, tmp_path,
+                                                                            monkeypatch):
+    """Only the training loss was checked: at lr 1e20 with one step per epoch (batch 32 > 9 images) epoch
+    1's training loss is finite, its step ruins the weights, and the epoch was saved (state.pt, last/,
+    val_loss NaN) as the 'last good checkpoint' that epoch 2's stop pointed to. Now the run stops
+    before that epoch is saved; so it does for non-finite weights under a finite validation loss."""
+    from training import train as train_mod
+    from training.train import NonFiniteLoss
+
+    cfg = dict(tiny_cfg("sd-h", epochs=2), batch_size=32)
+    cfg["optim"] = {**cfg["optim"], "lr": 1e20}
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss, match=r"epoch 1: validation loss is nan; stopping\. No checkpoint was "
+                                            r"written \(the first epoch failed\)"):
+        train(cfg, tiny_dataset, run, "cpu", cache_dir, precision="fp32")
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]  # no state.pt, last/, best/ or logs
+    good = tmp_path / "good"  # epoch 1 is saved; epoch 2's weights turn NaN (the loss stays finite)
+    real, calls = train_mod.evaluate_epoch, []
+
+    def poisoned(net, *args):  # epoch 2's weights turn NaN; its validation loss reads finite
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                net.seg_head.out.bias.fill_(float("nan"))
+            return {**real(net, *args), "val_loss": 0.5}
+        return real(net, *args)
+
+    monkeypatch.setattr(train_mod, "evaluate_epoch", poisoned)
+    with pytest.raises(NonFiniteLoss, match=rf"epoch 2: weights are not finite \(e\.g\. seg_head\.out\.bias\); "
+                                            rf"stopping\. The last good checkpoint \(epoch 1\) is kept in "
+                                            rf"{str(good / 'state.pt')}"):
+        train(tiny_cfg("sd-h", epochs=2), tiny_dataset, good, "cpu", cache_dir, precision="fp32")
+    state = torch.load(good / "state.pt", weights_only=True)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert [h["epoch"] for h in json.loads((good / "log.json").read_text())] == [1]
 
 
 def test_cache_serves_a_subset_of_its_images(tiny_dataset, tmp_path, monkeypatch):

@@ -51,7 +51,35 @@ from .run_state import (LIMIT_RULE, STATE_NAME, data_digest, load_resume_state, 
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """Training diverged: a non-finite training or validation loss, or non-finite weights."""
+
+    def __init__(self, epoch: int, what: str, state_path: Path):
+        kept = (f"The last good checkpoint (epoch {epoch - 1}) is kept in {state_path}" if epoch > 1
+                else "No checkpoint was written (the first epoch failed)")
+        super().__init__(f"epoch {epoch}: {what}; stopping. {kept}")
+
+
+def divergence(net: PFSAMNet, val_loss: float | None) -> str | None:
+    """What makes an epoch's model unfit to save, or None: a non-finite validation loss (``None``: this
+    rank did not validate) or non-finite trainable weights."""
+    if val_loss is not None and not math.isfinite(val_loss):
+        return f"validation loss is {val_loss}"
+    bad = next((n for n, p in net.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
+    return f"weights are not finite (e.g. {bad})" if bad else None
+
+
+def stop_if_diverged(net: PFSAMNet, val_loss: float | None, epoch: int, state_path: Path, distributed: bool,
+                     device: torch.device) -> None:
+    """NonFiniteLoss before a diverged epoch is saved; under torchrun rank 0 (which validates) tells the
+    other ranks, which stop too."""
+    what = divergence(net, val_loss)
+    if distributed:
+        flag = torch.tensor([int(what is not None)], device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.broadcast(flag, src=0)
+        if flag.item() and what is None:
+            what = "rank 0 found the model diverged (its error is above)"
+    if what is not None:
+        raise NonFiniteLoss(epoch, what, state_path)
 
 
 def build_model(cfg: dict) -> PFSAMNet:
@@ -345,9 +373,7 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
         for batch in bar:
             _, losses = run_batch(model, batch, device, bf16, phase, p_gt, gen, cfg)
             if not torch.isfinite(losses["loss"]):
-                kept = (f"The last good checkpoint (epoch {epoch - 1}) is kept in {state_path}" if epoch > 1
-                        else "No checkpoint was written (the first epoch failed)")
-                raise NonFiniteLoss(f"epoch {epoch}: loss is {float(losses['loss'])}; stopping. {kept}")
+                raise NonFiniteLoss(epoch, f"loss is {float(losses['loss'])}", state_path)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             opt.step()
@@ -363,6 +389,8 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
                "train_seg": sums["seg"] / max(seen, 1), "train_ce": sums["ce"] / max(seen, 1)}
         if rank == 0:
             row |= evaluate_epoch(net, va_loader, device, bf16, cfg)
+        stop_if_diverged(net, row.get("val_loss"), epoch, state_path, distributed, device)  # before it is saved
+        if rank == 0:
             row |= {"lr": lr, "images_per_s": seen * world / secs, "seconds": secs}
             history.append(row)
             value = row.get(best["metric"], float("nan"))
