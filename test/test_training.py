@@ -734,6 +734,29 @@ def test_train_cli_says_when_no_epoch_had_a_defined_selection_metric(tmp_path, m
     assert res.exit_code == 0 and res.output == ""
 
 
+def test_ctrl_c_says_how_to_continue_the_run(tmp_path, monkeypatch):
+    """Ctrl-C ended with click's bare 'Aborted!'; now it names state.pt and --resume where there is a
+    finished epoch to continue, and says there is none otherwise."""
+    from click.testing import CliRunner
+
+    from training import train as train_mod
+
+    def interrupted(*args, **kwargs):  # Ctrl-C during training
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    args = ["--config", str(REPO / "training" / "configs" / "sd-h.yaml"), "--data", str(tmp_path),
+            "--out", str(tmp_path / "run"), "--device", "cpu"]
+    res = CliRunner().invoke(train_mod.main, args)
+    assert res.exit_code == 130 and "interrupted before an epoch ended: nothing to resume in" in res.output, res.output
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "state.pt").write_bytes(b"")
+    res = CliRunner().invoke(train_mod.main, args)
+    assert res.exit_code == 130 and "Aborted!" not in res.output, res.output
+    assert (f"interrupted: {tmp_path / 'run' / 'state.pt'} holds the run's last finished epoch; continue it with the "
+            "same command and --resume") in res.output
+
+
 def test_a_run_with_undefined_metrics_writes_strict_json(tiny_dataset, cache_dir, tmp_path):
     """A validation split of benign images only: the macro AUC is undefined and no epoch is best.
     log.json, summary.json and last/config.json say so with null, which strict JSON parsers (and

@@ -487,6 +487,13 @@ def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, ba
     except NonFiniteLoss as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # click would say "Aborted!" alone
+        state = Path(out) / STATE_NAME
+        if int(os.environ.get("RANK", "0")) == 0:
+            click.echo(f"interrupted: {state} holds the run's last finished epoch; continue it with the same command "
+                       "and --resume" if state.is_file() else
+                       f"interrupted before an epoch ended: nothing to resume in {out}", err=True)
+        sys.exit(130)
     except ConfigError as exc:
         given = {key: f"{flag} {overrides[key]}" for key, flag in OPTION_KEYS.items() if overrides.get(key) is not None}
         raise click.ClickException(config_error_origin(str(exc), config_path, sets, given)) from None
