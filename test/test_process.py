@@ -899,7 +899,7 @@ def test_no_temporary_files_are_left(gc_run):
 # Cog
 
 
-def test_cog_predictor_setup_and_predict(ensemble_dir, inputs):
+def test_cog_predictor_setup_and_predict(ensemble_dir, inputs, tmp_path):
     import predict as cog_predict
 
     root, sizes = inputs
@@ -917,11 +917,12 @@ def test_cog_predictor_setup_and_predict(ensemble_dir, inputs):
     mha = p.predict(image=cog_predict.Path(str(root / "scan.mha")), overlay=False, tta=False, class_prior="model")
     assert str(mha.segmentation_mask).endswith(".mha") and mha.overlay is None
     assert sitk.ReadImage(str(mha.segmentation_mask)).GetSpacing() == pytest.approx(MHA_SPACING)
+    assert not Path(str(out.segmentation_mask)).exists()  # the answer before the last one is gone (served)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
     with pytest.raises(Exception, match="not a readable image|corrupt"):
-        bad = Path(str(out.segmentation_mask)).parent / "bad.png"
-        bad.write_bytes(b"nope")
         p.predict(image=cog_predict.Path(str(bad)), overlay=False, tta=False, class_prior="model")
-    black = Path(str(out.segmentation_mask)).parent / "black.png"
+    black = tmp_path / "black.png"
     Image.fromarray(np.zeros((200, 300), np.uint8)).save(black)
     with pytest.raises(Exception, match=r"black.png: every pixel has the same value \(0\): nothing to segment"):
         p.predict(image=cog_predict.Path(str(black)), overlay=False, tta=False, class_prior="model")

@@ -975,6 +975,18 @@ def test_views_on_the_fly_are_random_per_draw_and_reproducible(tiny_dataset):
         assert y is not None and m_c.sum() == mask.sum()  # the lesion is never cropped away
 
 
+def test_a_cache_given_to_a_fine_tuning_run_is_named_as_unused(tiny_dataset, tmp_path, capsys):
+    """--cache with a fine-tuned encoder was ignored without a word (the run encodes every image on the fly)."""
+    cfg = tiny_cfg("sd-h", epochs=0)
+    cfg["model"]["mode"] = "finetuned"
+    train(cfg, tiny_dataset, tmp_path / "run", "cpu", tmp_path / "cache", precision="fp32")
+    err = capsys.readouterr().err
+    assert f"note: --cache {tmp_path / 'cache'} is not used: the encoder is fine-tuned" in err, err
+    assert not (tmp_path / "cache").exists()
+    train(tiny_cfg("sd-h", epochs=0), tiny_dataset, tmp_path / "frozen", "cpu", None, precision="fp32")
+    assert "is not used" not in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_fine_tuning_with_random_views_resumes_to_the_same_weights(tiny_dataset, tmp_path):
     """The on-the-fly path (encoder fine-tuned, no cache) with random views: a run stopped after epoch

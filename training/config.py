@@ -17,7 +17,8 @@ from .config_values import ValueProblem, check_values
 def load_config(path: str | Path, overrides: dict) -> dict:
     """The config file with ``overrides`` (dotted keys; None = keep) applied. When the number of
     epochs is overridden and the curriculum is not, the curriculum's boundaries are scaled with it
-    (the paper's 20/40 of 60 epochs become 10/20 of 30), so every phase keeps its share of the run."""
+    (the paper's 20/40 of 60 epochs become 10/20 of 30), so every phase keeps its share of the run,
+    rounded to whole epochs (at 2 epochs the mixed phase rounds to none: 1/1 of 2)."""
     try:
         cfg = yaml.safe_load(Path(path).read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:

@@ -299,6 +299,9 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
     if device.type == "cpu":  # oneDNN's speed depends on the layouts (PFSAMNet.to_cpu_layout)
         net.to_cpu_layout()
     use_cache = net.frozen and cache_dir is not None
+    if cache_dir is not None and not use_cache and rank == 0:
+        print(f"note: --cache {cache_dir} is not used: the encoder is fine-tuned, so its embeddings change with "
+              "every step (the cache serves frozen encoders)", file=sys.stderr)
     if use_cache:
         vc = views_for_classes(cfg["views"])
         cache, failure = None, None
