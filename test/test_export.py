@@ -90,7 +90,13 @@ def test_same_members_keep_the_tuning_and_new_members_do_not(runs, tmp_path, mon
     assert spec["postprocess_validation_setup"] == tuned["postprocess_validation_setup"]
     assert (out / "NOTES.txt").read_text() == "the user's own file"
     assert (out / "backup-mgc-a" / "model.safetensors").read_bytes() == (runs["mgc-a-2"] / "best" / "model.safetensors").read_bytes()
-    assert "Chosen by" in (out / "MODEL_CARD.md").read_text()
+    assert "Chosen by `training.tune` on the validation split (lesion" in (out / "MODEL_CARD.md").read_text()
+    spec = json.loads((out / "ensemble.json").read_text())
+    spec["postprocess_validation_setup"]["limit"] = 12  # training.tune --limit 12 --write: a quick run's choice
+    (out / "ensemble.json").write_text(json.dumps(spec))
+    assert _export(runs["sd-h"], runs["mgc-a"], "--out", out, "--no-gate-normal").exit_code == 0
+    assert "on the validation split (its first 12 images, each class in turn: a quick run's --limit)" \
+        in (out / "MODEL_CARD.md").read_text()
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~_umask()
     res = _export(runs["sd-h"], runs["mgc-a-2"], "--out", out)  # another MGC-A model
     assert res.exit_code == 0, res.output

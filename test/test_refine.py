@@ -162,7 +162,7 @@ def test_tune_cli_writes_its_choice_and_setup(tiny_dataset, tmp_path, monkeypatc
     assert res.exit_code == 0, res.output
     spec = json.loads((ens / "ensemble.json").read_text())
     assert len(spec["postprocess_validation"]) == len(OPTIONS) * 3  # off, box blend 1.0, box blend 0.5
-    assert spec["postprocess_validation_setup"] == {"device": "cpu", "precision": "fp32", "tta": False,
+    assert spec["postprocess_validation_setup"] == {"device": "cpu", "precision": "fp32", "tta": False, "limit": None,
                                                     "runtime": Predictor.from_dir(ens, device="cpu").encoder_runtime}
     chosen = json.loads(res.output.strip().splitlines()[-1].removeprefix("chosen: "))
     assert {k: spec["postprocess"][k] for k in chosen} == chosen

@@ -121,8 +121,11 @@ def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics:
     spec = json.loads((out / ENSEMBLE_NAME).read_text())
     lines += ["", "## Postprocessing", "", f"`{json.dumps(spec['postprocess'])}`", ""]
     if spec.get("postprocess_validation"):
-        lines += ["Chosen by `training.tune` on the validation split (lesion-image Dice, share of empty masks "
-                  "on normal images):", "", "| refine | gate_normal | largest_component | DSC | normal empty |",
+        setup = spec.get("postprocess_validation_setup") or {}
+        subset = f" (its first {setup['limit']} images, each class in turn: a quick run's --limit)" \
+            if setup.get("limit") else ""
+        lines += [f"Chosen by `training.tune` on the validation split{subset} (lesion-image Dice, share of empty "
+                  "masks on normal images):", "", "| refine | gate_normal | largest_component | DSC | normal empty |",
                   "|---|---|---|---|---|"]
         for r in spec["postprocess_validation"]:
             ref = r.get("refine")

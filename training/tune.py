@@ -150,7 +150,8 @@ def main(model_dir, data, device, tta, precision, batch_size, limit, write):
         spec["postprocess"] = {**spec.get("postprocess", {}), **chosen}
         spec["postprocess_validation"] = scores
         spec["postprocess_validation_setup"] = {"device": predictor.device.type, "precision": "bf16" if predictor.bf16
-                                                else "fp32", "runtime": predictor.encoder_runtime, "tta": predictor.tta}
+                                                else "fp32", "runtime": predictor.encoder_runtime, "tta": predictor.tta,
+                                                "limit": limit}  # --limit: a quick run's choice, on that many images
         write_text(path, json.dumps(spec, indent=2, allow_nan=False) + "\n")
 
 
