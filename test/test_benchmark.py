@@ -61,11 +61,11 @@ def test_benchmark_compiles_the_pytorch_encoder(tmp_path, monkeypatch):
     from model.encoders.sam_vit import Attention, MLPBlock
 
     res = benchmark.bench("litemedsam", "cpu", 2, 2, "fp32", None, 0, reference=False, compile_backend="eager",
-                          attention="augment", mlp_gelu="epilogue")
+                          mlp_gelu="epilogue")  # (--attention is SAM ViT's: refused with LiteMedSAM)
     assert res["runtime"] == "torch" and res["compile"] == "eager"
     assert res["product"]["images_per_s"] > 0 and "reference" not in res
     assert res["mlp_gelu"] == "erf"  # the epilogue is CUDA's: the CPU ran the separate GELU, and says so
-    assert Attention.impl == "auto" and MLPBlock.gelu == "erf"  # the forms it set are put back
+    assert Attention.impl == "auto" and MLPBlock.gelu == "erf"  # the form it set is put back
 
 
 @pytest.mark.slow
