@@ -978,8 +978,16 @@ runpy.run_path("process.py", run_name="__main__")
 """
 
 
-@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0 or shutil.which("setpriv") is None,
-                    reason="needs root and setpriv to run process.py as another user")
+def _can_run_as_nobody() -> bool:
+    """Root with setpriv, in a user namespace that maps uid 65534 (under ``unshare -r`` only root is)."""
+    if not hasattr(os, "getuid") or os.getuid() != 0 or shutil.which("setpriv") is None:
+        return False
+    probe = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "true"]
+    return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.mark.skipif(not _can_run_as_nobody(), reason="needs root, setpriv and uid 65534 to run process.py as "
+                                                      "another user")
 def test_a_folder_this_user_may_not_enter_is_an_error_naming_it_not_a_traceback(tmp_path):
     """Real permissions, not simulated: process.py runs as uid 65534 (a container's user) against folders
     of mode 700 owned by root. Python's exists()/is_dir() raise PermissionError there instead of
