@@ -77,8 +77,9 @@ Missing predictions (set by the caller, see ``training.evaluate``)
 
 Aggregation and confidence intervals
     Headline segmentation figures are means over lesion images (medians are given too).
-    Bootstrap: ``n_boot`` resamples (default 1000) of the images with replacement, all metrics of
-    one resample computed on the same drawn images, ``numpy.random.default_rng(seed)``; the
+    Bootstrap: ``n_boot`` resamples (default 1000) with replacement of the resampling units (each
+    image, or with ``Case.group`` a patient's images together: ``training.evaluate`` groups them), all
+    metrics of one resample computed on the same drawn images, ``numpy.random.default_rng(seed)``; the
     interval is the percentile interval (2.5th and 97.5th percentiles with numpy's linear
     interpolation for 95%) of the resampled values, ignoring resamples where the metric is
     undefined (e.g. no lesion image or no malignant case drawn). Same seed, same intervals.
