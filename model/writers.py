@@ -81,8 +81,10 @@ def output_folders(fmt: str, task: str, overlay: bool) -> list[str]:
     return folders
 
 
+PACE_LABELS, PACE_PROBABILITIES = "classification/predictions.csv", "classification/probabilities.csv"
+CODABENCH_LABELS, CODABENCH_ZIP = "classification.csv", "submission.zip"
 # classification files that a run with task seg does not write, so an earlier run's would stand beside its masks
-CLASSIFICATION_FILES = ("classification/predictions.csv", "classification/probabilities.csv", "classification.csv")
+CLASSIFICATION_FILES = (PACE_LABELS, PACE_PROBABILITIES, CODABENCH_LABELS)
 
 
 @dataclass
@@ -227,15 +229,16 @@ class GCWriter(_Writer):
         return [self.out / "results.json", self.out / GC_CLASSIFICATION_FILE, self.out / GC_LIKELIHOOD_FILE]
 
     def finish(self, cases: list[Case]) -> None:
-        write_text(self.out / "results.json", _json_text([self.entry(c) for c in cases]))
+        results, label_file, likelihood_file = self.summary_files()
+        write_text(results, _json_text([self.entry(c) for c in cases]))
         if self.cls and len(cases) == 1 and cases[0].ok:
             pred = cases[0].prediction
             probs = {k: float(pred.probabilities[k]) for k in CLASS_NAMES}
-            write_text(self.out / GC_CLASSIFICATION_FILE, _json_text({"label": pred.label, "probabilities": probs}))
-            write_text(self.out / GC_LIKELIHOOD_FILE, _json_text(probs["malignant"]))
+            write_text(label_file, _json_text({"label": pred.label, "probabilities": probs}))
+            write_text(likelihood_file, _json_text(probs["malignant"]))
         else:  # an earlier one-input run's answer must not stand beside this run's results.json
-            for name in (GC_CLASSIFICATION_FILE, GC_LIKELIHOOD_FILE):
-                (self.out / name).unlink(missing_ok=True)
+            for path in (label_file, likelihood_file):
+                path.unlink(missing_ok=True)
         super().finish(cases)
 
 
@@ -263,16 +266,15 @@ class PACEWriter(_Writer):
         return _csv_text(("image_id", "label"), [(c.name, c.prediction.label.capitalize()) for c in cases if c.ok])
 
     def summary_files(self) -> list[Path]:
-        return [self.out / "classification" / name for name in ("predictions.csv", "probabilities.csv")
-                if self.cls]
+        return [self.out / PACE_LABELS, self.out / PACE_PROBABILITIES] if self.cls else []
 
     def finish(self, cases: list[Case]) -> None:
         if self.cls:
             probs = [(c.name, *(f"{float(c.prediction.probabilities[k]):.6f}" for k in CLASS_NAMES))
                      for c in cases if c.ok]
-            write_text(self.out / "classification" / "predictions.csv", self.labels_csv(cases))
-            write_text(self.out / "classification" / "probabilities.csv",
-                       _csv_text(("image_id", *CLASS_NAMES), probs))
+            labels, probabilities = self.summary_files()
+            write_text(labels, self.labels_csv(cases))
+            write_text(probabilities, _csv_text(("image_id", *CLASS_NAMES), probs))
         super().finish(cases)
 
 
@@ -282,18 +284,18 @@ class CodabenchWriter(PACEWriter):
     same bytes)."""
 
     def summary_files(self) -> list[Path]:
-        return ([self.out / "classification.csv"] if self.cls else []) + [self.out / "submission.zip"]
+        return ([self.out / CODABENCH_LABELS] if self.cls else []) + [self.out / CODABENCH_ZIP]
 
     def finish(self, cases: list[Case]) -> None:
         members = {}
         if self.cls:
-            write_text(self.out / "classification.csv", self.labels_csv(cases))
-            members["classification.csv"] = self.out / "classification.csv"
+            write_text(self.out / CODABENCH_LABELS, self.labels_csv(cases))
+            members[CODABENCH_LABELS] = self.out / CODABENCH_LABELS
         if self.seg:
             for c in cases:
                 if c.ok:
                     members[self.mask_path(c).relative_to(self.out).as_posix()] = self.mask_path(c)
-        write_zip(self.out / "submission.zip", members)
+        write_zip(self.out / CODABENCH_ZIP, members)
         _Writer.finish(self, cases)
 
 
