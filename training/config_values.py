@@ -99,7 +99,7 @@ def check_values(cfg: dict) -> None:
         if key in cfg[section]:
             value = cfg[section][key]
             x = float(value) if number(value) else math.nan
-            if not (x >= low if low_ok else x > low) or not x <= (math.inf if high is None else high) or x == math.inf:
+            if not math.isfinite(x) or x < low or (x == low and not low_ok) or (high is not None and x > high):
                 raise ValueProblem(f"config key {section}.{key} is {value!r}: give {want}")
     if float(cfg["loss"]["seg_weight"]) == float(cfg["loss"]["cls_weight"]) == 0:
         raise ValueProblem("config keys loss.seg_weight and loss.cls_weight are both 0: nothing would train")

@@ -517,7 +517,8 @@ def score_case(case: Case | Mapping, tau: float = 2.0) -> dict:
     seg = segmentation_metrics(gt, pred, case.spacing, tau)
     if case.pred is None and not seg["has_lesion"]:  # a failure, not a correct empty prediction
         sy, sx = _spacing(case.spacing)
-        seg.update(pred_empty=False, pred_area=float(gt.size * sy * sx), fp_area=float(gt.size * sy * sx))
+        area = float(gt.size * sy * sx)
+        seg.update(pred_empty=False, pred_area=area, fp_area=area)
     probs = _probs(case.probabilities)
     pred_label = class_index(case.pred_label)
     if pred_label < 0 and probs is not None:
