@@ -210,10 +210,13 @@ def test_a_new_run_into_the_folder_of_an_earlier_run_is_refused(tiny_dataset, ca
     from click.testing import CliRunner
 
     from training import train as train_mod
+    from training.run_state import RUN_FILES
 
     cfg = tiny_cfg("sd-h", epochs=2)
     run = tmp_path / "run"
     train(cfg, tiny_dataset, run, "cpu", cache_dir, stop_after=1)
+    # every file a run writes but its config.yaml marks the folder as an earlier run's
+    assert {p.name for p in run.iterdir()} == set(RUN_FILES) | {"config.yaml"}
     before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*")}
     with pytest.raises(click.ClickException, match=rf"--out {run} holds an earlier run \(state\.pt, last, best, "
                                                    r"log\.json, log\.csv, summary\.json, curves\.png\); pass --resume to continue it, or "

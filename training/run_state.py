@@ -21,8 +21,11 @@ STATE_NAME = "state.pt"
 LIMIT_RULE = "each class in turn"
 
 
-# what a run writes into its folder once an epoch has ended (config.yaml alone: none had)
-RUN_FILES = (STATE_NAME, "last", "best", "log.json", "log.csv", "summary.json", "curves.png")
+# what a run writes into its folder once an epoch has ended (config.yaml alone: none had); train.py
+# writes them under these names
+LAST_DIR, BEST_DIR = "last", "best"
+LOG_JSON, LOG_CSV, SUMMARY_JSON, CURVES_PNG = "log.json", "log.csv", "summary.json", "curves.png"
+RUN_FILES = (STATE_NAME, LAST_DIR, BEST_DIR, LOG_JSON, LOG_CSV, SUMMARY_JSON, CURVES_PNG)
 
 
 def refuse_earlier_run(out: Path) -> None:

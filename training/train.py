@@ -46,8 +46,9 @@ from .curriculum import curriculum_generator, curriculum_phase, guide_masks
 from .datasets import DataError, Record, limit_records, load_pair, load_records
 from .losses import multitask_loss
 from .metrics import auc_macro, dice, to_jsonable
-from .run_state import (LIMIT_RULE, STATE_NAME, data_digest, load_resume_state, refuse_earlier_run, save_state,
-                        set_rng_state, views_left_out)
+from .run_state import (BEST_DIR, CURVES_PNG, LAST_DIR, LIMIT_RULE, LOG_CSV, LOG_JSON, STATE_NAME, SUMMARY_JSON,
+                        data_digest, load_resume_state, refuse_earlier_run, save_state, set_rng_state,
+                        views_left_out)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -227,9 +228,9 @@ def evaluate_epoch(model, loader, device, bf16, cfg) -> dict:
 
 
 def write_logs(out: Path, history: list[dict]) -> None:
-    write_text(out / "log.json", json.dumps(to_jsonable(history), indent=1, allow_nan=False) + "\n")
+    write_text(out / LOG_JSON, json.dumps(to_jsonable(history), indent=1, allow_nan=False) + "\n")
     keys = list(history[0])
-    with atomic_path(out / "log.csv") as tmp, open(tmp, "w", newline="") as fh:
+    with atomic_path(out / LOG_CSV) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, keys)
         w.writeheader()
         w.writerows(history)
@@ -252,7 +253,7 @@ def plot_curves(out: Path, history: list[dict]) -> None:
     axes[1].set_xlabel("epoch")
     axes[1].legend()
     fig.tight_layout()
-    with atomic_path(out / "curves.png") as tmp:
+    with atomic_path(out / CURVES_PNG) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
 
@@ -399,8 +400,8 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
             value = row.get(best["metric"], float("nan"))
             if value == value and value > best["value"]:
                 best = {"epoch": epoch, "value": value, "metric": best["metric"]}
-                save_model(net, out / "best", provenance=provenance(cfg, data, epoch, row))
-            save_model(net, out / "last", provenance=provenance(cfg, data, epoch, row))
+                save_model(net, out / BEST_DIR, provenance=provenance(cfg, data, epoch, row))
+            save_model(net, out / LAST_DIR, provenance=provenance(cfg, data, epoch, row))
             save_state(state_path, net, opt, sched, epoch, history, best, cfg, run_info)
             write_logs(out, history)
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
@@ -409,7 +410,7 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
             break
     if rank == 0 and history:
         plot_curves(out, history)
-        write_text(out / "summary.json", json.dumps(to_jsonable({"best": best, "last": history[-1]}), indent=2,
+        write_text(out / SUMMARY_JSON, json.dumps(to_jsonable({"best": best, "last": history[-1]}), indent=2,
                                                         allow_nan=False) + "\n")
     if distributed:
         dist.destroy_process_group()
