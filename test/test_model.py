@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import shutil
 import subprocess
@@ -11,13 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.checkpoint import CheckpointError, encoder_weights_info, load_model, save_ensemble, save_model
 from model.encoders import ENCODERS, WeightsError, build_encoder
 from model.encoders.weights import load_image_encoder_state, litemedsam_checkpoint
 from model.network import PFSAMNet, make_config
 from model.predictor import Predictor
-from model.preprocessing import SAM_PIXEL_MEAN, SAM_PIXEL_STD, mask_to_model, postprocess, preprocess
+from model.preprocessing import (SAM_PIXEL_MEAN, SAM_PIXEL_STD, Geometry, mask_to_model, postprocess,
+                                 postprocess_with_logits, preprocess)
 from synthetic import make_ultrasound
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,6 +231,40 @@ def test_pre_post_round_trip_keeps_the_exact_size(hw, size):
     assert mask.shape == hw and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
 
 
+def test_the_mask_threshold_is_a_probability():
+    """``threshold`` (ensemble.json ``postprocess.threshold``, tuned on validation) cuts the lesion
+    probability: a pixel of probability 0.7 is lesion at 0.6, not at 0.8, in both mask paths."""
+    geom = Geometry(40, 30, 256)
+    logits = torch.full((64, 64), math.log(0.7 / 0.3))
+    for thr, expected in ((0.6, 1), (0.8, 0), (0.5, 1)):
+        assert (postprocess(logits, geom, threshold=thr) == expected).all(), thr
+        mask, full = postprocess_with_logits(logits, geom, threshold=thr)
+        assert (mask == expected).all() and mask.shape == (40, 30), thr
+        assert np.allclose(full, math.log(0.7 / 0.3), atol=1e-3)
+
+
+def test_the_mask_edge_lies_where_the_logits_cross_zero_between_grid_cells():
+    """Logits are interpolated linearly between the head's grid cells, not repeated per cell: a
+    logit ramp crossing zero at column 31.7 of a 64 grid puts the edge of the 256-pixel mask after
+    pixel 128.3 (the cell centres at 4 j + 1.5), where repeating each cell would start it at 128."""
+    ramp = torch.arange(64, dtype=torch.float32) - 31.7
+    for logits, axis in ((ramp.expand(64, 64), 1), (ramp[:, None].expand(64, 64), 0)):
+        mask = postprocess(logits, Geometry(256, 256, 256))
+        assert mask.any(axis=1 - axis).sum() == 256 - 129 and not mask.take(128, axis=axis).any(), axis
+
+
+def test_a_large_mask_resized_in_bands_equals_one_resize():
+    """Above 2048 x 2048 pixels the mask is resized in bands of rows (no full-size float copy): the
+    same pixels as one bilinear resize, whatever the band height."""
+    torch.manual_seed(0)
+    logits = F.interpolate(torch.randn(1, 1, 16, 16) * 4, size=(64, 64), mode="bilinear")[0, 0]
+    geom = Geometry(2300, 1900, 256)  # 4.4 Mpx: banded
+    one, _ = postprocess_with_logits(logits, geom)
+    assert 0.2 < one.mean() < 0.8
+    for rows in (500, 1024, 4096):
+        assert np.array_equal(postprocess(logits, geom, band_rows=rows), one), rows
+
+
 def test_mirror_flips_each_item_within_its_width_and_keeps_the_padding():
     from model.preprocessing import grid_widths, mirror
 
@@ -267,6 +304,65 @@ def test_normalisation_is_the_encoders_own():
     assert float(x16.max()) == 1.0 and torch.equal(x16[0], x16[1])
     with pytest.raises(ValueError, match="unknown normalisation"):
         preprocess(img, 256, "imagenet")
+
+
+
+def test_resize_and_normalisation_are_segment_anythings():
+    """The input size of every image and the pixel mean and std are those of segment-anything's own
+    pipeline (``ResizeLongestSide``, ``Sam``), which the SAM-family encoders were trained with: a
+    rounding or a channel order of our own would shift every input the shipped heads learnt from."""
+    import inspect
+
+    transforms = pytest.importorskip("segment_anything.utils.transforms")
+    from segment_anything.modeling.sam import Sam
+
+    for size in (256, 1024):
+        for h, w in [(3, 5), (5, 3), (317, 211), (211, 317), (600, 1023), (1023, 600), (333, 444), (7, 1000),
+                     (1000, 7), (480, 641), (641, 480), (256, 256)]:
+            assert Geometry(h, w, size).resized == transforms.ResizeLongestSide.get_preprocess_shape(h, w, size), (h, w)
+    defaults = inspect.signature(Sam.__init__).parameters
+    assert list(SAM_PIXEL_MEAN) == defaults["pixel_mean"].default
+    assert list(SAM_PIXEL_STD) == defaults["pixel_std"].default
+
+
+def test_downscaling_averages_fine_detail_instead_of_sampling_it():
+    """Antialiased bilinear: columns alternating black and white, halved, become a uniform mid grey
+    (speckle finer than the network's pixels is averaged, as in training), where sampling every
+    other pixel would give all black or all white."""
+    stripes = np.zeros((512, 512), np.uint8)
+    stripes[:, 1::2] = 255
+    x, geom = preprocess(stripes, 256, "sam")
+    assert geom.resized == (256, 256)
+    grey = (127.5 - np.array(SAM_PIXEL_MEAN)) / np.array(SAM_PIXEL_STD)
+    inner = x[:, :, 1:-1].numpy()  # the first and last columns see the border
+    assert np.allclose(inner, grey[:, None, None], atol=1 / 57), (float(x.min()), float(x.max()))
+
+
+def test_each_colour_channel_reaches_its_own_input_channel():
+    """A colour image (here red = green, blue apart, which is not grey) gives the network its red,
+    green and blue planes in that order, each as that plane alone would."""
+    img, _ = make_ultrasound(120, 90, seed=4)
+    rgb = np.stack([img, img, img // 2], -1)
+    x, _ = preprocess(rgb, 256, "sam")
+    for c in range(3):
+        plane, _ = preprocess(np.ascontiguousarray(rgb[..., c]), 256, "sam")
+        assert torch.equal(x[c], plane[c]), c
+    assert not torch.allclose(x[2], preprocess(img, 256, "sam")[0][2])
+
+
+def test_grey_with_alpha_is_the_grey_image():
+    """Grey + alpha (PNG mode LA) reaches the network as its grey channel: the alpha, which any image
+    may carry, is dropped, never read as the image. A 1-bit image is black and white (0 and 255),
+    as the same image stored at 8 bits."""
+    img, _ = make_ultrasound(120, 90, seed=4)
+    alpha = np.random.default_rng(0).integers(0, 256, img.shape, dtype=np.uint8)
+    for norm in ("sam", "minmax"):
+        x, _ = preprocess(img, 256, norm)
+        xa, _ = preprocess(np.stack([img, alpha], -1), 256, norm)
+        assert torch.equal(x, xa), norm
+    bits = img > 128
+    for norm in ("sam", "minmax"):
+        assert torch.equal(preprocess(bits, 256, norm)[0], preprocess(bits.astype(np.uint8) * 255, 256, norm)[0]), norm
 
 
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
