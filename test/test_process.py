@@ -251,6 +251,23 @@ def test_pace_masks_csvs_and_overlays(pace_run):
         assert r["label"].lower() == max(p, key=p.get)
 
 
+def test_pace_outputs_are_the_predictors_answers(pace_run, predictor, inputs):
+    """Each image's mask, label and probabilities in the PACE files are what the predictor answers for
+    that image alone (probabilities to the 6 decimals written, and the float rounding of a batch of two), not only well-formed."""
+    res, out, sizes = pace_run
+    root, _ = inputs
+    labels = {r["image_id"]: r["label"] for r in csv.DictReader(open(out / "classification" / "predictions.csv"))}
+    probs = {r["image_id"]: r for r in csv.DictReader(open(out / "classification" / "probabilities.csv"))}
+    for path in sorted(root.rglob("*.*")):
+        pred = predictor.predict_one(inference_io.read_image(path).array)
+        name = _stem(path.name)
+        assert labels[name] == pred.label.capitalize(), name
+        for k in CLASSES:
+            assert float(probs[name][k]) == pytest.approx(pred.probabilities[k], abs=2e-6), (name, k)
+        mask = np.asarray(Image.open(out / "segmentation" / f"{name}_mask.png"))
+        np.testing.assert_array_equal(mask, pred.mask * 255, err_msg=name)
+
+
 def test_pace_and_gc_agree(pace_run, gc_run):
     _, pace_out, sizes = pace_run
     _, gc_out, _ = gc_run
