@@ -600,6 +600,54 @@ def test_ensemble_takes_mask_and_class_from_the_named_members(tmp_path):
     assert np.allclose([out2.probabilities[k] for k in ("normal", "benign", "malignant")], probs2, atol=1e-5)
 
 
+def test_ensemble_weights_give_a_weighted_mean_of_the_members_probabilities(tmp_path):
+    """Weights 3 : 1 (ensemble.json) average the members' mask and class probabilities 3 : 1, for
+    masks and classes alike: the weights need not sum to 1."""
+    sd = small_net("sam_vit_b", "sd-h", "gap", size=128, seed=1)
+    mg = small_net("sam_vit_b", "sd-h", "mgc-a", size=128, seed=2)
+    d = save_ensemble(tmp_path / "ens", {"sd-h": sd, "mgc-a": mg}, {"sd-h": 3.0, "mgc-a": 1.0},
+                      {"sd-h": 1.0, "mgc-a": 3.0})
+    pred = Predictor.from_dir(d, device="cpu", precision="fp32")
+    img, _ = make_ultrasound(256, 256, seed=5)
+    x, _ = preprocess(img, 128, "sam")
+    seg, cls = pred.forward(x[None])
+    with torch.no_grad():
+        o_sd, o_mg = sd(x[None]), mg(x[None])
+    mask = lambda o: torch.sigmoid(o["mask_logits"][:, 0])  # noqa: E731
+    klass = lambda o: torch.softmax(o["class_logits"], -1)  # noqa: E731
+    assert torch.allclose(seg, (3 * mask(o_sd) + mask(o_mg)) / 4, atol=1e-5)
+    assert torch.allclose(cls, (klass(o_sd) + 3 * klass(o_mg)) / 4, atol=1e-5)
+    assert abs(float(cls.sum()) - 1) < 1e-5
+
+
+def test_postprocess_options_of_ensemble_json_shape_the_mask(tmp_path):
+    """``postprocess`` in ensemble.json: ``threshold`` cuts the mask probability, ``largest_component``
+    keeps the largest 4-connected lesion, ``gate_normal`` empties the mask of an image labelled
+    normal and of no other."""
+    from model.preprocessing import Geometry
+
+    d, _, _ = make_ensemble(tmp_path)
+    pred = Predictor.from_dir(d, device="cpu", precision="fp32")
+    geom = Geometry(64, 64, 128)
+    prob = torch.full((32, 32), 0.1)
+    prob[4:20, 4:20] = 0.7  # the large lesion
+    prob[26:29, 26:29] = 0.9  # a small one apart from it
+    benign = torch.tensor([0.2, 0.5, 0.3])
+    full = pred.finish(prob, benign, geom).mask  # each grid cell 2 x 2 pixels
+    big, small = (slice(0, 45), slice(0, 45)), (slice(48, 64), slice(48, 64))
+    assert full[10:38, 10:38].all() and full[big].sum() < 36 * 36 and full[small].any()
+    pred.post = {**pred.post, "threshold": 0.8}
+    high = pred.finish(prob, benign, geom).mask
+    assert not high[big].any() and high[small].any() and high.sum() < full[small].sum()
+    pred.post = {**pred.post, "threshold": 0.5, "largest_component": True}
+    largest = pred.finish(prob, benign, geom).mask
+    assert largest[10:38, 10:38].all() and not (largest[big] & ~full[big]).any() and not largest[small].any()
+    pred.post = {**pred.post, "largest_component": False, "gate_normal": True}
+    assert np.array_equal(pred.finish(prob, benign, geom).mask, full)
+    normal = pred.finish(prob, torch.tensor([0.5, 0.3, 0.2]), geom)
+    assert normal.label == "normal" and not normal.mask.any()
+
+
 def test_loading_draws_no_random_weights_and_sets_every_tensor(tmp_path, monkeypatch):
     """Loading a model skips the random initial weights its files overwrite (0.8 s per ViT-B, 4.6 s
     per ViT-L on a 2-core CPU), yet every tensor equals the saved one; a model built to be trained
