@@ -907,6 +907,29 @@ def test_overlay_draws_the_contour_and_the_label():
     assert render_overlay(np.zeros((30, 40, 4), np.uint16), None, "normal", None).shape == (30, 40, 3)
 
 
+def test_overlay_shows_the_image_as_it_is_and_the_probability_of_its_label():
+    """A 16-bit image is shown from its own darkest to its brightest value (black to white), a colour
+    image in its colours; the contour widens with the image (3 pixels at 600 x 800, as seen in a
+    viewer); the text gives the probability of the label shown, not the highest of the others."""
+    from model.overlay import to_display_rgb
+
+    grey16 = np.array([[1000, 1500], [2000, 1000]], np.uint16)
+    assert to_display_rgb(grey16)[..., 0].tolist() == [[0, 128], [255, 0]]
+    colour = synthetic_ultrasound(20, 30, 2)[0][..., None] * np.array([1, 0, 0], np.uint8)
+    assert np.array_equal(to_display_rgb(colour), colour)
+    img = np.full((600, 800), 100, np.uint8)
+    mask = np.zeros((600, 800), np.uint8)
+    mask[200:400, 300:600] = 1
+    ov = render_overlay(img, mask, None, None)
+    assert (ov[200:203, 450] == (255, 40, 40)).all() and (ov[203, 450] == 100).all()
+    assert (ov[300, 597:600] == (255, 40, 40)).all() and (ov[300, 596] == 100).all()
+
+    def shown(malignant):
+        return render_overlay(img, mask, "benign", {"normal": 0.2 - malignant / 10, "benign": 0.3,
+                                                    "malignant": 0.5 + malignant / 10})
+    assert np.array_equal(shown(0), shown(1))  # "Benign 0.30" both times
+
+
 def test_no_temporary_files_are_left(gc_run):
     _, out, _ = gc_run
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]
