@@ -306,7 +306,6 @@ def test_normalisation_is_the_encoders_own():
         preprocess(img, 256, "imagenet")
 
 
-
 def test_resize_and_normalisation_are_segment_anythings():
     """The input size of every image and the pixel mean and std are those of segment-anything's own
     pipeline (``ResizeLongestSide``, ``Sam``), which the SAM-family encoders were trained with: a
