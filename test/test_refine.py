@@ -63,6 +63,27 @@ def test_boxes_come_from_the_largest_component():
     assert mask_boxes(prob[:1], 0.5, 1024, margin=0)[0] == [120.0, 400.0, 359.0, 599.0]
 
 
+def test_the_box_is_drawn_around_the_mask_of_the_ensembles_threshold(tmp_path, refiner):
+    """The box prompt surrounds the mask the ensemble's own ``postprocess.threshold`` gives, as the
+    mask written would be cut, not a fixed 0.5: at 0.7 only the core of this lesion is inside it."""
+    prob = torch.zeros(1, 64, 64)
+    prob[0, 10:40, 10:40] = 0.6
+    prob[0, 20:30, 20:30] = 0.9
+    assert mask_boxes(prob, 0.5, 256, margin=0)[0] == [40.0, 40.0, 159.0, 159.0]
+    assert mask_boxes(prob, 0.7, 256, margin=0)[0] == [80.0, 80.0, 119.0, 119.0]
+    ens = make_test_ensemble(tmp_path / "ens")
+    spec_path = ens / "ensemble.json"
+    spec = json.loads(spec_path.read_text())
+    spec["postprocess"].update(threshold=0.7, refine={"type": "box", "margin": 5, "blend": 1.0})
+    spec_path.write_text(json.dumps(spec))
+    pred = Predictor.from_dir(ens, device="cpu")
+    emb = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(0))
+    at_07 = BoxRefiner(256, 5, 1.0, threshold=0.7)
+    at_07.load_state_dict(refiner.state_dict())
+    assert torch.equal(pred.refiner(emb, prob), at_07.eval()(emb, prob))
+    assert not torch.equal(pred.refiner(emb, prob), refiner(emb, prob))  # refiner: the default 0.5
+
+
 def test_refinement_keeps_empty_masks_and_reshapes_the_rest(refiner):
     img, _ = make_ultrasound(256, 256, seed=3)
     x, _ = preprocess(img, 256, "minmax")
