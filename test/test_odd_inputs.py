@@ -915,3 +915,18 @@ def test_a_ybr_colour_dicom_is_read_as_rgb(tmp_path):
     got = read_image(tmp_path / "colour.dcm").array
     assert got.shape == rgb.shape and np.abs(got.astype(int) - rgb).max() <= 1
     assert np.abs(got.astype(int) - ybr).max() > 50  # not the raw Y, Cb, Cr
+
+
+def test_the_smallest_side_accepted_is_16_pixels():
+    """16 px on each side is the least the model takes (an image one pixel smaller on either side is
+    refused naming its size); the check reads the image's height and width, not its channels."""
+    from model.image import ImageReadError, LoadedImage
+    from model.inference import check_content
+
+    rng = np.random.default_rng(0)
+    for h, w in ((16, 16), (16, 400), (400, 16)):
+        img = LoadedImage(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), path=f"{h}x{w}.png")
+        assert check_content(img) is img
+    for h, w in ((15, 16), (16, 15), (15, 400), (400, 15)):
+        with pytest.raises(ImageReadError, match=rf"image is {w}x{h} px; at least 16 px per side"):
+            check_content(LoadedImage(rng.integers(0, 256, (h, w), dtype=np.uint8), path="small.png"))
