@@ -1041,3 +1041,58 @@ def test_curriculum_draws_replay_per_epoch_and_differ_between_torchrun_ranks():
     ranks = [picks(curriculum_generator(3, 25, rank, 2)) for rank in (0, 1)]
     assert ranks[0] != ranks[1] and ranks[0] == picks(curriculum_generator(3, 25, 0, 2))
     assert 16 < sum(ranks[0]) < 48 and 16 < sum(ranks[1]) < 48  # about half ground truth on each
+
+
+def _reference_loss(logits: np.ndarray, target: np.ndarray, class_logits: np.ndarray, labels: np.ndarray,
+                    eps: float = 1e-6) -> dict:
+    """The paper's loss in float64 numpy, written out from its formula (not from training.losses)."""
+    x, g = logits.astype(np.float64), target.astype(np.float64)
+    bce = float(np.mean(np.maximum(x, 0) - x * g + np.log1p(np.exp(-np.abs(x)))))  # BCE on the logits
+    p = (1 / (1 + np.exp(-x))).reshape(len(x), -1)
+    gf = g.reshape(len(g), -1)
+    dice = float(np.mean(1 - (2 * (p * gf).sum(1) + eps) / (p.sum(1) + gf.sum(1) + eps)))
+    z = class_logits.astype(np.float64)
+    logp = z - z.max(1, keepdims=True) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+    ce = float(-np.mean(logp[np.arange(len(z)), labels]))
+    return {"loss": 0.6 * (bce + dice) + 0.4 * ce, "seg": bce + dice, "bce": bce, "dice": dice, "ce": ce}
+
+
+def test_loss_is_the_papers_weighted_bce_dice_and_ce():
+    """0.6 * (BCE + Dice) + 0.4 * CE on a malignant and a normal synthetic image: BCE on the logits
+    (a confidently wrong pixel costs its logit, not the 100 a clamped log of a probability gives),
+    Dice per image with eps = 1e-6, averaged over the batch (the normal image's empty mask gives
+    1 - eps / (sum(p) + eps), far from 0 even for a nearly empty prediction), CE on the class logits."""
+    from synthetic import make_ultrasound
+
+    masks = np.stack([make_ultrasound(48, 64, lesion=True, seed=3, malignant=True)[1],
+                      make_ultrasound(48, 64, lesion=False, seed=4)[1]]).astype(np.float32)
+    assert masks[0].any() and not masks[1].any()
+    rng = np.random.default_rng(0)
+    logits = np.where(masks > 0, 3.0, -3.0) + rng.normal(0, 2, masks.shape)
+    logits[0, :4] = 40.0  # confidently wrong: background called lesion (sigmoid(40) == 1.0 in float32)
+    logits[1] = -20.0  # the normal image: nearly empty, sum(p) ~ 6e-6, comparable to eps
+    class_logits = np.array([[0.2, -1.0, 2.5], [1.5, 0.3, -0.7]], np.float32)
+    labels = np.array([2, 0])
+    got = multitask_loss(torch.tensor(logits, dtype=torch.float32), torch.tensor(masks),
+                         torch.tensor(class_logits), torch.tensor(labels))
+    want = _reference_loss(logits.astype(np.float32), masks, class_logits, labels)
+    for key, value in want.items():
+        assert float(got[key]) == pytest.approx(value, rel=1e-4), (key, float(got[key]), value)
+    normal_dice = _reference_loss(logits[1:].astype(np.float32), masks[1:], class_logits[1:], labels[1:])["dice"]
+    assert 0.1 < normal_dice < 0.9  # eps decides this value: it is not simply 0 or 1
+    # a perfect, confident prediction costs (almost) nothing for the mask
+    perfect = multitask_loss(torch.tensor(np.where(masks > 0, 30.0, -30.0), dtype=torch.float32), torch.tensor(masks),
+                             torch.tensor(class_logits), torch.tensor(labels))
+    assert float(perfect["bce"]) < 1e-6 and float(perfect["dice"]) < 0.05
+
+
+def test_the_paper_configs_use_the_papers_loss_and_optimiser_settings():
+    """training/configs/{sd-h,mgc-a}.yaml are the paper's runs: loss 0.6 / 0.4 with eps 1e-6, Adam at
+    lr 1e-4 without weight decay, 60 epochs; every shipped config keeps the paper's loss."""
+    for variant in ("sd-h", "mgc-a"):
+        cfg = load_config(REPO / "training" / "configs" / f"{variant}.yaml", {})
+        assert cfg["loss"] == {"seg_weight": 0.6, "cls_weight": 0.4, "eps": 1e-6}, variant
+        assert cfg["optim"]["lr"] == 1e-4 and cfg["optim"].get("weight_decay", 0) == 0 and cfg["epochs"] == 60
+    for path in sorted((REPO / "training" / "configs").glob("*.yaml")):
+        assert load_config(path, {})["loss"] == {"seg_weight": 0.6, "cls_weight": 0.4, "eps": 1e-6}, path
+
