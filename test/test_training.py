@@ -1096,3 +1096,27 @@ def test_the_paper_configs_use_the_papers_loss_and_optimiser_settings():
     for path in sorted((REPO / "training" / "configs").glob("*.yaml")):
         assert load_config(path, {})["loss"] == {"seg_weight": 0.6, "cls_weight": 0.4, "eps": 1e-6}, path
 
+
+def test_guide_masks_of_each_phase():
+    """gt: the ground truth; pred: the sigmoid of the prediction, detached (the classifier's loss
+    does not train the segmentation head through its guide); mixed: per image either the ground
+    truth (with probability p_gt) or the prediction, never a blend."""
+    from synthetic import make_ultrasound
+    from training.curriculum import guide_masks
+
+    gt = torch.tensor(np.stack([make_ultrasound(32, 40, seed=s)[1] for s in range(200)]), dtype=torch.float32)
+    logits = torch.full((200, 1, 32, 40), -1.0, requires_grad=True)  # sigmoid 0.27: neither 0 nor 1
+    assert torch.equal(guide_masks("gt", gt, logits, 0.5, None), gt[:, None])
+    pred = guide_masks("pred", gt, logits, 0.5, None)
+    assert torch.allclose(pred, torch.sigmoid(logits)) and not pred.requires_grad
+
+    def gt_share(p_gt):
+        out = guide_masks("mixed", gt, logits, p_gt, torch.Generator().manual_seed(1))
+        is_gt = [torch.equal(o, g[None]) for o, g in zip(out, gt)]
+        is_pred = [torch.allclose(o, torch.sigmoid(lg)) for o, lg in zip(out, logits)]
+        assert all(a != b for a, b in zip(is_gt, is_pred))  # each image one or the other
+        return sum(is_gt) / len(is_gt)
+
+    assert gt_share(1.0) == 1 and gt_share(0.0) == 0
+    assert 0.8 < gt_share(0.9) < 0.97 and 0.03 < gt_share(0.1) < 0.2
+
