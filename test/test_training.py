@@ -1120,3 +1120,27 @@ def test_guide_masks_of_each_phase():
     assert gt_share(1.0) == 1 and gt_share(0.0) == 0
     assert 0.8 < gt_share(0.9) < 0.97 and 0.03 < gt_share(0.1) < 0.2
 
+
+def test_fixed_views_and_the_views_each_class_draws_from(tiny_dataset):
+    """The cache's fixed views: hflip mirrors image and mask together, zoom is the central 85 % (7.5 %
+    off each side), bright is gamma 0.8 and gain 1.1 (brighter). The paper's class rule: normal
+    images draw from every view (strong), malignant from orig/hflip/zoom (milder), benign flips only."""
+    from training.augment import apply_view, class_views
+
+    recs = [r for r in load_records(tiny_dataset, "train") if r.label == "malignant"]
+    image, mask = load_pair(recs[0])
+    h, w = mask.shape
+    img_f, m_f = apply_view(image, mask, "hflip")
+    assert np.array_equal(img_f, image[:, ::-1]) and np.array_equal(m_f, mask[:, ::-1])
+    assert not np.array_equal(m_f, mask)  # the lesion is off the vertical midline: the flip moves it
+    img_z, m_z = apply_view(image, mask, "zoom")
+    dh, dw = int(h * 0.075), int(w * 0.075)
+    assert np.array_equal(img_z, image[dh:h - dh, dw:w - dw]) and np.array_equal(m_z, mask[dh:h - dh, dw:w - dw])
+    img_b, m_b = apply_view(image, mask, "bright")
+    scaled = (image.astype(np.float32) - image.min()) / (image.max() - image.min())
+    want = (np.clip(scaled ** 0.8 * 1.1, 0, 1) * 255).astype(np.uint8)
+    assert np.abs(img_b.astype(int) - want.astype(int)).max() <= 1 and m_b is mask
+    assert img_b.mean() > image.mean() + 10
+    assert class_views(["orig", "hflip", "zoom", "bright"]) == {"normal": [0, 1, 2, 3], "malignant": [0, 1, 2],
+                                                                 "benign": [0, 1]}
+    assert class_views(["orig", "bright"]) == {"normal": [0, 1], "malignant": [0], "benign": [0]}
