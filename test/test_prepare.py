@@ -541,3 +541,38 @@ def test_real_busi_near_duplicates(tmp_path):
         if d["kept"]:
             assert len({side[i] for i in d["kept"]}) == 1, d["kept"]
     assert report["near_duplicates"]["pairs"] >= 150 and report["near_duplicates"]["dropped_conflicting"] >= 10
+
+
+def test_the_split_follows_the_seed_and_takes_the_fraction_of_each_source_and_class():
+    """Single images (no patients): the validation side holds round(fraction * n) of every (source,
+    label), whatever the seed; the seed decides which images, the same seed the same ones."""
+    rows = [{"image_id": f"PACE_{k:05d}_{code}_{src}", "label": label, "source": src, "patient_id": ""}
+            for src, counts in (("BUS", (40, 90, 45)), ("BBR", (0, 25, 15)))
+            for code, label, n in zip(("000", "001", "002"), ("normal", "benign", "malignant"), counts)
+            for k in range(n)]
+    splits = {seed: prep.assign_split(rows, 0.2, seed) for seed in (0, 1)}
+    assert prep.assign_split(rows, 0.2, 0) == splits[0] and splits[0] != splits[1]
+    for split in splits.values():
+        total = Counter((r["source"], r["label"]) for r in rows)
+        val = Counter((r["source"], r["label"]) for r in rows if split[r["image_id"]] == "val")
+        assert val == Counter({k: round(0.2 * n) for k, n in total.items()}), val
+    assert Counter(prep.assign_split(rows, 0.3, 0).values())["val"] == sum(
+        round(0.3 * n) for n in Counter((r["source"], r["label"]) for r in rows).values())
+
+
+def test_a_normal_image_with_a_non_empty_mask_gets_an_empty_mask_and_a_warning(tmp_path):
+    """A normal image has no lesion: a mask file drawn on it anyway is written empty (all zero), and
+    the report says so; the lesion images' masks are kept."""
+    root = tmp_path / "BUSI"
+    for i in range(1, 4):
+        write_png(root / "benign" / f"benign ({i}).png", noise(700 + i))
+        write_png(root / "benign" / f"benign ({i})_mask.png", box(4, 12, 5, 15))
+    write_png(root / "normal" / "normal (1).png", noise(710))
+    write_png(root / "normal" / "normal (1)_mask.png", box(2, 9, 3, 11))
+    out = tmp_path / "out"
+    run_cli(["--busi", str(root), "--out", str(out)])
+    by_label = {r["label"]: r["image_id"] for r in read_csv(out / "labels.csv")}
+    assert not read_image(out / "masks" / f"{by_label['normal']}.png").array.any()
+    assert np.array_equal(read_image(out / "masks" / f"{by_label['benign']}.png").array, box(4, 12, 5, 15))
+    report = json.loads((out / "report.json").read_text())
+    assert [w["image_id"] for w in report["warnings"] if "non-empty mask" in w["reason"]] == [by_label["normal"]]
