@@ -1144,3 +1144,33 @@ def test_fixed_views_and_the_views_each_class_draws_from(tiny_dataset):
     assert class_views(["orig", "hflip", "zoom", "bright"]) == {"normal": [0, 1, 2, 3], "malignant": [0, 1, 2],
                                                                  "benign": [0, 1]}
     assert class_views(["orig", "bright"]) == {"normal": [0, 1], "malignant": [0], "benign": [0]}
+
+
+def test_cache_encodes_each_view_for_the_classes_that_draw_it(tiny_dataset, tmp_path):
+    """training.cache passes views_for_classes: a view is encoded only for the training images of the
+    classes that sample it (bright: normal only, zoom: normal and malignant), none for benign."""
+    from training.cache import views_for_classes
+
+    views = ["orig", "zoom", "bright"]
+    assert views_for_classes(views) == {"orig": ["normal", "malignant", "benign"], "zoom": ["normal", "malignant"],
+                                        "bright": ["normal"]}
+    model = build_model(tiny_cfg("sd-h"))
+    records = [next(r for r in load_records(tiny_dataset, "train") if r.label == c) for c in ("normal", "benign",
+                                                                                               "malignant")]
+    cache = build_cache(model, records, tmp_path, views, torch.device("cpu"), "fp32",
+                        view_classes=views_for_classes(views))
+    done = {r.label: cache.done[cache.index[r.image_id]].tolist() for r in records}
+    assert done == {"normal": [1, 1, 1], "benign": [1, 0, 0], "malignant": [1, 1, 0]}
+
+
+def test_cache_key_follows_what_each_view_computes(monkeypatch):
+    """The key's preprocessing fingerprint runs every view, not only the first: a change of what the
+    zoom view computes starts a new cache for a config with zoom, not for one without."""
+    import training.cache as tc
+
+    model = build_model(tiny_cfg("sd-h"))
+    with_zoom, without = cache_key(model, ["orig", "zoom"], "fp32", False), cache_key(model, ["orig"], "fp32", False)
+    real = tc.apply_view
+    monkeypatch.setattr(tc, "apply_view", lambda img, m, view: real(img, m, "hflip" if view == "zoom" else view))
+    assert cache_key(model, ["orig", "zoom"], "fp32", False) != with_zoom
+    assert cache_key(model, ["orig"], "fp32", False) == without
