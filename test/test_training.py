@@ -1174,3 +1174,19 @@ def test_cache_key_follows_what_each_view_computes(monkeypatch):
     monkeypatch.setattr(tc, "apply_view", lambda img, m, view: real(img, m, "hflip" if view == "zoom" else view))
     assert cache_key(model, ["orig", "zoom"], "fp32", False) != with_zoom
     assert cache_key(model, ["orig"], "fp32", False) == without
+
+
+def test_rng_state_round_trip_restores_pythons_random_too():
+    """state.pt's RNG states: torch's and Python's ``random`` both continue where the run left them."""
+    import random
+
+    from training.run_state import get_rng_state, set_rng_state
+
+    torch.manual_seed(5)
+    random.seed(5)
+    state = get_rng_state()
+    expected = (torch.rand(3), [random.random() for _ in range(3)])
+    torch.manual_seed(6)
+    random.seed(6)
+    set_rng_state(state)
+    assert torch.equal(torch.rand(3), expected[0]) and [random.random() for _ in range(3)] == expected[1]
