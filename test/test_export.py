@@ -330,3 +330,21 @@ def test_include_encoder_checkpoint_makes_an_ensemble_that_runs_offline(tmp_path
     res = _export(run, "--out", full, "--include-encoder-checkpoint")
     assert res.exit_code == 1 and "does not match the expected" in res.output and str(other / name) in res.output
     assert (full / "sd-h" / name).read_bytes() == (tmp_path / "elsewhere" / name).read_bytes()  # left as it was
+
+
+def test_each_task_goes_to_its_member_and_every_member_is_written(runs, tmp_path):
+    """SD-H segments, MGC-A classifies (weight 1 each, 0 for the other task); a lone member does both;
+    every run given is a member, its files byte for byte those of its run's best/."""
+    out = tmp_path / "ens"
+    res = _export(runs["mgc-a"], runs["sd-h"], "--out", out)
+    assert res.exit_code == 0, res.output
+    spec = json.loads((out / "ensemble.json").read_text())
+    assert spec["members"] == {"mgc-a": "mgc-a", "sd-h": "sd-h"}
+    assert spec["segmentation_weights"] == {"mgc-a": 0.0, "sd-h": 1.0}
+    assert spec["classification_weights"] == {"mgc-a": 1.0, "sd-h": 0.0}
+    for name in ("sd-h", "mgc-a"):
+        assert _tree(out / name) == _tree(runs[name] / "best")
+    alone = tmp_path / "alone"
+    assert _export(runs["mgc-a"], "--out", alone).exit_code == 0
+    spec = json.loads((alone / "ensemble.json").read_text())
+    assert spec["segmentation_weights"] == spec["classification_weights"] == {"mgc-a": 1.0}
