@@ -576,3 +576,13 @@ def test_a_normal_image_with_a_non_empty_mask_gets_an_empty_mask_and_a_warning(t
     assert np.array_equal(read_image(out / "masks" / f"{by_label['benign']}.png").array, box(4, 12, 5, 15))
     report = json.loads((out / "report.json").read_text())
     assert [w["image_id"] for w in report["warnings"] if "non-empty mask" in w["reason"]] == [by_label["normal"]]
+
+
+def test_linked_joins_every_member_of_a_link_under_the_groups_smallest_item():
+    """``training.grouping.linked``: a link of three separate groups joins all three; every item maps
+    to its group's smallest item; a link's members outside the items are ignored."""
+    from training.grouping import linked
+
+    groups = linked(["e", "d", "c", "b", "a", "x"], [["d", "e"], ["b", "c"], ["e", "c", "a"], ["x", "zz"]])
+    assert groups == {"a": "a", "b": "a", "c": "a", "d": "a", "e": "a", "x": "x"}
+    assert linked([3, 1, 2], []) == {1: 1, 2: 2, 3: 3}
