@@ -877,7 +877,8 @@ def _us_still(path: Path, array: np.ndarray, regions: list[tuple[int, int, float
 def test_an_ultrasound_dicom_gets_the_pixel_size_of_its_ultrasound_regions(tmp_path, ensemble_dir):
     """Ultrasound stills carry their pixel size in the Sequence of Ultrasound Regions (in cm), not in
     Pixel Spacing, and ITK reads only the latter: their masks had 1 x 1 mm pixels. Now the 2-D tissue
-    regions' size is used (in mm), when they agree; Pixel Spacing, where present, still wins."""
+    regions' size is used (in mm; its magnitude, where a region's axis runs the other way), when they
+    agree; Pixel Spacing, where present, still wins."""
     from model.inference import load_predictor, run
     from model.io import read_image
 
@@ -888,11 +889,13 @@ def test_an_ultrasound_dicom_gets_the_pixel_size_of_its_ultrasound_regions(tmp_p
     _us_still(src / "with_doppler.dcm", img, [(1, 3, 0.01, 0.02), (3, 7, 0.5, 0.5)])  # Doppler: cm/s, not a size
     _us_still(src / "disagree.dcm", img, [(1, 3, 0.01, 0.01), (1, 3, 0.02, 0.02)])
     _us_still(src / "pixel_spacing.dcm", img, [(1, 3, 0.0125, 0.0125)], pixel_spacing=(0.3, 0.2))
+    _us_still(src / "flipped.dcm", img, [(1, 3, 0.01, -0.015)])  # y counts up the region: a negative delta
     np.testing.assert_array_equal(read_image(src / "bmode.dcm").array, img)
     assert read_image(src / "bmode.dcm").spacing == pytest.approx((0.125, 0.125))
     assert read_image(src / "with_doppler.dcm").spacing == pytest.approx((0.1, 0.2))
     assert read_image(src / "disagree.dcm").spacing == pytest.approx((1.0, 1.0))
     assert read_image(src / "pixel_spacing.dcm").spacing == pytest.approx((0.2, 0.3))  # DICOM: row, then column
+    assert read_image(src / "flipped.dcm").spacing == pytest.approx((0.1, 0.15))  # a size: its magnitude
     predictor = load_predictor(ensemble_dir, device="cpu", batch_size=4)
     assert run(predictor, src, tmp_path / "gc", fmt="gc", progress=False, log=lambda _: None).exit_code == 0
     mask = sitk.ReadImage(str(tmp_path / "gc" / "images" / SLUG / "bmode.mha"))
