@@ -933,3 +933,81 @@ def test_the_smallest_side_accepted_is_16_pixels():
     for h, w in ((15, 16), (16, 15), (15, 400), (400, 15)):
         with pytest.raises(ImageReadError, match=rf"image is {w}x{h} px; at least 16 px per side"):
             check_content(LoadedImage(rng.integers(0, 256, (h, w), dtype=np.uint8), path="small.png"))
+
+
+def test_the_largest_image_read_is_10000_x_10000_pixels(tmp_path):
+    """The size limit is inclusive: exactly MAX_PIXELS (10000 x 10000, the size the 4 GB tests above
+    run) is read, one row or column more is refused from the header, whichever side is longer."""
+    from model.image import MAX_PIXELS, ImageReadError, check_size
+
+    check_size(tmp_path / "x.png", 10000, 10000)
+    check_size(tmp_path / "x.png", 20000, 5000)
+    for w, h in ((10001, 10000), (10000, 10001), (5000, 20001)):
+        with pytest.raises(ImageReadError, match=rf"x.png: image too large: {w} x {h}"):
+            check_size(tmp_path / "x.png", w, h)
+    assert MAX_PIXELS == 10000 * 10000
+
+
+def test_every_documented_suffix_is_listed_in_any_case_and_hidden_files_are_not(tmp_path):
+    """list_images finds the formats the README names (.mha, .png, .jpg/.jpeg, .tif/.tiff, .bmp,
+    .dcm/.dicom), the suffix in any case, and DICOM without a suffix; not hidden files or folders,
+    __MACOSX, DICOMDIR, other files."""
+    from model.io import list_images, read_image
+
+    img = _us(20, 24, 3)
+    listed = ["a.png", "b.JPG", "c.jpeg", "d.Tif", "e.tiff", "f.bmp", "g.BMP", "h.TIFF", "sub/i.png"]
+    (tmp_path / "sub").mkdir()
+    for rel in listed:
+        Image.fromarray(img).save(tmp_path / rel, format={"jpg": "JPEG", "peg": "JPEG"}.get(rel[-3:].lower()))
+    _mha(tmp_path / "j.mha", img)
+    (tmp_path / "j.mha").rename(tmp_path / "j.MHA")  # ITK writes j.MHA as j.mhd and j.zraw
+    _dicom(tmp_path / "k.dcm", img)
+    (tmp_path / "IM0001").write_bytes((tmp_path / "k.dcm").read_bytes())
+    listed += ["j.MHA", "k.dcm", "IM0001"]
+    for rel in (".hidden.png", ".dir/x.png", "__MACOSX/y.png", "DICOMDIR", "notes.txt"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_bytes((tmp_path / ("k.dcm" if rel == "DICOMDIR" else "a.png")).read_bytes())
+    assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)] == sorted(listed)
+    for rel in listed:
+        assert read_image(tmp_path / rel).array.shape == img.shape, rel
+
+
+def test_masks_are_read_as_0_and_1_whatever_their_encoding(tmp_path):
+    """A lesion mask as the data sets give it: 0/1 or 0/255 grey (8 or 16 bits), 0/65535, RGB, and
+    RGBA whose alpha is opaque everywhere (only the colour says where the lesion is); any other value
+    is refused."""
+    from model.io import ImageReadError, read_mask
+
+    lesion = synthetic_ultrasound(30, 40, 4)[1]
+    assert 0 < lesion.sum() < lesion.size
+    encodings = {"01.png": lesion, "0255.png": lesion * 255, "01_16.png": lesion.astype(np.uint16),
+                 "065535.png": lesion.astype(np.uint16) * 65535,
+                 "rgb.png": np.stack([lesion * 255, lesion * 0, lesion * 0], -1),
+                 "rgba.png": np.concatenate([np.stack([lesion * 255] * 3, -1), np.full((30, 40, 1), 255, np.uint8)], -1)}
+    for name, arr in encodings.items():
+        Image.fromarray(arr).save(tmp_path / name)
+        got = read_mask(tmp_path / name)
+        assert got.dtype == np.uint8, name
+        np.testing.assert_array_equal(got, lesion, err_msg=name)
+    Image.fromarray(lesion * 128).save(tmp_path / "grey.png")
+    with pytest.raises(ImageReadError, match="grey.png: mask is not binary"):
+        read_mask(tmp_path / "grey.png")
+
+
+def test_a_metaimage_with_an_upper_case_suffix_is_read_as_one(tmp_path):
+    """``SCAN.MHA`` (Windows tools and PACS exports write upper case) is a MetaImage like ``scan.mha``:
+    read with its spacing, origin and direction, and its GC mask written with them."""
+    from model.io import read_image
+
+    arr = _us(33, 47, 5)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.3, 0.45))
+    img.SetOrigin((4.0, -2.5))
+    img.SetDirection((-1.0, 0.0, 0.0, 1.0))
+    for name in ("SCAN.MHA", "scan.Mha"):
+        sitk.WriteImage(img, str(tmp_path / "x.mha"), useCompression=True)
+        (tmp_path / "x.mha").rename(tmp_path / name)
+        got = read_image(tmp_path / name)
+        assert got.metaimage, name
+        np.testing.assert_array_equal(got.array, arr)
+        assert (got.spacing, got.origin, got.direction) == ((0.3, 0.45), (4.0, -2.5), (-1.0, 0.0, 0.0, 1.0))
