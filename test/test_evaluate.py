@@ -187,20 +187,21 @@ def test_pace_layout_cli(tmp_path, data):
     pred = make_pace(tmp_path / "pred")
     out = tmp_path / "out"
     result = CliRunner().invoke(E.main, ["--pred", str(pred), "--data", str(data), "--split", "val", "--out",
-                                         str(out), "--n-boot", "50", "--seed", "3"])
+                                         str(out), "--n-boot", "50", "--seed", "3", "--tau", "3"])
     assert result.exit_code == 0, result.output
     assert "6 images (pace layout); missing: 1 predictions, 1 masks, 1 labels, 1 probabilities" in result.output
     assert "; 1 extra" in result.output
     res = json.loads((out / "metrics.json").read_text())
-    assert res["layout"] == "pace" and res["units"] == {"distance": "px", "area": "px^2", "tau": 2.0}
+    assert res["layout"] == "pace" and res["units"] == {"distance": "px", "area": "px^2", "tau": 3.0}
     assert res["bootstrap"] == {"n_boot": 50, "seed": 3, "level": 0.95, "method": "percentile", "unit": "image",
                                 "n_units": 6}  # one patient per image in this labels.csv
     assert res["hd95"] == pytest.approx(expected_hd95((1.0, 1.0), 40.0))  # diagonal of 24 x 32
     assert res["normal_images"]["mean_fp_area"] == pytest.approx(3.0)  # 6 px and 0 px
     assert res["f1_macro"] == pytest.approx(np.mean([2 / 3, 0.8, 2 / 3]))
-    direct = E.evaluate_predictions(pred, data, "val", tmp_path / "out2", n_boot=50, seed=3)
+    direct = E.evaluate_predictions(pred, data, "val", tmp_path / "out2", tau=3.0, n_boot=50, seed=3)
     check_common(direct, tmp_path / "out2")
-    assert direct["ci"] == res["ci"]
+    assert direct["ci"] == res["ci"] and direct["nsd"] == pytest.approx(res["nsd"])  # --tau reaches the metrics
+    assert direct["nsd"] != pytest.approx(E.evaluate_predictions(pred, data, "val", n_boot=0)["nsd"])
 
 
 def test_a_missing_or_unusable_mask_of_a_normal_image_is_a_failure(tmp_path, data):
@@ -231,6 +232,8 @@ def test_the_bootstrap_resamples_patients_and_near_duplicates_together(tmp_path,
     for r in rows:  # the BBR normal pair: one patient
         if r["image_id"] in ("PACE_00003_000_BBR", "PACE_00004_000_BBR"):
             r["patient_id"] = "P1"
+        if r["image_id"] in ("PACE_00002_002_BUS", MISSING):  # one patient id in two sources: two patients
+            r["patient_id"] = "P2"
     with open(data / "labels.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -257,6 +260,8 @@ def test_grand_challenge_layout(tmp_path, data):
     assert res["hd95"] == pytest.approx(expected_hd95(spacing_rc, math.hypot(H * 0.25, W * 0.5)))
     assert res["normal_images"]["mean_fp_area"] == pytest.approx(6 * 0.125 / 2)
     assert res["problems"] == []
+    # odd entries name no label: the argmax is used, and they are listed
+    assert res["missing"]["labels"] == ["PACE_00002_002_BUS", "PACE_00004_000_BBR", MISSING]
     # CLI on the same folder, all splits: the train case is evaluated, no longer out of split
     result = CliRunner().invoke(E.main, ["--pred", str(pred), "--data", str(data), "--split", "all", "--out",
                                          str(tmp_path / "all"), "--n-boot", "20"])
@@ -388,3 +393,97 @@ def test_predict_and_evaluate_limit_take_the_same_first_images(tiny_dataset, tmp
     assert metrics["n_images"] == 2 and metrics["missing"]["cases"] == []
     full = E.evaluate_predictions(tmp_path / "pred", tiny_dataset, "val", n_boot=10)
     assert full["n_images"] == len(ids) and sorted(full["missing"]["cases"]) == ids[2:]
+
+
+def test_the_layout_is_detected_from_any_of_its_folders(tmp_path):
+    """Either folder of a layout names it (a Grand Challenge run without results.json, a PACE run with
+    classification only); a folder with results.json is Grand Challenge even beside a segmentation/."""
+    cases = {"gc_masks": [GC_MASK := R.GC_MASK_DIR], "pace_cls": [Path("classification")],
+             "pace_seg": [Path("segmentation")], "both": [Path("segmentation"), "results.json"]}
+    want = {"gc_masks": "grand-challenge", "pace_cls": "pace", "pace_seg": "pace", "both": "grand-challenge"}
+    for name, parts in cases.items():
+        for part in parts:
+            if part == "results.json":
+                (tmp_path / name / part).write_text("[]")
+            else:
+                (tmp_path / name / part).mkdir(parents=True)
+        assert R.detect_layout(tmp_path / name) == want[name], name
+    assert GC_MASK == Path("images") / "breast-lesion-segmentation"
+
+
+def test_pace_rows_are_read_as_written_and_first_rows_kept(tmp_path):
+    """probabilities.csv's class columns in any case (Normal,Benign,Malignant); a row with a negative
+    probability is unusable even when it sums to 1; a second row of an id is reported and the first
+    kept; hidden files (macOS ._ copies) in segmentation/ are not masks."""
+    pred = tmp_path / "pred"
+    write_png(pred / "segmentation" / "a_mask.png", np.zeros((H, W), np.uint8))
+    write_png(pred / "segmentation" / "._a_mask.png", np.zeros((H, W), np.uint8))
+    (pred / "classification").mkdir()
+    (pred / "classification" / "predictions.csv").write_text("image_id,label\na,Malignant\na,Normal\nb,benign\n")
+    (pred / "classification" / "probabilities.csv").write_text(
+        "image_id,Normal,BENIGN,malignant\na,0.1,0.2,0.7\na,0.7,0.2,0.1\nb,-0.1,0.6,0.5\n")
+    preds, problems = R.read_pace(pred)
+    assert sorted(preds) == ["a", "b"]
+    assert preds["a"] == {"mask": pred / "segmentation" / "a_mask.png", "label": "malignant",
+                          "probabilities": [0.1, 0.2, 0.7]}
+    assert preds["b"] == {"mask": None, "label": "benign", "probabilities": None}
+    said = [(p["image_id"], p["problem"][:30]) for p in problems]
+    assert said == [("a", "predictions.csv: duplicate row"), ("a", "probabilities.csv: duplicate r"),
+                    ("b", "probabilities.csv: unusable ro")], problems
+
+
+def test_grand_challenge_entries_are_read_leniently_but_as_documented(tmp_path):
+    """The case id is the first input name (not an output's, not a later input's); the first
+    probability dict and the first label (``label``, ``class`` or ``prediction``; a boolean is no
+    label) win over later ones; a mask named only by its file name is looked up in the mask folder;
+    a second entry of a case, error messages and a mask not named for a case that results.json has are
+    problems; a lone entry (not in a list) is read; a .nii.gz suffix, in any case, is stripped whole."""
+    pred = tmp_path / "gc"
+    seg = pred / R.GC_MASK_DIR
+    for name in ("out-a.mha", "a.mha", "b.mha", "stray.mha"):
+        write_mha(seg / name, EMPTY)
+    probs = {"Normal": 0.1, "benign": 0.2, "malignant": 0.7}
+    entries = [
+        {"inputs": [{"image": {"name": "a.mha"}}, {"image": {"name": "other.mha"}}],
+         "outputs": [{"image": {"name": "out-a.mha"}}, {"label": True}, {"scores": probs},
+                     {"label": "Malignant"}, {"class": "normal"},
+                     {"p": {"normal": 0.8, "benign": 0.1, "malignant": 0.1}}],
+         "error_messages": []},
+        {"inputs": [{"image": {"name": "a.mha"}}], "outputs": [{"label": "malignant"}], "error_messages": []},
+        {"inputs": [{"image": {"name": "x/b.NII.GZ"}}], "outputs": [{"prediction": "malignant"}], "error_messages": ["oom"]},
+    ]
+    (pred / "results.json").write_text(json.dumps(entries))
+    preds, problems = R.read_grand_challenge(pred)
+    assert preds["a"] == {"mask": seg / "out-a.mha", "label": "malignant", "probabilities": [0.1, 0.2, 0.7]}
+    assert preds["b"] == {"mask": seg / "b.mha", "label": "malignant", "probabilities": None}
+    assert preds["stray"] == {"mask": seg / "stray.mha", "label": None, "probabilities": None}
+    assert sorted(preds) == ["a", "b", "stray"]
+    said = {(p["image_id"], p["problem"].split(":")[0]) for p in problems}
+    assert said == {("a", "results.json entry 1"), ("b", "error_messages"), ("a", "a.mha not named in results.json; ignored")}
+    # a lone entry
+    (pred / "results.json").write_text(json.dumps({"inputs": [{"image": {"name": "c.png"}}],
+                                                    "outputs": [{"class": "Benign"}]}))
+    preds, _ = R.read_grand_challenge(pred)
+    assert preds["c"]["label"] == "benign"
+
+
+def test_probability_maps_are_the_sigmoid_of_the_logits(tmp_path):
+    np.save(tmp_path / "a.npy", np.array([[-2.0, 0.0, 3.0]], np.float16))
+    maps = R.ProbabilityMaps(tmp_path)
+    assert list(maps) == ["a"] and len(maps) == 1
+    assert maps["a"] == pytest.approx(1 / (1 + np.exp(-np.array([[-2.0, 0.0, 3.0]]))))
+    with pytest.raises(KeyError):
+        maps["b"]
+
+
+def test_a_grand_challenge_case_without_a_mask_takes_the_most_common_spacing(tmp_path, data):
+    """The missing case's HD95 (the image diagonal) is in mm of the spacing most masks have, not of
+    an odd one out; a case with a mask keeps its own spacing."""
+    pred = make_gc(tmp_path / "gc")
+    odd = sitk.GetImageFromArray(EMPTY)
+    odd.SetSpacing((1.0, 1.0))
+    sitk.WriteImage(odd, str(pred / "images" / "breast-lesion-segmentation" / "output-004.mha"))  # PACE_00006
+    res = E.evaluate_predictions(pred, data, "val", None, n_boot=0)
+    hd95 = {c["image_id"]: c["hd95"] for c in res["cases"]}
+    assert hd95[MISSING] == pytest.approx(math.hypot(H * 0.25, W * 0.5))
+    assert hd95["PACE_00006_001_BBR"] == pytest.approx(math.hypot(H, W))
