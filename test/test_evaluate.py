@@ -487,3 +487,55 @@ def test_a_grand_challenge_case_without_a_mask_takes_the_most_common_spacing(tmp
     hd95 = {c["image_id"]: c["hd95"] for c in res["cases"]}
     assert hd95[MISSING] == pytest.approx(math.hypot(H * 0.25, W * 0.5))
     assert hd95["PACE_00006_001_BBR"] == pytest.approx(math.hypot(H, W))
+
+
+def test_the_report_shows_the_figures_of_metrics_json(tmp_path, data):
+    """report.md is what a reader quotes: each headline row shows the value and both ends of its own
+    interval; per-source rows their own intervals; the confusion rows as true x predicted with the
+    unlabelled count and recall; the missing lists each their own ids; the worst cases their predicted
+    label; a NaN BCE (no logits) row left out. A rerun into the same folder drops stale overlays."""
+    from training.report import _id_list, fmt
+
+    pred = make_pace(tmp_path / "pred")
+    path = pred / "classification" / "predictions.csv"
+    text = path.read_text().replace("PACE_00001_001_BUS,Benign\n", "")  # no label: argmax (benign)
+    path.write_text(text.replace("PACE_00006_001_BBR,Benign", "PACE_00006_001_BBR,Malignant"))
+    out = tmp_path / "out"
+    write_png(out / "worst" / "PACE_00003_000_BBR.png", np.zeros((H, W, 3), np.uint8))  # an earlier run's
+    res = E.evaluate_predictions(pred, data, "val", out, n_boot=200)
+    report = (out / "report.md").read_text()
+    lines = report.splitlines()
+    for key, name in (("dsc", "Dice"), ("accuracy", "Accuracy"), ("iou", "IoU")):
+        lo, hi = res["ci"][key]
+        assert lo < hi, key
+        assert f"| {name} | {res[key]:.4f} | [{lo:.4f}, {hi:.4f}] |" in lines, key
+    assert math.isnan(res["seg_bce"]) and "Segmentation BCE" not in report and fmt(float("nan")) == "n/a"
+    assert "| normal | 1 | 1 | 0 | 0 | 0.500 |" in lines
+    assert "| benign | 0 | 1 | 1 | 0 | 0.500 |" in lines
+    assert "| malignant | 0 | 0 | 1 | 1 | 0.500 |" in lines
+    bus = res["by_source"]["BUS"]
+    lo, hi = bus["ci"]["dsc"]
+    assert [lo, hi] != res["ci"]["dsc"]
+    row = next(line for line in lines if line.startswith("| BUS | 2 | 2 | "))
+    assert row.startswith(f"| BUS | 2 | 2 | {bus['dsc']:.3f} [{lo:.3f}, {hi:.3f}] |"), row
+    assert f"- no label, argmax of the probabilities used where present (2): `PACE_00001_001_BUS`, `{MISSING}`" in lines
+    assert f"- no probabilities (1): `{MISSING}`" in lines
+    worst = next(line for line in lines if line.startswith("- `PACE_00006_001_BBR`"))
+    assert "(benign, BBR): Dice 0.000" in worst and "predicted malignant" in worst, worst
+    assert sorted(p.stem for p in (out / "worst").glob("*.png")) == sorted(res["worst"])
+    assert _id_list([f"i{n}" for n in range(53)]).endswith(", `i49`, ... (3 more)")
+
+
+def test_overlays_scale_the_image_and_widen_the_contour_on_large_images():
+    """A float image is stretched to 0..255 (else the overlay is black); on a 512-pixel image the
+    contour is drawn at width 3 (min side // 256 + 1: the edge dilated twice), visible once scaled down."""
+    from training.report import overlay
+
+    image = np.array([[0.0, 0.5], [1.0, 1.0]])
+    rgb = overlay(image, np.zeros((2, 2), np.uint8), None)
+    assert rgb.dtype == np.uint8 and rgb[..., 0].tolist() == [[0, 127], [255, 255]]
+    gt = np.zeros((512, 512), np.uint8)
+    gt[100:300, 100:300] = 1
+    rgb = overlay(np.zeros((512, 512), np.uint8), gt, None)
+    green = np.all(rgb == (0, 255, 0), axis=2)
+    assert green[200, 97:104].tolist() == [False, True, True, True, True, True, False]  # edge at 100, +-2
