@@ -147,6 +147,23 @@ def test_tune_keeps_refinement_only_when_validation_dice_rises():
     assert choose(base + tie)["refine"] is None  # equal Dice: no extra stage
 
 
+def test_tune_ties_keep_the_simpler_option_and_gating_must_empty_more_normal_masks():
+    """Equal Dice with and without the largest-component step: without (no extra stage). Gating is
+    kept only for a higher share of empty normal masks: the same share, or a lower one, at no Dice
+    cost leaves it off, as does a subset with no normal (or no lesion) image to judge it on."""
+    def s(comp, gate, dsc, empty):
+        return {"refine": None, "largest_component": comp, "gate_normal": gate, "dsc": dsc, "normal_empty_share": empty}
+
+    tie = [s(False, False, 0.7, 0.4), s(True, False, 0.7, 0.4), s(False, True, 0.7, 0.9), s(True, True, 0.7, 0.9)]
+    assert choose(tie) == {"refine": None, "gate_normal": True, "largest_component": False}
+    for share in (0.4, 0.3):  # gating's share of empty normal masks: equal, lower
+        scores = [dict(r, normal_empty_share=share) if r["gate_normal"] else r for r in tie]
+        assert choose(scores)["gate_normal"] is False, share
+    # --limit without normal (or lesion) images: nothing supports gating
+    assert choose([dict(r, normal_empty_share=None) for r in tie])["gate_normal"] is False
+    assert choose([dict(r, dsc=None) for r in tie]) == {"refine": None, "gate_normal": False, "largest_component": False}
+
+
 @pytest.mark.parametrize("tta", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_tune_scores_what_process_py_predicts(tiny_dataset, tmp_path, tta):
     """Each option's score equals the Dice of the container's own predictions with that option in
