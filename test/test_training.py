@@ -87,6 +87,77 @@ def test_curriculum_scales_with_an_epoch_override(epochs, counts):
     assert p_only["curriculum"] == {"gt_until": 10, "mixed_until": 20, "p_gt": 0.3}  # p_gt sets no boundary
 
 
+def test_config_overrides_and_curriculum_rounding():
+    """--set and the options replace the file's value (None: not given, the file's kept); the scaled
+    curriculum rounds to whole epochs (2.33 -> 2, 4.67 -> 5; at 2 epochs 0.67 -> 1), and a whole
+    curriculum given with --set is kept as given; a key under a value that is not a section is a
+    ConfigError, not a TypeError."""
+    from training.config import ConfigError
+
+    path = REPO / "training" / "configs" / "mgc-a.yaml"
+    file_cfg = load_config(path, {})
+    assert load_config(path, {"epochs": None, "optim.lr": None}) == file_cfg
+    assert load_config(path, {"optim.lr": 0.5})["optim"] == {**file_cfg["optim"], "lr": 0.5}
+    assert load_config(path, {"epochs": 7})["curriculum"] == {"gt_until": 2, "mixed_until": 5, "p_gt": 0.5}
+    assert load_config(path, {"epochs": 2})["curriculum"] == {"gt_until": 1, "mixed_until": 1, "p_gt": 0.5}
+    given = load_config(path, {"epochs": 30, "curriculum": {"gt_until": 5, "mixed_until": 9}})
+    assert given["curriculum"] == {"gt_until": 5, "mixed_until": 9}
+    with pytest.raises(ConfigError, match=r"epochs.x: epochs is 60 in .*, not a section of keys"):
+        load_config(path, {"epochs.x": 1})
+
+
+def _refused(cfg) -> str:
+    from training.config import ConfigError, check_config
+
+    with pytest.raises(ConfigError) as exc:
+        check_config(cfg)
+    return str(exc.value)
+
+
+def test_config_value_bounds_are_pinned_at_their_edges():
+    """Each check at its edge, both sides, as training needs it: 0 epochs (the run's folder alone) and
+    batch size 1 pass, -1 and 0 do not, nor True; lr > 0 but weight decay, loss weights and p_gt may be
+    0, p_gt 1 too; dropout below 1; the curriculum's phases may be empty (0, gt_until == mixed_until);
+    a missing required key and a value outside its choices are refused; select may be left out."""
+    from training.config import check_config
+
+    base = load_config(REPO / "training" / "configs" / "sd-h.yaml", {})
+    ok = {"epochs": 0, "batch_size": 1, "seed": 0, "optim.lr": 1e-9, "optim.weight_decay": 0, "loss.seg_weight": 0,
+          "curriculum.p_gt": 0, "model.seg_head.dropout": 0.99}
+    bad = {"epochs": -1, "batch_size": 0, "seed": True, "optim.lr": 0, "optim.weight_decay": -1e-9,
+           "curriculum.p_gt": 1.0001, "model.seg_head.dropout": 1, "model.cls_head.hidden": True,
+           "model.seg_head.channels": [12, 16], "curriculum.gt_until": -1, "class_weights.normal": 0,
+           "optim.scheduler": "step", "augment": "none", "model.mode": "thawed", "select": "val_loss"}
+    for key, value in ok.items():
+        assert check_config(load_config(REPO / "training" / "configs" / "sd-h.yaml", {key: value})) == [], key
+    assert check_config({**base, "curriculum": {"gt_until": 0, "mixed_until": 0, "p_gt": 1}}) == []
+    assert check_config({k: v for k, v in base.items() if k != "select"}) == []
+    for key, value in bad.items():
+        message = _refused(load_config(REPO / "training" / "configs" / "sd-h.yaml", {key: value}))
+        assert key in message, (key, message)
+    for key, value in (("model.seg_head.dropout", -0.1), ("model.seg_head.channels", [0, 16]),
+                       ("model.seg_head.channels", [128, 64, 32])):
+        assert key in _refused(load_config(REPO / "training" / "configs" / "sd-h.yaml", {key: value})), (key, value)
+    assert check_config({**base, "loss": {**base["loss"], "seg_weight": 0}}) == []  # one weight 0: trains the other
+    assert "curriculum.gt_until (3)" in _refused({**base, "curriculum": {"gt_until": 3, "mixed_until": 2}})
+    assert _refused({**base, "loss": {**base["loss"], "seg_weight": 0, "cls_weight": 0}}).endswith("nothing would train")
+    assert _refused({**base, "optim": {"weight_decay": 0}}) == "config key optim.lr is missing"
+    assert _refused({k: v for k, v in base.items() if k != "views"}) == "config key 'views' is missing"
+
+
+def test_config_errors_name_the_set_or_option_that_gave_the_value():
+    from training.config import config_error_origin
+
+    msg = "config key optim.lr is -1: give a positive finite number"
+    assert config_error_origin(msg, "c.yaml", ["optim.lr=-1"]) == f"--set optim.lr=-1: {msg}"
+    assert config_error_origin(msg, "c.yaml", ["optim=x"]) == f"--set optim=x: {msg}"  # a section above it
+    assert config_error_origin(msg, "c.yaml", ["lr=-1"]) == f"c.yaml: {msg}"  # not optim.lr
+    assert config_error_origin(msg, "c.yaml", [], {"optim.lr": "--lr -1.0", "epochs": "--epochs 3"}) == \
+        f"--lr -1.0: {msg}"
+    assert config_error_origin("c.yaml: not a readable YAML config", "c.yaml", []) == \
+        "c.yaml: not a readable YAML config"
+
+
 def test_epoch_plan_is_seeded_and_class_weighted(tiny_dataset):
     cfg = tiny_cfg("mgc-a")
     recs = load_records(tiny_dataset, "train")
