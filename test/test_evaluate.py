@@ -505,6 +505,9 @@ def test_the_report_shows_the_figures_of_metrics_json(tmp_path, data):
     res = E.evaluate_predictions(pred, data, "val", out, n_boot=200)
     report = (out / "report.md").read_text()
     lines = report.splitlines()
+    # the banner counts what is missing: here one case without any prediction and one without a label
+    assert "**1 case(s) have no prediction at all** and are scored as failures" in report
+    assert "**1 other case(s) have no label**" in report and "no usable mask**" not in report
     for key, name in (("dsc", "Dice"), ("accuracy", "Accuracy"), ("iou", "IoU")):
         lo, hi = res["ci"][key]
         assert lo < hi, key

@@ -133,10 +133,21 @@ def render_report(res: dict) -> str:
              f"{res['n_images']} images ({res['n_lesion_images']} with a lesion, {res['n_normal_images']} normal).",
              f"95% intervals: {b['method']} bootstrap, {b['n_boot']} resamples, seed {b['seed']}. "
              "Segmentation figures are means over lesion images. Conventions: docs/metrics.md.", ""]
-    n_miss = len(res["missing"]["cases"])
-    if n_miss or res["missing"]["masks"] or res["missing"]["labels"]:
-        lines += [f"**{n_miss} case(s) have no prediction at all** and are scored as failures (empty mask, "
-                  "uniform probabilities, no label); see Missing below.", ""]
+    whole = set(res["missing"]["cases"])  # cases with no prediction are also in the mask and label lists
+    n_mask = sum(c not in whole for c in res["missing"]["masks"])
+    n_label = sum(c not in whole for c in res["missing"]["labels"])
+    other = "other " if whole else ""
+    banner = []
+    if whole:
+        banner.append(f"**{len(whole)} case(s) have no prediction at all** and are scored as failures (empty mask, "
+                      "uniform probabilities, no label)")
+    if n_mask:
+        banner.append(f"**{n_mask} {other}case(s) have no usable mask** (scored as an empty mask)")
+    if n_label:
+        banner.append(f"**{n_label} {other}case(s) have no label** (the argmax of their probabilities where given, "
+                      "else scored as wrong)")
+    if banner:
+        lines += ["; ".join(banner) + "; see Missing below.", ""]
     lines += ["| Metric | Value | 95% CI |", "|---|---|---|"]
     for k in M.HEADLINE:
         if k == "seg_bce" and res.get(k) is not None and not np.isfinite(res[k]):
