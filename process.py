@@ -105,23 +105,27 @@ def main(input_dir: Path, output_dir: Path, task: str, device: str, fmt: str, mo
          progress: bool | None) -> None:
     # SIGTERM (docker stop, a platform's time limit) ends the run as an exception would: temporary files go,
     # what is written stays. As PID 1 in a container, Python would otherwise ignore it until SIGKILL.
-    signal.signal(signal.SIGTERM, _stop)
-    if progress is None:
-        progress = sys.stderr.isatty()
+    # The caller's handler comes back afterwards (main also runs in-process: tests, notebooks).
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
-        inputs = find_inputs(input_dir, exclude=output_dir)
-        # before the model loads: a folder it cannot write fails now
-        prepare_output(output_dir, create=False, folders=output_folders(fmt, task, overlay))
-        predictor = load_predictor(model_dir, device=device, batch_size=batch_size, tta=tta, precision=precision,
-                                   compile_backend="inductor" if compile_ else None, runtime=runtime,
-                                   class_prior=class_prior)
-        result = run(predictor, input_dir, output_dir, task=task, fmt=fmt, overlay=overlay, inputs=inputs,
-                     progress=progress)
-    except InferenceError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    click.echo(summary_line(result), err=True)
-    sys.exit(result.exit_code)
+        if progress is None:
+            progress = sys.stderr.isatty()
+        try:
+            inputs = find_inputs(input_dir, exclude=output_dir)
+            # before the model loads: a folder it cannot write fails now
+            prepare_output(output_dir, create=False, folders=output_folders(fmt, task, overlay))
+            predictor = load_predictor(model_dir, device=device, batch_size=batch_size, tta=tta, precision=precision,
+                                       compile_backend="inductor" if compile_ else None, runtime=runtime,
+                                       class_prior=class_prior)
+            result = run(predictor, input_dir, output_dir, task=task, fmt=fmt, overlay=overlay, inputs=inputs,
+                         progress=progress)
+        except InferenceError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        click.echo(summary_line(result), err=True)
+        sys.exit(result.exit_code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

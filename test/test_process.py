@@ -315,6 +315,35 @@ def test_version_names_the_product_and_its_torch(entry):
     assert re.fullmatch(r"\d+\.\d+\.\d+", model.__version__)
 
 
+def test_main_run_in_process_gives_the_callers_sigterm_handler_back(cli, inputs, tmp_path, monkeypatch):
+    """process.main installs its SIGTERM handler for the run only: called in-process (a test suite, a
+    notebook), the caller's own handler is back afterwards, after a failed run as after a finished one."""
+    import signal
+
+    def callers_handler(signum, frame):
+        pass
+
+    seen = []
+    real_find_inputs = process.find_inputs
+
+    def find_inputs(*args, **kwargs):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return real_find_inputs(*args, **kwargs)
+
+    monkeypatch.setattr(process, "find_inputs", find_inputs)
+    before = signal.signal(signal.SIGTERM, callers_handler)
+    try:
+        missing = CliRunner().invoke(process.main, ["-i", str(tmp_path / "missing"), "-o", str(tmp_path / "o1")])
+        assert missing.exit_code == 1 and "missing" in missing.output
+        assert signal.getsignal(signal.SIGTERM) is callers_handler
+        finished = cli("-i", inputs[0], "-o", tmp_path / "o2", "-d", "cpu")
+        assert finished.exit_code == 0, finished.output
+        assert signal.getsignal(signal.SIGTERM) is callers_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert seen == [process._stop, process._stop]  # during the run, its own handler
+
+
 def test_sigterm_stops_the_run_promptly_and_keeps_what_is_written(tmp_path):
     """docker stop sends SIGTERM, which Python as a container's PID 1 ignored until the SIGKILL 10 s
     later: now it ends the run at once (exit 143) with no temporary file left and the written masks whole."""
