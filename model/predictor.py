@@ -193,13 +193,17 @@ class Predictor:
         """"onnxruntime" when an encoder runs through ONNX Runtime (model/onnx_encoder.py), else "torch"."""
         return "onnxruntime" if any(isinstance(m.encoder, OnnxEncoder) for m in self.members.values()) else "torch"
 
+    @property
+    def seg_encoder_name(self) -> str:
+        """The encoder of the (first) segmentation member: the one whose decoder box refinement needs."""
+        return self.members[next(iter(self.seg_w))].config["encoder"]["name"]
+
     def set_refine(self, spec: dict | None) -> None:
         """Box refinement (``model/refine.py``) from its ``ensemble.json`` spec, or None for off."""
         self.refiner = None
         if spec:
-            seg_member = self.members[next(iter(self.seg_w))]
             self.refiner = BoxRefiner.from_spec({"threshold": self.post.get("threshold", 0.5), **spec},
-                                                seg_member.config["encoder"]["name"], self.input_size).to(self.device)
+                                                self.seg_encoder_name, self.input_size).to(self.device)
 
     @classmethod
     @checkpoint_reads_shared()  # the encoder and the box refiner read LiteMedSAM's file once

@@ -190,6 +190,23 @@ def test_tune_scores_what_process_py_predicts(tiny_dataset, tmp_path, tta):
         assert score["normal_empty_share"] == pytest.approx(np.mean(empty), abs=1e-9)
 
 
+def test_tune_scores_without_refinement_when_the_segmentation_encoder_has_no_decoder(tiny_dataset, tmp_path):
+    """Only LiteMedSAM's file ships a prompt decoder: for a SAM ViT model tune scores the postprocess
+    options with refinement off (the refiner would refuse to build) instead of failing."""
+    pred = Predictor.from_dir(make_test_ensemble(tmp_path / "ens"), device="cpu")
+    assert pred.seg_encoder_name == "litemedsam"
+    assert {json.dumps(s["refine"]) for s in score_options(pred, tiny_dataset, limit=2)} == {
+        json.dumps(r) for r in (None, {"type": "box", "margin": 5, "blend": 1.0}, {"type": "box", "margin": 5, "blend": 0.5})}
+    seg_member = pred.members[next(iter(pred.seg_w))]
+    seg_member.config = {**seg_member.config, "encoder": {**seg_member.config["encoder"], "name": "sam_vit_b"}}
+    assert pred.seg_encoder_name == "sam_vit_b"
+    with pytest.raises(ValueError, match="not 'sam_vit_b'"):
+        pred.set_refine({"type": "box"})
+    scores = score_options(pred, tiny_dataset, limit=2)
+    assert [s["refine"] for s in scores] == [None] * len(OPTIONS) and pred.refiner is None
+    assert scores == score_options(pred, tiny_dataset, limit=2, refine_options=[None])
+
+
 def test_tune_cli_writes_its_choice_and_setup(tiny_dataset, tmp_path, monkeypatch):
     from click.testing import CliRunner
 

@@ -47,9 +47,8 @@ def score_options(predictor: Predictor, data: Path, batch: int = 8, refine_optio
     records = first_of_each_class(load_records(data, "val"), limit)
     if not records:
         raise click.UsageError(f"{data}: no validation images (prepared with training.prepare?)")
-    model = next(iter(predictor.members.values()))
     refine_options = REFINE_OPTIONS if refine_options is None else refine_options
-    if model.config["encoder"]["name"] not in REFINE_ENCODERS:
+    if predictor.seg_encoder_name not in REFINE_ENCODERS:  # no decoder to refine with: scored without
         refine_options = [None]
     results = {(ri, oi): {"dice": [], "normal_empty": []}
                for ri in range(len(refine_options)) for oi in range(len(OPTIONS))}
