@@ -586,3 +586,50 @@ def test_linked_joins_every_member_of_a_link_under_the_groups_smallest_item():
     groups = linked(["e", "d", "c", "b", "a", "x"], [["d", "e"], ["b", "c"], ["e", "c", "a"], ["x", "zz"]])
     assert groups == {"a": "a", "b": "a", "c": "a", "d": "a", "e": "a", "x": "x"}
     assert linked([3, 1, 2], []) == {1: 1, 2: 2, 3: 3}
+
+
+def test_busbra_tables_as_spreadsheets_save_them_are_read(tmp_path):
+    """bus_data.csv saved again by a spreadsheet: a byte-order mark before the header, padded IDs,
+    Pathology in any case; a Pathology that is neither benign nor malignant is a problem, not a class."""
+    root = tmp_path / "BUS-BRA"
+    rows = []
+    for case, (name, pathology) in enumerate((("0001-s", "Malignant"), ("0002-l", " benign "), ("0002-r", "BENIGN"),
+                                              ("0003-s", "normal"), ("0004-s", "")), start=1):
+        write_png(root / "Images" / f"bus_{name}.png", noise(800 + case))
+        write_png(root / "Masks" / f"mask_{name}.png", box(5, 15, 5, 15))
+        rows.append(f" bus_{name} ,{case if case < 3 else case - 1},x,{pathology},4,d,{W},{H},s,\"[1,2,3,4]\"")
+    (root / "bus_data.csv").write_text("\ufeffID,Case,Histology,Pathology,BIRADS,Device,Width,Height,Side,BBOX\n"
+                                       + "\n".join(rows) + "\n", encoding="utf-8")
+    records = {r.image.stem: r for r in read_busbra(root)}
+    assert {k: r.label for k, r in records.items() if not r.problem} == {
+        "bus_0001-s": "malignant", "bus_0002-l": "benign", "bus_0002-r": "benign"}
+    assert records["bus_0002-l"].patient_id == records["bus_0002-r"].patient_id == "2"
+    assert records["bus_0003-s"].problem == "unknown Pathology 'normal' in bus_data.csv"  # BUS-BRA has no normal class
+    assert records["bus_0004-s"].problem == "unknown Pathology '' in bus_data.csv"
+    assert records["bus_0003-s"].label == records["bus_0004-s"].label == ""
+
+
+def test_breast_tables_beside_the_images_and_several_tumour_masks(tmp_path):
+    """BrEaST: the clinical csv may lie in the images folder; Classification in any case; an unknown
+    Classification is a problem; caseNNN_tumor1/_tumor2 are one lesion mask each, all of them kept."""
+    from training.sources import read_breast
+
+    img = tmp_path / "BrEaST" / "BrEaST-Lesions_USG-images_and_masks"
+    write_png(img / "case001.png", noise(901))
+    write_png(img / "case001_tumor1.png", box(2, 6, 2, 6))
+    write_png(img / "case001_tumor2.png", box(12, 18, 20, 28))
+    write_png(img / "case002.png", noise(902))
+    write_png(img / "case002_tumor.png", box(8, 12, 8, 12))
+    write_png(img / "case003.png", noise(903))
+    write_png(img / "case003_tumor.png", box(8, 12, 8, 12))
+    (img / "BrEaST-Lesions-USG-clinical-data.csv").write_text(
+        "CaseID,Age,Classification\n001,50,Benign\n002,61,MALIGNANT\n003,40,suspicious\n")
+    records = {r.image.stem: r for r in read_breast(tmp_path / "BrEaST")}
+    assert records["case001"].masks == (img / "case001_tumor1.png", img / "case001_tumor2.png")
+    assert (records["case001"].label, records["case002"].label) == ("benign", "malignant")
+    assert not records["case001"].problem and not records["case002"].problem
+    assert records["case003"].problem == "unknown Classification 'suspicious'" and records["case003"].label == ""
+    prep.prepare({"breast": tmp_path / "BrEaST"}, tmp_path / "out")
+    row = next(r for r in read_csv(tmp_path / "out" / "labels.csv") if r["original_path"].endswith("case001.png"))
+    assert np.array_equal(read_image(tmp_path / "out" / "masks" / f"{row['image_id']}.png").array,
+                          box(2, 6, 2, 6) | box(12, 18, 20, 28))  # the union of both tumours
