@@ -633,3 +633,49 @@ def test_breast_tables_beside_the_images_and_several_tumour_masks(tmp_path):
     row = next(r for r in read_csv(tmp_path / "out" / "labels.csv") if r["original_path"].endswith("case001.png"))
     assert np.array_equal(read_image(tmp_path / "out" / "masks" / f"{row['image_id']}.png").array,
                           box(2, 6, 2, 6) | box(12, 18, 20, 28))  # the union of both tumours
+
+
+def test_pace_mask_layouts_class_and_source_codes(tmp_path):
+    """PACE masks as <id>_mask.png plus <id>_mask_1.png (the lesion: their union), or <id>.png in a
+    Masks/ or segmentation/ folder; a class or source code outside the naming is a problem, a name with
+    more after the source code is not a PACE name; an image id found twice is prepared once."""
+    from training.sources import read_pace
+
+    root = tmp_path / "PACE"
+    write_png(root / "PACE_00050_001_BUS.png", noise(1))
+    write_png(root / "PACE_00050_001_BUS_mask.png", box(2, 8, 2, 8))
+    write_png(root / "PACE_00050_001_BUS_mask_1.png", box(10, 20, 20, 30))
+    write_png(root / "PACE_00051_002_BBR.png", noise(2))
+    write_png(root / "Masks" / "PACE_00051_002_BBR.png", box(3, 9, 3, 9))
+    write_png(root / "PACE_00052_101_BRE.png", noise(3))
+    write_png(root / "segmentation" / "PACE_00052_101_BRE.png", box(4, 9, 4, 9))
+    write_png(root / "PACE_00053_003_BUS.png", noise(4))  # no class 003
+    write_png(root / "PACE_00054_000_XYZ.png", noise(5))  # no source XYZ
+    write_png(root / "PACE_00055_000_BUS_copy.png", noise(6))
+    write_png(root / "again" / "PACE_00050_001_BUS.png", noise(7))  # the id of another image
+    warned = {}
+    records = {str(r.image.relative_to(root)): r for r in read_pace(root, lambda p, why: warned.setdefault(p.name, why))}
+    assert records["PACE_00050_001_BUS.png"].masks == (root / "PACE_00050_001_BUS_mask.png",
+                                                       root / "PACE_00050_001_BUS_mask_1.png")
+    assert records["PACE_00051_002_BBR.png"].masks == (root / "Masks" / "PACE_00051_002_BBR.png",)
+    assert records["PACE_00052_101_BRE.png"].masks == (root / "segmentation" / "PACE_00052_101_BRE.png",)
+    assert records["PACE_00053_003_BUS.png"].problem == "unknown class code 003 in the file name"
+    assert records["PACE_00054_000_XYZ.png"].problem == "unknown source code XYZ in the file name"
+    assert "PACE_00055_000_BUS_copy.png" not in records and "not a PACE name" in warned["PACE_00055_000_BUS_copy.png"]
+    assert set(records) == {"PACE_00050_001_BUS.png", "PACE_00051_002_BBR.png", "PACE_00052_101_BRE.png",
+                            "PACE_00053_003_BUS.png", "PACE_00054_000_XYZ.png", "again/PACE_00050_001_BUS.png"}
+
+    report = prep.prepare({"pace": root}, tmp_path / "out")
+    labels = read_csv(tmp_path / "out" / "labels.csv")
+    assert sorted(r["image_id"] for r in labels) == ["PACE_00050_001_BUS", "PACE_00051_002_BBR", "PACE_00052_101_BRE"]
+    assert {Path(e["path"]).relative_to(root).as_posix(): e["reason"] for e in report["errors"]} == {
+        "PACE_00053_003_BUS.png": "unknown class code 003 in the file name",
+        "PACE_00054_000_XYZ.png": "unknown source code XYZ in the file name",
+        "again/PACE_00050_001_BUS.png": f"image id PACE_00050_001_BUS already used by {root / 'PACE_00050_001_BUS.png'}"}
+    assert np.array_equal(read_image(tmp_path / "out" / "masks" / "PACE_00050_001_BUS.png").array,
+                          box(2, 8, 2, 8) | box(10, 20, 20, 30))
+    assert np.array_equal(read_image(tmp_path / "out" / "images" / "PACE_00050_001_BUS.png").array, noise(1))
+
+    alone = tmp_path / "segmentation"  # a PACE folder named like a mask folder: its own images are images
+    write_png(alone / "PACE_00056_000_BUS.png", noise(8))
+    assert [(r.image_id, r.label, r.problem) for r in read_pace(alone)] == [("PACE_00056_000_BUS", "normal", "")]
