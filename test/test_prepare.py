@@ -681,3 +681,32 @@ def test_pace_mask_layouts_class_and_source_codes(tmp_path):
     alone = tmp_path / "segmentation"  # a PACE folder named like a mask folder: its own images are images
     write_png(alone / "PACE_00056_000_BUS.png", noise(8))
     assert [(r.image_id, r.label, r.problem) for r in read_pace(alone)] == [("PACE_00056_000_BUS", "normal", "")]
+
+
+def test_prepared_images_keep_their_pixels_without_alpha_and_at_16_bits(tmp_path):
+    """The images a PNG source holds are written as they are, alpha dropped: an 8-bit RGBA or grey-alpha
+    image as its RGB or grey pixels; a 16-bit grey or RGB image (model.io reads all 16 bits of both)
+    at 16 bits. A 16-bit RGB image stopped prepare with a TypeError from Pillow before."""
+    import SimpleITK as sitk
+    from PIL import Image
+
+    root = tmp_path / "PACE"
+    root.mkdir()
+    rgba = np.dstack([noise(1, rgb=True), np.full((H, W), 200, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(root / "PACE_00001_000_BUS.png")
+    grey_alpha = np.dstack([noise(2), np.full((H, W), 90, np.uint8)])
+    Image.fromarray(grey_alpha, "LA").save(root / "PACE_00002_000_BUS.png")
+    rgb16 = np.random.default_rng(3).integers(0, 65536, (H, W, 3)).astype(np.uint16)
+    sitk.WriteImage(sitk.GetImageFromArray(rgb16, isVector=True), str(root / "PACE_00003_000_BUS.png"))
+    grey16 = np.random.default_rng(4).integers(0, 65536, (H, W)).astype(np.uint16)
+    Image.fromarray(grey16).save(root / "PACE_00004_000_BUS.png")
+    assert read_image(root / "PACE_00003_000_BUS.png").array.dtype == np.uint16
+
+    report = prep.prepare({"pace": root}, tmp_path / "out")
+    assert report["prepared"] == 4 and not report["errors"], report["errors"]
+    images = tmp_path / "out" / "images"
+    for image_id, want in (("PACE_00001_000_BUS", rgba[..., :3]), ("PACE_00002_000_BUS", grey_alpha[..., 0]),
+                           ("PACE_00003_000_BUS", rgb16), ("PACE_00004_000_BUS", grey16)):
+        got = read_image(images / f"{image_id}.png").array
+        assert got.dtype == want.dtype and got.shape == want.shape, (image_id, got.dtype, got.shape)
+        assert np.array_equal(got, want), image_id
