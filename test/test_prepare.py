@@ -710,3 +710,48 @@ def test_prepared_images_keep_their_pixels_without_alpha_and_at_16_bits(tmp_path
         got = read_image(images / f"{image_id}.png").array
         assert got.dtype == want.dtype and got.shape == want.shape, (image_id, got.dtype, got.shape)
         assert np.array_equal(got, want), image_id
+
+
+def test_a_lesion_mask_that_is_empty_or_of_another_width_is_an_error(tmp_path):
+    """A benign or malignant image whose mask marks nothing has no lesion to learn from, and a mask of
+    another width does not lie on the image: each is reported by name and skipped, the rest prepared."""
+    root = tmp_path / "BUSI"
+    write_png(root / "benign" / "benign (1).png", noise(11))
+    write_png(root / "benign" / "benign (1)_mask.png", box(2, 8, 2, 8))
+    write_png(root / "benign" / "benign (2).png", noise(12))
+    write_png(root / "benign" / "benign (2)_mask.png", np.zeros((H, W), np.uint8))
+    write_png(root / "malignant" / "malignant (1).png", noise(13))
+    write_png(root / "malignant" / "malignant (1)_mask.png", box(2, 8, 2, 8, shape=(H, W + 3)))
+    write_png(root / "malignant" / "malignant (2).png", noise(14))
+    write_png(root / "malignant" / "malignant (2)_mask.png", box(2, 8, 2, 8, shape=(H, 1)))  # would broadcast
+    report = prep.prepare({"busi": root}, tmp_path / "out")
+    assert {Path(e["path"]).name: e["reason"] for e in report["errors"]} == {
+        "benign (2).png": "lesion image with an empty mask",
+        "malignant (1)_mask.png": f"mask size {W + 3}x{H} differs from image size {W}x{H}",
+        "malignant (2)_mask.png": f"mask size 1x{H} differs from image size {W}x{H}"}
+    assert [Path(r["original_path"]).name for r in read_csv(tmp_path / "out" / "labels.csv")] == ["benign (1).png"]
+
+
+def test_ids_are_numbered_in_source_then_path_order(prepared):
+    """n counts up over (source, original path): every BBR id before every BRE id before every BUS id
+    (the paths alone sort BUSI before BrEaST)."""
+    numbers = defaultdict(list)
+    for r in prepared["labels"]:
+        if r["source"] != "ABR" and "PACE" not in Path(r["original_path"]).parent.parts:
+            numbers[r["source"]].append(int(ID.match(r["image_id"])[1]))
+    assert max(numbers["BBR"]) < min(numbers["BRE"]) and max(numbers["BRE"]) < min(numbers["BUS"])
+    for source, ns in numbers.items():  # and by path within a source
+        paths = [r["original_path"] for r in sorted(prepared["labels"], key=lambda r: r["image_id"])
+                 if r["source"] == source and int(ID.match(r["image_id"])[1]) in ns]
+        assert paths == sorted(paths), source
+
+
+def test_patients_of_two_sources_with_the_same_id_are_two_patients():
+    """Patients are (source, patient_id): BUS-BRA's case 7 and BrEaST's case 7 are different people,
+    free to land on different sides of the split; each one's images stay together."""
+    rows = [{"image_id": f"{src}{k}{s}", "label": "benign", "source": src, "patient_id": str(k)}
+            for src in ("BBR", "BRE") for k in range(30) for s in "ab"]
+    split = prep.assign_split(rows, 0.2, 0)
+    assert all(split[f"{src}{k}a"] == split[f"{src}{k}b"] for src in ("BBR", "BRE") for k in range(30))
+    assert any(split[f"BBR{k}a"] != split[f"BRE{k}a"] for k in range(30))
+    assert Counter(split.values())["val"] == 2 * 2 * 6  # 20 % of each source's 60 images
