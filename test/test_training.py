@@ -1217,6 +1217,69 @@ def test_fixed_views_and_the_views_each_class_draws_from(tiny_dataset):
     assert class_views(["orig", "bright"]) == {"normal": [0, 1], "malignant": [0], "benign": [0]}
 
 
+def test_random_zoom_keeps_the_lesion_and_the_aspect_and_can_show_every_part_of_the_image():
+    """Fine-tuning's zoom: a crop of 75-95 % of each side (the same share of both: the aspect ratio
+    stays), its place random but never cutting off a lesion near an edge or a corner, centred on a
+    lesion larger than the crop; without a lesion every position is drawn, up to each edge."""
+    from training.augment import apply_view
+
+    h, w = 60, 100
+    image = np.arange(h * w, dtype=np.int32).reshape(h, w)  # each pixel its own value: where a crop lies
+
+    def draws(mask: np.ndarray, n: int = 300, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        for _ in range(n):
+            img_c, m_c = apply_view(image, mask, "zoom", rng)
+            y0, x0 = divmod(int(img_c[0, 0]), w)
+            ch, cw = m_c.shape
+            assert np.array_equal(img_c, image[y0:y0 + ch, x0:x0 + cw]) and np.array_equal(
+                m_c, mask[y0:y0 + ch, x0:x0 + cw])
+            yield y0, x0, ch, cw, m_c
+
+    empty = np.zeros((h, w), np.uint8)
+    seen = list(draws(empty))
+    keep = [ch / h for _, _, ch, _, _ in seen]
+    assert 0.74 <= min(keep) < 0.8 and 0.9 < max(keep) <= 0.96  # the size is drawn over the range
+    assert all(abs(ch / h - cw / w) <= 0.5 / h + 0.5 / w for _, _, ch, cw, _ in seen)  # the aspect ratio kept
+    assert any(y0 == 0 for y0, *_ in seen) and any(y0 + ch == h for y0, _, ch, _, _ in seen)
+    assert any(x0 == 0 for _, x0, *_ in seen) and any(x0 + cw == w for _, x0, _, cw, _ in seen)
+
+    for rows, cols in ((slice(0, 5), slice(95, 100)), (slice(50, 60), slice(0, 12)), (slice(40, 58), slice(3, 9)),
+                       (slice(2, 10), slice(60, 99))):
+        mask = empty.copy()
+        mask[rows, cols] = 1
+        assert all(m_c.sum() == mask.sum() for *_, m_c in draws(mask, 200, seed=rows.start)), (rows, cols)
+    big = empty.copy()
+    big[2:60, 10:20] = 1  # 58 rows: more than any crop holds (57 at most)
+    for y0, _, ch, _, m_c in draws(big, 50):
+        if ch < 58:
+            assert abs(y0 + ch / 2 - 31) <= 0.5 and m_c.sum() == ch * 10  # centred on rows 2..59, all its columns
+    with pytest.raises(ValueError, match="unknown view 'zooom'"):
+        apply_view(image, empty, "zooom")
+    assert all(a is b for a, b in zip(apply_view(image, empty, "orig"), (image, empty)))
+
+
+def test_random_brightness_draws_gamma_and_gain_over_their_ranges():
+    """Fine-tuning's bright view: out = (scaled ** gamma) * gain, gamma log-uniform in 0.7-1.4 and gain
+    in 0.9-1.15 (augment.GAMMA, GAIN); both fitted back from the output of a grey ramp, over 60 draws."""
+    from training.augment import GAIN, GAMMA, apply_view
+
+    ramp = np.tile(np.arange(256, dtype=np.uint8), (4, 1))
+    s = ramp[0].astype(np.float64) / 255
+    rng = np.random.default_rng(0)
+    fitted = []
+    for _ in range(60):
+        out, mask = apply_view(ramp, np.zeros(ramp.shape, np.uint8), "bright", rng)
+        assert out.dtype == np.uint8 and not mask.any()
+        y = (out[0].astype(np.float64) + 0.5) / 255  # the uint8 conversion floors
+        use = (out[0] >= 30) & (out[0] <= 240)  # neither clipped nor too coarse
+        gamma, log_gain = np.polyfit(np.log(s[use]), np.log(y[use]), 1)
+        fitted.append((gamma, np.exp(log_gain)))
+    gammas, gains = np.array(fitted).T
+    assert GAMMA[0] - 0.03 <= gammas.min() < 0.8 and 1.25 < gammas.max() <= GAMMA[1] + 0.03, gammas
+    assert GAIN[0] - 0.02 <= gains.min() < 0.95 and 1.1 < gains.max() <= GAIN[1] + 0.02, gains
+
+
 def test_cache_encodes_each_view_for_the_classes_that_draw_it(tiny_dataset, tmp_path):
     """training.cache passes views_for_classes: a view is encoded only for the training images of the
     classes that sample it (bright: normal only, zoom: normal and malignant), none for benign."""
