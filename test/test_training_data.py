@@ -138,6 +138,10 @@ SPLIT_AND_LABEL_FAULTS = {
                         r"split\.csv: no split column \(header: image_id,fold\)"),
     "no_id_column": ("labels.csv", lambda t: t.replace("image_id,", "id,", 1),
                      r"labels\.csv: no image_id column"),
+    "split_row_without_id": ("split.csv", lambda t: t.replace("PACE_00003_001_BUS,train", " ,train"),
+                             r"split\.csv, line 4: no image_id"),
+    "label_row_without_id": ("labels.csv", lambda t: t.replace("PACE_00003_001_BUS,benign", ",benign"),
+                             r"labels\.csv, line 4: no image_id"),
 }
 
 
@@ -221,3 +225,66 @@ def test_limit_on_prepared_busi_holds_every_class(shared_data, tmp_path):
     train, val = limit_records(load_records(tmp_path / "data", "train"), load_records(tmp_path / "data", "val"), 32)
     assert Counter(r.label for r in train) != Counter(r.label for r in load_records(tmp_path / "data", "train")[:32])
     assert set(Counter(r.label for r in train)) == set(Counter(r.label for r in val)) == {"normal", "benign", "malignant"}
+
+
+def test_load_pair_gives_a_0_1_mask_of_the_images_size(data):
+    """The mask as uint8 {0, 1} whatever its file holds (0/255 grey, or RGB); one of another size is an
+    error naming the file, never stretched or cut to fit."""
+    import numpy as np
+
+    from model.atomic_files import write_png
+    from model.io import read_image
+
+    rec = next(r for r in load_records(data) if r.label == "malignant")
+    stored = read_image(rec.mask_path).array
+    image, mask = load_pair(rec)
+    assert mask.dtype == np.uint8 and mask.shape == image.shape[:2] and set(np.unique(mask).tolist()) == {0, 1}
+    assert np.array_equal(mask, (stored > 0).astype(np.uint8))
+    write_png(rec.mask_path, np.dstack([stored] * 3))
+    assert np.array_equal(load_pair(rec)[1], mask)
+    write_png(rec.mask_path, stored[:, :-1])
+    with pytest.raises(ImageReadError, match=r"mask \(96, 127\) does not match image \(96, 128\)") as err:
+        load_pair(rec)
+    assert err.value.path == str(rec.mask_path)
+
+
+def test_load_records_takes_the_split_asked_for_sorted_by_id_with_every_class_index(data):
+    """load_records(data, split): only that side, sorted by image id however labels.csv is ordered, and
+    each label's index in model.CLASS_NAMES (the classifier's target)."""
+    from model import CLASS_NAMES
+
+    _edit(data, "labels.csv", lambda t: t.splitlines()[0] + "\n" + "\n".join(reversed(t.splitlines()[1:])) + "\n")
+    sides = {s: load_records(data, s) for s in ("train", "val")}
+    every = load_records(data)
+    assert [r.image_id for r in every] == sorted(r.image_id for r in every) and len(every) == 6
+    for side, recs in sides.items():
+        assert recs and all(r.split == side for r in recs)
+        assert [r.image_id for r in recs] == sorted(r.image_id for r in recs)
+    assert sorted(r.image_id for r in sides["train"] + sides["val"]) == [r.image_id for r in every]
+    assert {r.label: r.label_index for r in every} == {c: CLASS_NAMES.index(c) for c in CLASS_NAMES}
+
+
+def test_csv_headers_and_values_as_a_spreadsheet_saves_them_are_read(data):
+    """Column names in another case or padded (`` Image_ID ``) name the same columns; ``read_csv`` (what
+    evaluation reads labels.csv with) strips every value."""
+    from training.datasets import read_csv
+
+    before = {r.image_id: (r.label, r.split) for r in load_records(data)}
+    _edit(data, "labels.csv", lambda t: t.replace("image_id,label,source,", " Image_ID ,LABEL, Source,", 1)
+          .replace(",BUS,", ", BUS ,"))
+    _edit(data, "split.csv", lambda t: t.replace("image_id,split", "IMAGE_ID, Split "))
+    assert {r.image_id: (r.label, r.split) for r in load_records(data)} == before
+    rows = read_csv(data / "labels.csv")
+    assert {r["source"] for r in rows} == {"BUS"} and rows[0]["image_id"] == "PACE_00001_000_BUS"
+    assert rows[0]["patient_id"] == ""
+
+
+def test_limit_of_a_number_that_is_not_a_multiple_of_three_takes_the_classes_in_order():
+    """The extra images of --limit 5 go to the classes in CLASS_NAMES order (normal, then benign), not to
+    whichever class has the smallest ids."""
+    from training.datasets import Record, first_of_each_class
+
+    recs = [Record(f"PACE_{i:05d}_000_BUS", label, "BUS", "train", Path("i.png"), Path("m.png"))
+            for i, label in enumerate(["benign"] * 4 + ["malignant"] * 4 + ["normal"] * 4)]
+    picked = [r.label for r in first_of_each_class(recs, 5)]
+    assert (picked.count("normal"), picked.count("benign"), picked.count("malignant")) == (2, 2, 1)
