@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -187,3 +188,74 @@ def test_a_malformed_metrics_json_is_a_clear_error_naming_it(tmp_path, text):
     assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
     assert f"{bad / 'metrics.json'}: not" in res.output
     assert not (tmp_path / "t.md").exists()
+
+
+def _rows(markdown: str) -> list[list[str]]:
+    """The cells of a Markdown table's rows (header first, the |---| line left out)."""
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in markdown.splitlines()
+            if line.startswith("|") and not line.startswith("|---")]
+
+
+def test_every_table_cell_is_the_figure_its_column_names(tmp_path):
+    """Each column of the table holds the metric its header names, to 3 decimals, "–" where it is
+    undefined (no probability maps: no BCE)."""
+    a = write_eval(tmp_path, "a", evaluation(make_cases({}), n_boot=0))
+    b = write_eval(tmp_path, "b", evaluation(make_cases({cid: 2 for cid in LESION_IDS}, p_malignant_shift=0.3),
+                                             n_boot=0))
+    rows = _rows(C.table([a, b]))
+    assert rows[0] == ["model", "Accuracy", "CE", "AUC", "BCE", "DSC", "HD95", "NSD"]
+    keys = {"Accuracy": "accuracy", "CE": "cross_entropy", "AUC": "auc_macro", "BCE": "seg_bce", "DSC": "dsc",
+            "HD95": "hd95", "NSD": "nsd"}
+    for d, row in zip((a, b), rows[1:]):
+        m = json.loads((d / "metrics.json").read_text())
+        cells = dict(zip(rows[0], row))
+        assert cells["model"] == d.name
+        for column, key in keys.items():
+            assert cells[column] == ("–" if m.get(key) is None else f"{m[key]:.3f}"), (d.name, column)
+    assert len({cells[c] for c in ("DSC", "HD95", "NSD")}) == 3  # a column swap would show
+
+
+def test_the_paired_report_gives_every_headline_figure_with_the_interval_asked_for(tmp_path):
+    """The paired table: every headline figure of A and B (HD95 in the evaluations' unit, distances to
+    2 decimals), B - A and its interval from the paired bootstrap with the resamples and seed asked
+    for; a figure neither model has (BCE without probability maps) is "–" throughout."""
+    ra = evaluation(make_cases({cid: 4 for cid in LESION_IDS}), n_boot=0)
+    rb = evaluation(make_cases({cid: 3 for cid in LESION_IDS}, p_malignant_shift=0.2), n_boot=0)
+    for r in (ra, rb):
+        r["units"]["distance"] = "mm"  # both Grand Challenge evaluations: comparable
+    a, b = write_eval(tmp_path, "a", ra), write_eval(tmp_path, "b", rb)
+    texts = {}
+    for seed in (0, 5):
+        texts[seed] = text = C.paired(a, b, n_boot=40, seed=seed)
+        assert "40 paired bootstrap resamples, seed %d" % seed in text
+        res = M.paired_difference(ra["cases"], rb["cases"], n_boot=40, seed=seed)
+        rows = {row[0]: row[1:] for row in _rows(text)[1:]}
+        assert list(rows) == ["DSC", "IoU", "HD95 (mm)", "NSD", "accuracy", "macro-F1", "macro AUC",
+                              "malignant AUC", "CE", "BCE", "normal images with an empty mask",
+                              "false-positive area on normal images"]
+        assert rows["HD95 (mm)"] == ["4.00", "3.00", "-1.00", "-1.00 … -1.00"]
+        assert rows["BCE"] == ["–", "–", "–", "–"]
+        for name, key in (("DSC", "dsc"), ("IoU", "iou"), ("NSD", "nsd"), ("macro AUC", "auc_macro"),
+                          ("CE", "cross_entropy")):
+            low, high = res["ci"][key]
+            assert rows[name] == [f"{res['a'][key]:.3f}", f"{res['b'][key]:.3f}", f"{res['diff'][key]:+.3f}",
+                                  f"{low:+.3f} … {high:+.3f}"], name
+    assert texts[0].split("seed 0")[1] != texts[5].split("seed 5")[1]  # the seed moves the intervals
+
+
+def test_a_paired_comparison_that_cannot_be_made_is_refused_naming_why(tmp_path):
+    """Without per-image cases (an older metrics.json), in other units, or with one evaluation only:
+    a clear error, also through the Python function, not a KeyError or an IndexError."""
+    a = write_eval(tmp_path, "a", evaluation(make_cases({}), n_boot=0))
+    no_cases = evaluation(make_cases({}), n_boot=0)
+    del no_cases["cases"]
+    old = write_eval(tmp_path, "old", no_cases)
+    with pytest.raises(click.ClickException, match=r"old/metrics.json has no per-image cases"):
+        C.paired(a, old, n_boot=10)
+    in_mm = evaluation(make_cases({}), n_boot=0)
+    in_mm["units"]["distance"] = "mm"
+    with pytest.raises(click.ClickException, match=r"distances in px in .* but in mm in .*: not comparable"):
+        C.paired(a, write_eval(tmp_path, "mm", in_mm), n_boot=10)
+    r = CliRunner().invoke(C.main, [str(a), "--paired", "--out", str(tmp_path / "o.md")])
+    assert r.exit_code == 2 and "--paired compares two evaluations (A B), not 1" in r.output
+    assert not (tmp_path / "o.md").exists()
