@@ -920,6 +920,51 @@ def test_a_ybr_colour_dicom_is_read_as_rgb(tmp_path):
     assert np.abs(got.astype(int) - ybr).max() > 50  # not the raw Y, Cb, Cr
 
 
+def test_a_dicom_still_keeps_its_patient_position_and_orientation_in_its_mask(tmp_path):
+    """GDCM reads an ultrasound still's Image Position and Orientation (Patient): the image gets its
+    origin and in-plane direction (here a plane turned by 90 degrees, whose direction is not its own
+    transpose), and the mask written like it carries them. A still lying in a plane that the x and y
+    axes do not span (x-z) has no 2-D direction: it gets the identity, and its mask is still written."""
+    from model.io import read_image
+    from model.metaimage import write_mha
+
+    img = _us(37, 52, 61)
+    mask = (img > img.mean()).astype(np.uint8)
+    for name, orientation, direction in (("turned", [0.0, 1.0, 0.0, -1.0, 0.0, 0.0], (0.0, -1.0, 1.0, 0.0)),
+                                         ("xz", [1.0, 0.0, 0.0, 0.0, 0.0, 1.0], (1.0, 0.0, 0.0, 1.0))):
+        ds = _us_dataset(img.shape, 1, "MONOCHROME2", img)
+        ds.PixelSpacing, ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.2, 0.3], [4.0, -2.5, 7.0], orientation
+        ds.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
+        got = read_image(tmp_path / f"{name}.dcm")
+        np.testing.assert_array_equal(got.array, img)
+        assert got.spacing == pytest.approx((0.3, 0.2)) and got.origin == pytest.approx((4.0, -2.5)), name
+        assert got.direction == pytest.approx(direction), name
+        write_mha(tmp_path / f"{name}_mask.mha", mask, like=got)
+        back = sitk.ReadImage(str(tmp_path / f"{name}_mask.mha"))
+        assert back.GetSize() == (52, 37) and back.GetSpacing() == pytest.approx((0.3, 0.2)), name
+        assert back.GetOrigin() == pytest.approx((4.0, -2.5)) and back.GetDirection() == pytest.approx(direction), name
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(back), mask)
+
+
+def test_a_dicom_too_large_or_with_a_zero_pixel_size_is_handled_from_its_header(tmp_path):
+    """A DICOM header announcing more than 10000 x 10000 pixels is refused from the header, before GDCM
+    decodes anything (as PNG and MetaImage are); an ultrasound region whose pixel size is 0 (a scanner
+    that did not calibrate it) is no pixel size: unit spacing, which a mask can be written with."""
+    from model.io import ImageReadError, read_image
+    from model.metaimage import write_mha
+
+    _us_dataset((9000, 12000), 1, "MONOCHROME2", np.zeros((10, 10), np.uint8)).save_as(
+        tmp_path / "huge.dcm", enforce_file_format=True)
+    with pytest.raises(ImageReadError, match=r"huge.dcm: image too large: 12000 x 9000 = 108,000,000 pixels"):
+        read_image(tmp_path / "huge.dcm")
+    img = _us(30, 40, 62)
+    _us_still(tmp_path / "uncalibrated.dcm", img, [(1, 3, 0.0, 0.0)])
+    got = read_image(tmp_path / "uncalibrated.dcm")
+    assert got.spacing == pytest.approx((1.0, 1.0))
+    write_mha(tmp_path / "mask.mha", np.zeros(img.shape, np.uint8), like=got)
+    assert sitk.ReadImage(str(tmp_path / "mask.mha")).GetSpacing() == pytest.approx((1.0, 1.0))
+
+
 def test_the_smallest_side_accepted_is_16_pixels():
     """16 px on each side is the least the model takes (an image one pixel smaller on either side is
     refused naming its size); the check reads the image's height and width, not its channels."""
