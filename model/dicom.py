@@ -58,6 +58,10 @@ def read_dicom(path: Path) -> LoadedImage:
         raise ImageReadError(path, f"has {frames} frames (a cine loop or a volume); expected a single 2-D image: "
                                    "export one frame")
     check_size(path, size[0], size[1])
+    short = _short_pixel_data(path)
+    if short:  # GDCM would read it, the rest of the image from uninitialised memory
+        raise ImageReadError(path, "corrupt or truncated DICOM pixel data (the header announces {} bytes of it, "
+                                   "the file holds {})".format(*short))
     try:
         img = reader.Execute()
     except RuntimeError as exc:
@@ -75,6 +79,26 @@ def read_dicom(path: Path) -> LoadedImage:
         d2 = np.eye(2)
     direction2 = tuple(float(v) for v in d2.ravel())
     return LoadedImage(check_pixels(path, arr), str(path), tuple(spacing[:2]), tuple(origin[:2]), direction2)
+
+
+def _short_pixel_data(path: Path) -> tuple[int, int] | None:
+    """(announced, held) bytes where a native (uncompressed) Pixel Data element holds fewer bytes than
+    its Rows, Columns, Samples per Pixel, Bits Allocated (and YBR 4:2:2's shared chroma) announce;
+    None where it holds enough, is compressed (its decoder then says) or pydicom cannot tell."""
+    import pydicom
+    from pydicom.pixels.utils import get_expected_length
+
+    try:
+        ds = pydicom.dcmread(path, defer_size=1024)  # the pixel data is skipped, its length kept
+        if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+            return None
+        held = getattr(ds.get_item("PixelData"), "length", None)
+        expected = get_expected_length(ds, "bytes")
+    except Exception:  # noqa: BLE001 - a header pydicom cannot parse: left to GDCM, as before
+        return None
+    if held is None or held == 0xFFFFFFFF or held >= expected:
+        return None
+    return expected, held
 
 
 def _ultrasound_spacing(path: Path) -> tuple[float, float] | None:

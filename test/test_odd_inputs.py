@@ -946,10 +946,12 @@ def test_a_dicom_still_keeps_its_patient_position_and_orientation_in_its_mask(tm
         np.testing.assert_array_equal(sitk.GetArrayFromImage(back), mask)
 
 
-def test_a_dicom_too_large_or_with_a_zero_pixel_size_is_handled_from_its_header(tmp_path):
+def test_a_dicom_too_large_short_of_pixels_or_uncalibrated_is_handled_from_its_header(tmp_path):
     """A DICOM header announcing more than 10000 x 10000 pixels is refused from the header, before GDCM
-    decodes anything (as PNG and MetaImage are); an ultrasound region whose pixel size is 0 (a scanner
-    that did not calibrate it) is no pixel size: unit spacing, which a mask can be written with."""
+    decodes anything (as PNG and MetaImage are); so is one whose Pixel Data holds fewer bytes than the
+    header announces (GDCM read it, the missing pixels from uninitialised memory: another image each
+    time). An ultrasound region whose pixel size is 0 (a scanner that did not calibrate it) is no
+    pixel size: unit spacing, which a mask can be written with."""
     from model.io import ImageReadError, read_image
     from model.metaimage import write_mha
 
@@ -957,6 +959,14 @@ def test_a_dicom_too_large_or_with_a_zero_pixel_size_is_handled_from_its_header(
         tmp_path / "huge.dcm", enforce_file_format=True)
     with pytest.raises(ImageReadError, match=r"huge.dcm: image too large: 12000 x 9000 = 108,000,000 pixels"):
         read_image(tmp_path / "huge.dcm")
+    _us_dataset((30, 40), 1, "MONOCHROME2", np.full(1000, 7, np.uint8)).save_as(
+        tmp_path / "short.dcm", enforce_file_format=True)
+    with pytest.raises(ImageReadError, match=r"short.dcm: corrupt or truncated DICOM pixel data \(the header "
+                                             r"announces 1200 bytes of it, the file holds 1000\)"):
+        read_image(tmp_path / "short.dcm")
+    _us_dataset((30, 40), 1, "MONOCHROME2", np.full(1202, 7, np.uint8)).save_as(  # bytes to spare: read
+        tmp_path / "long.dcm", enforce_file_format=True)
+    np.testing.assert_array_equal(read_image(tmp_path / "long.dcm").array, np.full((30, 40), 7, np.uint8))
     img = _us(30, 40, 62)
     _us_still(tmp_path / "uncalibrated.dcm", img, [(1, 3, 0.0, 0.0)])
     got = read_image(tmp_path / "uncalibrated.dcm")
