@@ -950,8 +950,8 @@ def test_a_dicom_too_large_short_of_pixels_or_uncalibrated_is_handled_from_its_h
     """A DICOM header announcing more than 10000 x 10000 pixels is refused from the header, before GDCM
     decodes anything (as PNG and MetaImage are); so is one whose Pixel Data holds fewer bytes than the
     header announces (GDCM read it, the missing pixels from uninitialised memory: another image each
-    time). An ultrasound region whose pixel size is 0 (a scanner that did not calibrate it) is no
-    pixel size: unit spacing, which a mask can be written with."""
+    time). An ultrasound region whose pixel size is 0 (a scanner that did not calibrate it), or in no
+    physical unit, is no pixel size: unit spacing, which a mask can be written with."""
     from model.io import ImageReadError, read_image
     from model.metaimage import write_mha
 
@@ -968,6 +968,8 @@ def test_a_dicom_too_large_short_of_pixels_or_uncalibrated_is_handled_from_its_h
         tmp_path / "long.dcm", enforce_file_format=True)
     np.testing.assert_array_equal(read_image(tmp_path / "long.dcm").array, np.full((30, 40), 7, np.uint8))
     img = _us(30, 40, 62)
+    _us_still(tmp_path / "no_unit.dcm", img, [(1, 0, 0.5, 0.5)])  # physical units 0: none
+    assert read_image(tmp_path / "no_unit.dcm").spacing == pytest.approx((1.0, 1.0))
     _us_still(tmp_path / "uncalibrated.dcm", img, [(1, 3, 0.0, 0.0)])
     got = read_image(tmp_path / "uncalibrated.dcm")
     assert got.spacing == pytest.approx((1.0, 1.0))
