@@ -946,6 +946,21 @@ def test_a_dicom_still_keeps_its_patient_position_and_orientation_in_its_mask(tm
         np.testing.assert_array_equal(sitk.GetArrayFromImage(back), mask)
 
 
+def test_a_dicom_whose_compressed_pixels_are_damaged_is_refused_naming_the_file(tmp_path):
+    """A JPEG-compressed still whose header reads but whose JPEG stream is damaged (bytes overwritten
+    after its start marker): the decoder's failure is an ImageReadError naming the file, not ITK's
+    RuntimeError (which would end the run instead of failing one case)."""
+    from model.io import ImageReadError, read_image
+
+    _dicom(tmp_path / "colour.dcm", np.stack([_us(30, 40, 63)] * 3, -1), compressor="JPEG")
+    data = bytearray((tmp_path / "colour.dcm").read_bytes())
+    start = data.index(b"\xff\xd8")  # the JPEG stream in the pixel data's fragment
+    data[start + 2:start + 42] = b"\x00" * 40
+    (tmp_path / "damaged.dcm").write_bytes(bytes(data))
+    with pytest.raises(ImageReadError, match=r"damaged.dcm: corrupt or unsupported DICOM pixel data \(.+\)"):
+        read_image(tmp_path / "damaged.dcm")
+
+
 def test_a_dicom_too_large_short_of_pixels_or_uncalibrated_is_handled_from_its_header(tmp_path):
     """A DICOM header announcing more than 10000 x 10000 pixels is refused from the header, before GDCM
     decodes anything (as PNG and MetaImage are); so is one whose Pixel Data holds fewer bytes than the
