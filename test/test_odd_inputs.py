@@ -675,6 +675,10 @@ def test_an_image_too_large_to_decode_in_4_gb_is_refused_from_its_header(tmp_pat
                     b"CompressedData = True\nElementDataFile = LOCAL\n" + zlib.compress(bytes(1000)))
     with pytest.raises(ImageReadError, match=r"deep.mha: image too large: 12000 x 9000 = 108,000,000 pixels"):
         read_image(mha)
+    xz = tmp_path / "xz.mha"  # the same slice stored W x 1 x D (a one-slice volume in the x-z plane)
+    xz.write_bytes(mha.read_bytes().replace(b"DimSize = 12000 9000 1", b"DimSize = 12000 1 9000"))
+    with pytest.raises(ImageReadError, match=r"xz.mha: image too large: 12000 x 9000 = 108,000,000 pixels"):
+        read_image(xz)
     assert MAX_PIXELS == 10000 * 10000
 
 
@@ -758,6 +762,42 @@ def test_a_one_slice_volume_is_read_whichever_axis_has_size_1(tmp_path):
     with pytest.raises(ImageReadError, match=r"stack.mha: 3-D image of 30 x 20 x 3 voxels; expected a single 2-D "
                                              r"slice \(one axis of size 1\)"):
         read_image(tmp_path / "stack.mha")
+
+
+def test_a_metaimage_keeps_its_direction_as_stored_and_its_in_plane_spacing(tmp_path):
+    """A 2-D MetaImage in a plane turned by 90 degrees (a direction that is not its own transpose) is
+    read with its direction as stored, and its mask written with it: each mask pixel lies at the
+    input pixel's physical point. A one-slice volume's 2-D spacing and origin are those of its two
+    in-plane axes, whichever axis has size 1 (training.evaluate measures HD95 in mm with them)."""
+    from model.io import read_image
+    from model.metaimage import write_mha
+
+    arr = _us(33, 47, 64)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.3, 0.45))
+    img.SetOrigin((4.0, -2.5))
+    img.SetDirection((0.0, -1.0, 1.0, 0.0))
+    sitk.WriteImage(img, str(tmp_path / "turned.mha"), useCompression=True)
+    got = read_image(tmp_path / "turned.mha")
+    assert got.direction == pytest.approx((0.0, -1.0, 1.0, 0.0))
+    mask = (arr > arr.mean()).astype(np.uint8)
+    write_mha(tmp_path / "mask.mha", mask, like=got)
+    back = sitk.ReadImage(str(tmp_path / "mask.mha"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), mask)
+    for index in ((0, 0), (46, 0), (5, 32)):
+        assert back.TransformIndexToPhysicalPoint(index) == pytest.approx(img.TransformIndexToPhysicalPoint(index))
+
+    plane = _us(29, 41, 65)
+    for axis, stored, spacing, origin in ((2, plane[None], (0.2, 0.3), (1.0, 2.0)),
+                                          (1, plane[:, None, :], (0.2, 0.4), (1.0, 3.0)),
+                                          (0, plane[:, :, None], (0.3, 0.4), (2.0, 3.0))):
+        vol = sitk.GetImageFromArray(stored)
+        vol.SetSpacing((0.2, 0.3, 0.4))
+        vol.SetOrigin((1.0, 2.0, 3.0))
+        sitk.WriteImage(vol, str(tmp_path / f"axis{axis}.mha"))
+        got = read_image(tmp_path / f"axis{axis}.mha")
+        np.testing.assert_array_equal(got.array, plane)
+        assert got.spacing == pytest.approx(spacing) and got.origin == pytest.approx(origin), axis
 
 
 def _dicom(path: Path, array: np.ndarray, spacing=None, compressor: str = "") -> None:
