@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -173,3 +174,63 @@ def test_onnx_runtime_writes_no_telemetry_files(tmp_path):
     assert len(list((tmp_path / "cache").glob("tiny-32-*.onnx"))) == 1  # the graph went where it should
     written = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
     assert written == [], f"files written under HOME: {written}"
+
+
+class _TinyEncoder(nn.Module):
+    """An encoder as the product's (``forward(x) -> (embedding, stage features)``) whose batch norm and
+    dropout give other outputs in training mode than in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 4, stride=4)
+        self.norm = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+        with torch.no_grad():
+            self.norm.running_mean.uniform_(-1, 1)
+            self.norm.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        return self.drop(self.norm(self.conv(x))), []
+
+
+def test_the_graph_is_the_eval_mode_encoder_and_the_encoder_keeps_its_mode(tmp_path, monkeypatch):
+    """Exported from an encoder in either mode, the graph computes the eval-mode embedding (running
+    batch-norm statistics, no dropout) for any batch size; the encoder is left in the mode it was in
+    (a model being trained stays in training mode, a frozen one in eval mode)."""
+    monkeypatch.setenv("PFSAM_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 32, 32)
+    for training in (True, False):
+        enc = _TinyEncoder().train(training)
+        ort = onnx_encoder.onnx_encoder(enc, f"tiny{int(training)}", 32)
+        assert enc.training is training and enc.norm.training is training and enc.drop.training is training
+        emb, feats = ort(x)
+        with torch.no_grad():
+            expected = _TinyEncoder.forward(enc.eval(), x)[0]
+        assert feats == [] and emb.dtype == torch.float32 and emb.shape == (3, 4, 8, 8)
+        assert torch.allclose(emb, expected, atol=1e-5), training
+
+
+def test_the_cache_folder_is_pfsam_cache_else_xdg_cache_home_else_the_home_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PFSAM_CACHE", str(tmp_path / "pfsam"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "pfsam"
+    monkeypatch.setenv("PFSAM_CACHE", "")  # set but empty: as unset
+    assert cache_dir() == tmp_path / "xdg" / "pfsam-bus"
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert cache_dir() == tmp_path / "home" / ".cache" / "pfsam-bus"
+
+
+def test_the_session_threads_and_a_telemetry_setting_the_user_made(tmp_path, monkeypatch):
+    """ONNX Runtime runs on the threads asked for, else on as many as PyTorch; importing it through
+    the product turns its telemetry off unless the user set ORT_DISABLE_TELEMETRY (kept as set)."""
+    graph = onnx_encoder.export_bytes(_TinyEncoder().eval(), 32)
+    assert OnnxEncoder(graph, threads=3).session.get_session_options().intra_op_num_threads == 3
+    assert OnnxEncoder(graph).session.get_session_options().intra_op_num_threads == torch.get_num_threads()
+    monkeypatch.setenv("ORT_DISABLE_TELEMETRY", "0")
+    onnx_encoder.import_onnxruntime()
+    assert os.environ["ORT_DISABLE_TELEMETRY"] == "0"
+    monkeypatch.delenv("ORT_DISABLE_TELEMETRY")
+    onnx_encoder.import_onnxruntime()
+    assert os.environ["ORT_DISABLE_TELEMETRY"] == "1"
