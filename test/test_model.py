@@ -995,6 +995,26 @@ def test_io_pool_leaves_a_fresh_process_its_thread_count():
     assert out.stdout.split() == ["[1]", plain.stdout.strip()]
 
 
+def test_io_pool_runs_as_many_threads_at_once_as_asked_and_keeps_the_order():
+    """``io_pool(n)`` decodes or writes n images at a time (n tasks meet at a barrier, which fewer
+    threads would never reach), each on a thread named after the pool; map keeps the input order."""
+    import threading
+
+    from model.io_threads import io_pool
+
+    barrier = threading.Barrier(3, timeout=5)
+
+    def task(i):
+        barrier.wait()
+        return i, threading.current_thread().name, torch.get_num_threads()
+
+    with io_pool(3, "pfsam-test") as pool:
+        got = list(pool.map(task, range(3)))
+    assert [i for i, _, _ in got] == [0, 1, 2]
+    assert len({name for _, name, _ in got}) == 3 and all(name.startswith("pfsam-test") for _, name, _ in got)
+    assert {n for _, _, n in got} == {1}
+
+
 def test_fused_form_falls_back_per_block_kind(monkeypatch):
     """Where the fused kernels do not take a call (here: CPU, fp32), a global block runs the
     augmented (flash) form and a window block the mask form, the faster of the two for each kind on
