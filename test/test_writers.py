@@ -140,6 +140,8 @@ def test_gc_json_files_and_masks(tmp_path):
     assert results[3]["outputs"] == [] and results[3]["error_messages"] == [
         "broken.png: corrupt or truncated image (x)"]
     mha = sitk.ReadImage(str(out / "images" / "breast-lesion-segmentation" / "sub_c.mha"))
+    # compressed (a 10000 x 10000 mask, mostly 0, is 100 MB uncompressed)
+    assert b"CompressedData = True" in (out / "images" / "breast-lesion-segmentation" / "sub_c.mha").read_bytes()
     assert mha.GetSpacing() == pytest.approx((0.3, 0.7)) and mha.GetOrigin() == pytest.approx((-5.5, 10.25))
     assert mha.GetDirection() == pytest.approx((-1.0, 0.0, 0.0, 1.0))
     assert not (out / "breast-lesion-classification.json").exists()  # four inputs, not one
