@@ -120,3 +120,24 @@ def test_cpu_default_precision_is_fp32_and_bf16_is_measured(shared_data):
     print(f"bf16 vs fp32 on {len(images)} BUSI images: mean Dice {np.mean(scores):.4f}, min {np.min(scores):.4f}, "
           f"labels agree {agree:.2f}")
     assert 0.85 < np.mean(scores) < 1.0  # bf16 runs (not silently fp32) and stays close
+
+
+def test_the_default_model_gives_the_recorded_answer_for_a_test_input():
+    """The shipped model's answer for test/input's bus_grey.png is the one test/expected_output.json
+    records for the container (test.sh): the same label, the same lesion (within 1 % of its pixels)
+    and probabilities within test.sh's 1e-3. A change in any layer the default model runs that
+    still loads its weights (a head's activation or normalisation, the encoder, pre- or
+    post-processing) shows here in seconds, not only in the Docker check or the slow real-data test."""
+    from pathlib import Path
+
+    from model.io import read_image
+
+    here = Path(__file__).resolve().parent
+    expected = json.loads((here / "expected_output.json").read_text())["runs"]["all"]["cases"]["bus_grey.png"]
+    image = read_image(here / "input" / "images" / "breast-ultrasound-image" / "bus_grey.png")
+    out = Predictor.from_dir(DEFAULT_MODEL_DIR, device="cpu").predict_one(image.array)
+    assert list(out.mask.shape[::-1]) == expected["mask"]["size"]
+    assert abs(int(out.mask.sum()) - expected["mask"]["lesion_pixels"]) <= 0.01 * expected["mask"]["lesion_pixels"]
+    assert out.label == expected["label"]
+    for name, p in expected["probabilities"].items():
+        assert abs(out.probabilities[name] - p) < 1e-3, (name, out.probabilities[name], p)
