@@ -42,6 +42,20 @@ def test_encoder_checkpoint_layouts_give_the_same_encoder_tensors(tmp_path):
         load_image_encoder_state(tmp_path / "tensor.pth")
 
 
+def test_an_encoder_built_from_its_checkpoint_draws_no_random_weights_first(lite_state, monkeypatch):
+    """The checkpoint sets every parameter (a strict load), so drawing random initial weights first
+    only costs time: 0.8 s per ViT-B, 4.6 s per ViT-L on a 2-core CPU, at every start of a model
+    on a frozen official encoder. The encoder built holds the checkpoint's tensors."""
+    draws = []
+    for name in ("kaiming_uniform_", "uniform_", "normal_", "trunc_normal_", "ones_", "zeros_"):
+        real = getattr(torch.nn.init, name)
+        monkeypatch.setattr(torch.nn.init, name,
+                            lambda t, *a, _real=real, **k: draws.append(tuple(t.shape)) or _real(t, *a, **k))
+    enc, _ = build_encoder("litemedsam")
+    assert draws == []
+    assert torch.equal(enc.neck[0].weight, lite_state["image_encoder.neck.0.weight"])
+
+
 def test_an_encoder_checkpoint_that_lacks_or_adds_a_tensor_is_refused(lite_state, tmp_path):
     """The encoder is built without drawing random weights (the checkpoint sets them), so a file
     that lacks a tensor would leave it holding uninitialised memory, and masks made of garbage; a
