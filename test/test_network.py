@@ -157,3 +157,25 @@ def test_a_frozen_encoder_stays_frozen_while_the_heads_train(mgca_net):
         net.eval()
     assert torch.equal(emb, ref)
     assert all(torch.equal(bn.running_mean, b) for bn, b in zip(bns, before))
+
+
+@pytest.mark.parametrize("module_name", ["model.encoders.sam_vit", "model.encoders.tiny_vit"])
+def test_the_embedding_cache_key_covers_every_encoder_file_the_encoder_runs(module_name):
+    """training.cache keys cached embeddings by the encoder module's source and the files its
+    ``CODE_FILES`` lists. Every model/encoders file it imports, directly or through those files,
+    must be among them: an edit there (LayerNorm2d in common.py, which both encoders' necks run; the
+    fused kernel in relpos_kernel.py) would otherwise keep serving embeddings the edited code no
+    longer computes, and the heads would train on them."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    module = importlib.import_module(module_name)
+    package = Path(module.__file__).resolve().parent
+    covered = {Path(module.__file__).resolve(), *(Path(p).resolve() for p in getattr(module, "CODE_FILES", ()))}
+    for path in sorted(covered):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:  # this package's files (``from .x import``)
+                for name in [node.module] if node.module else [a.name for a in node.names]:
+                    imported = package / f"{name}.py"
+                    assert imported.resolve() in covered, f"{path.name} imports {imported.name}, not in CODE_FILES"

@@ -20,7 +20,7 @@ from . import relpos_attention
 from .common import LayerNorm2d
 
 # what else this encoder's output depends on (the embedding cache's key hashes these files too)
-CODE_FILES = tuple(Path(__file__).with_name(n) for n in ("relpos_attention.py", "relpos_kernel.py"))
+CODE_FILES = tuple(Path(__file__).with_name(n) for n in ("relpos_attention.py", "relpos_kernel.py", "common.py"))
 
 VIT_CONFIGS = {
     "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),

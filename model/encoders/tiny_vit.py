@@ -16,12 +16,16 @@ stages 1 and 2 and keeps stage 3 at 1/4: for 256 input the stages run at 256, 12
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm2d
+
+# what else this encoder's output depends on (the embedding cache's key hashes these files too)
+CODE_FILES = (Path(__file__).with_name("common.py"),)
 
 
 @functools.lru_cache(maxsize=None)
