@@ -179,3 +179,49 @@ def test_the_embedding_cache_key_covers_every_encoder_file_the_encoder_runs(modu
                 for name in [node.module] if node.module else [a.name for a in node.names]:
                     imported = package / f"{name}.py"
                     assert imported.resolve() in covered, f"{path.name} imports {imported.name}, not in CODE_FILES"
+
+
+def test_a_config_with_another_encoder_mode_or_class_order_is_refused():
+    """A model config is refused when its encoder mode is neither ``frozen`` nor ``finetuned`` (a
+    typo would build a fine-tuned model: its encoder trained, no longer shareable) or its classes
+    are not (normal, benign, malignant) in that order (the class head's outputs would be read
+    under the wrong names)."""
+    from model.network import validate_config
+
+    good = make_config("litemedsam", "frozen", "sd-h", "mgc-a", encoder_weights={"source": "random"})
+    assert validate_config(good) == good
+    with pytest.raises(ValueError, match=r"encoder mode must be one of \('frozen', 'finetuned'\), not 'frozn'"):
+        make_config("litemedsam", "frozn")
+    swapped = dict(good, class_names=["benign", "malignant", "normal"])
+    with pytest.raises(ValueError, match=r"class_names must be \['normal', 'benign', 'malignant'\]"):
+        validate_config(swapped)
+
+
+@pytest.mark.parametrize("impl", ["bias", "augment"])
+def test_a_small_sam_encoder_with_every_parameter_random_matches_segment_anything(impl, monkeypatch):
+    """segment-anything's ImageEncoderViT and ours, every tensor drawn at random (a fresh model's
+    LayerNorms are all ones and zeros, so a block normalising its MLP input with ``norm1`` instead
+    of ``norm2``, or the neck's LayerNorm2d mixing scale and shift, would pass a comparison of fresh
+    models and still change every embedding of a real checkpoint), on a grid the windows do not
+    divide (padding) with a global block last: the same embedding."""
+    from functools import partial
+
+    sa = pytest.importorskip("segment_anything.modeling.image_encoder")
+    from model.encoders.sam_vit import Attention, ImageEncoderViT
+
+    monkeypatch.setattr(Attention, "impl", impl)
+    torch.manual_seed(0)
+    kw = dict(img_size=96, embed_dim=64, depth=3, num_heads=4, out_chans=32, window_size=4)
+    ref = sa.ImageEncoderViT(patch_size=16, mlp_ratio=4, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                             qkv_bias=True, use_rel_pos=True, global_attn_indexes=[2], **kw).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * (0.5 if p.ndim == 1 else 0.2) + (1.0 if p.ndim == 1 else 0.0))
+    ours = ImageEncoderViT(global_attn_indexes=(2,), **kw).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        a, _ = ours(x)
+        b = ref(x)
+    assert a.shape == (2, 32, 6, 6)
+    assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
