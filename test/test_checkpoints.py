@@ -116,9 +116,11 @@ def test_encoder_weights_that_no_official_file_holds_are_stored_with_the_heads(m
     assert not torch.equal(back.encoder.neck[0].weight, lite_state["image_encoder.neck.0.weight"])
 
 
-def test_a_weights_file_with_tensors_its_config_does_not_build_is_refused(tmp_path):
+def test_a_weights_file_with_tensors_its_config_does_not_build_or_with_infinite_values_is_refused(tmp_path):
     """model.safetensors is loaded strictly: a tensor the config does not build (e.g. a fine-tuned
-    encoder's, after ``"included"`` was edited to false) is an error naming it, not ignored."""
+    encoder's, after ``"included"`` was edited to false) is an error naming it, not ignored; and
+    so is a tensor holding an infinite value (a diverged run: every probability would be NaN),
+    as NaN is (test_model)."""
     torch.manual_seed(0)
     net = PFSAMNet(make_config("litemedsam", "finetuned", "sd-h", "gap", encoder_weights={"source": "random"}),
                    encoder_weights="random")
@@ -128,6 +130,11 @@ def test_a_weights_file_with_tensors_its_config_does_not_build_is_refused(tmp_pa
     save_file(dict(state, **{"seg_head.extra.weight": torch.ones(3)}), str(path))
     with pytest.raises(CheckpointError, match=r"model.safetensors: does not match its config: missing \[\], "
                                               r"unexpected \['seg_head.extra.weight'\]"):
+        load_model(tmp_path / "m")
+    name = "cls_head.mlp.1.weight"
+    state[name].view(-1)[5] = float("-inf")
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: {name} holds NaN or infinite values"):
         load_model(tmp_path / "m")
 
 
