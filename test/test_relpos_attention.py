@@ -194,3 +194,21 @@ def test_tile_kernel_is_autotuned_per_shape():
     tuned = kernel(tuned=True, shape="tile")
     assert tuned is not kernel(tuned=True, shape="rows") and _tuning_keys(tuned) == ["HEADS", "GH", "GW", "D"]
     assert {c.kwargs["BLOCK_M"] for c in tuned.configs} == {32, 64}
+
+
+def test_the_custom_ops_fake_gives_the_kernels_output_layout():
+    """torch.compile traces ``relpos_attention`` through its fake implementation and plans the
+    compiled graph's buffers from it: it must give the kernel's (B, N, heads, D) output, the layout
+    ``launch`` writes and ``Attention`` reshapes (the kernel itself: test_fused_kernel_equals_the_mask_form)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from model.encoders import relpos_attention as ra
+
+    if not ra.HAVE_CUSTOM_OP:
+        pytest.skip("torch without custom ops: relpos_attention is a plain function")
+    b, heads, gh, gw, d = 2, 3, 4, 16, 32
+    n = gh * gw
+    with FakeTensorMode():
+        q, k, v = (torch.empty(b, heads, n, d, dtype=torch.bfloat16) for _ in range(3))
+        out = ra.relpos_attention(q, k, v, torch.empty(b, heads, n, gh), torch.empty(b, heads, n, gw), d ** -0.5)
+    assert tuple(out.shape) == (b, n, heads, d) and out.dtype == torch.bfloat16
