@@ -239,3 +239,26 @@ def test_unet_head_equals_transposed_convolutions_on_concatenated_skips(channels
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     # every skip reaches the mask
     assert all(gr.abs().sum() > 0 for gr in grads[0][:4])
+
+
+def test_the_norm_settings_that_checkpoints_do_not_store_are_the_trained_ones():
+    """A checkpoint stores the norms' scales and shifts, not their group counts or eps: every trained
+    SD-H, UNet-H, MGC-A and GAP head was trained with GroupNorms of min(8, channels) groups and
+    eps 1e-5 and the classifiers' LayerNorm at eps 1e-5. Another value would load every stored model
+    without a complaint and change its masks and classes (test_default_model compares the shipped
+    ensemble's answer with the recorded one; no shipped model has a UNet-H)."""
+    from model.heads.unet_head import UNetHead
+
+    heads = [SDHead(), UNetHead(skip_channels=[768] * 3, skip_scales=[1] * 3),
+             UNetHead(embed_dim=256, skip_channels=[64, 128, 160], skip_scales=[4, 1, 1], channels=(128, 64, 4)),
+             MGCAClassifier(), GAPClassifier()]
+    group_norms = layer_norms = 0
+    for head in heads:
+        for m in head.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                assert (m.num_groups, m.eps) == (min(8, m.num_channels), 1e-5), (type(head).__name__, m)
+                group_norms += 1
+            elif isinstance(m, torch.nn.LayerNorm):
+                assert m.eps == 1e-5, (type(head).__name__, m)
+                layer_norms += 1
+    assert group_norms == 2 + 9 + 7 and layer_norms == 2  # SD-H; UNet-H with ViT, with TinyViT skips
