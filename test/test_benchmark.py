@@ -120,3 +120,33 @@ def test_benchmark_times_whole_batches_of_the_shape_it_warmed_up(tmp_path, monke
     monkeypatch.setattr(Predictor, "forward", lambda self, x, *a, **k: shapes.append(x.shape[0]) or real(self, x, *a, **k))
     res = benchmark.bench("litemedsam", "cpu", 2, 5, "fp32", None, 0, reference=False, compile_backend="eager")
     assert res["images"] == 6 and set(shapes) == {2}, shapes
+
+
+
+def test_benchmark_rates_are_images_per_timed_second_of_each_path(tmp_path, monkeypatch):
+    """With a scripted clock (warm-up 1 s, product 1 s, reference 4 s, end to end 2 s): each path's
+    images/s is the number of images it timed over its seconds (per image, not per batch), the speedup
+    the product's rate over the reference's, and the achieved TFLOP/s and share of peak follow from the
+    counted GFLOPs per image and the product's rate. (The reference encoder is a stand-in giving
+    LiteMedSAM's embedding shape: its timing is scripted here; the real one runs in the test above.)"""
+    from types import SimpleNamespace
+
+    class Reference(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 256, 64, 64, device=x.device)
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    monkeypatch.setattr(benchmark, "reference_encoder", lambda encoder, ours: Reference())
+    ticks = iter([0.0, 1.0, 1.0, 2.0, 2.0, 6.0, 6.0, 8.0])  # each phase's start and end, in order
+    monkeypatch.setattr(benchmark, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    res = benchmark.bench("litemedsam", "cpu", 2, 1, "fp32", 50.0, 1)  # 1 image: rounded up to a batch of 2
+    assert res["images"] == 2 and res["batch_size"] == 2 and res["warmup_s"] == 1.0
+    assert res["product"]["images_per_s"] == 2.0 and res["product"]["s_per_image"] == 0.5
+    assert res["reference"]["images"] == 2 and res["reference"]["images_per_s"] == 0.5
+    assert res["reference"]["s_per_image"] == 2.0
+    assert res["end_to_end"]["images"] == 1 and res["end_to_end"]["images_per_s"] == 0.5
+    assert res["end_to_end"]["s_per_image"] == 2.0
+    assert res["speedup"] == 4.0 and "product / reference: 4.00x" in benchmark.table(res)
+    assert 60 < res["gflops_per_image"] < 120
+    assert res["achieved_tflops"] == pytest.approx(res["gflops_per_image"] * 2.0 / 1e3)
+    assert res["fraction_of_peak"] == pytest.approx(res["achieved_tflops"] / 50.0)
