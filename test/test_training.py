@@ -542,6 +542,67 @@ def test_an_epoch_with_a_non_finite_validation_loss_or_weights_is_not_saved(tiny
     assert [h["epoch"] for h in json.loads((good / "log.json").read_text())] == [1]
 
 
+def _scripted_validation(monkeypatch, dscs: list[float]) -> tuple[list[dict], list[tuple[float, int]]]:
+    """training.train with each epoch's validation Dice set from ``dscs`` (the other figures fixed): the
+    heads' weights at each validation, and each training step's (loss, batch size)."""
+    from training import train as train_mod
+
+    snapshots, steps = [], []
+    real_batch = train_mod.run_batch
+
+    def evaluate(net, *args):
+        snapshots.append({k: v.detach().clone() for k, v in net.head_state_dict().items()})
+        return {"val_loss": 1.0, "val_dsc": dscs[len(snapshots) - 1], "val_acc": 0.5, "val_auc": 0.5}
+
+    def run_batch(model, batch, *args):
+        out, losses = real_batch(model, batch, *args)
+        if model.training:
+            steps.append((float(losses["loss"].detach()), len(batch["label"])))
+        return out, losses
+
+    monkeypatch.setattr(train_mod, "evaluate_epoch", evaluate)
+    monkeypatch.setattr(train_mod, "run_batch", run_batch)
+    return snapshots, steps
+
+
+def test_best_is_the_first_epoch_of_the_highest_metric_also_after_a_resume(tiny_dataset, cache_dir, tmp_path,
+                                                                            monkeypatch):
+    """best/ holds the epoch whose selection metric (SD-H: val_dsc) is highest, the first of a tie; a
+    later, worse epoch leaves it alone, in a resumed run too (whose best is restored from state.pt).
+    Each epoch is logged once, in order, with its training loss (the mean over the images, not the
+    batches: 9 images in batches of 4, 4 and 1) and the images per second of those 9 images."""
+    dscs = [0.3, 0.7, 0.7, 0.5]
+    cfg = tiny_cfg("sd-h", epochs=4)
+    run = tmp_path / "run"
+    snapshots, steps = _scripted_validation(monkeypatch, dscs)
+    train(cfg, tiny_dataset, run, "cpu", cache_dir, precision="fp32", stop_after=2)
+    train(cfg, tiny_dataset, run, "cpu", cache_dir, precision="fp32", resume=True)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best"] == {"epoch": 2, "value": 0.7, "metric": "val_dsc"}
+    assert summary["last"]["epoch"] == 4 and summary["last"]["val_dsc"] == 0.5
+    prov = json.loads((run / "best" / "config.json").read_text())["provenance"]
+    assert prov["epoch"] == 2 and prov["metrics"]["val_dsc"] == 0.7
+    best = load_file(str(run / "best" / "model.safetensors"))
+    assert best.keys() == snapshots[1].keys()
+    assert all(torch.equal(best[k], snapshots[1][k]) for k in best)  # epoch 2's weights
+    assert not all(torch.equal(best[k], snapshots[2][k]) for k in best)  # not epoch 3's (the tie)
+    last = load_file(str(run / "last" / "model.safetensors"))
+    assert all(torch.equal(last[k], snapshots[3][k]) for k in last)
+    log = json.loads((run / "log.json").read_text())
+    with open(run / "log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [h["epoch"] for h in log] == [1, 2, 3, 4] and [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert [h["val_dsc"] for h in log] == dscs and [float(r["val_dsc"]) for r in rows] == dscs
+    n_train = len(load_records(tiny_dataset, "train"))
+    k = -(-n_train // cfg["batch_size"])  # steps per epoch
+    assert len(steps) == 4 * k and n_train % cfg["batch_size"]  # a smaller last batch
+    per_epoch = [steps[e * k:(e + 1) * k] for e in range(4)]
+    for h, epoch_steps in zip(log, per_epoch):
+        assert sum(n for _, n in epoch_steps) == n_train
+        assert h["train_loss"] == pytest.approx(sum(loss * n for loss, n in epoch_steps) / n_train, rel=1e-6)
+        assert h["images_per_s"] * h["seconds"] == pytest.approx(n_train, rel=1e-9)
+
+
 def test_cache_serves_a_subset_of_its_images(tiny_dataset, tmp_path, monkeypatch):
     """Also: encoding on a CPU keeps freed memory in the heap (model/allocator.py), as inference and
     training do; without it `python -m training.cache` took 2.5 s per view here, 1.6 s with it."""
