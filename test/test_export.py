@@ -348,3 +348,44 @@ def test_each_task_goes_to_its_member_and_every_member_is_written(runs, tmp_path
     assert _export(runs["mgc-a"], "--out", alone).exit_code == 0
     spec = json.loads((alone / "ensemble.json").read_text())
     assert spec["segmentation_weights"] == spec["classification_weights"] == {"mgc-a": 1.0}
+
+
+def test_the_model_card_names_each_members_task_epoch_validation_and_the_command(tmp_path):
+    """The card's head names which member segments and which classifies; each member's line its
+    encoder and heads, the epoch exported and that epoch's head-grid validation figures (an undefined
+    one as –); the data section the report's sources and counts; Reproduce the command given."""
+    import torch
+
+    from model.checkpoint import read_config
+
+    runs = {}
+    for variant, epoch, metrics in (("sd-h", 7, {"val_dsc": 0.61234, "val_auc": None}),
+                                    ("mgc-a", 3, {"val_dsc": 0.25, "val_auc": 0.875})):
+        torch.manual_seed(epoch)
+        save_model(build_model(tiny_cfg(variant)), tmp_path / variant / "best",
+                   provenance={"variant": variant, "epoch": epoch, "metrics": metrics})
+        (tmp_path / variant / "config.yaml").write_text(f"variant: {variant}\n")
+        runs[variant] = tmp_path / variant
+    report = {"sources": {"busi": "/x", "bus-bra": "/y"}, "prepared": 12, "seed": 0, "val_fraction": 0.2,
+              "counts": {"split_label": {"train/benign": 3, "val/normal": 1}, "source_split": {"busi/train": 9}}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    command = "python -m training.export runs/mgc-a runs/sd-h --out ens"
+    ens = export_mod.export([runs["mgc-a"], runs["sd-h"]], tmp_path / "ens", data_report=tmp_path / "report.json",
+                            command=command)
+    card = (ens / "MODEL_CARD.md").read_text()
+    assert "Segmentation from **sd-h**, classification from **mgc-a**." in card
+    for name, seg, cls, line in (("sd-h", "sd-h", "gap", "; best epoch 7 (head-grid validation: val_dsc 0.612, val_auc –)"),
+                                 ("mgc-a", "sd-h", "mgc-a", "; best epoch 3 (head-grid validation: val_dsc 0.250, "
+                                                            "val_auc 0.875)")):
+        enc = read_config(ens / name)["encoder"]
+        assert (f"- `{name}`: encoder `{enc['name']}` ({enc['mode']}, input {enc['input_size']}, "
+                f"{enc['normalization']} normalisation, weights {enc['weights']['source']} sha256 "
+                f"{str(enc['weights'].get('sha256', ''))[:12]}), seg head `{seg}`, classifier `{cls}`{line}") in card
+    assert "Sources: busi, bus-bra. Images: 12." in card
+    assert "- split_label: train/benign 3, val/normal 1\n- source_split: busi/train 9\n" in card
+    assert "Split: per class 80/20 with seed 0," in card
+    assert card.endswith(f"## Reproduce\n\n```\n{command}\n```\n")
+    plain = export_mod.export([runs["sd-h"]], tmp_path / "plain")
+    card = (plain / "MODEL_CARD.md").read_text()
+    assert "(not recorded: pass --command to training.export)" in card and "(not evaluated: pass --metrics)" in card
+    assert "Segmentation from **sd-h**, classification from **sd-h**." in card
