@@ -1,7 +1,8 @@
-"""The shell scripts: the venv that demo.sh and test/run.sh make (test/ensure_venv.sh), export.sh's
-file names and checks, -h/--help of build.sh, test.sh and export.sh, and the command that
-training/reproduce.sh records in the model card. Docker is never run: a stub `docker` on PATH records
-what the scripts ask of it (and a stub interpreter what reproduce.sh runs)."""
+"""The shell scripts: the image's entry point (docker-entrypoint.sh), the venv that demo.sh and
+test/run.sh make (test/ensure_venv.sh), export.sh's file names and checks, -h/--help of build.sh,
+test.sh and export.sh, and the command that training/reproduce.sh records in the model card. Docker
+is never run: a stub `docker` on PATH records what the scripts ask of it (and a stub interpreter what
+reproduce.sh and the entry point run)."""
 from __future__ import annotations
 
 import gzip
@@ -307,3 +308,30 @@ def test_test_sh_refuses_a_test_model_it_does_not_know(tmp_path):
     res = _run([REPO / "test.sh"], REPO, stubs, TEST_MODEL="randon", DOCKER_LOG=str(tmp_path / "docker.log"))
     assert res.returncode == 2 and "TEST_MODEL must be auto, default or random, not 'randon'" in res.stderr
     assert not (tmp_path / "docker.log").exists()
+
+
+# the image's entry point: `docker run IMAGE [ARGS]`; a stub python3 records what it is asked to run
+STUB_PROCESS = """#!/bin/sh
+printf '%s\\n' "$@" > "$PY_LOG"
+echo $$ > "$PY_LOG.pid"
+exit "${PY_RC:-0}"
+"""
+
+
+@pytest.mark.parametrize("args, runs", [
+    ([], ["/opt/app/process.py"]),  # Grand Challenge: no arguments at all
+    (["-i", "/in put", "--format", "pace"], ["/opt/app/process.py", "-i", "/in put", "--format", "pace"]),
+    (["--help"], ["/opt/app/process.py", "--help"]),
+    (["python3", "main.py", "-i", "/input"], ["main.py", "-i", "/input"]),  # the PACE template's command, as given
+])
+def test_the_entrypoint_runs_process_py_for_options_and_any_other_command_as_given(tmp_path, args, runs):
+    stubs = _stub(tmp_path / "stubs", "python3", STUB_PROCESS)
+    env = {**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "PY_LOG": str(tmp_path / "argv"),
+           "PY_RC": "3"}
+    proc = subprocess.Popen(["sh", str(REPO / "docker-entrypoint.sh"), *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err  # process.py's exit status is the container's
+    assert (tmp_path / "argv").read_text().splitlines() == runs
+    # exec'd, not a child of the shell: as PID 1 it gets docker stop's SIGTERM (process.py keeps what it wrote)
+    assert int((tmp_path / "argv.pid").read_text()) == proc.pid
