@@ -559,6 +559,36 @@ def test_a_prediction_failure_is_isolated_to_its_image(cli, predictor, tmp_path,
     assert "simulated failure" in (tmp_path / "out" / "errors.csv").read_text()
 
 
+def test_the_images_after_a_failing_one_in_its_batch_are_still_predicted_and_written(cli, predictor, tmp_path,
+                                                                                     monkeypatch):
+    """The failing image comes first in a batch of four: the batch is retried image by image, and the
+    three after it are written and listed as any others; errors.csv holds the failing one alone."""
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(synthetic_ultrasound(33, 44, 3)[0]).save(d / "a_poison.png")
+    for k, name in enumerate(["b.png", "c.png", "d.png"]):
+        Image.fromarray(synthetic_ultrasound(40 + k, 52, 10 + k)[0]).save(d / name)
+    real = predictor.predict
+    sizes = []
+
+    def flaky(arrays):
+        sizes.append(len(arrays))
+        if any(a.shape[:2] == (33, 44) for a in arrays):
+            raise RuntimeError("simulated failure")
+        return real(arrays)
+
+    monkeypatch.setattr(predictor, "predict", flaky)
+    out = tmp_path / "out"
+    res = cli("-i", d, "-o", out, "--format", "pace")
+    assert res.exit_code == 3, res.output
+    assert sizes == [4, 1, 1, 1, 1]  # one batch, then each image alone
+    assert "3 of 4 images processed, 1 failed" in res.output
+    assert _files(out / "segmentation") == ["b_mask.png", "c_mask.png", "d_mask.png"]
+    assert [r["image_id"] for r in csv.DictReader(open(out / "classification" / "predictions.csv"))] == ["b", "c", "d"]
+    errors = list(csv.DictReader(open(out / "errors.csv")))
+    assert [(e["file"], e["reason"]) for e in errors] == [("a_poison.png", "prediction failed: RuntimeError: simulated failure")]
+
+
 def test_summary_files_that_cannot_be_written_are_reported_without_pointing_to_a_missing_file(cli, tmp_path,
                                                                                               monkeypatch):
     """An earlier run into the same folder left an errors.csv. When this run's summary files cannot be
