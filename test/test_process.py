@@ -562,7 +562,8 @@ def test_a_prediction_failure_is_isolated_to_its_image(cli, predictor, tmp_path,
 def test_the_images_after_a_failing_one_in_its_batch_are_still_predicted_and_written(cli, predictor, tmp_path,
                                                                                      monkeypatch):
     """The failing image comes first in a batch of four: the batch is retried image by image, and the
-    three after it are written and listed as any others; errors.csv holds the failing one alone."""
+    three after it are written and listed as any others; errors.csv holds the failing one alone, with
+    the exception's type and the first line of its message."""
     d = tmp_path / "in"
     d.mkdir()
     Image.fromarray(synthetic_ultrasound(33, 44, 3)[0]).save(d / "a_poison.png")
@@ -574,7 +575,7 @@ def test_the_images_after_a_failing_one_in_its_batch_are_still_predicted_and_wri
     def flaky(arrays):
         sizes.append(len(arrays))
         if any(a.shape[:2] == (33, 44) for a in arrays):
-            raise RuntimeError("simulated failure")
+            raise RuntimeError("simulated failure\n  (details on further lines: not in errors.csv)")
         return real(arrays)
 
     monkeypatch.setattr(predictor, "predict", flaky)
@@ -586,7 +587,8 @@ def test_the_images_after_a_failing_one_in_its_batch_are_still_predicted_and_wri
     assert _files(out / "segmentation") == ["b_mask.png", "c_mask.png", "d_mask.png"]
     assert [r["image_id"] for r in csv.DictReader(open(out / "classification" / "predictions.csv"))] == ["b", "c", "d"]
     errors = list(csv.DictReader(open(out / "errors.csv")))
-    assert [(e["file"], e["reason"]) for e in errors] == [("a_poison.png", "prediction failed: RuntimeError: simulated failure")]
+    assert [(e["file"], e["reason"]) for e in errors] == [("a_poison.png",
+                                                           "prediction failed: RuntimeError: simulated failure")]
 
 
 def test_summary_files_that_cannot_be_written_are_reported_without_pointing_to_a_missing_file(cli, tmp_path,
