@@ -762,6 +762,30 @@ def test_an_output_folder_inside_the_input_folder_is_not_read_back(cli, tmp_path
     assert _files(d / "out" / "segmentation") == ["case_mask.png"]
 
 
+def test_an_output_folder_inside_the_input_folder_named_through_a_link_or_relatively_is_not_read_back(
+        cli, tmp_path, monkeypatch):
+    """The output folder inside the input folder, either named by another path than the one the images
+    are found by: through a linked folder, or relative to the working folder while the input folder
+    is absolute. The second run into it still finds one image, not the first run's masks too."""
+    runs = {}
+    for how in ("output-link", "input-link", "relative"):
+        (tmp_path / how).mkdir()
+        d = _one_image(tmp_path / how)
+        (d / "out").mkdir()
+        runs[how] = (d, {"output-link": ["-i", d, "-o", tmp_path / how / "out-link"],
+                         "input-link": ["-i", tmp_path / how / "in-link", "-o", d / "out"],
+                         "relative": ["-i", d, "-o", "out"]}[how])
+    (tmp_path / "output-link" / "out-link").symlink_to(runs["output-link"][0] / "out", target_is_directory=True)
+    (tmp_path / "input-link" / "in-link").symlink_to(runs["input-link"][0], target_is_directory=True)
+    monkeypatch.chdir(runs["relative"][0])
+    for how, (d, args) in runs.items():
+        for _ in range(2):
+            res = cli(*args, "--format", "pace", "--overlay")
+            assert res.exit_code == 0 and "1 of 1 image processed" in res.output, (how, res.output)
+        assert _files(d / "out") == ["classification/predictions.csv", "classification/probabilities.csv",
+                                     "overlays/case.png", "segmentation/case_mask.png"], how
+
+
 @pytest.mark.parametrize("where", ["same", "parent"])
 def test_an_output_folder_that_is_or_holds_the_input_folder_reads_the_images_but_not_its_outputs(cli, tmp_path, where):
     d = _one_image(tmp_path)
