@@ -1053,6 +1053,27 @@ def test_cog_predictor_setup_and_predict(ensemble_dir, inputs, tmp_path):
         p.predict(image=cog_predict.Path(str(black)), overlay=False, tta=False, class_prior="model")
 
 
+def test_cog_predict_takes_tta_per_prediction(ensemble_dir, inputs, predictor):
+    """``tta`` is an input of each prediction: on, the answer is the flip-averaged one of a predictor
+    loaded with TTA; off again, the plain one."""
+    import predict as cog_predict
+
+    root, _ = inputs
+    image = root / "colour.png"
+    arr = np.asarray(Image.open(image))
+    with_tta = inference.load_predictor(ensemble_dir, device="cpu", batch_size=1, tta=True).predict([arr])[0]
+    plain = predictor.predict([arr])[0]
+    assert with_tta.probabilities != pytest.approx(plain.probabilities, abs=1e-6)  # the flip changes the answer
+    p = cog_predict.Predictor()
+    p.setup(model_dir=str(ensemble_dir))
+    for tta, expected in ((True, with_tta), (False, plain)):
+        out = p.predict(image=cog_predict.Path(str(image)), overlay=False, tta=tta, class_prior="model")
+        probs = {"normal": out.probability_normal, "benign": out.probability_benign,
+                 "malignant": out.probability_malignant}
+        assert probs == pytest.approx(expected.probabilities, abs=1e-5), tta
+        np.testing.assert_array_equal(np.asarray(Image.open(str(out.segmentation_mask))) > 0, expected.mask > 0)
+
+
 def test_cog_yaml_pins_match_the_runtime_requirements():
     import yaml
 
