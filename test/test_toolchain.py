@@ -40,11 +40,16 @@ def test_a_compiler_that_cannot_run_or_fails(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     assert "could not be run" in toolchain.build_problem("c")
     failing = tmp_path / "cc"
-    failing.write_text("#!/bin/sh\necho 'fatal error: stdio.h: No such file or directory' >&2\nexit 1\n")
+    failing.write_text("#!/bin/sh\necho 'probe.c: In function pfsam_probe:' >&2\n"
+                       "echo 'fatal error: stdio.h: No such file or directory' >&2\n"
+                       "echo 'compilation terminated.' >&2\nexit 1\n")
     failing.chmod(failing.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("CC", str(failing))
     toolchain.build_problem.cache_clear()
+    # the line that says what is wrong, not the compiler's first line
     assert toolchain.build_problem("c") == f"{failing} could not build a Python extension: fatal error: stdio.h: No such file or directory"
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-cxx"))  # C++ is built with $CXX, not $CC
+    assert toolchain.build_problem("c++").startswith(f"{tmp_path / 'no-such-cxx'} could not be run")
 
 
 def test_a_compiler_that_writes_nothing_loadable(monkeypatch, tmp_path):
@@ -70,6 +75,18 @@ def test_triton_launcher_compiles(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.delenv("CC", raising=False)
     assert toolchain.triton_launcher_problem() is None
+
+
+@needs_gcc
+def test_the_check_command_exits_1_when_only_the_triton_launcher_does_not_build(monkeypatch, capsys):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(toolchain, "triton_launcher_problem", lambda: "gcc could not build Triton's launcher: cuda.h")
+    assert toolchain.main() == 1
+    out = capsys.readouterr().out
+    assert "toolchain: c: ok" in out
+    assert "toolchain: triton launcher: gcc could not build Triton's launcher: cuda.h" in out
 
 
 def test_the_check_command_exits_1_with_the_reason(monkeypatch, capsys):
