@@ -187,6 +187,11 @@ def test_gc_results_json(gc_run):
 def test_progress_bar_when_asked_for(cli, tmp_path):
     res = cli("-i", _one_image(tmp_path), "-o", tmp_path / "out", "--progress")
     assert res.exit_code == 0 and "100%" in res.stderr and "1/1" in res.stderr
+    (tmp_path / "two").mkdir()
+    d = _one_image(tmp_path / "two")  # an image that cannot be read counts as done too
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    res = cli("-i", d, "-o", tmp_path / "out2", "--progress")
+    assert res.exit_code == 3 and "100%" in res.stderr and "2/2" in res.stderr, res.stderr
 
 
 def test_gc_single_input_writes_the_case_json_files(cli, inputs, tmp_path):
