@@ -837,6 +837,32 @@ def test_linked_folders_broken_links_and_unlistable_folders_are_not_skipped_in_s
     assert errors["locked"].startswith("folder cannot be listed, so its images are not read: permission denied")
 
 
+def test_a_folder_not_listed_is_pointed_to_in_errors_csv_when_every_image_was_processed(cli, tmp_path, monkeypatch):
+    """Every image found is written, but a folder could not be listed (simulated, as above): the run
+    exits 3 and the summary line points to errors.csv, which names the folder; with nothing but that
+    folder, nothing is processed (exit 1)."""
+    d = _one_image(tmp_path)
+    (d / "locked").mkdir()
+    Image.fromarray(synthetic_ultrasound(40, 50, 40)[0]).save(d / "locked" / "x.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(os.fsdecode(path)).name == "locked":
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    out = tmp_path / "out"
+    res = cli("-i", d, "-o", out, "--format", "pace")
+    assert res.exit_code == 3, res.output
+    assert f"1 of 1 image processed, 1 folder not listed (see {out / 'errors.csv'}); outputs in {out}" in res.output
+    assert [r["file"] for r in csv.DictReader(open(out / "errors.csv"))] == ["locked"]
+    (d / "case.png").unlink()
+    res = cli("-i", d, "-o", tmp_path / "out2", "--format", "pace")
+    assert res.exit_code == 1, res.output
+    assert "0 of 0 images processed, 1 folder not listed (see" in res.output
+
+
 def test_an_output_folder_that_cannot_be_written_is_refused_before_the_model_loads(predictor, tmp_path, monkeypatch):
     d = _one_image(tmp_path)
     a_file = tmp_path / "a-file"
