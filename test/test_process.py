@@ -459,6 +459,9 @@ def test_runtime_precision_and_compile_options_reach_the_predictor(cli, tmp_path
     assert (res.calls[-1]["runtime"], res.calls[-1]["precision"], res.calls[-1]["compile_backend"]) == \
         ("torch", "fp32", "inductor")
     assert cli("-i", d, "-o", tmp_path / "c", "--runtime", "tensorrt").exit_code == 2  # refused by the CLI
+    res = cli("-i", d, "-o", tmp_path / "d", "--model-dir", tmp_path / "my-ensemble", "-d", "cpu")
+    assert res.exit_code == 0, res.output
+    assert (res.calls[-1]["model_dir"], res.calls[-1]["device"]) == (tmp_path / "my-ensemble", "cpu")
 
 
 # ------------------------------------------------------------------------------------------
@@ -915,6 +918,27 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_model_loa
     res = _invoke_with(predictor, ["-i", d, "-o", locked, "--format", "pace", "--overlay"])
     assert res.exit_code == 1 and res.calls == [], res.output
     assert f"error: cannot write into {locked / 'overlays'}: an earlier run left a file there" in res.output
+
+
+def test_an_earlier_runs_file_where_a_later_output_folder_goes_is_refused_before_the_model_loads(predictor, tmp_path):
+    """The first folder the run writes into (segmentation/) is not there yet; the second one's place
+    (classification/) holds an earlier run's file: refused before the model loads, naming it."""
+    d = _one_image(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "classification").write_text("a file where the folder goes")
+    res = _invoke_with(predictor, ["-i", d, "-o", out, "--format", "pace"])
+    assert res.exit_code == 1 and res.calls == [], res.output
+    assert f"error: cannot write into {out / 'classification'}: an earlier run left a file there" in res.output
+
+
+def test_a_single_image_that_fails_is_named_by_its_file_name(cli, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    res = cli("-i", bad, "-o", tmp_path / "out", "--format", "pace")
+    assert res.exit_code == 1, res.output
+    assert "error: broken.png: " in res.output
+    assert [r["file"] for r in csv.DictReader(open(tmp_path / "out" / "errors.csv"))] == ["broken.png"]
 
 
 def test_batches_are_bounded_by_count_and_by_pixels(tmp_path, monkeypatch):
