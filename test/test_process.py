@@ -941,6 +941,17 @@ def test_a_single_image_that_fails_is_named_by_its_file_name(cli, tmp_path):
     assert [r["file"] for r in csv.DictReader(open(tmp_path / "out" / "errors.csv"))] == ["broken.png"]
 
 
+def test_a_failing_image_in_a_subfolder_is_named_by_its_path_below_the_input_folder(cli, tmp_path):
+    d = _one_image(tmp_path)
+    (d / "site-b" / "day 2").mkdir(parents=True)
+    (d / "site-b" / "day 2" / "case.png").write_bytes(b"")  # the same name as the good one above it
+    out = tmp_path / "out"
+    res = cli("-i", d, "-o", out, "--format", "pace")
+    assert res.exit_code == 3, res.output
+    assert "error: site-b/day 2/case.png: " in res.output
+    assert [r["file"] for r in csv.DictReader(open(out / "errors.csv"))] == ["site-b/day 2/case.png"]
+
+
 def test_batches_are_bounded_by_count_and_by_pixels(tmp_path, monkeypatch):
     """plan_batches reads the sizes from the headers (PNG and MetaImage); an unreadable file counts 0."""
     from model.writers import Case
