@@ -413,6 +413,9 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
         write_text(out / SUMMARY_JSON, json.dumps(to_jsonable({"best": best, "last": history[-1]}), indent=2,
                                                         allow_nan=False) + "\n")
     if distributed:
+        # every rank leaves together: a rank that tore down its gloo connections while rank 0 was still
+        # saving was seen to abort once ("terminate called without an active exception", exit -6)
+        dist.barrier()
         dist.destroy_process_group()
     return {"best": best, "history": history}
 
