@@ -51,9 +51,15 @@ def write_zip(path: Path | str, members: dict[str, Path]) -> None:
 
 
 def write_png(path: Path | str, array: np.ndarray) -> None:
-    """Write uint8 (grey or RGB) pixels as PNG, atomically."""
+    """Write grey or RGB pixels (8-bit, or 16-bit) as PNG, atomically."""
+    array = np.ascontiguousarray(array)
     with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
+        if array.ndim == 3 and array.dtype == np.uint16:  # 16-bit colour: Pillow cannot write it, ITK can
+            import SimpleITK as sitk
+
+            sitk.WriteImage(sitk.GetImageFromArray(array, isVector=True), str(tmp))
+        else:
+            Image.fromarray(array).save(tmp, format="PNG")
 
 
 def write_npy(path: Path | str, array: np.ndarray) -> None:

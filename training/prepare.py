@@ -154,13 +154,7 @@ def write_case(out: Path, image_id: str, source: Path, image: np.ndarray, plain:
     else:
         if image.ndim == 3 and image.shape[2] in (2, 4):  # drop alpha
             image = image[..., 0] if image.shape[2] == 2 else image[..., :3]
-        if image.ndim == 3 and image.dtype == np.uint16:  # 16-bit colour: Pillow cannot write it, ITK can
-            import SimpleITK as sitk
-
-            with atomic_path(out / "images" / f"{image_id}.png") as tmp:
-                sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(image), isVector=True), str(tmp))
-        else:
-            write_png(out / "images" / f"{image_id}.png", image)
+        write_png(out / "images" / f"{image_id}.png", image)
     write_png(out / "masks" / f"{image_id}.png", mask)
 
 
