@@ -418,3 +418,18 @@ def test_evaluate_cases_spacing_and_bce():
 def test_to_jsonable():
     out = M.to_jsonable({"a": np.float32(0.5), "b": float("nan"), "c": np.arange(2), "d": (np.bool_(True),)})
     assert out == {"a": 0.5, "b": None, "c": [0, 1], "d": [True]}
+
+
+def test_surface_distances_with_one_empty_mask_like_deepmind(np_inf):
+    """Called directly (not through segmentation_metrics' shortcut) with one empty mask: the other
+    mask's distances are all inf, as in surface_distance, so NSD is 0 (as documented) and the robust
+    Hausdorff distance inf."""
+    g = box((20, 30), 4, 12, 6, 20)
+    z = np.zeros_like(g)
+    for a, b in ((g, z), (z, g)):
+        ref = sd.compute_surface_distances(a, b, (1.0, 2.0))
+        ours = M.surface_distances(a, b, (1.0, 2.0))
+        for key in ref:
+            np.testing.assert_array_equal(ours[key], ref[key], err_msg=key)
+        assert M.nsd(a, b, 2.0, (1.0, 2.0)) == 0.0 == sd.compute_surface_dice_at_tolerance(ref, 2.0)
+        assert math.isinf(M.robust_hausdorff(ours, 95))
