@@ -433,3 +433,19 @@ def test_surface_distances_with_one_empty_mask_like_deepmind(np_inf):
             np.testing.assert_array_equal(ours[key], ref[key], err_msg=key)
         assert M.nsd(a, b, 2.0, (1.0, 2.0)) == 0.0 == sd.compute_surface_dice_at_tolerance(ref, 2.0)
         assert math.isinf(M.robust_hausdorff(ours, 95))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_per_class_figures_match_sklearn(seed):
+    """The per-class F1, one-vs-rest AUC and recall of classification_metrics (the report's "Per class"
+    line), each under its own class name, and the support (true images per class)."""
+    y, yp, P = random_classification(seed, 30 + 5 * seed)
+    yp = np.where(np.arange(len(yp)) % 7 == 3, -1, yp)  # a few missing labels
+    res = M.classification_metrics(y, yp, P)
+    f1 = skm.f1_score(y, yp, labels=[0, 1, 2], average=None)
+    recall = skm.recall_score(y, yp, labels=[0, 1, 2], average=None)
+    for k, name in enumerate(M.CLASS_NAMES):
+        assert res["f1"][name] == pytest.approx(f1[k]), name
+        assert res["recall"][name] == pytest.approx(recall[k]), name
+        assert res["auc_ovr"][name] == pytest.approx(skm.roc_auc_score(y == k, P[:, k])), name
+    assert res["support"] == [int((y == k).sum()) for k in range(3)]
