@@ -449,3 +449,15 @@ def test_per_class_figures_match_sklearn(seed):
         assert res["recall"][name] == pytest.approx(recall[k]), name
         assert res["auc_ovr"][name] == pytest.approx(skm.roc_auc_score(y == k, P[:, k])), name
     assert res["support"] == [int((y == k).sum()) for k in range(3)]
+
+
+def test_out_of_range_labels_and_bad_probabilities_are_refused():
+    """A class index outside 0..2 (or -1 = none) and probabilities that are negative or not finite are
+    errors that name the value, not a label or score silently made up."""
+    for bad in (3, -2):
+        with pytest.raises(ValueError, match="out of range"):
+            M.class_index(bad)
+    g = box((8, 8), 2, 5, 2, 5)
+    for probs in ([0.5, -0.1, 0.6], [float("nan"), 0.5, 0.5], [float("inf"), 0, 0], [0.5, 0.5]):
+        with pytest.raises(ValueError, match="probabilities"):
+            M.score_case(M.Case("a", "benign", g, g, probs))
