@@ -461,3 +461,25 @@ def test_out_of_range_labels_and_bad_probabilities_are_refused():
     for probs in ([0.5, -0.1, 0.6], [float("nan"), 0.5, 0.5], [float("inf"), 0, 0], [0.5, 0.5]):
         with pytest.raises(ValueError, match="probabilities"):
             M.score_case(M.Case("a", "benign", g, g, probs))
+
+
+def test_segmentation_summary_is_over_lesion_images_only():
+    """The headline IoU and NSD, the report's medians and its count of empty predictions cover the
+    lesion images only: a normal image with a false-positive mask (Dice and NSD 0) or with an empty
+    one (NaN) does not enter them. seg_bce averages the images that have a probability map only."""
+    g = box((20, 20), 5, 12, 5, 12)
+    z = np.zeros_like(g)
+    lesion = [(g, g), (g, np.roll(g, 2, axis=1)), (g, box((20, 20), 6, 10, 6, 14)), (g, z)]
+    cases = [M.Case(f"l{i}", "benign", a, b) for i, (a, b) in enumerate(lesion)]
+    cases[0].prob_map = np.where(g, 0.9, 0.2)
+    cases += [M.Case("n0", "normal", z, box((20, 20), 0, 3, 0, 3)), M.Case("n1", "normal", z, z)]
+    res = M.evaluate_cases(cases, n_boot=0)
+    per = [M.segmentation_metrics(a, b) for a, b in lesion]
+    assert res["nsd"] == pytest.approx(np.mean([s["nsd"] for s in per]))
+    assert res["iou"] == pytest.approx(np.mean([s["iou"] for s in per]))
+    seg = res["segmentation"]
+    for k in ("dice", "iou", "hd95", "nsd"):
+        assert seg[f"{k}_median"] == pytest.approx(np.median([s[k] for s in per])), k
+    assert seg["n"] == 4 and seg["n_empty_prediction"] == 1
+    assert res["normal_images"]["n_empty_prediction"] == 1
+    assert res["seg_bce"] == pytest.approx(M.segmentation_bce(g, np.where(g, 0.9, 0.2)))
