@@ -483,3 +483,15 @@ def test_segmentation_summary_is_over_lesion_images_only():
     assert seg["n"] == 4 and seg["n_empty_prediction"] == 1
     assert res["normal_images"]["n_empty_prediction"] == 1
     assert res["seg_bce"] == pytest.approx(M.segmentation_bce(g, np.where(g, 0.9, 0.2)))
+
+
+def test_any_nonzero_pixel_is_lesion_and_spacing_must_be_finite():
+    """Masks of any dtype: every non-zero pixel is lesion, negative ones too (255 read as int8 is -1).
+    A spacing that is not a finite positive number is refused rather than giving infinite distances."""
+    g = box((10, 10), 2, 6, 2, 6)
+    signed = np.where(g, -1, 0).astype(np.int8)
+    assert M.dice(g, signed) == 1.0 and M.hd95(g, signed) == 0.0
+    assert M.segmentation_metrics(signed, g)["gt_area"] == 16.0
+    for spacing in ((math.inf, 1.0), (1.0, math.nan), (-1.0, 1.0)):
+        with pytest.raises(ValueError, match="spacing"):
+            M.hd95(g, g, spacing=spacing)
