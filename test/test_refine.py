@@ -280,3 +280,22 @@ def test_tune_on_a_subset_without_one_kind_of_image_writes_valid_json(tiny_datas
     rows = spec["postprocess_validation"]
     assert all((r["dsc"] is None) != (r["normal_empty_share"] is None) for r in rows)
     assert spec["postprocess"]["gate_normal"] is False
+
+
+def test_each_image_is_decoded_with_its_own_embedding_and_box(refiner):
+    """In a batch whose first image has an empty mask, the second is refined from its own embedding
+    and its own head probabilities (blend 0.5), exactly as when it is refined alone."""
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(2, 256, 64, 64, generator=g)
+    prob = torch.full((2, 256, 256), 0.1)
+    prob[1, 60:140, 90:200] = 0.8
+    prob[1, 70:80, 100:110] = 0.95
+    half = BoxRefiner(256, 5, 0.5)
+    half.load_state_dict(refiner.state_dict())
+    half.eval()
+    out = half(emb, prob)
+    alone = half(emb[1:], prob[1:])
+    assert torch.equal(out[0], prob[0])
+    assert torch.allclose(out[1], alone[0], atol=1e-6)
+    assert not torch.allclose(out[1], half(emb[:1], prob[1:])[0], atol=1e-3)  # the embedding matters
+
