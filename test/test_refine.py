@@ -299,3 +299,22 @@ def test_each_image_is_decoded_with_its_own_embedding_and_box(refiner):
     assert torch.allclose(out[1], alone[0], atol=1e-6)
     assert not torch.allclose(out[1], half(emb[:1], prob[1:])[0], atol=1e-3)  # the embedding matters
 
+
+def test_a_coarser_head_gets_the_decoders_logits_resized_bilinearly_then_sigmoid(refiner):
+    """Head probabilities at 64 x 64 for a 256 input: the box is the mask's, in input pixels, and the
+    refined probabilities are sigmoid of the decoder's 256 x 256 logits resized bilinearly (half-pixel
+    centres, as SAM's ``postprocess_masks``), not thresholded or nearest-neighbour."""
+    import torch.nn.functional as F
+
+    emb = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(2))
+    prob = torch.zeros(1, 64, 64)
+    prob[0, 10:40, 12:30] = 0.9
+    out = refiner(emb, prob)
+    box = torch.tensor([[12 * 4 - 5.0, 10 * 4 - 5.0, 30 * 4 - 1 + 5.0, 40 * 4 - 1 + 5.0]])
+    with torch.no_grad():
+        sparse, dense = refiner.prompt_encoder(box)
+        logits = refiner.mask_decoder(emb, refiner.prompt_encoder.dense_pe(), sparse, dense)
+    assert logits.shape[-2:] == (256, 256)
+    expected = torch.sigmoid(F.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False))[:, 0]
+    assert out.shape == prob.shape
+    assert torch.allclose(out, expected, atol=1e-5), float((out - expected).abs().max())
