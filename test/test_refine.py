@@ -318,3 +318,13 @@ def test_a_coarser_head_gets_the_decoders_logits_resized_bilinearly_then_sigmoid
     expected = torch.sigmoid(F.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False))[:, 0]
     assert out.shape == prob.shape
     assert torch.allclose(out, expected, atol=1e-5), float((out - expected).abs().max())
+
+
+def test_a_probability_at_the_threshold_is_outside_the_box():
+    """The box surrounds the mask as it is written (probability > threshold): pixels exactly at the
+    threshold are not lesion, so they neither make the largest component nor a box of their own."""
+    prob = torch.zeros(1, 64, 64)
+    prob[0, 10:20, 10:20] = 0.9
+    prob[0, 30:50, 30:50] = 0.5  # larger, but at the threshold
+    assert mask_boxes(prob, 0.5, 256, margin=0)[0] == [40.0, 40.0, 79.0, 79.0]
+    assert mask_boxes(torch.full((1, 8, 8), 0.5), 0.5, 256, margin=0) == [None]
