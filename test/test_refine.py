@@ -328,3 +328,24 @@ def test_a_probability_at_the_threshold_is_outside_the_box():
     prob[0, 30:50, 30:50] = 0.5  # larger, but at the threshold
     assert mask_boxes(prob, 0.5, 256, margin=0)[0] == [40.0, 40.0, 79.0, 79.0]
     assert mask_boxes(torch.full((1, 8, 8), 0.5), 0.5, 256, margin=0) == [None]
+
+
+def test_tune_without_write_leaves_ensemble_json_and_the_setup_records_tta_and_limit(tiny_dataset, tmp_path):
+    """Without --write tune only prints its scores and choice: ensemble.json stays byte for byte. With
+    --write the recorded setup says how the scores were made: --tta and --limit (the model card calls
+    a --limit run a quick run's choice)."""
+    from click.testing import CliRunner
+
+    from training import tune
+
+    ens = make_test_ensemble(tmp_path / "ens")
+    before = (ens / "ensemble.json").read_bytes()
+    args = ["--model-dir", str(ens), "--data", str(tiny_dataset), "-d", "cpu", "--limit", "1"]
+    res = CliRunner().invoke(tune.main, args)
+    assert res.exit_code == 0 and "chosen: " in res.output, res.output
+    assert (ens / "ensemble.json").read_bytes() == before
+    res = CliRunner().invoke(tune.main, args + ["--tta", "--write"])
+    assert res.exit_code == 0, res.output
+    setup = json.loads((ens / "ensemble.json").read_text())["postprocess_validation_setup"]
+    assert setup["tta"] is True and setup["limit"] == 1
+
