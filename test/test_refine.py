@@ -349,3 +349,17 @@ def test_tune_without_write_leaves_ensemble_json_and_the_setup_records_tta_and_l
     setup = json.loads((ens / "ensemble.json").read_text())["postprocess_validation_setup"]
     assert setup["tta"] is True and setup["limit"] == 1
 
+
+def test_tune_limit_takes_each_class_in_turn(tiny_dataset, tmp_path):
+    """--limit N scores the first image of each class in turn (as predict's and evaluate's --limit), not
+    the first N by id: with four normal images first in the split, --limit 2 still scores a lesion."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    split = data / "split.csv"
+    split.write_text(split.read_text().replace("_000_BUS,train", "_000_BUS,val"))
+    assert [r.label for r in load_records(data, "val")][:4] == ["normal"] * 4
+    pred = Predictor.from_dir(make_test_ensemble(tmp_path / "ens"), device="cpu")
+    scores = score_options(pred, data, refine_options=[None], limit=2)
+    assert all(s["n_normal"] == 1 and s["n_lesion"] == 1 for s in scores), scores
