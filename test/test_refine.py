@@ -363,3 +363,26 @@ def test_tune_limit_takes_each_class_in_turn(tiny_dataset, tmp_path):
     pred = Predictor.from_dir(make_test_ensemble(tmp_path / "ens"), device="cpu")
     scores = score_options(pred, data, refine_options=[None], limit=2)
     assert all(s["n_normal"] == 1 and s["n_lesion"] == 1 for s in scores), scores
+
+
+def test_tune_scores_images_of_different_sizes_in_one_batch(tiny_dataset, tmp_path):
+    """A batch of validation images of different sizes: each image's mask is brought back to its own
+    size (its own geometry), so batches score as single images do."""
+    import shutil
+
+    from model.atomic_files import write_png
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    img, mask = make_ultrasound(128, 80, lesion=True, seed=77)  # the benign validation image, another size
+    write_png(data / "images" / "PACE_00008_001_BUS.png", img)
+    write_png(data / "masks" / "PACE_00008_001_BUS.png", mask * 255)
+    assert len({load_pair(r)[0].shape for r in load_records(data, "val")}) == 2
+    pred = Predictor.from_dir(make_test_ensemble(tmp_path / "ens"), device="cpu")
+    # --limit 2: the normal image (first of the batch) and the benign one, of another size
+    batched = score_options(pred, data, batch=2, refine_options=[None], limit=2)
+    single = score_options(pred, data, batch=1, refine_options=[None], limit=2)
+    assert [s["n_lesion"] for s in batched] == [s["n_lesion"] for s in single] == [1] * len(OPTIONS)
+    for a, b in zip(batched, single):
+        assert a["dsc"] == pytest.approx(b["dsc"], abs=1e-9) and a["normal_empty_share"] == b["normal_empty_share"]
+
