@@ -386,3 +386,20 @@ def test_tune_scores_images_of_different_sizes_in_one_batch(tiny_dataset, tmp_pa
     for a, b in zip(batched, single):
         assert a["dsc"] == pytest.approx(b["dsc"], abs=1e-9) and a["normal_empty_share"] == b["normal_empty_share"]
 
+
+def test_tune_refuses_a_split_without_validation_images(tiny_dataset, tmp_path):
+    """No validation image: a clear error, and nothing chosen or written (not a choice made on nothing)."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from training import tune
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    (data / "split.csv").write_text((data / "split.csv").read_text().replace(",val\n", ",train\n"))
+    ens = make_test_ensemble(tmp_path / "ens")
+    before = (ens / "ensemble.json").read_bytes()
+    res = CliRunner().invoke(tune.main, ["--model-dir", str(ens), "--data", str(data), "-d", "cpu", "--write"])
+    assert res.exit_code != 0 and "no validation images" in res.output, res.output
+    assert "chosen" not in res.output and (ens / "ensemble.json").read_bytes() == before
