@@ -403,3 +403,24 @@ def test_tune_refuses_a_split_without_validation_images(tiny_dataset, tmp_path):
     res = CliRunner().invoke(tune.main, ["--model-dir", str(ens), "--data", str(data), "-d", "cpu", "--write"])
     assert res.exit_code != 0 and "no validation images" in res.output, res.output
     assert "chosen" not in res.output and (ens / "ensemble.json").read_bytes() == before
+
+
+def test_tune_with_tta_scores_a_portrait_image_as_the_predictor_does(tiny_dataset, tmp_path):
+    """With --tta the mirrored view of an image narrower than the input square is mirrored back within
+    the image's own columns, as process.py does: tune's Dice of a portrait image is the predictor's."""
+    import shutil
+
+    from model.atomic_files import write_png
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    img, mask = make_ultrasound(128, 72, lesion=True, seed=78)  # portrait: padded on the right
+    write_png(data / "images" / "PACE_00008_001_BUS.png", img)
+    write_png(data / "masks" / "PACE_00008_001_BUS.png", mask * 255)
+    pred = Predictor.from_dir(make_test_ensemble(tmp_path / "ens"), device="cpu", tta=True)
+    score = score_options(pred, data, batch=2, refine_options=[None], limit=2)[0]
+    assert score["n_lesion"] == 1 and not score["gate_normal"] and not score["largest_component"]
+    pred.post = {**pred.post, **OPTIONS[0]}
+    image, gt = load_pair(next(r for r in load_records(data, "val") if r.label == "benign"))
+    assert image.shape[:2] == (128, 72)
+    assert score["dsc"] == pytest.approx(dice(gt, pred.predict([image])[0].mask), abs=1e-9)
