@@ -495,3 +495,24 @@ def test_any_nonzero_pixel_is_lesion_and_spacing_must_be_finite():
     for spacing in ((math.inf, 1.0), (1.0, math.nan), (-1.0, 1.0)):
         with pytest.raises(ValueError, match="spacing"):
             M.hd95(g, g, spacing=spacing)
+
+
+def test_headline_classification_figures_are_the_functions_own():
+    """evaluate_cases' headline classification figures are those of the functions on the same labels
+    and probabilities, each under its own name (sensitivity at 90 % specificity is not the specificity
+    at 90 % sensitivity)."""
+    rng = np.random.default_rng(5)
+    cases = make_cases(40, seed=3)
+    for i, c in enumerate(cases):
+        if i % 3:
+            c.probabilities = rng.dirichlet([1, 1, 1])
+    res = M.evaluate_cases(cases, n_boot=0, by_source=False)
+    y = np.array([M.class_index(c.label) for c in cases])
+    P = np.array([c.probabilities for c in cases])
+    yp = P.argmax(1)
+    sens, spec = M.operating_points(y == 2, P[:, 2])
+    assert sens != spec
+    assert res["sens_at_90_spec"] == pytest.approx(sens) and res["spec_at_90_sens"] == pytest.approx(spec)
+    assert res["auc_malignant"] == pytest.approx(skm.roc_auc_score(y == 2, P[:, 2]))
+    assert res["f1_macro"] == pytest.approx(skm.f1_score(y, yp, average="macro"))
+    assert res["cross_entropy"] == pytest.approx(skm.log_loss(y, P, labels=[0, 1, 2]))
