@@ -480,6 +480,7 @@ def test_segmentation_summary_is_over_lesion_images_only():
     seg = res["segmentation"]
     for k in ("dice", "iou", "hd95", "nsd"):
         assert seg[f"{k}_median"] == pytest.approx(np.median([s[k] for s in per])), k
+        assert seg[f"{k}_std"] == pytest.approx(np.std([s[k] for s in per])), k
     assert seg["n"] == 4 and seg["n_empty_prediction"] == 1
     assert res["normal_images"]["n_empty_prediction"] == 1
     assert res["seg_bce"] == pytest.approx(M.segmentation_bce(g, np.where(g, 0.9, 0.2)))
