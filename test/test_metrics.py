@@ -517,3 +517,12 @@ def test_headline_classification_figures_are_the_functions_own():
     assert res["auc_malignant"] == pytest.approx(skm.roc_auc_score(y == 2, P[:, 2]))
     assert res["f1_macro"] == pytest.approx(skm.f1_score(y, yp, average="macro"))
     assert res["cross_entropy"] == pytest.approx(skm.log_loss(y, P, labels=[0, 1, 2]))
+
+
+def test_to_jsonable_gives_strict_json_with_booleans():
+    """metrics.json is strict JSON: infinities become null like NaN, and flags stay true/false (not 1/0)."""
+    import json
+
+    out = M.to_jsonable({"inf": float("inf"), "ninf": np.float64(-np.inf), "flag": True, "n": np.int64(3)})
+    assert json.dumps(out, allow_nan=False) == '{"inf": null, "ninf": null, "flag": true, "n": 3}'
+    assert out["flag"] is True
