@@ -526,3 +526,13 @@ def test_to_jsonable_gives_strict_json_with_booleans():
     out = M.to_jsonable({"inf": float("inf"), "ninf": np.float64(-np.inf), "flag": True, "n": np.int64(3)})
     assert json.dumps(out, allow_nan=False) == '{"inf": null, "ninf": null, "flag": true, "n": 3}'
     assert out["flag"] is True
+
+
+def test_a_missing_mask_on_a_normal_image_with_spacing_is_the_whole_image_in_mm2():
+    """With a spacing, the false-positive area of a normal image whose mask is missing is the whole
+    image in mm^2, like every other area; a label given as -1 or "" is missing like None."""
+    z = np.zeros((20, 40), bool)
+    res = M.score_case(M.Case("n", "normal", z, None, None, pred_label=-1, spacing=(0.5, 0.25)))
+    assert res["fp_area"] == res["pred_area"] == pytest.approx(20 * 40 * 0.125)
+    assert res["missing_mask"] and res["missing_label"] and res["pred_label"] is None
+    assert M.score_case(M.Case("n", "normal", z, z, None, pred_label=""))["missing_label"]
