@@ -424,3 +424,11 @@ def test_tune_with_tta_scores_a_portrait_image_as_the_predictor_does(tiny_datase
     image, gt = load_pair(next(r for r in load_records(data, "val") if r.label == "benign"))
     assert image.shape[:2] == (128, 72)
     assert score["dsc"] == pytest.approx(dice(gt, pred.predict([image])[0].mask), abs=1e-9)
+
+
+def test_a_batch_of_empty_masks_keeps_its_probabilities(refiner):
+    """No image of the batch has a mask: the head's probabilities pass unchanged (the saved logits and
+    the segmentation BCE are the head's), and the decoder is not run."""
+    prob = torch.rand(2, 64, 64, generator=torch.Generator().manual_seed(3)) * 0.5
+    out = refiner(torch.zeros(2, 256, 64, 64), prob)
+    assert torch.equal(out, prob)
