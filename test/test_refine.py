@@ -344,6 +344,8 @@ def test_tune_without_write_leaves_ensemble_json_and_the_setup_records_tta_and_l
     res = CliRunner().invoke(tune.main, args)
     assert res.exit_code == 0 and "chosen: " in res.output, res.output
     assert (ens / "ensemble.json").read_bytes() == before
+    rows = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
+    assert len(rows) == 3 * len(OPTIONS) and all(r["n_lesion"] + r["n_normal"] == 1 for r in rows)
     res = CliRunner().invoke(tune.main, args + ["--tta", "--write"])
     assert res.exit_code == 0, res.output
     setup = json.loads((ens / "ensemble.json").read_text())["postprocess_validation_setup"]
@@ -432,3 +434,4 @@ def test_a_batch_of_empty_masks_keeps_its_probabilities(refiner):
     prob = torch.rand(2, 64, 64, generator=torch.Generator().manual_seed(3)) * 0.5
     out = refiner(torch.zeros(2, 256, 64, 64), prob)
     assert torch.equal(out, prob)
+
