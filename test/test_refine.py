@@ -435,3 +435,13 @@ def test_a_batch_of_empty_masks_keeps_its_probabilities(refiner):
     out = refiner(torch.zeros(2, 256, 64, 64), prob)
     assert torch.equal(out, prob)
 
+
+@pytest.mark.parametrize("limit", ["0", "-2"])
+def test_tune_refuses_a_limit_below_one(tmp_path, limit):
+    """--limit 0 (or negative) is a usage error, not a silent run on every (or all but two) images."""
+    from click.testing import CliRunner
+
+    from training import tune
+
+    res = CliRunner().invoke(tune.main, ["--model-dir", str(tmp_path), "--data", str(tmp_path), "--limit", limit])
+    assert res.exit_code == 2 and "--limit" in res.output, res.output
