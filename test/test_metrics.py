@@ -536,3 +536,13 @@ def test_a_missing_mask_on_a_normal_image_with_spacing_is_the_whole_image_in_mm2
     assert res["fp_area"] == res["pred_area"] == pytest.approx(20 * 40 * 0.125)
     assert res["missing_mask"] and res["missing_label"] and res["pred_label"] is None
     assert M.score_case(M.Case("n", "normal", z, z, None, pred_label=""))["missing_label"]
+
+
+def test_the_default_nsd_tolerance_is_2():
+    """NSD's documented default tolerance, 2 (px, or mm with a spacing), in every public entry point."""
+    g, p = box((20, 20), 5, 15, 5, 15), box((20, 20), 7, 13, 7, 13)  # GT contour 2 to sqrt(8) from P's
+    at_2 = M.nsd(g, p, 2.0)
+    assert at_2 != M.nsd(g, p, 1.0) and at_2 != M.nsd(g, p, 3.0)
+    assert M.nsd(g, p) == at_2 == M.segmentation_metrics(g, p)["nsd"]
+    assert M.score_case(M.Case("a", "benign", g, p))["nsd"] == at_2
+    assert M.evaluate_cases([M.Case("a", "benign", g, p)], n_boot=0)["nsd"] == at_2
