@@ -372,6 +372,31 @@ def test_resume_with_other_settings_is_refused_naming_them(tiny_dataset, cache_d
     assert [h["epoch"] for h in result["history"]] == [1, 2]
 
 
+
+def test_resume_is_refused_after_a_relabelling_or_where_no_state_pt_is(tiny_dataset, tmp_path):
+    """state.pt's data digest covers labels.csv as well as split.csv: an image relabelled since the run
+    started is refused as one moved to the other side is. --resume into a folder without state.pt (a
+    mistyped --out) is refused before anything is written, never started afresh."""
+    import re
+
+    import click
+
+    cfg = tiny_cfg("sd-h", epochs=2)
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    started = {"limit": None, "data_sha256": data_digest(data)}
+    torch.save({"epoch": 1, "config": cfg, "run": started}, tmp_path / "state.pt")
+    assert load_resume_state(tmp_path / "state.pt", cfg, dict(started))["epoch"] == 1
+    labels = (data / "labels.csv").read_text()
+    assert labels.count(",benign,") > 1
+    (data / "labels.csv").write_text(labels.replace(",benign,", ",malignant,", 1))  # one image relabelled
+    with pytest.raises(click.ClickException, match=r"started on other data: DATA's labels.csv or split.csv changed"):
+        load_resume_state(tmp_path / "state.pt", cfg, dict(started, data_sha256=data_digest(data)))
+    run = tmp_path / "run"
+    with pytest.raises(click.ClickException, match=rf"--resume: {re.escape(str(run / 'state.pt'))} not found"):
+        train(cfg, tiny_dataset, run, "cpu", None, resume=True)
+    assert not run.exists()
+
 def test_a_date_in_the_config_does_not_stop_the_run_from_resuming(tmp_path):
     """YAML reads 2025-01-31 as a date, which torch.load(weights_only=True) refuses in state.pt: the
     config keeps it as text, from the file and from --set alike."""
