@@ -395,6 +395,50 @@ def test_predict_and_evaluate_limit_take_the_same_first_images(tiny_dataset, tmp
     assert full["n_images"] == len(ids) and sorted(full["missing"]["cases"]) == ids[2:]
 
 
+
+def test_predict_takes_the_split_asked_for_and_passes_its_options_to_the_predictor(tiny_dataset, tmp_path,
+                                                                                    monkeypatch):
+    """--split all / train predict those images (all: both sides of split.csv), --limit N the first of
+    each class in turn of that split; -d, --batch-size, --tta, --precision and --class-prior reach the
+    predictor that model.inference.run uses."""
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_test_model import make_test_ensemble
+    from training import predict as P
+    from training.datasets import first_of_each_class, load_records
+
+    ens = make_test_ensemble(tmp_path / "ens")
+    made, real = [], P.load_predictor
+    monkeypatch.setattr(P, "load_predictor", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
+
+    def written(out):
+        return sorted(p.name[:-len("_mask.png")] for p in (out / "segmentation").iterdir())
+
+    data = tmp_path / "data"  # the first image moved to val: --split all --limit 2 takes one of each side
+    shutil.copytree(tiny_dataset, data)
+    rows = (data / "split.csv").read_text().splitlines()
+    image_id, _ = rows[1].split(",")
+    rows[1] = f"{image_id},val"
+    (data / "split.csv").write_text("\n".join(rows) + "\n")
+    picked = first_of_each_class(load_records(data), 2)
+    assert sorted(r.split for r in picked) == ["train", "val"]
+    res = CliRunner().invoke(P.main, ["--model-dir", str(ens), "--data", str(data), "--out", str(tmp_path / "all"),
+                                      "--split", "all", "--limit", "2", "-d", "cpu", "--batch-size", "3", "--tta",
+                                      "--precision", "fp32", "--class-prior", "data"])
+    assert res.exit_code == 0, res.output
+    assert written(tmp_path / "all") == [r.image_id for r in picked]
+    (pred,) = made
+    assert (pred.device.type, pred.batch_size, pred.tta, pred.precision, pred.class_prior) == \
+        ("cpu", 3, True, "fp32", "data")
+    res = CliRunner().invoke(P.main, ["--model-dir", str(ens), "--data", str(data), "--out", str(tmp_path / "train"),
+                                      "--split", "train", "--limit", "1", "-d", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert written(tmp_path / "train") == [r.image_id for r in first_of_each_class(load_records(data, "train"), 1)]
+    assert (made[-1].batch_size, made[-1].tta, made[-1].precision, made[-1].class_prior) == (4, False, "auto", "trained")
+
+
 def test_the_layout_is_detected_from_any_of_its_folders(tmp_path):
     """Either folder of a layout names it (a Grand Challenge run without results.json, a PACE run with
     classification only); a folder with results.json is Grand Challenge even beside a segmentation/."""
