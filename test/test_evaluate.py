@@ -439,6 +439,44 @@ def test_predict_takes_the_split_asked_for_and_passes_its_options_to_the_predict
     assert (made[-1].batch_size, made[-1].tta, made[-1].precision, made[-1].class_prior) == (4, False, "auto", "trained")
 
 
+def test_predict_exits_1_when_the_model_cannot_load_and_3_when_an_image_fails(tiny_dataset, tmp_path):
+    """As process.py: a model folder that holds no model is an error (exit 1, no traceback); a split
+    image that cannot be read is listed and the others are predicted (exit 3); -d cuda without a GPU is
+    an error too, not a run on the CPU, and --limit 0 a usage error, not every image."""
+    import shutil
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_test_model import make_test_ensemble
+    from training import predict as P
+    from training.datasets import first_of_each_class, load_records
+
+    (tmp_path / "empty").mkdir()
+    res = CliRunner().invoke(P.main, ["--model-dir", str(tmp_path / "empty"), "--data", str(tiny_dataset), "--out",
+                                      str(tmp_path / "p0"), "--limit", "0"])  # not "no limit": a usage error
+    assert res.exit_code == 2 and "Invalid value for '--limit'" in res.output, res.output
+    res = CliRunner().invoke(P.main, ["--model-dir", str(tmp_path / "empty"), "--data", str(tiny_dataset), "--out",
+                                      str(tmp_path / "p0"), "-d", "cpu"])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert f"error: cannot load the model from {tmp_path / 'empty'}" in res.output
+    if not torch.cuda.is_available():  # -d reaches the predictor: a GPU asked for is not replaced by the CPU
+        res = CliRunner().invoke(P.main, ["--model-dir", str(tmp_path / "empty"), "--data", str(tiny_dataset),
+                                          "--out", str(tmp_path / "p0"), "-d", "cuda"])
+        assert res.exit_code == 1 and "error: device 'cuda' requested but no CUDA GPU is available" in res.output, \
+            res.output
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    first, second = first_of_each_class(load_records(data, "val"), 2)
+    first.image_path.write_bytes(b"not an image")
+    res = CliRunner().invoke(P.main, ["--model-dir", str(make_test_ensemble(tmp_path / "ens")), "--data", str(data),
+                                      "--out", str(tmp_path / "p1"), "-d", "cpu", "--limit", "2"])
+    assert res.exit_code == 3 and isinstance(res.exception, SystemExit), res.output
+    assert "1 of 2 images processed, 1 failed" in res.output
+    assert f"error: {first.image_path.name}: " in res.output  # named as below DATA/images, as process.py names it
+    assert [p.name for p in (tmp_path / "p1" / "segmentation").iterdir()] == [f"{second.image_id}_mask.png"]
+
 def test_the_layout_is_detected_from_any_of_its_folders(tmp_path):
     """Either folder of a layout names it (a Grand Challenge run without results.json, a PACE run with
     classification only); a folder with results.json is Grand Challenge even beside a segmentation/."""
