@@ -397,6 +397,15 @@ def test_resume_is_refused_after_a_relabelling_or_where_no_state_pt_is(tiny_data
         train(cfg, tiny_dataset, run, "cpu", None, resume=True)
     assert not run.exists()
 
+
+def test_a_state_pt_of_an_older_version_without_its_config_resumes_with_a_warning(tmp_path, capsys):
+    """state.pt written before it recorded the run's config (and how the run was started): nothing to
+    compare, so it resumes, saying so, rather than being refused as a run with other settings."""
+    cfg = tiny_cfg("sd-h", epochs=2)
+    torch.save({"epoch": 1, "history": [], "best": {"epoch": 0}}, tmp_path / "state.pt")
+    assert load_resume_state(tmp_path / "state.pt", cfg, {"limit": None, "data_sha256": "0" * 64})["epoch"] == 1
+    assert "records no config (an older version wrote it); resuming with this one" in capsys.readouterr().err
+
 def test_a_date_in_the_config_does_not_stop_the_run_from_resuming(tmp_path):
     """YAML reads 2025-01-31 as a date, which torch.load(weights_only=True) refuses in state.pt: the
     config keeps it as text, from the file and from --set alike."""
