@@ -400,7 +400,7 @@ def test_predict_takes_the_split_asked_for_and_passes_its_options_to_the_predict
                                                                                     monkeypatch):
     """--split all / train predict those images (all: both sides of split.csv), --limit N the first of
     each class in turn of that split; -d, --batch-size, --tta, --precision and --class-prior reach the
-    predictor that model.inference.run uses."""
+    predictor that model.inference.run uses (without --class-prior, the ensemble's postprocess.class_prior)."""
     import shutil
     import sys
 
@@ -432,11 +432,15 @@ def test_predict_takes_the_split_asked_for_and_passes_its_options_to_the_predict
     (pred,) = made
     assert (pred.device.type, pred.batch_size, pred.tta, pred.precision, pred.class_prior) == \
         ("cpu", 3, True, "fp32", "data")
+    spec = json.loads((ens / "ensemble.json").read_text())  # without --class-prior the ensemble's own stands
+    assert spec["postprocess"]["class_prior"] == "trained"
+    spec["postprocess"]["class_prior"] = "data"
+    (ens / "ensemble.json").write_text(json.dumps(spec))
     res = CliRunner().invoke(P.main, ["--model-dir", str(ens), "--data", str(data), "--out", str(tmp_path / "train"),
                                       "--split", "train", "--limit", "1", "-d", "cpu"])
     assert res.exit_code == 0, res.output
     assert written(tmp_path / "train") == [r.image_id for r in first_of_each_class(load_records(data, "train"), 1)]
-    assert (made[-1].batch_size, made[-1].tta, made[-1].precision, made[-1].class_prior) == (4, False, "auto", "trained")
+    assert (made[-1].batch_size, made[-1].tta, made[-1].precision, made[-1].class_prior) == (4, False, "auto", "data")
 
 
 def test_predict_exits_1_when_the_model_cannot_load_and_3_when_an_image_fails(tiny_dataset, tmp_path):
