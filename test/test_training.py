@@ -448,6 +448,28 @@ def test_resume_accepts_a_moved_encoder_checkpoint_with_the_same_sha256(tmp_path
         load_resume_state(tmp_path / STATE_NAME, other_cfg)
 
 
+
+def test_resume_with_an_encoder_checkpoint_that_cannot_be_read_is_refused(tmp_path, capsys):
+    """A config whose encoder checkpoint moved to a path where no file is (or one that cannot be read)
+    is not taken for the same weights: refused as other settings, without a note that it moved."""
+    import click
+
+    from model.checkpoint import encoder_weights_info
+    from training.run_state import STATE_NAME
+
+    first = tmp_path / "a" / "my_sam.pth"
+    first.parent.mkdir()
+    first.write_bytes(b"weights one")
+    cfg = load_config(REPO / "training" / "configs" / "sd-h.yaml",
+                      {"model.encoder": "sam_vit_b", "model.encoder_checkpoint": str(first)})
+    torch.save({"epoch": 1, "config": cfg, "run": {"encoder_sha256": encoder_weights_info("sam_vit_b", first)["sha256"]}},
+               tmp_path / STATE_NAME)
+    gone = load_config(REPO / "training" / "configs" / "sd-h.yaml",
+                       {"model.encoder": "sam_vit_b", "model.encoder_checkpoint": str(tmp_path / "b" / "my_sam.pth")})
+    with pytest.raises(click.ClickException, match=r"other settings \(model\.encoder_checkpoint: "):
+        load_resume_state(tmp_path / STATE_NAME, gone)
+    assert "the encoder checkpoint moved" not in capsys.readouterr().err
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_resume_on_cuda_restores_the_cpu_rng_state(tiny_dataset, tmp_path):
     """state.pt loaded onto the GPU put the torch RNG state there, and torch.set_rng_state takes a
