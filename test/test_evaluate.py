@@ -395,7 +395,6 @@ def test_predict_and_evaluate_limit_take_the_same_first_images(tiny_dataset, tmp
     assert full["n_images"] == len(ids) and sorted(full["missing"]["cases"]) == ids[2:]
 
 
-
 def test_predict_takes_the_split_asked_for_and_passes_its_options_to_the_predictor(tiny_dataset, tmp_path,
                                                                                     monkeypatch):
     """--split all / train predict those images (all: both sides of split.csv), --limit N the first of
@@ -480,6 +479,7 @@ def test_predict_exits_1_when_the_model_cannot_load_and_3_when_an_image_fails(ti
     assert "1 of 2 images processed, 1 failed" in res.output
     assert f"error: {first.image_path.name}: " in res.output  # named as below DATA/images, as process.py names it
     assert [p.name for p in (tmp_path / "p1" / "segmentation").iterdir()] == [f"{second.image_id}_mask.png"]
+
 
 def test_the_layout_is_detected_from_any_of_its_folders(tmp_path):
     """Either folder of a layout names it (a Grand Challenge run without results.json, a PACE run with

@@ -372,7 +372,6 @@ def test_resume_with_other_settings_is_refused_naming_them(tiny_dataset, cache_d
     assert [h["epoch"] for h in result["history"]] == [1, 2]
 
 
-
 def test_resume_is_refused_after_a_relabelling_or_where_no_state_pt_is(tiny_dataset, tmp_path):
     """state.pt's data digest covers labels.csv as well as split.csv: an image relabelled since the run
     started is refused as one moved to the other side is. --resume into a folder without state.pt (a
@@ -405,6 +404,7 @@ def test_a_state_pt_of_an_older_version_without_its_config_resumes_with_a_warnin
     torch.save({"epoch": 1, "history": [], "best": {"epoch": 0}}, tmp_path / "state.pt")
     assert load_resume_state(tmp_path / "state.pt", cfg, {"limit": None, "data_sha256": "0" * 64})["epoch"] == 1
     assert "records no config (an older version wrote it); resuming with this one" in capsys.readouterr().err
+
 
 def test_a_date_in_the_config_does_not_stop_the_run_from_resuming(tmp_path):
     """YAML reads 2025-01-31 as a date, which torch.load(weights_only=True) refuses in state.pt: the
@@ -448,7 +448,6 @@ def test_resume_accepts_a_moved_encoder_checkpoint_with_the_same_sha256(tmp_path
         load_resume_state(tmp_path / STATE_NAME, other_cfg)
 
 
-
 def test_resume_with_an_encoder_checkpoint_that_cannot_be_read_is_refused(tmp_path, capsys):
     """A config whose encoder checkpoint moved to a path where no file is (or one that cannot be read)
     is not taken for the same weights: refused as other settings, without a note that it moved."""
@@ -469,6 +468,7 @@ def test_resume_with_an_encoder_checkpoint_that_cannot_be_read_is_refused(tmp_pa
     with pytest.raises(click.ClickException, match=r"other settings \(model\.encoder_checkpoint: "):
         load_resume_state(tmp_path / STATE_NAME, gone)
     assert "the encoder checkpoint moved" not in capsys.readouterr().err
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_resume_on_cuda_restores_the_cpu_rng_state(tiny_dataset, tmp_path):
