@@ -122,7 +122,6 @@ def test_benchmark_times_whole_batches_of_the_shape_it_warmed_up(tmp_path, monke
     assert res["images"] == 6 and set(shapes) == {2}, shapes
 
 
-
 def test_benchmark_rates_are_images_per_timed_second_of_each_path(tmp_path, monkeypatch):
     """With a scripted clock (warm-up 1 s, product 1 s, reference 4 s, end to end 2 s): each path's
     images/s is the number of images it timed over its seconds (per image, not per batch), the speedup
