@@ -230,6 +230,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_dataset, cache_dir, tmp_pa
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 def test_resume_samples_the_views_the_run_started_with(tiny_dataset, tmp_path, capsys):
     """A run with --no-cache-build on a cache of the first view only, resumed with a plain --cache
     (which encodes the views it lacked), sampled every view from then on, in silence: its weights
@@ -243,6 +244,8 @@ def test_resume_samples_the_views_the_run_started_with(tiny_dataset, tmp_path, c
     cpu, cache = torch.device("cpu"), tmp_path / "cache"
     first_only = {"orig": ["normal", "benign", "malignant"], "hflip": []}  # training.cache --first-view-only
     build_cache(build_model(cfg), load_records(tiny_dataset), cache, cfg["views"], cpu, "fp32", view_classes=first_only)
+    other = tmp_path / "other_cache"  # the first view only, kept for the refusal below
+    shutil.copytree(cache, other)
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     train(cfg, tiny_dataset, straight, "cpu", cache, precision="fp32", cache_build=False)
     train(cfg, tiny_dataset, broken, "cpu", cache, precision="fp32", cache_build=False, stop_after=1)
@@ -262,8 +265,6 @@ def test_resume_samples_the_views_the_run_started_with(tiny_dataset, tmp_path, c
     full = tmp_path / "full"
     train(cfg, tiny_dataset, full, "cpu", cache, precision="fp32", stop_after=1)
     assert torch.load(full / "state.pt", weights_only=True)["run"]["views_missing"] == {}
-    other = tmp_path / "other_cache"
-    build_cache(build_model(cfg), load_records(tiny_dataset), other, cfg["views"], cpu, "fp32", view_classes=first_only)
     with pytest.raises(click.ClickException, match=r"continues a run that sampled \d+ views the embedding cache "
                                                    r"lacks now \(e\.g\. 'hflip' of PACE_.*resume without "
                                                    r"--no-cache-build"):
