@@ -377,7 +377,7 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
         for batch in bar:
             _, losses = run_batch(model, batch, device, bf16, phase, p_gt, gen, cfg)
             if not torch.isfinite(losses["loss"]):
-                raise NonFiniteLoss(epoch, f"loss is {float(losses['loss'])}", state_path)
+                raise NonFiniteLoss(epoch, f"loss is {float(losses['loss'].detach())}", state_path)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             opt.step()
