@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import warnings
 from pathlib import Path
 
@@ -11,11 +12,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from make_test_model import make_test_ensemble
 from model.atomic_files import write_png
 from model.io import read_image
 from training import evaluate as E
+from training import predict as P
 from training import read_predictions as R
 from training import metrics as M
+from training.datasets import first_of_each_class, load_records
 
 sitk = pytest.importorskip("SimpleITK")
 sd = pytest.importorskip("surface_distance")
@@ -317,13 +321,6 @@ def test_logits_give_the_segmentation_bce(tiny_dataset, tmp_path):
     """training.predict --logits writes each image's lesion logits at its size (above 0: the written
     mask), and training.evaluate turns them into the segmentation BCE; without them the BCE is
     not available (NaN), never a made-up number."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from make_test_model import make_test_ensemble
-    from training import predict as P
-    from training.datasets import load_records
-
     ens = make_test_ensemble(tmp_path / "ens")
     res = CliRunner().invoke(P.main, ["--model-dir", str(ens), "--data", str(tiny_dataset), "--out",
                                       str(tmp_path / "pred"), "-d", "cpu", "--logits"])
@@ -368,13 +365,6 @@ def test_predict_and_evaluate_limit_take_the_same_first_images(tiny_dataset, tmp
     """A quick check: predict --limit N writes N of the split's images, the first of each class in turn,
     and evaluate --limit N scores exactly those (nothing missing); without --limit evaluate counts the
     rest as missing."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from make_test_model import make_test_ensemble
-    from training import predict as P
-    from training.datasets import load_records
-
     ens = make_test_ensemble(tmp_path / "ens")
     recs = load_records(tiny_dataset, "val")
     ids = sorted(r.image_id for r in recs)
@@ -400,14 +390,6 @@ def test_predict_takes_the_split_asked_for_and_passes_its_options_to_the_predict
     """--split all / train predict those images (all: both sides of split.csv), --limit N the first of
     each class in turn of that split; -d, --batch-size, --tta, --precision and --class-prior reach the
     predictor that model.inference.run uses (without --class-prior, the ensemble's postprocess.class_prior)."""
-    import shutil
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from make_test_model import make_test_ensemble
-    from training import predict as P
-    from training.datasets import first_of_each_class, load_records
-
     ens = make_test_ensemble(tmp_path / "ens")
     made, real = [], P.load_predictor
     monkeypatch.setattr(P, "load_predictor", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
@@ -446,15 +428,7 @@ def test_predict_exits_1_when_the_model_cannot_load_and_3_when_an_image_fails(ti
     """As process.py: a model folder that holds no model is an error (exit 1, no traceback); a split
     image that cannot be read is listed and the others are predicted (exit 3); -d cuda without a GPU is
     an error too, not a run on the CPU, and --limit 0 a usage error, not every image."""
-    import shutil
-    import sys
-
     import torch
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from make_test_model import make_test_ensemble
-    from training import predict as P
-    from training.datasets import first_of_each_class, load_records
 
     (tmp_path / "empty").mkdir()
     res = CliRunner().invoke(P.main, ["--model-dir", str(tmp_path / "empty"), "--data", str(tiny_dataset), "--out",
