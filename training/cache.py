@@ -24,18 +24,24 @@ import shutil
 import sys
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from model.allocator import keep_freed_memory
 from model.atomic_files import write_text
-from model.network import PFSAMNet
+from model.checkpoint import encoder_weights_info, resolve_encoder_checkpoint
+from model.encoders import ENCODERS
+from model.encoders.weights import WeightsError
+from model.io import ImageReadError
+from model.network import PFSAMNet, make_config
 from model.preprocessing import mask_to_model, preprocess
-from model.predictor import use_bf16
+from model.predictor import resolve_device, use_bf16
 
-from .augment import apply_view
-from .datasets import Record, content_sha, load_pair
+from .augment import apply_view, class_views
+from .config_values import views_problem
+from .datasets import DataError, Record, content_sha, limit_records, load_pair, load_records
 
 MASK_RES = 256
 
@@ -290,80 +296,65 @@ def views_missing(cache: EmbeddingCache, records: list[Record], views: list[str]
 
 def views_for_classes(views: list[str]) -> dict[str, list[str]]:
     """Which classes need which view (from ``augment.class_views``): skip views nobody samples."""
-    from .augment import class_views
-
     per_class = class_views(views)
     return {v: [c for c, idx in per_class.items() if i in idx] for i, v in enumerate(views)}
 
 
+def view_list(ctx, param, value: str) -> list[str]:
+    views = [v.strip() for v in value.split(",")]
+    problem = views_problem(views)
+    if problem:
+        raise click.BadParameter(f"{value!r} ({problem}); the config's views, comma-separated")
+    return views
+
+
+@click.command()
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Prepared dataset.")
+@click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False), help="Cache folder.")
+@click.option("--encoder", default="litemedsam", show_default=True, type=click.Choice(list(ENCODERS)))
+@click.option("--encoder-checkpoint", default=None, help="SAM/MedSAM checkpoint file (not for litemedsam).")
+@click.option("--views", default="orig,hflip,zoom,bright", show_default=True, callback=view_list,
+              help="The training config's views, in its order (orig first).")
+@click.option("--features/--no-features", default=False, help="Also cache the stage features (UNet-H).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp32"]),
+              help="auto (bf16 where native), bf16, fp32: training.train's --precision.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--first-view-only", is_flag=True,
+              help="Encode only the first view (orig) of every image; the cache keeps its key, so training "
+                   "with --no-cache-build samples that view only (how the embedded default was trained).")
+@click.option("--limit", type=click.IntRange(1), default=None,
+              help="Only the images training.train --limit N trains and validates on (N training and N/4 "
+                   "validation images, each class in turn): a cache for a quick run. A later build or run "
+                   "on more images adds the images it lacks to it.")
+def main(data, cache_dir, encoder, encoder_checkpoint, views, features, device, precision, batch_size,
+         first_view_only, limit):
+    """Precompute the frozen-encoder embedding cache for a prepared dataset."""
+    wanted = views_for_classes(views)
+    if first_view_only:
+        wanted = {v: (classes if i == 0 else []) for i, (v, classes) in enumerate(wanted.items())}
+    try:
+        ckpt = resolve_encoder_checkpoint(encoder, encoder_checkpoint)
+        info = encoder_weights_info(encoder, ckpt)
+    except WeightsError as exc:
+        raise click.ClickException(str(exc)) from None
+    cfg = make_config(encoder, "frozen", "unet-h" if features else "sd-h", "gap", encoder_weights=info)
+    try:
+        dev = resolve_device(device)
+    except RuntimeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from None
+    net = PFSAMNet(cfg, encoder_checkpoint=ckpt).to(dev)
+    try:
+        train, val = limit_records(load_records(data, "train"), load_records(data, "val"), limit)
+        cache = build_cache(net, train + val, cache_dir, views, dev, precision, batch_size, wanted)
+    except (CacheError, DataError, ImageReadError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    mine = [cache.index[r.image_id] for r in train + val]
+    done = cache.done[mine].sum(axis=0)
+    click.echo(f"{cache.root}: {len(mine)} images ({len(train)} train, {len(val)} val) of the {len(cache.ids)} "
+               "it holds; views encoded for them: "
+               + ", ".join(f"{v} {int(n)}" for v, n in zip(views, done)), err=True)
+
+
 if __name__ == "__main__":
-    import click
-
-    from model.checkpoint import encoder_weights_info, resolve_encoder_checkpoint
-    from model.encoders.weights import WeightsError
-    from model.network import make_config
-    from model.predictor import resolve_device
-
-    from model.io import ImageReadError
-
-    from .datasets import DataError, limit_records, load_records
-
-    from model.encoders import ENCODERS
-
-    from .config_values import views_problem
-
-    def view_list(ctx, param, value: str) -> list[str]:
-        views = [v.strip() for v in value.split(",")]
-        problem = views_problem(views)
-        if problem:
-            raise click.BadParameter(f"{value!r} ({problem}); the config's views, comma-separated")
-        return views
-
-    @click.command()
-    @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Prepared dataset.")
-    @click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False), help="Cache folder.")
-    @click.option("--encoder", default="litemedsam", show_default=True, type=click.Choice(list(ENCODERS)))
-    @click.option("--encoder-checkpoint", default=None, help="SAM/MedSAM checkpoint file (not for litemedsam).")
-    @click.option("--views", default="orig,hflip,zoom,bright", show_default=True, callback=view_list,
-                  help="The training config's views, in its order (orig first).")
-    @click.option("--features/--no-features", default=False, help="Also cache the stage features (UNet-H).")
-    @click.option("--device", default="auto", show_default=True)
-    @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp32"]),
-                  help="auto (bf16 where native), bf16, fp32: training.train's --precision.")
-    @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
-    @click.option("--first-view-only", is_flag=True,
-                  help="Encode only the first view (orig) of every image; the cache keeps its key, so training "
-                       "with --no-cache-build samples that view only (how the embedded default was trained).")
-    @click.option("--limit", type=click.IntRange(1), default=None,
-                  help="Only the images training.train --limit N trains and validates on (N training and N/4 "
-                       "validation images, each class in turn): a cache for a quick run. A later build or run "
-                       "on more images adds the images it lacks to it.")
-    def main(data, cache_dir, encoder, encoder_checkpoint, views, features, device, precision, batch_size,
-             first_view_only, limit):
-        """Precompute the frozen-encoder embedding cache for a prepared dataset."""
-        wanted = views_for_classes(views)
-        if first_view_only:
-            wanted = {v: (classes if i == 0 else []) for i, (v, classes) in enumerate(wanted.items())}
-        try:
-            ckpt = resolve_encoder_checkpoint(encoder, encoder_checkpoint)
-            info = encoder_weights_info(encoder, ckpt)
-        except WeightsError as exc:
-            raise click.ClickException(str(exc)) from None
-        cfg = make_config(encoder, "frozen", "unet-h" if features else "sd-h", "gap", encoder_weights=info)
-        try:
-            dev = resolve_device(device)
-        except RuntimeError as exc:
-            raise click.BadParameter(str(exc), param_hint="--device") from None
-        net = PFSAMNet(cfg, encoder_checkpoint=ckpt).to(dev)
-        try:
-            train, val = limit_records(load_records(data, "train"), load_records(data, "val"), limit)
-            cache = build_cache(net, train + val, cache_dir, views, dev, precision, batch_size, wanted)
-        except (CacheError, DataError, ImageReadError, FileNotFoundError) as exc:
-            raise click.ClickException(str(exc)) from None
-        mine = [cache.index[r.image_id] for r in train + val]
-        done = cache.done[mine].sum(axis=0)
-        click.echo(f"{cache.root}: {len(mine)} images ({len(train)} train, {len(val)} val) of the {len(cache.ids)} "
-                   "it holds; views encoded for them: "
-                   + ", ".join(f"{v} {int(n)}" for v, n in zip(views, done)), err=True)
-
     main()
