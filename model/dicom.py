@@ -58,7 +58,8 @@ def read_dicom(path: Path) -> LoadedImage:
         raise ImageReadError(path, f"has {frames} frames (a cine loop or a volume); expected a single 2-D image: "
                                    "export one frame")
     check_size(path, size[0], size[1])
-    short = _short_pixel_data(path)
+    header = _header(path)
+    short = _short_pixel_data(header)
     if short:  # GDCM would read it, the rest of the image from uninitialised memory
         raise ImageReadError(path, "corrupt or truncated DICOM pixel data (the header announces {} bytes of it, "
                                    "the file holds {})".format(*short))
@@ -72,7 +73,7 @@ def read_dicom(path: Path) -> LoadedImage:
     arr = arr.reshape(arr.shape[-3:] if img.GetNumberOfComponentsPerPixel() > 1 else arr.shape[-2:])
     spacing, origin, direction = img.GetSpacing(), img.GetOrigin(), img.GetDirection()
     if not any(reader.HasMetaDataKey(k) for k in ("0028|0030", "0018|1164")):  # no Pixel / Imager Pixel Spacing
-        spacing = _ultrasound_spacing(path) or spacing  # ITK said 1.0: it reads no ultrasound regions
+        spacing = _ultrasound_spacing(header) or spacing  # ITK said 1.0: it reads no ultrasound regions
     dim = img.GetDimension()
     d2 = np.array([[direction[dim * r + c] for c in range(2)] for r in range(2)], dtype=float)
     if not np.allclose(d2 @ d2.T, np.eye(2), atol=1e-6):  # a plane the x-y axes do not span: no 2-D direction
@@ -81,15 +82,26 @@ def read_dicom(path: Path) -> LoadedImage:
     return LoadedImage(check_pixels(path, arr), str(path), tuple(spacing[:2]), tuple(origin[:2]), direction2)
 
 
-def _short_pixel_data(path: Path) -> tuple[int, int] | None:
+def _header(path: Path):
+    """The file's data set as pydicom reads it, its large values (the pixel data) left in the file with
+    their lengths kept; None where pydicom cannot parse it (GDCM then has the last word, as before)."""
+    import pydicom
+
+    try:
+        return pydicom.dcmread(path, defer_size=1024)
+    except Exception:  # noqa: BLE001 - any parse error of a header GDCM could read
+        return None
+
+
+def _short_pixel_data(ds) -> tuple[int, int] | None:
     """(announced, held) bytes where a native (uncompressed) Pixel Data element holds fewer bytes than
     its Rows, Columns, Samples per Pixel, Bits Allocated (and YBR 4:2:2's shared chroma) announce;
     None where it holds enough, is compressed (its decoder then says) or pydicom cannot tell."""
-    import pydicom
     from pydicom.pixels.utils import get_expected_length
 
+    if ds is None:
+        return None
     try:
-        ds = pydicom.dcmread(path, defer_size=1024)  # the pixel data is skipped, its length kept
         if ds.file_meta.TransferSyntaxUID.is_encapsulated:
             return None
         held = getattr(ds.get_item("PixelData"), "length", None)
@@ -101,20 +113,19 @@ def _short_pixel_data(path: Path) -> tuple[int, int] | None:
     return expected, held
 
 
-def _ultrasound_spacing(path: Path) -> tuple[float, float] | None:
+def _ultrasound_spacing(ds) -> tuple[float, float] | None:
     """(x, y) in mm from a DICOM ultrasound still's Sequence of Ultrasound Regions (0018,6011): its 2-D
     tissue regions (spatial format 1) measured in cm (physical units 3), all with one pixel size (a
     dual view's two regions alike); None where there is no such region or they disagree (the mask
     then keeps ITK's unit spacing, as for any image without one)."""
-    import pydicom
-
+    if ds is None:
+        return None
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[(0x0018, 0x6011)])
         deltas = {(abs(float(r.PhysicalDeltaX)) * 10.0, abs(float(r.PhysicalDeltaY)) * 10.0)
                   for r in ds.get("SequenceOfUltrasoundRegions", [])
                   if r.get("RegionSpatialFormat") == 1 and r.get("PhysicalUnitsXDirection") == 3
                   and r.get("PhysicalUnitsYDirection") == 3}
-    except Exception:  # noqa: BLE001 - a header pydicom cannot parse: the image is read without it
+    except Exception:  # noqa: BLE001 - regions pydicom cannot parse: the image is read without them
         return None
     if len(deltas) != 1:
         return None
