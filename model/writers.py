@@ -287,16 +287,17 @@ class CodabenchWriter(PACEWriter):
         return ([self.out / CODABENCH_LABELS] if self.cls else []) + [self.out / CODABENCH_ZIP]
 
     def finish(self, cases: list[Case]) -> None:
+        *labels, archive = self.summary_files()  # classification.csv where the run classifies
         members = {}
-        if self.cls:
-            write_text(self.out / CODABENCH_LABELS, self.labels_csv(cases))
-            members[CODABENCH_LABELS] = self.out / CODABENCH_LABELS
+        for path in labels:
+            write_text(path, self.labels_csv(cases))
+            members[path.name] = path
         if self.seg:
             for c in cases:
                 if c.ok:
                     members[self.mask_path(c).relative_to(self.out).as_posix()] = self.mask_path(c)
-        write_zip(self.out / CODABENCH_ZIP, members)
-        _Writer.finish(self, cases)
+        write_zip(archive, members)
+        _Writer.finish(self, cases)  # not PACEWriter's: Codabench takes no predictions.csv / probabilities.csv
 
 
 WRITERS = {"gc": GCWriter, "pace": PACEWriter, "codabench": CodabenchWriter}
