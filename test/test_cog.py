@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,9 +92,11 @@ def cog_server(tmp_path_factory):
     except OSError as exc:  # a network namespace (unshare -n) has its loopback interface down
         pytest.skip(f"no usable loopback network ({exc})")
     log = tmp_path_factory.mktemp("cog") / "server.log"
-    # the worker process is started as `python`: this interpreter's folder first on PATH
+    # the worker process is started as `python`: this interpreter's folder first on PATH; its temporary
+    # files (Cog's uploads, the last answer's folder, which the server keeps to serve) under pytest's folder
     env = dict(os.environ, PORT=str(port), COG_PREDICT_TYPE_STUB="predict.py:Predictor",
-               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+               TMPDIR=str(tmp_path_factory.mktemp("cog-tmp")))
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"], cwd=REPO, env=env,
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
@@ -142,7 +145,9 @@ def in_process(tmp_path_factory):
 
     p = predict.Predictor()
     p.setup()
-    return p, tmp_path_factory.mktemp("cog-in-process")
+    yield p, tmp_path_factory.mktemp("cog-in-process")
+    if p.served is not None:  # the last answer's folder, which a server keeps to serve until the next one
+        shutil.rmtree(p.served)
 
 
 def test_cog_server_answers_as_the_predictor_does_in_process(cog_server, images, in_process):

@@ -874,7 +874,8 @@ def _torchrun_two(data: Path, run: Path, cache: Path, timeout: int) -> subproces
                            "--set", "views=[orig]", "--set", "model.seg_head.channels=[16,8]",
                            "--set", "curriculum={gt_until: 1, mixed_until: 1, p_gt: 0.5}"],
                           cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1",
+                               "TMPDIR": str(run.parent)})  # torchrun's log folder (torchelastic_*) stays there
 
 
 @pytest.mark.slow
