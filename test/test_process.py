@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -1090,9 +1091,10 @@ def test_no_temporary_files_are_left(gc_run):
 # Cog
 
 
-def test_cog_predictor_setup_and_predict(ensemble_dir, inputs, tmp_path):
+def test_cog_predictor_setup_and_predict(ensemble_dir, inputs, tmp_path, monkeypatch):
     import predict as cog_predict
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the answers' folders (a server keeps the last)
     root, sizes = inputs
     p = cog_predict.Predictor()
     p.setup(model_dir=str(ensemble_dir))
@@ -1119,11 +1121,12 @@ def test_cog_predictor_setup_and_predict(ensemble_dir, inputs, tmp_path):
         p.predict(image=cog_predict.Path(str(black)), overlay=False, tta=False, class_prior="model")
 
 
-def test_cog_predict_takes_tta_per_prediction(ensemble_dir, inputs, predictor):
+def test_cog_predict_takes_tta_per_prediction(ensemble_dir, inputs, predictor, tmp_path, monkeypatch):
     """``tta`` is an input of each prediction: on, the answer is the flip-averaged one of a predictor
     loaded with TTA; off again, the plain one."""
     import predict as cog_predict
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the answers' folders (a server keeps the last)
     root, _ = inputs
     image = root / "colour.png"
     arr = np.asarray(Image.open(image))
