@@ -14,9 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
+import training.cache as tc
 from model.predictor import Predictor
+from training import train as train_mod
 from training.cache import build_cache, cache_key
 from training.datasets import limit_records, load_pair, load_records
 from training.export import export
@@ -280,9 +283,7 @@ def test_a_new_run_into_the_folder_of_an_earlier_run_is_refused(tiny_dataset, ca
     refused before anything is written, naming the folder and --resume; a folder that a run left
     with its config.yaml alone (stopped before its first epoch ended) takes a new run."""
     import click
-    from click.testing import CliRunner
 
-    from training import train as train_mod
     from training.run_state import RUN_FILES
 
     cfg = tiny_cfg("sd-h", epochs=2)
@@ -518,8 +519,6 @@ def test_cache_key_changes_with_what_the_values_depend_on(tiny_dataset):
 
 
 def test_cache_key_follows_what_preprocessing_computes(monkeypatch):
-    import training.cache as tc
-
     model = build_model(tiny_cfg("sd-h"))
     k = cache_key(model, ["orig"], "fp32", False)
     real = tc.preprocess
@@ -548,9 +547,6 @@ def test_cache_key_covers_code_the_encoder_runs_from_other_files(tmp_path, monke
 def test_cli_help_and_nan_stop(tiny_dataset, cache_dir, tmp_path):
     out = subprocess.run([sys.executable, "-m", "training.train", "--help"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0 and "--resume" in out.stdout and "--frozen / --finetune" in out.stdout
-    from click.testing import CliRunner
-
-    from training import train as train_mod
 
     run = tmp_path / "nan"  # in-process (the module's own entry point ran above)
     with warnings.catch_warnings(record=True) as caught:
@@ -576,7 +572,6 @@ def test_an_epoch_with_a_non_finite_validation_loss_or_weights_is_not_saved(tiny
     1's training loss is finite, its step ruins the weights, and the epoch was saved (state.pt, last/,
     val_loss NaN) as the 'last good checkpoint' that epoch 2's stop pointed to. Now the run stops
     before that epoch is saved; so it does for non-finite weights under a finite validation loss."""
-    from training import train as train_mod
     from training.train import NonFiniteLoss
 
     cfg = dict(tiny_cfg("sd-h", epochs=2), batch_size=32)
@@ -610,8 +605,6 @@ def test_an_epoch_with_a_non_finite_validation_loss_or_weights_is_not_saved(tiny
 def _scripted_validation(monkeypatch, dscs: list[float]) -> tuple[list[dict], list[tuple[float, int]]]:
     """training.train with each epoch's validation Dice set from ``dscs`` (the other figures fixed): the
     heads' weights at each validation, and each training step's (loss, batch size)."""
-    from training import train as train_mod
-
     snapshots, steps = [], []
     real_batch = train_mod.run_batch
 
@@ -671,10 +664,8 @@ def test_best_is_the_first_epoch_of_the_highest_metric_also_after_a_resume(tiny_
 def test_cache_serves_a_subset_of_its_images(tiny_dataset, tmp_path, monkeypatch):
     """Also: encoding on a CPU keeps freed memory in the heap (model/allocator.py), as inference and
     training do; without it `python -m training.cache` took 2.5 s per view here, 1.6 s with it."""
-    import training.cache
-
-    tuned, real = [], training.cache.keep_freed_memory
-    monkeypatch.setattr(training.cache, "keep_freed_memory", lambda: tuned.append(1) or real())
+    tuned, real = [], tc.keep_freed_memory
+    monkeypatch.setattr(tc, "keep_freed_memory", lambda: tuned.append(1) or real())
     model = build_model(tiny_cfg("sd-h"))
     records = load_records(tiny_dataset)[:6]  # train and val images, normal and benign
     full = build_cache(model, records, tmp_path, ["orig"], torch.device("cpu"), "fp32")
@@ -690,7 +681,6 @@ def test_cache_grows_by_the_images_it_lacks_and_keeps_the_rest(tiny_dataset, tmp
     every image encoded again. Now the images it lacks are appended and encoded, no others; with
     --no-cache-build (build=False) they are refused, naming one. A growth cut short before meta.json
     was written (longer files, the old list) still serves the old list and grows again cleanly."""
-    import training.cache as tc
     from training.cache import CacheError
 
     cpu = torch.device("cpu")
@@ -736,9 +726,6 @@ def test_cache_limit_builds_what_train_limit_reads(tiny_dataset, tmp_path):
     assert len(train) > 2  # the limit leaves training images out
     train, val = limit_records(train, val, 2)  # 2 training images, a validation image of each class
     assert json.loads(meta.read_text())["ids"] == sorted(r.image_id for r in train + val)
-    from click.testing import CliRunner
-
-    from training import train as train_mod
 
     common = ["--config", str(REPO / "training" / "configs" / "sd-h.yaml"),  # in-process: the cache's CLI ran above
               "--data", str(tiny_dataset), "--encoder", "litemedsam", "--frozen", "--epochs", "1",
@@ -756,7 +743,6 @@ def test_a_damaged_cache_or_folder_is_an_error_naming_it_not_zeros_or_a_crash(ti
     trained on as embeddings; a disk too small for the build killed it with SIGBUS mid-way; a
     read-only folder gave an OSError traceback, and a finished cache on a read-only mount could not be
     trained on (its files were opened for writing)."""
-    import training.cache as tc
     from training.cache import CacheError
 
     model = build_model(tiny_cfg("sd-h"))
@@ -920,10 +906,6 @@ def test_torchrun_two_processes_on_cpu(tiny_dataset, tmp_path):
 def test_train_cli_says_when_no_epoch_had_a_defined_selection_metric(tmp_path, monkeypatch):
     """A run whose selection metric was NaN in every epoch (AUC on a one-class validation split)
     wrote no best/: the CLI says so and names last/, instead of 'best val_auc=-inf at epoch 0'."""
-    from click.testing import CliRunner
-
-    from training import train as train_mod
-
     monkeypatch.setattr(train_mod, "train", lambda *a, **k: {"best": {"epoch": 0, "value": -float("inf"),
                                                                       "metric": "val_auc"}, "history": []})
     res = CliRunner().invoke(train_mod.main, ["--config", str(REPO / "training" / "configs" / "mgc-a.yaml"),
@@ -940,10 +922,6 @@ def test_train_cli_says_when_no_epoch_had_a_defined_selection_metric(tmp_path, m
 def test_ctrl_c_says_how_to_continue_the_run(tmp_path, monkeypatch):
     """Ctrl-C ended with click's bare 'Aborted!'; now it names state.pt and --resume where there is a
     finished epoch to continue, and says there is none otherwise."""
-    from click.testing import CliRunner
-
-    from training import train as train_mod
-
     def interrupted(*args, **kwargs):  # Ctrl-C during training
         raise KeyboardInterrupt
 
@@ -991,10 +969,6 @@ def test_a_run_with_undefined_metrics_writes_strict_json(tiny_dataset, cache_dir
 def test_a_run_that_fails_before_training_leaves_no_run_folder(tiny_dataset, tmp_path):
     """A missing encoder checkpoint is reported with the command that gets it, and the --out folder
     is not created (a folder without a run in it looks like a crashed run)."""
-    from click.testing import CliRunner
-
-    from training import train as train_mod
-
     res = CliRunner().invoke(train_mod.main, ["--config", str(REPO / "training" / "configs" / "sd-h.yaml"),
                                               "--data", str(tiny_dataset), "--out", str(tmp_path / "run"),
                                               "--encoder", "sam_vit_b", "--encoder-checkpoint",
@@ -1059,10 +1033,6 @@ NAMED_SET = {"set_typo", "scheduler", "seg_head_type", "seg_head_option", "chann
 
 @pytest.mark.parametrize("fault", sorted(CONFIG_FAULTS))
 def test_config_and_option_faults_are_clear_errors_before_the_run_folder(tiny_dataset, tmp_path, fault):
-    from click.testing import CliRunner
-
-    from training import train as train_mod
-
     text, extra, message = CONFIG_FAULTS[fault]
     config = REPO / "training" / "configs" / "sd-h.yaml"
     if text is not None:
@@ -1086,10 +1056,6 @@ def test_config_and_option_faults_are_clear_errors_before_the_run_folder(tiny_da
 
 
 def test_an_unknown_encoder_in_the_config_file_is_named_with_the_file(tiny_dataset, tmp_path):
-    from click.testing import CliRunner
-
-    from training import train as train_mod
-
     config = tmp_path / "c.yaml"
     config.write_text(SD_H.replace("encoder: sam_vit_b", "encoder: sam_vit_bb"))
     res = CliRunner().invoke(train_mod.main, ["--config", str(config), "--data", str(tiny_dataset), "--out",
@@ -1111,22 +1077,14 @@ def test_an_unknown_encoder_in_the_config_file_is_named_with_the_file(tiny_datas
 def test_cache_cli_refuses_bad_options_before_anything_is_built(tiny_dataset, tmp_path, args, message):
     """training.cache --precision foo and --views orig,flip ended in tracebacks (in-process: click's own
     usage error, exit 2; test_cache_limit_builds_what_train_limit_reads runs the module as a command)."""
-    from click.testing import CliRunner
-
-    import training.cache
-
-    res = CliRunner().invoke(training.cache.main, ["--data", str(tiny_dataset), "--cache", str(tmp_path / "cache"),
-                                                   "--device", "cpu", *args])
+    res = CliRunner().invoke(tc.main, ["--data", str(tiny_dataset), "--cache", str(tmp_path / "cache"),
+                                       "--device", "cpu", *args])
     assert res.exit_code == 2 and message in res.stderr and res.exception.__class__ is SystemExit, res.output
     assert not (tmp_path / "cache").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_device_cuda_without_a_gpu_is_a_clear_error(tiny_dataset, tmp_path):
-    from click.testing import CliRunner
-
-    from training import train as train_mod
-
     for device in ("cuda", "cuda:0"):  # model.predictor.resolve_device refuses both
         res = CliRunner().invoke(train_mod.main, ["--config", str(REPO / "training" / "configs" / "sd-h.yaml"),
                                                   "--data", str(tiny_dataset), "--out", str(tmp_path / "run"),
@@ -1433,8 +1391,6 @@ def test_cache_encodes_each_view_for_the_classes_that_draw_it(tiny_dataset, tmp_
 def test_cache_key_follows_what_each_view_computes(monkeypatch):
     """The key's preprocessing fingerprint runs every view, not only the first: a change of what the
     zoom view computes starts a new cache for a config with zoom, not for one without."""
-    import training.cache as tc
-
     model = build_model(tiny_cfg("sd-h"))
     with_zoom, without = cache_key(model, ["orig", "zoom"], "fp32", False), cache_key(model, ["orig"], "fp32", False)
     real = tc.apply_view

@@ -105,11 +105,9 @@ def test_padded_ids_and_splits_in_hand_edited_csvs_are_read_alike(data):
 
 
 def test_cache_cli_reports_a_missing_mask_without_a_traceback(data, tmp_path):
-    (data / "masks" / "PACE_00003_001_BUS.png").unlink()
-    from click.testing import CliRunner
-
     import training.cache
 
+    (data / "masks" / "PACE_00003_001_BUS.png").unlink()
     res = CliRunner().invoke(training.cache.main, ["--data", str(data), "--cache", str(tmp_path / "c"),
                                                    "--views", "orig", "--device", "cpu"])
     assert res.exit_code == 1 and res.exception.__class__ is SystemExit, res.output  # no traceback
