@@ -218,11 +218,17 @@ def _cut(threshold: float) -> float:
 def postprocess_with_logits(logits: torch.Tensor, geom: Geometry,
                             threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """``postprocess``'s mask and, from the same resize, the float16 full-size logits it thresholds
-    (their sigmoid is the lesion probability). Logits rather than probabilities: float16 keeps their
-    sign (the mask at 0.5) and both tails, where probabilities near 1 would round to 1. For
-    evaluation (the segmentation BCE, ``training.predict --logits``): one full-size copy, no banding."""
-    full = _full_size(logits, geom)
-    return (full > _cut(threshold)).numpy().astype(np.uint8), full.numpy().astype(np.float16)
+    (their sigmoid is the lesion probability). Logits rather than probabilities: float16 keeps both
+    tails, where probabilities near 1 would round to 1, and their sign, the mask at threshold 0.5 (a
+    logit too small for float16, within 6e-8 of 0, is stored as its smallest number of the same sign,
+    not as 0). For ``--logits`` (ensembling; the segmentation BCE in evaluation): one full-size copy,
+    no banding."""
+    full = _full_size(logits, geom).numpy()
+    half = full.astype(np.float16)
+    flushed = (half == 0) & (full != 0)
+    if flushed.any():
+        half[flushed] = np.copysign(np.float16(2.0 ** -24), full[flushed])
+    return (full > _cut(threshold)).astype(np.uint8), half
 
 
 def postprocess(logits: torch.Tensor, geom: Geometry, threshold: float = 0.5,

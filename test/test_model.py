@@ -248,6 +248,22 @@ def test_the_mask_threshold_is_a_probability():
         assert np.allclose(full, math.log(0.7 / 0.3), atol=1e-3)
 
 
+def test_stored_logits_keep_the_sign_of_logits_too_small_for_float16():
+    """The float16 logits (``--logits``) are above 0 exactly where the mask at 0.5 is: a logit within
+    float16's smallest step of 0 (two members, one sure of a lesion, the other of none: probability
+    0.5 + 1e-9) is stored as the smallest float16 of its sign, not as 0; zero stays zero."""
+    geom = Geometry(8, 8, 8)
+    logits = torch.tensor([[1e-9, -1e-9, 0.0, 3.0], [-2e-8, 2e-8, 1e-3, -7.0]]).repeat(4, 2)
+    mask, half = postprocess_with_logits(logits, geom)
+    assert half.dtype == np.float16
+    np.testing.assert_array_equal(half > 0, mask == 1)
+    np.testing.assert_array_equal(half < 0, (logits < 0).numpy())
+    assert (half[logits.numpy() == 0] == 0).all() and mask.sum() == 32  # 1e-9, 3, 2e-8, 1e-3: 4 a row
+    assert np.abs(half[np.abs(logits.numpy()) < 1e-7]).max() == np.float16(2.0 ** -24)
+    np.testing.assert_allclose(half[np.abs(logits.numpy()) > 1e-4], logits.numpy()[np.abs(logits.numpy()) > 1e-4],
+                               rtol=1e-3)
+
+
 def test_the_mask_edge_lies_where_the_logits_cross_zero_between_grid_cells():
     """Logits are interpolated linearly between the head's grid cells, not repeated per cell: a
     logit ramp crossing zero at column 31.7 of a 64 grid puts the edge of the 256-pixel mask after
