@@ -9,6 +9,7 @@ writes ``/output``.
   python process.py -i images/ -o out/ --format pace # PACE layout (main.py: the PACE template's entry)
   python process.py -i val/ -o sub/ --format codabench # PACE validation phase: upload sub/submission.zip
   python process.py -i images/ -o demo/ --overlay    # plus one overlay PNG per image
+  python process.py -i images/ -o out/ --logits      # plus each mask's lesion logits (.npy), for ensembling
 
 \b
 Outputs (details in model/writers.py):
@@ -16,8 +17,8 @@ Outputs (details in model/writers.py):
          input breast-lesion-classification.json and malignancy-likelihood.json
   pace : segmentation/<name>_mask.png, classification/predictions.csv, classification/probabilities.csv
   codabench : segmentation/<name>_mask.png, classification.csv, and submission.zip holding both
-  all  : errors.csv (file,reason) when some case failed; overlays/<name>.png with --overlay
-         (off by default in every format: challenge graders expect only their own files)
+  all  : errors.csv (file,reason) when some case failed; overlays/<name>.png with --overlay and
+         logits/<name>.npy with --logits (both off by default: challenge graders expect only their own files)
 <name> is the input's file stem (a DICOM file without an image suffix: its whole name);
 inputs whose names collide get distinct names (a.jpg -> a, a.png -> a_png; x/a.png -> a, y/a.png -> y_a).
 
@@ -87,6 +88,10 @@ def _stop(signum, frame) -> None:
                    "ensemble.json postprocess.class_prior, else trained].")
 @click.option("--overlay/--no-overlay", default=False, show_default=True,
               help="Also write overlays/<name>.png (contour, label, probability).")
+@click.option("--logits/--no-logits", default=False, show_default=True,
+              help="Also write logits/<name>.npy: the lesion logits at the mask's height x width (float16; their "
+                   "sigmoid is the lesion probability, and the mask is where they pass the threshold's logit, 0 at "
+                   "the default 0.5), for ensembling with other models (nnU-Net's --save_probabilities).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="auto: bf16 on CUDA (compute capability 8.0+) for SAM ViT encoders, else fp32 (bf16 is faster but moves the default "
                    "LiteMedSAM model's masks beyond tolerance).")
@@ -101,8 +106,8 @@ def _stop(signum, frame) -> None:
               help="Progress bar on stderr [default: on when stderr is a terminal; off in captured logs, such "
                    "as a container's].")
 def main(input_dir: Path, output_dir: Path, task: str, device: str, fmt: str, model_dir: Path | None,
-         batch_size: int, tta: bool, class_prior: str | None, overlay: bool, precision: str, runtime: str, compile_: bool,
-         progress: bool | None) -> None:
+         batch_size: int, tta: bool, class_prior: str | None, overlay: bool, logits: bool, precision: str, runtime: str,
+         compile_: bool, progress: bool | None) -> None:
     # SIGTERM (docker stop, a platform's time limit) ends the run as an exception would: temporary files go,
     # what is written stays. As PID 1 in a container, Python would otherwise ignore it until SIGKILL.
     # The caller's handler comes back afterwards (main also runs in-process: tests, notebooks).
@@ -113,12 +118,12 @@ def main(input_dir: Path, output_dir: Path, task: str, device: str, fmt: str, mo
         try:
             inputs = find_inputs(input_dir, exclude=output_dir)
             # before the model loads: a folder it cannot write fails now
-            prepare_output(output_dir, create=False, folders=output_folders(fmt, task, overlay))
+            prepare_output(output_dir, create=False, folders=output_folders(fmt, task, overlay, logits))
             predictor = load_predictor(model_dir, device=device, batch_size=batch_size, tta=tta, precision=precision,
                                        compile_backend="inductor" if compile_ else None, runtime=runtime,
                                        class_prior=class_prior)
             result = run(predictor, input_dir, output_dir, task=task, fmt=fmt, overlay=overlay, inputs=inputs,
-                         progress=progress)
+                         progress=progress, logits=logits)
         except InferenceError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)

@@ -290,8 +290,9 @@ def plan_batches(cases: Sequence[Case], batch_size: int) -> list[list[Case]]:
 
 def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "all", fmt: str = "gc",
         overlay: bool = False, inputs: Sequence[Path] | None = None, progress: bool = True,
-        log: Callable[[str], None] = _log) -> RunResult:
-    """Predict every image below ``input_dir`` and write the outputs of ``fmt`` into ``output_dir``.
+        log: Callable[[str], None] = _log, logits: bool = False) -> RunResult:
+    """Predict every image below ``input_dir`` and write the outputs of ``fmt`` into ``output_dir``
+    (with ``logits``, also each mask's lesion logits: ``model.writers``).
 
     Raises ``InferenceError`` only when there is nothing to process or ``output_dir`` cannot be
     created or written into; per-case failures are recorded in the result (``RunResult.exit_code``: 0, 3 or 1).
@@ -302,7 +303,7 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
         raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
     input_dir, out = Path(input_dir), Path(output_dir)
     paths = list(inputs) if inputs is not None else find_inputs(input_dir, exclude=out)
-    prepare_output(out, folders=output_folders(fmt, task, overlay))
+    prepare_output(out, folders=output_folders(fmt, task, overlay, logits))
     root = input_dir if input_dir.is_dir() else input_dir.parent
     names = output_names(paths, root)
     cases = [Case(Path(p), printable(relative_path(Path(p), root).as_posix()), n) for p, n in zip(paths, names)]
@@ -352,6 +353,8 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
                 fail(case, f"writing the outputs failed: {_reason(exc)}")
         writing.clear()
 
+    kept_logits = getattr(predictor, "keep_logits", False)  # the predictor's own setting comes back after the run
+    predictor.keep_logits = logits and task != "cls"
     try:
         pending = submit(batches[0]) if batches else None
         with tqdm(total=len(cases), desc="PF-SAM BUS", unit="image", file=sys.stderr, disable=not progress,
@@ -383,6 +386,7 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
                 loaded = futures = preds = img = pred = None
             settle()
     finally:
+        predictor.keep_logits = kept_logits
         if pool is not None:  # after settle(), only on an error: reads not started are dropped
             pool.shutdown(cancel_futures=True)
     try:

@@ -150,7 +150,7 @@ class Predictor:
         self.batch_size = max(1, int(batch_size))
         self.tta = tta
         self.precision = precision
-        self.keep_logits = False  # Prediction.extra["logits"] at full size (training.predict --logits)
+        self.keep_logits = False  # Prediction.extra["logits"] at full size (run(logits=True): --logits)
         self.class_names = CLASS_NAMES
         self.seg_w = {k: float(v) for k, v in spec["segmentation_weights"].items() if float(v) > 0}
         self.cls_w = {k: float(v) for k, v in spec["classification_weights"].items() if float(v) > 0}

@@ -22,10 +22,12 @@ Output formats
     OUT/classification.csv                             image_id,label   (Normal|Benign|Malignant)
     OUT/submission.zip                                 classification.csv and segmentation/, nothing else
 
-All: ``OUT/errors.csv`` (``file,reason``; only when some case failed, a stale one is removed) and,
+All: ``OUT/errors.csv`` (``file,reason``; only when some case failed, a stale one is removed);
 with ``overlay=True``, ``OUT/overlays/<name>.png`` (the image, the lesion contour in red, the label
-and its probability). Task ``seg`` writes only the segmentation outputs, ``cls`` only the
-classification outputs.
+and its probability); with ``--logits`` (``run(logits=True)``), ``OUT/logits/<name>.npy``
+(float16 lesion logits, the mask's height x width: their sigmoid is the lesion probability, and the
+mask is where they exceed the threshold's logit, 0 at 0.5). Task ``seg`` writes only the
+segmentation outputs (logits among them), ``cls`` only the classification outputs.
 
 Output names
 ------------
@@ -61,19 +63,22 @@ from .image import IMAGE_SUFFIXES, LoadedImage, printable
 from .metaimage import write_mha
 from .overlay import render_overlay
 
-LOGITS_DIR = "logits"  # PACE layout, training.predict --logits: <name>.npy, float16 lesion logits at full size
+LOGITS_DIR = "logits"  # --logits (process.py, training.predict): <name>.npy, float16 lesion logits at full size
 GC_SEGMENTATION_SLUG = "breast-lesion-segmentation"
 GC_CLASSIFICATION_FILE = "breast-lesion-classification.json"
 GC_LIKELIHOOD_FILE = "malignancy-likelihood.json"
 ERRORS_FILE = "errors.csv"
-OUTPUT_IMAGE_FOLDERS = (f"images/{GC_SEGMENTATION_SLUG}", "segmentation", "overlays")  # what runs write images into
+# what runs write a file per image into
+OUTPUT_IMAGE_FOLDERS = (f"images/{GC_SEGMENTATION_SLUG}", "segmentation", "overlays", LOGITS_DIR)
 
 
-def output_folders(fmt: str, task: str, overlay: bool) -> list[str]:
-    """The folders below the output folder that a run of this format, task and overlay writes files into."""
+def output_folders(fmt: str, task: str, overlay: bool, logits: bool = False) -> list[str]:
+    """The folders below the output folder that a run of this format, task, overlay and logits writes files into."""
     folders = []
     if task in ("all", "seg"):
         folders.append(f"images/{GC_SEGMENTATION_SLUG}" if fmt == "gc" else "segmentation")
+        if logits:
+            folders.append(LOGITS_DIR)
     if task in ("all", "cls") and fmt == "pace":
         folders.append("classification")
     if overlay:
@@ -177,6 +182,14 @@ class _Writer:
         self.overlay = overlay
 
     def write_case(self, case: Case, image: LoadedImage, pred) -> None:
+        if self.seg:  # --logits: for ensembling and for training.evaluate's segmentation BCE (not kept in memory after)
+            logits = getattr(pred, "extra", {}).pop("logits", None)
+            path = self.out / LOGITS_DIR / f"{case.name}.npy"
+            if logits is not None:
+                write_npy(path, logits)
+                case.outputs.append(path)
+            else:  # an earlier run's logits must not stand beside (or be scored against) this run's mask
+                path.unlink(missing_ok=True)
         if self.overlay:
             path = self.out / "overlays" / f"{case.name}.png"
             ov = render_overlay(image.array, pred.mask if self.seg else None,
@@ -251,14 +264,6 @@ class PACEWriter(_Writer):
             path = self.mask_path(case)
             write_png(path, (pred.mask > 0).astype(np.uint8) * 255)
             case.outputs.append(path)
-            # training.predict --logits: for training.evaluate's segmentation BCE (not kept in memory after)
-            logits = getattr(pred, "extra", {}).pop("logits", None)
-            path = self.out / LOGITS_DIR / f"{case.name}.npy"
-            if logits is not None:
-                write_npy(path, logits)
-                case.outputs.append(path)
-            else:  # an earlier run's logits must not be scored against this run's masks
-                path.unlink(missing_ok=True)
         super().write_case(case, image, pred)
 
     @staticmethod

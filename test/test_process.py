@@ -449,6 +449,42 @@ def test_task_cls_writes_only_classification(cli, tmp_path):
     assert _files(tmp_path / "pace") == ["classification/predictions.csv", "classification/probabilities.csv"]
 
 
+def test_logits_are_each_masks_lesion_logits_at_its_size(cli, predictor, inputs, tmp_path):
+    """--logits: logits/<name>.npy beside each mask, float16 at the mask's height x width, above 0
+    exactly where the mask is (threshold 0.5), in the GC and the PACE layout (the mha's mask in its
+    geometry, the logits as its pixel array). A later run without --logits removes the logits of the
+    images it writes and names the ones it did not; ``-t cls`` writes none; the shared predictor is
+    left as it was."""
+    root, sizes = inputs
+    signs = set()
+    for fmt in ("gc", "pace"):
+        out = tmp_path / fmt
+        res = cli("-i", root, "-o", out, "--format", fmt, "--logits", "--batch-size", "2")
+        assert res.exit_code == 0, res.output
+        assert predictor.keep_logits is False
+        assert _files(out / "logits") == sorted(f"{_stem(n)}.npy" for n in sizes)
+        for name, (h, w) in sizes.items():
+            logits = np.load(out / "logits" / f"{_stem(name)}.npy", allow_pickle=False)
+            assert logits.dtype == np.float16 and logits.shape == (h, w), name
+            if fmt == "gc":
+                mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "images" / "breast-lesion-segmentation"
+                                                                 / f"{_stem(name)}.mha")))
+            else:
+                mask = np.asarray(Image.open(out / "segmentation" / f"{_stem(name)}_mask.png")) // 255
+            np.testing.assert_array_equal(logits > 0, mask == 1, err_msg=name)
+            assert np.isfinite(logits).all() and len(np.unique(logits)) > 10, name  # a map, not a mask's sign
+            signs |= set(np.sign(logits.astype(np.float32)).ravel().tolist())
+    assert {-1.0, 1.0} <= signs  # lesion and background pixels among the images
+    np.save(tmp_path / "pace" / "logits" / "other.npy", np.zeros((2, 2), np.float16))  # not one of these images'
+    res = cli("-i", root, "-o", tmp_path / "pace", "--format", "pace")
+    assert res.exit_code == 0, res.output
+    assert _files(tmp_path / "pace" / "logits") == ["other.npy"]
+    assert "1 file in" in res.output and "logits/other.npy" in res.output
+    res = cli("-i", root, "-o", tmp_path / "cls", "--format", "pace", "-t", "cls", "--logits")
+    assert res.exit_code == 0, res.output
+    assert _files(tmp_path / "cls") == ["classification/predictions.csv", "classification/probabilities.csv"]
+
+
 def test_runtime_precision_and_compile_options_reach_the_predictor(cli, tmp_path):
     d = _one_image(tmp_path)
     res = cli("-i", d, "-o", tmp_path / "a")

@@ -17,7 +17,8 @@ DATA is a ``training.prepare`` folder (images/, masks/, labels.csv, split.csv). 
 
 The layout is detected: ``results.json`` or ``images/breast-lesion-segmentation/`` means Grand
 Challenge, ``segmentation/`` or ``classification/`` means PACE. ``logits/<id>.npy`` (lesion logits
-at the image's size, as ``training.predict --logits`` writes them) adds the segmentation BCE;
+at the image's size, as ``training.predict --logits`` and ``process.py --logits`` write them, in
+either layout) adds the segmentation BCE;
 without them it is reported as not available.
 
 A case of the evaluated split without a prediction is a failure, never dropped: an empty mask,

@@ -21,9 +21,8 @@ def predict_split(model_dir: Path, data: Path, split: str | None, out: Path, dev
                   logits: bool = False, limit: int | None = None, class_prior: str | None = None):
     records = first_of_each_class(load_records(data, None if split == "all" else split), limit)  # data first
     predictor = load_predictor(model_dir, device, batch_size, tta, precision, class_prior=class_prior)
-    predictor.keep_logits = logits
     return run(predictor, data / "images", out, fmt="pace", inputs=[r.image_path for r in records],
-               progress=progress)
+               progress=progress, logits=logits)
 
 
 @click.command(context_settings={"show_default": True})
