@@ -181,10 +181,13 @@ class _Writer:
         self.cls = task in ("all", "cls")
         self.overlay = overlay
 
+    def logits_path(self, case: Case) -> Path:
+        return self.out / LOGITS_DIR / f"{case.name}.npy"
+
     def write_case(self, case: Case, image: LoadedImage, pred) -> None:
         if self.seg:  # --logits: for ensembling and for training.evaluate's segmentation BCE (not kept in memory after)
             logits = getattr(pred, "extra", {}).pop("logits", None)
-            path = self.out / LOGITS_DIR / f"{case.name}.npy"
+            path = self.logits_path(case)
             if logits is not None:
                 write_npy(path, logits)
                 case.outputs.append(path)
@@ -309,16 +312,16 @@ WRITERS = {"gc": GCWriter, "pace": PACEWriter, "codabench": CodabenchWriter}
 
 
 def stale_outputs(out: Path, cases: Sequence[Case], task: str = "all", writer: _Writer | None = None) -> list[Path]:
-    """Files in the output's mask and overlay folders that this run did not write, and, when the run
-    wrote no classification (task ``seg``), the classification files an earlier run left.
+    """Files in the output's mask, overlay and logits folders that this run did not write, and, when
+    the run wrote no classification (task ``seg``), the classification files an earlier run left.
 
     The PACE template runs ``main.py -t seg`` and ``-t cls`` into one output folder, so a one-task run
     does not count the other task's files for its own images: with ``writer`` (this run's), the masks
-    named after its inputs beside a ``-t cls`` run, and beside a ``-t seg`` run classification files
-    that list none but its inputs."""
+    and logits named after its inputs beside a ``-t cls`` run, and beside a ``-t seg`` run
+    classification files that list none but its inputs."""
     written = {p.resolve() for case in cases for p in case.outputs}
     if task == "cls" and writer is not None:
-        written |= {writer.mask_path(c).resolve() for c in cases}
+        written |= {p.resolve() for c in cases for p in (writer.mask_path(c), writer.logits_path(c))}
     found = []
     for sub in OUTPUT_IMAGE_FOLDERS:
         if (out / sub).is_dir():

@@ -570,20 +570,20 @@ def test_a_segmentation_only_run_names_an_earlier_runs_classification_files(cli,
 def test_the_pace_templates_two_runs_into_one_folder_warn_of_nothing(cli, tmp_path):
     """The PACE template runs ``main.py -i /input -o /output -t seg`` and ``-t cls`` into one output
     folder: each run found the other's files for the same images and warned that an earlier run had
-    left them. Only files for other images are named."""
+    left them. Only files for other images are named (the seg run's logits too, with --logits)."""
     d = _one_image(tmp_path)
     out = tmp_path / "out"
     for task in ("seg", "cls", "seg", "cls"):  # either order, and again
-        res = cli("-i", d, "-o", out, "--format", "pace", "-t", task)
+        res = cli("-i", d, "-o", out, "--format", "pace", "-t", task, "--logits")
         assert res.exit_code == 0 and "warning" not in res.output, (task, res.output)
     assert _files(out) == ["classification/predictions.csv", "classification/probabilities.csv",
-                           "segmentation/case_mask.png"]
+                           "logits/case.npy", "segmentation/case_mask.png"]
     Image.fromarray(synthetic_ultrasound(40, 60, 5)[0]).save(d / "scan.png")
-    assert cli("-i", d, "-o", out, "--format", "pace", "-t", "seg").exit_code == 0  # both images' masks
+    assert cli("-i", d, "-o", out, "--format", "pace", "-t", "seg", "--logits").exit_code == 0  # both images'
     (d / "scan.png").unlink()
-    res = cli("-i", d, "-o", out, "--format", "pace", "-t", "cls")  # scan's mask is another image's
-    assert f"warning: 1 file in {out} was not written by this run (an earlier run's?): segmentation/scan_mask.png" \
-        in res.output
+    res = cli("-i", d, "-o", out, "--format", "pace", "-t", "cls")  # scan's mask and logits are another image's
+    assert f"warning: 2 files in {out} were not written by this run (an earlier run's?): logits/scan.npy, " \
+           "segmentation/scan_mask.png" in res.output
 
 
 def test_a_prediction_failure_is_isolated_to_its_image(cli, predictor, tmp_path, monkeypatch):
