@@ -225,7 +225,8 @@ def test_gc_single_input_writes_the_case_json_files(cli, inputs, tmp_path):
 def pace_run(predictor, inputs, tmp_path_factory):
     root, sizes = inputs
     out = tmp_path_factory.mktemp("pace") / "out"
-    res = _invoke_with(predictor, ("-i", root, "-o", out, "--format", "pace", "--overlay", "--batch-size", "2"))  # as gc_run
+    res = _invoke_with(predictor, ("-i", root, "-o", out, "--format", "pace", "--overlay", "--logits", "--batch-size",
+                                   "2"))  # as gc_run; with overlays and logits
     return res, out, sizes
 
 
@@ -236,7 +237,8 @@ def test_pace_masks_csvs_and_overlays(pace_run):
     stems = sorted(_stem(n) for n in sizes)
     assert _files(out) == sorted(
         ["classification/predictions.csv", "classification/probabilities.csv"]
-        + [f"segmentation/{s}_mask.png" for s in stems] + [f"overlays/{s}.png" for s in stems])
+        + [f"segmentation/{s}_mask.png" for s in stems] + [f"overlays/{s}.png" for s in stems]
+        + [f"logits/{s}.npy" for s in stems])
     for name, (h, w) in sizes.items():
         mask = Image.open(out / "segmentation" / f"{_stem(name)}_mask.png")
         assert mask.size == (w, h) and mask.mode == "L"
@@ -404,8 +406,9 @@ def test_codabench_format_is_the_validation_phase_upload(cli, pace_run, inputs, 
     for m in masks:
         np.testing.assert_array_equal(np.asarray(Image.open(out / m)), np.asarray(Image.open(pace_out / m)))
     first = (out / "submission.zip").read_bytes()
-    assert cli("-i", d, "-o", out, "--format", "codabench", "--batch-size", "2").exit_code == 3
-    assert (out / "submission.zip").read_bytes() == first
+    assert cli("-i", d, "-o", out, "--format", "codabench", "--batch-size", "2", "--logits").exit_code == 3
+    assert (out / "submission.zip").read_bytes() == first  # the logits beside it, not in it
+    assert _files(out / "logits") == [f"{s}.npy" for s in stems]
     seg_only = cli("-i", root, "-o", tmp_path / "seg", "--format", "codabench", "-t", "seg")
     assert seg_only.exit_code == 0
     with zipfile.ZipFile(tmp_path / "seg" / "submission.zip") as zf:
@@ -449,19 +452,18 @@ def test_task_cls_writes_only_classification(cli, tmp_path):
     assert _files(tmp_path / "pace") == ["classification/predictions.csv", "classification/probabilities.csv"]
 
 
-def test_logits_are_each_masks_lesion_logits_at_its_size(cli, predictor, inputs, tmp_path):
+def test_logits_are_each_masks_lesion_logits_at_its_size(cli, predictor, pace_run, inputs, tmp_path):
     """--logits: logits/<name>.npy beside each mask, float16 at the mask's height x width, above 0
-    exactly where the mask is (threshold 0.5), in the GC and the PACE layout (the mha's mask in its
+    exactly where the mask is (threshold 0.5), in the PACE and the GC layout (the mha's mask in its
     geometry, the logits as its pixel array). A later run without --logits removes the logits of the
     images it writes and names the ones it did not; ``-t cls`` writes none; the shared predictor is
     left as it was."""
     root, sizes = inputs
+    res = cli("-i", root, "-o", tmp_path / "gc", "--logits", "--batch-size", "2")
+    assert res.exit_code == 0, res.output
+    assert predictor.keep_logits is False
     signs = set()
-    for fmt in ("gc", "pace"):
-        out = tmp_path / fmt
-        res = cli("-i", root, "-o", out, "--format", fmt, "--logits", "--batch-size", "2")
-        assert res.exit_code == 0, res.output
-        assert predictor.keep_logits is False
+    for fmt, out in (("pace", pace_run[1]), ("gc", tmp_path / "gc")):
         assert _files(out / "logits") == sorted(f"{_stem(n)}.npy" for n in sizes)
         for name, (h, w) in sizes.items():
             logits = np.load(out / "logits" / f"{_stem(name)}.npy", allow_pickle=False)
@@ -475,12 +477,15 @@ def test_logits_are_each_masks_lesion_logits_at_its_size(cli, predictor, inputs,
             assert np.isfinite(logits).all() and len(np.unique(logits)) > 10, name  # a map, not a mask's sign
             signs |= set(np.sign(logits.astype(np.float32)).ravel().tolist())
     assert {-1.0, 1.0} <= signs  # lesion and background pixels among the images
-    np.save(tmp_path / "pace" / "logits" / "other.npy", np.zeros((2, 2), np.float16))  # not one of these images'
-    res = cli("-i", root, "-o", tmp_path / "pace", "--format", "pace")
+    d, out = _one_image(tmp_path), tmp_path / "again"
+    assert cli("-i", d, "-o", out, "--format", "pace", "--logits").exit_code == 0
+    assert _files(out / "logits") == ["case.npy"]
+    np.save(out / "logits" / "other.npy", np.zeros((2, 2), np.float16))  # not this image's
+    res = cli("-i", d, "-o", out, "--format", "pace")
     assert res.exit_code == 0, res.output
-    assert _files(tmp_path / "pace" / "logits") == ["other.npy"]
+    assert _files(out / "logits") == ["other.npy"]
     assert "1 file in" in res.output and "logits/other.npy" in res.output
-    res = cli("-i", root, "-o", tmp_path / "cls", "--format", "pace", "-t", "cls", "--logits")
+    res = cli("-i", d, "-o", tmp_path / "cls", "--format", "pace", "-t", "cls", "--logits")
     assert res.exit_code == 0, res.output
     assert _files(tmp_path / "cls") == ["classification/predictions.csv", "classification/probabilities.csv"]
 
