@@ -38,7 +38,8 @@ def pytest_configure(config):
     # the ONNX graph cache (model/onnx_encoder.py) of this session: never the user's ~/.cache
     if "PFSAM_CACHE" not in os.environ:
         config._pfsam_cache = os.environ["PFSAM_CACHE"] = tempfile.mkdtemp(prefix="pfsam-test-cache-")
-    config.addinivalue_line("markers", "slow: takes more than ~20 s on a slow 2-core host; run with --slow (CI runs them)")
+    config.addinivalue_line("markers", "slow: over ~20 s on the slowest 2-core host, or over ~10 s off the container's default path (opt-in "
+                            "runtimes, developer tools, a whole real dataset); run with --slow (CI runs them)")
     config.addinivalue_line("markers", "real_data: needs ../shared/data")
 
 

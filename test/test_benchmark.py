@@ -111,6 +111,7 @@ def test_benchmark_refuses_options_that_do_not_fit_together(args, message, monke
     assert CliRunner().invoke(benchmark.main, ["-h"]).exit_code == 0
 
 
+@pytest.mark.slow  # a developer's tool under torch.compile (eager): 15 s on the slowest host
 def test_benchmark_times_whole_batches_of_the_shape_it_warmed_up(tmp_path, monkeypatch):
     """--images 3 at --batch-size 2 timed a last batch of 1: another shape, which a compiled encoder
     compiles again inside the timed loop. The count is rounded up to whole batches."""

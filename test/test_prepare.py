@@ -518,6 +518,7 @@ def test_split_keeps_linked_images_and_their_patients_together():
                for split in [prep.assign_split(rows, 0.2, 0)])
 
 
+@pytest.mark.slow  # prepares the whole of BUSI: 13 s on the slowest host
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="real data not present")
 def test_real_busi_near_duplicates(tmp_path):
     """On BUSI: the pairs looked at by eye in session 27 (the same scan, re-exported) are found, the

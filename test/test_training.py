@@ -711,6 +711,7 @@ def test_cache_grows_by_the_images_it_lacks_and_keeps_the_rest(tiny_dataset, tmp
     assert torch.equal(reopened.get("PACE_99999_001_BUS", 0)[0], new[0])
 
 
+@pytest.mark.slow  # a training.cache subprocess and two training runs: 14 s on the slowest host
 def test_cache_limit_builds_what_train_limit_reads(tiny_dataset, tmp_path):
     """`training.cache --limit N` encodes the images `training.train --limit N` uses, no others, so that
     run trains with --no-cache-build; a run on more images with --no-cache-build is refused."""

@@ -212,6 +212,7 @@ def test_limit_takes_each_class_in_turn_so_a_quick_run_sees_every_class():
     assert [r["image_id"] for r in picked] == [r.image_id for r in first_of_each_class(recs, 5)]
 
 
+@pytest.mark.slow  # prepares the whole of BUSI: 15 s on the slowest host
 @pytest.mark.real_data
 def test_limit_on_prepared_busi_holds_every_class(shared_data, tmp_path):
     from collections import Counter
