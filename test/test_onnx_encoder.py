@@ -42,7 +42,7 @@ def _images():
         [make_ultrasound(350, 350, seed=9, lesion=False)[0]]
 
 
-@pytest.mark.slow  # --runtime onnx is opt-in (PyTorch is the default and auto): 8 encodes and an export
+@pytest.mark.slow  # --runtime onnx is opt-in (PyTorch is the default and auto): an export, 4 images each way: 20 s
 def test_onnx_runtime_gives_the_pytorch_predictions(lite_ensemble):
     torch_pred = Predictor.from_dir(lite_ensemble, device="cpu", batch_size=4, runtime="torch")
     ort_pred = Predictor.from_dir(lite_ensemble, device="cpu", batch_size=4, runtime="onnx")
