@@ -70,6 +70,19 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="module")
+def encoder_memo():
+    """LiteMedSAM's encoder remembering the batches it has encoded, for this module's tests
+    (test/encoder_memo.py says when it runs the real encoder and which tests use it)."""
+    from encoder_memo import EncoderMemo
+    from model.encoders.tiny_vit import TinyViT
+
+    memo = EncoderMemo()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TinyViT, "forward", memo.wrap(TinyViT.forward))
+        yield memo
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     from synthetic import make_prepared_dataset

@@ -22,6 +22,10 @@ from model.checkpoint import CheckpointError, class_sampling_weights, read_confi
 from model.predictor import DEFAULT_MODEL_DIR, Predictor
 from synthetic import make_ultrasound
 
+# the container's path again and again on the same images: a repeat batch gets what the real
+# encoder gave it (test/encoder_memo.py)
+pytestmark = pytest.mark.usefixtures("encoder_memo")
+
 CLASSES = ("normal", "benign", "malignant")
 
 

@@ -21,6 +21,10 @@ from training import read_predictions as R
 from training import metrics as M
 from training.datasets import first_of_each_class, load_records
 
+# the container's path again and again on the same images: a repeat batch gets what the real
+# encoder gave it (test/encoder_memo.py)
+pytestmark = pytest.mark.usefixtures("encoder_memo")
+
 sitk = pytest.importorskip("SimpleITK")
 sd = pytest.importorskip("surface_distance")
 

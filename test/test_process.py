@@ -35,6 +35,10 @@ from model import io as inference_io  # noqa: E402
 from model.overlay import render_overlay  # noqa: E402
 from model.writers import output_names  # noqa: E402
 
+# the container's path again and again on the same images: a repeat batch gets what the real
+# encoder gave it (test/encoder_memo.py)
+pytestmark = pytest.mark.usefixtures("encoder_memo")
+
 CLASSES = ("normal", "benign", "malignant")
 MHA_SPACING = (0.3, 0.7)
 MHA_ORIGIN = (-5.5, 10.25)

@@ -24,6 +24,10 @@ from training.datasets import load_pair, load_records  # noqa: E402
 from training.metrics import dice  # noqa: E402
 from training.tune import OPTIONS, choose, score_options  # noqa: E402
 
+# the container's path again and again on the same images: a repeat batch gets what the real
+# encoder gave it (test/encoder_memo.py)
+pytestmark = pytest.mark.usefixtures("encoder_memo")
+
 
 @pytest.fixture(scope="module")
 def refiner():
