@@ -3,7 +3,8 @@ the class prior, evaluation).
 
 Those tests run the container's path over the same few generated images again and again (one
 ensemble, many option combinations), and on the slowest 2-core host the real encoder takes about
-1 s per image: half of the suite's time, more than half of it on batches it had already encoded.
+1 s per image. Counted in session 43: the fast suite ran it in-process over 349 images, 181 of them
+in a batch it had already encoded with the same weights and mode, 142 of those in these four modules.
 The encoder's output is a function of its weights, its input batch and its mode, so the memo keys
 on all of them: the bytes of every parameter and buffer, the input batch's bytes, shape, strides and
 dtype, oneDNN post-ops on or off, grad, inference mode and autocast. A batch not seen with exactly

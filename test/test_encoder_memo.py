@@ -2,6 +2,7 @@
 encoder again whenever the weights, the input batch or the mode differ."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from encoder_memo import EncoderMemo
@@ -53,6 +54,7 @@ def test_a_repeat_batch_gets_a_copy_of_the_real_output_and_anything_else_runs_th
             assert _equal(forward(enc, x), plain) and memo.hits == 2
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")  # torch.jit.trace
 def test_gradients_autocast_and_tracing_run_the_real_encoder_unremembered():
     enc, memo = _encoder(), EncoderMemo()
     forward = memo.wrap(TinyViT.forward)
