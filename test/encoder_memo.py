@@ -7,13 +7,13 @@ ensemble, many option combinations), and on the slowest 2-core host the real enc
 in a batch it had already encoded with the same weights and mode, 142 of those in these four modules.
 The encoder's output is a function of its weights, its input batch and its mode, so the memo keys
 on all of them: the bytes of every parameter and buffer, the input batch's bytes, shape, strides and
-dtype, oneDNN post-ops on or off, grad, inference mode and autocast. A batch not seen with exactly
+dtype, oneDNN post-ops on or off, inference mode and autocast. A batch not seen with exactly
 that key runs the real encoder; a repeat gets a copy of what the real encoder returned for it. So
 every output the tests check is still the real encoder's, and a change anywhere before the encoder
 (preprocessing, batching, TTA) changes the key and runs it again. It is off where its own code
 could not run or would change what is tested: gradients on, ``torch.compile``, tracing and ONNX
 export. The tests of the encoder itself (test_model.py, test_onnx_encoder.py, test_benchmark.py,
-test_faults.py) do not use it.
+test_faults.py) and of training do not use it.
 """
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ class EncoderMemo:
 
     def key(self, module: torch.nn.Module, x: torch.Tensor) -> tuple:
         weights = _digest(list(module.named_parameters()) + list(module.named_buffers()))
-        autocast = (torch.is_autocast_enabled(x.device.type),
-                    torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None)
+        kind = x.device.type
+        autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
         return (type(module).__qualname__, weights, str(x.device), _digest([("x", x)]),
                 bool(getattr(module, "onednn_postops", False)), torch.is_inference_mode_enabled(), autocast)
 
