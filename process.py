@@ -19,8 +19,9 @@ Outputs (details in model/writers.py):
   codabench : segmentation/<name>_mask.png, classification.csv, and submission.zip holding both
   all  : errors.csv (file,reason) when some case failed; overlays/<name>.png with --overlay and
          logits/<name>.npy with --logits (both off by default: challenge graders expect only their own files)
-<name> is the input's file stem (a DICOM file without an image suffix: its whole name);
-inputs whose names collide get distinct names (a.jpg -> a, a.png -> a_png; x/a.png -> a, y/a.png -> y_a).
+<name> is the input's file stem (case_0000.nii.gz -> case_0000; a DICOM file without an image suffix: its
+whole name); inputs whose names collide get distinct names (a.jpg -> a, a.png -> a_png; x/a.png -> a,
+y/a.png -> y_a).
 
 \b
 Exit status: 0 all images processed; 3 some failed (the others are written);
@@ -61,8 +62,8 @@ def _stop(signum, frame) -> None:
 @click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
               help="Show the version (with Python's and torch's) and exit.")
 @click.option("-i", "--input", "input_dir", type=click.Path(path_type=Path), default=Path("/input"),
-              show_default=True, help="Folder searched recursively for .mha, .tif/.tiff, .png, .jpg/.jpeg, .bmp "
-                                      "images and DICOM (.dcm/.dicom, or any other name with DICOM content).")
+              show_default=True, help="Folder searched recursively for .mha, .nii/.nii.gz, .tif/.tiff, .png, .jpg/.jpeg, "
+                                      ".bmp images and DICOM (.dcm/.dicom, or any other name with DICOM content).")
 @click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=Path("/output"),
               show_default=True, help="Output folder (created if missing).")
 @click.option("-t", "--task", type=click.Choice(TASKS), default="all", show_default=True,

@@ -22,7 +22,9 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     # a short name: the final name may be as long as the file system allows, the temporary one too
-    fd, tmp = tempfile.mkstemp(prefix=".pfsam-", suffix=".tmp" + final.suffix[:16], dir=final.parent)
+    # the final suffix kept (``.nii.gz`` whole): ITK picks the format it writes by the name's suffix
+    suffix = ".nii.gz" if final.name.lower().endswith(".nii.gz") else final.suffix[:16]
+    fd, tmp = tempfile.mkstemp(prefix=".pfsam-", suffix=".tmp" + suffix, dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs must be readable like any file

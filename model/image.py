@@ -1,7 +1,7 @@
 """What reading an image gives (``LoadedImage``) and how it fails (``ImageReadError``), with the
 checks every reader applies: the size limit, the pixel array's shape and values, and file names that
-the libraries below cannot take. Shared by the readers of each format (``model.io``, ``model.dicom``,
-``model.metaimage``).
+the libraries below cannot take; the suffix and stem of a file name (``.nii.gz`` is one suffix). Shared
+by the readers of each format (``model.io``, ``model.dicom``, ``model.metaimage``, ``model.nifti``).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".mha", ".bmp", ".dcm", ".dicom"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".mha", ".bmp", ".dcm", ".dicom", ".nii", ".nii.gz"}
 # The largest image read, checked from its header before anything is decoded: an ultrasound frame is
 # under a megapixel, and decoding holds a few full-size copies (Pillow's, the orientation's, the array),
 # so much beyond this (the size test_odd_inputs runs under 4 GB) would not fit a 4 GB container
@@ -22,6 +22,19 @@ def printable(path: Path | str) -> str:
     """``path`` as text that can be written anywhere: bytes of a file name that are not UTF-8 (which
     Python keeps as lone surrogates) as ``\\xNN`` escapes."""
     return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def image_suffix(path: Path | str) -> str:
+    """The suffix of ``path`` in lower case, ``.nii.gz`` taken whole (``Scan.NII.GZ`` -> ``.nii.gz``)."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") and len(name) > 7 else Path(name).suffix
+
+
+def image_stem(path: Path | str) -> str:
+    """The name of ``path`` without its image suffix (``image_suffix``): ``case_0000.nii.gz`` ->
+    ``case_0000``; a name whose suffix names no image format is kept whole (``IM00001``, a DICOM UID)."""
+    name, suffix = Path(path).name, image_suffix(path)
+    return name[:-len(suffix)] if suffix in IMAGE_SUFFIXES else name
 
 
 NOT_UTF8 = "its file name is not valid UTF-8 (rename it)"
@@ -56,7 +69,13 @@ class LoadedImage:
     origin: tuple[float, ...] = (0.0, 0.0)
     direction: tuple[float, ...] = (1.0, 0.0, 0.0, 1.0)
     extra: dict = field(default_factory=dict)
-    metaimage: bool = False  # read as a MetaImage (by content): its mask is written as one, with this geometry
+    # read through ITK as a MetaImage (".mha") or NIfTI (".nii", ".nii.gz"), by name or by content: the
+    # suffix that predict_file gives its mask, written in the same format with this geometry
+    itk_suffix: str = ""
+
+    @property
+    def metaimage(self) -> bool:
+        return self.itk_suffix == ".mha"
 
     @property
     def size(self) -> tuple[int, int]:

@@ -22,9 +22,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .atomic_files import write_png
-from .image import ImageReadError, LoadedImage, is_utf8_name, printable
+from .image import IMAGE_SUFFIXES, ImageReadError, LoadedImage, image_stem, image_suffix, is_utf8_name, printable
 from .io import image_pixels, list_images, lookup_denied, read_image, unlistable_reason, unwritable_reason
-from .metaimage import write_mha
+from .itk_image import write_itk
 from .overlay import render_overlay
 from .writers import (ERRORS_FILE, OUTPUT_IMAGE_FOLDERS, WRITERS, Case, output_folders, output_names, relative_path,
                       stale_outputs)
@@ -139,7 +139,8 @@ def find_inputs(input_dir: str | Path, exclude: str | Path | None = None) -> lis
         skip = [Path(os.path.realpath(Path(exclude) / sub)) for sub in OUTPUT_IMAGE_FOLDERS]
         paths = [p for p in paths if not any(Path(os.path.realpath(p)).is_relative_to(s) for s in skip)]
     if not paths:
-        raise InferenceError(f"no images (.mha, .tif/.tiff, .png, .jpg/.jpeg, .bmp, DICOM) found below {input_dir}")
+        raise InferenceError(f"no images (.mha, .nii/.nii.gz, .tif/.tiff, .png, .jpg/.jpeg, .bmp, DICOM) found "
+                             f"below {input_dir}")
     return paths
 
 
@@ -413,16 +414,18 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
 
 
 def predict_file(predictor, image_path: str | Path, output_dir: str | Path, overlay: bool = True) -> Case:
-    """One image -> its mask (``.mha`` with the input's geometry for MetaImage inputs, known by their
-    content where the name has no image suffix: ``io.is_metaimage``; else a 0/255 ``.png``) and
-    optionally an overlay, in ``output_dir``; raises on any failure (Cog)."""
+    """One image -> its mask (MetaImage and NIfTI inputs: in their own format, ``.mha``, ``.nii`` or
+    ``.nii.gz``, with the input's geometry, known by their content where the name has no image suffix:
+    ``io.is_metaimage``, ``nifti.nifti_suffix``; else a 0/255 ``.png``) and optionally an overlay, in
+    ``output_dir``; raises on any failure (Cog)."""
     path, out = Path(image_path), Path(output_dir)
     image = check_content(read_image(path))
     pred = predictor.predict([image.array])[0]
-    case = Case(path, path.name, path.stem or "image", prediction=pred)
-    if image.metaimage:  # by content: a Cog upload of a .mha arrives as file.bin
-        mask_path = out / f"{case.name}_mask.mha"
-        write_mha(mask_path, pred.mask.astype(np.uint8), like=image)
+    stem = image_stem(path) if image_suffix(path) in IMAGE_SUFFIXES else path.stem
+    case = Case(path, path.name, stem or "image", prediction=pred)
+    if image.itk_suffix:  # by content too: a Cog upload of a .mha arrives as file.bin
+        mask_path = out / f"{case.name}_mask{image.itk_suffix}"
+        write_itk(mask_path, pred.mask.astype(np.uint8), like=image)
     else:
         mask_path = out / f"{case.name}_mask.png"
         write_png(mask_path, (pred.mask > 0).astype(np.uint8) * 255)

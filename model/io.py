@@ -1,5 +1,6 @@
 """Reading input images: listing a folder's images and reading one (``read_image``), whatever its format
-(Pillow's formats here, DICOM in ``model.dicom``, MetaImage in ``model.metaimage``), and masks.
+(Pillow's formats here, DICOM in ``model.dicom``, MetaImage in ``model.metaimage``, NIfTI in
+``model.nifti``), and masks.
 
 ``read_image`` returns the pixels as a numpy array (H x W, or H x W x C with C in 1..4) together
 with the geometry a medical image carries (spacing, origin, direction; unit values for PNG/JPEG).
@@ -19,9 +20,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .dicom import DICOM_IO, dicom_preamble, is_dicom, read_dicom
-from .image import (IMAGE_SUFFIXES, NOT_UTF8, ImageReadError, LoadedImage, check_pixels, check_size, is_utf8_name,
-                    printable)
+from .image import (IMAGE_SUFFIXES, NOT_UTF8, ImageReadError, LoadedImage, check_pixels, check_size, image_suffix,
+                    is_utf8_name, printable)
 from .metaimage import METAIMAGE_IO, is_metaimage, read_metaimage
+from .nifti import nifti_pixels, nifti_suffix, read_nifti
 
 Image.MAX_IMAGE_PIXELS = None  # Pillow's own guard (a warning, then its own error) gives way to image.MAX_PIXELS
 
@@ -32,7 +34,7 @@ def is_image_file(path: Path) -> bool:
     DICOM folder); not hidden, not AppleDouble/__MACOSX."""
     if path.name.startswith(".") or "__MACOSX" in path.parts:
         return False
-    if path.suffix.lower() in IMAGE_SUFFIXES:
+    if image_suffix(path) in IMAGE_SUFFIXES:
         return True
     return path.name.upper() != "DICOMDIR" and dicom_preamble(path)
 
@@ -91,6 +93,8 @@ def image_pixels(path: Path | str) -> int:
             reader.ReadImageInformation()
             size = reader.GetSize()
             return int(size[0]) * int(size[1])
+        if nifti_suffix(path):
+            return nifti_pixels(path)
         with Image.open(path) as im:
             return int(im.size[0]) * int(im.size[1])
     except Exception:  # noqa: BLE001 - any unreadable file: read_image reports it
@@ -232,9 +236,10 @@ def _not_a_file(path: Path) -> str:
 
 
 def read_image(path: Path | str) -> LoadedImage:
-    """Read one 2-D image (png, jpg, tif, bmp, mha, DICOM); raise ``ImageReadError`` with the reason. The
-    suffix picks DICOM, MetaImage or Pillow; a file whose suffix names no image format is read by its
-    content (``is_dicom``, ``is_metaimage``, else Pillow, which knows its formats by their signatures)."""
+    """Read one 2-D image (png, jpg, tif, bmp, mha, nii/nii.gz, DICOM); raise ``ImageReadError`` with the
+    reason. The suffix picks DICOM, MetaImage, NIfTI or Pillow; a file whose suffix names no image format
+    is read by its content (``is_dicom``, ``is_metaimage``, ``nifti_suffix``, else Pillow, which knows
+    its formats by their signatures)."""
     path = Path(path)
     if not is_utf8_name(path):
         raise ImageReadError(printable(path), NOT_UTF8)
@@ -253,6 +258,8 @@ def read_image(path: Path | str) -> LoadedImage:
         return read_dicom(path)
     if is_metaimage(path):
         return read_metaimage(path)
+    if nifti_suffix(path):
+        return read_nifti(path)
     return _read_pil(path)
 
 

@@ -1,17 +1,14 @@
-"""MetaImage (.mha) files: known by their suffix or by their header, read and written through ITK
-with their geometry (spacing, origin, direction; a 2-D slice of a 3-D image kept as one), and refused
-before ITK reads them where the header points at another file or announces more pixels than the file
-holds."""
+"""MetaImage (.mha) files: known by their suffix or by their header, read through ITK with their
+geometry (``model.itk_image``, which also writes their masks), and refused before ITK reads them where
+the header points at another file or announces more pixels than the file holds."""
 from __future__ import annotations
 
 import math
 import re
 from pathlib import Path
 
-import numpy as np
-
-from .atomic_files import atomic_path
-from .image import IMAGE_SUFFIXES, ImageReadError, LoadedImage, check_pixels, check_size, is_utf8_name, printable
+from .image import IMAGE_SUFFIXES, ImageReadError, LoadedImage, check_size, image_suffix
+from .itk_image import loaded_from_itk
 
 # ITK's MetaImage reader, named: ITK picks its reader by the file's suffix, and a MetaImage that
 # arrives under another name (a Cog or web upload is saved as ``file.bin``) is known by its content
@@ -27,7 +24,7 @@ def is_metaimage(path: Path | str) -> bool:
     names no image format (``upload.bin``, none) and whose first line is a MetaIO header field. A
     file named as another format (``.png``) is read as that format."""
     path = Path(path)
-    suffix = path.suffix.lower()
+    suffix = image_suffix(path)
     if suffix == ".mha":
         return True
     if suffix in IMAGE_SUFFIXES:
@@ -78,26 +75,7 @@ def read_metaimage(path: Path) -> LoadedImage:
             raise ImageReadError(path, "corrupt or truncated MetaImage: the header reads, the pixel data "
                                        "does not (incomplete or damaged)") from None
         raise ImageReadError(path, f"cannot read as MetaImage ({msg[-1] if msg else 'unknown error'})") from None
-    dim = img.GetDimension()
-    spacing, origin, direction = img.GetSpacing(), img.GetOrigin(), img.GetDirection()
-    extra = {"dimension": dim, "geometry": (spacing, origin, direction)}
-    size = img.GetSize()
-    if dim == 3 and 1 not in size:
-        raise ImageReadError(path, f"3-D image of {size[0]} x {size[1]} x {size[2]} voxels; expected a single "
-                                   f"2-D slice (one axis of size 1)")
-    if dim not in (2, 3):
-        raise ImageReadError(path, f"{dim}-D image; expected 2-D")
-    arr = sitk.GetArrayFromImage(img)  # (D x) H x W (x C for vector pixels): ITK's axes reversed
-    if dim == 3:
-        # the slice's axis: the third as usual, else the one stored with size 1 (a W x 1 x D volume)
-        axis = 2 if size[2] == 1 else size.index(1)
-        keep = [i for i in range(3) if i != axis]
-        arr = np.take(arr, 0, axis=2 - axis)  # numpy's axis order is ITK's reversed
-        extra["singleton_axis"] = axis
-        spacing, origin = tuple(spacing[i] for i in keep), tuple(origin[i] for i in keep)
-        direction = tuple(direction[3 * r + c] for r in keep for c in keep)
-    return LoadedImage(check_pixels(path, arr), str(path), tuple(spacing), tuple(origin), tuple(direction),
-                       extra, metaimage=True)
+    return loaded_from_itk(path, img, ".mha")
 
 
 def _mha_header(path: Path) -> tuple[dict[str, str], int]:
@@ -142,29 +120,3 @@ def _pixel_data_bytes(fields: dict[str, str]) -> int | None:
     except (KeyError, ValueError):
         return None
     return math.prod(dims) * channels * element
-
-
-def write_mha(path: Path | str, array: np.ndarray, like: LoadedImage | None = None) -> None:
-    """Write a 2-D array as compressed MetaImage with the geometry of ``like``, atomically.
-
-    An input that was 3-D with one slice gets a 3-D, one-slice output, as Grand Challenge expects.
-    """
-    import SimpleITK as sitk
-
-    if not is_utf8_name(Path(path).absolute()):  # ITK would abort the process (is_utf8_name)
-        raise ValueError(f"{printable(path)}: cannot write a MetaImage there: the path is not valid UTF-8")
-    img = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    if like is not None:
-        if like.extra.get("dimension") == 3:  # only the 3-D geometry: a slice in the x-z or y-z plane
-            spacing, origin, direction = like.extra["geometry"]  # has no valid 2-D direction of its own
-            axis = like.extra.get("singleton_axis", 2)  # the size-1 axis where the input had it
-            img = sitk.GetImageFromArray(np.ascontiguousarray(np.expand_dims(array, 2 - axis)))
-            img.SetSpacing(spacing)
-            img.SetOrigin(origin)
-            img.SetDirection(direction)
-        else:
-            img.SetSpacing(tuple(float(s) for s in like.spacing))
-            img.SetOrigin(tuple(float(o) for o in like.origin))
-            img.SetDirection(tuple(float(d) for d in like.direction))
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(img, str(tmp), useCompression=True)

@@ -31,13 +31,14 @@ segmentation outputs (logits among them), ``cls`` only the classification output
 
 Output names
 ------------
-``<name>`` is the input's file stem (``case1.png`` -> ``case1``; the PACE ``image_id``); a DICOM file
-listed by its content keeps its whole name (``1.2.840.113619.2.55.7``, ``IM00001``). When two
-inputs would get the same name (compared case-insensitively: ``a.png`` and ``a.jpg``, or ``x/a.png``
-and ``y/a.png``), the inputs are taken in sorted order of their path relative to the input folder
-and each gets the first free name among: ``<stem>``, ``<folders>_<stem>`` (inputs in a
-sub-folder only), ``<stem>_<ext>``, ``<folders>_<stem>_<ext>``, then ``<stem>_<ext>_2``, ``_3``, ...
-(``<ext>``: the suffix in lower case without the dot; ``<folders>``: the relative folder path
+``<name>`` is the input's file stem (``case1.png`` -> ``case1``, ``case_0000.nii.gz`` -> ``case_0000``;
+the PACE ``image_id``); a DICOM file listed by its content keeps its whole name
+(``1.2.840.113619.2.55.7``, ``IM00001``). When two inputs would get the same name (compared
+case-insensitively: ``a.png`` and ``a.jpg``, or ``x/a.png`` and ``y/a.png``), the inputs are taken in
+sorted order of their path relative to the input folder and each gets the first free name among:
+``<stem>``, ``<folders>_<stem>`` (inputs in a sub-folder only), ``<stem>_<ext>``,
+``<folders>_<stem>_<ext>``, then ``<stem>_<ext>_2``, ``_3``, ... (``<ext>``: the suffix in lower case
+without the dot, ``nii_gz`` for ``.nii.gz``; ``<folders>``: the relative folder path
 joined with ``_``). So ``a.jpg`` -> ``a`` and ``a.png`` -> ``a_png``; ``x/a.png`` -> ``a`` and
 ``y/a.png`` -> ``y_a``. The same set of inputs always gives the same names, whatever the order
 in which they are listed. A name longer than ``MAX_NAME_BYTES`` (UTF-8), which with ``_mask.png``
@@ -59,8 +60,8 @@ import numpy as np
 
 from . import CLASS_NAMES
 from .atomic_files import write_npy, write_png, write_text, write_zip
-from .image import IMAGE_SUFFIXES, LoadedImage, printable
-from .metaimage import write_mha
+from .image import IMAGE_SUFFIXES, LoadedImage, image_stem, image_suffix, printable
+from .itk_image import write_itk
 from .overlay import render_overlay
 
 LOGITS_DIR = "logits"  # --logits (process.py, training.predict): <name>.npy, float16 lesion logits at full size
@@ -143,8 +144,8 @@ def output_names(paths: Sequence[Path], root: str | Path) -> list[str]:
     names: list[str] = [""] * len(rels)
     for i in order:
         rel = rels[i]
-        known = rel.suffix.lower() in IMAGE_SUFFIXES  # else a DICOM file named by a UID: the suffix is its own
-        stem, ext = (rel.stem, rel.suffix.lower().lstrip(".")) if known else (rel.name, "")
+        suffix = image_suffix(rel)  # not in IMAGE_SUFFIXES: a DICOM file named by a UID (the suffix is its own)
+        stem, ext = image_stem(rel), suffix.lstrip(".").replace(".", "_") if suffix in IMAGE_SUFFIXES else ""
         folders = "_".join(rel.parent.parts)
         candidates = [stem] + [f"{folders}_{stem}"] * bool(folders) + [f"{stem}_{ext}"] * bool(ext) \
             + [f"{folders}_{stem}_{ext}"] * bool(folders and ext)
@@ -225,7 +226,7 @@ class GCWriter(_Writer):
     def write_case(self, case: Case, image: LoadedImage, pred) -> None:
         if self.seg:
             path = self.mask_path(case)
-            write_mha(path, pred.mask.astype(np.uint8), like=image)
+            write_itk(path, pred.mask.astype(np.uint8), like=image)
             case.outputs.append(path)
         super().write_case(case, image, pred)
 

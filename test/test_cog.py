@@ -133,6 +133,8 @@ def images(tmp_path_factory) -> dict[str, Path]:
     img.SetSpacing(SPACING)
     img.SetOrigin(ORIGIN)
     sitk.WriteImage(img, str(root / "scan.mha"), useCompression=True)
+    img.SetDirection((-1.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(img, str(root / "scan.nii.gz"))
     (root / "text.png").write_text("this is not an image\n")
     Image.fromarray(np.zeros((120, 160), np.uint8)).save(root / "black.png")
     return {p.name: p for p in root.iterdir()}
@@ -154,7 +156,8 @@ def test_cog_server_answers_as_the_predictor_does_in_process(cog_server, images,
     predictor, scratch = in_process
     import predict
 
-    for name, mime in (("scan.png", "image/png"), ("scan.mha", "application/octet-stream")):
+    for name, mime in (("scan.png", "image/png"), ("scan.mha", "application/octet-stream"),
+                       ("scan.nii.gz", "application/octet-stream")):
         res = _post(f"{cog_server}/predictions", {"input": {"image": _data_uri(images[name], mime),
                                                             "overlay": name.endswith(".png")}})
         assert res["status"] == "succeeded", res.get("error")
@@ -171,11 +174,15 @@ def test_cog_server_answers_as_the_predictor_does_in_process(cog_server, images,
             np.testing.assert_array_equal(mask, np.asarray(Image.open(str(want.segmentation_mask))))
             assert set(np.unique(mask).tolist()) <= {0, 255} and mask.shape == (180, 240)
             assert Image.open(io.BytesIO(_decoded(got["overlay"]))).size == (240, 180)
-        else:  # sent as file.bin, known as a MetaImage by its content: the mask comes back as one
+        else:  # sent as file.bin, known as a MetaImage or NIfTI by its content: the mask comes back as one
             assert got["overlay"] is None
-            (scratch / "served_mask.mha").write_bytes(_decoded(got["segmentation_mask"]))
-            served = sitk.ReadImage(str(scratch / "served_mask.mha"))
+            suffix = ".mha" if name.endswith(".mha") else ".nii.gz"
+            data = _decoded(got["segmentation_mask"])
+            assert data.startswith(b"ObjectType" if suffix == ".mha" else b"\x1f\x8b"), data[:16]
+            (scratch / f"served_mask{suffix}").write_bytes(data)
+            served = sitk.ReadImage(str(scratch / f"served_mask{suffix}"))
             assert served.GetSpacing() == pytest.approx(SPACING) and served.GetOrigin() == pytest.approx(ORIGIN)
+            assert served.GetDirection() == pytest.approx(sitk.ReadImage(str(images[name])).GetDirection())
             np.testing.assert_array_equal(sitk.GetArrayFromImage(served),
                                           sitk.GetArrayFromImage(sitk.ReadImage(str(want.segmentation_mask))))
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "test"))
 
 from model import io as mio  # noqa: E402
 from model.atomic_files import atomic_path, write_png, write_text  # noqa: E402
-from model.metaimage import write_mha  # noqa: E402
+from model.itk_image import write_itk  # noqa: E402
 
 # ------------------------------------------------------------------------------------------
 # Training killed with SIGKILL during epoch 2, then resumed
@@ -188,7 +188,7 @@ def test_write_mha_crash_leaves_no_truncated_mha(tmp_path, monkeypatch):
     import SimpleITK as sitk
 
     final = tmp_path / "mask.mha"
-    write_mha(final, np.ones((20, 30), np.uint8))
+    write_itk(final, np.ones((20, 30), np.uint8))
     before = final.read_bytes()
     real_write = sitk.WriteImage
 
@@ -198,7 +198,7 @@ def test_write_mha_crash_leaves_no_truncated_mha(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sitk, "WriteImage", crashing_write)
     with pytest.raises(Crash):
-        write_mha(final, np.zeros((20, 30), np.uint8))
+        write_itk(final, np.zeros((20, 30), np.uint8))
     assert final.read_bytes() == before and _leftovers(tmp_path) == []
 
 

@@ -739,7 +739,7 @@ def test_a_one_slice_volume_is_read_whichever_axis_has_size_1(tmp_path):
     and its mask written back in the same layout with the same 3-D geometry, as Grand Challenge
     compares it with the input. A volume without an axis of size 1 is refused with its size."""
     from model.io import ImageReadError, read_image
-    from model.metaimage import write_mha
+    from model.itk_image import write_itk
 
     plane = _us(29, 41, 33)  # D x W as numpy holds it
     direction = (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -752,7 +752,7 @@ def test_a_one_slice_volume_is_read_whichever_axis_has_size_1(tmp_path):
         img = read_image(tmp_path / f"axis{axis}.mha")
         np.testing.assert_array_equal(img.array, plane)
         mask = (plane > plane.mean()).astype(np.uint8)
-        write_mha(tmp_path / f"mask{axis}.mha", mask, like=img)
+        write_itk(tmp_path / f"mask{axis}.mha", mask, like=img)
         back = sitk.ReadImage(str(tmp_path / f"mask{axis}.mha"))
         assert back.GetSize() == vol.GetSize(), axis
         assert back.GetSpacing() == pytest.approx((0.2, 0.3, 0.4)) and back.GetOrigin() == pytest.approx((1, 2, 3))
@@ -770,7 +770,7 @@ def test_a_metaimage_keeps_its_direction_as_stored_and_its_in_plane_spacing(tmp_
     input pixel's physical point. A one-slice volume's 2-D spacing and origin are those of its two
     in-plane axes, whichever axis has size 1 (training.evaluate measures HD95 in mm with them)."""
     from model.io import read_image
-    from model.metaimage import write_mha
+    from model.itk_image import write_itk
 
     arr = _us(33, 47, 64)
     img = sitk.GetImageFromArray(arr)
@@ -781,7 +781,7 @@ def test_a_metaimage_keeps_its_direction_as_stored_and_its_in_plane_spacing(tmp_
     got = read_image(tmp_path / "turned.mha")
     assert got.direction == pytest.approx((0.0, -1.0, 1.0, 0.0))
     mask = (arr > arr.mean()).astype(np.uint8)
-    write_mha(tmp_path / "mask.mha", mask, like=got)
+    write_itk(tmp_path / "mask.mha", mask, like=got)
     back = sitk.ReadImage(str(tmp_path / "mask.mha"))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), mask)
     for index in ((0, 0), (46, 0), (5, 32)):
@@ -966,7 +966,7 @@ def test_a_dicom_still_keeps_its_patient_position_and_orientation_in_its_mask(tm
     transpose), and the mask written like it carries them. A still lying in a plane that the x and y
     axes do not span (x-z) has no 2-D direction: it gets the identity, and its mask is still written."""
     from model.io import read_image
-    from model.metaimage import write_mha
+    from model.itk_image import write_itk
 
     img = _us(37, 52, 61)
     mask = (img > img.mean()).astype(np.uint8)
@@ -979,7 +979,7 @@ def test_a_dicom_still_keeps_its_patient_position_and_orientation_in_its_mask(tm
         np.testing.assert_array_equal(got.array, img)
         assert got.spacing == pytest.approx((0.3, 0.2)) and got.origin == pytest.approx((4.0, -2.5)), name
         assert got.direction == pytest.approx(direction), name
-        write_mha(tmp_path / f"{name}_mask.mha", mask, like=got)
+        write_itk(tmp_path / f"{name}_mask.mha", mask, like=got)
         back = sitk.ReadImage(str(tmp_path / f"{name}_mask.mha"))
         assert back.GetSize() == (52, 37) and back.GetSpacing() == pytest.approx((0.3, 0.2)), name
         assert back.GetOrigin() == pytest.approx((4.0, -2.5)) and back.GetDirection() == pytest.approx(direction), name
@@ -1008,7 +1008,7 @@ def test_a_dicom_too_large_short_of_pixels_or_uncalibrated_is_handled_from_its_h
     time). An ultrasound region whose pixel size is 0 (a scanner that did not calibrate it), or in no
     physical unit, is no pixel size: unit spacing, which a mask can be written with."""
     from model.io import ImageReadError, read_image
-    from model.metaimage import write_mha
+    from model.itk_image import write_itk
 
     _us_dataset((9000, 12000), 1, "MONOCHROME2", np.zeros((10, 10), np.uint8)).save_as(
         tmp_path / "huge.dcm", enforce_file_format=True)
@@ -1028,7 +1028,7 @@ def test_a_dicom_too_large_short_of_pixels_or_uncalibrated_is_handled_from_its_h
     _us_still(tmp_path / "uncalibrated.dcm", img, [(1, 3, 0.0, 0.0)])
     got = read_image(tmp_path / "uncalibrated.dcm")
     assert got.spacing == pytest.approx((1.0, 1.0))
-    write_mha(tmp_path / "mask.mha", np.zeros(img.shape, np.uint8), like=got)
+    write_itk(tmp_path / "mask.mha", np.zeros(img.shape, np.uint8), like=got)
     assert sitk.ReadImage(str(tmp_path / "mask.mha")).GetSpacing() == pytest.approx((1.0, 1.0))
 
 

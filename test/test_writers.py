@@ -51,7 +51,7 @@ def _cases(tmp_path: Path, names=("a", "b", "sub_c"), broken=True) -> tuple[list
         loaded = LoadedImage(img, str(src / rel))
         if rel.endswith(".mha"):  # a MetaImage input: its geometry goes to the GC mask
             loaded = LoadedImage(img, str(src / rel), spacing=(0.3, 0.7), origin=(-5.5, 10.25),
-                                 direction=(-1.0, 0.0, 0.0, 1.0), metaimage=True)
+                                 direction=(-1.0, 0.0, 0.0, 1.0), itk_suffix=".mha")
         probs = PROBS[name]
         case = Case(src / rel, rel, name, Prediction(mask, probs, max(probs, key=probs.get)))
         cases.append(case)

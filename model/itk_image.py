@@ -1,0 +1,65 @@
+"""Images read and masks written through ITK with their geometry (MetaImage and NIfTI): a 2-D image,
+or a 3-D one of one slice kept as 2-D with its 3-D geometry, so that its mask is written back in the
+same layout and overlays the input exactly."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .atomic_files import atomic_path
+from .image import ImageReadError, LoadedImage, check_pixels, is_utf8_name, printable
+
+
+def loaded_from_itk(path: Path, img, itk_suffix: str) -> LoadedImage:
+    """The ITK image ``img`` read from ``path`` as a ``LoadedImage`` with its spacing, origin and
+    direction; a 3-D image without an axis of size 1 (or of more dimensions) refused."""
+    import SimpleITK as sitk
+
+    dim = img.GetDimension()
+    spacing, origin, direction = img.GetSpacing(), img.GetOrigin(), img.GetDirection()
+    extra = {"dimension": dim, "geometry": (spacing, origin, direction)}
+    size = img.GetSize()
+    if dim == 3 and 1 not in size:
+        raise ImageReadError(path, f"3-D image of {size[0]} x {size[1]} x {size[2]} voxels; expected a single "
+                                   f"2-D slice (one axis of size 1)")
+    if dim not in (2, 3):
+        raise ImageReadError(path, f"{dim}-D image; expected 2-D")
+    arr = sitk.GetArrayFromImage(img)  # (D x) H x W (x C for vector pixels): ITK's axes reversed
+    if dim == 3:
+        # the slice's axis: the third as usual, else the one stored with size 1 (a W x 1 x D volume)
+        axis = 2 if size[2] == 1 else size.index(1)
+        keep = [i for i in range(3) if i != axis]
+        arr = np.take(arr, 0, axis=2 - axis)  # numpy's axis order is ITK's reversed
+        extra["singleton_axis"] = axis
+        spacing, origin = tuple(spacing[i] for i in keep), tuple(origin[i] for i in keep)
+        direction = tuple(direction[3 * r + c] for r in keep for c in keep)
+    return LoadedImage(check_pixels(path, arr), str(path), tuple(spacing), tuple(origin), tuple(direction),
+                       extra, itk_suffix=itk_suffix)
+
+
+def write_itk(path: Path | str, array: np.ndarray, like: LoadedImage | None = None) -> None:
+    """Write a 2-D array, compressed, in the format that ``path``'s suffix names (``.mha``, ``.nii``,
+    ``.nii.gz``), with the geometry of ``like``, atomically.
+
+    An input that was 3-D with one slice gets a 3-D, one-slice output, as Grand Challenge expects.
+    """
+    import SimpleITK as sitk
+
+    if not is_utf8_name(Path(path).absolute()):  # ITK would abort the process (is_utf8_name)
+        raise ValueError(f"{printable(path)}: cannot write an image there through ITK: the path is not valid UTF-8")
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    if like is not None:
+        if like.extra.get("dimension") == 3:  # only the 3-D geometry: a slice in the x-z or y-z plane
+            spacing, origin, direction = like.extra["geometry"]  # has no valid 2-D direction of its own
+            axis = like.extra.get("singleton_axis", 2)  # the size-1 axis where the input had it
+            img = sitk.GetImageFromArray(np.ascontiguousarray(np.expand_dims(array, 2 - axis)))
+            img.SetSpacing(spacing)
+            img.SetOrigin(origin)
+            img.SetDirection(direction)
+        else:
+            img.SetSpacing(tuple(float(s) for s in like.spacing))
+            img.SetOrigin(tuple(float(o) for o in like.origin))
+            img.SetDirection(tuple(float(d) for d in like.direction))
+    with atomic_path(path) as tmp:  # the temporary name keeps the suffix, by which ITK picks the format
+        sitk.WriteImage(img, str(tmp), useCompression=True)
