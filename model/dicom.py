@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .image import IMAGE_SUFFIXES, ImageReadError, LoadedImage, check_pixels, check_size
+from .image import IMAGE_SUFFIXES, ImageReadError, LoadedImage, check_pixels, check_size, image_suffix
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 # ITK's DICOM reader (GDCM), named: a DICOM file is known by its content too (scanners and PACS exports
@@ -31,7 +31,7 @@ def is_dicom(path: Path | str) -> bool:
     """Whether ``read_image`` reads ``path`` as DICOM: a ``.dcm``/``.dicom`` file, or a file whose suffix
     names no image format (none, ``file.bin``, a UID's last number) with DICOM's ``DICM`` signature."""
     path = Path(path)
-    suffix = path.suffix.lower()
+    suffix = image_suffix(path)
     if suffix in DICOM_SUFFIXES:
         return True
     return suffix not in IMAGE_SUFFIXES and dicom_preamble(path)

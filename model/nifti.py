@@ -1,23 +1,35 @@
-"""NIfTI-1 files (``.nii``, ``.nii.gz``), the format of nnU-Net's and MONAI's 2-D
-datasets (a frame as a 2-D image, or as a volume of one slice: nnU-Net v1's ``case_0000.nii.gz``).
+"""NIfTI-1 files (``.nii``, ``.nii.gz``), the format of nnU-Net's and MONAI's 2-D datasets (a frame as
+a 2-D image, or as a volume of one slice: nnU-Net v1's ``case_0000.nii.gz``).
 
 Known by their suffix, or by their header where a name says nothing (a Cog upload, ``file.bin``);
 read through ITK with their geometry as a MetaImage is (``model.itk_image``, which also writes their
-masks back as NIfTI); refused before ITK reads them where the header's pixels are in another file (a
-``.hdr``/``.img`` pair) or the file holds fewer pixel bytes than the header announces, which ITK would
-read without a word, filling the rest with zeros. A NIfTI-2 file is refused by name: the ITK here
-reads NIfTI-1 only (a 2-D frame never needs NIfTI-2's 64-bit sizes).
+masks back as NIfTI). ITK's NIfTI library reads some damaged files without a word, so the header and
+the pixel data are checked here first, and a file is refused with the reason where:
+
+* the header is malformed (dimensions, a datatype ITK does not read, pixels said to start inside the
+  header), a ``.hdr``/``.img`` pair's header (its pixels are in another file), or NIfTI-2 (the ITK here
+  reads NIfTI-1 only; a 2-D frame never needs NIfTI-2's 64-bit sizes);
+* the file holds fewer pixel bytes than its header announces (ITK would read the rest as zeros), or
+  its gzip stream ends early or fails its CRC check;
+* float pixels are NaN or infinite (ITK's NIfTI library would make them 0).
+
+ITK is handed the file through a link of its own in a private folder, named by the content (gzip or
+not): ITK's NIfTI library looks for ``x.nii`` beside a ``x.nii.gz`` it is asked for and would read that
+file's pixels, and it refuses mixed-case suffixes (``x.Nii.Gz``) and gzip content named ``.nii``.
 """
 from __future__ import annotations
 
 import gzip
 import math
 import os
+import re
 import struct
 import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .image import IMAGE_SUFFIXES, ImageReadError, LoadedImage, check_size, image_suffix
 from .itk_image import loaded_from_itk
@@ -25,147 +37,186 @@ from .itk_image import loaded_from_itk
 NIFTI_IO = "NiftiImageIO"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 GZIP_MAGIC = b"\x1f\x8b"
+FIRST_PIXEL_BYTE = 352  # a single-file NIfTI-1's pixels start here or later (348 header + 4 extension bytes)
+# NIfTI-1 datatype -> bytes per voxel, for the types ITK reads (DT_BINARY, 1 bit per voxel, it does not)
+DATATYPE_BYTES = {2: 1, 4: 2, 8: 4, 16: 4, 32: 8, 64: 8, 128: 3, 256: 1, 512: 2, 768: 4, 1024: 8, 1280: 8,
+                  1536: 16, 1792: 16, 2048: 32, 2304: 4}
+FLOAT_DATATYPES = {16: "f4", 64: "f8"}  # checked for NaN and infinity before ITK reads them
 _HEADER_BYTES = 540  # NIfTI-2's header; NIfTI-1's is 348
 _CHUNK = 1 << 20
+_SLACK = 1 << 20  # read a gzip stream at most this far past the pixels its header announces (ITK reads no further)
+_ITK_PREFIX = re.compile(r"ITK ERROR: (?:\w+ ?\(0x[0-9a-fA-F]+\): )?")
 
 
 @dataclass(frozen=True)
 class NiftiHeader:
-    version: int  # 1 or 2
+    version: int  # 1 or 2 (of NIfTI-2 only the magic is read: it is refused)
     single_file: bool  # magic n+1 / n+2: the pixels follow the header in this file (ni1 / ni2: in a .img)
-    dims: tuple[int, ...]  # dim[1] .. dim[dim[0]]
-    bitpix: int
-    vox_offset: int
+    ndim: int = 0  # dim[0]
+    dims: tuple[int, ...] = ()  # dim[1] .. dim[ndim] (all seven where ndim is out of range)
+    datatype: int = 0
+    vox_offset: float = 0.0
+    byte_order: str = "<"
+
+    def problem(self) -> str | None:
+        """Why this header is not read, or None."""
+        if self.version != 1:
+            return ("a NIfTI-2 file: only NIfTI-1 is read (ITK's NIfTI reader here reads no NIfTI-2; a 2-D frame "
+                    "fits NIfTI-1: convert it, e.g. nibabel's Nifti1Image)")
+        if not self.single_file:
+            return ("its pixel data is in another file (a NIfTI .hdr/.img pair header, magic ni1); a .nii must hold "
+                    "its own pixels (magic n+1)")
+        if not 1 <= self.ndim <= 7:
+            return f"malformed NIfTI header: dim[0] = {self.ndim} (the number of dimensions, 1 to 7)"
+        if self.ndim == 1:
+            return f"a 1-D NIfTI image of {self.dims[0]} voxels; expected 2-D"
+        if any(d < 1 for d in self.dims):
+            return f"malformed NIfTI header: dimensions {' x '.join(map(str, self.dims))} (each must be at least 1)"
+        if self.datatype not in DATATYPE_BYTES:
+            kind = " (DT_BINARY, one bit per voxel)" if self.datatype == 1 else ""
+            return f"unsupported NIfTI datatype {self.datatype}{kind}"
+        if not math.isfinite(self.vox_offset) or self.vox_offset < FIRST_PIXEL_BYTE:
+            return (f"malformed NIfTI header: vox_offset = {self.vox_offset:g} (the pixels of a .nii start at byte "
+                    f"{FIRST_PIXEL_BYTE} or later)")
+        return None
 
     @property
-    def pixel_bytes(self) -> int | None:
-        """The bytes of pixel data the header announces; None where it does not say plainly."""
-        if self.bitpix <= 0 or self.bitpix % 8 or any(d < 0 for d in self.dims):
-            return None
-        return math.prod(self.dims) * self.bitpix // 8
+    def pixel_bytes(self) -> int:
+        """The bytes of pixel data the header announces (its datatype's size: ITK goes by it, not bitpix)."""
+        return math.prod(self.dims) * DATATYPE_BYTES[self.datatype]
 
 
 def parse_header(head: bytes) -> NiftiHeader | None:
-    """The NIfTI-1 or NIfTI-2 header at the start of ``head`` (the file's first bytes, decompressed),
-    in either byte order; None when ``head`` does not start with one."""
+    """The NIfTI-1 (or NIfTI-2) header at the start of ``head`` (the file's first bytes, decompressed),
+    in either byte order, as stored (``NiftiHeader.problem`` says whether it is read); None when
+    ``head`` does not start with one."""
     for order in "<>":
         if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348 and head[344:347] in (b"n+1", b"ni1") \
                 and head[347:348] == b"\0":
             ndim = struct.unpack(order + "h", head[40:42])[0]
-            if not 1 <= ndim <= 7:
-                return None
-            dims = struct.unpack(order + "7h", head[42:56])[:ndim]
-            bitpix = struct.unpack(order + "h", head[72:74])[0]
-            vox_offset = struct.unpack(order + "f", head[108:112])[0]
-            return NiftiHeader(1, head[344:347] == b"n+1", dims, bitpix, int(vox_offset) if math.isfinite(vox_offset)
-                               else -1)
+            dims = struct.unpack(order + "7h", head[42:56])
+            return NiftiHeader(1, head[344:347] == b"n+1", ndim, dims[:ndim] if 1 <= ndim <= 7 else dims,
+                               struct.unpack(order + "h", head[70:72])[0], struct.unpack(order + "f", head[108:112])[0],
+                               order)
         if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540 and head[4:7] in (b"n+2", b"ni2") \
                 and head[7:8] == b"\0":
-            ndim = struct.unpack(order + "q", head[16:24])[0]
-            if not 1 <= ndim <= 7:
-                return None
-            dims = struct.unpack(order + "7q", head[24:80])[:ndim]
-            bitpix = struct.unpack(order + "h", head[14:16])[0]
-            vox_offset = struct.unpack(order + "q", head[168:176])[0]
-            return NiftiHeader(2, head[4:7] == b"n+2", dims, bitpix, vox_offset)
+            return NiftiHeader(2, head[4:7] == b"n+2", byte_order=order)
     return None
 
 
-def _head(path: Path, n: int = _HEADER_BYTES) -> bytes:
-    """The first ``n`` bytes of ``path``'s content (decompressed where it is gzip); b"" if unreadable."""
+def _gzipped(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == GZIP_MAGIC
+
+
+def _gzip_error(path: Path, exc: Exception) -> ImageReadError:
+    if isinstance(exc, EOFError):
+        return ImageReadError(path, "corrupt or truncated NIfTI: its gzip stream ends early")
+    return ImageReadError(path, f"corrupt NIfTI: its gzip stream is damaged ({exc})")
+
+
+def _head(path: Path, strict: bool = False) -> bytes:
+    """The first bytes of ``path``'s content (decompressed where it is gzip): enough for a header.
+    b"" where they cannot be read; with ``strict``, a damaged gzip stream is refused instead."""
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(n)
-        if raw[:2] == GZIP_MAGIC:
-            with gzip.open(path, "rb") as gz:
-                return gz.read(n)
-        return raw
-    except (OSError, EOFError, zlib.error):
+        if not _gzipped(path):
+            with open(path, "rb") as fh:
+                return fh.read(_HEADER_BYTES)
+    except OSError:
+        return b""
+    try:
+        with gzip.open(path, "rb") as gz:
+            return gz.read(_HEADER_BYTES)
+    except (EOFError, OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        if strict:
+            raise _gzip_error(path, exc) from None
         return b""
 
 
 def nifti_suffix(path: Path | str) -> str:
     """``.nii.gz`` or ``.nii`` when ``read_image`` reads ``path`` as NIfTI, else "": a file named so, or
-    one whose suffix names no image format and whose content (gzip or not) opens with a single-file
-    NIfTI header. A file named as another format (``.png``) is read as that format."""
+    one whose suffix names no image format and whose content (gzip or not) opens with a NIfTI header
+    (read, or refused with the reason: NIfTI-2, a pair's header). A file named as another format
+    (``.png``) is read as that format."""
     path = Path(path)
     suffix = image_suffix(path)
     if suffix in NIFTI_SUFFIXES:
         return suffix
-    if suffix in IMAGE_SUFFIXES:
-        return ""
-    header = parse_header(_head(path))
-    if header is None or not header.single_file or header.version != 1:
+    if suffix in IMAGE_SUFFIXES or parse_header(_head(path)) is None:
         return ""
     try:
-        with open(path, "rb") as fh:
-            return ".nii.gz" if fh.read(2) == GZIP_MAGIC else ".nii"
+        return ".nii.gz" if _gzipped(path) else ".nii"
     except OSError:
         return ""
-
-
-def _content_bytes(path: Path, gzipped: bool) -> int:
-    """How many bytes ``path`` holds (decompressed: the whole gzip stream is read, so that one that
-    ends early or fails its CRC check is refused here, not read by ITK as garbage or zeros)."""
-    if not gzipped:
-        return path.stat().st_size
-    held = 0
-    try:
-        with gzip.open(path, "rb") as gz:
-            while chunk := gz.read(_CHUNK):
-                held += len(chunk)
-    except EOFError:
-        raise ImageReadError(path, "corrupt or truncated NIfTI: its gzip stream ends early") from None
-    except (OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
-        raise ImageReadError(path, f"corrupt NIfTI: its gzip stream is damaged ({exc})") from None
-    return held
-
-
-def read_header(path: Path) -> NiftiHeader:
-    """``path``'s NIfTI header, or ``ImageReadError`` saying why it is not one."""
-    header = parse_header(_head(path))
-    if header is None:
-        raise ImageReadError(path, "not a readable NIfTI file (no NIfTI-1 or NIfTI-2 header at its start)")
-    return header
 
 
 def nifti_pixels(path: Path | str) -> int:
     """Height x width from the header alone; 0 when it cannot be read."""
     header = parse_header(_head(Path(path)))
-    return math.prod(header.dims[:3]) if header is not None and len(header.dims) >= 2 else 0
+    if header is None or header.problem() or len(header.dims) < 2:
+        return 0
+    return math.prod(header.dims[:3])
+
+
+def _check_pixel_data(path: Path, header: NiftiHeader, gzipped: bool) -> None:
+    """Refuse a file that holds fewer pixel bytes than ``header`` announces, a damaged gzip stream, and
+    NaN or infinite float pixels. A gzip stream is read to its end (so that its CRC is checked), or to
+    ``_SLACK`` bytes past the pixels where it goes on (a stream that inflates far beyond its header)."""
+    start = int(header.vox_offset)  # as ITK takes it
+    expected = header.pixel_bytes
+    end = start + expected
+    code = FLOAT_DATATYPES.get(header.datatype)
+    if not gzipped and code is None:
+        held = path.stat().st_size - start
+    else:
+        dtype = np.dtype(header.byte_order + code) if code else None
+        pos, carry, finite = 0, b"", True
+        try:
+            with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as fh:
+                while pos < end + (_SLACK if gzipped else 0):
+                    chunk = fh.read(_CHUNK)
+                    if not chunk:
+                        break
+                    lo, hi = max(start - pos, 0), min(end - pos, len(chunk))
+                    if dtype is not None and finite and lo < hi:
+                        data = carry + chunk[lo:hi]
+                        whole = len(data) // dtype.itemsize * dtype.itemsize
+                        finite = bool(np.isfinite(np.frombuffer(data[:whole], dtype)).all())
+                        carry = data[whole:]
+                    pos += len(chunk)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise _gzip_error(path, exc) from None
+        held = pos - start
+        if not finite:
+            raise ImageReadError(path, "contains NaN or infinite pixel values")
+    if held < expected:
+        raise ImageReadError(path, f"corrupt or truncated NIfTI: the header reads, the pixel data does not "
+                                   f"(the header announces {expected} bytes of it, the file holds {max(held, 0)})")
 
 
 def read_nifti(path: Path) -> LoadedImage:
-    """A 2-D NIfTI image (or a 3-D one of one slice) with its spacing, origin and direction, as ITK
+    """A 2-D NIfTI-1 image (or a 3-D one of one slice) with its spacing, origin and direction, as ITK
     gives them (the same physical space as a MetaImage's), and the suffix its mask is written with."""
     import SimpleITK as sitk
 
-    suffix = nifti_suffix(path) or image_suffix(path)
-    header = read_header(path)
-    if header.version != 1:
-        raise ImageReadError(path, "a NIfTI-2 file: only NIfTI-1 is read (ITK's NIfTI reader here reads no "
-                                   "NIfTI-2; a 2-D frame fits NIfTI-1: convert it, e.g. nibabel's Nifti1Image)")
-    if not header.single_file:
-        raise ImageReadError(path, "its pixel data is in another file (a NIfTI .hdr/.img pair header, magic "
-                                   f"ni{header.version}); a .nii must hold its own pixels (magic n+{header.version})")
+    header = parse_header(_head(path, strict=True))
+    if header is None:
+        raise ImageReadError(path, "not a readable NIfTI file (no NIfTI-1 or NIfTI-2 header at its start)")
+    problem = header.problem()
+    if problem:
+        raise ImageReadError(path, problem)
     if len(header.dims) >= 2:
         check_size(path, header.dims[0], math.prod(header.dims[1:]))
-    expected = header.pixel_bytes
-    if expected is not None and header.vox_offset >= 0:  # ITK would read the rest as zeros
-        with open(path, "rb") as fh:
-            gzipped = fh.read(2) == GZIP_MAGIC
-        held = _content_bytes(path, gzipped) - header.vox_offset
-        if held < expected:
-            raise ImageReadError(path, f"corrupt or truncated NIfTI: the header reads, the pixel data does not "
-                                       f"(the header announces {expected} bytes of it, the file holds {max(held, 0)})")
+    gzipped = _gzipped(path)
+    _check_pixel_data(path, header, gzipped)
+    suffix = ".nii.gz" if gzipped else ".nii"
     with tempfile.TemporaryDirectory(prefix="pfsam-nifti-") as tmp:
-        name = str(path)
-        if not path.name.lower().endswith(suffix):  # ITK's NIfTI reader goes by the name: a link under one it knows
-            name = os.path.join(tmp, "image" + suffix)
-            os.symlink(os.path.abspath(path), name)
+        name = os.path.join(tmp, "image" + suffix)
+        os.symlink(os.path.abspath(path), name)
         try:
             img = sitk.ReadImage(name, imageIO=NIFTI_IO)
         except RuntimeError as exc:
-            msg = str(exc).strip().splitlines()
-            raise ImageReadError(path, f"cannot read as NIfTI ({msg[-1] if msg else 'unknown error'})") from None
+            lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+            reason = _ITK_PREFIX.sub("", lines[-1] if lines else "unknown error").replace(name, path.name)
+            raise ImageReadError(path, f"cannot read as NIfTI ({reason})") from None
     return loaded_from_itk(path, img, suffix)

@@ -48,17 +48,22 @@ def _write(path: Path, arr: np.ndarray, volume: bool = False) -> sitk.Image:
     return img
 
 
-def _nifti1(arr: np.ndarray, order: str = "<", magic: bytes = b"n+1\0") -> bytes:
-    """A NIfTI-1 file written field by field (uint8 pixels, pixdim as spacing, no qform/sform), in
-    either byte order: what other tools than ITK write."""
+def _nifti1(arr: np.ndarray, order: str = "<", magic: bytes = b"n+1\0", datatype: int = 2, bitpix: int = 8,
+            vox_offset: float = 352.0, dims: tuple[int, ...] | None = None, sform: tuple | None = None) -> bytes:
+    """A NIfTI-1 file written field by field (pixdim as spacing, no qform; an sform where given), in
+    either byte order: what other tools than ITK write, and what they write wrong."""
     header = bytearray(348)
+    dims = dims or (arr.shape[1], arr.shape[0])
     struct.pack_into(order + "i", header, 0, 348)
-    struct.pack_into(order + "8h", header, 40, 2, arr.shape[1], arr.shape[0], 1, 1, 1, 1, 1)
-    struct.pack_into(order + "hh", header, 70, 2, 8)  # datatype uint8, bitpix 8
+    struct.pack_into(order + "8h", header, 40, len(dims), *dims, *[1] * (7 - len(dims)))
+    struct.pack_into(order + "hh", header, 70, datatype, bitpix)
     struct.pack_into(order + "8f", header, 76, 1.0, *SPACING, 1, 1, 1, 1, 1)
-    struct.pack_into(order + "ff", header, 108, 352.0, 1.0)  # vox_offset, scl_slope
+    struct.pack_into(order + "ff", header, 108, vox_offset, 1.0)  # vox_offset, scl_slope
+    if sform is not None:
+        struct.pack_into(order + "h", header, 254, 1)
+        struct.pack_into(order + "12f", header, 280, *sform)
     header[344:348] = magic
-    return bytes(header) + b"\0" * 4 + arr.astype(np.uint8).tobytes()
+    return bytes(header) + b"\0" * 4 + arr.astype(arr.dtype.newbyteorder(order)).tobytes()
 
 
 def _nifti2_header(arr: np.ndarray) -> bytes:
@@ -99,6 +104,24 @@ def test_a_nifti_frame_is_read_with_its_geometry_and_its_mask_written_back_in_it
         ["SCAN2.NII.GZ", "SCAN2_mask.nii.gz", "scan.nii", "scan.nii.gz", "scan_mask.nii", "scan_mask.nii.gz"])
 
 
+def test_a_nifti_is_read_from_its_own_bytes_whatever_lies_beside_it_and_however_its_suffix_is_spelled(tmp_path):
+    """ITK's NIfTI library, asked for ``a.nii.gz``, reads ``a.nii`` where one lies beside it (as after
+    ``gunzip -k``), and refuses ``a.Nii.Gz`` or gzip content named ``.nii``: each file is read from its
+    own bytes, and its mask takes the suffix of what it holds."""
+    own, other = _frame(40, 60, 4), _frame(32, 48, 9)
+    _write(tmp_path / "a.nii.gz", own)
+    _write(tmp_path / "a.nii", other)
+    np.testing.assert_array_equal(read_image(tmp_path / "a.nii.gz").array, own)
+    np.testing.assert_array_equal(read_image(tmp_path / "a.nii").array, other)
+    (tmp_path / "b.Nii.Gz").write_bytes((tmp_path / "a.nii.gz").read_bytes())
+    (tmp_path / "c.nii").write_bytes((tmp_path / "a.nii.gz").read_bytes())  # gzip content named .nii
+    (tmp_path / "d.nii.gz").write_bytes((tmp_path / "a.nii").read_bytes())  # plain content named .nii.gz
+    for name, arr, suffix in (("b.Nii.Gz", own, ".nii.gz"), ("c.nii", own, ".nii.gz"), ("d.nii.gz", other, ".nii")):
+        got = read_image(tmp_path / name)
+        np.testing.assert_array_equal(got.array, arr, err_msg=name)
+        assert got.itk_suffix == suffix and got.spacing == pytest.approx(SPACING), name
+
+
 def test_a_one_slice_nifti_volume_is_read_as_its_frame_and_its_mask_keeps_the_volume(tmp_path):
     """nnU-Net v1 stores a 2-D frame as a 1 x H x W volume (``case_0000.nii.gz``): read as the H x W
     frame with its in-plane geometry; its mask is written back as the same one-slice volume. A
@@ -127,8 +150,8 @@ def test_a_nifti_written_by_another_tool_is_read_in_either_byte_order(tmp_path):
         data = _nifti1(arr, order)
         (tmp_path / name).write_bytes(data)
         header = parse_header(data)
-        assert (header.version, header.single_file, header.dims, header.bitpix, header.vox_offset) == \
-            (1, True, (34, 21), 8, 352)
+        assert (header.version, header.single_file, header.ndim, header.dims, header.datatype, header.vox_offset,
+                header.problem()) == (1, True, 2, (34, 21), 2, 352.0, None)
         got = read_image(tmp_path / name)
         np.testing.assert_array_equal(got.array, arr)
         assert got.spacing == pytest.approx(SPACING)
@@ -152,8 +175,14 @@ def test_a_nifti_upload_without_its_suffix_is_read_by_its_content(tmp_path):
         assert image_pixels(tmp_path / name) == arr.size
     Image.fromarray(arr).save(tmp_path / "png.bin", format="PNG")
     assert nifti_suffix(tmp_path / "png.bin") == "" and read_image(tmp_path / "png.bin").itk_suffix == ""
-    (tmp_path / "pair.bin").write_bytes(_nifti1(arr, magic=b"ni1\0"))  # a .hdr/.img pair's header: not by content
-    assert nifti_suffix(tmp_path / "pair.bin") == ""
+    (tmp_path / "pair.bin").write_bytes(_nifti1(arr, magic=b"ni1\0"))  # known by content, and refused with why
+    (tmp_path / "two.bin").write_bytes(_nifti2_header(arr))
+    for name, reason in (("pair.bin", "its pixel data is in another file"), ("two.bin", "a NIfTI-2 file")):
+        assert nifti_suffix(tmp_path / name) == ".nii"
+        with pytest.raises(ImageReadError, match=f"{name}: {reason}"):
+            read_image(tmp_path / name)
+    (tmp_path / "random.gz").write_bytes(gzip.compress(np.random.default_rng(0).bytes(4000)))
+    assert nifti_suffix(tmp_path / "random.gz") == ""
 
 
 def test_damaged_or_unreadable_nifti_files_are_refused_with_the_reason(tmp_path):
@@ -186,10 +215,50 @@ def test_damaged_or_unreadable_nifti_files_are_refused_with_the_reason(tmp_path)
         "two.nii": "a NIfTI-2 file: only NIfTI-1 is read",
         "huge.nii": "image too large: 32000 x 32000",
     }
+    # what ITK would read with zeros for the missing pixels, or with the header's bytes as pixels
+    i16 = arr.astype(np.int16)
+    bad = {
+        "vox0.nii": (_nifti1(arr, vox_offset=0.0), r"malformed NIfTI header: vox_offset = 0 \(the pixels of a .nii "
+                                                   r"start at byte 352 or later\)"),
+        "voxnan.nii": (_nifti1(arr, vox_offset=float("nan")), "malformed NIfTI header: vox_offset = nan"),
+        "bitpix.nii": (_nifti1(i16, datatype=4, bitpix=8)[:-600],  # ITK sizes pixels by datatype, not bitpix
+                       r"corrupt or truncated NIfTI: .* \(the header announces 4800 bytes of it, the file holds 4200\)"),
+        "dimzero.nii": (_nifti1(arr, dims=(60, 40, 0)), r"malformed NIfTI header: dimensions 60 x 40 x 0 \(each must"),
+        "dt999.nii": (_nifti1(arr, datatype=999), "unsupported NIfTI datatype 999$"),
+        "binary.nii": (_nifti1(arr, datatype=1, bitpix=1), r"unsupported NIfTI datatype 1 \(DT_BINARY"),
+        "line.nii": (_nifti1(arr, dims=(2400,)), "a 1-D NIfTI image of 2400 voxels; expected 2-D"),
+        "nan.nii": (_nifti1(np.where(arr > 200, np.nan, arr.astype(np.float32)), datatype=16, bitpix=32),
+                    "contains NaN or infinite pixel values"),
+        "inf.nii.gz": (gzip.compress(_nifti1(np.where(arr > 200, -np.inf, arr.astype(np.float64)), ">", datatype=64,
+                                             bitpix=64)), "contains NaN or infinite pixel values"),
+        "shear.nii": (_nifti1(arr, sform=(1, 0.5, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0)),
+                      r"cannot read as NIfTI \(.*orthonormal direction cosines"),
+    }
+    for name, (data, reason) in bad.items():
+        (tmp_path / name).write_bytes(data)
+        expected[name] = reason
     for name, reason in expected.items():
-        with pytest.raises(ImageReadError, match=f"^{tmp_path / name}: (?:{reason})"):
+        with pytest.raises(ImageReadError, match=f"^{tmp_path / name}: (?:{reason})") as err:
             read_image(tmp_path / name)
+        assert "ITK ERROR" not in str(err.value) and "pfsam-nifti" not in str(err.value), err.value  # no ITK internals
     np.testing.assert_array_equal(read_image(tmp_path / "ok.nii").array, arr)
+
+
+def test_a_gzip_stream_that_inflates_far_beyond_its_pixels_is_not_read_to_its_end(tmp_path):
+    """A few MB of gzip can inflate to GBs: the stream is checked to its end (its CRC) only up to 1 MiB
+    past the pixels its header announces, where ITK stops reading too. So a stream with 3 MiB of
+    trailing zeros and a wrong CRC is read; the same CRC fault right after the pixels is refused."""
+    arr = _frame(30, 40, 6)
+    for trailing, ok in ((3 << 20, True), (0, False)):
+        data = bytearray(gzip.compress(_nifti1(arr) + bytes(trailing)))
+        data[-8] ^= 0xFF  # the CRC-32 of the trailer
+        path = tmp_path / f"t{trailing}.nii.gz"
+        path.write_bytes(bytes(data))
+        if ok:
+            np.testing.assert_array_equal(read_image(path).array, arr)
+        else:
+            with pytest.raises(ImageReadError, match="its gzip stream is damaged"):
+                read_image(path)
 
 
 def test_nifti_inputs_are_named_by_their_stem_without_the_double_suffix():
