@@ -7,18 +7,20 @@ masks back as NIfTI). ITK's NIfTI library reads some damaged files without a wor
 the pixel data are checked here first, and a file is refused with the reason where:
 
 * the header is malformed (dimensions, a datatype ITK does not read, pixels said to start inside the
-  header), a ``.hdr``/``.img`` pair's header (its pixels are in another file), or NIfTI-2 (the ITK here
-  reads NIfTI-1 only; a 2-D frame never needs NIfTI-2's 64-bit sizes);
+  header), announces complex pixels or more than 16 MiB of extensions before the pixels, is a
+  ``.hdr``/``.img`` pair's header (its pixels are in another file), or NIfTI-2 (the ITK here reads
+  NIfTI-1 only; a 2-D frame never needs NIfTI-2's 64-bit sizes);
 * the file holds fewer pixel bytes than its header announces (ITK would read the rest as zeros), or
   its gzip stream ends early or fails its CRC check;
 * float pixels are NaN or infinite (ITK's NIfTI library would make them 0).
 
-ITK is handed the file through a link of its own in a private folder, named by the content (gzip or
-not): ITK's NIfTI library looks for ``x.nii`` beside a ``x.nii.gz`` it is asked for and would read that
+ITK is handed the file through a link of its own in a private folder, under the input's stem and a
+suffix named by the content (gzip or not): ITK's NIfTI library looks for ``x.nii`` beside a ``x.nii.gz`` it is asked for and would read that
 file's pixels, and it refuses mixed-case suffixes (``x.Nii.Gz``) and gzip content named ``.nii``.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
@@ -28,19 +30,24 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-from .image import IMAGE_SUFFIXES, ImageReadError, LoadedImage, check_size, image_suffix
+from .image import IMAGE_SUFFIXES, ImageReadError, LoadedImage, check_size, image_stem, image_suffix
 from .itk_image import loaded_from_itk
 
 NIFTI_IO = "NiftiImageIO"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 GZIP_MAGIC = b"\x1f\x8b"
 FIRST_PIXEL_BYTE = 352  # a single-file NIfTI-1's pixels start here or later (348 header + 4 extension bytes)
-# NIfTI-1 datatype -> bytes per voxel, for the types ITK reads (DT_BINARY, 1 bit per voxel, it does not)
-DATATYPE_BYTES = {2: 1, 4: 2, 8: 4, 16: 4, 32: 8, 64: 8, 128: 3, 256: 1, 512: 2, 768: 4, 1024: 8, 1280: 8,
-                  1536: 16, 1792: 16, 2048: 32, 2304: 4}
+# NIfTI-1 datatype -> bytes per voxel, for the types ITK reads (not DT_BINARY, 1 bit per voxel, nor 128-bit float)
+# and no complex type (refused from the header: ITK would read the whole image before check_pixels could)
+DATATYPE_BYTES = {2: 1, 4: 2, 8: 4, 16: 4, 64: 8, 128: 3, 256: 1, 512: 2, 768: 4, 1024: 8, 1280: 8, 2304: 4}
+COMPLEX_DATATYPES = (32, 1792, 2048)
+# the most header and extensions read before the pixels: a larger vox_offset would have the check below
+# inflate a gzip stream's padding (a small file can inflate to GBs)
+MAX_VOX_OFFSET = FIRST_PIXEL_BYTE + (16 << 20)
 FLOAT_DATATYPES = {16: "f4", 64: "f8"}  # checked for NaN and infinity before ITK reads them
 _HEADER_BYTES = 540  # NIfTI-2's header; NIfTI-1's is 348
 _CHUNK = 1 << 20
@@ -72,12 +79,17 @@ class NiftiHeader:
             return f"a 1-D NIfTI image of {self.dims[0]} voxels; expected 2-D"
         if any(d < 1 for d in self.dims):
             return f"malformed NIfTI header: dimensions {' x '.join(map(str, self.dims))} (each must be at least 1)"
+        if self.datatype in COMPLEX_DATATYPES:
+            return "complex pixel type is not an image"
         if self.datatype not in DATATYPE_BYTES:
             kind = " (DT_BINARY, one bit per voxel)" if self.datatype == 1 else ""
             return f"unsupported NIfTI datatype {self.datatype}{kind}"
         if not math.isfinite(self.vox_offset) or self.vox_offset < FIRST_PIXEL_BYTE:
             return (f"malformed NIfTI header: vox_offset = {self.vox_offset:g} (the pixels of a .nii start at byte "
                     f"{FIRST_PIXEL_BYTE} or later)")
+        if self.vox_offset > MAX_VOX_OFFSET:
+            return (f"NIfTI header extensions too large: the pixels start at byte {self.vox_offset:.0f}; at most "
+                    f"{MAX_VOX_OFFSET} are read before them")
         return None
 
     @property
@@ -161,7 +173,8 @@ def nifti_pixels(path: Path | str) -> int:
 def _check_pixel_data(path: Path, header: NiftiHeader, gzipped: bool) -> None:
     """Refuse a file that holds fewer pixel bytes than ``header`` announces, a damaged gzip stream, and
     NaN or infinite float pixels. A gzip stream is read to its end (so that its CRC is checked), or to
-    ``_SLACK`` bytes past the pixels where it goes on (a stream that inflates far beyond its header)."""
+    ``_SLACK`` bytes past the pixels where it goes on (a stream that inflates far beyond its header);
+    bytes after its end that are not gzip (which ITK ignores) end it once the pixels are in hand."""
     start = int(header.vox_offset)  # as ITK takes it
     expected = header.pixel_bytes
     end = start + expected
@@ -171,10 +184,12 @@ def _check_pixel_data(path: Path, header: NiftiHeader, gzipped: bool) -> None:
     else:
         dtype = np.dtype(header.byte_order + code) if code else None
         pos, carry, finite = 0, b"", True
+        limit = end + _SLACK if gzipped else end
         try:
             with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as fh:
-                while pos < end + (_SLACK if gzipped else 0):
-                    chunk = fh.read(_CHUNK)
+                while pos < limit:
+                    # the pixels first, to their last byte: what follows may end the stream in a fault
+                    chunk = fh.read(min(_CHUNK, (end if pos < end else limit) - pos))
                     if not chunk:
                         break
                     lo, hi = max(start - pos, 0), min(end - pos, len(chunk))
@@ -185,13 +200,27 @@ def _check_pixel_data(path: Path, header: NiftiHeader, gzipped: bool) -> None:
                         carry = data[whole:]
                     pos += len(chunk)
         except (EOFError, OSError, zlib.error) as exc:
-            raise _gzip_error(path, exc) from None
+            trailing = isinstance(exc, gzip.BadGzipFile) and str(exc).startswith("Not a gzipped file")
+            if not (trailing and pos >= end):
+                raise _gzip_error(path, exc) from None
         held = pos - start
         if not finite:
             raise ImageReadError(path, "contains NaN or infinite pixel values")
     if held < expected:
         raise ImageReadError(path, f"corrupt or truncated NIfTI: the header reads, the pixel data does not "
                                    f"(the header announces {expected} bytes of it, the file holds {max(held, 0)})")
+
+
+@contextlib.contextmanager
+def _private_folder(path: Path) -> Iterator[str]:
+    """A temporary folder of our own (removed after), or ``ImageReadError`` naming ``path`` when none can be made."""
+    try:
+        tmp = tempfile.TemporaryDirectory(prefix="pfsam-nifti-")
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot make a temporary folder to read it through ITK ({exc.strerror}: "
+                                   f"{exc.filename})") from None
+    with tmp as folder:
+        yield folder
 
 
 def read_nifti(path: Path) -> LoadedImage:
@@ -210,9 +239,15 @@ def read_nifti(path: Path) -> LoadedImage:
     gzipped = _gzipped(path)
     _check_pixel_data(path, header, gzipped)
     suffix = ".nii.gz" if gzipped else ".nii"
-    with tempfile.TemporaryDirectory(prefix="pfsam-nifti-") as tmp:
-        name = os.path.join(tmp, "image" + suffix)
-        os.symlink(os.path.abspath(path), name)
+    # the link named after the input: ITK's warnings (a sform's odd scales) name it
+    stem = (image_stem(path) or "image").encode("utf-8")[:200].decode("utf-8", "ignore")
+    with _private_folder(path) as tmp:
+        name = os.path.join(tmp, stem + suffix)
+        try:
+            os.symlink(os.path.abspath(path), name)
+        except OSError as exc:
+            raise ImageReadError(path, f"cannot make a link to it for ITK in the temporary folder ({exc.strerror})") \
+                from None
         try:
             img = sitk.ReadImage(name, imageIO=NIFTI_IO)
         except RuntimeError as exc:

@@ -185,7 +185,7 @@ def test_a_nifti_upload_without_its_suffix_is_read_by_its_content(tmp_path):
     assert nifti_suffix(tmp_path / "random.gz") == ""
 
 
-def test_damaged_or_unreadable_nifti_files_are_refused_with_the_reason(tmp_path):
+def test_damaged_or_unreadable_nifti_files_are_refused_with_the_reason(tmp_path, capfd):
     """ITK reads a NIfTI that holds fewer pixel bytes than its header announces without complaint
     (zeros for the rest): refused here, naming both counts; so are a gzip stream that ends early or
     is damaged, a file named .nii that is no NIfTI, a .hdr/.img pair's header, a NIfTI-2 file and a
@@ -233,6 +233,11 @@ def test_damaged_or_unreadable_nifti_files_are_refused_with_the_reason(tmp_path)
                                              bitpix=64)), "contains NaN or infinite pixel values"),
         "shear.nii": (_nifti1(arr, sform=(1, 0.5, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0)),
                       r"cannot read as NIfTI \(.*orthonormal direction cosines"),
+        # refused from the header, before ITK would allocate the whole image (or a check inflate the padding)
+        "complex.nii": (_nifti1(arr, datatype=1792, bitpix=128, dims=(5000, 5000)), "complex pixel type is not an image"),
+        "float128.nii": (_nifti1(arr, datatype=1536, bitpix=128), "unsupported NIfTI datatype 1536$"),
+        "extensions.nii.gz": (gzip.compress(_nifti1(arr, vox_offset=2.0 ** 30)),
+                              "NIfTI header extensions too large: the pixels start at byte 1073741824"),
     }
     for name, (data, reason) in bad.items():
         (tmp_path / name).write_bytes(data)
@@ -241,7 +246,12 @@ def test_damaged_or_unreadable_nifti_files_are_refused_with_the_reason(tmp_path)
         with pytest.raises(ImageReadError, match=f"^{tmp_path / name}: (?:{reason})") as err:
             read_image(tmp_path / name)
         assert "ITK ERROR" not in str(err.value) and "pfsam-nifti" not in str(err.value), err.value  # no ITK internals
+        if name == "shear.nii":  # ITK's own warning on stderr names the input, not an anonymous link
+            warning = capfd.readouterr().err
+            assert "sform" in warning and "/shear.nii" in warning, warning
     np.testing.assert_array_equal(read_image(tmp_path / "ok.nii").array, arr)
+    (tmp_path / "trailing.nii.gz").write_bytes(gzip.compress(whole) + b"garbage")  # ITK ignores what follows
+    np.testing.assert_array_equal(read_image(tmp_path / "trailing.nii.gz").array, arr)
 
 
 def test_a_gzip_stream_that_inflates_far_beyond_its_pixels_is_not_read_to_its_end(tmp_path):
@@ -319,3 +329,16 @@ def test_process_gives_a_nifti_frame_the_mask_of_the_same_pixels_as_png(tmp_path
     back = sitk.ReadImage(str(case.outputs[0]))
     assert back.GetSpacing() == pytest.approx(SPACING) and back.GetDirection() == pytest.approx(DIRECTION)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back) * 255, masks["frame"])
+
+
+def test_a_nifti_read_without_a_usable_temporary_folder_names_the_file_and_why(tmp_path, monkeypatch):
+    """ITK reads each NIfTI through a link in a private temporary folder: where none can be made, the
+    error is the input's, with the reason (not an OSError about a temporary path)."""
+    import tempfile
+
+    _write(tmp_path / "scan.nii.gz", _frame())
+    (tmp_path / "not-a-folder").write_text("x")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "not-a-folder"))
+    with pytest.raises(ImageReadError, match=r"scan.nii.gz: cannot make a temporary folder to read it through ITK "
+                                             r"\(Not a directory: .*not-a-folder"):
+        read_image(tmp_path / "scan.nii.gz")
