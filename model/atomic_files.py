@@ -12,6 +12,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from .image import image_suffix
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -23,8 +25,7 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     # a short name: the final name may be as long as the file system allows, the temporary one too
     # the final suffix kept (``.nii.gz`` whole): ITK picks the format it writes by the name's suffix
-    suffix = ".nii.gz" if final.name.lower().endswith(".nii.gz") else final.suffix[:16]
-    fd, tmp = tempfile.mkstemp(prefix=".pfsam-", suffix=".tmp" + suffix, dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".pfsam-", suffix=".tmp" + image_suffix(final)[:16], dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs must be readable like any file

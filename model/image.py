@@ -74,10 +74,6 @@ class LoadedImage:
     itk_suffix: str = ""
 
     @property
-    def metaimage(self) -> bool:
-        return self.itk_suffix == ".mha"
-
-    @property
     def size(self) -> tuple[int, int]:
         """(height, width)."""
         return int(self.array.shape[0]), int(self.array.shape[1])

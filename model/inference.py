@@ -416,7 +416,7 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
 def predict_file(predictor, image_path: str | Path, output_dir: str | Path, overlay: bool = True) -> Case:
     """One image -> its mask (MetaImage and NIfTI inputs: in their own format, ``.mha``, ``.nii`` or
     ``.nii.gz``, with the input's geometry, known by their content where the name has no image suffix:
-    ``io.is_metaimage``, ``nifti.nifti_suffix``; else a 0/255 ``.png``) and optionally an overlay, in
+    ``io.is_metaimage``, ``nifti.is_nifti``; else a 0/255 ``.png``) and optionally an overlay, in
     ``output_dir``; raises on any failure (Cog)."""
     path, out = Path(image_path), Path(output_dir)
     image = check_content(read_image(path))

@@ -23,7 +23,7 @@ from .dicom import DICOM_IO, dicom_preamble, is_dicom, read_dicom
 from .image import (IMAGE_SUFFIXES, NOT_UTF8, ImageReadError, LoadedImage, check_pixels, check_size, image_suffix,
                     is_utf8_name, printable)
 from .metaimage import METAIMAGE_IO, is_metaimage, read_metaimage
-from .nifti import nifti_pixels, nifti_suffix, read_nifti
+from .nifti import is_nifti, nifti_pixels, read_nifti
 
 Image.MAX_IMAGE_PIXELS = None  # Pillow's own guard (a warning, then its own error) gives way to image.MAX_PIXELS
 
@@ -93,7 +93,7 @@ def image_pixels(path: Path | str) -> int:
             reader.ReadImageInformation()
             size = reader.GetSize()
             return int(size[0]) * int(size[1])
-        if nifti_suffix(path):
+        if is_nifti(path):
             return nifti_pixels(path)
         with Image.open(path) as im:
             return int(im.size[0]) * int(im.size[1])
@@ -238,7 +238,7 @@ def _not_a_file(path: Path) -> str:
 def read_image(path: Path | str) -> LoadedImage:
     """Read one 2-D image (png, jpg, tif, bmp, mha, nii/nii.gz, DICOM); raise ``ImageReadError`` with the
     reason. The suffix picks DICOM, MetaImage, NIfTI or Pillow; a file whose suffix names no image format
-    is read by its content (``is_dicom``, ``is_metaimage``, ``nifti_suffix``, else Pillow, which knows
+    is read by its content (``is_dicom``, ``is_metaimage``, ``is_nifti``, else Pillow, which knows
     its formats by their signatures)."""
     path = Path(path)
     if not is_utf8_name(path):
@@ -258,7 +258,7 @@ def read_image(path: Path | str) -> LoadedImage:
         return read_dicom(path)
     if is_metaimage(path):
         return read_metaimage(path)
-    if nifti_suffix(path):
+    if is_nifti(path):
         return read_nifti(path)
     return _read_pil(path)
 

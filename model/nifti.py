@@ -15,8 +15,9 @@ the pixel data are checked here first, and a file is refused with the reason whe
 * float pixels are NaN or infinite (ITK's NIfTI library would make them 0).
 
 ITK is handed the file through a link of its own in a private folder, under the input's stem and a
-suffix named by the content (gzip or not): ITK's NIfTI library looks for ``x.nii`` beside a ``x.nii.gz`` it is asked for and would read that
-file's pixels, and it refuses mixed-case suffixes (``x.Nii.Gz``) and gzip content named ``.nii``.
+suffix named by the content (gzip or not): ITK's NIfTI library looks for ``x.nii`` beside a
+``x.nii.gz`` it is asked for and would read that file's pixels, and it refuses mixed-case suffixes
+(``x.Nii.Gz``) and gzip content named ``.nii``.
 """
 from __future__ import annotations
 
@@ -145,29 +146,23 @@ def _head(path: Path, strict: bool = False) -> bytes:
         return b""
 
 
-def nifti_suffix(path: Path | str) -> str:
-    """``.nii.gz`` or ``.nii`` when ``read_image`` reads ``path`` as NIfTI, else "": a file named so, or
-    one whose suffix names no image format and whose content (gzip or not) opens with a NIfTI header
-    (read, or refused with the reason: NIfTI-2, a pair's header). A file named as another format
-    (``.png``) is read as that format."""
-    path = Path(path)
+def is_nifti(path: Path | str) -> bool:
+    """Whether ``read_image`` reads ``path`` as NIfTI: a ``.nii``/``.nii.gz`` file, or one whose suffix
+    names no image format and whose content (gzip or not) opens with a NIfTI header (read, or refused
+    with the reason: NIfTI-2, a pair's header). A file named as another format (``.png``) is read as
+    that format; what a NIfTI holds, gzip or not, ``read_nifti`` tells from its content."""
     suffix = image_suffix(path)
     if suffix in NIFTI_SUFFIXES:
-        return suffix
-    if suffix in IMAGE_SUFFIXES or parse_header(_head(path)) is None:
-        return ""
-    try:
-        return ".nii.gz" if _gzipped(path) else ".nii"
-    except OSError:
-        return ""
+        return True
+    return suffix not in IMAGE_SUFFIXES and parse_header(_head(Path(path))) is not None
 
 
 def nifti_pixels(path: Path | str) -> int:
     """Height x width from the header alone; 0 when it cannot be read."""
     header = parse_header(_head(Path(path)))
-    if header is None or header.problem() or len(header.dims) < 2:
+    if header is None or header.problem():
         return 0
-    return math.prod(header.dims[:3])
+    return math.prod(header.dims[:3])  # a read header has 2 to 7 dimensions
 
 
 def _check_pixel_data(path: Path, header: NiftiHeader, gzipped: bool) -> None:
@@ -234,8 +229,7 @@ def read_nifti(path: Path) -> LoadedImage:
     problem = header.problem()
     if problem:
         raise ImageReadError(path, problem)
-    if len(header.dims) >= 2:
-        check_size(path, header.dims[0], math.prod(header.dims[1:]))
+    check_size(path, header.dims[0], math.prod(header.dims[1:]))  # a read header has 2 to 7 dimensions
     gzipped = _gzipped(path)
     _check_pixel_data(path, header, gzipped)
     suffix = ".nii.gz" if gzipped else ".nii"

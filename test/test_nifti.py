@@ -24,7 +24,7 @@ from make_test_model import make_test_ensemble  # noqa: E402
 from model.image import ImageReadError, image_stem, image_suffix  # noqa: E402
 from model.io import image_pixels, is_image_file, list_images, read_image  # noqa: E402
 from model.itk_image import write_itk  # noqa: E402
-from model.nifti import nifti_suffix, parse_header  # noqa: E402
+from model.nifti import is_nifti, parse_header  # noqa: E402
 from model.writers import output_names  # noqa: E402
 
 SPACING, ORIGIN, DIRECTION = (0.12, 0.09), (-4.5, 7.25), (-1.0, 0.0, 0.0, 1.0)
@@ -89,7 +89,7 @@ def test_a_nifti_frame_is_read_with_its_geometry_and_its_mask_written_back_in_it
         assert got.spacing == pytest.approx(SPACING) and got.origin == pytest.approx(ORIGIN)
         assert got.direction == pytest.approx(DIRECTION)
         assert got.itk_suffix == image_suffix(name) == (".nii" if name == "scan.nii" else ".nii.gz")
-        assert not got.metaimage and image_pixels(tmp_path / name) == arr.size
+        assert image_pixels(tmp_path / name) == arr.size
         mask = (arr > arr.mean()).astype(np.uint8)
         out = tmp_path / f"{image_stem(name)}_mask{got.itk_suffix}"
         write_itk(out, mask, like=got)
@@ -168,21 +168,21 @@ def test_a_nifti_upload_without_its_suffix_is_read_by_its_content(tmp_path):
     (tmp_path / "file.bin").write_bytes(plain)
     (tmp_path / "upload").write_bytes(gzip.compress(plain))
     for name, suffix in (("file.bin", ".nii"), ("upload", ".nii.gz")):
-        assert nifti_suffix(tmp_path / name) == suffix and not is_image_file(tmp_path / name)
+        assert is_nifti(tmp_path / name) and not is_image_file(tmp_path / name)
         got = read_image(tmp_path / name)
         np.testing.assert_array_equal(got.array, arr)
         assert got.itk_suffix == suffix and got.spacing == pytest.approx(SPACING)
         assert image_pixels(tmp_path / name) == arr.size
     Image.fromarray(arr).save(tmp_path / "png.bin", format="PNG")
-    assert nifti_suffix(tmp_path / "png.bin") == "" and read_image(tmp_path / "png.bin").itk_suffix == ""
+    assert not is_nifti(tmp_path / "png.bin") and read_image(tmp_path / "png.bin").itk_suffix == ""
     (tmp_path / "pair.bin").write_bytes(_nifti1(arr, magic=b"ni1\0"))  # known by content, and refused with why
     (tmp_path / "two.bin").write_bytes(_nifti2_header(arr))
     for name, reason in (("pair.bin", "its pixel data is in another file"), ("two.bin", "a NIfTI-2 file")):
-        assert nifti_suffix(tmp_path / name) == ".nii"
+        assert is_nifti(tmp_path / name)
         with pytest.raises(ImageReadError, match=f"{name}: {reason}"):
             read_image(tmp_path / name)
     (tmp_path / "random.gz").write_bytes(gzip.compress(np.random.default_rng(0).bytes(4000)))
-    assert nifti_suffix(tmp_path / "random.gz") == ""
+    assert not is_nifti(tmp_path / "random.gz")
 
 
 def test_damaged_or_unreadable_nifti_files_are_refused_with_the_reason(tmp_path, capfd):

@@ -575,11 +575,11 @@ def test_an_image_without_an_image_suffix_is_read_by_its_content(tmp_path, ensem
     commented = b"Comment = exported by a scanner\n" + whole
     Image.fromarray(arr).save(tmp_path / "grey.png")
     as_read = read_image(tmp_path / "scan.mha")
-    assert as_read.metaimage and not read_image(tmp_path / "grey.png").metaimage
+    assert as_read.itk_suffix == ".mha" and read_image(tmp_path / "grey.png").itk_suffix == ""
     for name, data in {"file.bin": whole, "upload": whole, "case.dat": commented}.items():
         (tmp_path / name).write_bytes(data)
         got = read_image(tmp_path / name)
-        assert is_metaimage(tmp_path / name) and got.metaimage, name
+        assert is_metaimage(tmp_path / name) and got.itk_suffix == ".mha", name
         np.testing.assert_array_equal(got.array, arr)
         assert (got.spacing, got.origin, got.direction) == (as_read.spacing, as_read.origin, as_read.direction)
         assert image_pixels(tmp_path / name) == 37 * 52
@@ -845,7 +845,7 @@ def test_dicom_stills_are_read_with_their_spacing_and_cine_loops_are_refused(tmp
 
     got = read_image(src / "grey.dcm")
     np.testing.assert_array_equal(got.array, grey)
-    assert got.spacing == pytest.approx((0.12, 0.09)) and not got.metaimage
+    assert got.spacing == pytest.approx((0.12, 0.09)) and got.itk_suffix == ""
     np.testing.assert_array_equal(read_image(src / "colour.DICOM").array, rgb)
     sixteen = read_image(src / "series" / "IM00001").array
     assert sixteen.dtype == np.uint16 and np.array_equal(sixteen, grey.astype(np.uint16) * 16)
@@ -1120,6 +1120,6 @@ def test_a_metaimage_with_an_upper_case_suffix_is_read_as_one(tmp_path):
         sitk.WriteImage(img, str(tmp_path / "x.mha"), useCompression=True)
         (tmp_path / "x.mha").rename(tmp_path / name)
         got = read_image(tmp_path / name)
-        assert got.metaimage, name
+        assert got.itk_suffix == ".mha", name
         np.testing.assert_array_equal(got.array, arr)
         assert (got.spacing, got.origin, got.direction) == ((0.3, 0.45), (4.0, -2.5), (-1.0, 0.0, 0.0, 1.0))
