@@ -40,7 +40,7 @@ from model.inference import load_predictor, predict_file
 class Output(BaseModel):
     """The PRECISE/PACE test phase's Cog example returns ``segmentation_mask`` and ``classification``;
     the labels are spelled as in its classification.csv."""
-    segmentation_mask: Path  # 0/255 PNG of the input's size (.mha/.nii/.nii.gz with its geometry for those inputs)
+    segmentation_mask: Path  # 0/255 PNG of the input's size (.mha/.nii/.nii.gz/.nrrd with its geometry for those inputs)
     classification: str  # Normal | Benign | Malignant
     overlay: Optional[Path]  # the image with the lesion contour, label and probability
     probability_normal: float
@@ -57,7 +57,7 @@ class Predictor(BasePredictor):
 
     def predict(
         self,
-        image: Path = Input(description="Breast ultrasound image (.png, .jpg, .tif, .mha, .nii/.nii.gz or DICOM)"),
+        image: Path = Input(description="Breast ultrasound image (.png, .jpg, .tif, .mha, .nii/.nii.gz, .nrrd or DICOM)"),
         overlay: bool = Input(description="Also return an overlay image", default=True),
         tta: bool = Input(description="Horizontal-flip test-time augmentation (the image and its mirror image, averaged; "
                                          "twice the encoder time)", default=False),

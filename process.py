@@ -62,8 +62,9 @@ def _stop(signum, frame) -> None:
 @click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
               help="Show the version (with Python's and torch's) and exit.")
 @click.option("-i", "--input", "input_dir", type=click.Path(path_type=Path), default=Path("/input"),
-              show_default=True, help="Folder searched recursively for .mha, .nii/.nii.gz, .tif/.tiff, .png, .jpg/.jpeg, "
-                                      ".bmp images and DICOM (.dcm/.dicom, or any other name with DICOM content).")
+              show_default=True, help="Folder searched recursively for .mha/.mhd, .nii/.nii.gz, .nrrd/.nhdr, .tif/.tiff, .png, "
+                                      ".jpg/.jpeg, .bmp images and DICOM (.dcm/.dicom, or any other name with DICOM "
+                                      "content).")
 @click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=Path("/output"),
               show_default=True, help="Output folder (created if missing).")
 @click.option("-t", "--task", type=click.Choice(TASKS), default="all", show_default=True,

@@ -1,17 +1,21 @@
 """What reading an image gives (``LoadedImage``) and how it fails (``ImageReadError``), with the
 checks every reader applies: the size limit, the pixel array's shape and values, and file names that
-the libraries below cannot take; the suffix and stem of a file name (``.nii.gz`` is one suffix). Shared
-by the readers of each format (``model.io``, ``model.dicom``, ``model.metaimage``, ``model.nifti``).
+the libraries below cannot take; the suffix and stem of a file name (``.nii.gz`` is one suffix); the
+data file a detached header names (``.mhd``, ``.nhdr``). Shared by the readers of each format
+(``model.io``, ``model.dicom``, ``model.metaimage``, ``model.nifti``, ``model.nrrd``).
 """
 from __future__ import annotations
 
 import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".mha", ".bmp", ".dcm", ".dicom", ".nii", ".nii.gz"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".mha", ".mhd", ".bmp", ".dcm", ".dicom", ".nii", ".nii.gz",
+                  ".nrrd", ".nhdr"}
 # The largest image read, checked from its header before anything is decoded: an ultrasound frame is
 # under a megapixel, and decoding holds a few full-size copies (Pillow's, the orientation's, the array),
 # so much beyond this (the size test_odd_inputs runs under 4 GB) would not fit a 4 GB container
@@ -28,6 +32,21 @@ def image_suffix(path: Path | str) -> str:
     """The suffix of ``path`` in lower case, ``.nii.gz`` taken whole (``Scan.NII.GZ`` -> ``.nii.gz``)."""
     name = Path(path).name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") and len(name) > 7 else Path(name).suffix
+
+
+def named_or_signed(path: Path | str, suffixes: tuple[str, ...], signature: re.Pattern[bytes], head: int) -> bool:
+    """Whether ``path`` is of the format whose ``suffixes`` are given: it has one of them, or it has no
+    image suffix (a Cog upload's ``file.bin``) and its first ``head`` bytes open with ``signature``."""
+    suffix = image_suffix(path)
+    if suffix in suffixes:
+        return True
+    if suffix in IMAGE_SUFFIXES:
+        return False
+    try:
+        with open(path, "rb") as fh:
+            return signature.match(fh.read(head)) is not None
+    except OSError:
+        return False
 
 
 def image_stem(path: Path | str) -> str:
@@ -69,14 +88,39 @@ class LoadedImage:
     origin: tuple[float, ...] = (0.0, 0.0)
     direction: tuple[float, ...] = (1.0, 0.0, 0.0, 1.0)
     extra: dict = field(default_factory=dict)
-    # read through ITK as a MetaImage (".mha") or NIfTI (".nii", ".nii.gz"), by name or by content: the
-    # suffix that predict_file gives its mask, written in the same format with this geometry
+    # read through ITK as a MetaImage (".mha", also for a .mhd), NIfTI (".nii", ".nii.gz") or NRRD (".nrrd",
+    # also for a .nhdr), by name or by content: the suffix that predict_file gives its mask, written in
+    # that format, in one file, with this geometry
     itk_suffix: str = ""
 
     @property
     def size(self) -> tuple[int, int]:
         """(height, width)."""
         return int(self.array.shape[0]), int(self.array.shape[1])
+
+
+def data_file_beside(path: Path, name: str, field: str) -> Path:
+    """The file that the detached header ``path`` (a ``.mhd``, a ``.nhdr``) names in ``field`` for its
+    pixel data, when it is a readable regular file in the same folder, named without a path; else
+    ``ImageReadError`` with the reason. A list of files, a numbered pattern or a path elsewhere are not
+    read: a header could otherwise have any file on the machine read as pixels."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\%") or name.split()[0].upper() == "LIST":
+        raise ImageReadError(path, f"its header names its pixel data as {field} {name!r}; only one data file "
+                                   f"beside the header, named without a folder, is read (no path, list or pattern)")
+    data = path.parent / name
+    try:
+        st = data.stat()
+    except OSError:
+        raise ImageReadError(path, f"its pixel data file {name} ({field}) is missing: it must be beside the "
+                                   f"header, in the same folder") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageReadError(path, f"its pixel data file {name} ({field}) is not a regular file")
+    try:
+        open(data, "rb").close()
+    except OSError as exc:
+        raise ImageReadError(path, f"its pixel data file {name} ({field}) cannot be opened "
+                                   f"({exc.strerror})") from None
+    return data
 
 
 def check_size(path: Path, width: int, height: int) -> None:

@@ -139,7 +139,7 @@ def find_inputs(input_dir: str | Path, exclude: str | Path | None = None) -> lis
         skip = [Path(os.path.realpath(Path(exclude) / sub)) for sub in OUTPUT_IMAGE_FOLDERS]
         paths = [p for p in paths if not any(Path(os.path.realpath(p)).is_relative_to(s) for s in skip)]
     if not paths:
-        raise InferenceError(f"no images (.mha, .nii/.nii.gz, .tif/.tiff, .png, .jpg/.jpeg, .bmp, DICOM) found "
+        raise InferenceError(f"no images (.mha/.mhd, .nii/.nii.gz, .nrrd/.nhdr, .tif/.tiff, .png, .jpg/.jpeg, .bmp, DICOM) found "
                              f"below {input_dir}")
     return paths
 
@@ -414,10 +414,10 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
 
 
 def predict_file(predictor, image_path: str | Path, output_dir: str | Path, overlay: bool = True) -> Case:
-    """One image -> its mask (MetaImage and NIfTI inputs: in their own format, ``.mha``, ``.nii`` or
-    ``.nii.gz``, with the input's geometry, known by their content where the name has no image suffix:
-    ``io.is_metaimage``, ``nifti.is_nifti``; else a 0/255 ``.png``) and optionally an overlay, in
-    ``output_dir``; raises on any failure (Cog)."""
+    """One image -> its mask (MetaImage, NIfTI and NRRD inputs: in their own format, in one file,
+    ``.mha``, ``.nii``, ``.nii.gz`` or ``.nrrd``, with the input's geometry, known by their content where
+    the name has no image suffix: ``io.is_metaimage``, ``nifti.is_nifti``, ``nrrd.is_nrrd``; else a 0/255
+    ``.png``) and optionally an overlay, in ``output_dir``; raises on any failure (Cog)."""
     path, out = Path(image_path), Path(output_dir)
     image = check_content(read_image(path))
     pred = predictor.predict([image.array])[0]

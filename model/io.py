@@ -1,6 +1,6 @@
 """Reading input images: listing a folder's images and reading one (``read_image``), whatever its format
 (Pillow's formats here, DICOM in ``model.dicom``, MetaImage in ``model.metaimage``, NIfTI in
-``model.nifti``), and masks.
+``model.nifti``, NRRD in ``model.nrrd``), and masks.
 
 ``read_image`` returns the pixels as a numpy array (H x W, or H x W x C with C in 1..4) together
 with the geometry a medical image carries (spacing, origin, direction; unit values for PNG/JPEG).
@@ -24,6 +24,7 @@ from .image import (IMAGE_SUFFIXES, NOT_UTF8, ImageReadError, LoadedImage, check
                     is_utf8_name, printable)
 from .metaimage import METAIMAGE_IO, is_metaimage, read_metaimage
 from .nifti import is_nifti, nifti_pixels, read_nifti
+from .nrrd import NRRD_IO, is_nrrd, read_nrrd
 
 Image.MAX_IMAGE_PIXELS = None  # Pillow's own guard (a warning, then its own error) gives way to image.MAX_PIXELS
 
@@ -83,12 +84,12 @@ def image_pixels(path: Path | str) -> int:
     if not is_utf8_name(path) or not path.is_file():  # a FIFO (or a link to one) would block the open
         return 0
     try:
-        dicom = is_dicom(path)
-        if dicom or is_metaimage(path):
+        io = DICOM_IO if is_dicom(path) else METAIMAGE_IO if is_metaimage(path) else NRRD_IO if is_nrrd(path) else ""
+        if io:
             import SimpleITK as sitk
 
             reader = sitk.ImageFileReader()
-            reader.SetImageIO(DICOM_IO if dicom else METAIMAGE_IO)
+            reader.SetImageIO(io)
             reader.SetFileName(str(path))
             reader.ReadImageInformation()
             size = reader.GetSize()
@@ -236,10 +237,10 @@ def _not_a_file(path: Path) -> str:
 
 
 def read_image(path: Path | str) -> LoadedImage:
-    """Read one 2-D image (png, jpg, tif, bmp, mha, nii/nii.gz, DICOM); raise ``ImageReadError`` with the
-    reason. The suffix picks DICOM, MetaImage, NIfTI or Pillow; a file whose suffix names no image format
-    is read by its content (``is_dicom``, ``is_metaimage``, ``is_nifti``, else Pillow, which knows
-    its formats by their signatures)."""
+    """Read one 2-D image (png, jpg, tif, bmp, mha/mhd, nii/nii.gz, nrrd/nhdr, DICOM); raise
+    ``ImageReadError`` with the reason. The suffix picks DICOM, MetaImage, NIfTI, NRRD or Pillow; a file
+    whose suffix names no image format is read by its content (``is_dicom``, ``is_metaimage``,
+    ``is_nifti``, ``is_nrrd``, else Pillow, which knows its formats by their signatures)."""
     path = Path(path)
     if not is_utf8_name(path):
         raise ImageReadError(printable(path), NOT_UTF8)
@@ -260,6 +261,8 @@ def read_image(path: Path | str) -> LoadedImage:
         return read_metaimage(path)
     if is_nifti(path):
         return read_nifti(path)
+    if is_nrrd(path):
+        return read_nrrd(path)
     return _read_pil(path)
 
 

@@ -1,4 +1,4 @@
-"""Images read and masks written through ITK with their geometry (MetaImage and NIfTI): a 2-D image,
+"""Images read and masks written through ITK with their geometry (MetaImage, NIfTI and NRRD): a 2-D image,
 or a 3-D one of one slice kept as 2-D with its 3-D geometry, so that its mask is written back in the
 same layout and overlays the input exactly."""
 from __future__ import annotations
@@ -40,7 +40,7 @@ def loaded_from_itk(path: Path, img, itk_suffix: str) -> LoadedImage:
 
 def write_itk(path: Path | str, array: np.ndarray, like: LoadedImage | None = None) -> None:
     """Write a 2-D array, compressed, in the format that ``path``'s suffix names (``.mha``, ``.nii``,
-    ``.nii.gz``), with the geometry of ``like``, atomically.
+    ``.nii.gz``, ``.nrrd``), with the geometry of ``like``, atomically.
 
     An input that was 3-D with one slice gets a 3-D, one-slice output, as Grand Challenge expects.
     """

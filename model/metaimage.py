@@ -1,18 +1,21 @@
-"""MetaImage (.mha) files: known by their suffix or by their header, read through ITK with their
-geometry (``model.itk_image``, which also writes their masks), and refused before ITK reads them where
-the header points at another file or announces more pixels than the file holds."""
+"""MetaImage files: ``.mha`` (the header and its pixels in one file) and ``.mhd`` (the header, its pixels
+in a data file beside it, ``.raw`` or ``.zraw``), known by their suffix or (a ``.mha``) by their header,
+read through ITK with their geometry (``model.itk_image``, which also writes their masks, as ``.mha``),
+and refused before ITK reads them where a ``.mha``'s header points at another file, a ``.mhd``'s at
+anything but one file beside it, or the header announces more pixels than the data holds."""
 from __future__ import annotations
 
 import math
 import re
 from pathlib import Path
 
-from .image import IMAGE_SUFFIXES, ImageReadError, LoadedImage, check_size, image_suffix
+from .image import ImageReadError, LoadedImage, check_size, data_file_beside, image_suffix, named_or_signed
 from .itk_image import loaded_from_itk
 
 # ITK's MetaImage reader, named: ITK picks its reader by the file's suffix, and a MetaImage that
 # arrives under another name (a Cog or web upload is saved as ``file.bin``) is known by its content
 METAIMAGE_IO = "MetaImageIO"
+METAIMAGE_SUFFIXES = (".mha", ".mhd")
 # a MetaImage's header opens with one of MetaIO's fields, ``=`` (or ``:``) and its value
 _METAIO_FIRST_LINE = re.compile(
     rb"[ \t]*(ObjectType|ObjectSubType|NDims|Comment|Name|ID|ParentID|FormTypeName|CompressedData|BinaryData|"
@@ -20,40 +23,37 @@ _METAIO_FIRST_LINE = re.compile(
 
 
 def is_metaimage(path: Path | str) -> bool:
-    """Whether ``read_image`` reads ``path`` as a MetaImage: a ``.mha`` file, or a file whose suffix
-    names no image format (``upload.bin``, none) and whose first line is a MetaIO header field. A
+    """Whether ``read_image`` reads ``path`` as a MetaImage: a ``.mha`` or ``.mhd`` file, or a file whose
+    suffix names no image format (``upload.bin``, none) and whose first line is a MetaIO header field. A
     file named as another format (``.png``) is read as that format."""
-    path = Path(path)
-    suffix = image_suffix(path)
-    if suffix == ".mha":
-        return True
-    if suffix in IMAGE_SUFFIXES:
-        return False
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(256)
-    except OSError:
-        return False
-    return _METAIO_FIRST_LINE.match(head) is not None
+    return named_or_signed(path, METAIMAGE_SUFFIXES, _METAIO_FIRST_LINE, 256)
 
 
 def read_metaimage(path: Path) -> LoadedImage:
     """A 2-D MetaImage (or a 3-D one of one slice, kept as 2-D with its 3-D geometry in ``extra`` for the
-    mask written back) with its spacing, origin and direction."""
+    mask written back) with its spacing, origin and direction. A ``.mhd``'s pixels are read from the one
+    data file beside it that its header names; any other MetaImage must hold its own."""
     import SimpleITK as sitk
 
     fields, data_offset = _mha_header(path)
     detached = fields.get("ElementDataFile")
+    where = "the file"
     if detached and detached not in ("LOCAL", "Local", "local"):
-        # a .mha keeps its pixels; a header that points elsewhere could read any file here
-        raise ImageReadError(path, f"its pixel data is in another file (ElementDataFile = {detached}); a .mha "
-                                   f"must hold its own pixels (ElementDataFile = LOCAL)")
+        if image_suffix(path) != ".mhd":
+            # a .mha keeps its pixels; a header that points elsewhere could read any file here
+            raise ImageReadError(path, f"its pixel data is in another file (ElementDataFile = {detached}); a .mha "
+                                       f"must hold its own pixels (ElementDataFile = LOCAL), a header whose pixels "
+                                       f"are in a file beside it is read as .mhd")
+        data = data_file_beside(path, detached, "ElementDataFile =")
+        data_offset, where = 0, f"its data file {detached}"
+    else:
+        data = path
     expected = _pixel_data_bytes(fields)
     if expected is not None and data_offset >= 0:  # refused here, before ITK prints its own complaint
-        held = path.stat().st_size - data_offset
+        held = data.stat().st_size - data_offset
         if held < expected:
             raise ImageReadError(path, f"corrupt or truncated MetaImage: the header reads, the pixel data does not "
-                                       f"(the header announces {expected} bytes of it, the file holds {held})")
+                                       f"(the header announces {expected} bytes of it, {where} holds {held})")
     try:
         dims = [int(v) for v in fields.get("DimSize", "").split()]
     except ValueError:

@@ -102,7 +102,7 @@ def _walk(obj: Any, key: str | None = None) -> Iterator[tuple[str | None, Any]]:
 
 def _stem(name: str) -> str:
     base = Path(name.replace("\\", "/")).name
-    for suffix in (".nii.gz", ".mha", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".mhd", ".nii"):
+    for suffix in (".nii.gz", ".mha", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".mhd", ".nii", ".nrrd", ".nhdr"):
         if base.lower().endswith(suffix):
             return base[: -len(suffix)]
     return Path(base).stem

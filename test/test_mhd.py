@@ -1,0 +1,107 @@
+"""Detached MetaImage inputs (``.mhd`` with its ``.raw`` or ``.zraw`` beside it; model/metaimage.py): read
+with their geometry as the same image in a ``.mha`` is, listed by their header only, their masks written
+as one ``.mha``; refused with the reason where the header names its pixels anywhere but in one file
+beside it, or that file is missing or shorter than the header announces. A ``.mha`` must still hold
+its own pixels."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "test"))
+
+from make_fixtures import synthetic_ultrasound  # noqa: E402
+from model.image import ImageReadError  # noqa: E402
+from model.io import image_pixels, list_images, read_image  # noqa: E402
+from model.itk_image import write_itk  # noqa: E402
+from model.metaimage import is_metaimage  # noqa: E402
+
+SPACING, ORIGIN, DIRECTION = (0.11, 0.08), (3.5, -2.25), (0.0, 1.0, 1.0, 0.0)
+
+
+def _image(h: int = 37, w: int = 52, seed: int = 5) -> tuple[np.ndarray, sitk.Image]:
+    arr = synthetic_ultrasound(h, w, seed)[0]
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(SPACING)
+    img.SetOrigin(ORIGIN)
+    img.SetDirection(DIRECTION)
+    return arr, img
+
+
+def test_an_mhd_is_read_from_the_data_file_beside_it_with_its_geometry(tmp_path):
+    """``.mhd`` + ``.raw`` and ``.mhd`` + ``.zraw`` (compressed), any case of the suffix: the pixels and
+    the geometry of the same image saved as ``.mha``; listed by the header, not the data file; the
+    mask written as one ``.mha`` lies on the input's physical points."""
+    arr, img = _image()
+    sitk.WriteImage(img, str(tmp_path / "plain.mhd"))
+    sitk.WriteImage(img, str(tmp_path / "packed.mhd"), useCompression=True)
+    (tmp_path / "packed.mhd").rename(tmp_path / "PACKED.MHD")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["PACKED.MHD", "packed.zraw", "plain.mhd", "plain.raw"]
+    assert [p.name for p in list_images(tmp_path)] == ["PACKED.MHD", "plain.mhd"]
+    for name in ("plain.mhd", "PACKED.MHD"):
+        assert is_metaimage(tmp_path / name)
+        got = read_image(tmp_path / name)
+        np.testing.assert_array_equal(got.array, arr)
+        assert got.spacing == pytest.approx(SPACING) and got.origin == pytest.approx(ORIGIN)
+        assert got.direction == pytest.approx(DIRECTION) and got.itk_suffix == ".mha"
+        assert image_pixels(tmp_path / name) == arr.size
+    mask = (arr > arr.mean()).astype(np.uint8)
+    write_itk(tmp_path / "out" / "plain_mask.mha", mask, like=read_image(tmp_path / "plain.mhd"))
+    back = sitk.ReadImage(str(tmp_path / "out" / "plain_mask.mha"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), mask)
+    for index in ((0, 0), (51, 0), (9, 30)):
+        assert back.TransformIndexToPhysicalPoint(index) == pytest.approx(img.TransformIndexToPhysicalPoint(index))
+    assert b"ElementDataFile = LOCAL" in (tmp_path / "out" / "plain_mask.mha").read_bytes()
+
+
+def test_an_mhd_whose_pixels_lie_anywhere_but_in_one_file_beside_it_is_refused(tmp_path):
+    """A header could otherwise have any file on the machine read as pixels: a path (absolute, up or
+    down a folder), a list or a numbered pattern are refused, naming the field; so are a data file
+    that is missing, not a regular file, or shorter than the header announces (both counts named:
+    ITK would say only "No such file or directory"). A ``.mha`` (or an upload known by its header)
+    that points at another file is refused as before, with the ``.mhd`` way named."""
+    arr, img = _image(20, 30, 2)
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(np.full(arr.size, 200, np.uint8).tobytes())
+    case = tmp_path / "case"
+    case.mkdir()
+    (case / "sub").mkdir()
+    (case / "sub" / "x.raw").write_bytes(arr.tobytes())
+    sitk.WriteImage(img, str(case / "good.mhd"))
+    header = (case / "good.mhd").read_text()
+    assert "ElementDataFile = good.raw" in header
+
+    def mhd(name: str, data: str) -> Path:
+        path = case / name
+        path.write_text(header.replace("ElementDataFile = good.raw", f"ElementDataFile = {data}"))
+        return path
+
+    elsewhere = {"abs.mhd": str(secret), "up.mhd": "../secret.raw", "down.mhd": "sub/x.raw",
+                 "back.mhd": "sub\\x.raw", "list.mhd": "LIST 2D", "pattern.mhd": "slice%03d.raw 1 3 1"}
+    for name, data in elsewhere.items():
+        with pytest.raises(ImageReadError, match=f"{name}: its header names its pixel data as ElementDataFile = "
+                                                 f".*only one data file beside the header"):
+            read_image(mhd(name, data))
+    with pytest.raises(ImageReadError, match="missing.mhd: its pixel data file none.raw .* is missing"):
+        read_image(mhd("missing.mhd", "none.raw"))
+    os.mkfifo(case / "fifo.raw")
+    with pytest.raises(ImageReadError, match="fifo.mhd: its pixel data file fifo.raw .* is not a regular file"):
+        read_image(mhd("fifo.mhd", "fifo.raw"))
+    (case / "short.raw").write_bytes(arr.tobytes()[:-7])
+    with pytest.raises(ImageReadError, match=rf"short.mhd: corrupt or truncated MetaImage: .*announces {arr.size} "
+                                             rf"bytes of it, its data file short.raw holds {arr.size - 7}\)"):
+        read_image(mhd("short.mhd", "short.raw"))
+    np.testing.assert_array_equal(read_image(mhd("beside.mhd", "good.raw")).array, arr)
+
+    for name in ("pointing.mha", "upload.bin"):
+        (case / name).write_text(header)
+        assert is_metaimage(case / name)
+        with pytest.raises(ImageReadError, match=f"{name}: its pixel data is in another file .*read as .mhd"):
+            read_image(case / name)
