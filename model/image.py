@@ -101,12 +101,20 @@ class LoadedImage:
 
 def data_file_beside(path: Path, name: str, field: str) -> Path:
     """The file that the detached header ``path`` (a ``.mhd``, a ``.nhdr``) names in ``field`` for its
-    pixel data, when it is a readable regular file in the same folder, named without a path; else
-    ``ImageReadError`` with the reason. A list of files, a numbered pattern or a path elsewhere are not
-    read: a header could otherwise have any file on the machine read as pixels."""
-    if not name or name in (".", "..") or any(c in name for c in "/\\%") or name.split()[0].upper() == "LIST":
+    pixel data, when it is a readable regular file in the same folder other than the header, named
+    without a path; else ``ImageReadError`` with the reason. ``name`` is the value as the library that
+    reads the file takes it (MetaIO strips spaces, teem keeps them). A list of files, a numbered
+    pattern or a path elsewhere are not read: a header could otherwise have any file on the machine
+    read as pixels. Where the libraries would open another file than the one checked here, the name
+    is refused too: one not in printable ASCII (MetaIO cuts a name at a byte over 127), with spaces at
+    either end, a ``:`` (teem takes ``C:x.raw`` for a path), a leading ``~`` (MetaIO does), or opening
+    with ``LIST`` (both take that for a list, whatever follows)."""
+    plain = name.isascii() and name.isprintable() and name == name.strip()
+    if (not plain or name in ("", ".", "..") or any(c in name for c in "/\\%:") or name.startswith("~")
+            or name[:4].upper() == "LIST"):
         raise ImageReadError(path, f"its header names its pixel data as {field} {name!r}; only one data file "
-                                   f"beside the header, named without a folder, is read (no path, list or pattern)")
+                                   f"beside the header, named without a folder, is read (no path, list or pattern; "
+                                   f"printable ASCII without a ':' or spaces at either end)")
     data = path.parent / name
     try:
         st = data.stat()
@@ -115,6 +123,8 @@ def data_file_beside(path: Path, name: str, field: str) -> Path:
                                    f"header, in the same folder") from None
     if not stat.S_ISREG(st.st_mode):
         raise ImageReadError(path, f"its pixel data file {name} ({field}) is not a regular file")
+    if os.path.samefile(data, path):
+        raise ImageReadError(path, f"its pixel data file {name} ({field}) is the header itself")
     try:
         open(data, "rb").close()
     except OSError as exc:

@@ -24,7 +24,7 @@ from .image import (IMAGE_SUFFIXES, NOT_UTF8, ImageReadError, LoadedImage, check
                     is_utf8_name, printable)
 from .metaimage import METAIMAGE_IO, is_metaimage, read_metaimage
 from .nifti import is_nifti, nifti_pixels, read_nifti
-from .nrrd import NRRD_IO, is_nrrd, read_nrrd
+from .nrrd import is_nrrd, nrrd_pixels, read_nrrd
 
 Image.MAX_IMAGE_PIXELS = None  # Pillow's own guard (a warning, then its own error) gives way to image.MAX_PIXELS
 
@@ -84,18 +84,20 @@ def image_pixels(path: Path | str) -> int:
     if not is_utf8_name(path) or not path.is_file():  # a FIFO (or a link to one) would block the open
         return 0
     try:
-        io = DICOM_IO if is_dicom(path) else METAIMAGE_IO if is_metaimage(path) else NRRD_IO if is_nrrd(path) else ""
-        if io:
+        dicom = is_dicom(path)
+        if dicom or is_metaimage(path):
             import SimpleITK as sitk
 
             reader = sitk.ImageFileReader()
-            reader.SetImageIO(io)
+            reader.SetImageIO(DICOM_IO if dicom else METAIMAGE_IO)
             reader.SetFileName(str(path))
             reader.ReadImageInformation()
             size = reader.GetSize()
             return int(size[0]) * int(size[1])
         if is_nifti(path):
             return nifti_pixels(path)
+        if is_nrrd(path):
+            return nrrd_pixels(path)
         with Image.open(path) as im:
             return int(im.size[0]) * int(im.size[1])
     except Exception:  # noqa: BLE001 - any unreadable file: read_image reports it

@@ -3,12 +3,16 @@ or a 3-D one of one slice kept as 2-D with its 3-D geometry, so that its mask is
 same layout and overlays the input exactly."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
 from .atomic_files import atomic_path
 from .image import ImageReadError, LoadedImage, check_pixels, is_utf8_name, printable
+
+# "ITK ERROR: NiftiImageIO(0x55d0c0a1b2c0): " before ITK's reasons: its internals, not the input's
+ITK_PREFIX = re.compile(r"ITK ERROR: (?:\w+ ?\(0x[0-9a-fA-F]+\): )?")
 
 
 def loaded_from_itk(path: Path, img, itk_suffix: str) -> LoadedImage:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import zlib
 from pathlib import Path
 
 from .image import ImageReadError, LoadedImage, check_size, data_file_beside, image_suffix, named_or_signed
@@ -16,6 +17,7 @@ from .itk_image import loaded_from_itk
 # arrives under another name (a Cog or web upload is saved as ``file.bin``) is known by its content
 METAIMAGE_IO = "MetaImageIO"
 METAIMAGE_SUFFIXES = (".mha", ".mhd")
+_CHUNK = 1 << 20
 # a MetaImage's header opens with one of MetaIO's fields, ``=`` (or ``:``) and its value
 _METAIO_FIRST_LINE = re.compile(
     rb"[ \t]*(ObjectType|ObjectSubType|NDims|Comment|Name|ID|ParentID|FormTypeName|CompressedData|BinaryData|"
@@ -54,12 +56,18 @@ def read_metaimage(path: Path) -> LoadedImage:
         if held < expected:
             raise ImageReadError(path, f"corrupt or truncated MetaImage: the header reads, the pixel data does not "
                                        f"(the header announces {expected} bytes of it, {where} holds {held})")
-    try:
-        dims = [int(v) for v in fields.get("DimSize", "").split()]
-    except ValueError:
-        dims = []  # ITK reports it
+    dim_text = fields.get("DimSize", "")
+    if not re.fullmatch(r"[0-9 \t]*", dim_text):  # MetaIO reads 10001.0 or 1e4 as sizes
+        raise ImageReadError(path, f"its header's DimSize ({dim_text}) is not whole numbers")
+    dims = [int(v) for v in dim_text.split()]
+    if len(dims) == 1:  # ITK would say "The maximum supported IO dimension is 5"
+        raise ImageReadError(path, f"1-D image of {dims[0]} pixels; expected 2-D")
     if len(dims) >= 2:
         check_size(path, dims[0], math.prod(dims[1:]))
+    if fields.get("CompressedData", "").lower() in ("true", "t", "1") and "HeaderSize" not in fields:
+        raw = _raw_pixel_bytes(fields)
+        if raw is not None and data_offset >= 0:
+            _check_compressed(path, data, data_offset, fields.get("CompressedDataSize"), raw, where)
     try:
         img = sitk.ReadImage(str(path), imageIO=METAIMAGE_IO)
     except RuntimeError as exc:
@@ -112,6 +120,15 @@ def _pixel_data_bytes(fields: dict[str, str]) -> int | None:
             return int(fields["CompressedDataSize"])
         if compressed not in ("false", "f", "0"):
             return None
+    except (KeyError, ValueError):
+        return None
+    return _raw_pixel_bytes(fields)
+
+
+def _raw_pixel_bytes(fields: dict[str, str]) -> int | None:
+    """How many bytes the pixels take uncompressed; None for an element type whose size depends on the
+    platform, or a header that does not say."""
+    try:
         dims = [int(v) for v in fields["DimSize"].split()]
         if "NDims" in fields:
             dims = dims[:int(fields["NDims"])]
@@ -120,3 +137,36 @@ def _pixel_data_bytes(fields: dict[str, str]) -> int | None:
     except (KeyError, ValueError):
         return None
     return math.prod(dims) * channels * element
+
+
+def _check_compressed(path: Path, data: Path, offset: int, size: str | None, expected: int, where: str) -> None:
+    """Refuse compressed pixel data that does not inflate to the ``expected`` bytes, or whose stream is
+    damaged or cut short: MetaIO says "Uncompress failed" on stderr and hands ITK the image anyway, the
+    rest of it whatever its memory held. Inflated in chunks and thrown away (nothing held); read as
+    MetaIO reads it: ``CompressedDataSize`` bytes from ``offset`` where given, else to the end of the file."""
+    try:
+        limit = int(size) if size is not None else None
+    except ValueError:
+        limit = None
+    inflate = zlib.decompressobj(47)  # a zlib or gzip stream, as MetaIO's inflateInit2(..., 47) takes
+    out = read = 0
+    try:
+        with open(data, "rb") as fh:
+            fh.seek(offset)
+            while not inflate.eof and out <= expected:
+                chunk = fh.read(_CHUNK if limit is None else min(_CHUNK, limit - read))
+                if not chunk:
+                    break
+                read += len(chunk)
+                while chunk and not inflate.eof and out <= expected:
+                    out += len(inflate.decompress(chunk, _CHUNK))
+                    chunk = inflate.unconsumed_tail
+    except zlib.error as exc:
+        raise ImageReadError(path, f"corrupt or truncated MetaImage: its compressed pixel data in {where} is "
+                                   f"damaged (zlib: {exc})") from None
+    if out < expected:
+        raise ImageReadError(path, f"corrupt or truncated MetaImage: its compressed pixel data in {where} inflates "
+                                   f"to {out} of the {expected} bytes the header announces")
+    if out == expected and not inflate.eof:
+        raise ImageReadError(path, f"corrupt or truncated MetaImage: its compressed pixel data in {where} is cut "
+                                   f"short before the end of its stream (its checksum)")

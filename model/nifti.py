@@ -25,7 +25,6 @@ import contextlib
 import gzip
 import math
 import os
-import re
 import struct
 import tempfile
 import zlib
@@ -36,7 +35,7 @@ from typing import Iterator
 import numpy as np
 
 from .image import IMAGE_SUFFIXES, ImageReadError, LoadedImage, check_size, image_stem, image_suffix
-from .itk_image import loaded_from_itk
+from .itk_image import ITK_PREFIX, loaded_from_itk
 
 NIFTI_IO = "NiftiImageIO"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -53,7 +52,6 @@ FLOAT_DATATYPES = {16: "f4", 64: "f8"}  # checked for NaN and infinity before IT
 _HEADER_BYTES = 540  # NIfTI-2's header; NIfTI-1's is 348
 _CHUNK = 1 << 20
 _SLACK = 1 << 20  # read a gzip stream at most this far past the pixels its header announces (ITK reads no further)
-_ITK_PREFIX = re.compile(r"ITK ERROR: (?:\w+ ?\(0x[0-9a-fA-F]+\): )?")
 
 
 @dataclass(frozen=True)
@@ -246,6 +244,6 @@ def read_nifti(path: Path) -> LoadedImage:
             img = sitk.ReadImage(name, imageIO=NIFTI_IO)
         except RuntimeError as exc:
             lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-            reason = _ITK_PREFIX.sub("", lines[-1] if lines else "unknown error").replace(name, path.name)
+            reason = ITK_PREFIX.sub("", lines[-1] if lines else "unknown error").replace(name, path.name)
             raise ImageReadError(path, f"cannot read as NIfTI ({reason})") from None
     return loaded_from_itk(path, img, suffix)

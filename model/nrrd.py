@@ -13,13 +13,15 @@ import re
 from pathlib import Path
 
 from .image import ImageReadError, LoadedImage, check_size, data_file_beside, image_suffix, named_or_signed
-from .itk_image import loaded_from_itk
+from .itk_image import ITK_PREFIX, loaded_from_itk
 
 NRRD_IO = "NrrdImageIO"
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
 _MAGIC = re.compile(rb"NRRD000[1-5]\r?\n")
-# the most header read: a NRRD header is a few hundred bytes of text; past this it is not one
+# the most header read: a NRRD header is a few hundred bytes of text; one that runs on past this is refused
 _MAX_HEADER = 1 << 20
+# teem ends a line at \r\n, \n or a lone \r
+_LINES = re.compile(rb"\r\n|\r|\n")
 # kinds of an axis along which pixels lie (the others hold a pixel's channels: RGB-color, vector, ...)
 _SPATIAL_KINDS = {"domain", "space", "time", "???", "none"}
 # teem's "[nrrd] _nrrdEncodingGzip_read: " before each line of its reasons
@@ -35,28 +37,36 @@ def is_nrrd(path: Path | str) -> bool:
 
 def nrrd_header(path: Path) -> dict[str, str]:
     """The header's fields (``type``, ``sizes``, ``data file``, ...; keys in lower case, teem's
-    spellings: ``datafile`` = ``data file``), read to the blank line that ends it (or the end of a
-    ``.nhdr``); comments and ``key:=value`` pairs skipped. ``ImageReadError`` without NRRD's magic."""
+    spellings: ``datafile`` = ``data file``), read line by line as teem reads it to the blank line that
+    ends it (or the end of a ``.nhdr``); comments and ``key:=value`` pairs skipped; the data file's name
+    as teem takes it (spaces kept, bytes that are not UTF-8 kept as such), the other values stripped.
+    ``ImageReadError`` without NRRD's magic or with a header that runs past ``_MAX_HEADER``."""
     with open(path, "rb") as fh:
-        head = fh.read(_MAX_HEADER)
+        head = fh.read(_MAX_HEADER + 1)
     if not _MAGIC.match(head):
         raise ImageReadError(path, "not a NRRD file (no NRRD0001 to NRRD0005 magic at its start)")
     fields: dict[str, str] = {}
-    for raw in head.split(b"\n")[1:]:
-        line = raw.rstrip(b"\r").decode("utf-8", "replace")
-        if not line:
+    lines = _LINES.split(head)[1:]
+    for i, raw in enumerate(lines):
+        if not raw and i < len(lines) - 1:
             break
+        if i == len(lines) - 1 and len(head) > _MAX_HEADER:  # no end in sight: its fields cannot all be checked
+            raise ImageReadError(path, f"its NRRD header runs past {_MAX_HEADER >> 20} MiB without the blank line "
+                                       f"that ends it")
+        line = raw.decode("utf-8", "surrogateescape")
         if line.startswith("#") or ":=" in line.split(": ", 1)[0]:
             continue
         key, sep, value = line.partition(": ")
         if sep:
-            fields[key.strip().lower().replace("datafile", "data file")] = value.strip()
+            key = key.strip().lower().replace("datafile", "data file")
+            fields[key] = value if key == "data file" else value.strip()
     return fields
 
 
-def _check_header(path: Path, fields: dict[str, str]) -> None:
-    """Refuse where the pixels lie anywhere but in this file (a ``.nrrd``) or in one file beside it (a
-    ``.nhdr``), in an encoding ITK lacks, and an image too large to read."""
+def _check_header(path: Path, fields: dict[str, str]) -> list[int]:
+    """The image's sizes along the axes where its pixels lie; refused where the pixels lie anywhere but
+    in this file (a ``.nrrd``) or in one file beside it (a ``.nhdr``), in an encoding ITK lacks, and
+    where the sizes are not whole numbers (teem reads ``10001.`` as 10001) or too large to read."""
     detached = fields.get("data file")
     if detached is not None:
         if image_suffix(path) != ".nhdr":  # a header that points elsewhere could read any file here
@@ -67,10 +77,12 @@ def _check_header(path: Path, fields: dict[str, str]) -> None:
     if fields.get("encoding", "").lower() in ("bzip2", "bz2"):  # teem's own reason would read as a fault
         raise ImageReadError(path, "its pixel data is bzip2-encoded, which ITK's NRRD reader cannot read; "
                                    "save it with raw or gzip encoding")
-    try:
-        sizes = [int(v) for v in fields.get("sizes", "").split()]
-    except ValueError:
-        return  # ITK says what is wrong with it
+    sizes_text = fields.get("sizes", "")
+    if not re.fullmatch(r"[0-9 \t]*", sizes_text):
+        raise ImageReadError(path, f"its header's sizes ({sizes_text}) are not whole numbers")
+    sizes = [int(v) for v in sizes_text.split()]
+    if len(sizes) == 1:  # ITK would say "The maximum supported IO dimension is 5"
+        raise ImageReadError(path, f"1-D image of {sizes[0]} pixels; expected 2-D")
     kinds = fields.get("kinds", "").split()
     if len(kinds) != len(sizes):
         kinds = ["domain"] * len(sizes)
@@ -80,6 +92,17 @@ def _check_header(path: Path, fields: dict[str, str]) -> None:
         raise ImageReadError(path, f"unsupported channel count {channels}")
     if len(spatial) >= 2:
         check_size(path, spatial[0], math.prod(spatial[1:]))
+    return spatial
+
+
+def nrrd_pixels(path: Path | str) -> int:
+    """Height x width from the header alone, after the checks ``read_nrrd`` makes first (ITK, asked for
+    a ``.nhdr``'s size, opens its data file: a pipe there would block); 0 when it cannot be read."""
+    try:
+        spatial = _check_header(Path(path), nrrd_header(Path(path)))
+    except (ImageReadError, OSError):
+        return 0
+    return math.prod(spatial) if len(spatial) >= 2 else 0
 
 
 def read_nrrd(path: Path) -> LoadedImage:
@@ -91,7 +114,7 @@ def read_nrrd(path: Path) -> LoadedImage:
     try:
         img = sitk.ReadImage(str(path), imageIO=NRRD_IO)
     except RuntimeError as exc:
-        lines = [_TEEM_PREFIX.sub("", line).strip() for line in str(exc).strip().splitlines()]
+        lines = [_TEEM_PREFIX.sub("", ITK_PREFIX.sub("", line)).strip() for line in str(exc).strip().splitlines()]
         lines = [line for line in lines if line and not line.startswith(("trouble", "Exception thrown"))]
         reason = lines[-1] if lines else "unknown error"
         if "_nrrdEncoding" in str(exc):  # the header parsed, its pixel data did not

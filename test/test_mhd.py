@@ -105,3 +105,59 @@ def test_an_mhd_whose_pixels_lie_anywhere_but_in_one_file_beside_it_is_refused(t
         assert is_metaimage(case / name)
         with pytest.raises(ImageReadError, match=f"{name}: its pixel data is in another file .*read as .mhd"):
             read_image(case / name)
+
+
+def test_an_mhd_data_file_name_that_the_libraries_would_take_for_another_file_is_refused(tmp_path):
+    """MetaIO takes a name opening with ``LIST`` for a list whatever follows, one opening with ``~`` or
+    holding ``C:`` for a path, and cuts a name at a byte over 127: each would have it open another file
+    than the one checked here, so such names are refused; so are a NUL and the header naming itself."""
+    arr, img = _image(20, 30, 3)
+    sitk.WriteImage(img, str(tmp_path / "good.mhd"))
+    header = (tmp_path / "good.mhd").read_bytes()
+    for i, name in enumerate((b"LIST.raw", b"LIST2", b"~x.raw", b"C:x.raw", b"a\xffb.raw", "é.raw".encode(), b"a\0b")):
+        text = header.replace(b"ElementDataFile = good.raw", b"ElementDataFile = " + name)
+        (tmp_path / f"n{i}.mhd").write_bytes(text)
+        with pytest.raises(ImageReadError, match=f"n{i}.mhd: its header names its pixel data as ElementDataFile = "
+                                                 f".*only one data file beside the header"):
+            read_image(tmp_path / f"n{i}.mhd")
+    (tmp_path / "self.mhd").write_bytes(header.replace(b"= good.raw", b"= self.mhd"))
+    with pytest.raises(ImageReadError, match=r"self.mhd: its pixel data file self.mhd .* is the header itself"):
+        read_image(tmp_path / "self.mhd")
+
+
+def test_compressed_metaimage_data_that_does_not_inflate_to_its_pixels_is_refused(tmp_path):
+    """MetaIO says "Uncompress failed" on stderr and hands ITK the image anyway (the rest of it whatever
+    its memory held): a damaged, cut or foreign ``.zraw``, a ``CompressedDataSize`` that stops short, and
+    damaged data in a ``.mha`` are refused with the reason; so are sizes that are not whole numbers (MetaIO
+    reads 1.0001e4 as 10001, past the size check) and a 1-D image."""
+    arr, img = _image(30, 40, 4)
+    sitk.WriteImage(img, str(tmp_path / "z.mhd"), useCompression=True)
+    sitk.WriteImage(img, str(tmp_path / "whole.mha"), useCompression=True)
+    header, packed = (tmp_path / "z.mhd").read_text(), (tmp_path / "z.zraw").read_bytes()
+    np.testing.assert_array_equal(read_image(tmp_path / "z.mhd").array, arr)
+    damaged = bytearray(packed)
+    damaged[len(packed) // 2] ^= 0x5A
+    blobs = {"cut": packed[: len(packed) // 3], "damaged": bytes(damaged), "plain": arr.tobytes()}
+    for name, blob in blobs.items():
+        (tmp_path / f"{name}.zraw").write_bytes(blob)
+        (tmp_path / f"{name}.mhd").write_text(header.replace("z.zraw", f"{name}.zraw").replace(
+            f"CompressedDataSize = {len(packed)}", f"CompressedDataSize = {len(blob)}"))
+    stops = header.replace(f"CompressedDataSize = {len(packed)}", "CompressedDataSize = 20")
+    (tmp_path / "stops.mhd").write_text(stops)
+    whole = bytearray((tmp_path / "whole.mha").read_bytes())
+    whole[-len(packed) // 2] ^= 0x5A
+    (tmp_path / "damaged.mha").write_bytes(bytes(whole))
+    reasons = {"cut.mhd": "inflates to [0-9]+ of the 1200 bytes the header announces",
+               "damaged.mhd": r"in its data file damaged.zraw is damaged \(zlib: ",
+               "plain.mhd": r"is damaged \(zlib: ", "stops.mhd": "inflates to [0-9]+ of the 1200 bytes",
+               "damaged.mha": r"in the file is damaged \(zlib: "}
+    for name, reason in reasons.items():
+        with pytest.raises(ImageReadError, match=f"{name}: corrupt or truncated MetaImage: .*{reason}"):
+            read_image(tmp_path / name)
+    (tmp_path / "float.mhd").write_text(header.replace("DimSize = 40 30", "DimSize = 1.0001e4 10001"))
+    with pytest.raises(ImageReadError, match=r"float.mhd: its header's DimSize \(1.0001e4 10001\) is not whole"):
+        read_image(tmp_path / "float.mhd")
+    (tmp_path / "line.mhd").write_text(header.replace("NDims = 2", "NDims = 1").replace("DimSize = 40 30",
+                                                                                         "DimSize = 1200"))
+    with pytest.raises(ImageReadError, match="line.mhd: 1-D image of 1200 pixels; expected 2-D"):
+        read_image(tmp_path / "line.mhd")

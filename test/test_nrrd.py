@@ -206,3 +206,66 @@ def test_process_gives_nrrd_nhdr_and_mhd_frames_the_mask_of_the_same_pixels_as_p
     back = sitk.ReadImage(str(case.outputs[0]))
     assert back.GetSpacing() == pytest.approx(SPACING) and back.GetDirection() == pytest.approx(DIRECTION)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back) * 255, masks["frame"])
+
+
+def test_a_nrrd_header_is_read_as_teem_reads_it_so_nothing_it_names_escapes_the_checks(tmp_path):
+    """teem ends a header line at a lone CR too, keeps spaces around a data file's name, takes a name
+    opening with ``LIST`` for a list, ``C:x`` for a path, and reads ``10001.`` as 10001: a header
+    written so would have another file read than the one checked, or skip the size check. Each is
+    refused, as is a header that runs past 1 MiB (its fields could not all be checked); ITK's internals
+    stay out of a message."""
+    arr = synthetic_ultrasound(24, 32, 11)[0]
+    (tmp_path / "secret.raw").write_bytes(arr.tobytes())
+    (tmp_path / "LIST2").write_bytes(arr.tobytes())
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "d.raw").write_bytes(arr.tobytes())
+    (tmp_path / "in" / "d.raw ").write_bytes(arr.tobytes())
+    head = _nrrd(arr)[:-arr.size - 1].decode()
+    cr = head.replace("\n", "\r").replace("NRRD0004\r", "NRRD0004\n")
+    cases = {
+        "cr.nrrd": (cr + "data file: ../secret.raw\r\r", "its pixel data is in another file"),
+        "cr.nhdr": (cr + "data file: ../secret.raw\r", "its header names its pixel data as data file: '../secret.raw'"),
+        "long.nhdr": (head + "# " + "x" * (1 << 20) + "\ndata file: ../secret.raw\n", "header runs past 1 MiB"),
+        "list.nhdr": (head + "data file: LIST2\n../secret.raw\n", "data file: 'LIST2'; only one data file beside"),
+        "space.nhdr": (head + "data file: d.raw \n", "data file: 'd.raw '; only one data file beside"),
+        "drive.nhdr": (head + "data file: C:d.raw\n", "data file: 'C:d.raw'; only one data file beside"),
+        "tilde.nhdr": (head + "data file: ~d.raw\n", "data file: '~d.raw'; only one data file beside"),
+        "self.nhdr": (head + "data file: self.nhdr\n", r"data file self.nhdr \(data file:\) is the header"),
+    }
+    for name, (text, reason) in cases.items():
+        (tmp_path / "in" / name).write_bytes(text.encode())
+        with pytest.raises(ImageReadError, match=f"{name}: .*{reason}"):
+            read_image(tmp_path / "in" / name)
+        assert image_pixels(tmp_path / "in" / name) == 0, name
+    (tmp_path / "in" / "ok.nhdr").write_text(head + "data file: d.raw\n")
+    np.testing.assert_array_equal(read_image(tmp_path / "in" / "ok.nhdr").array, arr)
+    (tmp_path / "in" / "big.nrrd").write_bytes(_nrrd(arr, "gzip", sizes="10001. 10001."))
+    with pytest.raises(ImageReadError, match=r"big.nrrd: its header's sizes \(10001. 10001.\) are not whole numbers"):
+        read_image(tmp_path / "in" / "big.nrrd")
+    (tmp_path / "in" / "line.nrrd").write_bytes(_nrrd(arr, sizes="768"))
+    with pytest.raises(ImageReadError, match="line.nrrd: 1-D image of 768 pixels; expected 2-D"):
+        read_image(tmp_path / "in" / "line.nrrd")
+    (tmp_path / "in" / "space.nrrd").write_bytes(_nrrd(arr, extra="space dimension: 4\nspace directions: (1,0,0,0) "
+                                                                  "(0,1,0,0)\n"))
+    with pytest.raises(ImageReadError, match="space.nrrd: cannot read as NRRD") as err:
+        read_image(tmp_path / "in" / "space.nrrd")
+    assert "ITK ERROR" not in str(err.value) and "0x" not in str(err.value) and "[nrrd]" not in str(err.value)
+
+
+def test_the_size_of_a_nhdr_whose_data_file_is_a_pipe_is_asked_without_blocking(tmp_path):
+    """ITK, asked only for a ``.nhdr``'s size, opens its data file: a pipe there blocked the run before
+    any image was read. The header's checks come first, so its size is 0 and reading it an error."""
+    import os
+    import subprocess
+
+    arr = synthetic_ultrasound(24, 32, 12)[0]
+    os.mkfifo(tmp_path / "pipe.raw")
+    (tmp_path / "p.nhdr").write_bytes(_nrrd(arr, extra="data file: pipe.raw\n")[:-arr.size])
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from model.io import image_pixels, read_image;"
+            "print(image_pixels(sys.argv[2]))\n"
+            "try:\n    read_image(sys.argv[2])\nexcept ValueError as e:\n    print(e)")
+    done = subprocess.run([sys.executable, "-c", code, str(REPO), str(tmp_path / "p.nhdr")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["0", f"{tmp_path / 'p.nhdr'}: its pixel data file pipe.raw (data file:) is "
+                                             f"not a regular file"]
