@@ -106,15 +106,16 @@ def data_file_beside(path: Path, name: str, field: str) -> Path:
     reads the file takes it (MetaIO strips spaces, teem keeps them). A list of files, a numbered
     pattern or a path elsewhere are not read: a header could otherwise have any file on the machine
     read as pixels. Where the libraries would open another file than the one checked here, the name
-    is refused too: one not in printable ASCII (MetaIO cuts a name at a byte over 127), with spaces at
-    either end, a ``:`` (teem takes ``C:x.raw`` for a path), a leading ``~`` (MetaIO does), or opening
-    with ``LIST`` (both take that for a list, whatever follows)."""
-    plain = name.isascii() and name.isprintable() and name == name.strip()
-    if (not plain or name in ("", ".", "..") or any(c in name for c in "/\\%:") or name.startswith("~")
-            or name[:4].upper() == "LIST"):
-        raise ImageReadError(path, f"its header names its pixel data as {field} {name!r}; only one data file "
-                                   f"beside the header, named without a folder, is read (no path, list or pattern; "
-                                   f"printable ASCII without a ':' or spaces at either end)")
+    is refused too: one with control characters or bytes that are not UTF-8 (kept as lone surrogates
+    by the header's reader), spaces at either end, a last character that is not printable ASCII
+    (MetaIO strips such bytes from a name's end: ``daté.raw`` stays, ``daté`` would be ``dat``), a
+    ``:`` (teem takes ``C:x.raw`` for a path), a leading ``~`` (MetaIO does), or opening with
+    ``LIST`` (both take that for a list, whatever follows; ``list_a.raw`` is a name)."""
+    plain = name.isprintable() and name == name.strip() and name[-1:].isascii()
+    if (not plain or name in ("", ".", "..") or any(c in name for c in "/\\%:") or name.startswith(("~", "LIST"))):
+        raise ImageReadError(path, f"its header names its pixel data as {field} {printable(repr(name))}; only one "
+                                   f"data file beside the header, named without a folder, is read (no path, list or "
+                                   f"pattern, control character, ':' or space at either end)")
     data = path.parent / name
     try:
         st = data.stat()

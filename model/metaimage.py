@@ -10,7 +10,8 @@ import re
 import zlib
 from pathlib import Path
 
-from .image import ImageReadError, LoadedImage, check_size, data_file_beside, image_suffix, named_or_signed
+from .image import (ImageReadError, LoadedImage, check_size, data_file_beside, image_suffix, named_or_signed,
+                    printable)
 from .itk_image import loaded_from_itk
 
 # ITK's MetaImage reader, named: ITK picks its reader by the file's suffix, and a MetaImage that
@@ -43,11 +44,11 @@ def read_metaimage(path: Path) -> LoadedImage:
     if detached and detached not in ("LOCAL", "Local", "local"):
         if image_suffix(path) != ".mhd":
             # a .mha keeps its pixels; a header that points elsewhere could read any file here
-            raise ImageReadError(path, f"its pixel data is in another file (ElementDataFile = {detached}); a .mha "
-                                       f"must hold its own pixels (ElementDataFile = LOCAL), a header whose pixels "
-                                       f"are in a file beside it is read as .mhd")
+            raise ImageReadError(path, f"its pixel data is in another file (ElementDataFile = {printable(detached)}); "
+                                       f"a .mha must hold its own pixels (ElementDataFile = LOCAL), a header whose "
+                                       f"pixels are in a file beside it is read as .mhd")
         data = data_file_beside(path, detached, "ElementDataFile =")
-        data_offset, where = 0, f"its data file {detached}"
+        data_offset, where = 0, f"its data file {printable(detached)}"
     else:
         data = path
     expected = _pixel_data_bytes(fields)
@@ -64,10 +65,8 @@ def read_metaimage(path: Path) -> LoadedImage:
         raise ImageReadError(path, f"1-D image of {dims[0]} pixels; expected 2-D")
     if len(dims) >= 2:
         check_size(path, dims[0], math.prod(dims[1:]))
-    if fields.get("CompressedData", "").lower() in ("true", "t", "1") and "HeaderSize" not in fields:
-        raw = _raw_pixel_bytes(fields)
-        if raw is not None and data_offset >= 0:
-            _check_compressed(path, data, data_offset, fields.get("CompressedDataSize"), raw, where)
+    if fields.get("CompressedData", "").lower() in ("true", "t", "1"):
+        _check_compressed(path, fields, data, data_offset, where)
     try:
         img = sitk.ReadImage(str(path), imageIO=METAIMAGE_IO)
     except RuntimeError as exc:
@@ -97,7 +96,7 @@ def _mha_header(path: Path) -> tuple[dict[str, str], int]:
         for line in fh:
             key, *value = re.split(rb"[=:]", line, maxsplit=1)
             name = key.strip().decode("latin-1")
-            fields[name] = b"".join(value).strip().decode("utf-8", "replace")
+            fields[name] = b"".join(value).strip().decode("utf-8", "surrogateescape")
             if name == "ElementDataFile":
                 return fields, fh.tell()
     return fields, -1
@@ -112,7 +111,7 @@ def _pixel_data_bytes(fields: dict[str, str]) -> int | None:
     """How many bytes of pixel data a local MetaImage header announces; None where it does not say
     plainly (a ``HeaderSize`` to skip, pixels as text, an unknown element type or flag, compressed
     without its size)."""
-    if "HeaderSize" in fields or fields.get("BinaryData", "True").lower() not in ("true", "t", "1"):
+    if _header_size(fields) or fields.get("BinaryData", "True").lower() not in ("true", "t", "1"):
         return None
     compressed = fields.get("CompressedData", "False").lower()
     try:
@@ -139,15 +138,37 @@ def _raw_pixel_bytes(fields: dict[str, str]) -> int | None:
     return math.prod(dims) * channels * element
 
 
-def _check_compressed(path: Path, data: Path, offset: int, size: str | None, expected: int, where: str) -> None:
-    """Refuse compressed pixel data that does not inflate to the ``expected`` bytes, or whose stream is
-    damaged or cut short: MetaIO says "Uncompress failed" on stderr and hands ITK the image anyway, the
-    rest of it whatever its memory held. Inflated in chunks and thrown away (nothing held); read as
-    MetaIO reads it: ``CompressedDataSize`` bytes from ``offset`` where given, else to the end of the file."""
-    try:
-        limit = int(size) if size is not None else None
-    except ValueError:
+
+def _header_size(fields: dict[str, str]) -> str:
+    """The ``HeaderSize`` to skip before the pixels, "" where there is none (MetaIO skips none for 0)."""
+    size = fields.get("HeaderSize", "").strip()
+    return "" if size == "0" else size
+
+
+def _check_compressed(path: Path, fields: dict[str, str], data: Path, offset: int, where: str) -> None:
+    """Refuse compressed pixel data that does not inflate to exactly the bytes the header announces,
+    its stream whole to its end (its checksum), or that MetaIO would not read as it is checked here:
+    MetaIO says "Uncompress failed" on stderr and hands ITK the image anyway, the rest of it whatever
+    its memory held. Inflated in chunks and thrown away (nothing held), from ``offset``, for
+    ``CompressedDataSize`` bytes (a ``.mha`` must give it: without it MetaIO inflates the file from
+    its first byte, header and all), else to the end of a data file. A ``HeaderSize`` to skip before
+    compressed data is refused (no writer makes one)."""
+    if _header_size(fields):
+        raise ImageReadError(path, f"its compressed pixel data follows a HeaderSize ({_header_size(fields)}) to "
+                                   f"skip, which is not read")
+    size = fields.get("CompressedDataSize", "").strip()
+    if size in ("", "0"):
+        if data == path:
+            raise ImageReadError(path, "its compressed pixel data has no CompressedDataSize, without which MetaIO "
+                                       "does not read a .mha's compressed pixels")
         limit = None
+    elif not size.isdigit():
+        raise ImageReadError(path, f"its header's CompressedDataSize ({size}) is not a whole number")
+    else:
+        limit = int(size)
+    expected = _raw_pixel_bytes(fields)
+    if expected is None or offset < 0:
+        return
     inflate = zlib.decompressobj(47)  # a zlib or gzip stream, as MetaIO's inflateInit2(..., 47) takes
     out = read = 0
     try:
@@ -167,6 +188,9 @@ def _check_compressed(path: Path, data: Path, offset: int, size: str | None, exp
     if out < expected:
         raise ImageReadError(path, f"corrupt or truncated MetaImage: its compressed pixel data in {where} inflates "
                                    f"to {out} of the {expected} bytes the header announces")
-    if out == expected and not inflate.eof:
+    if out > expected:
+        raise ImageReadError(path, f"corrupt or truncated MetaImage: its compressed pixel data in {where} inflates "
+                                   f"past the {expected} bytes the header announces")
+    if not inflate.eof:
         raise ImageReadError(path, f"corrupt or truncated MetaImage: its compressed pixel data in {where} is cut "
                                    f"short before the end of its stream (its checksum)")

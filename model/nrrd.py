@@ -12,12 +12,13 @@ import math
 import re
 from pathlib import Path
 
-from .image import ImageReadError, LoadedImage, check_size, data_file_beside, image_suffix, named_or_signed
+from .image import (ImageReadError, LoadedImage, check_size, data_file_beside, image_suffix, named_or_signed,
+                    printable)
 from .itk_image import ITK_PREFIX, loaded_from_itk
 
 NRRD_IO = "NrrdImageIO"
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
-_MAGIC = re.compile(rb"NRRD000[1-5]\r?\n")
+_MAGIC = re.compile(rb"NRRD000[1-5](\r\n|\r|\n)")
 # the most header read: a NRRD header is a few hundred bytes of text; one that runs on past this is refused
 _MAX_HEADER = 1 << 20
 # teem ends a line at \r\n, \n or a lone \r
@@ -39,7 +40,8 @@ def nrrd_header(path: Path) -> dict[str, str]:
     """The header's fields (``type``, ``sizes``, ``data file``, ...; keys in lower case, teem's
     spellings: ``datafile`` = ``data file``), read line by line as teem reads it to the blank line that
     ends it (or the end of a ``.nhdr``); comments and ``key:=value`` pairs skipped; the data file's name
-    as teem takes it (spaces kept, bytes that are not UTF-8 kept as such), the other values stripped.
+    as teem takes it (spaces and tabs after the ``:`` skipped, those at its end kept; bytes that are not
+    UTF-8 kept as lone surrogates), the other values stripped.
     ``ImageReadError`` without NRRD's magic or with a header that runs past ``_MAX_HEADER``."""
     with open(path, "rb") as fh:
         head = fh.read(_MAX_HEADER + 1)
@@ -59,7 +61,7 @@ def nrrd_header(path: Path) -> dict[str, str]:
         key, sep, value = line.partition(": ")
         if sep:
             key = key.strip().lower().replace("datafile", "data file")
-            fields[key] = value if key == "data file" else value.strip()
+            fields[key] = value.lstrip(" \t") if key == "data file" else value.strip()
     return fields
 
 
@@ -70,9 +72,9 @@ def _check_header(path: Path, fields: dict[str, str]) -> list[int]:
     detached = fields.get("data file")
     if detached is not None:
         if image_suffix(path) != ".nhdr":  # a header that points elsewhere could read any file here
-            raise ImageReadError(path, f"its pixel data is in another file (data file: {detached}); a .nrrd must "
-                                       f"hold its own pixels, a header whose pixels are in a file beside it is "
-                                       f"read as .nhdr")
+            raise ImageReadError(path, f"its pixel data is in another file (data file: {printable(detached)}); a "
+                                       f".nrrd must hold its own pixels, a header whose pixels are in a file beside it "
+                                       f"is read as .nhdr")
         data_file_beside(path, detached, "data file:")
     if fields.get("encoding", "").lower() in ("bzip2", "bz2"):  # teem's own reason would read as a fault
         raise ImageReadError(path, "its pixel data is bzip2-encoded, which ITK's NRRD reader cannot read; "

@@ -109,17 +109,23 @@ def test_an_mhd_whose_pixels_lie_anywhere_but_in_one_file_beside_it_is_refused(t
 
 def test_an_mhd_data_file_name_that_the_libraries_would_take_for_another_file_is_refused(tmp_path):
     """MetaIO takes a name opening with ``LIST`` for a list whatever follows, one opening with ``~`` or
-    holding ``C:`` for a path, and cuts a name at a byte over 127: each would have it open another file
-    than the one checked here, so such names are refused; so are a NUL and the header naming itself."""
+    holding ``C:`` for a path, and strips bytes that are not printable ASCII from a name's end: each
+    would have it open another file than the one checked here, so such names are refused; so are a
+    NUL, bytes that are not UTF-8 and the header naming itself. Names ITK itself writes (``név.raw``,
+    with spaces inside) and ones that merely open with ``list`` are read."""
     arr, img = _image(20, 30, 3)
     sitk.WriteImage(img, str(tmp_path / "good.mhd"))
     header = (tmp_path / "good.mhd").read_bytes()
-    for i, name in enumerate((b"LIST.raw", b"LIST2", b"~x.raw", b"C:x.raw", b"a\xffb.raw", "é.raw".encode(), b"a\0b")):
+    for i, name in enumerate((b"LIST.raw", b"LIST2", b"~x.raw", b"C:x.raw", b"a\xffb.raw", "daté".encode(), b"a\0b")):
         text = header.replace(b"ElementDataFile = good.raw", b"ElementDataFile = " + name)
         (tmp_path / f"n{i}.mhd").write_bytes(text)
         with pytest.raises(ImageReadError, match=f"n{i}.mhd: its header names its pixel data as ElementDataFile = "
                                                  f".*only one data file beside the header"):
             read_image(tmp_path / f"n{i}.mhd")
+    for i, name in enumerate(("név.raw", "list_a.raw", "échographie 1.raw")):
+        (tmp_path / name).write_bytes((tmp_path / "good.raw").read_bytes())
+        (tmp_path / f"ok{i}.mhd").write_bytes(header.replace(b"= good.raw", b"= " + name.encode()))
+        np.testing.assert_array_equal(read_image(tmp_path / f"ok{i}.mhd").array, arr)
     (tmp_path / "self.mhd").write_bytes(header.replace(b"= good.raw", b"= self.mhd"))
     with pytest.raises(ImageReadError, match=r"self.mhd: its pixel data file self.mhd .* is the header itself"):
         read_image(tmp_path / "self.mhd")
@@ -147,13 +153,25 @@ def test_compressed_metaimage_data_that_does_not_inflate_to_its_pixels_is_refuse
     whole = bytearray((tmp_path / "whole.mha").read_bytes())
     whole[-len(packed) // 2] ^= 0x5A
     (tmp_path / "damaged.mha").write_bytes(bytes(whole))
+    zeroed = bytearray((tmp_path / "whole.mha").read_bytes())
+    zeroed[-len(packed) // 2:] = bytes(len(packed) - len(packed) // 2)  # as an interrupted download leaves it
+    (tmp_path / "zeroed.mha").write_bytes(bytes(zeroed))
+    (tmp_path / "nosize.mha").write_bytes(bytes(zeroed).replace(f"CompressedDataSize = {len(packed)}\n".encode(), b""))
+    skip0 = header.replace("z.zraw", "damaged.zraw").replace("NDims", "HeaderSize = 0\nNDims")  # MetaIO: none
+    (tmp_path / "skip0.mhd").write_text(skip0)
+    (tmp_path / "negative.mhd").write_text(header.replace(f"CompressedDataSize = {len(packed)}",
+                                                          "CompressedDataSize = -5"))
     reasons = {"cut.mhd": "inflates to [0-9]+ of the 1200 bytes the header announces",
                "damaged.mhd": r"in its data file damaged.zraw is damaged \(zlib: ",
                "plain.mhd": r"is damaged \(zlib: ", "stops.mhd": "inflates to [0-9]+ of the 1200 bytes",
-               "damaged.mha": r"in the file is damaged \(zlib: "}
+               "damaged.mha": r"in the file is damaged \(zlib: ", "zeroed.mha": "", "skip0.mhd": "is damaged"}
     for name, reason in reasons.items():
         with pytest.raises(ImageReadError, match=f"{name}: corrupt or truncated MetaImage: .*{reason}"):
             read_image(tmp_path / name)
+    with pytest.raises(ImageReadError, match="nosize.mha: its compressed pixel data has no CompressedDataSize"):
+        read_image(tmp_path / "nosize.mha")
+    with pytest.raises(ImageReadError, match=r"negative.mhd: its header's CompressedDataSize \(-5\) is not a whole"):
+        read_image(tmp_path / "negative.mhd")
     (tmp_path / "float.mhd").write_text(header.replace("DimSize = 40 30", "DimSize = 1.0001e4 10001"))
     with pytest.raises(ImageReadError, match=r"float.mhd: its header's DimSize \(1.0001e4 10001\) is not whole"):
         read_image(tmp_path / "float.mhd")

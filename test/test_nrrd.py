@@ -237,8 +237,11 @@ def test_a_nrrd_header_is_read_as_teem_reads_it_so_nothing_it_names_escapes_the_
         with pytest.raises(ImageReadError, match=f"{name}: .*{reason}"):
             read_image(tmp_path / "in" / name)
         assert image_pixels(tmp_path / "in" / name) == 0, name
-    (tmp_path / "in" / "ok.nhdr").write_text(head + "data file: d.raw\n")
-    np.testing.assert_array_equal(read_image(tmp_path / "in" / "ok.nhdr").array, arr)
+    for i, line in enumerate(("data file: d.raw\n", "data file:   d.raw\n", "data file: \td.raw\r\n")):
+        (tmp_path / "in" / f"ok{i}.nhdr").write_text(head + line)  # teem skips spaces and tabs after the ':'
+        np.testing.assert_array_equal(read_image(tmp_path / "in" / f"ok{i}.nhdr").array, arr)
+    (tmp_path / "in" / "cr_ok.nrrd").write_bytes(_nrrd(arr).replace(b"\n", b"\r", head.count("\n") + 1))
+    np.testing.assert_array_equal(read_image(tmp_path / "in" / "cr_ok.nrrd").array, arr)
     (tmp_path / "in" / "big.nrrd").write_bytes(_nrrd(arr, "gzip", sizes="10001. 10001."))
     with pytest.raises(ImageReadError, match=r"big.nrrd: its header's sizes \(10001. 10001.\) are not whole numbers"):
         read_image(tmp_path / "in" / "big.nrrd")
