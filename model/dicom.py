@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .image import IMAGE_SUFFIXES, ImageReadError, LoadedImage, check_pixels, check_size, image_suffix
+from .itk_image import itk_reason
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 # ITK's DICOM reader (GDCM), named: a DICOM file is known by its content too (scanners and PACS exports
@@ -66,9 +67,7 @@ def read_dicom(path: Path) -> LoadedImage:
     try:
         img = reader.Execute()
     except RuntimeError as exc:
-        lines = str(exc).strip().splitlines()
-        raise ImageReadError(path, "corrupt or unsupported DICOM pixel data "
-                                   f"({lines[-1] if lines else 'unknown error'})") from None
+        raise ImageReadError(path, f"corrupt or unsupported DICOM pixel data ({itk_reason(exc)})") from None
     arr = sitk.GetArrayFromImage(img)
     arr = arr.reshape(arr.shape[-3:] if img.GetNumberOfComponentsPerPixel() > 1 else arr.shape[-2:])
     spacing, origin, direction = img.GetSpacing(), img.GetOrigin(), img.GetDirection()

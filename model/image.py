@@ -99,6 +99,16 @@ class LoadedImage:
         return int(self.array.shape[0]), int(self.array.shape[1])
 
 
+def detached_refused(path: Path, field: str, name: str, own: str, detached: str) -> ImageReadError:
+    """The error for a header whose pixels lie in another file where it must hold its own: a ``own``
+    file (``.mha``, ``.nrrd``) named so, or an upload known by its content, which comes alone."""
+    where = f"its pixel data is in another file ({field} {printable(name)})"
+    if image_suffix(path) in IMAGE_SUFFIXES:
+        return ImageReadError(path, f"{where}; a {own} must hold its own pixels, a header whose pixels are in a "
+                                    f"file beside it is read as {detached}")
+    return ImageReadError(path, f"{where}, which an upload cannot bring along: send a {own} that holds its pixels")
+
+
 def data_file_beside(path: Path, name: str, field: str) -> Path:
     """The file that the detached header ``path`` (a ``.mhd``, a ``.nhdr``) names in ``field`` for its
     pixel data, when it is a readable regular file in the same folder other than the header, named

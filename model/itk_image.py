@@ -15,6 +15,17 @@ from .image import ImageReadError, LoadedImage, check_pixels, is_utf8_name, prin
 ITK_PREFIX = re.compile(r"ITK ERROR: (?:\w+ ?\(0x[0-9a-fA-F]+\): )?")
 
 
+def itk_reason(exc: RuntimeError) -> str:
+    """The reason ITK gives for a failed read: its last line, without ITK's internals; for a direction
+    matrix ITK will not take ("Bad direction, determinant is 0. Refusing to change direction from ...",
+    whose last line is a row of that matrix) a sentence saying so."""
+    text = str(exc)
+    if "Bad direction" in text:
+        return "its direction (orientation) matrix is singular (determinant 0)"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return ITK_PREFIX.sub("", lines[-1]) if lines else "unknown error"
+
+
 def loaded_from_itk(path: Path, img, itk_suffix: str) -> LoadedImage:
     """The ITK image ``img`` read from ``path`` as a ``LoadedImage`` with its spacing, origin and
     direction; a 3-D image without an axis of size 1 (or of more dimensions) refused."""

@@ -10,9 +10,9 @@ import re
 import zlib
 from pathlib import Path
 
-from .image import (ImageReadError, LoadedImage, check_size, data_file_beside, image_suffix, named_or_signed,
-                    printable)
-from .itk_image import loaded_from_itk
+from .image import (ImageReadError, LoadedImage, check_size, data_file_beside, detached_refused, image_suffix,
+                    named_or_signed, printable)
+from .itk_image import itk_reason, loaded_from_itk
 
 # ITK's MetaImage reader, named: ITK picks its reader by the file's suffix, and a MetaImage that
 # arrives under another name (a Cog or web upload is saved as ``file.bin``) is known by its content
@@ -44,9 +44,7 @@ def read_metaimage(path: Path) -> LoadedImage:
     if detached and detached not in ("LOCAL", "Local", "local"):
         if image_suffix(path) != ".mhd":
             # a .mha keeps its pixels; a header that points elsewhere could read any file here
-            raise ImageReadError(path, f"its pixel data is in another file (ElementDataFile = {printable(detached)}); "
-                                       f"a .mha must hold its own pixels (ElementDataFile = LOCAL), a header whose "
-                                       f"pixels are in a file beside it is read as .mhd")
+            raise detached_refused(path, "ElementDataFile =", detached, ".mha (ElementDataFile = LOCAL)", ".mhd")
         data = data_file_beside(path, detached, "ElementDataFile =")
         data_offset, where = 0, f"its data file {printable(detached)}"
     else:
@@ -70,7 +68,6 @@ def read_metaimage(path: Path) -> LoadedImage:
     try:
         img = sitk.ReadImage(str(path), imageIO=METAIMAGE_IO)
     except RuntimeError as exc:
-        msg = str(exc).strip().splitlines()
         if "File cannot be read" in str(exc):  # ITK's "Reason" is then errno's leftover, not the cause
             try:
                 reader = sitk.ImageFileReader()
@@ -81,7 +78,7 @@ def read_metaimage(path: Path) -> LoadedImage:
                 raise ImageReadError(path, "not a readable MetaImage (its header cannot be parsed)") from None
             raise ImageReadError(path, "corrupt or truncated MetaImage: the header reads, the pixel data "
                                        "does not (incomplete or damaged)") from None
-        raise ImageReadError(path, f"cannot read as MetaImage ({msg[-1] if msg else 'unknown error'})") from None
+        raise ImageReadError(path, f"cannot read as MetaImage ({itk_reason(exc)})") from None
     return loaded_from_itk(path, img, ".mha")
 
 

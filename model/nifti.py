@@ -35,7 +35,7 @@ from typing import Iterator
 import numpy as np
 
 from .image import IMAGE_SUFFIXES, ImageReadError, LoadedImage, check_size, image_stem, image_suffix
-from .itk_image import ITK_PREFIX, loaded_from_itk
+from .itk_image import itk_reason, loaded_from_itk
 
 NIFTI_IO = "NiftiImageIO"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -243,7 +243,6 @@ def read_nifti(path: Path) -> LoadedImage:
         try:
             img = sitk.ReadImage(name, imageIO=NIFTI_IO)
         except RuntimeError as exc:
-            lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-            reason = ITK_PREFIX.sub("", lines[-1] if lines else "unknown error").replace(name, path.name)
+            reason = itk_reason(exc).replace(name, path.name)
             raise ImageReadError(path, f"cannot read as NIfTI ({reason})") from None
     return loaded_from_itk(path, img, suffix)

@@ -12,9 +12,9 @@ import math
 import re
 from pathlib import Path
 
-from .image import (ImageReadError, LoadedImage, check_size, data_file_beside, image_suffix, named_or_signed,
-                    printable)
-from .itk_image import ITK_PREFIX, loaded_from_itk
+from .image import (ImageReadError, LoadedImage, check_size, data_file_beside, detached_refused, image_suffix,
+                    named_or_signed)
+from .itk_image import ITK_PREFIX, itk_reason, loaded_from_itk
 
 NRRD_IO = "NrrdImageIO"
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
@@ -72,9 +72,7 @@ def _check_header(path: Path, fields: dict[str, str]) -> list[int]:
     detached = fields.get("data file")
     if detached is not None:
         if image_suffix(path) != ".nhdr":  # a header that points elsewhere could read any file here
-            raise ImageReadError(path, f"its pixel data is in another file (data file: {printable(detached)}); a "
-                                       f".nrrd must hold its own pixels, a header whose pixels are in a file beside it "
-                                       f"is read as .nhdr")
+            raise detached_refused(path, "data file:", detached, ".nrrd", ".nhdr")
         data_file_beside(path, detached, "data file:")
     if fields.get("encoding", "").lower() in ("bzip2", "bz2"):  # teem's own reason would read as a fault
         raise ImageReadError(path, "its pixel data is bzip2-encoded, which ITK's NRRD reader cannot read; "
@@ -118,7 +116,7 @@ def read_nrrd(path: Path) -> LoadedImage:
     except RuntimeError as exc:
         lines = [_TEEM_PREFIX.sub("", ITK_PREFIX.sub("", line)).strip() for line in str(exc).strip().splitlines()]
         lines = [line for line in lines if line and not line.startswith(("trouble", "Exception thrown"))]
-        reason = lines[-1] if lines else "unknown error"
+        reason = lines[-1] if lines and "Bad direction" not in str(exc) else itk_reason(exc)
         if "_nrrdEncoding" in str(exc):  # the header parsed, its pixel data did not
             raise ImageReadError(path, f"corrupt or truncated NRRD: the header reads, the pixel data does not "
                                        f"({reason})") from None

@@ -100,11 +100,18 @@ def test_an_mhd_whose_pixels_lie_anywhere_but_in_one_file_beside_it_is_refused(t
         read_image(mhd("short.mhd", "short.raw"))
     np.testing.assert_array_equal(read_image(mhd("beside.mhd", "good.raw")).array, arr)
 
-    for name in ("pointing.mha", "upload.bin"):
+    for name, reason in (("pointing.mha", "; a .mha .* must hold its own pixels, a header whose pixels are in a "
+                                          "file beside it is read as .mhd"),  # an upload comes alone:
+                         ("upload.bin", ", which an upload cannot bring along: send a .mha .* that holds its pixels")):
         (case / name).write_text(header)
         assert is_metaimage(case / name)
-        with pytest.raises(ImageReadError, match=f"{name}: its pixel data is in another file .*read as .mhd"):
+        with pytest.raises(ImageReadError, match=rf"{name}: its pixel data is in another file \(ElementDataFile = "
+                                                 rf"good.raw\){reason}"):
             read_image(case / name)
+    (case / "flat.mhd").write_text(header.replace("TransformMatrix = 0 1 1 0", "TransformMatrix = 0 0 0 0"))
+    with pytest.raises(ImageReadError, match=r"flat.mhd: cannot read as MetaImage \(its direction \(orientation\) "
+                                             r"matrix is singular \(determinant 0\)\)"):
+        read_image(case / "flat.mhd")
 
 
 def test_an_mhd_data_file_name_that_the_libraries_would_take_for_another_file_is_refused(tmp_path):

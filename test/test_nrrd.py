@@ -152,6 +152,10 @@ def test_damaged_or_unreadable_nrrd_files_are_refused_with_the_reason(tmp_path):
                           "unsupported channel count 6"),
         "volume.nrrd": (_nrrd(arr, sizes="8 4 24"), "3-D image of 8 x 4 x 24 voxels; expected a single 2-D slice"),
         "fake.nrrd": (b"P5\n32 24\n255\n" + arr.tobytes(), "not a NRRD file"),
+        "upload.bin": (_nrrd(arr, extra="data file: elsewhere.raw\n")[:-arr.size], r"its pixel data is in another "
+                       r"file \(data file: elsewhere.raw\), which an upload cannot bring along: send a .nrrd"),
+        "singular.nrrd": (_nrrd(arr, extra="space dimension: 2\nspace directions: (1,1) (2,2)\n"),
+                          r"cannot read as NRRD \(its direction \(orientation\) matrix is singular"),
     }
     for name, (data, reason) in cases.items():
         (tmp_path / name).write_bytes(data)
