@@ -501,7 +501,8 @@ def test_grand_challenge_entries_are_read_leniently_but_as_documented(tmp_path):
     probability dict and the first label (``label``, ``class`` or ``prediction``; a boolean is no
     label) win over later ones; a mask named only by its file name is looked up in the mask folder;
     a second entry of a case, error messages and a mask not named for a case that results.json has are
-    problems; a lone entry (not in a list) is read; a .nii.gz suffix, in any case, is stripped whole."""
+    problems; a lone entry (not in a list) is read; a .nii.gz suffix, in any case, is stripped whole; a
+    name without an image suffix (a DICOM UID) is kept whole, as process.py names its outputs."""
     pred = tmp_path / "gc"
     seg = pred / R.GC_MASK_DIR
     for name in ("out-a.mha", "a.mha", "b.mha", "stray.mha"):
@@ -529,6 +530,10 @@ def test_grand_challenge_entries_are_read_leniently_but_as_documented(tmp_path):
                                                     "outputs": [{"class": "Benign"}]}))
     preds, _ = R.read_grand_challenge(pred)
     assert preds["c"]["label"] == "benign"
+    (pred / "results.json").write_text(json.dumps({"inputs": [{"image": {"name": "dcm/1.2.840.113619.2.55.7"}}],
+                                                    "outputs": [{"class": "normal"}]}))
+    preds, _ = R.read_grand_challenge(pred)
+    assert preds["1.2.840.113619.2.55.7"]["label"] == "normal"
 
 
 def test_probability_maps_are_the_sigmoid_of_the_logits(tmp_path):

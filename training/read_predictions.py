@@ -13,6 +13,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from model import CLASS_NAMES
+from model.image import image_stem
 from model.io import is_image_file
 
 from . import metrics as M
@@ -101,11 +102,9 @@ def _walk(obj: Any, key: str | None = None) -> Iterator[tuple[str | None, Any]]:
 
 
 def _stem(name: str) -> str:
-    base = Path(name.replace("\\", "/")).name
-    for suffix in (".nii.gz", ".mha", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".mhd", ".nii", ".nrrd", ".nhdr"):
-        if base.lower().endswith(suffix):
-            return base[: -len(suffix)]
-    return Path(base).stem
+    """A file name's case id as process.py names its outputs (``model.image.image_stem``): the image
+    suffix off (``.nii.gz`` whole, any case), a name without one (a DICOM UID) kept whole."""
+    return image_stem(Path(name.replace("\\", "/")).name)
 
 
 def _gc_case_id(entry: Mapping) -> str | None:
