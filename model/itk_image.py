@@ -11,19 +11,21 @@ import numpy as np
 from .atomic_files import atomic_path
 from .image import ImageReadError, LoadedImage, check_pixels, is_utf8_name, printable
 
-# "ITK ERROR: NiftiImageIO(0x55d0c0a1b2c0): " before ITK's reasons: its internals, not the input's
-ITK_PREFIX = re.compile(r"ITK ERROR: (?:\w+ ?\(0x[0-9a-fA-F]+\): )?")
+# "ITK ERROR: NiftiImageIO(0x55d0c0a1b2c0): " before ITK's reasons, and "[nrrd] _nrrdEncodingGzip_read: "
+# before each line of its NRRD library's (teem's) call chain: their internals, not the input's
+ITK_PREFIX = re.compile(r"ITK ERROR: (?:\w+ ?\(0x[0-9a-fA-F]+\): )?|^\s*\[nrrd\]\s*[\w.]+:\s*")
 
 
 def itk_reason(exc: RuntimeError) -> str:
-    """The reason ITK gives for a failed read: its last line, without ITK's internals; for a direction
-    matrix ITK will not take ("Bad direction, determinant is 0. Refusing to change direction from ...",
-    whose last line is a row of that matrix) a sentence saying so."""
+    """The reason ITK gives for a failed read: its last line (a call chain's innermost), without ITK's
+    internals; for a direction matrix ITK will not take ("Bad direction, determinant is 0. Refusing
+    to change direction from ...", whose last line is a row of that matrix) a sentence saying so."""
     text = str(exc)
     if "Bad direction" in text:
         return "its direction (orientation) matrix is singular (determinant 0)"
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return ITK_PREFIX.sub("", lines[-1]) if lines else "unknown error"
+    lines = [ITK_PREFIX.sub("", line).strip() for line in text.strip().splitlines()]
+    lines = [line for line in lines if line]
+    return lines[-1] if lines else "unknown error"
 
 
 def loaded_from_itk(path: Path, img, itk_suffix: str) -> LoadedImage:

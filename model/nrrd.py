@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .image import (ImageReadError, LoadedImage, check_size, data_file_beside, detached_refused, image_suffix,
                     named_or_signed)
-from .itk_image import ITK_PREFIX, itk_reason, loaded_from_itk
+from .itk_image import itk_reason, loaded_from_itk
 
 NRRD_IO = "NrrdImageIO"
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
@@ -25,8 +25,6 @@ _MAX_HEADER = 1 << 20
 _LINES = re.compile(rb"\r\n|\r|\n")
 # kinds of an axis along which pixels lie (the others hold a pixel's channels: RGB-color, vector, ...)
 _SPATIAL_KINDS = {"domain", "space", "time", "???", "none"}
-# teem's "[nrrd] _nrrdEncodingGzip_read: " before each line of its reasons
-_TEEM_PREFIX = re.compile(r"^\s*\[nrrd\]\s*[\w.]+:\s*")
 
 
 def is_nrrd(path: Path | str) -> bool:
@@ -114,9 +112,7 @@ def read_nrrd(path: Path) -> LoadedImage:
     try:
         img = sitk.ReadImage(str(path), imageIO=NRRD_IO)
     except RuntimeError as exc:
-        lines = [_TEEM_PREFIX.sub("", ITK_PREFIX.sub("", line)).strip() for line in str(exc).strip().splitlines()]
-        lines = [line for line in lines if line and not line.startswith(("trouble", "Exception thrown"))]
-        reason = lines[-1] if lines and "Bad direction" not in str(exc) else itk_reason(exc)
+        reason = itk_reason(exc)
         if "_nrrdEncoding" in str(exc):  # the header parsed, its pixel data did not
             raise ImageReadError(path, f"corrupt or truncated NRRD: the header reads, the pixel data does not "
                                        f"({reason})") from None
