@@ -192,8 +192,8 @@ class _Writer:
             if logits is not None:
                 write_npy(path, logits)
                 case.outputs.append(path)
-            else:  # an earlier run's logits must not stand beside (or be scored against) this run's mask
-                path.unlink(missing_ok=True)
+            elif path.parent.is_dir():  # an earlier run's logits must not stand beside (or be scored against)
+                path.unlink(missing_ok=True)  # this run's mask; a file named logits is no earlier run's folder
         if self.overlay:
             path = self.out / "overlays" / f"{case.name}.png"
             ov = render_overlay(image.array, pred.mask if self.seg else None,
@@ -290,7 +290,9 @@ class PACEWriter(_Writer):
 class CodabenchWriter(PACEWriter):
     """PACE's validation-phase upload: ``classification.csv`` beside ``segmentation/``, and both in
     ``submission.zip`` (entries in sorted order with a fixed date: the same predictions give the
-    same bytes)."""
+    same bytes). A one-task run's zip also holds the other task's files of its own images that an
+    earlier run left (the template's ``-t seg`` and ``-t cls`` runs into one folder): its masks
+    named after them, or a classification.csv that lists none but them."""
 
     def summary_files(self) -> list[Path]:
         return ([self.out / CODABENCH_LABELS] if self.cls else []) + [self.out / CODABENCH_ZIP]
@@ -301,10 +303,14 @@ class CodabenchWriter(PACEWriter):
         for path in labels:
             write_text(path, self.labels_csv(cases))
             members[path.name] = path
-        if self.seg:
-            for c in cases:
-                if c.ok:
-                    members[self.mask_path(c).relative_to(self.out).as_posix()] = self.mask_path(c)
+        # the other task's files of a one-task run's own images (the template's -t seg and -t cls runs into
+        # one folder), as stale_outputs counts them: the second run's zip holds both tasks
+        if not self.cls and (self.out / CODABENCH_LABELS).is_file() \
+                and _lists_only(self.out / CODABENCH_LABELS, {c.name for c in cases}):
+            members[CODABENCH_LABELS] = self.out / CODABENCH_LABELS
+        for c in cases:
+            if c.ok and (self.seg or self.mask_path(c).is_file()):
+                members[self.mask_path(c).relative_to(self.out).as_posix()] = self.mask_path(c)
         write_zip(archive, members)
         _Writer.finish(self, cases)  # not PACEWriter's: Codabench takes no predictions.csv / probabilities.csv
 

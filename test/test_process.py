@@ -417,6 +417,23 @@ def test_codabench_format_is_the_validation_phase_upload(cli, pace_run, inputs, 
     assert seg_only.exit_code == 0
     with zipfile.ZipFile(tmp_path / "seg" / "submission.zip") as zf:
         assert zf.namelist() == masks
+    # the template's two one-task runs into one folder, in either order: the second run's zip holds both
+    # tasks' files of its images, as one run of both tasks writes them (the masks of the failed case aside)
+    for first, second, folder in (("seg", "cls", tmp_path / "seg"), ("cls", "seg", tmp_path / "cls-seg")):
+        if first == "cls":
+            assert cli("-i", root, "-o", folder, "--format", "codabench", "-t", first).exit_code == 0
+        res = cli("-i", root, "-o", folder, "--format", "codabench", "-t", second)
+        assert res.exit_code == 0 and "earlier run" not in res.output, res.output
+        with zipfile.ZipFile(folder / "submission.zip") as zf:
+            assert zf.namelist() == sorted(["classification.csv"] + masks), (first, second)
+            for name in zf.namelist():
+                assert zf.read(name) == (out / name).read_bytes(), (first, second, name)
+    other = tmp_path / "other"  # a classification.csv of other images is not this run's: warned, not zipped
+    assert cli("-i", _one_image(tmp_path), "-o", other, "--format", "codabench", "-t", "cls").exit_code == 0
+    res = cli("-i", root, "-o", other, "--format", "codabench", "-t", "seg")
+    assert res.exit_code == 0 and "classification.csv" in res.output, res.output
+    with zipfile.ZipFile(other / "submission.zip") as zf:
+        assert zf.namelist() == masks
 
 
 # ------------------------------------------------------------------------------------------
@@ -492,6 +509,20 @@ def test_logits_are_each_masks_lesion_logits_at_its_size(cli, predictor, pace_ru
     res = cli("-i", d, "-o", tmp_path / "cls", "--format", "pace", "-t", "cls", "--logits")
     assert res.exit_code == 0, res.output
     assert _files(tmp_path / "cls") == ["classification/predictions.csv", "classification/probabilities.csv"]
+
+
+def test_a_file_named_logits_in_the_output_folder_stops_only_a_run_that_writes_logits(cli, tmp_path):
+    """A run without --logits removes an earlier run's logits from logits/, and must not fail its
+    cases where logits is a file, not such a folder; a run with --logits is refused before the model
+    loads, naming it."""
+    d, out = _one_image(tmp_path), tmp_path / "out"
+    out.mkdir()
+    (out / "logits").write_text("not a folder")
+    res = cli("-i", d, "-o", out, "--format", "pace")
+    assert res.exit_code == 0, res.output
+    assert _files(out / "segmentation") == ["case_mask.png"] and (out / "logits").read_text() == "not a folder"
+    res = cli("-i", d, "-o", out, "--format", "pace", "--logits")
+    assert res.exit_code == 1 and "an earlier run left a file there, not a folder" in res.output, res.output
 
 
 def test_runtime_precision_and_compile_options_reach_the_predictor(cli, tmp_path):
