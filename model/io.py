@@ -40,14 +40,20 @@ def is_image_file(path: Path) -> bool:
     return path.name.upper() != "DICOMDIR" and dicom_preamble(path)
 
 
+def _skipped_folder(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def list_images(root: Path | str) -> list[Path]:
     """Every image file below ``root`` (recursively, through linked folders), sorted; hidden files
     and folders skipped.
 
     What cannot be looked at is listed too, so that ``read_image`` reports it by name instead of it
     being skipped in silence: a folder that cannot be listed (its permissions), a link to an image
-    that does not exist, and a pipe, socket or device named as an image. A link to a folder already
-    walked (a loop) is not followed again.
+    that does not exist, and a pipe, socket or device named as an image. A link to a folder that is
+    walked anyway (a loop back to a parent, a sibling, a folder inside one, or another link's target)
+    is not followed, so that no image is listed twice; a folder's real subfolders come before its
+    links, so that an image keeps its own path where a link also reaches it.
     """
     root = Path(root)
     if root.is_file():
@@ -58,18 +64,31 @@ def list_images(root: Path | str) -> list[Path]:
         if exc.filename and Path(exc.filename) != root:
             found.append(Path(exc.filename))
 
-    walked: set[str] = set()
+    # the real paths of the folders walked or to be walked: what lies below one is listed from there
+    walking: set[str] = {os.path.realpath(root)}
+
+    def covered(real: str) -> bool:
+        while True:
+            if real in walking:
+                return True
+            parent, name = os.path.split(real)
+            if parent == real or _skipped_folder(name):  # a hidden folder's inside is not walked
+                return False
+            real = parent
+
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable, followlinks=True):
-        walked.add(os.path.realpath(dirpath))
+        subfolders = [d for d in sorted(dirnames) if not _skipped_folder(d)]
+        links = [d for d in subfolders if os.path.islink(os.path.join(dirpath, d))]
         keep = []
-        for d in sorted(dirnames):
-            if d.startswith(".") or d == "__MACOSX":
+        for d in [d for d in subfolders if d not in links] + links:
+            real = os.path.realpath(os.path.join(dirpath, d))
+            # a folder reached through a link before (a real one: its link came first), or a link into a
+            # folder walked anyway: its images are listed from there
+            if real in walking or (d in links and covered(real)):
                 continue
-            link = os.path.join(dirpath, d)
-            if os.path.islink(link) and os.path.realpath(link) in walked:
-                continue  # a link to a folder already walked: a loop (or the same images again)
+            walking.add(real)
             keep.append(d)
-        dirnames[:] = keep
+        dirnames[:] = sorted(keep)
         for name in filenames:
             p = Path(dirpath) / name
             if is_image_file(p):  # a pipe, socket or device under an image's name too: read_image says what it is

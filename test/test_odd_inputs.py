@@ -1084,6 +1084,28 @@ def test_every_documented_suffix_is_listed_in_any_case_and_hidden_files_are_not(
         assert read_image(tmp_path / rel).array.shape == img.shape, rel
 
 
+def test_an_image_that_linked_folders_reach_twice_is_listed_once_under_its_own_path(tmp_path):
+    """Links to a sibling folder, to a folder inside one, to a parent, and two links to one folder
+    outside (or to it and a folder inside it, either way round): each image is listed once, under its
+    real path where it lies below the input folder, else under the first link (in sorted order) that
+    reaches it. A link to a hidden folder, whose inside is not walked otherwise, is followed."""
+    from model.io import list_images
+
+    root, outside = tmp_path / "in", tmp_path / "outside"
+    for rel in ("in/b/img.png", "in/b/deep/d.png", "outside/o.png", "outside/sub/s.png", "in/.hid/h.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_us(20, 24, 3)).save(tmp_path / rel)
+    for name, target in (("a", root / "b"), ("z", root / "b"), ("b/deep/up", root), ("c", root / "b" / "deep"),
+                         ("k", outside / "sub"), ("m", outside), ("n", outside), ("shown", root / ".hid")):
+        (root / name).symlink_to(target, target_is_directory=True)
+    assert [p.relative_to(root).as_posix() for p in list_images(root)] == [
+        "b/deep/d.png", "b/img.png", "k/s.png", "m/o.png", "shown/h.png"]
+    (root / "k").unlink()
+    (root / "x").symlink_to(outside / "sub", target_is_directory=True)  # now after the link to its parent
+    assert [p.relative_to(root).as_posix() for p in list_images(root)] == [
+        "b/deep/d.png", "b/img.png", "m/o.png", "m/sub/s.png", "shown/h.png"]
+
+
 def test_masks_are_read_as_0_and_1_whatever_their_encoding(tmp_path):
     """A lesion mask as the data sets give it: 0/1 or 0/255 grey (8 or 16 bits), 0/65535, RGB, and
     RGBA whose alpha is opaque everywhere (only the colour says where the lesion is); any other value
