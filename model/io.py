@@ -11,6 +11,7 @@ the final name.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import stat
 import tempfile
@@ -111,8 +112,7 @@ def image_pixels(path: Path | str) -> int:
             reader.SetImageIO(DICOM_IO if dicom else METAIMAGE_IO)
             reader.SetFileName(str(path))
             reader.ReadImageInformation()
-            size = reader.GetSize()
-            return int(size[0]) * int(size[1])
+            return math.prod(reader.GetSize())  # a one-slice volume's slice may lie in any plane: x-z, y-z
         if is_nifti(path):
             return nifti_pixels(path)
         if is_nrrd(path):
