@@ -117,10 +117,16 @@ def image_pixels(path: Path | str) -> int:
             return nifti_pixels(path)
         if is_nrrd(path):
             return nrrd_pixels(path)
-        with Image.open(path) as im:
+        with Image.open(path, formats=PIL_FORMATS) as im:
             return int(im.size[0]) * int(im.size[1])
     except Exception:  # noqa: BLE001 - any unreadable file: read_image reports it
         return 0
+
+
+# what Pillow may read a file as, by its content whatever its name: the formats the README names, and GIF
+# and WebP content under such a name; none of the others Pillow knows (an EPS would start Ghostscript on
+# an untrusted file; PSD, ICO, FITS, ... are no ultrasound export)
+PIL_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "DIB", "GIF", "WEBP")  # JPEG: MPO too
 
 
 def _sixteen_bit_colour(path: Path, im: Image.Image) -> str | None:
@@ -162,7 +168,7 @@ def _read_pil(path: Path) -> LoadedImage:
     try:
         # from a file object, not the path: Pillow 13 memory-maps an uncompressed TIFF opened by path,
         # and exif_transpose then returns it unrotated (orientations 5-8 kept the stored h x w)
-        with open(path, "rb") as fh, Image.open(fh) as im:
+        with open(path, "rb") as fh, Image.open(fh, formats=PIL_FORMATS) as im:
             check_size(path, *im.size)  # from the header, before decoding
             # a multi-picture JPEG (MPO: phones' and some scanners' exports) holds the image first and
             # previews or gain maps after it; every other format's frames are slices or pages
@@ -188,7 +194,8 @@ def _read_pil(path: Path) -> LoadedImage:
     except ImageReadError:
         raise
     except UnidentifiedImageError:
-        raise ImageReadError(path, "not a readable image (unknown or corrupt format)") from None
+        raise ImageReadError(path, "not a readable image (corrupt, or a format other than PNG, JPEG, "
+                                   "TIFF, BMP, GIF or WebP)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(path, f"corrupt or truncated image ({exc})") from None
     return LoadedImage(check_pixels(path, arr), str(path))

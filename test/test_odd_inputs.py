@@ -1108,6 +1108,40 @@ def test_an_image_that_linked_folders_reach_twice_is_listed_once_under_its_own_p
         "b/deep/d.png", "b/img.png", "m/o.png", "m/sub/s.png", "shown/h.png"]
 
 
+def test_pillow_reads_only_the_raster_formats_named_whatever_the_files_name(tmp_path):
+    """GIF and WebP content under an image's name (a Cog upload's ``file.bin``, a misnamed export) is
+    read; the other formats Pillow knows are refused, naming the file and the formats read: an EPS is
+    never handed to Ghostscript (a stand-in ``gs`` on the PATH records being started), nor an ICO or
+    PPM decoded. Their size from the header is 0, as for any unreadable file."""
+    img = _us(40, 50, 7)
+    for name, fmt in (("gif.png", "GIF"), ("webp.bin", "WEBP"), ("eps.png", "EPS"), ("ico.jpg", "ICO"),
+                      ("ppm.tif", "PPM")):
+        Image.fromarray(img).save(tmp_path / name, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "gs").write_text(f"#!/bin/sh\ntouch {tmp_path / 'gs-started'}\nexit 1\n")
+    (tmp_path / "bin" / "gs").chmod(0o755)
+    probe = f"""
+import sys
+sys.path.insert(0, {str(REPO)!r})
+from pathlib import Path
+from model.io import ImageReadError, image_pixels, read_image
+for name in ("gif.png", "webp.bin", "eps.png", "ico.jpg", "ppm.tif"):
+    path = Path({str(tmp_path)!r}) / name
+    try:
+        print(name, read_image(path).array.shape, image_pixels(path))
+    except ImageReadError as exc:
+        print(name, exc, image_pixels(path))
+"""
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    refused = "not a readable image (corrupt, or a format other than PNG, JPEG, TIFF, BMP, GIF or WebP)"
+    assert out.stdout.splitlines() == [
+        "gif.png (40, 50, 3) 2000", "webp.bin (40, 50, 3) 2000", f"eps.png {tmp_path / 'eps.png'}: {refused} 0",
+        f"ico.jpg {tmp_path / 'ico.jpg'}: {refused} 0", f"ppm.tif {tmp_path / 'ppm.tif'}: {refused} 0"]
+    assert not (tmp_path / "gs-started").exists()
+
+
 def test_masks_are_read_as_0_and_1_whatever_their_encoding(tmp_path):
     """A lesion mask as the data sets give it: 0/1 or 0/255 grey (8 or 16 bits), 0/65535, RGB, and
     RGBA whose alpha is opaque everywhere (only the colour says where the lesion is); any other value
