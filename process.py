@@ -25,7 +25,8 @@ y/a.png -> y_a).
 
 \b
 Exit status: 0 all images processed; 3 some failed (the others are written);
-1 none processed, no input images, or the model cannot be loaded; 2 a bad option or value (nothing run);
+1 none processed, no input images, an input or output folder that cannot be used, or the model cannot be
+loaded; 2 a bad option or value (nothing run);
 143 stopped by SIGTERM (docker stop): masks written so far are kept, no summary files.
 """
 from __future__ import annotations
