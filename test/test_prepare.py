@@ -362,6 +362,49 @@ def test_none_kept_after_duplicates_leaves_no_files_behind(prepared, tmp_path):
         assert _files(out) == before
 
 
+def test_a_rerun_that_stops_partway_leaves_no_dataset_whose_labels_name_other_images(tmp_path, monkeypatch):
+    """An image that cannot be read (here a broken link) is reported and skipped, not the end of the run
+    (it stopped prepare with "No such file or directory" after the earlier run's images had been
+    overwritten, beside that run's labels.csv). A run stopped partway over an earlier one leaves no
+    split.csv, so that training, prediction and evaluation refuse the folder until it is prepared again,
+    rather than read labels that name other images."""
+    from training.datasets import load_records
+
+    src, out = tmp_path / "pace", tmp_path / "out"
+    for k in range(6):
+        write_png(src / f"PACE_{30 + k:05d}_001_BUS.png", noise(700 + k))
+        write_png(src / f"PACE_{30 + k:05d}_001_BUS_mask.png", box(1, 9 + k, 1, 9))
+    run_cli(["--pace", str(src), "--out", str(out)])
+    first = _files(out)
+    (src / "PACE_00029_001_BUS.png").symlink_to(tmp_path / "gone.png")  # listed first
+    write_png(src / "PACE_00029_001_BUS_mask.png", box(1, 9, 1, 9))
+    result = CliRunner().invoke(prep.main, ["--pace", str(src), "--out", str(out)])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert f"error: {src / 'PACE_00029_001_BUS.png'}: broken link" in result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["prepared"] == 6 and [e["image_id"] for e in report["errors"]] == ["PACE_00029_001_BUS"]
+    assert {k: v for k, v in _files(out).items() if k != "report.json"} == \
+        {k: v for k, v in first.items() if k != "report.json"}
+    calls = []
+
+    def stop_on_the_second(*a, **k):
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_write_case(*a, **k)
+
+    real_write_case = prep.write_case
+    monkeypatch.setattr(prep, "write_case", stop_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare({"pace": src}, out)
+    assert not (out / "split.csv").exists() and not (out / "report.json").exists()
+    with pytest.raises(FileNotFoundError, match=r"split.csv not found: prepare the data first"):
+        load_records(out)
+    monkeypatch.setattr(prep, "write_case", real_write_case)
+    run_cli(["--pace", str(src), "--out", str(out)])
+    assert read_csv(out / "split.csv") == read_csv(tmp_path / "out" / "split.csv") and len(load_records(out)) == 6
+
+
 def test_a_split_without_validation_images_is_a_warning(fixtures, tmp_path):
     result = run_cli(args(fixtures["root"], tmp_path / "o", "--val-fraction", "0"))
     assert "split.csv: no validation images in split.csv" in result.stderr, result.stderr

@@ -83,9 +83,13 @@ def _plain_png(data: bytes) -> bool:
 
 
 def fingerprint(record: Record) -> tuple[np.ndarray, str, str, bool]:
-    """(pixels, pixel hash, byte hash, plain 8-bit grey/RGB PNG) of a record's image."""
-    data = record.image.read_bytes()
+    """(pixels, pixel hash, byte hash, plain 8-bit grey/RGB PNG) of a record's image; ImageReadError
+    with the reason where it cannot be read (a broken link, its permissions, ...)."""
     image = read_image(record.image).array
+    try:
+        data = record.image.read_bytes()
+    except OSError as exc:  # gone or changed since it was read
+        raise ImageReadError(record.image, exc.strerror or str(exc)) from None
     pixel_hash = hashlib.sha256(f"{image.shape}{image.dtype}".encode() + image.tobytes()).hexdigest()
     plain = record.image.suffix.lower() == ".png" and _plain_png(data)
     return image, pixel_hash, hashlib.sha256(data).hexdigest(), plain
@@ -243,6 +247,8 @@ def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: fl
         errors.append({"path": str(path or record.image), "image_id": record.image_id, "reason": reason})
         tqdm.write(f"error: {path or record.image}: {reason}", file=sys.stderr)
 
+    finished = out / "split.csv"  # what marks a preparation whole (training reads no dataset without it)
+    unfinished = False  # whether this run has overwritten an earlier run's files (and removed its split.csv)
     by_pixels: dict[str, list[tuple[Record, str, bool]]] = defaultdict(list)  # hash -> (record, byte hash, ok)
     thumbs: dict[str, np.ndarray] = {}  # image id -> thumbnail, for near-duplicates
     written: dict[str, Record] = {}  # pixel hash -> the one record written for it
@@ -268,6 +274,13 @@ def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: fl
         if ok and pixel_hash not in written:
             if near_duplicates and (t := thumbnail(image)) is not None:
                 thumbs[record.image_id] = t
+            if not unfinished and finished.is_file() and any(
+                    (out / sub / f"{record.image_id}.png").exists() for sub in ("images", "masks")):
+                # an earlier run's files change from here on: until this run ends no dataset is whole here,
+                # and an interrupted run leaves none to train on, rather than labels that name other images
+                finished.unlink()
+                (out / "report.json").unlink(missing_ok=True)
+                unfinished = True
             write_case(out, record.image_id, record.image, image, plain, mask)
             written[pixel_hash] = record
 
@@ -325,8 +338,9 @@ def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: fl
         for image_id in {r.image_id for r in written.values()} - previous:  # written here, all dropped since
             for sub in ("images", "masks"):
                 (out / sub / f"{image_id}.png").unlink(missing_ok=True)
-        raise PrepareError(f"none of the {len(records)} images found could be prepared (errors above); "
-                           f"labels.csv and split.csv in {out} left as they were")
+        changed = (f"; the earlier run's images in {out} were overwritten, so its split.csv was removed: prepare "
+                   f"again" if unfinished else f"; labels.csv and split.csv in {out} left as they were")
+        raise PrepareError(f"none of the {len(records)} images found could be prepared (errors above){changed}")
     split = assign_split(rows, val_fraction, seed, together)
     for row in rows:
         row["split"] = split[row["image_id"]]
@@ -396,7 +410,7 @@ def main(busi, busbra, breast, pace, out, seed, val_fraction, near_duplicates, l
         raise click.UsageError("give at least one source: --busi, --busbra, --breast or --pace")
     try:
         report = prepare(sources, out, seed, val_fraction, limit, near_duplicates)
-    except (FileNotFoundError, RuntimeError) as exc:  # PrepareError too
+    except (OSError, RuntimeError) as exc:  # PrepareError too; an interrupted run leaves no split.csv
         raise click.ClickException(str(exc)) from None
     c = report["counts"]
     click.echo(f"prepared {report['prepared']} of {report['listed']} images in {out} ({report['seconds']} s): "
