@@ -359,6 +359,8 @@ def test_logits_give_the_segmentation_bce(tiny_dataset, tmp_path):
     res = CliRunner().invoke(P.main, ["--model-dir", str(ens), "--data", str(tiny_dataset), "--out",
                                       str(tmp_path / "pred"), "-d", "cpu"])
     assert res.exit_code == 0 and not list((tmp_path / "pred" / "logits").glob("*.npy"))
+    again = E.evaluate_predictions(tmp_path / "pred", tiny_dataset, "val", n_boot=10)  # its logits/ left empty:
+    assert math.isnan(again["seg_bce"]) and "probability_maps" not in again["missing"]  # no BCE, not all failed
     res = CliRunner().invoke(P.main, ["--model-dir", str(ens), "--data", str(tiny_dataset), "--out",
                                       str(tmp_path / "plain"), "-d", "cpu"])
     assert res.exit_code == 0 and not (tmp_path / "plain" / "logits").exists()

@@ -111,8 +111,8 @@ def evaluate_predictions(pred_dir: Path | str, data_dir: Path | str, split: str 
     N of the split's images, each class in turn (those ``training.predict --limit N`` predicts).
     """
     pred_dir, data_dir = Path(pred_dir), Path(data_dir)
-    if prob_maps is None and (pred_dir / LOGITS_DIR).is_dir():
-        prob_maps = ProbabilityMaps(pred_dir / LOGITS_DIR)
+    if prob_maps is None and (pred_dir / LOGITS_DIR).is_dir() and len(maps := ProbabilityMaps(pred_dir / LOGITS_DIR)):
+        prob_maps = maps  # an empty logits/ (left by predicting again without --logits): predictions without any
     truth = load_truth(data_dir, split)
     if limit is not None:
         truth = first_of_each_class(truth, limit, label=lambda r: r["label"], image_id=lambda r: r["image_id"])
