@@ -409,6 +409,26 @@ def test_a_state_pt_of_an_older_version_without_its_config_resumes_with_a_warnin
     assert "records no config (an older version wrote it); resuming with this one" in capsys.readouterr().err
 
 
+def test_a_state_pt_cut_short_or_not_a_training_state_is_refused_naming_it(tmp_path):
+    """A damaged state.pt (cut short: a full disk, a copy interrupted), one that is no zip of tensors,
+    and one that holds something other than a training state are refused naming the file and what to
+    do, never a traceback from inside torch."""
+    import click
+
+    cfg = tiny_cfg("sd-h", epochs=2)
+    path = tmp_path / "state.pt"
+    torch.save({"epoch": 1, "config": cfg, "weights": torch.zeros(4096)}, path)
+    whole = path.read_bytes()
+    for data in (whole[:5000], b"not a checkpoint at all", b"junk", None):
+        if data is None:
+            torch.save([1, 2, 3], path)
+        else:
+            path.write_bytes(data)
+        with pytest.raises(click.ClickException, match=r"--resume: .*state\.pt (cannot be read \(|holds no training "
+                                                       r"state \(a list\)).*start the run again into a new --out"):
+            load_resume_state(path, cfg, {"limit": None, "data_sha256": "0" * 64})
+
+
 def test_a_date_in_the_config_does_not_stop_the_run_from_resuming(tmp_path):
     """YAML reads 2025-01-31 as a date, which torch.load(weights_only=True) refuses in state.pt: the
     config keeps it as text, from the file and from --set alike."""

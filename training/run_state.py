@@ -107,7 +107,15 @@ def load_resume_state(path: Path, cfg: dict, run: dict | None = None) -> dict:
     uninterrupted run's by more than rounding."""
     if not path.is_file():
         raise click.ClickException(f"--resume: {path} not found")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - cut short, or not ours: torch.load raises many kinds on such bytes
+        raise click.ClickException(f"--resume: {path} cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): "
+                                   f"it was not written whole, or not by training.train; start the run again "
+                                   f"into a new --out") from None
+    if not isinstance(state, dict):
+        raise click.ClickException(f"--resume: {path} holds no training state (a {type(state).__name__}); start the "
+                                   f"run again into a new --out")
     saved = state.get("config")
     if saved is None:  # written before state.pt recorded its config: nothing to compare
         print(f"warning: {path} records no config (an older version wrote it); resuming with this one",
