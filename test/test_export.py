@@ -143,6 +143,22 @@ def test_class_prior_is_set_by_export_and_kept_for_the_same_members(runs, tmp_pa
     assert _export(runs["sd-h"], runs["mgc-a"], "--out", out, "--class-prior", "uniform").exit_code == 2
 
 
+@pytest.mark.parametrize("text", ['{"members": {"seg": "se', "[]", '{"members": ["seg"]}', '{"postprocess": 3}'])
+def test_an_ensemble_json_in_out_that_is_cut_short_or_edited_is_replaced_with_a_note(runs, tmp_path, text):
+    """Exporting over an ensemble.json that is not one (cut short, or edited by hand into a list) was
+    a traceback (JSONDecodeError, AttributeError): now it is replaced, saying that nothing tuned is kept
+    from it; the new ensemble loads. One that reads but names no members is another ensemble's (no note)."""
+    out = tmp_path / "ens"
+    assert _export(runs["sd-h"], runs["mgc-a"], "--out", out).exit_code == 0
+    (out / "ensemble.json").write_text(text)
+    res = _export(runs["sd-h"], runs["mgc-a"], "--out", out)
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    unread = text != '{"postprocess": 3}'
+    assert ("cannot be read as an ensemble.json: it is replaced" in res.output) == unread, res.output
+    assert json.loads((out / "ensemble.json").read_text())["postprocess"]["class_prior"] == "trained"
+    assert Predictor.from_dir(out, device="cpu").class_prior == "trained"
+
+
 def test_a_run_without_best_is_a_clear_error(runs, tmp_path):
     run = tmp_path / "no-best"
     run.mkdir()

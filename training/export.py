@@ -211,12 +211,19 @@ def _encoder_checkpoints(members: dict[str, Path]) -> dict[str, Path]:
     return found
 
 
+def _old_spec(out: Path) -> dict | None:
+    """``out``'s current ensemble.json; None where there is none, or it is not one (cut short, edited)."""
+    try:
+        spec = json.loads((out / ENSEMBLE_NAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return spec if isinstance(spec, dict) and isinstance(spec.get("members", {}), dict) else None
+
+
 def _old_members(out: Path) -> set[str]:
     """The member folders that ``out``'s current ensemble.json names (they are replaced on export)."""
-    try:
-        return set(json.loads((out / ENSEMBLE_NAME).read_text()).get("members", {}).values())
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return set()
+    spec = _old_spec(out)
+    return {str(name) for name in spec.get("members", {}).values()} if spec else set()
 
 
 def _replace_items(new: Path, out: Path) -> None:
@@ -296,13 +303,16 @@ def export(runs: list[Path], out: Path, which: str = "best", metrics_path: Path 
     given = {k: v for k, v in (postprocess or {}).items() if v is not None}
     post = dict(given)
     old = out / ENSEMBLE_NAME
-    if old.is_file():
-        spec = json.loads(old.read_text())
+    spec = _old_spec(out) if old.is_file() else None
+    if old.is_file() and spec is None:
+        click.echo(f"note: {old} cannot be read as an ensemble.json: it is replaced, and no tuned postprocess "
+                   "options are kept from it", err=True)
+    if spec is not None:
         same = (sorted(spec.get("members", {})) == sorted(names)
                 and all((out / n / WEIGHTS_NAME).is_file() and _member_digest(out / n) == _member_digest(members[n])
                         for n in names))
         if same:  # the same models: what training.tune chose for them still holds
-            post = {**spec.get("postprocess", {}), **given}
+            post = {**(spec.get("postprocess") if isinstance(spec.get("postprocess"), dict) else {}), **given}
             extra.update({k: spec[k] for k in TUNED_KEYS if k in spec})
         else:
             click.echo(f"note: the members differ from {old}'s: its tuned postprocess options are not kept "
