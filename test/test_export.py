@@ -378,8 +378,9 @@ def test_the_model_card_names_each_members_task_epoch_validation_and_the_command
     for variant, epoch, metrics in (("sd-h", 7, {"val_dsc": 0.61234, "val_auc": None}),
                                     ("mgc-a", 3, {"val_dsc": 0.25, "val_auc": 0.875})):
         torch.manual_seed(epoch)
+        quick = {"limit": 12, "images": {"train": 12, "val": 3}} if variant == "mgc-a" else {}
         save_model(build_model(tiny_cfg(variant)), tmp_path / variant / "best",
-                   provenance={"variant": variant, "epoch": epoch, "metrics": metrics})
+                   provenance={"variant": variant, "epoch": epoch, "metrics": metrics, **quick})
         (tmp_path / variant / "config.yaml").write_text(f"variant: {variant}\n")
         runs[variant] = tmp_path / variant
     report = {"sources": {"busi": "/x", "bus-bra": "/y"}, "prepared": 12, "seed": 0, "val_fraction": 0.2,
@@ -392,7 +393,9 @@ def test_the_model_card_names_each_members_task_epoch_validation_and_the_command
     assert "Segmentation from **sd-h**, classification from **mgc-a**." in card
     for name, seg, cls, line in (("sd-h", "sd-h", "gap", "; best epoch 7 (head-grid validation: val_dsc 0.612, val_auc –)"),
                                  ("mgc-a", "sd-h", "mgc-a", "; best epoch 3 (head-grid validation: val_dsc 0.250, "
-                                                            "val_auc 0.875)")):
+                                                            "val_auc 0.875); **a quick run**: trained with `--limit 12` "
+                                                            "on 12 training and validated on 3 images, not the whole "
+                                                            "split")):
         enc = read_config(ens / name)["encoder"]
         assert (f"- `{name}`: encoder `{enc['name']}` ({enc['mode']}, input {enc['input_size']}, "
                 f"{enc['normalization']} normalisation, weights {enc['weights']['source']} sha256 "

@@ -321,6 +321,8 @@ def test_resume_of_a_limit_run_of_the_earlier_rule_is_refused(tiny_dataset, cach
     train(cfg, tiny_dataset, run, "cpu", cache_dir, stop_after=1, limit=4)
     state = torch.load(run / "state.pt", weights_only=True)
     assert state["run"]["limit"] == 4 and state["run"]["limit_rule"] == LIMIT_RULE
+    prov = json.loads((run / "last" / "config.json").read_text())["provenance"]  # what an exported card shows
+    assert prov["limit"] == 4 and prov["images"] == {"train": 4, "val": 3}
     now = dict(state["run"])
     load_resume_state(run / "state.pt", cfg, now)  # the same version: resumes
     del state["run"]["limit_rule"]

@@ -94,6 +94,15 @@ def selection_caveat(split: str, tuned: bool, which: str = "best") -> str:
             "not how it generalises.")
 
 
+def _limit_text(prov: dict) -> str:
+    """A member trained with ``--limit``: said on its line, so that a quick run's model is not taken for a full one."""
+    if not prov.get("limit"):
+        return ""
+    images = prov.get("images") or {}
+    return (f"; **a quick run**: trained with `--limit {prov['limit']}` on {images.get('train', '?')} training "
+            f"and validated on {images.get('val', '?')} images, not the whole split")
+
+
 def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics: dict | None,
                data_report: dict | None, command: str, which: str = "best") -> str:
     lines = ["# PF-SAM BUS ensemble: model card", "",
@@ -106,7 +115,8 @@ def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics:
                      f"{enc['normalization']} normalisation, weights {enc['weights'].get('source')} "
                      f"sha256 {str(enc['weights'].get('sha256', ''))[:12]}), seg head `{cfg['seg_head']['type']}`, "
                      f"classifier `{cfg['cls_head']['type']}`; {which} epoch {prov.get('epoch')} "
-                     f"(head-grid validation: " + ", ".join(f"{k} {_fmt(v)}" for k, v in prov.get('metrics', {}).items()) + ")")
+                     f"(head-grid validation: " + ", ".join(f"{k} {_fmt(v)}" for k, v in prov.get('metrics', {}).items()) + ")"
+                     + _limit_text(prov))
     lines += ["", "## Data and split", ""]
     if data_report:
         counts = data_report.get("counts", {})

@@ -295,6 +295,7 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
                             f"listed with {Path(data) / 'labels.csv'}); training needs both splits: prepare the data "
                             "again with a --val-fraction that leaves images on both sides")
     train_recs, val_recs = limit_records(train_recs, val_recs, limit)
+    images = {"train": len(train_recs), "val": len(val_recs)}
     net = build_model(cfg).to(device)
     run_info["encoder_sha256"] = net.config["encoder"]["weights"].get("sha256")
     if device.type == "cpu":  # oneDNN's speed depends on the layouts (PFSAMNet.to_cpu_layout)
@@ -400,8 +401,8 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
             value = row.get(best["metric"], float("nan"))
             if value == value and value > best["value"]:
                 best = {"epoch": epoch, "value": value, "metric": best["metric"]}
-                save_model(net, out / BEST_DIR, provenance=provenance(cfg, data, epoch, row))
-            save_model(net, out / LAST_DIR, provenance=provenance(cfg, data, epoch, row))
+                save_model(net, out / BEST_DIR, provenance=provenance(cfg, data, epoch, row, limit, images))
+            save_model(net, out / LAST_DIR, provenance=provenance(cfg, data, epoch, row, limit, images))
             save_state(state_path, net, opt, sched, epoch, history, best, cfg, run_info)
             write_logs(out, history)
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
@@ -420,9 +421,13 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
     return {"best": best, "history": history}
 
 
-def provenance(cfg: dict, data: Path, epoch: int, row: dict) -> dict:
+def provenance(cfg: dict, data: Path, epoch: int, row: dict, limit: int | None = None,
+               images: dict | None = None) -> dict:
+    """What a saved model records of its training (config.json's ``provenance``; the model card shows
+    it): with ``--limit``, the limit and the images trained and validated on (a quick run's model)."""
     return {"variant": cfg.get("variant"), "data": str(data), "epoch": epoch,
             "metrics": to_jsonable({k: v for k, v in row.items() if k.startswith("val_")}),
+            **({"limit": int(limit), "images": dict(images or {})} if limit else {}),
             "train_config": copy.deepcopy(cfg), "torch": torch.__version__}
 
 
