@@ -309,6 +309,41 @@ def test_a_new_run_into_the_folder_of_an_earlier_run_is_refused(tiny_dataset, ca
     assert [h["epoch"] for h in result["history"]] == [1] and (started / "state.pt").is_file()
 
 
+def test_sigterm_stops_training_as_ctrl_c_does_saying_what_can_be_resumed(tiny_dataset, tmp_path, monkeypatch):
+    """SIGTERM (a job's time limit, SLURM's preemption, docker stop) ended a run with no word (exit -15):
+    now it stops it as Ctrl-C does, naming state.pt to resume from (or that there is none), with exit
+    143, and the caller's handler is back afterwards. --set epochs=0 says that nothing was trained (it
+    said that the last epoch's model was in last/, which does not exist)."""
+    import signal
+    import time
+
+    args = ["--config", str(REPO / "training" / "configs" / "default-sd-h.yaml"), "--data", str(tiny_dataset),
+            "--device", "cpu"]
+    state = tmp_path / "run" / "state.pt"
+
+    def killed_partway(cfg, data, out, *a, **k):
+        out.mkdir(parents=True, exist_ok=True)
+        if out.name == "run":
+            state.write_bytes(b"epoch 1's state")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not stop the run")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(train_mod, "train", killed_partway)
+    for name, said in (("run", f"stopped by SIGTERM: {state} holds the run's last finished epoch; continue it with "
+                               "the same command and --resume"),
+                       ("early", f"stopped by SIGTERM before an epoch ended: nothing to resume in {tmp_path / 'early'}")):
+        res = CliRunner().invoke(train_mod.main, [*args, "--out", str(tmp_path / name)])
+        assert res.exit_code == 143 and said in res.output, res.output
+        assert signal.getsignal(signal.SIGTERM) is before
+    monkeypatch.undo()
+    res = CliRunner().invoke(train_mod.main, [*args, "--out", str(tmp_path / "none"), "--set", "epochs=0"])
+    assert res.exit_code == 0 and f"done: 0 epochs, nothing trained; {tmp_path / 'none'} holds the run's config " \
+        "alone" in res.output, res.output
+    assert [p.name for p in (tmp_path / "none").iterdir()] == ["config.yaml"]
+
+
 def test_resume_of_a_limit_run_of_the_earlier_rule_is_refused(tiny_dataset, cache_dir, tmp_path):
     """--limit took the first N images by id before it took each class in turn: a --limit run started
     by that version would resume on other images, so it is refused; a run of this version resumes."""

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -421,6 +422,14 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
     return {"best": best, "history": history}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so that it stops as on Ctrl-C (files being written are removed)."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated
+
+
 def provenance(cfg: dict, data: Path, epoch: int, row: dict, limit: int | None = None,
                images: dict | None = None) -> dict:
     """What a saved model records of its training (config.json's ``provenance``; the model card shows
@@ -492,6 +501,9 @@ def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, ba
             resolve_device(device)
         except RuntimeError as exc:
             raise click.BadParameter(str(exc), param_hint="--device") from None
+    # SIGTERM (a job's time limit, SLURM's preemption, docker stop) stops the run as Ctrl-C does, saying what
+    # can be resumed; the caller's handler comes back afterwards (main also runs in-process: tests, notebooks)
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         cfg = load_config(config_path, overrides)
         result = train(cfg, Path(data), Path(out), device, Path(cache_dir) if cache_dir else None, resume,
@@ -499,20 +511,26 @@ def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, ba
     except NonFiniteLoss as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:  # click would say "Aborted!" alone
+    except KeyboardInterrupt as exc:  # click would say "Aborted!" alone
         state = Path(out) / STATE_NAME
         if int(os.environ.get("RANK", "0")) == 0:
-            click.echo(f"interrupted: {state} holds the run's last finished epoch; continue it with the same command "
+            how = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
+            click.echo(f"{how}: {state} holds the run's last finished epoch; continue it with the same command "
                        "and --resume" if state.is_file() else
-                       f"interrupted before an epoch ended: nothing to resume in {out}", err=True)
-        sys.exit(130)
+                       f"{how} before an epoch ended: nothing to resume in {out}", err=True)
+        sys.exit(128 + signal.SIGTERM if isinstance(exc, Terminated) else 130)
     except ConfigError as exc:
         given = {key: f"{flag} {overrides[key]}" for key, flag in OPTION_KEYS.items() if overrides.get(key) is not None}
         raise click.ClickException(config_error_origin(str(exc), config_path, sets, given)) from None
     except (WeightsError, CacheError, DataError, ImageReadError, FileNotFoundError) as exc:  # names the file
         raise click.ClickException(str(exc)) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     best = result["best"]
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 alone evaluates, saves and reports
+        return
+    if not result.get("history"):  # --set epochs=0: the run's folder alone
+        click.echo(f"done: 0 epochs, nothing trained; {out} holds the run's config alone", err=True)
         return
     if best["epoch"] == 0:  # e.g. AUC on a validation split with one class (smoke runs with --limit)
         click.echo(f"done: {best['metric']} was undefined in every epoch, so no best/ was written; "
