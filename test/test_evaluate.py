@@ -430,6 +430,19 @@ def test_predict_takes_the_split_asked_for_and_passes_its_options_to_the_predict
     assert (made[-1].batch_size, made[-1].tta, made[-1].precision, made[-1].class_prior) == (4, False, "auto", "data")
 
 
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_a_batch_size_below_1_is_a_usage_error_in_predict_and_tune(tiny_dataset, tmp_path, value):
+    """training.predict and training.tune took --batch-size 0 or -2 and ran with batches of one, as if
+    it had been given; process.py, train and cache refuse it: so do they, before anything runs."""
+    from training import tune as T
+
+    for main, out in ((P.main, ["--out", str(tmp_path / "out")]), (T.main, [])):
+        res = CliRunner().invoke(main, ["--model-dir", str(tmp_path), "--data", str(tiny_dataset), *out,
+                                        "--batch-size", value])
+        assert res.exit_code == 2 and "Invalid value for '--batch-size'" in res.output, (main, res.output)
+        assert not (tmp_path / "out").exists()
+
+
 def test_predict_exits_1_when_the_model_cannot_load_and_3_when_an_image_fails(tiny_dataset, tmp_path):
     """As process.py: a model folder that holds no model is an error (exit 1, no traceback); a split
     image that cannot be read is listed and the others are predicted (exit 3); -d cuda without a GPU is

@@ -31,7 +31,7 @@ def predict_split(model_dir: Path, data: Path, split: str | None, out: Path, dev
 @click.option("--split", default="val", type=click.Choice(["train", "val", "all"]))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Prediction folder (PACE layout).")
 @click.option("-d", "--device", default="auto", type=click.Choice(["auto", "cpu", "cuda", "gpu"]))
-@click.option("--batch-size", default=4)
+@click.option("--batch-size", default=4, type=click.IntRange(1))
 @click.option("--tta/--no-tta", default=False, help="As process.py's: horizontal-flip test-time augmentation.")
 @click.option("--precision", default="auto", type=click.Choice(["auto", "bf16", "fp32"]))
 @click.option("--class-prior", default=None, type=click.Choice(["trained", "data"]),

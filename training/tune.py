@@ -119,7 +119,7 @@ def choose(scores: list[dict]) -> dict:
 @click.option("--tta/--no-tta", default=False, help="As process.py's: horizontal-flip test-time augmentation.")
 @click.option("--precision", default="auto", type=click.Choice(["auto", "bf16", "fp32"]),
               help="As process.py's (auto: bf16 on CUDA 8.0+ for SAM ViT encoders, else fp32).")
-@click.option("--batch-size", default=8)
+@click.option("--batch-size", default=8, type=click.IntRange(1))
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Score only N validation images, the first by image id of each class in turn.")
 @click.option("--write", is_flag=True, help="Write the chosen options into ensemble.json.")
