@@ -529,7 +529,7 @@ def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, ba
     best = result["best"]
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 alone evaluates, saves and reports
         return
-    if not result.get("history"):  # --set epochs=0: the run's folder alone
+    if cfg["epochs"] == 0:  # --set epochs=0: the run's folder alone
         click.echo(f"done: 0 epochs, nothing trained; {out} holds the run's config alone", err=True)
         return
     if best["epoch"] == 0:  # e.g. AUC on a validation split with one class (smoke runs with --limit)
