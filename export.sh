@@ -5,7 +5,7 @@
 #                 IMAGE=ghcr.io/me/pfsam-bus:v1, pfsam-bus_v1.tar.gz)
 #   model.tar.gz  the contents of model/weights/default (ensemble.json at the top level), to
 #                 upload as the algorithm's model; Grand Challenge extracts it to /opt/ml/model
-# It builds the image as build.sh last built it (build.sh --as-before; a BASE_IMAGE given here wins).
+# It builds the image as build.sh last built it (build.sh --as-before; a BASE_IMAGE given here replaces its base).
 # Refuses to run without an ensemble.json in the model folder, and when a member needs an external encoder
 # checkpoint (SAM ViT, MedSAM) that is not in its folder (Grand Challenge runs offline: export with `python -m training.export ... --include-encoder-checkpoint`).
 #   MODEL_DIR=runs/my-ensemble ./export.sh   # upload your own ensemble (training.export's folder) as the model
@@ -61,7 +61,7 @@ if [ -n "$missing" ]; then
   exit 1
 fi
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  "$HERE/build.sh" --as-before  # as build.sh last built $IMAGE (BASE_IMAGE, --build-arg ...), unless BASE_IMAGE is given
+  "$HERE/build.sh" --as-before  # as build.sh last built $IMAGE (BASE_IMAGE, --build-arg ...), on BASE_IMAGE where given
 fi
 
 # the image's file: its name's last path component, ':' (a tag) as '_' (ghcr.io/me/pfsam-bus:v1 -> pfsam-bus_v1)

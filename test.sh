@@ -15,7 +15,7 @@
 #
 #   ./test.sh                         # builds the image as build.sh last built it (BASE_IMAGE, --build-arg ...,
 #                                     # recorded in the image), so ./build.sh ARGS && ./test.sh tests that image;
-#                                     # BASE_IMAGE given here builds on that base instead
+#                                     # BASE_IMAGE given here builds on that base instead (the other arguments kept)
 #   SKIP_BUILD=1 ./test.sh            # reuse the image already built
 # Env: IMAGE (default pfsam-bus), PYTHON (host python with numpy + SimpleITK [+ torch for the test model];
 #      default .venv/bin/python), MEMORY (default 4g), CONTAINER_USER (default 1000:1000 when run as root, else your uid:gid).
@@ -50,7 +50,7 @@ INPUT="$HERE/test/input"
 SINGLE_CASE="images/breast-ultrasound-image/bus_spacing.mha"
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  "$HERE/build.sh" --as-before  # as build.sh last built $IMAGE (BASE_IMAGE, --build-arg ...), unless BASE_IMAGE is given
+  "$HERE/build.sh" --as-before  # as build.sh last built $IMAGE (BASE_IMAGE, --build-arg ...), on BASE_IMAGE where given
 fi
 # the image must be here (docker run would try to pull a missing one), and docker must answer
 if ! why="$(docker image inspect "$IMAGE" 2>&1 >/dev/null)"; then

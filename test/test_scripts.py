@@ -240,8 +240,13 @@ def test_test_sh_builds_the_image_as_build_sh_last_built_it(tmp_path):
     assert first.replace(" --no-cache", "") == again, (first, again)  # what it was built from, not how
     assert again.startswith("build --build-arg BASE_IMAGE=local/base:1 --build-arg USER_UID=0 --build-arg=COMPILER=0 "
                             "--label org.pfsam.build-args=")
-    _run([REPO / "test.sh"], REPO, stubs, BASE_IMAGE="local/other:2", **env)  # a base given to test.sh wins
-    assert builds()[-1].startswith("build --build-arg BASE_IMAGE=local/other:2 --label ")
+    # a base given to test.sh replaces the recorded one alone (it dropped USER_UID=0 too: the root image the
+    # user built was replaced under its tag by one of uid 1000, which cannot write a PACE /output)
+    _run([REPO / "test.sh"], REPO, stubs, BASE_IMAGE="local/other:2", **env)
+    assert builds()[-1].startswith("build --build-arg BASE_IMAGE=local/other:2 --build-arg USER_UID=0 "
+                                   "--build-arg=COMPILER=0 --label ")
+    _run([REPO / "test.sh"], REPO, stubs, BASE_IMAGE="local/base:1", **env)  # and back: the same arguments
+    assert builds()[-1] == again
     log.with_name("docker.log.label").unlink()  # an image built before labels (or none at all): the plain build
     _run([REPO / "test.sh"], REPO, stubs, **env)
     assert builds()[-1].startswith("build --label org.pfsam.build-args= --tag pfsam-bus ")
@@ -252,6 +257,29 @@ def test_test_sh_builds_the_image_as_build_sh_last_built_it(tmp_path):
         res = _run([REPO / "test.sh"], REPO, stubs, SKIP_BUILD="1", DOCKER_DOWN=down, **env)
         assert res.returncode == 1 and f"test.sh: FAIL: cannot use the image pfsam-bus: {reason}" in res.stderr
         assert "SKIP_BUILD=1: build it first with ./build.sh" in res.stderr and "FAIL [" not in res.stdout, res.stdout
+
+
+def test_build_sh_records_a_proxys_name_not_its_value(tmp_path):
+    """The label that records the build's arguments goes out with the image (export.sh): a proxy's
+    password in HTTPS_PROXY=http://user:pass@host was in it, base64-encoded (docker keeps its own proxy
+    arguments out of an image's history for that reason). Its name alone is recorded, and --as-before
+    hands docker the name, which takes the value from the environment again."""
+    import base64
+
+    stubs = _stub(tmp_path / "stubs", "docker", STUB_DOCKER_LABELS)
+    log = tmp_path / "docker.log"
+    res = _run([REPO / "build.sh", "--build-arg", "HTTPS_PROXY=http://alice:S3cret@proxy:3128",
+                "--build-arg=no_proxy=localhost", "--build-arg", "USER_UID=0"], REPO, stubs, DOCKER_LOG=str(log))
+    assert res.returncode == 0, res.stderr
+    label = log.with_name("docker.log.label").read_text()
+    assert base64.b64decode(label).split(b"\0")[:-1] == [b"--build-arg", b"HTTPS_PROXY", b"--build-arg=no_proxy",
+                                                        b"--build-arg", b"USER_UID=0"]
+    assert "S3cret" in log.read_text().splitlines()[0]  # the build itself had the value
+    res = _run([REPO / "build.sh", "--as-before"], REPO, stubs, DOCKER_LOG=str(log))
+    assert res.returncode == 0, res.stderr
+    again = [line for line in log.read_text().splitlines() if line.startswith("build ")][-1]
+    assert again.startswith("build --build-arg HTTPS_PROXY --build-arg=no_proxy --build-arg USER_UID=0 --label ")
+    assert "S3cret" not in res.stdout + res.stderr + again
 
 
 # --- training/reproduce.sh ------------------------------------------------------------------------
