@@ -60,8 +60,13 @@ if ! why="$(docker image inspect "$IMAGE" 2>&1 >/dev/null)"; then
 fi
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/pfsam-test.XXXXXX")"
+WORK="$(cd "$WORK" && pwd)"  # docker takes a relative -v source (a relative TMPDIR) for a volume's name
 cleanup() { rm -rf "$WORK" 2>/dev/null || docker run --rm -v "$WORK":/w --entrypoint rm "$IMAGE" -rf /w/out-all /w/out-single /w/out-pace /w/out-compile || true; rm -rf "$WORK" 2>/dev/null || true; }
 trap cleanup EXIT
+# Ctrl-C (or SIGTERM) stops test.sh after the container it reaches: docker run forwards the signal to the
+# container and then exits with the container's status, which alone would not stop the script
+trap 'echo "test.sh: interrupted" >&2; exit 130' INT
+trap 'echo "test.sh: stopped by SIGTERM" >&2; exit 143' TERM
 
 model_args=()
 if [ "$TEST_MODEL" != random ] && [ -f "$HERE/model/weights/default/ensemble.json" ]; then

@@ -282,6 +282,46 @@ def test_build_sh_records_a_proxys_name_not_its_value(tmp_path):
     assert "S3cret" not in res.stdout + res.stderr + again
 
 
+# a docker whose `run` behaves as the docker CLI on Ctrl-C: it forwards the signal to the container and
+# exits with the container's status (1: click's "Aborted!"), not by the signal
+STUB_DOCKER_RUNS = """#!/usr/bin/env bash
+echo "$*" >> "$DOCKER_LOG"
+case "$1" in
+  run) trap 'echo "run interrupted" >> "$DOCKER_LOG"; exit 1' INT; sleep 5 & wait; exit 1 ;;
+  *) exit 0 ;;
+esac
+"""
+
+
+def test_test_sh_stops_on_ctrl_c_and_mounts_absolute_paths_under_a_relative_tmpdir(tmp_path):
+    """Ctrl-C went on through the remaining containers (docker run exits with the container's status,
+    so bash saw a plain failure); now test.sh stops after the container it reaches, exit 130, its
+    temporary folder removed. A relative TMPDIR gave relative -v sources, which docker takes for volume
+    names: the mounts are absolute."""
+    import signal
+    import time
+
+    stubs = _stub(tmp_path / "stubs", "docker", STUB_DOCKER_RUNS)
+    log = tmp_path / "docker.log"
+    (tmp_path / "rel").mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("IMAGE", "BASE_IMAGE")}
+    env.update(PATH=f"{stubs}{os.pathsep}{os.environ['PATH']}", DOCKER_LOG=str(log), SKIP_BUILD="1", TMPDIR="rel",
+               PYTHON=sys.executable, TEST_MODEL="random")
+    proc = subprocess.Popen(["bash", str(REPO / "test.sh")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (log.exists() and "\nrun " in f"\n{log.read_text()}"):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C to the foreground group
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "test.sh: interrupted" in err, (proc.returncode, out, err)
+    runs = [line for line in log.read_text().splitlines() if line.startswith("run --")]
+    assert len(runs) == 1 and "run interrupted" in log.read_text(), log.read_text()
+    mounts = [a.split(":")[0] for a in runs[0].split() if ":/input" in a or ":/output" in a or ":/opt/ml" in a]
+    assert len(mounts) == 3 and all(m.startswith(str(tmp_path / "rel") + "/pfsam-test.") for m in mounts), mounts
+    assert not list((tmp_path / "rel").iterdir())  # its temporary folder removed
+
+
 # --- training/reproduce.sh ------------------------------------------------------------------------
 
 STUB_TRAINING_PYTHON = """#!/usr/bin/env bash
