@@ -28,15 +28,17 @@ exit "${DOCKER_RC:-0}"
 # $PIP_FAILS is set (an interrupted or failed install)
 STUB_PYTHON3 = """#!/usr/bin/env bash
 if [ "$1 $2" != "-m venv" ]; then echo "unexpected: python3 $*" >&2; exit 99; fi
-echo "venv" >> "$PY_LOG"
-mkdir -p "$3/bin"
-cat > "$3/bin/python" <<'EOF'
+shift 2
+if [ "$1" = --clear ]; then shift; rm -rf "$1"; echo "venv --clear" >> "$PY_LOG"; else echo "venv" >> "$PY_LOG"; fi
+mkdir -p "$1/bin"
+cat > "$1/bin/python" <<'EOF'
 #!/usr/bin/env bash
 echo "$*" >> "$PY_LOG"
+if [ "$1 $2" = "-m pip" ]; then touch "$(dirname "$0")/../installed-$(tail -1 requirements-dev.txt)"; fi
 if [ "$1 $2" = "-m pip" ] && [ -n "${PIP_FAILS:-}" ]; then exit 1; fi
 exit 0
 EOF
-chmod +x "$3/bin/python"
+chmod +x "$1/bin/python"
 """
 
 
@@ -97,17 +99,19 @@ def test_an_interrupted_setup_is_installed_again_and_a_finished_one_is_not(tmp_p
         return calls
 
     install = "-m pip install -q -r requirements-dev.txt"
+    made = "venv --clear"  # emptied first: pip never removes what the requirements dropped
     calls = run(PIP_FAILS="1")  # the first setup fails half-way: nothing else runs
-    assert calls == ["venv", install] and (repo / ".venv" / "bin" / "python").is_file()
+    assert calls == [made, install] and (repo / ".venv" / "bin" / "python").is_file()
     assert not (repo / ".venv" / ".requirements-dev.sha256").exists()
     calls = run()  # the next run makes and installs it again, then does its job
-    assert calls[:2] == ["venv", install] and len(calls) > 2 and not any("pip" in c for c in calls[2:])
+    assert calls[:2] == [made, install] and len(calls) > 2 and not any("pip" in c for c in calls[2:])
     calls = run()  # installed: straight to the job
-    assert calls and not any("pip" in c or c == "venv" for c in calls)
+    assert calls and not any("pip" in c or c.startswith("venv") for c in calls)
     (repo / "requirements-dev.txt").write_text("numpy==2.4.7\n")
-    assert run()[:2] == ["venv", install]  # the requirements changed
+    assert run()[:2] == [made, install]  # the requirements changed: what the old ones installed is gone
+    assert sorted(p.name for p in (repo / ".venv").glob("installed-*")) == ["installed-numpy==2.4.7"]
     (repo / ".venv" / ".requirements-dev.sha256").unlink()
-    assert run()[:2] == ["venv", install]  # a .venv made before the record existed: installed once more
+    assert run()[:2] == [made, install]  # a .venv made before the record existed: installed once more
     assert not any("pip" in c for c in run())
 
 
