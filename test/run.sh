@@ -4,7 +4,9 @@
 # as demo.sh does: test/ensure_venv.sh).
 #   bash test/run.sh [pytest args]      (PYTHON overrides the interpreter; default .venv/bin/python)
 #   bash test/run.sh --slow             (also the slow tests; CI runs them)
+#   bash test/run.sh test/test_writers.py[::test_name] ...   (those alone; paths from the folder it is run in)
 set -euo pipefail
+caller="$PWD"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ -z "${PYTHON:-}" ]; then
   # shellcheck source=test/ensure_venv.sh
@@ -12,4 +14,17 @@ if [ -z "${PYTHON:-}" ]; then
   ensure_venv
   PYTHON=.venv/bin/python
 fi
-exec "$PYTHON" -m pytest -q test "$@"
+# the tests named (paths made absolute: the run is from the repository's root), else the whole suite
+args=() named=0 previous=""
+for a in "$@"; do
+  p="${a%%::*}"
+  case "$previous" in -k|-m|-p|-o|-c|-W|--maxfail|--rootdir|--basetemp|--confcutdir) takes_value=1 ;; *) takes_value=0 ;; esac
+  if [ "$takes_value" = 0 ] && [[ "$a" != -* ]] && [ -n "$p" ] && (cd "$caller" && [ -e "$p" ]); then
+    [[ "$p" = /* ]] || a="$caller/$a"
+    named=1
+  fi
+  args+=("$a")
+  previous="$a"
+done
+[ "$named" = 1 ] || args=(test ${args[@]+"${args[@]}"})
+exec "$PYTHON" -m pytest -q "${args[@]}"

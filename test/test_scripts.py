@@ -115,6 +115,29 @@ def test_an_interrupted_setup_is_installed_again_and_a_finished_one_is_not(tmp_p
     assert not any("pip" in c for c in run())
 
 
+def test_run_sh_runs_the_tests_named_from_the_folder_it_is_run_in_else_the_whole_suite(tmp_path):
+    """`bash test/run.sh test/test_a.py` ran the whole suite (it always gave pytest `test` first), and a
+    path given from inside test/ was not found (the script runs from the repository's root): the paths
+    named are made absolute and run alone; an option's value is no path; nothing named: the suite."""
+    stubs = _stub(tmp_path / "stubs", "recording-python", '#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$PY_LOG"\n')
+    log = tmp_path / "py.log"
+
+    def called(cwd: Path, *args: str) -> list[str]:
+        res = _run([REPO / "test" / "run.sh", *args], cwd, stubs, PYTHON=str(stubs / "recording-python"),
+                   PY_LOG=str(log))
+        assert res.returncode == 0, res.stderr
+        return log.read_text().splitlines()
+
+    assert called(REPO, "test/test_writers.py", "-k", "zip") == \
+        ["-m", "pytest", "-q", f"{REPO}/test/test_writers.py", "-k", "zip"]
+    assert called(REPO / "test", "test_writers.py::test_codabench_zip_is_the_same_bytes_whatever_the_order_and_time",
+                  "--slow") == ["-m", "pytest", "-q", f"{REPO}/test/test_writers.py::test_codabench_zip_is_the_same_"
+                                "bytes_whatever_the_order_and_time", "--slow"]
+    assert called(REPO, "-k", "test", "--slow") == ["-m", "pytest", "-q", "test", "-k", "test", "--slow"]
+    assert called(tmp_path) == ["-m", "pytest", "-q", "test"]
+    assert called(REPO, str(REPO / "test" / "test_writers.py")) == ["-m", "pytest", "-q", f"{REPO}/test/test_writers.py"]
+
+
 # --- export.sh ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("image,file", [("pfsam-bus", "pfsam-bus.tar.gz"),
