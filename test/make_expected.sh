@@ -6,6 +6,13 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TEST_MODEL="${TEST_MODEL:-auto}"
+case "$TEST_MODEL" in  # as test.sh: a misspelt one fell back to another model in silence
+  auto|default|random) ;;
+  *) echo "make_expected.sh: TEST_MODEL must be auto, default or random, not '$TEST_MODEL'" >&2; exit 2 ;;
+esac
+if [ "$TEST_MODEL" = default ] && [ ! -f "$HERE/model/weights/default/ensemble.json" ]; then
+  echo "make_expected.sh: TEST_MODEL=default but model/weights/default has no ensemble.json" >&2; exit 2
+fi
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$HERE/.venv/bin/python" ]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
 fi

@@ -398,11 +398,17 @@ def test_cache_speedup_sh_shows_why_a_training_run_failed(tmp_path):
 
 
 def test_test_sh_refuses_a_test_model_it_does_not_know(tmp_path):
-    """TEST_MODEL=randon fell back to the default model in silence."""
+    """TEST_MODEL=randon fell back to the default model in silence, in test.sh and in make_expected.sh,
+    which records the outputs test.sh compares with (it ran process.py, here a stub, on the default)."""
     stubs = _stub(tmp_path / "stubs", "docker", STUB_DOCKER)
     res = _run([REPO / "test.sh"], REPO, stubs, TEST_MODEL="randon", DOCKER_LOG=str(tmp_path / "docker.log"))
     assert res.returncode == 2 and "TEST_MODEL must be auto, default or random, not 'randon'" in res.stderr
     assert not (tmp_path / "docker.log").exists()
+    stubs = _stub(tmp_path / "stubs", "recording-python", '#!/usr/bin/env bash\necho "$*" >> "$PY_LOG"\n')
+    res = _run([REPO / "test" / "make_expected.sh"], REPO, stubs, TEST_MODEL="randon",
+               PYTHON=str(stubs / "recording-python"), PY_LOG=str(tmp_path / "py.log"))
+    assert res.returncode == 2 and "TEST_MODEL must be auto, default or random, not 'randon'" in res.stderr
+    assert not (tmp_path / "py.log").exists()
 
 
 # the image's entry point: `docker run IMAGE [ARGS]`; a stub python3 records what it is asked to run
