@@ -385,6 +385,33 @@ def test_reproduce_sh_records_a_command_that_reproduces_the_run(tmp_path):
                                    c[-2:] == ["--set", "views=[orig]"] for c in train)
 
 
+def test_reproduce_sh_takes_relative_paths_from_where_it_is_run_and_refuses_a_bad_mode_or_nproc(tmp_path):
+    """It moves to the repository before it starts, so `OUT` and the folders given relative to the
+    caller's folder named folders in the repository (and the closing line pointed there); a misspelt
+    MODE ran fine-tuned and the card recorded it as given; NPROC=two ran on one process after a shell
+    error. Relative paths are now the caller's; MODE and NPROC are checked before anything runs."""
+    here = tmp_path / "repo"
+    (here / "training").mkdir(parents=True)
+    shutil.copy2(REPO / "training" / "reproduce.sh", here / "training" / "reproduce.sh")
+    stubs = _stub(tmp_path / "stubs", "python", STUB_TRAINING_PYTHON)
+    log, work = tmp_path / "py.log", tmp_path / "work"
+    work.mkdir()
+    args = [here / "training" / "reproduce.sh", "--busi", "data/BUSI", "out"]
+    env = dict(PYTHON=str(stubs / "python"), PY_LOG=str(log), ENCODER="litemedsam", EPOCHS="1")
+    for bad, said in ((dict(MODE="Frozen"), "MODE must be finetuned or frozen, not 'Frozen'"),
+                      (dict(NPROC="two"), "NPROC must be a number of GPUs (1 or more), not 'two'")):
+        res = _run(args, work, stubs, **env, **bad)
+        assert res.returncode == 2 and said in res.stderr and not log.exists(), res.stderr
+    res = _run(args, work, stubs, **env, MODE="frozen", ENCODER_CHECKPOINT="ck/lite.pth")
+    assert res.returncode == 0, res.stderr
+    calls = [c.strip("\n").split("\n") for c in log.read_text().split("--- end of call\n") if c.strip()]
+    assert calls[0] == ["-m", "training.prepare", "--busi", f"{work}/data/BUSI", "--out", f"{work}/out/data"]
+    train = calls[1]
+    assert train[train.index("--encoder-checkpoint") + 1] == f"{work}/ck/lite.pth"
+    assert train[train.index("--cache") + 1] == f"{work}/out/cache"
+    assert f"done: Table 3 in {work}/out/table3.md, ensemble in {work}/out/ensemble" in res.stdout
+
+
 def test_cache_speedup_sh_shows_why_a_training_run_failed(tmp_path):
     """Its runs are inside $( ): the failing run's log tail went into the variable, set -e ended the
     script and the EXIT trap removed the logs, so it failed with no word (a missing cache, say)."""

@@ -8,14 +8,23 @@
 # litemedsam), MODE (finetuned|frozen, default finetuned), EPOCHS (60), BATCH_SIZE (4), DEVICE (auto),
 # NPROC (GPUs for torchrun, default 1), EXTRA (more training.train options, e.g. "--set ..."),
 # PYTHON (the interpreter; default: the active one, else the repository's .venv, else python).
+# Relative paths (the folders, OUT, ENCODER_CHECKPOINT) are taken from the folder it is run in.
 set -euo pipefail
+caller="$PWD"
 cd "$(dirname "$0")/.."
+absolute() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s' "$caller/$1" ;; esac; }
 sources=()
-while [ $# -gt 1 ]; do sources+=("$1" "$2"); shift 2; done
+while [ $# -gt 1 ]; do sources+=("$1" "$(absolute "$2")"); shift 2; done
 [ $# -eq 1 ] || { echo "usage: $0 --busi DIR --busbra DIR [--breast DIR] [--pace DIR] OUT" >&2; exit 2; }
-OUT=$1
+OUT=$(absolute "$1")
 ENCODER=${ENCODER:-sam_vit_b}; MODE=${MODE:-finetuned}; EPOCHS=${EPOCHS:-60}; BATCH_SIZE=${BATCH_SIZE:-4}
 DEVICE=${DEVICE:-auto}; NPROC=${NPROC:-1}; EXTRA=${EXTRA:-}
+case "$MODE" in  # a misspelt MODE ran fine-tuned, and the card recorded it as given
+  finetuned|frozen) ;;
+  *) echo "reproduce.sh: MODE must be finetuned or frozen, not '$MODE'" >&2; exit 2 ;;
+esac
+[[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || { echo "reproduce.sh: NPROC must be a number of GPUs (1 or more), not '$NPROC'" >&2; exit 2; }
+[ -n "${ENCODER_CHECKPOINT:-}" ] && ENCODER_CHECKPOINT=$(absolute "$ENCODER_CHECKPOINT")
 ckpt=(); [ -n "${ENCODER_CHECKPOINT:-}" ] && ckpt=(--encoder-checkpoint "$ENCODER_CHECKPOINT")
 mode=(--finetune); [ "$MODE" = frozen ] && mode=(--frozen --cache "$OUT/cache")
 PY=${PYTHON:-python}
