@@ -370,7 +370,8 @@ def export(runs: list[Path], out: Path, which: str = "best", metrics_path: Path 
 @click.option("--command", default="", help="The command that reproduces the ensemble (for the card).")
 @click.option("--include-encoder-checkpoint", is_flag=True,
               help="Copy each member's external encoder checkpoint (frozen SAM ViT / MedSAM; found in "
-                   "$PFSAM_CHECKPOINT_DIR, the run's folder or checkpoints/, and sha256-checked) into its folder, so "
+                   "$PFSAM_CHECKPOINT_DIR, the exported RUN/best or RUN/last folder, checkpoints/ or /opt/ml/checkpoints, "
+                   "by file name, and sha256-checked) into its folder, so "
                    "that the ensemble runs offline, e.g. as a Grand Challenge model upload (export.sh refuses one "
                    "without).")
 def main(runs, out, which, metrics_path, data_report, gate_normal, largest_component, class_prior, command,
