@@ -215,6 +215,24 @@ def test_every_table_cell_is_the_figure_its_column_names(tmp_path):
     assert len({cells[c] for c in ("DSC", "HD95", "NSD")}) == 3  # a column swap would show
 
 
+def test_a_table_of_evaluations_of_different_images_says_so(tmp_path):
+    """A --limit evaluation beside a full one (or another split) was put in the table as if comparable:
+    a note under the table now says that the rows scored different images, with each one's count; none
+    where every evaluation scored the same images (in any order)."""
+    cases = make_cases({})
+    a = write_eval(tmp_path, "full", evaluation(cases, n_boot=0))
+    b = write_eval(tmp_path, "limit", evaluation(cases[:6] + cases[10:], n_boot=0))
+    c = write_eval(tmp_path, "again", evaluation(cases[::-1], n_boot=0))
+    text = C.table([a, b, c])
+    assert ("Note: these evaluations scored different images (images scored: full: 24, limit: 20, again: 24); "
+            "their rows are not comparable figure for figure.") in text
+    assert "Note:" not in C.table([a, c])
+    older = json.loads((a / "metrics.json").read_text())  # a metrics.json without per-image cases
+    del older["cases"]
+    d = write_eval(tmp_path, "older", older)
+    assert "Note:" not in C.table([d, d]) and "Note:" in C.table([d, b])
+
+
 def test_the_paired_report_gives_every_headline_figure_with_the_interval_asked_for(tmp_path):
     """The paired table: every headline figure of A and B (HD95 in the evaluations' unit, distances to
     2 decimals), B - A and its interval from the paired bootstrap with the resamples and seed asked

@@ -71,17 +71,31 @@ def _same_units(evals: list[Path], metrics: list[dict]) -> None:
                                        f"{here[1]} {here[0]} in {d}: not comparable (evaluate both with the same)")
 
 
+def _images(m: dict) -> object:
+    """What an evaluation scored: its images' ids, else (from an older metrics.json) their count, split and data."""
+    ids = frozenset(str(c.get("image_id")) for c in m.get("cases") or [] if isinstance(c, dict))
+    return ids or (m.get("n_images"), m.get("split"), m.get("data_dir"))
+
+
 def table(evals: list[Path]) -> str:
-    _same_units(evals, [_metrics(d) for d in evals])
+    """One row per evaluation; below it a note where they did not score the same images (a --limit run
+    beside a full one, another split): then their rows cannot be read against each other."""
+    metrics = [_metrics(d) for d in evals]
+    _same_units(evals, metrics)
     lines = ["| model | " + " | ".join(c for _, c in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
-    for d, label in zip(evals, labels(evals)):
-        m = _metrics(d)
+    names = labels(evals)
+    for m, label in zip(metrics, names):
         cells = []
         for key, _ in COLUMNS:
             v = m.get(key)
             cells.append(_num(v) if v is None or isinstance(v, (int, float)) else str(v))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if len({_images(m) for m in metrics}) > 1:
+        counts = ", ".join(f"{label}: {m.get('n_images', '?')}" for label, m in zip(names, metrics))
+        lines += ["", f"Note: these evaluations scored different images (images scored: {counts}); their rows "
+                      "are not comparable figure for figure. Evaluate every model on the same split and images "
+                      "(the same --limit, or none)."]
     return "\n".join(lines) + "\n"
 
 
