@@ -25,6 +25,7 @@ from .image import (IMAGE_SUFFIXES, NOT_UTF8, ImageReadError, LoadedImage, check
                     is_utf8_name, printable)
 from .metaimage import METAIMAGE_IO, is_metaimage, read_metaimage
 from .nifti import is_nifti, nifti_pixels, read_nifti
+from .itk_image import itk_reason
 from .nrrd import is_nrrd, nrrd_pixels, read_nrrd
 
 Image.MAX_IMAGE_PIXELS = None  # Pillow's own guard (a warning, then its own error) gives way to image.MAX_PIXELS
@@ -117,8 +118,14 @@ def image_pixels(path: Path | str) -> int:
             return nifti_pixels(path)
         if is_nrrd(path):
             return nrrd_pixels(path)
-        with Image.open(path, formats=PIL_FORMATS) as im:
-            return int(im.size[0]) * int(im.size[1])
+        try:
+            with Image.open(path, formats=PIL_FORMATS) as im:
+                return int(im.size[0]) * int(im.size[1])
+        except UnidentifiedImageError:
+            if not _is_tiff(path):
+                raise
+            size = _itk_tiff_size(path)
+            return int(size[0]) * int(size[1])
     except Exception:  # noqa: BLE001 - any unreadable file: read_image reports it
         return 0
 
@@ -164,6 +171,41 @@ def _read_itk_colour(path: Path, reader: str, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(_ORIENT.get(orientation, lambda a: a)(arr))
 
 
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, either byte order
+
+
+def _is_tiff(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) in _TIFF_MAGIC
+
+
+def _itk_tiff_size(path: Path) -> tuple[int, ...]:
+    """A TIFF's size as ITK's TIFF reader (libtiff) reads it from the header; RuntimeError where it cannot."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("TIFFImageIO")
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader.GetSize()
+
+
+def _read_itk_tiff(path: Path) -> np.ndarray:
+    """A TIFF that Pillow cannot decode (float colour, for one) through ITK's TIFF reader, size checked
+    from its header first; ``ImageReadError`` where ITK cannot read it either."""
+    import SimpleITK as sitk
+
+    try:
+        size = _itk_tiff_size(path)
+        if len(size) > 2 and math.prod(size[2:]) > 1:
+            raise ImageReadError(path, f"has {math.prod(size[2:])} frames; expected a single 2-D image")
+        check_size(path, size[0], size[1])
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path), imageIO="TIFFImageIO"))
+    except RuntimeError as exc:
+        raise ImageReadError(path, f"a TIFF that neither Pillow nor ITK can read ({itk_reason(exc)})") from None
+    return arr.reshape(arr.shape[len(size) - 2:])  # a one-page volume: its page
+
+
 def _read_pil(path: Path) -> LoadedImage:
     try:
         # from a file object, not the path: Pillow 13 memory-maps an uncompressed TIFF opened by path,
@@ -194,6 +236,8 @@ def _read_pil(path: Path) -> LoadedImage:
     except ImageReadError:
         raise
     except UnidentifiedImageError:
+        if _is_tiff(path):  # a TIFF of a kind Pillow does not decode (float colour): libtiff, through ITK
+            return LoadedImage(check_pixels(path, _read_itk_tiff(path)), str(path))
         raise ImageReadError(path, "not a readable image (corrupt, or a format other than PNG, JPEG, "
                                    "TIFF, BMP, GIF or WebP)") from None
     except (OSError, SyntaxError, ValueError) as exc:

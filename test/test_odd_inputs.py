@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1140,6 +1141,35 @@ for name in ("gif.png", "webp.bin", "eps.png", "ico.jpg", "ppm.tif"):
         "gif.png (40, 50, 3) 2000", "webp.bin (40, 50, 3) 2000", f"eps.png {tmp_path / 'eps.png'}: {refused} 0",
         f"ico.jpg {tmp_path / 'ico.jpg'}: {refused} 0", f"ppm.tif {tmp_path / 'ppm.tif'}: {refused} 0"]
     assert not (tmp_path / "gs-started").exists()
+
+
+def test_a_tiff_pillow_cannot_decode_is_read_through_itk(tmp_path):
+    """Float colour and 16-bit grey+alpha TIFFs (which libtiff reads, Pillow not) were refused as
+    "unknown or corrupt": they are read through ITK's TIFF reader, with their size from the header;
+    a multi-page one is refused as such, and one neither can read names both."""
+    from model.io import ImageReadError, image_pixels, read_image
+
+    rgb = np.random.default_rng(0).random((64, 80, 3)).astype(np.float32)
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp_path / "float_rgb.tif"))
+    grey = (np.random.default_rng(1).random((40, 50)) * 60000).astype(np.uint16)
+    la = np.stack([grey, np.full_like(grey, 65535)], -1)
+    sitk.WriteImage(sitk.GetImageFromArray(la, isVector=True), str(tmp_path / "grey_alpha16.tiff"))
+    stack = np.random.default_rng(2).random((3, 20, 30, 3)).astype(np.float32)
+    sitk.WriteImage(sitk.GetImageFromArray(stack, isVector=True), str(tmp_path / "pages.tif"))
+    (tmp_path / "junk.tif").write_bytes(b"II*\0" + b"\x08\0\0\0" + b"\xff" * 50)
+    for name, arr in (("float_rgb.tif", rgb), ("grey_alpha16.tiff", la)):
+        with pytest.raises(Exception):  # what Pillow alone makes of it
+            Image.open(tmp_path / name).load()
+        got = read_image(tmp_path / name)
+        assert got.array.dtype == arr.dtype and np.array_equal(got.array, arr), name
+        assert image_pixels(tmp_path / name) == arr.shape[0] * arr.shape[1], name
+    with pytest.raises(ImageReadError, match=r"pages\.tif: has 3 frames; expected a single 2-D image"):
+        read_image(tmp_path / "pages.tif")
+    with warnings.catch_warnings():  # Pillow warns of the junk's EXIF on the way
+        warnings.simplefilter("ignore")
+        with pytest.raises(ImageReadError, match=r"junk\.tif: a TIFF that neither Pillow nor ITK can read"):
+            read_image(tmp_path / "junk.tif")
+        assert image_pixels(tmp_path / "junk.tif") == 0
 
 
 def test_masks_are_read_as_0_and_1_whatever_their_encoding(tmp_path):
