@@ -106,14 +106,8 @@ def image_pixels(path: Path | str) -> int:
         return 0
     try:
         dicom = is_dicom(path)
-        if dicom or is_metaimage(path):
-            import SimpleITK as sitk
-
-            reader = sitk.ImageFileReader()
-            reader.SetImageIO(DICOM_IO if dicom else METAIMAGE_IO)
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()
-            return math.prod(reader.GetSize())  # a one-slice volume's slice may lie in any plane: x-z, y-z
+        if dicom or is_metaimage(path):  # a one-slice volume's slice may lie in any plane: x-z, y-z
+            return math.prod(_itk_size(path, DICOM_IO if dicom else METAIMAGE_IO))
         if is_nifti(path):
             return nifti_pixels(path)
         if is_nrrd(path):
@@ -124,7 +118,7 @@ def image_pixels(path: Path | str) -> int:
         except UnidentifiedImageError:
             if not _is_tiff(path):
                 raise
-            size = _itk_tiff_size(path)
+            size = _itk_size(path, "TIFFImageIO")
             return int(size[0]) * int(size[1])
     except Exception:  # noqa: BLE001 - any unreadable file: read_image reports it
         return 0
@@ -179,12 +173,12 @@ def _is_tiff(path: Path) -> bool:
         return fh.read(4) in _TIFF_MAGIC
 
 
-def _itk_tiff_size(path: Path) -> tuple[int, ...]:
-    """A TIFF's size as ITK's TIFF reader (libtiff) reads it from the header; RuntimeError where it cannot."""
+def _itk_size(path: Path, io: str) -> tuple[int, ...]:
+    """An image's size as ITK's reader ``io`` reads it from the header; RuntimeError where it cannot."""
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
-    reader.SetImageIO("TIFFImageIO")
+    reader.SetImageIO(io)
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
     return reader.GetSize()
@@ -196,7 +190,7 @@ def _read_itk_tiff(path: Path) -> np.ndarray:
     import SimpleITK as sitk
 
     try:
-        size = _itk_tiff_size(path)
+        size = _itk_size(path, "TIFFImageIO")
         if len(size) > 2 and math.prod(size[2:]) > 1:
             raise ImageReadError(path, f"has {math.prod(size[2:])} frames; expected a single 2-D image")
         check_size(path, size[0], size[1])

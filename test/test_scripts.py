@@ -312,9 +312,10 @@ def test_build_sh_records_a_proxys_name_not_its_value(tmp_path):
 # a docker whose `run` behaves as the docker CLI on Ctrl-C: it forwards the signal to the container and
 # exits with the container's status (1: click's "Aborted!"), not by the signal
 STUB_DOCKER_RUNS = """#!/usr/bin/env bash
+if [ "$1" = run ]; then trap 'echo "run interrupted" >> "$DOCKER_LOG"; exit 1' INT; fi  # before the test sees it run
 echo "$*" >> "$DOCKER_LOG"
 case "$1" in
-  run) trap 'echo "run interrupted" >> "$DOCKER_LOG"; exit 1' INT; sleep 5 & wait; exit 1 ;;
+  run) sleep 5 & wait; exit 1 ;;
   *) exit 0 ;;
 esac
 """

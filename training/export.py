@@ -313,8 +313,8 @@ def export(runs: list[Path], out: Path, which: str = "best", metrics_path: Path 
     given = {k: v for k, v in (postprocess or {}).items() if v is not None}
     post = dict(given)
     old = out / ENSEMBLE_NAME
-    spec = _old_spec(out) if old.is_file() else None
-    if old.is_file() and spec is None:
+    spec = _old_spec(out)
+    if spec is None and old.is_file():
         click.echo(f"note: {old} cannot be read as an ensemble.json: it is replaced, and no tuned postprocess "
                    "options are kept from it", err=True)
     if spec is not None:
