@@ -9,6 +9,9 @@ Output formats
     OUT/breast-lesion-classification.json              only with exactly one input: {"label", "probabilities"}
     OUT/malignancy-likelihood.json                     only with exactly one input: P(malignant), a bare float
 
+    A one-task run's results.json entries also list the other task's output of the same input that
+    an earlier one-task run into the folder listed (``-t seg`` then ``-t cls``, or the reverse).
+
 ``pace`` (PACE challenge)::
 
     OUT/segmentation/<name>_mask.png                   uint8 {0,255}, the input's width x height as shown
@@ -230,28 +233,69 @@ class GCWriter(_Writer):
             case.outputs.append(path)
         super().write_case(case, image, pred)
 
-    def entry(self, case: Case) -> dict:
+    def entry(self, case: Case, earlier: dict | None = None) -> dict:
+        """The case's results.json entry; ``earlier``: the other task's outputs that an earlier one-task
+        run listed, by input path (``earlier_outputs``), added where this run's case succeeded."""
         outputs = []
         if case.ok:
             pred = case.prediction
+            kept = (earlier or {}).get(printable(case.path))
             if self.seg:
                 outputs.append({"type": "mask", "filename": self.mask_path(case).relative_to(self.out).as_posix()})
+            elif kept and kept["filename"] == self.mask_path(case).relative_to(self.out).as_posix():
+                outputs.append(kept)
             if self.cls:
                 outputs.append({"type": "classification", "label": pred.label,
                                 "probabilities": {k: float(pred.probabilities[k]) for k in CLASS_NAMES}})
+            elif kept:
+                outputs.append(kept)
         return {"inputs": [{"image": {"name": printable(case.path.name)}, "path": printable(case.path)}],
                 "outputs": outputs, "error_messages": [] if case.ok else [f"{case.rel}: {case.error}"]}
+
+    def earlier_outputs(self) -> dict:
+        """For a one-task run (the PACE template's ``-t seg`` and ``-t cls`` runs into one folder): the
+        other task's output that the results.json an earlier run left lists for each input path, where
+        it is whole (a mask file that is still there, a classification naming a class with all three
+        probabilities), so that the second run's results.json lists both tasks, as one run of both does."""
+        if self.seg and self.cls:
+            return {}
+        try:
+            old = json.loads((self.out / "results.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        found = {}
+        for entry in old if isinstance(old, list) else []:
+            try:
+                path = entry["inputs"][0]["path"]
+                outputs = entry["outputs"]
+            except (KeyError, IndexError, TypeError):
+                continue
+            for out in outputs if isinstance(outputs, list) else []:
+                if not isinstance(out, dict) or not isinstance(path, str):
+                    continue
+                if self.seg and out.get("type") == "classification" and out.get("label") in CLASS_NAMES \
+                        and isinstance(out.get("probabilities"), dict) \
+                        and set(out["probabilities"]) == set(CLASS_NAMES) \
+                        and all(isinstance(v, (int, float)) for v in out["probabilities"].values()):
+                    found[path] = {"type": "classification", "label": out["label"],
+                                   "probabilities": {k: float(out["probabilities"][k]) for k in CLASS_NAMES}}
+                elif self.cls and out.get("type") == "mask" and isinstance(out.get("filename"), str) \
+                        and (self.out / out["filename"]).is_file():
+                    found[path] = {"type": "mask", "filename": out["filename"]}
+        return found
 
     def summary_files(self) -> list[Path]:
         return [self.out / "results.json", self.out / GC_CLASSIFICATION_FILE, self.out / GC_LIKELIHOOD_FILE]
 
     def finish(self, cases: list[Case]) -> None:
         results, label_file, likelihood_file = self.summary_files()
-        write_text(results, _json_text([self.entry(c) for c in cases]))
-        if self.cls and len(cases) == 1 and cases[0].ok:
-            pred = cases[0].prediction
-            probs = {k: float(pred.probabilities[k]) for k in CLASS_NAMES}
-            write_text(label_file, _json_text({"label": pred.label, "probabilities": probs}))
+        earlier = self.earlier_outputs()
+        entries = [self.entry(c, earlier) for c in cases]
+        write_text(results, _json_text(entries))
+        answer = [o for o in entries[0]["outputs"] if o["type"] == "classification"] if len(cases) == 1 else []
+        if answer:  # this run's classification, or (-t seg) the one an earlier -t cls run made of this input
+            probs = answer[0]["probabilities"]
+            write_text(label_file, _json_text({"label": answer[0]["label"], "probabilities": probs}))
             write_text(likelihood_file, _json_text(probs["malignant"]))
         else:  # an earlier one-input run's answer must not stand beside this run's results.json
             for path in (label_file, likelihood_file):

@@ -221,6 +221,45 @@ def test_gc_single_input_writes_the_case_json_files(cli, inputs, tmp_path):
     assert not (out / "breast-lesion-classification.json").exists() and not (out / "malignancy-likelihood.json").exists()
 
 
+def test_gc_two_one_task_runs_into_one_folder_list_both_tasks(cli, inputs, tmp_path):
+    """The PACE template's -t seg and -t cls runs into one folder, in either order: the second run's
+    results.json lists both tasks' outputs of each input, as one run of both does; the one-input
+    answer files stand beside a seg run after a cls run of that input, not of another."""
+    root, sizes = inputs
+    both = tmp_path / "both"
+    assert cli("-i", root, "-o", both).exit_code == 0
+    expected = json.loads((both / "results.json").read_text())
+    for first, second in (("seg", "cls"), ("cls", "seg")):
+        out = tmp_path / f"{first}-{second}"
+        for task in (first, second):
+            res = cli("-i", root, "-o", out, "-t", task)
+            assert res.exit_code == 0 and "earlier run" not in res.output, res.output
+        assert json.loads((out / "results.json").read_text()) == expected, (first, second)
+    # an earlier run's mask that is gone is not listed; an earlier run of other inputs adds nothing
+    out = tmp_path / "seg-cls"
+    gone = out / "images" / "breast-lesion-segmentation" / f"{_stem(sorted(sizes)[0])}.mha"
+    gone.unlink()
+    assert cli("-i", root, "-o", out, "-t", "cls").exit_code == 0
+    listed = {r["inputs"][0]["image"]["name"]: [o["type"] for o in r["outputs"]]
+              for r in json.loads((out / "results.json").read_text())}
+    assert listed[sorted(sizes)[0]] == ["classification"]
+    assert all(v == ["mask", "classification"] for k, v in listed.items() if k != sorted(sizes)[0])
+    single = tmp_path / "single"
+    (single / "in").mkdir(parents=True)
+    (single / "in" / "scan.mha").write_bytes((root / "scan.mha").read_bytes())
+    assert cli("-i", single / "in", "-o", single / "out", "-t", "cls").exit_code == 0
+    answer = (single / "out" / "breast-lesion-classification.json").read_text()
+    assert cli("-i", single / "in", "-o", single / "out", "-t", "seg").exit_code == 0
+    assert (single / "out" / "breast-lesion-classification.json").read_text() == answer
+    entry = json.loads((single / "out" / "results.json").read_text())[0]
+    assert [o["type"] for o in entry["outputs"]] == ["mask", "classification"]
+    other = _one_image(single)
+    assert cli("-i", other, "-o", single / "out", "-t", "seg").exit_code == 0
+    assert not (single / "out" / "breast-lesion-classification.json").exists()
+    entry = json.loads((single / "out" / "results.json").read_text())[0]
+    assert [o["type"] for o in entry["outputs"]] == ["mask"]
+
+
 # ------------------------------------------------------------------------------------------
 # PACE format
 
