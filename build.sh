@@ -6,7 +6,8 @@
 # The image records what it was built from (BASE_IMAGE, --build-arg, --target, --platform, --file);
 # --as-before builds it again from that (test.sh's and export.sh's own build, so that
 # `./build.sh --build-arg USER_UID=0 && ./test.sh` tests that image); a BASE_IMAGE given then replaces
-# the recorded base, the other recorded arguments kept. A proxy's --build-arg is recorded by its name alone.
+# the recorded base, the other recorded arguments kept. A proxy's --build-arg is recorded by its name alone,
+# a --file by its absolute path.
 set -euo pipefail
 for arg in "$@"; do
   case "$arg" in
@@ -17,8 +18,14 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 IMAGE="${IMAGE:-pfsam-bus}"
 LABEL=org.pfsam.build-args
 
-if [ "${1-}" = --as-before ]; then
-  shift
+as_before=
+given=()
+for arg in "$@"; do  # --as-before wherever it stands
+  if [ "$arg" = --as-before ]; then as_before=1; else given+=("$arg"); fi
+done
+set -- ${given[@]+"${given[@]}"}
+
+if [ -n "$as_before" ]; then
   before=()
   if recorded="$(docker image inspect -f "{{index .Config.Labels \"$LABEL\"}}" "$IMAGE" 2>/dev/null)" \
       && [ -n "$recorded" ] && [ "$recorded" != "<no value>" ]; then
@@ -57,14 +64,22 @@ unvalued() {  # --build-arg NAME=VALUE -> NAME for docker's predefined proxy arg
     *) printf '%s' "$1" ;;
   esac
 }
+absolute() {  # a Dockerfile path as docker reads it (from this folder), for --as-before run from another
+  case "$1" in
+    -|/*) printf '%s' "$1" ;;
+    *) printf '%s/%s' "$PWD" "$1" ;;
+  esac
+}
 what=(${args[@]+"${args[@]}"})
 given=("$@")
 for ((i = 0; i < ${#given[@]}; i++)); do
   case "${given[i]}" in
     --build-arg) what+=(--build-arg "$(unvalued "${given[i+1]-}")"); i=$((i + 1)) ;;
-    --target|--platform|-f|--file) what+=("${given[i]}" "${given[i+1]-}"); i=$((i + 1)) ;;
+    --target|--platform) what+=("${given[i]}" "${given[i+1]-}"); i=$((i + 1)) ;;
+    -f|--file) what+=("${given[i]}" "$(absolute "${given[i+1]-}")"); i=$((i + 1)) ;;
     --build-arg=*) what+=("--build-arg=$(unvalued "${given[i]#--build-arg=}")") ;;
-    --target=*|--platform=*|--file=*) what+=("${given[i]}") ;;
+    --target=*|--platform=*) what+=("${given[i]}") ;;
+    --file=*) what+=("--file=$(absolute "${given[i]#--file=}")") ;;
   esac
 done
 recorded="$(if [ "${#what[@]}" -gt 0 ]; then printf '%s\0' "${what[@]}"; fi | base64 -w0)"

@@ -309,6 +309,32 @@ def test_build_sh_records_a_proxys_name_not_its_value(tmp_path):
     assert "S3cret" not in res.stdout + res.stderr + again
 
 
+def test_build_sh_records_a_dockerfile_by_its_absolute_path_and_takes_as_before_anywhere(tmp_path):
+    """A relative -f/--file was recorded as given, so --as-before (test.sh, export.sh, or the user) from
+    another folder handed docker a path that is not there; and --as-before after another argument was
+    passed on to docker build as an unknown flag."""
+    import base64
+
+    stubs = _stub(tmp_path / "stubs", "docker", STUB_DOCKER_LABELS)
+    log = tmp_path / "docker.log"
+    (tmp_path / "ctx" / "docker").mkdir(parents=True)
+    res = _run([REPO / "build.sh", "-f", "docker/Alt.Dockerfile", "--build-arg", "USER_UID=0"], tmp_path / "ctx",
+               stubs, DOCKER_LOG=str(log))
+    assert res.returncode == 0, res.stderr
+    assert log.read_text().splitlines()[0].startswith("build -f docker/Alt.Dockerfile --build-arg USER_UID=0 ")
+    label = base64.b64decode(log.with_name("docker.log.label").read_text()).split(b"\0")[:-1]
+    assert label == [b"-f", str(tmp_path / "ctx" / "docker" / "Alt.Dockerfile").encode(), b"--build-arg", b"USER_UID=0"]
+    res = _run([REPO / "build.sh", "--no-cache", "--as-before"], REPO, stubs, DOCKER_LOG=str(log))
+    assert res.returncode == 0, res.stderr
+    again = [line for line in log.read_text().splitlines() if line.startswith("build ")][-1]
+    assert again.startswith(f"build -f {tmp_path / 'ctx' / 'docker' / 'Alt.Dockerfile'} --build-arg USER_UID=0 "
+                            "--no-cache --label "), again
+    assert "--as-before" not in again
+    _run([REPO / "build.sh", f"--file={tmp_path / 'abs.Dockerfile'}", "--file=-"], tmp_path, stubs, DOCKER_LOG=str(log))
+    label = base64.b64decode(log.with_name("docker.log.label").read_text()).split(b"\0")[:-1]
+    assert label == [f"--file={tmp_path / 'abs.Dockerfile'}".encode(), b"--file=-"]
+
+
 # a docker whose `run` behaves as the docker CLI on Ctrl-C: it forwards the signal to the container and
 # exits with the container's status (1: click's "Aborted!"), not by the signal
 STUB_DOCKER_RUNS = """#!/usr/bin/env bash
