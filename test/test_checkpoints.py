@@ -141,6 +141,30 @@ def test_a_weights_file_with_tensors_its_config_does_not_build_or_with_infinite_
         load_model(tmp_path / "m")
 
 
+def test_a_model_folders_two_files_are_loaded_only_as_saved_together(tmp_path):
+    """config.json records its model.safetensors' sha256: a save stopped between the two files (the
+    weights of epoch N beside the config of epoch N-1, the same shapes), or a weights file copied in
+    from another save, is refused naming both files, not loaded as if it were the config's; saving
+    again mends it, and a config without the record (an older save) still loads."""
+    torch.manual_seed(0)
+    cfg = make_config("litemedsam", "frozen", "sd-h", "mgc-a")
+    first, second = PFSAMNet(cfg), PFSAMNet(cfg)
+    save_model(first, tmp_path / "m", provenance={"epoch": 1})
+    save_model(second, tmp_path / "n", provenance={"epoch": 2})
+    assert load_model(tmp_path / "m").config["provenance"] == {"epoch": 1}
+    (tmp_path / "m" / "model.safetensors").write_bytes((tmp_path / "n" / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match=r"m: model.safetensors is not the file that config.json was saved "
+                                              r"with .*save the model again"):
+        load_model(tmp_path / "m")
+    save_model(second, tmp_path / "m", provenance={"epoch": 2})
+    loaded = load_model(tmp_path / "m")
+    assert all(torch.equal(v, second.head_state_dict()[k]) for k, v in loaded.head_state_dict().items())
+    older = json.loads((tmp_path / "m" / "config.json").read_text())
+    del older["weights_sha256"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(older))
+    assert load_model(tmp_path / "m").config["provenance"] == {"epoch": 2}
+
+
 def _frozen_external(sha: str, name: str = "sam_vit_b", included: bool = False, mode: str = "frozen") -> dict:
     cfg = make_config(name, mode, encoder_weights={"source": "checkpoint", "file": "enc.pth", "sha256": sha})
     cfg["encoder"]["weights"]["included"] = included
