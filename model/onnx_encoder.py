@@ -10,7 +10,9 @@ two (13 % end to end on 64 real images, the same masks), so this is the opt-in `
 bf16 would be faster still but moves the default model's masks beyond tolerance (model/predictor.py).
 
 The ONNX graph is exported once per encoder state (``torch.onnx.export``, TorchScript exporter,
-a few seconds) and kept in a cache folder, keyed by a digest of the weights: ``$PFSAM_CACHE``, else
+a few seconds) and kept in a cache folder, keyed by a digest of the weights and one of the code
+that runs them (this package's layer sources and torch's version: an upgraded package exports
+again, not the old encoder's graph): ``$PFSAM_CACHE``, else
 ``$XDG_CACHE_HOME/pfsam-bus``, else ``~/.cache/pfsam-bus``. The container exports it at build time
 (Dockerfile). A cache folder that cannot be written is not an error: the graph then lives in memory
 for the process. Only encoders whose stage features no head needs are exported (SD-H and MGC-A).
@@ -28,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -37,6 +40,7 @@ from torch import nn
 from .atomic_files import atomic_path
 
 OPSET = 17
+_PACKAGE = Path(__file__).resolve().parent  # model/: the layers whose source a graph's name records
 
 
 class OnnxUnavailable(RuntimeError):
@@ -58,6 +62,24 @@ def cache_dir() -> Path:
         return Path(os.environ["PFSAM_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "pfsam-bus"
+
+
+def code_digest(module: nn.Module) -> str:
+    """Digest of the code the module runs: the source files of this package that define its layers
+    (and the files they list in ``CODE_FILES``), and torch's version (its exporter and its layers).
+    A graph exported from other code is another graph, whatever the weights."""
+    h = hashlib.sha256(torch.__version__.encode())
+    files = set()
+    for m in module.modules():
+        source = sys.modules.get(type(m).__module__)
+        path = getattr(source, "__file__", None)
+        if path and Path(path).resolve().is_relative_to(_PACKAGE):
+            files.add(Path(path).resolve())
+            files.update(Path(f).resolve() for f in getattr(source, "CODE_FILES", ()))
+    for path in sorted(files):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def state_digest(module: nn.Module) -> str:
@@ -105,7 +127,7 @@ def export_bytes(encoder: nn.Module, input_size: int) -> bytes:
 def onnx_graph(encoder: nn.Module, name: str, input_size: int, log=None) -> bytes | Path:
     """The cached graph file of this encoder state, exported first if missing (in memory only when
     the cache folder cannot be written)."""
-    path = cache_dir() / f"{name}-{input_size}-{state_digest(encoder)}-opset{OPSET}.onnx"
+    path = cache_dir() / f"{name}-{input_size}-{state_digest(encoder)}-{code_digest(encoder)}-opset{OPSET}.onnx"
     if path.is_file():
         return path
     if log:

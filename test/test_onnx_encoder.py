@@ -235,3 +235,40 @@ def test_the_session_threads_and_a_telemetry_setting_the_user_made(tmp_path, mon
     monkeypatch.delenv("ORT_DISABLE_TELEMETRY")
     onnx_encoder.import_onnxruntime()
     assert os.environ["ORT_DISABLE_TELEMETRY"] == "1"
+
+
+def test_the_cached_graph_is_named_by_the_code_that_runs_the_weights_too(tmp_path, monkeypatch):
+    """A graph cached by an earlier release of this package was run by --runtime onnx after an upgrade
+    that changed the encoder's code, the weights being the same (the name held their digest alone):
+    the old encoder's outputs, with no word. Its name now holds a digest of the package's layer
+    sources (and their CODE_FILES) and of torch's version: changed code exports a new graph."""
+    import importlib.util
+
+    monkeypatch.setattr(onnx_encoder, "_PACKAGE", tmp_path.resolve())
+    monkeypatch.setenv("PFSAM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(onnx_encoder, "export_bytes", lambda encoder, size: b"graph")
+    source = tmp_path / "layers.py"
+    helper = tmp_path / "helper.py"
+    helper.write_text("SCALE = 1\n")
+
+    def encoder(code: str) -> nn.Module:
+        source.write_text("import torch\nCODE_FILES = [__file__.replace('layers.py', 'helper.py')]\n"
+                          f"class Enc(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                          f"        self.lin = torch.nn.Linear(2, 2)\n    def forward(self, x):\n        return {code}\n")
+        spec = importlib.util.spec_from_file_location("pfsam_test_layers", source)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, "pfsam_test_layers", module)
+        spec.loader.exec_module(module)
+        torch.manual_seed(0)  # the same weights every time
+        return module.Enc()
+
+    first = onnx_encoder.onnx_graph(encoder("(self.lin(x), [])"), "enc", 8)
+    assert first.is_file() and onnx_encoder.onnx_graph(encoder("(self.lin(x), [])"), "enc", 8) == first
+    changed = onnx_encoder.onnx_graph(encoder("(self.lin(x) * 2, [])"), "enc", 8)
+    assert changed != first and changed.is_file()
+    helper.write_text("SCALE = 2\n")  # a file the layers' module lists as code it runs
+    assert onnx_encoder.onnx_graph(encoder("(self.lin(x) * 2, [])"), "enc", 8) not in (first, changed)
+    cached = set((tmp_path / "cache").iterdir())
+    assert len(cached) == 3
+    monkeypatch.setattr(torch, "__version__", "0.0.0+other")
+    assert onnx_encoder.onnx_graph(encoder("(self.lin(x) * 2, [])"), "enc", 8) not in cached
