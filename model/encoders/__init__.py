@@ -17,7 +17,7 @@ from torch import nn
 
 from .sam_vit import build_sam_vit
 from .tiny_vit import build_litemedsam_tinyvit
-from .weights import (WeightsError, litemedsam_checkpoint, load_image_encoder_state, load_into,
+from .weights import (WeightsError, how_to_get, litemedsam_checkpoint, load_image_encoder_state, load_into,
                       verify_checkpoint, weights_from_file)
 
 
@@ -79,7 +79,7 @@ def build_encoder(name: str, weights: str | None = "pretrained", checkpoint: str
         checkpoint = litemedsam_checkpoint()
     if checkpoint is None:
         raise WeightsError(f"encoder {name} needs its checkpoint file ({spec.default_checkpoint}); "
-                           "download it as README.md, section 'Checkpoints', says, and pass its path")
+                           f"download it ({how_to_get(spec.default_checkpoint)}) and pass its path")
     state = load_image_encoder_state(Path(checkpoint), sha256)
     with weights_from_file():  # the strict load below sets every parameter
         enc = spec.build(size)
