@@ -141,3 +141,26 @@ def test_the_default_model_gives_the_recorded_answer_for_a_test_input():
     assert out.label == expected["label"]
     for name, p in expected["probabilities"].items():
         assert abs(out.probabilities[name] - p) < 1e-3, (name, out.probabilities[name], p)
+
+
+def test_the_default_models_weights_are_checked_against_their_configs(tmp_path):
+    """The embedded members' config.json files record their model.safetensors' sha256: one flipped bit
+    in MGC-A's weights (the "normal" logit's bias turned to -3e37, finite) loaded without a word and
+    the model could never answer normal; it is refused naming the file."""
+    import shutil
+
+    from model.checkpoint import CheckpointError, load_model
+
+    for member in ("sd-h", "mgc-a"):
+        cfg = json.loads((DEFAULT_MODEL_DIR / member / "config.json").read_text())
+        assert len(cfg["weights_sha256"]) == 64, member
+    copy = tmp_path / "default"
+    shutil.copytree(DEFAULT_MODEL_DIR, copy)
+    weights = copy / "mgc-a" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header + 3] ^= 0x40  # bit 30 of the first tensor's first float32
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"mgc-a: model.safetensors is not the file that config.json was saved"):
+        load_model(copy / "mgc-a")
+    assert load_model(copy / "sd-h") is not None
