@@ -51,6 +51,11 @@ def validate_config(cfg: dict) -> dict:
     spec = get_spec(enc.get("name"))
     if enc.get("mode") not in ENCODER_MODES:
         raise ValueError(f"encoder mode must be one of {ENCODER_MODES}, not {enc.get('mode')!r}")
+    size = enc.get("input_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 16 or size % 16:
+        raise ValueError(f"encoder input_size must be a whole number of 16-px patches, not {size!r}")
+    if spec.fixed_size and size != spec.input_size:  # it loaded, then every image failed at prediction
+        raise ValueError(f"encoder {spec.name} takes {spec.input_size}-px input only, config says input_size {size}")
     if enc.get("normalization") != spec.normalization:
         raise ValueError(f"encoder {spec.name} takes {spec.normalization!r} normalisation, "
                          f"config says {enc.get('normalization')!r}")

