@@ -145,15 +145,23 @@ def find_inputs(input_dir: str | Path, exclude: str | Path | None = None) -> lis
 
 
 MIN_SIDE = 16  # px; an ultrasound frame is hundreds of pixels on each side
+# long side / short side: the image is resized to the encoder's square input by its long side, so a
+# 16 x 4098 strip became one row of LiteMedSAM's 256 (a quarter of one of its 64 token rows) and
+# still got "benign 0.95"; at 16:1 the short side covers 4 token rows, at 256 px as at 1024
+MAX_ASPECT = 16
 
 
 def check_content(image: LoadedImage) -> LoadedImage:
     """``ImageReadError`` for an image that holds nothing to segment or classify: fewer than
-    ``MIN_SIDE`` pixels on a side, or one value everywhere (the model would still answer, with a
-    confident label; see README, Errors)."""
+    ``MIN_SIDE`` pixels on a side, a long side over ``MAX_ASPECT`` times the short one, or one value
+    everywhere (the model would still answer, with a confident label; see README, Errors)."""
     h, w = image.size
     if min(h, w) < MIN_SIDE:
         raise ImageReadError(image.path, f"image is {w}x{h} px; at least {MIN_SIDE} px per side are needed")
+    if max(h, w) > MAX_ASPECT * min(h, w):
+        raise ImageReadError(image.path, f"image is {w}x{h} px; its long side may be at most {MAX_ASPECT} times its "
+                                         f"short side (resized to the model's square input, the short side would "
+                                         f"cover under 1/{MAX_ASPECT} of it: too little to see a lesion in)")
     arr = image.array
     if arr.ndim == 3 and arr.shape[2] in (2, 4):
         arr = arr[..., :-1]  # alpha

@@ -90,8 +90,8 @@ def make_inputs(root: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str],
     Image.fromarray(np.stack([_us(43, 39, 7)] * 3, -1)).save(root / "PHOTO.JPG", format="JPEG", quality=90)
     processed["PHOTO.JPG"] = (39, 43)
 
-    Image.fromarray(np.tile(_us(16, 500, 8), (1, 10))).save(root / "thin_16x5000.png")  # 1 px high at 256
-    processed["thin_16x5000.png"] = (5000, 16)
+    Image.fromarray(_us(16, 256, 8)).save(root / "thin_16x256.png")  # the thinnest taken: 16 px high at 256
+    processed["thin_16x256.png"] = (256, 16)
 
     huge = np.full((10000, 10000), 90, np.uint8)  # mostly flat: cheap to encode and decode
     huge[3000:7000, 3000:7000] = 30
@@ -170,6 +170,8 @@ def make_inputs(root: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str],
     refused["one_pixel.png"] = "image is 1x1 px; at least 16 px per side"
     Image.fromarray(np.tile(_us(3, 500, 8), (1, 10))).save(root / "thin_3x5000.png")
     refused["thin_3x5000.png"] = "image is 5000x3 px"
+    Image.fromarray(np.tile(_us(16, 500, 8), (1, 10))).save(root / "thin_16x5000.png")  # 1 px high at 256
+    refused["thin_16x5000.png"] = "image is 5000x16 px; its long side may be at most 16 times its short side"
     Image.fromarray(np.zeros((300, 300), np.uint8)).save(root / "black.png")
     refused["black.png"] = "every pixel has the same value (0): nothing to segment"
     flat = np.full((40, 50, 4), 90, np.uint8)
@@ -1035,19 +1037,24 @@ def test_a_dicom_too_large_short_of_pixels_or_uncalibrated_is_handled_from_its_h
     assert sitk.ReadImage(str(tmp_path / "mask.mha")).GetSpacing() == pytest.approx((1.0, 1.0))
 
 
-def test_the_smallest_side_accepted_is_16_pixels():
+def test_the_smallest_side_accepted_is_16_pixels_and_a_sixteenth_of_the_long_side():
     """16 px on each side is the least the model takes (an image one pixel smaller on either side is
-    refused naming its size); the check reads the image's height and width, not its channels."""
+    refused naming its size); the check reads the image's height and width, not its channels. A long
+    side over 16 times the short one is refused too: a 16 x 4098 strip was one row of the 256-px
+    network input and got "benign 0.95" (the limit was 400 x 16 accepted; changed on purpose)."""
     from model.image import ImageReadError, LoadedImage
     from model.inference import check_content
 
     rng = np.random.default_rng(0)
-    for h, w in ((16, 16), (16, 400), (400, 16)):
+    for h, w in ((16, 16), (16, 256), (256, 16), (300, 4800)):
         img = LoadedImage(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), path=f"{h}x{w}.png")
         assert check_content(img) is img
     for h, w in ((15, 16), (16, 15), (15, 400), (400, 15)):
         with pytest.raises(ImageReadError, match=rf"image is {w}x{h} px; at least 16 px per side"):
             check_content(LoadedImage(rng.integers(0, 256, (h, w), dtype=np.uint8), path="small.png"))
+    for h, w in ((16, 257), (257, 16), (16, 4098), (300, 4801)):
+        with pytest.raises(ImageReadError, match=rf"image is {w}x{h} px; its long side may be at most 16 times"):
+            check_content(LoadedImage(rng.integers(0, 256, (h, w), dtype=np.uint8), path="thin.png"))
 
 
 def test_the_largest_image_read_is_10000_x_10000_pixels(tmp_path):
