@@ -27,7 +27,7 @@ y/a.png -> y_a).
 Exit status: 0 all images processed; 3 some failed (the others are written);
 1 none processed, no input images, an input or output folder that cannot be used, or the model cannot be
 loaded; 2 a bad option or value (nothing run);
-143 stopped by SIGTERM (docker stop): masks written so far are kept, no summary files.
+143 stopped by SIGTERM (docker stop), 130 by Ctrl-C (SIGINT): masks written so far are kept, no summary files.
 """
 from __future__ import annotations
 
@@ -114,6 +114,11 @@ def main(input_dir: Path, output_dir: Path, task: str, device: str, fmt: str, mo
     # SIGTERM (docker stop, a platform's time limit) ends the run as an exception would: temporary files go,
     # what is written stays. As PID 1 in a container, Python would otherwise ignore it until SIGKILL.
     # The caller's handler comes back afterwards (main also runs in-process: tests, notebooks).
+    if runtime == "onnx" and compile_:  # options that cannot run together: refused before anything runs
+        raise click.UsageError("--compile runs the encoder in PyTorch: not with --runtime onnx")
+    if runtime == "onnx" and (precision == "bf16" or device == "gpu"):
+        raise click.UsageError("--runtime onnx runs the encoder on the CPU in fp32 only (not with "
+                               f"{'--precision bf16' if precision == 'bf16' else '-d gpu'})")
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
         if progress is None:
@@ -130,6 +135,9 @@ def main(input_dir: Path, output_dir: Path, task: str, device: str, fmt: str, mo
         except InferenceError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:  # Ctrl-C: as SIGTERM, not click's "Aborted!" and exit 1 (none processed)
+            click.echo("stopped by SIGINT: outputs written so far are kept", err=True)
+            sys.exit(128 + signal.SIGINT)
         click.echo(summary_line(result), err=True)
         sys.exit(result.exit_code)
     finally:

@@ -244,6 +244,8 @@ class Predictor:
             if dev.type == "cpu":
                 m.to_cpu_layout()
         cpu_fp32 = dev.type == "cpu" and precision != "bf16"
+        if runtime == "onnx" and compile_backend:  # torch.compile of ONNX Runtime's module failed every batch
+            raise ValueError("torch.compile runs the encoder in PyTorch: not with runtime 'onnx'")
         if runtime == "onnx" and not cpu_fp32:
             raise ValueError("runtime 'onnx' runs the encoder on CPU in fp32 only (device cpu, precision auto/fp32)")
         if runtime == "onnx" or (runtime == "auto" and cpu_fp32 and not compile_backend):

@@ -272,3 +272,10 @@ def test_the_cached_graph_is_named_by_the_code_that_runs_the_weights_too(tmp_pat
     assert len(cached) == 3
     monkeypatch.setattr(torch, "__version__", "0.0.0+other")
     assert onnx_encoder.onnx_graph(encoder("(self.lin(x) * 2, [])"), "enc", 8) not in cached
+
+
+def test_compile_with_the_onnx_runtime_is_refused_when_the_predictor_is_built(lite_ensemble):
+    """torch.compile wrapped ONNX Runtime's module, and every batch then failed inside dynamo's guards
+    ("This is a bug - please create an issue"); the pair is refused with the reason at load."""
+    with pytest.raises(ValueError, match="torch.compile runs the encoder in PyTorch: not with runtime 'onnx'"):
+        Predictor.from_dir(lite_ensemble, device="cpu", runtime="onnx", compile_backend="inductor")

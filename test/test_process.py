@@ -578,6 +578,29 @@ def test_runtime_precision_and_compile_options_reach_the_predictor(cli, tmp_path
     res = cli("-i", d, "-o", tmp_path / "d", "--model-dir", tmp_path / "my-ensemble", "-d", "cpu")
     assert res.exit_code == 0, res.output
     assert (res.calls[-1]["model_dir"], res.calls[-1]["device"]) == (tmp_path / "my-ensemble", "cpu")
+    # options that cannot run together: a usage error before the model loads (--compile --runtime onnx
+    # loaded it, then failed every image with torch's "This is a bug" guard assertion, exit 1)
+    for args, reason in ((["--compile", "--runtime", "onnx"], "--compile runs the encoder in PyTorch: not with "
+                                                                "--runtime onnx"),
+                         (["--runtime", "onnx", "--precision", "bf16"], "in fp32 only (not with --precision bf16)"),
+                         (["--runtime", "onnx", "-d", "gpu"], "on the CPU in fp32 only (not with -d gpu)")):
+        res = cli("-i", d, "-o", tmp_path / "e", *args)
+        assert res.exit_code == 2 and reason in res.output and not res.calls, (args, res.output)
+    assert not (tmp_path / "e").exists()
+
+
+def test_ctrl_c_stops_the_run_with_exit_130_keeping_what_is_written(cli, tmp_path, monkeypatch):
+    """Ctrl-C gave click's bare "Aborted!" and exit 1, the status of a run that processed nothing;
+    now it is reported as SIGTERM is, exit 130 (128 + SIGINT)."""
+    d = _one_image(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(process, "run", interrupted)
+    res = cli("-i", d, "-o", tmp_path / "out")
+    assert res.exit_code == 130 and "stopped by SIGINT: outputs written so far are kept" in res.output, res.output
+    assert "Aborted" not in res.output
 
 
 # ------------------------------------------------------------------------------------------
