@@ -37,6 +37,13 @@ except ImportError:
 from model.inference import load_predictor, predict_file
 
 
+def _default_for(value):
+    """An argument as given, or the default of cog's ``Input(...)`` placeholder where it was left out."""
+    if type(value).__name__ == "FieldInfo" and type(value).__module__.startswith("cog"):
+        return getattr(value, "default", None)
+    return value
+
+
 class Output(BaseModel):
     """The PRECISE/PACE test phase's Cog example returns ``segmentation_mask`` and ``classification``;
     the labels are spelled as in its classification.csv."""
@@ -66,6 +73,11 @@ class Predictor(BasePredictor):
                                               "class weights divided out); model: as the model's ensemble.json says",
                                  choices=["model", "trained", "data"], default="model"),
     ) -> Output:
+        # called from Python where cog is installed, an argument left out arrives as cog's Input(...)
+        # placeholder, not its default: bool() of it is True (TTA turned on unasked) and it is no choice
+        image, overlay, tta, class_prior = (_default_for(v) for v in (image, overlay, tta, class_prior))
+        if image is None:
+            raise TypeError("predict() needs image: the path of a breast ultrasound image")
         self.predictor.tta = bool(tta)
         self.predictor.class_prior = self.model_class_prior if class_prior == "model" else class_prior
         # Cog never deletes the files a prediction returns (replicate/cog#1434): the previous prediction's

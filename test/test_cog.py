@@ -236,6 +236,36 @@ except Exception as exc:
     assert not [p for p in tmp.iterdir() if p.name.startswith("pfsam-")]
 
 
+def test_predict_py_called_with_real_cog_takes_the_documented_defaults(tmp_path):
+    """Called from Python where cog is installed (the development .venv), an argument left out
+    arrived as cog's Input(...) placeholder: bool() of it turned TTA on (twice the encoder time,
+    other probabilities than process.py's) and class_prior failed with the placeholder's repr."""
+    pytest.importorskip("cog")
+    code = f"""
+import sys
+sys.path.insert(0, {str(REPO)!r})
+import predict
+assert predict.BasePredictor.__module__.startswith("cog"), predict.BasePredictor
+p = predict.Predictor()
+p.setup()
+short = p.predict(image=predict.Path({str(tmp_path / 'scan.png')!r}))
+assert p.predictor.tta is False and p.predictor.class_prior == p.model_class_prior
+full = p.predict(image=predict.Path({str(tmp_path / 'scan.png')!r}), overlay=True, tta=False, class_prior="model")
+assert short.overlay is not None and short.classification == full.classification
+assert short.probability_malignant == full.probability_malignant, (short.probability_malignant, full.probability_malignant)
+try:
+    p.predict()
+except TypeError as exc:
+    print("refused:", exc)
+"""
+    grey, _ = synthetic_ultrasound(100, 130, 34)
+    Image.fromarray(grey).save(tmp_path / "scan.png")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "refused: predict() needs image" in res.stdout, res.stdout
+
+
 def test_cog_server_takes_the_class_prior(cog_server, images):
     """``class_prior``: ``model`` (the default model's ensemble.json: trained) and ``trained`` give the
     same answer; ``data`` divides its MGC-A's sampling weights (normal x3, malignant x1.5) out; any
