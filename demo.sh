@@ -12,8 +12,17 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 . test/ensure_venv.sh
 ensure_venv
 .venv/bin/python test/synthetic.py demo/input >/dev/null
+out=demo/output  # or the -o/--output given among the arguments (the last one, as click takes it)
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[i]}" in
+    -o|--output) out="${args[i+1]-}"; i=$((i + 1)) ;;
+    --output=*) out="${args[i]#--output=}" ;;
+    -o?*) out="${args[i]#-o}" ;;
+  esac
+done
 rc=0
 .venv/bin/python process.py -i demo/input -o demo/output --format pace --overlay "$@" || rc=$?
 # the folders there (pace, the default: segmentation/, classification/, overlays/; --format gc: images/)
-echo "demo: outputs in demo/output ($(cd demo/output 2>/dev/null && ls -dm -- */ 2>/dev/null || echo none)); process.py exit $rc"
+echo "demo: outputs in $out ($(cd -- "$out" 2>/dev/null && ls -dm -- */ 2>/dev/null || echo none)); process.py exit $rc"
 exit "$rc"

@@ -78,6 +78,35 @@ def _heads_only_member(root: Path, weights: dict) -> Path:
 
 # --- the venv (test/ensure_venv.sh) ----------------------------------------------------------------
 
+def test_demo_sh_names_the_output_folder_it_was_given(tmp_path):
+    """demo.sh's last line said "outputs in demo/output" and listed an earlier run's folders there when
+    -o sent process.py's outputs elsewhere (its arguments go to process.py, the last -o winning)."""
+    import hashlib
+
+    repo = tmp_path / "repo"
+    for rel in ("demo.sh", "test/ensure_venv.sh"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, repo / rel)
+    (repo / "requirements-dev.txt").write_text("numpy==2.4.6\n")
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    (repo / ".venv" / ".requirements-dev.sha256").write_text(
+        hashlib.sha256((repo / "requirements-dev.txt").read_bytes()).hexdigest() + "\n")
+    # a python that makes, for process.py, the -o folder it was given last (as click takes it)
+    _stub(repo / ".venv" / "bin", "python", """#!/usr/bin/env bash
+if [ "$1" = process.py ]; then
+  out=; while [ $# -gt 0 ]; do case "$1" in -o) out="$2"; shift ;; --output=*) out="${1#--output=}" ;; esac; shift; done
+  mkdir -p "$out/segmentation" "$out/classification"
+fi
+""")
+    (repo / "demo" / "output" / "earlier").mkdir(parents=True)
+    for args, out in (([], "demo/output"), (["-o", str(tmp_path / "mine")], str(tmp_path / "mine")),
+                      ([f"--output={tmp_path / 'eq'}"], str(tmp_path / "eq"))):
+        res = _run([repo / "demo.sh", *args], tmp_path, tmp_path)
+        assert res.returncode == 0, res.stderr
+        listed = "classification/, segmentation/" if args else "classification/, earlier/, segmentation/"
+        assert res.stdout.strip().splitlines()[-1] == f"demo: outputs in {out} ({listed}); process.py exit 0", res.stdout
+
+
 @pytest.mark.parametrize("script", ["demo.sh", "test/run.sh"])
 def test_an_interrupted_setup_is_installed_again_and_a_finished_one_is_not(tmp_path, script):
     """A pip install that failed (or was interrupted) left .venv/bin/python behind, and the scripts
