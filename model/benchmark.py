@@ -41,6 +41,7 @@ import torch
 from .checkpoint import encoder_weights_info, save_ensemble
 from .encoders import ENCODERS
 from .network import PFSAMNet, make_config
+from .encoders import relpos_attention
 from .encoders.sam_vit import ATTENTION_IMPLS, Attention, MLPBlock
 from .encoders.weights import weights_from_file
 from .onnx_encoder import OnnxEncoder
@@ -68,12 +69,27 @@ def _peak_mb(device: torch.device) -> float:
     return float("nan")
 
 
-def _attention_impls(encoder: torch.nn.Module, device: torch.device) -> str:
-    """Which form SAM's attention takes in each kind of block (global / window), or n/a."""
+def _attention_impls(encoder: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Which form SAM's attention takes in each kind of block (global / window), or n/a: the form that
+    runs, where ``fused`` was asked for and its kernel does not take these queries (not CUDA, fp32, a GPU
+    before Ampere, no Triton), the fallback that ``Attention.forward`` takes instead, so named."""
     impls = {}
     for blk in getattr(encoder, "blocks", []):
-        if isinstance(getattr(blk, "attn", None), Attention):
-            impls.setdefault("window" if blk.window_size else "global", blk.attn.resolved_impl(device))
+        attn = getattr(blk, "attn", None)
+        if not isinstance(attn, Attention):
+            continue
+        kind = "window" if blk.window_size else "global"
+        impl = attn.resolved_impl(device)
+        if impl == "fused" and kind not in impls:
+            side = blk.window_size or (attn.rel_pos_h.shape[0] + 1) // 2
+            heads = attn.num_heads
+            q = torch.empty(1, heads, side * side, attn.qkv.out_features // 3 // heads, device=device, dtype=dtype)
+            if not relpos_attention.supported(q, side, side):
+                why = relpos_attention.unavailable_reason() if device.type == "cuda" and dtype != torch.float32 \
+                    else None
+                impl = (f"{attn.AUTO_CUDA_FALLBACK[attn._kind(side * side)]} (fused asked for, not run: "
+                        f"{why or 'its kernel takes CUDA bf16/fp16 queries on an Ampere or newer GPU'})")
+        impls.setdefault(kind, impl)
     return ", ".join(f"{k} {v}" for k, v in sorted(impls.items())) or "n/a"
 
 
@@ -143,6 +159,13 @@ def _check_options(encoder: str, device: str, precision: str, attention: str, co
         raise click.BadParameter(str(exc), param_hint="'--device'") from None
     if compile_backend and runtime == "onnx":
         raise click.UsageError("--compile runs the encoder in PyTorch: not with --runtime onnx")
+    if compile_backend:
+        import torch._dynamo
+
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if compile_backend not in known:
+            raise click.BadParameter(f"a torch.compile backend ({', '.join(known)}), not {compile_backend!r}",
+                                     param_hint="'--compile'")
     if runtime == "onnx" and (dev.type != "cpu" or precision == "bf16"):
         raise click.UsageError("--runtime onnx runs the encoder on CPU in fp32 only (--device cpu, --precision "
                                "auto or fp32)")
@@ -179,7 +202,8 @@ def _bench(tmp: Path, encoder: str, device: str, batch_size: int, n_images: int,
     res: dict = {"encoder": encoder, "device": str(dev), "device_name": torch.cuda.get_device_name(dev)
                  if dev.type == "cuda" else "cpu", "threads": torch.get_num_threads(), "batch_size": batch_size,
                  "images": n_images, "input_size": size, "compile": compile_backend, "runtime": pred.encoder_runtime,
-                 "attention": _attention_impls(plain_encoder, dev), "mlp_gelu": mlp_gelu if dev.type == "cuda" else "erf",
+                 "attention": _attention_impls(plain_encoder, dev, torch.bfloat16 if pred.bf16 else torch.float32),
+                 "mlp_gelu": mlp_gelu if dev.type == "cuda" else "erf",
                  "precision": "bf16" if pred.bf16 else "fp32", "torch": torch.__version__}
 
     # product path
@@ -270,6 +294,9 @@ def _bench(tmp: Path, encoder: str, device: str, batch_size: int, n_images: int,
 
         from .inference import run
 
+        # whole batches, as above: a smaller last batch would compile again inside the timed run
+        e2e_images = -(-e2e_images // batch_size) * batch_size
+
         folder = tmp / "in"
         folder.mkdir()
         rng = np.random.default_rng(0)
@@ -318,7 +345,8 @@ def table(res: dict) -> str:
               help="Images through the product path (rounded up to whole batches).")
 @click.option("--precision", default="auto", type=click.Choice(["auto", "bf16", "fp32"]))
 @click.option("--peak-tflops", type=float, default=None, help="The device's peak (e.g. 989 for H100 bf16 dense).")
-@click.option("--e2e-images", default=16, type=click.IntRange(min=0), help="Images for the end-to-end run (0: skip).")
+@click.option("--e2e-images", default=16, type=click.IntRange(min=0),
+              help="Images for the end-to-end run (rounded up to whole batches; 0: skip).")
 @click.option("--no-reference", is_flag=True, help="Skip the reference path.")
 @click.option("--attention", default="auto", show_default=True,
               help="SAM attention form: auto, bias (additive mask), augment (q/k augmented, flash kernels) or "
@@ -337,8 +365,11 @@ def main(encoder, device, batch_size, n_images, precision, peak_tflops, e2e_imag
          compile_backend, runtime, mlp_gelu, as_json):
     """Images/s and peak memory of the reference path and the product's path, side by side."""
     _check_options(encoder, device, precision, attention, compile_backend, runtime)  # before anything is built
-    res = bench(encoder, device, batch_size, n_images, precision, peak_tflops, e2e_images, not no_reference,
-                attention, compile_backend, runtime, mlp_gelu)
+    try:
+        res = bench(encoder, device, batch_size, n_images, precision, peak_tflops, e2e_images, not no_reference,
+                    attention, compile_backend, runtime, mlp_gelu)
+    except ValueError as exc:  # what the predictor refuses to build (e.g. torch.compile without a compiler)
+        raise click.ClickException(f"cannot build the product path: {exc}") from None
     click.echo(json.dumps(res, indent=2) if as_json else table(res))
     sys.stdout.flush()
 

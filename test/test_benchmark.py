@@ -86,7 +86,8 @@ def test_benchmark_runtime_option_picks_the_product_paths_encoder_runtime(tmp_pa
 
 @pytest.mark.parametrize("args, word", [(["--batch-size", "0"], "--batch-size"), (["--images", "-3"], "--images"),
                                         (["--e2e-images", "-1"], "--e2e-images"), (["--encoder", "bogus"], "--encoder"),
-                                        (["--encoder", "sam_vit_b", "--attention", "bogus"], "--attention")])
+                                        (["--encoder", "sam_vit_b", "--attention", "bogus"], "--attention"),
+                                        (["--compile", "nonexistent_backend"], "--compile")])
 def test_benchmark_refuses_bad_option_values_before_running(args, word, monkeypatch):
     """They ended in tracebacks (a reshape error, "no images found", a ValueError) or were raised in
     silence (--images -3); now click names the option and nothing runs."""
@@ -119,8 +120,43 @@ def test_benchmark_times_whole_batches_of_the_shape_it_warmed_up(tmp_path, monke
     shapes = []
     real = Predictor.forward
     monkeypatch.setattr(Predictor, "forward", lambda self, x, *a, **k: shapes.append(x.shape[0]) or real(self, x, *a, **k))
-    res = benchmark.bench("litemedsam", "cpu", 2, 3, "fp32", None, 0, reference=False, compile_backend="eager")
-    assert res["images"] == 4 and set(shapes) == {2}, shapes
+    res = benchmark.bench("litemedsam", "cpu", 2, 3, "fp32", None, 3, reference=False, compile_backend="eager")
+    assert res["images"] == 4 and set(shapes) == {2}, shapes  # the end-to-end run too (it timed a batch of 1)
+    assert res["end_to_end"]["images"] == 4 and res["end_to_end"]["exit_code"] == 0
+
+
+def test_benchmark_says_what_the_product_path_could_not_build_in_one_line(monkeypatch):
+    """torch.compile without a C++ compiler (the predictor's ValueError) ended the benchmark in a
+    traceback, where process.py says it in one line."""
+    def refused(*args, **kwargs):
+        raise ValueError("torch.compile (inductor) needs a compiler: none found")
+
+    monkeypatch.setattr(benchmark, "bench", refused)
+    result = CliRunner().invoke(benchmark.main, ["--device", "cpu", "--compile", "inductor"])
+    assert result.exit_code == 1, result.output
+    assert result.output == ("Error: cannot build the product path: torch.compile (inductor) needs a compiler: "
+                             "none found\n")
+
+
+def test_benchmark_names_the_attention_form_that_ran_not_the_one_asked_for():
+    """--attention fused where its kernel cannot run (the CPU; on CUDA fp32 queries, a GPU before Ampere,
+    no Triton) was reported as "global fused, window fused" while Attention.forward fell back to the
+    augmented and mask forms: timings under the wrong name."""
+    from model.encoders import build_encoder
+    from model.encoders.sam_vit import Attention
+
+    enc, _ = build_encoder("sam_vit_b", weights="random", input_size=128)
+    before = Attention.impl
+    try:
+        Attention.impl = "fused"
+        text = benchmark._attention_impls(enc, torch.device("cpu"))
+        # at 128 px the global blocks' 8 x 8 grid is below the global kind's size: the mask form there too
+        assert text.startswith("global bias (fused asked for, not run: its kernel takes CUDA bf16/fp16 queries")
+        assert ", window bias (fused asked for, not run: " in text, text
+        Attention.impl = "augment"  # a form that runs anywhere is named as asked
+        assert benchmark._attention_impls(enc, torch.device("cpu")) == "global augment, window augment"
+    finally:
+        Attention.impl = before
 
 
 def test_benchmark_rates_are_images_per_timed_second_of_each_path(tmp_path, monkeypatch):
@@ -139,13 +175,13 @@ def test_benchmark_rates_are_images_per_timed_second_of_each_path(tmp_path, monk
     monkeypatch.setattr(benchmark, "reference_encoder", lambda encoder, ours: Reference())
     ticks = iter([0.0, 1.0, 1.0, 2.0, 2.0, 6.0, 6.0, 8.0])  # each phase's start and end, in order
     monkeypatch.setattr(benchmark, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
-    res = benchmark.bench("litemedsam", "cpu", 2, 1, "fp32", 50.0, 1)  # 1 image: rounded up to a batch of 2
+    res = benchmark.bench("litemedsam", "cpu", 2, 1, "fp32", 50.0, 1)  # 1 image: rounded up to a batch of 2, each way
     assert res["images"] == 2 and res["batch_size"] == 2 and res["warmup_s"] == 1.0
     assert res["product"]["images_per_s"] == 2.0 and res["product"]["s_per_image"] == 0.5
     assert res["reference"]["images"] == 2 and res["reference"]["images_per_s"] == 0.5
     assert res["reference"]["s_per_image"] == 2.0
-    assert res["end_to_end"]["images"] == 1 and res["end_to_end"]["images_per_s"] == 0.5
-    assert res["end_to_end"]["s_per_image"] == 2.0
+    assert res["end_to_end"]["images"] == 2 and res["end_to_end"]["images_per_s"] == 1.0
+    assert res["end_to_end"]["s_per_image"] == 1.0
     assert res["speedup"] == 4.0 and "product / reference: 4.00x" in benchmark.table(res)
     assert 60 < res["gflops_per_image"] < 120
     assert res["achieved_tflops"] == pytest.approx(res["gflops_per_image"] * 2.0 / 1e3)
