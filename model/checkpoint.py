@@ -292,11 +292,13 @@ def validate_ensemble(spec: dict, where: Path) -> dict:
         raise CheckpointError(f"{where}: postprocess.class_prior must be one of {', '.join(CLASS_PRIORS)}, not {prior!r}")
     refine = spec.get("postprocess", {}).get("refine")
     if refine is not None:
-        ok = (isinstance(refine, dict) and refine.get("type") == "box" and set(refine) <= {"type", "margin", "blend"}
-              and float(refine.get("margin", 5)) >= 0 and 0 < float(refine.get("blend", 1.0)) <= 1)
+        ok = (isinstance(refine, dict) and refine.get("type") == "box"
+              and set(refine) <= {"type", "margin", "blend", "outside"}
+              and float(refine.get("margin", 5)) >= 0 and 0 < float(refine.get("blend", 1.0)) <= 1
+              and refine.get("outside", "drop") in ("drop", "head"))
         if not ok:
             raise CheckpointError(f"{where}: postprocess.refine must be null or {{\"type\": \"box\", \"margin\": "
-                                  f"pixels >= 0, \"blend\": (0, 1]}}, not {refine!r}")
+                                  f"pixels >= 0, \"blend\": (0, 1], \"outside\": \"drop\" or \"head\"}}, not {refine!r}")
     return spec
 
 

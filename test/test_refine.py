@@ -105,6 +105,38 @@ def test_refinement_keeps_empty_masks_and_reshapes_the_rest(refiner):
     assert torch.allclose(half[0], 0.5 * out[0] + 0.5 * prob[0], atol=1e-5)
 
 
+def test_outside_the_box_the_mask_keeps_nothing_or_with_outside_head_the_heads_other_components(refiner):
+    """The box is drawn around the largest component only, and the decoder's probabilities outside it
+    are about 0: a mask of two lesions kept one (by default: it measured best on the default model's
+    validation split). With "outside": "head" the head's probabilities outside the box stand, so the
+    second lesion is kept exactly as the head found it; inside the box both ways blend alike."""
+    from model.refine import box_cells
+
+    img, _ = make_ultrasound(256, 256, seed=3)
+    x, _ = preprocess(img, 256, "minmax")
+    from model.encoders import build_encoder
+
+    enc, _ = build_encoder("litemedsam")
+    with torch.no_grad():
+        emb, _ = enc.eval()(x[None])
+    prob = torch.full((1, 256, 256), 0.05)
+    prob[0, 90:170, 80:180] = 0.9  # the largest component: its box prompts the decoder
+    prob[0, 20:40, 200:230] = 0.8  # a second, smaller lesion far from it
+    for blend in (1.0, 0.5):
+        drop = BoxRefiner.from_spec({"blend": blend}, "litemedsam", 256)(emb, prob)
+        head = BoxRefiner.from_spec({"blend": blend, "outside": "head"}, "litemedsam", 256)(emb, prob)
+        assert float(drop[0, 20:40, 200:230].max()) < 0.5  # the second lesion is gone
+        assert torch.equal(head[0, 20:40, 200:230], prob[0, 20:40, 200:230])  # kept as the head found it
+        rows, cols = box_cells(mask_boxes(prob, 0.5, 256, 5.0)[0], 256, 256)
+        assert (rows.start, rows.stop, cols.start, cols.stop) == (85, 175, 75, 185)  # the box, widened by 5 px
+        assert torch.equal(head[0, rows, cols], drop[0, rows, cols])
+        outside = torch.ones(256, 256, dtype=torch.bool)
+        outside[rows, cols] = False
+        assert torch.equal(head[0][outside], prob[0][outside])
+    with pytest.raises(ValueError, match="outside must be one of drop, head"):
+        BoxRefiner.from_spec({"outside": "keep"}, "litemedsam", 256)
+
+
 def test_ensemble_json_refine_option_is_validated_and_used(tmp_path):
     ens = make_test_ensemble(tmp_path / "ens")
     spec_path = ens / "ensemble.json"
@@ -122,7 +154,11 @@ def test_ensemble_json_refine_option_is_validated_and_used(tmp_path):
         assert not np.array_equal(refined.mask, plain.mask)
     else:
         assert not refined.mask.any()
-    for bad in ({"type": "points"}, {"type": "box", "blend": 0}, {"type": "box", "margin": -1}, "box"):
+    spec["postprocess"]["refine"] = {"type": "box", "margin": 5, "blend": 0.5, "outside": "head"}
+    spec_path.write_text(json.dumps(spec))
+    assert Predictor.from_dir(ens, device="cpu").refiner.outside == "head"
+    for bad in ({"type": "points"}, {"type": "box", "blend": 0}, {"type": "box", "margin": -1}, "box",
+                {"type": "box", "outside": "keep"}):
         spec["postprocess"]["refine"] = bad
         spec_path.write_text(json.dumps(spec))
         with pytest.raises(CheckpointError, match="refine"):
@@ -200,7 +236,8 @@ def test_tune_scores_without_refinement_when_the_segmentation_encoder_has_no_dec
     pred = Predictor.from_dir(make_test_ensemble(tmp_path / "ens"), device="cpu")
     assert pred.seg_encoder_name == "litemedsam"
     assert {json.dumps(s["refine"]) for s in score_options(pred, tiny_dataset, limit=2)} == {
-        json.dumps(r) for r in (None, {"type": "box", "margin": 5, "blend": 1.0}, {"type": "box", "margin": 5, "blend": 0.5})}
+        json.dumps(r) for r in (None, *({"type": "box", "margin": 5, "blend": b, **o}
+                                        for o in ({}, {"outside": "head"}) for b in (1.0, 0.5)))}
     seg_member = pred.members[next(iter(pred.seg_w))]
     seg_member.config = {**seg_member.config, "encoder": {**seg_member.config["encoder"], "name": "sam_vit_b"}}
     assert pred.seg_encoder_name == "sam_vit_b"
@@ -220,7 +257,7 @@ def test_tune_cli_writes_its_choice_and_setup(tiny_dataset, tmp_path, monkeypatc
     res = CliRunner().invoke(tune.main, ["--model-dir", str(ens), "--data", str(tiny_dataset), "-d", "cpu", "--write"])
     assert res.exit_code == 0, res.output
     spec = json.loads((ens / "ensemble.json").read_text())
-    assert len(spec["postprocess_validation"]) == len(OPTIONS) * 3  # off, box blend 1.0, box blend 0.5
+    assert len(spec["postprocess_validation"]) == len(OPTIONS) * 5  # off, box blend 1.0 and 0.5, each outside drop/head
     assert spec["postprocess_validation_setup"] == {"device": "cpu", "precision": "fp32", "tta": False, "limit": None,
                                                     "runtime": Predictor.from_dir(ens, device="cpu").encoder_runtime}
     chosen = json.loads(res.output.strip().splitlines()[-1].removeprefix("chosen: "))
@@ -349,7 +386,7 @@ def test_tune_without_write_leaves_ensemble_json_and_the_setup_records_tta_and_l
     assert res.exit_code == 0 and "chosen: " in res.output, res.output
     assert (ens / "ensemble.json").read_bytes() == before
     rows = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
-    assert len(rows) == 3 * len(OPTIONS) and all(r["n_lesion"] + r["n_normal"] == 1 for r in rows)
+    assert len(rows) == 5 * len(OPTIONS) and all(r["n_lesion"] + r["n_normal"] == 1 for r in rows)
     res = CliRunner().invoke(tune.main, args + ["--tta", "--write"])
     assert res.exit_code == 0, res.output
     setup = json.loads((ens / "ensemble.json").read_text())["postprocess_validation_setup"]

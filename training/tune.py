@@ -8,7 +8,8 @@ combines each batch's encoding under every postprocess option (``Predictor.combi
 encoder pass per image serves all options.
 
 Options: box refinement through LiteMedSAM's decoder (``model/refine.py``: off, the decoder's mask, or
-its average with the head's), the largest component only, empty masks on images classified normal.
+its average with the head's; outside the box nothing, or the head's other components), the largest
+component only, empty masks on images classified normal.
 Rule (written into ensemble.json with ``--write``): refinement and the largest-component option
 together by the highest mean Dice on lesion images (off unless it is higher); then gate masks on
 images classified normal only if that raises the share of empty masks on normal images while
@@ -37,7 +38,8 @@ from .datasets import DataError, first_of_each_class, load_pair, load_records
 from .metrics import dice
 
 OPTIONS = [{"gate_normal": g, "largest_component": c} for g in (False, True) for c in (False, True)]
-REFINE_OPTIONS = [None, {"type": "box", "margin": 5, "blend": 1.0}, {"type": "box", "margin": 5, "blend": 0.5}]
+REFINE_OPTIONS = [None, *({"type": "box", "margin": 5, "blend": blend, **outside} for outside in ({}, {"outside": "head"})
+                         for blend in (1.0, 0.5))]
 
 
 def score_options(predictor: Predictor, data: Path, batch: int = 8, refine_options: list | None = None,
