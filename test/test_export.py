@@ -271,7 +271,13 @@ def test_the_model_card_states_the_split_the_data_report_records(runs, tmp_path)
     card = (export_mod.export([runs["sd-h"]], tmp_path / "ens3", data_report=tmp_path / "report.json")
             / "MODEL_CARD.md").read_text()
     assert ("near-duplicates (thumbnails correlating above 0.95) kept on one side, 106 groups of 239 images, "
-            "14 images of groups with conflicting labels removed") in card
+            "14 images of groups with conflicting labels removed") in card  # a report of before session 47
+    near.update(crop_correlation=0.95, crop_pairs=8, groups=112, images=252, dropped_conflicting=15)
+    (tmp_path / "report.json").write_text(json.dumps({**report, "near_duplicates": near}))
+    card = (export_mod.export([runs["sd-h"]], tmp_path / "ens4", data_report=tmp_path / "report.json")
+            / "MODEL_CARD.md").read_text()
+    assert ("near-duplicates (thumbnails correlating above 0.95, or one's middle found in the other above 0.95) "
+            "kept on one side, 112 groups of 252 images, 15 images of groups with conflicting labels removed") in card
 
 
 def _frozen_vit_run(root: Path, checkpoint: Path) -> Path:

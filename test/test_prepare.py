@@ -534,14 +534,51 @@ def test_near_duplicates_share_a_side_and_conflicting_ones_are_dropped(tmp_path)
     for members in (("benign (1)", "benign (15)", "benign (16)"), ("malignant (2)", "malignant (11)"),
                     ("normal (1)", "normal (9)")):
         assert len({side[m] for m in members}) == 1, members
-    assert report["near_duplicates"] == {"enabled": True, "correlation": 0.95, "pairs": 6, "groups": 4,
-                                         "images": 9, "dropped_conflicting": 2}
+    assert report["near_duplicates"] == {"enabled": True, "correlation": 0.95, "crop_correlation": 0.95, "pairs": 6,
+                                         "crop_pairs": 0, "groups": 4, "images": 9, "dropped_conflicting": 2}
     assert len(side) == 14 + 10 + 8 + 5 - 2
 
     run_cli(["--busi", str(root), "--out", str(tmp_path / "plain"), "--no-near-duplicates"])
     plain = json.loads((tmp_path / "plain" / "report.json").read_text())
     assert plain["near_duplicates"]["enabled"] is False and plain["prepared"] == 14 + 10 + 8 + 5
     assert not [d for d in plain["duplicates"] if d["kind"] == "near-duplicate"]
+
+
+def test_a_scan_exported_again_with_another_crop_is_a_near_duplicate(tmp_path):
+    """The same scan with 12 % of its width cut off one side: its whole-image thumbnail squeezes other
+    columns into 32, and correlates below 0.95 (0.91 here; BUSI's benign (154) and (21): 0.944), so the
+    two could land on both sides of the split. The aspect-kept crop search finds the one inside the
+    other (about 0.998) and groups them; unrelated scans of the same kind stay apart."""
+    import io as iolib
+
+    from PIL import Image
+
+    from synthetic import make_ultrasound
+
+    root = tmp_path / "BUSI"
+    lesion = box(100, 160, 150, 250, shape=(300, 400))
+    for i in range(1, 11):
+        write_png(root / "benign" / f"benign ({i}).png", make_ultrasound(300, 400, seed=i + 1)[0])
+        write_png(root / "benign" / f"benign ({i})_mask.png", lesion)
+    for name, source in (("benign (11)", 2), ("benign (12)", 4)):  # re-crops of benign (1) and (3)
+        scan = make_ultrasound(300, 400, seed=source)[0][:, 48:]
+        buf = iolib.BytesIO()
+        Image.fromarray(scan).save(buf, "PNG")
+        (root / "benign" / f"{name}.png").write_bytes(buf.getvalue())
+        write_png(root / "benign" / f"{name}_mask.png", lesion[:, 48:])
+        whole = make_ultrasound(300, 400, seed=source)[0]
+        assert 0.85 < float(prep.thumbnail(whole) @ prep.thumbnail(scan)) < 0.95  # what the thumbnails miss
+    run_cli(["--busi", str(root), "--out", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    groups = {frozenset(Path(i["path"]).stem for i in d["images"]): d for d in report["duplicates"]
+              if d["kind"] == "near-duplicate"}
+    assert set(groups) == {frozenset({"benign (1)", "benign (11)"}), frozenset({"benign (3)", "benign (12)"})}
+    for d in groups.values():
+        assert d["correlation"] is None and d["crop_correlation"][0] > 0.99 and not d["conflicting_labels"]
+    names = {r["image_id"]: Path(r["original_path"]).stem for r in read_csv(tmp_path / "out" / "labels.csv")}
+    side = {names[r["image_id"]]: r["split"] for r in read_csv(tmp_path / "out" / "split.csv")}
+    assert side["benign (1)"] == side["benign (11)"] and side["benign (3)"] == side["benign (12)"]
+    assert report["near_duplicates"]["crop_pairs"] == 2 and report["near_duplicates"]["pairs"] == 0
 
 
 def test_split_keeps_linked_images_and_their_patients_together():
@@ -575,7 +612,10 @@ def test_real_busi_near_duplicates(tmp_path):
         return next(d for d, n in zip(groups, names) if set(files) <= n)
 
     for same in (("malignant (4).png", "malignant (5).png"), ("benign (152).png", "benign (18).png"),
-                 ("benign (266).png", "benign (279).png"), ("normal (58).png", "normal (60).png")):
+                 ("benign (266).png", "benign (279).png"), ("normal (58).png", "normal (60).png"),
+                 # re-exported with another crop (session 47's review: their thumbnails correlate 0.914-0.944)
+                 ("benign (154).png", "benign (21).png"), ("benign (141).png", "benign (64).png"),
+                 ("malignant (129).png", "malignant (128).png")):
         assert not grouped(*same)["conflicting_labels"], same
     for conflict in (("benign (399).png", "malignant (93).png"), ("benign (437).png", "normal (34).png"),
                      ("benign (42).png", "malignant (51).png")):

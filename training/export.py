@@ -69,7 +69,9 @@ def near_duplicate_text(data_report: dict) -> str:
     if not near.get("enabled"):
         return ("near-duplicates not grouped (the same scan re-exported can be on both sides: prepared "
                 "with --no-near-duplicates or before session 27)")
-    return (f"near-duplicates (thumbnails correlating above {near.get('correlation')}) kept on one side, "
+    crops = (f", or one's middle found in the other above {near['crop_correlation']}"
+             if near.get("crop_correlation") is not None else "")
+    return (f"near-duplicates (thumbnails correlating above {near.get('correlation')}{crops}) kept on one side, "
             f"{near.get('groups')} groups of {near.get('images')} images, {near.get('dropped_conflicting')} "
             f"images of groups with conflicting labels removed")
 

@@ -21,7 +21,8 @@ nothing can be prepared; over an earlier run only the files of ids its labels.cs
 Near-duplicates (on by default; ``--no-near-duplicates`` gives the split of before session 27, on
 which the embedded default model was trained): the same scan exported twice, re-cropped or
 re-encoded, is not pixel-identical, and BUSI holds about a hundred such pairs. Images whose 32 x 32
-grey thumbnails correlate above ``NEAR_DUPLICATE_CORRELATION`` are one group: the split keeps a group
+grey thumbnails correlate above ``NEAR_DUPLICATE_CORRELATION``, or whose aspect-kept crop search
+matches above ``CROP_CORRELATION`` (re-crops, ``crop_duplicate_pairs``), are one group: the split keeps a group
 on one side, as it keeps a patient's images, and a group whose labels disagree (the same scan
 called benign and malignant) is dropped, as pixel-identical conflicts are.
 """
@@ -103,9 +104,7 @@ _GREY = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601, as Pillow's "L
 def thumbnail(image: np.ndarray) -> np.ndarray | None:
     """The image as a 32 x 32 grey thumbnail, centred and scaled to unit norm (so that the dot product
     of two is their correlation); None for an image of one value."""
-    a = image.astype(np.float32)
-    if a.ndim == 3:
-        a = a[..., 0] if a.shape[2] in (1, 2) else a[..., :3] @ _GREY
+    a = _grey(image)
     t = np.asarray(Image.fromarray(a, "F").resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.BILINEAR), np.float64)
     t = t.ravel() - t.mean()
     norm = float(np.linalg.norm(t))
@@ -126,6 +125,96 @@ def near_duplicate_pairs(thumbs: dict[str, np.ndarray], threshold: float = NEAR_
         for a, b in np.argwhere(c > threshold):
             if b > start + a:
                 pairs.append((ids[start + a], ids[b], round(float(c[a, b]), 4)))
+    return pairs
+
+
+# The same scan exported with another crop: a whole-image thumbnail squeezes each crop's own width into
+# 32 columns, so the same tissue lands on other columns and the pair correlates below 0.95 (BUSI's
+# benign (154) / (21): 0.944; cutting 10 % off one side of an image left half of 14 BUSI images below
+# 0.95). Pairs whose thumbnails correlate above CROP_CANDIDATE are searched again with the aspect ratio
+# kept: the middle of one (CROP_TEMPLATE of each side, at PROFILE_HEIGHT rows) is looked for in the
+# other at CROP_SCALES, every shift, by normalised cross-correlation. On BUSI + BUS-BRA (3027 candidate
+# pairs, session 47) the re-crops found in review scored 0.95-0.998, and no pair of different labels
+# scored above 0.925.
+CROP_CANDIDATE = 0.85
+CROP_CORRELATION = 0.95
+PROFILE_HEIGHT = 96
+CROP_TEMPLATE = (0.2, 0.8)
+CROP_SCALES = (0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.17, 1.25)
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    a = image.astype(np.float32)
+    if a.ndim == 3:
+        a = a[..., 0] if a.shape[2] in (1, 2) else a[..., :3] @ _GREY
+    return a
+
+
+def profile(image: np.ndarray) -> np.ndarray:
+    """The image in grey at ``PROFILE_HEIGHT`` rows, its aspect ratio kept, scaled to 0..255 (uint8:
+    a few tens of kB per image, kept for the crop search)."""
+    a = _grey(image)
+    h, w = a.shape
+    width = max(8, round(w * PROFILE_HEIGHT / h))
+    t = np.asarray(Image.fromarray(a, "F").resize((width, PROFILE_HEIGHT), Image.BILINEAR), np.float32)
+    lo, hi = float(t.min()), float(t.max())
+    return np.round((t - lo) * (255.0 / (hi - lo if hi > lo else 1.0))).astype(np.uint8)
+
+
+def _best_ncc(template: np.ndarray, image: np.ndarray) -> float:
+    """The highest normalised cross-correlation of ``template`` over every position inside ``image``."""
+    from scipy.signal import fftconvolve
+
+    th, tw = template.shape
+    if image.shape[0] < th or image.shape[1] < tw:
+        return -1.0
+    t = template - template.mean()
+    tn = float(np.sqrt((t * t).sum()))
+    if tn < 1e-9:
+        return -1.0
+    ones = np.ones(template.shape)
+    num = fftconvolve(image, t[::-1, ::-1], "valid")
+    s1 = fftconvolve(image, ones, "valid")
+    s2 = fftconvolve(image * image, ones, "valid")
+    var = s2 - s1 * s1 / t.size
+    ok = var > 1e-6 * t.size  # a flat window has no correlation (not the ratio of two round-off errors)
+    if not ok.any():
+        return -1.0
+    return float((num[ok] / (np.sqrt(var[ok]) * tn)).max())
+
+
+def crop_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """How well the middle of either profile is found inside the other, over ``CROP_SCALES``."""
+    def one_way(x: np.ndarray, y: np.ndarray) -> float:
+        x = x.astype(np.float64)
+        h, w = x.shape
+        lo, hi = CROP_TEMPLATE
+        template = x[int(h * lo):int(h * hi), int(w * lo):int(w * hi)]
+        best = -1.0
+        for scale in CROP_SCALES:
+            rows = round(PROFILE_HEIGHT * scale)
+            cols = max(8, round(y.shape[1] * rows / y.shape[0]))
+            scaled = np.asarray(Image.fromarray(y.astype(np.float32), "F").resize((cols, rows), Image.BILINEAR),
+                                np.float64)
+            best = max(best, _best_ncc(template, scaled))
+        return best
+    return max(one_way(a, b), one_way(b, a))
+
+
+def crop_duplicate_pairs(thumbs: dict[str, np.ndarray], profiles: dict[str, np.ndarray], linked_ids: list[list[str]],
+                         candidate: float = CROP_CANDIDATE, threshold: float = CROP_CORRELATION,
+                         progress: bool = True) -> list[tuple[str, str, float]]:
+    """(id, id, crop correlation) of the pairs whose thumbnails correlate above ``candidate`` (and not
+    above the near-duplicate threshold) that ``crop_correlation`` matches above ``threshold``; pairs
+    already in one group (``linked_ids``) are not searched."""
+    group = {i: k for k, ids in enumerate(linked_ids) for i in ids}
+    candidates = [(a, b) for a, b, _ in near_duplicate_pairs(thumbs, candidate)
+                  if group.get(a, ("a", a)) != group.get(b, ("b", b))]
+    pairs = []
+    for a, b in tqdm(candidates, desc="near-duplicates (crops)", unit="pair", file=sys.stderr, disable=not progress):
+        c = crop_correlation(profiles[a], profiles[b])
+        if c > threshold:
+            pairs.append((a, b, round(c, 4)))
     return pairs
 
 
@@ -251,6 +340,7 @@ def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: fl
     unfinished = False  # whether this run has overwritten an earlier run's files (and removed its split.csv)
     by_pixels: dict[str, list[tuple[Record, str, bool]]] = defaultdict(list)  # hash -> (record, byte hash, ok)
     thumbs: dict[str, np.ndarray] = {}  # image id -> thumbnail, for near-duplicates
+    profiles: dict[str, np.ndarray] = {}  # image id -> aspect-kept grey profile, for re-cropped ones
     written: dict[str, Record] = {}  # pixel hash -> the one record written for it
     for record in tqdm(records, desc="prepare", unit="img", file=sys.stderr):
         if record.problem:
@@ -274,6 +364,7 @@ def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: fl
         if ok and pixel_hash not in written:
             if near_duplicates and (t := thumbnail(image)) is not None:
                 thumbs[record.image_id] = t
+                profiles[record.image_id] = profile(image)
             if not unfinished and finished.is_file() and any(
                     (out / sub / f"{record.image_id}.png").exists() for sub in ("images", "masks")):
                 # an earlier run's files change from here on: until this run ends no dataset is whole here,
@@ -303,11 +394,16 @@ def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: fl
             kept.append(keep)
 
     together: list[list[str]] = []
-    near = {"enabled": near_duplicates, "correlation": NEAR_DUPLICATE_CORRELATION, "pairs": 0, "groups": 0,
+    near = {"enabled": near_duplicates, "correlation": NEAR_DUPLICATE_CORRELATION,
+            "crop_correlation": CROP_CORRELATION, "pairs": 0, "crop_pairs": 0, "groups": 0,
             "images": 0, "dropped_conflicting": 0}
     if near_duplicates:
         by_id = {r.image_id: r for r in kept}
-        pairs = near_duplicate_pairs({i: t for i, t in thumbs.items() if i in by_id})
+        kept_thumbs = {i: t for i, t in thumbs.items() if i in by_id}
+        pairs = near_duplicate_pairs(kept_thumbs)
+        crops = crop_duplicate_pairs(kept_thumbs, profiles, _groups(pairs))
+        crop_set = {(a, b) for a, b, _ in crops}
+        pairs += crops
         groups = _groups(pairs)
         dropped = set()
         for ids in groups:
@@ -318,17 +414,20 @@ def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: fl
             else:
                 together.append(ids)
             members = set(ids)
-            corr = [c for a, _, c in pairs if a in members]
+            corr = [c for a, b, c in pairs if a in members and (a, b) not in crop_set]
+            crop = [c for a, b, c in pairs if a in members and (a, b) in crop_set]
             duplicates.append({
                 "kind": "near-duplicate", "conflicting_labels": conflict, "kept": None if conflict else ids,
-                "correlation": [min(corr), max(corr)],
+                "correlation": [min(corr), max(corr)] if corr else None,
+                "crop_correlation": [min(crop), max(crop)] if crop else None,
                 "images": [{"image_id": i, "label": by_id[i].label, "path": str(by_id[i].image)} for i in ids],
             })
+            found = "; ".join(f"{what} {min(c):.3f}–{max(c):.3f}" for what, c in
+                              (("correlation", corr), ("crop correlation", crop)) if c)
             tqdm.write(f"near-duplicates ({'conflicting labels, none kept' if conflict else 'kept together'}; "
-                       f"correlation {min(corr):.3f}–{max(corr):.3f}): "
-                       + ", ".join(f"{by_id[i].image} [{by_id[i].label}]" for i in ids), file=sys.stderr)
-        near.update(pairs=len(pairs), groups=len(groups), images=sum(map(len, groups)),
-                    dropped_conflicting=len(dropped))
+                       f"{found}): " + ", ".join(f"{by_id[i].image} [{by_id[i].label}]" for i in ids), file=sys.stderr)
+        near.update(pairs=len(pairs) - len(crops), crop_pairs=len(crops), groups=len(groups),
+                    images=sum(map(len, groups)), dropped_conflicting=len(dropped))
         kept = [r for r in kept if r.image_id not in dropped]
 
     rows = sorted(({"image_id": r.image_id, "label": r.label, "source": r.source,
@@ -400,7 +499,8 @@ def prepare(sources: dict[str, Path], out: Path, seed: int = 0, val_fraction: fl
 @click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0.0, 1.0))
 @click.option("--near-duplicates/--no-near-duplicates", default=True, show_default=True,
               help="Keep near-duplicate images (the same scan re-exported: 32 x 32 thumbnails correlating above "
-                   f"{NEAR_DUPLICATE_CORRELATION}) on one side of the split, and drop those whose labels disagree; "
+                   f"{NEAR_DUPLICATE_CORRELATION}, or re-cropped: one's middle found in the other above "
+                   f"{CROP_CORRELATION}) on one side of the split, and drop those whose labels disagree; "
                    "--no-near-duplicates gives the split the embedded default model was trained on.")
 @click.option("--limit", type=click.IntRange(1), hidden=True, help="debug: first N cases of each source")
 def main(busi, busbra, breast, pace, out, seed, val_fraction, near_duplicates, limit):
