@@ -187,7 +187,8 @@ def _bench(tmp: Path, encoder: str, device: str, batch_size: int, n_images: int,
     ens, enc_state = build_ensemble(encoder, tmp / "ens")
     # compiled as process.py --compile compiles it (Predictor.from_dir: no oneDNN post-ops, PyTorch runtime)
     pred = Predictor.from_dir(ens, device=str(dev), batch_size=batch_size, precision=precision,
-                              runtime="torch" if compile_backend else runtime, compile_backend=compile_backend)
+                              runtime="torch" if compile_backend else runtime, compile_backend=compile_backend,
+                              keep_freed=True)  # as process.py's (model.inference.load_predictor)
     if encoder != "litemedsam":  # random encoders are stored per member: share one for a fair product path
         enc = next(iter(pred.members.values())).encoder
         for m in pred.members.values():

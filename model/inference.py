@@ -108,7 +108,7 @@ def load_predictor(model_dir: str | Path | None = None, device: str = "auto", ba
     try:
         predictor = Predictor.from_dir(model_dir, device=device, batch_size=batch_size, tta=tta,
                                        precision=precision, compile_backend=compile_backend, runtime=runtime,
-                                       class_prior=class_prior)
+                                       class_prior=class_prior, keep_freed=True)  # a tool's own process
     except Exception as exc:  # noqa: BLE001 - every reason is reported the same way
         raise InferenceError(f"cannot load the model from {model_dir}: {exc}") from exc
     from .encoders.sam_vit import fused_attention_note

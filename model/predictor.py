@@ -210,8 +210,12 @@ class Predictor:
     def from_dir(cls, model_dir: str | Path = DEFAULT_MODEL_DIR, device: str = "auto", batch_size: int = 4,
                  tta: bool = False, precision: str = "auto", encoder_checkpoint=None,
                  compile_backend: str | None = None, runtime: str = "auto",
-                 class_prior: str | None = None) -> "Predictor":
-        """``compile_backend``: ``torch.compile`` each distinct encoder with this backend ("inductor"
+                 class_prior: str | None = None, keep_freed: bool = False) -> "Predictor":
+        """``keep_freed``: on CPU, keep freed memory in the process heap (``model/allocator.py``: about 2x
+        faster batches, for the rest of the process, which then holds its largest working set; the
+        command-line tools and the container ask for it through ``model.inference.load_predictor``, a
+        notebook or another program building a predictor does not get it unasked).
+        ``compile_backend``: ``torch.compile`` each distinct encoder with this backend ("inductor"
         for speed on CUDA; the first batch of each new batch size then takes a while to compile).
         ``runtime``: where the encoder runs. ``auto``: ONNX Runtime for encoders whose spec asks for it
         (``EncoderSpec.onnx_on_cpu``; none does now) on CPU in fp32 when onnxruntime is installed, else
@@ -261,7 +265,7 @@ class Predictor:
                 if key not in compiled:
                     compiled[key] = torch.compile(m.encoder, backend=compile_backend, dynamic=False)
                 m.encoder = compiled[key]
-        if dev.type == "cpu":
+        if dev.type == "cpu" and keep_freed:
             keep_freed_memory()  # no page faults per batch: about 2x faster on CPU (model/allocator.py)
         return cls(members, spec, dev, batch_size, tta, precision, class_prior)
 

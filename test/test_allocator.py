@@ -46,3 +46,19 @@ def test_memory_freed_from_a_heap_top_past_2_gb_is_reused_without_page_faults():
         pytest.skip("not glibc: nothing to tune")
     assert res["first"] > 100, res  # a first write faults its pages in (per 2 MB where numpy asks for huge pages)
     assert res["reuse"] < res["first"] // 10, res  # as many as a first write when the top was trimmed
+
+
+def test_only_the_tools_own_processes_keep_freed_memory(monkeypatch, tmp_path):
+    """Predictor.from_dir set the heap for the whole process, for good: a notebook or a training script
+    building a predictor then kept every later large block resident after freeing it. The library
+    leaves the heap alone unless asked; process.py, predict.py and the training tools (through
+    model.inference.load_predictor) ask, as their one-shot processes gain 2x from it."""
+    from model import inference, predictor as predictor_mod
+    from model.predictor import DEFAULT_MODEL_DIR, Predictor
+
+    calls = []
+    monkeypatch.setattr(predictor_mod, "keep_freed_memory", lambda: calls.append(1) or True)
+    Predictor.from_dir(DEFAULT_MODEL_DIR, device="cpu")
+    assert calls == []
+    inference.load_predictor(DEFAULT_MODEL_DIR, device="cpu")
+    assert calls == [1]
