@@ -16,7 +16,7 @@ out=demo/output  # or the -o/--output given among the arguments (the last one, a
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
   case "${args[i]}" in
-    -o|--output) out="${args[i+1]-}"; i=$((i + 1)) ;;
+    -o|--output) out="${args[i+1]-$out}"; i=$((i + 1)) ;;  # none: process.py refuses it
     --output=*) out="${args[i]#--output=}" ;;
     -o?*) out="${args[i]#-o}" ;;
   esac

@@ -15,4 +15,8 @@ segmentation/ and classification/ to /output.
 if __name__ == "__main__":
     _, marker, examples = process.__doc__.partition("\n\b\n")  # process.py's examples, outputs, exit codes
     process.main.help = INTRO + marker + examples
-    process.main(default_map={"fmt": "pace"}, prog_name="main.py")
+    try:
+        process.main(default_map={"fmt": "pace"}, prog_name="main.py")
+    except SystemExit as exc:
+        process.die_of_ctrl_c(exc)
+        raise

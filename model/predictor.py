@@ -223,6 +223,8 @@ class Predictor:
         ``class_prior``: ``trained`` or ``data`` (module docstring); None: the ensemble's."""
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
+        if runtime == "onnx" and compile_backend:  # torch.compile of ONNX Runtime's module failed every batch
+            raise ValueError("torch.compile runs the encoder in PyTorch: not with runtime 'onnx'")
         dev = resolve_device(device)
         if compile_backend == "inductor":  # its kernels are built with C (CUDA) or C++ (CPU) on first use
             problem = build_problem("c" if dev.type == "cuda" else "c++")
@@ -248,8 +250,6 @@ class Predictor:
             if dev.type == "cpu":
                 m.to_cpu_layout()
         cpu_fp32 = dev.type == "cpu" and precision != "bf16"
-        if runtime == "onnx" and compile_backend:  # torch.compile of ONNX Runtime's module failed every batch
-            raise ValueError("torch.compile runs the encoder in PyTorch: not with runtime 'onnx'")
         if runtime == "onnx" and not cpu_fp32:
             raise ValueError("runtime 'onnx' runs the encoder on CPU in fp32 only (device cpu, precision auto/fp32)")
         if runtime == "onnx" or (runtime == "auto" and cpu_fp32 and not compile_backend):

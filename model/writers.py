@@ -9,8 +9,9 @@ Output formats
     OUT/breast-lesion-classification.json              only with exactly one input: {"label", "probabilities"}
     OUT/malignancy-likelihood.json                     only with exactly one input: P(malignant), a bare float
 
-    A one-task run's results.json entries also list the other task's output of the same input that
-    an earlier one-task run into the folder listed (``-t seg`` then ``-t cls``, or the reverse).
+    A one-task run's results.json entries also list the other task's output of the same input (the
+    same path) that the results.json an earlier run left in the folder lists (``-t seg`` then
+    ``-t cls``, or the reverse).
 
 ``pace`` (PACE challenge)::
 
@@ -276,7 +277,8 @@ class GCWriter(_Writer):
                 if self.seg and out.get("type") == "classification" and out.get("label") in CLASS_NAMES \
                         and isinstance(out.get("probabilities"), dict) \
                         and set(out["probabilities"]) == set(CLASS_NAMES) \
-                        and all(isinstance(v, (int, float)) for v in out["probabilities"].values()):
+                        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+                                for v in out["probabilities"].values()):  # NaN fails 0 <= v
                     found[path] = {"type": "classification", "label": out["label"],
                                    "probabilities": {k: float(out["probabilities"][k]) for k in CLASS_NAMES}}
                 elif self.cls and out.get("type") == "mask" and isinstance(out.get("filename"), str) \

@@ -134,7 +134,7 @@ def test_benchmark_says_what_the_product_path_could_not_build_in_one_line(monkey
     monkeypatch.setattr(benchmark, "bench", refused)
     result = CliRunner().invoke(benchmark.main, ["--device", "cpu", "--compile", "inductor"])
     assert result.exit_code == 1, result.output
-    assert result.output == ("Error: cannot build the product path: torch.compile (inductor) needs a compiler: "
+    assert result.output == ("Error: the benchmark stopped: torch.compile (inductor) needs a compiler: "
                              "none found\n")
 
 
@@ -151,7 +151,7 @@ def test_benchmark_names_the_attention_form_that_ran_not_the_one_asked_for():
         Attention.impl = "fused"
         text = benchmark._attention_impls(enc, torch.device("cpu"))
         # at 128 px the global blocks' 8 x 8 grid is below the global kind's size: the mask form there too
-        assert text.startswith("global bias (fused asked for, not run: its kernel takes CUDA bf16/fp16 queries")
+        assert text.startswith("global bias (fused asked for, not run: its kernel takes CUDA bf16/fp16 queries)")
         assert ", window bias (fused asked for, not run: " in text, text
         Attention.impl = "augment"  # a form that runs anywhere is named as asked
         assert benchmark._attention_impls(enc, torch.device("cpu")) == "global augment, window augment"

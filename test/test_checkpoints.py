@@ -183,6 +183,10 @@ def test_another_encoders_official_file_is_refused_naming_what_it_is(tmp_path, m
         with pytest.raises(WeightsError, match=rf"{path.name}: this is sam_vit_b_01ec64.pth .*not medsam_vit_b's "
                                                r"checkpoint \(medsam_vit_b.pth\)"):
             encoder_weights_info("medsam_vit_b", path)
+    own = litemedsam_checkpoint()  # LiteMedSAM's official file, named explicitly, is its own (not SAM's)
+    assert encoder_weights_info("litemedsam", own)["sha256"] == weights.KNOWN_CHECKPOINTS["lite_medsam.pth"][0]
+    with pytest.raises(WeightsError, match=r"this is lite_medsam.pth .*not sam_vit_b's checkpoint"):
+        encoder_weights_info("sam_vit_b", own)
     other = tmp_path / "other" / "medsam_vit_b.pth"  # a file no official hash names: taken, its hash recorded
     other.parent.mkdir()
     other.write_bytes(b"stand-in for MedSAM's file")

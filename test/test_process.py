@@ -253,6 +253,15 @@ def test_gc_two_one_task_runs_into_one_folder_list_both_tasks(cli, inputs, tmp_p
     assert (single / "out" / "breast-lesion-classification.json").read_text() == answer
     entry = json.loads((single / "out" / "results.json").read_text())[0]
     assert [o["type"] for o in entry["outputs"]] == ["mask", "classification"]
+    results = single / "out" / "results.json"  # an earlier answer that is not whole (NaN, a bool) is not carried
+    assert cli("-i", single / "in", "-o", single / "out", "-t", "cls").exit_code == 0
+    for bad in ({"normal": float("nan"), "benign": 0.5, "malignant": 0.5}, {"normal": True, "benign": 0, "malignant": 0}):
+        entries = json.loads(results.read_text())
+        entries[0]["outputs"][-1]["probabilities"] = bad
+        results.write_text(json.dumps(entries))
+        assert cli("-i", single / "in", "-o", single / "out", "-t", "seg").exit_code == 0
+        assert [o["type"] for o in json.loads(results.read_text())[0]["outputs"]] == ["mask"], bad
+        assert not (single / "out" / "breast-lesion-classification.json").exists()
     other = _one_image(single)
     assert cli("-i", other, "-o", single / "out", "-t", "seg").exit_code == 0
     assert not (single / "out" / "breast-lesion-classification.json").exists()
@@ -395,11 +404,16 @@ def test_main_run_in_process_gives_the_callers_sigterm_handler_back(cli, inputs,
     assert seen == [process._stop, process._stop]  # during the run, its own handler
 
 
-def test_sigterm_stops_the_run_promptly_and_keeps_what_is_written(tmp_path):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_sigterm_stops_the_run_promptly_and_keeps_what_is_written(tmp_path, sig):
     """docker stop sends SIGTERM, which Python as a container's PID 1 ignored until the SIGKILL 10 s
-    later: now it ends the run at once (exit 143) with no temporary file left and the written masks whole."""
+    later: now it ends the run at once (exit 143) with no temporary file left and the written masks whole.
+    Ctrl-C (SIGINT) the same, the process then ending by SIGINT itself (the shell's 130), so that a shell
+    loop over runs stops too (an exit 130, or click's exit 1, let bash go on to the next run)."""
     import signal
     import time
+
+    sig = getattr(signal, sig)
 
     d = tmp_path / "in"
     d.mkdir()
@@ -411,11 +425,11 @@ def test_sigterm_stops_the_run_promptly_and_keeps_what_is_written(tmp_path):
     deadline = time.monotonic() + 300
     while not list((out / "segmentation").glob("*_mask.png")) and time.monotonic() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     t0 = time.monotonic()
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert time.monotonic() - t0 < 10 and "stopped by SIGTERM" in err
+    assert proc.returncode == (128 + sig if sig == signal.SIGTERM else -sig), err[-2000:]
+    assert time.monotonic() - t0 < 10 and f"stopped by {sig.name}" in err
     assert not [p for p in out.rglob("*") if p.name.startswith(".")], list(out.rglob("*"))  # no temporary file
     masks = sorted((out / "segmentation").glob("*_mask.png"))
     assert 1 <= len(masks) < 40

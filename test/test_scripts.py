@@ -94,7 +94,8 @@ def test_demo_sh_names_the_output_folder_it_was_given(tmp_path):
     # a python that makes, for process.py, the -o folder it was given last (as click takes it)
     _stub(repo / ".venv" / "bin", "python", """#!/usr/bin/env bash
 if [ "$1" = process.py ]; then
-  out=; while [ $# -gt 0 ]; do case "$1" in -o) out="$2"; shift ;; --output=*) out="${1#--output=}" ;; esac; shift; done
+  out=; while [ $# -gt 0 ]; do case "$1" in -o) out="${2-}"; shift ;; --output=*) out="${1#--output=}" ;; esac; shift; done
+  if [ -z "$out" ]; then echo "Error: Option '-o' requires an argument." >&2; exit 2; fi
   mkdir -p "$out/segmentation" "$out/classification"
 fi
 """)
@@ -105,6 +106,10 @@ fi
         assert res.returncode == 0, res.stderr
         listed = "classification/, segmentation/" if args else "classification/, earlier/, segmentation/"
         assert res.stdout.strip().splitlines()[-1] == f"demo: outputs in {out} ({listed}); process.py exit 0", res.stdout
+    res = _run([repo / "demo.sh", "-o"], tmp_path, tmp_path)  # no value: process.py refuses it, demo/output named
+    assert res.returncode == 2
+    assert res.stdout.strip().splitlines()[-1] == ("demo: outputs in demo/output (classification/, earlier/, "
+                                                   "segmentation/); process.py exit 2"), res.stdout
 
 
 @pytest.mark.parametrize("script", ["demo.sh", "test/run.sh"])
