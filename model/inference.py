@@ -413,6 +413,10 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
         except Exception:  # noqa: BLE001 - then no errors.csv at all; the reasons are in the log
             with contextlib.suppress(OSError):
                 (out / ERRORS_FILE).unlink(missing_ok=True)
+    if writer.carried:  # the other task's outputs of its own inputs, from an earlier one-task run
+        other = "segmentation" if task == "cls" else "classification"
+        log(f"note: the summary ({', '.join(p.name for p in writer.summary_files())}) also holds the {other} of "
+            f"{writer.carried} of these inputs from an earlier run in {out}, as one run of both tasks writes it")
     stale = stale_outputs(out, cases, task, writer)
     if stale:  # an earlier run's files: graders read every file in these folders
         shown = ", ".join(p.relative_to(out).as_posix() for p in stale[:3]) + (", ..." if len(stale) > 3 else "")

@@ -185,6 +185,9 @@ class _Writer:
         self.seg = task in ("all", "seg")
         self.cls = task in ("all", "cls")
         self.overlay = overlay
+        # set by finish: how many of this run's inputs its summary lists with the other task's output
+        # that an earlier run left (a one-task run beside the other task's; logged by model.inference.run)
+        self.carried = 0
 
     def logits_path(self, case: Case) -> Path:
         return self.out / LOGITS_DIR / f"{case.name}.npy"
@@ -293,6 +296,7 @@ class GCWriter(_Writer):
         results, label_file, likelihood_file = self.summary_files()
         earlier = self.earlier_outputs()
         entries = [self.entry(c, earlier) for c in cases]
+        self.carried = sum(len(e["outputs"]) > 1 for e in entries) if not (self.seg and self.cls) else 0
         write_text(results, _json_text(entries))
         answer = [o for o in entries[0]["outputs"] if o["type"] == "classification"] if len(cases) == 1 else []
         if answer:  # this run's classification, or (-t seg) the one an earlier -t cls run made of this input
@@ -354,9 +358,12 @@ class CodabenchWriter(PACEWriter):
         if not self.cls and (self.out / CODABENCH_LABELS).is_file() \
                 and _lists_only(self.out / CODABENCH_LABELS, {c.name for c in cases}):
             members[CODABENCH_LABELS] = self.out / CODABENCH_LABELS
+            with open(self.out / CODABENCH_LABELS, newline="", encoding="utf-8") as fh:
+                self.carried = len({row["image_id"] for row in csv.DictReader(fh)})
         for c in cases:
             if c.ok and (self.seg or self.mask_path(c).is_file()):
                 members[self.mask_path(c).relative_to(self.out).as_posix()] = self.mask_path(c)
+                self.carried += not self.seg
         write_zip(archive, members)
         _Writer.finish(self, cases)  # not PACEWriter's: Codabench takes no predictions.csv / probabilities.csv
 

@@ -233,7 +233,10 @@ def test_gc_two_one_task_runs_into_one_folder_list_both_tasks(cli, inputs, tmp_p
         out = tmp_path / f"{first}-{second}"
         for task in (first, second):
             res = cli("-i", root, "-o", out, "-t", task)
-            assert res.exit_code == 0 and "earlier run" not in res.output, res.output
+            assert res.exit_code == 0 and "not written by this run" not in res.output, res.output
+            other = "segmentation" if task == "cls" else "classification"
+            note = f"also holds the {other} of {len(sizes)} of these inputs from an earlier run in {out}"
+            assert (note in res.output) == (task == second), (task, res.output)  # said when carried over
         assert json.loads((out / "results.json").read_text()) == expected, (first, second)
     # an earlier run's mask that is gone is not listed; an earlier run of other inputs adds nothing
     out = tmp_path / "seg-cls"
@@ -476,7 +479,9 @@ def test_codabench_format_is_the_validation_phase_upload(cli, pace_run, inputs, 
         if first == "cls":
             assert cli("-i", root, "-o", folder, "--format", "codabench", "-t", first).exit_code == 0
         res = cli("-i", root, "-o", folder, "--format", "codabench", "-t", second)
-        assert res.exit_code == 0 and "earlier run" not in res.output, res.output
+        assert res.exit_code == 0 and "not written by this run" not in res.output, res.output
+        other = "segmentation" if second == "cls" else "classification"
+        assert f"also holds the {other} of {len(masks)} of these inputs from an earlier run" in res.output, res.output
         with zipfile.ZipFile(folder / "submission.zip") as zf:
             assert zf.namelist() == sorted(["classification.csv"] + masks), (first, second)
             for name in zf.namelist():
