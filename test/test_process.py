@@ -423,8 +423,11 @@ def test_sigterm_stops_the_run_promptly_and_keeps_what_is_written(tmp_path, sig)
     for k in range(40):
         Image.fromarray(synthetic_ultrasound(300, 400, k)[0]).save(d / f"case{k:02d}.png")
     out = tmp_path / "out"
+    # SIGINT at its default in the child, as under a terminal: a background job of a non-interactive shell
+    # (a CI runner) starts with it ignored, and Python then never turns it into KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "process.py", "-i", str(d), "-o", str(out), "--format", "pace",
-                             "-d", "cpu", "--no-progress"], cwd=str(REPO), stderr=subprocess.PIPE, text=True)
+                             "-d", "cpu", "--no-progress"], cwd=str(REPO), stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not list((out / "segmentation").glob("*_mask.png")) and time.monotonic() < deadline:
         time.sleep(0.2)
