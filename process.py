@@ -112,14 +112,14 @@ def _stop(signum, frame) -> None:
 def main(input_dir: Path, output_dir: Path, task: str, device: str, fmt: str, model_dir: Path | None,
          batch_size: int, tta: bool, class_prior: str | None, overlay: bool, logits: bool, precision: str, runtime: str,
          compile_: bool, progress: bool | None) -> None:
-    # SIGTERM (docker stop, a platform's time limit) ends the run as an exception would: temporary files go,
-    # what is written stays. As PID 1 in a container, Python would otherwise ignore it until SIGKILL.
-    # The caller's handler comes back afterwards (main also runs in-process: tests, notebooks).
     if runtime == "onnx" and compile_:  # options that cannot run together: refused before anything runs
         raise click.UsageError("--compile runs the encoder in PyTorch: not with --runtime onnx")
     if runtime == "onnx" and (precision == "bf16" or device == "gpu"):
         raise click.UsageError("--runtime onnx runs the encoder on the CPU in fp32 only (not with "
                                f"{'--precision bf16' if precision == 'bf16' else '-d gpu'})")
+    # SIGTERM (docker stop, a platform's time limit) ends the run as an exception would: temporary files go,
+    # what is written stays. As PID 1 in a container, Python would otherwise ignore it until SIGKILL.
+    # The caller's handler comes back afterwards (main also runs in-process: tests, notebooks).
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
         if progress is None:

@@ -88,8 +88,8 @@ def _attention_impls(encoder: torch.nn.Module, device: torch.device, dtype: torc
                 hd = q.shape[-1]
                 if device.type != "cuda" or dtype == torch.float32:
                     why = "its kernel takes CUDA bf16/fp16 queries"
-                elif relpos_attention.unavailable_reason():
-                    why = relpos_attention.unavailable_reason()
+                elif missing := relpos_attention.unavailable_reason():
+                    why = missing
                 elif hd < 16 or hd > 128 or hd & (hd - 1):
                     why = f"head size {hd}: its kernel takes a power of 2 from 16 to 128"
                 else:

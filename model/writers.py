@@ -355,11 +355,10 @@ class CodabenchWriter(PACEWriter):
             members[path.name] = path
         # the other task's files of a one-task run's own images (the template's -t seg and -t cls runs into
         # one folder), as stale_outputs counts them: the second run's zip holds both tasks
-        if not self.cls and (self.out / CODABENCH_LABELS).is_file() \
-                and _lists_only(self.out / CODABENCH_LABELS, {c.name for c in cases}):
+        listed = _listed_ids(self.out / CODABENCH_LABELS) if not self.cls else set()
+        if listed and listed <= {c.name for c in cases}:
             members[CODABENCH_LABELS] = self.out / CODABENCH_LABELS
-            with open(self.out / CODABENCH_LABELS, newline="", encoding="utf-8") as fh:
-                self.carried = len({row["image_id"] for row in csv.DictReader(fh)})
+            self.carried = len(listed)
         for c in cases:
             if c.ok and (self.seg or self.mask_path(c).is_file()):
                 members[self.mask_path(c).relative_to(self.out).as_posix()] = self.mask_path(c)
@@ -393,11 +392,16 @@ def stale_outputs(out: Path, cases: Sequence[Case], task: str = "all", writer: _
     return sorted(found)
 
 
-def _lists_only(path: Path, names: set[str]) -> bool:
-    """Whether the classification CSV ``path`` names images (``image_id``) and only those in ``names``."""
+def _listed_ids(path: Path) -> set[str]:
+    """The images (``image_id``) that the classification CSV ``path`` lists; none where it cannot be read."""
     try:
         with open(path, newline="", encoding="utf-8") as fh:
-            ids = {row["image_id"] for row in csv.DictReader(fh)}
+            return {row["image_id"] for row in csv.DictReader(fh)}
     except (OSError, UnicodeDecodeError, KeyError, csv.Error):
-        return False
+        return set()
+
+
+def _lists_only(path: Path, names: set[str]) -> bool:
+    """Whether the classification CSV ``path`` names images (``image_id``) and only those in ``names``."""
+    ids = _listed_ids(path)
     return bool(ids) and ids <= names
