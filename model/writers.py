@@ -10,8 +10,8 @@ Output formats
     OUT/malignancy-likelihood.json                     only with exactly one input: P(malignant), a bare float
 
     A one-task run's results.json entries also list the other task's output of the same input (the
-    same path) that the results.json an earlier run left in the folder lists (``-t seg`` then
-    ``-t cls``, or the reverse).
+    same path, given relative or absolute) that the results.json an earlier run left in the folder
+    lists (``-t seg`` then ``-t cls``, or the reverse).
 
 ``pace`` (PACE challenge)::
 
@@ -56,6 +56,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -226,6 +227,13 @@ class _Writer:
             errors.unlink()  # from an earlier run into the same folder
 
 
+def _input_key(path: str) -> str:
+    """An input path as results.json prints it, made absolute and normal, so that the same input given as
+    ``-i in`` by one run and ``-i /abs/in`` (or ``./in``) by the other is one input (relative paths are
+    taken from the current folder, where the earlier run most likely stood)."""
+    return os.path.normpath(os.path.abspath(path))
+
+
 class GCWriter(_Writer):
     def mask_path(self, case: Case) -> Path:
         return self.out / "images" / GC_SEGMENTATION_SLUG / f"{case.name}.mha"
@@ -243,7 +251,7 @@ class GCWriter(_Writer):
         outputs = []
         if case.ok:
             pred = case.prediction
-            kept = (earlier or {}).get(printable(case.path))
+            kept = (earlier or {}).get(_input_key(printable(case.path)))
             if self.seg:
                 outputs.append({"type": "mask", "filename": self.mask_path(case).relative_to(self.out).as_posix()})
             elif kept and kept["filename"] == self.mask_path(case).relative_to(self.out).as_posix():
@@ -258,7 +266,8 @@ class GCWriter(_Writer):
 
     def earlier_outputs(self) -> dict:
         """For a one-task run (the PACE template's ``-t seg`` and ``-t cls`` runs into one folder): the
-        other task's output that the results.json an earlier run left lists for each input path, where
+        other task's output that the results.json an earlier run left lists for each input path (keyed by
+        ``_input_key``), where
         it is whole (a mask file that is still there, a classification naming a class with all three
         probabilities), so that the second run's results.json lists both tasks, as one run of both does."""
         if self.seg and self.cls:
@@ -282,11 +291,11 @@ class GCWriter(_Writer):
                         and set(out["probabilities"]) == set(CLASS_NAMES) \
                         and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
                                 for v in out["probabilities"].values()):  # NaN fails 0 <= v
-                    found[path] = {"type": "classification", "label": out["label"],
+                    found[_input_key(path)] = {"type": "classification", "label": out["label"],
                                    "probabilities": {k: float(out["probabilities"][k]) for k in CLASS_NAMES}}
                 elif self.cls and out.get("type") == "mask" and isinstance(out.get("filename"), str) \
                         and (self.out / out["filename"]).is_file():
-                    found[path] = {"type": "mask", "filename": out["filename"]}
+                    found[_input_key(path)] = {"type": "mask", "filename": out["filename"]}
         return found
 
     def summary_files(self) -> list[Path]:

@@ -221,7 +221,7 @@ def test_gc_single_input_writes_the_case_json_files(cli, inputs, tmp_path):
     assert not (out / "breast-lesion-classification.json").exists() and not (out / "malignancy-likelihood.json").exists()
 
 
-def test_gc_two_one_task_runs_into_one_folder_list_both_tasks(cli, inputs, tmp_path):
+def test_gc_two_one_task_runs_into_one_folder_list_both_tasks(cli, inputs, tmp_path, monkeypatch):
     """The PACE template's -t seg and -t cls runs into one folder, in either order: the second run's
     results.json lists both tasks' outputs of each input, as one run of both does; the one-input
     answer files stand beside a seg run after a cls run of that input, not of another."""
@@ -265,6 +265,13 @@ def test_gc_two_one_task_runs_into_one_folder_list_both_tasks(cli, inputs, tmp_p
         assert cli("-i", single / "in", "-o", single / "out", "-t", "seg").exit_code == 0
         assert [o["type"] for o in json.loads(results.read_text())[0]["outputs"]] == ["mask"], bad
         assert not (single / "out" / "breast-lesion-classification.json").exists()
+    monkeypatch.chdir(single)  # the same input given relative by one run, absolute by the other
+    for first, second in (("in", single / "in"), (single / "in", "./in/../in")):
+        assert cli("-i", first, "-o", single / "out", "-t", "cls").exit_code == 0
+        assert cli("-i", second, "-o", single / "out", "-t", "seg").exit_code == 0
+        entry = json.loads(results.read_text())[0]
+        assert [o["type"] for o in entry["outputs"]] == ["mask", "classification"], (first, second)
+        assert (single / "out" / "breast-lesion-classification.json").is_file()
     other = _one_image(single)
     assert cli("-i", other, "-o", single / "out", "-t", "seg").exit_code == 0
     assert not (single / "out" / "breast-lesion-classification.json").exists()
