@@ -102,7 +102,7 @@ def _stop(signum, frame) -> None:
 @click.option("--runtime", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
               help="Encoder runtime. auto and torch: PyTorch (on CPU in fp32: BatchNorm folded, every convolution "
                    "and linear layer through oneDNN with the GELU or residual add after it fused in); onnx: "
-                   "ONNX Runtime, CPU fp32 only (the same outputs; slower than PyTorch where measured, see the README).")
+                   "ONNX Runtime, CPU fp32 only (-d auto then means the CPU; the same outputs; slower than PyTorch where measured, see the README).")
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
               help="torch.compile the encoder (faster on CUDA for large folders; the first batch compiles for about 30 s; "
                    "needs a C/C++ compiler and Python's headers, which the container ships unless built with COMPILER=0).")

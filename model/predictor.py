@@ -219,13 +219,14 @@ class Predictor:
         for speed on CUDA; the first batch of each new batch size then takes a while to compile).
         ``runtime``: where the encoder runs. ``auto``: ONNX Runtime for encoders whose spec asks for it
         (``EncoderSpec.onnx_on_cpu``; none does now) on CPU in fp32 when onnxruntime is installed, else
-        PyTorch; ``onnx``: ONNX Runtime or an error; ``torch``: PyTorch (model/onnx_encoder.py).
+        PyTorch; ``onnx``: ONNX Runtime (on the CPU, which ``device="auto"`` then means) or an error; ``torch``: PyTorch (model/onnx_encoder.py).
         ``class_prior``: ``trained`` or ``data`` (module docstring); None: the ensemble's."""
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
         if runtime == "onnx" and compile_backend:  # torch.compile of ONNX Runtime's module failed every batch
             raise ValueError("torch.compile runs the encoder in PyTorch: not with runtime 'onnx'")
-        dev = resolve_device(device)
+        # ONNX Runtime runs on the CPU: there "auto" is the CPU, as on a host without a GPU
+        dev = resolve_device("cpu" if runtime == "onnx" and device == "auto" else device)
         if compile_backend == "inductor":  # its kernels are built with C (CUDA) or C++ (CPU) on first use
             problem = build_problem("c" if dev.type == "cuda" else "c++")
             if problem:

@@ -89,6 +89,15 @@ def test_auto_runtime_uses_onnx_on_cpu_fp32_only_where_the_spec_asks(lite_ensemb
         Predictor.from_dir(lite_ensemble, device="cpu", runtime="tensorrt")
 
 
+def test_onnx_runtime_with_device_auto_runs_on_the_cpu_where_a_gpu_is_seen(lite_ensemble, monkeypatch):
+    """-d auto (process.py's default) with --runtime onnx on a GPU host failed at load ("CPU in fp32
+    only"): the runtime that only runs on the CPU makes auto the CPU, not the GPU it would pick."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    pred = Predictor.from_dir(lite_ensemble, runtime="onnx")
+    assert pred.device.type == "cpu" and pred.encoder_runtime == "onnxruntime"
+    assert all(p.device.type == "cpu" for m in pred.members.values() for p in m.parameters())
+
+
 def test_graph_is_exported_once_per_weight_state_and_reused(lite_ensemble, monkeypatch):
     Predictor.from_dir(lite_ensemble, device="cpu", runtime="onnx")
     graphs = sorted(cache_dir().glob("litemedsam-256-*-opset*.onnx"))
