@@ -6,6 +6,7 @@
 option works here too; ``python main.py --help`` lists them.
 """
 import process
+from model.program import run_program
 
 INTRO = """PF-SAM BUS through the PACE 2025 container template's entry point: process.py with the PACE
 layout (--format pace) as the default format. Without arguments it reads /input and writes
@@ -15,8 +16,4 @@ segmentation/ and classification/ to /output.
 if __name__ == "__main__":
     _, marker, examples = process.__doc__.partition("\n\b\n")  # process.py's examples, outputs, exit codes
     process.main.help = INTRO + marker + examples
-    try:
-        process.main(default_map={"fmt": "pace"}, prog_name="main.py")
-    except SystemExit as exc:
-        process.die_of_ctrl_c(exc)
-        raise
+    run_program(process.main, default_map={"fmt": "pace"}, prog_name="main.py")

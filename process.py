@@ -31,7 +31,6 @@ loaded; 2 a bad option or value (nothing run);
 """
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from pathlib import Path
@@ -41,6 +40,7 @@ import click
 from model import __version__
 from model.inference import (FORMATS, TASKS, InferenceError, find_inputs, load_predictor, prepare_output, run,
                              summary_line)
+from model.program import run_program
 from model.writers import output_folders
 
 
@@ -145,18 +145,5 @@ def main(input_dir: Path, output_dir: Path, task: str, device: str, fmt: str, mo
         signal.signal(signal.SIGTERM, previous)
 
 
-def die_of_ctrl_c(exc: SystemExit) -> None:
-    """Run as a program, a run stopped by Ctrl-C ends by SIGINT itself (the shell shows 130), so that a
-    shell loop over process.py runs stops too (bash goes on after a child that merely exits 130);
-    in-process callers (tests, notebooks) get the SystemExit(130) alone."""
-    if exc.code == 128 + signal.SIGINT:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-
-
 if __name__ == "__main__":
-    try:
-        main()
-    except SystemExit as exc:
-        die_of_ctrl_c(exc)
-        raise
+    run_program(main)

@@ -309,6 +309,29 @@ def test_a_new_run_into_the_folder_of_an_earlier_run_is_refused(tiny_dataset, ca
     assert [h["epoch"] for h in result["history"]] == [1] and (started / "state.pt").is_file()
 
 
+def test_ctrl_c_ends_python_m_training_train_by_sigint_after_saying_so(tiny_dataset, tmp_path):
+    """Run as a program (python -m training.train), a Ctrl-C'd run exited 130 after its message; bash goes
+    on after a child that merely exits 130, so a shell loop over training runs went on to the next run.
+    It now ends by SIGINT itself (the shell's 130) after its message, as process.py does. The Ctrl-C
+    comes as the run reads its config (training.config.load_config replaced before the module runs)."""
+    import signal
+    import subprocess
+
+    program = ("import os, runpy, signal, time\n"
+               "import training.config\n"
+               "def interrupted(*a, **k):\n"
+               "    os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
+               "    raise AssertionError('SIGINT did not stop the run')\n"
+               "training.config.load_config = interrupted\n"
+               "runpy.run_module('training.train', run_name='__main__', alter_sys=True)\n")
+    proc = subprocess.run([sys.executable, "-c", program, "--config",
+                           str(REPO / "training" / "configs" / "default-sd-h.yaml"), "--data", str(tiny_dataset),
+                           "--device", "cpu", "--out", str(tmp_path / "run")], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.returncode == -signal.SIGINT, (proc.returncode, proc.stderr[-3000:])
+    assert f"interrupted before an epoch ended: nothing to resume in {tmp_path / 'run'}" in proc.stderr, proc.stderr
+
+
 def test_sigterm_stops_training_as_ctrl_c_does_saying_what_can_be_resumed(tiny_dataset, tmp_path, monkeypatch):
     """SIGTERM (a job's time limit, SLURM's preemption, docker stop) ended a run with no word (exit -15):
     now it stops it as Ctrl-C does, naming state.pt to resume from (or that there is none), with exit

@@ -38,6 +38,7 @@ from model.atomic_files import atomic_path, write_text
 from model.io import ImageReadError
 from model.network import PFSAMNet, make_config
 from model.predictor import resolve_device, use_bf16
+from model.program import run_program
 from model.preprocessing import mask_to_model, preprocess
 
 from .augment import apply_view, class_views
@@ -540,4 +541,4 @@ def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, ba
 
 
 if __name__ == "__main__":
-    main()
+    run_program(main)  # Ctrl-C: exit by SIGINT, so that a shell loop over runs stops too
