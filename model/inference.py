@@ -394,6 +394,16 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
                 # nothing of this batch is held while the next one is read (full-size images and masks)
                 loaded = futures = preds = img = pred = None
             settle()
+    except BaseException:  # stopped (SIGTERM, Ctrl-C): the summary is not written
+        if any(c.outputs for c in cases):  # an earlier run's summary no longer describes the folder
+            gone = [p for p in [*writer.summary_files(), out / ERRORS_FILE] if p.is_file()]
+            for path in gone:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            if gone:
+                log(f"note: removed the summary that an earlier run left in {out} "
+                    f"({', '.join(p.name for p in gone)}): this run, stopped, had written over its outputs")
+        raise
     finally:
         predictor.keep_logits = kept_logits
         if pool is not None:  # after settle(), only on an error: reads not started are dropped

@@ -632,6 +632,40 @@ def test_ctrl_c_stops_the_run_with_exit_130_keeping_what_is_written(cli, tmp_pat
     assert "Aborted" not in res.output
 
 
+def test_a_stopped_run_removes_the_summary_of_an_earlier_run_it_wrote_over(cli, inputs, tmp_path, monkeypatch):
+    """A run stopped (Ctrl-C, SIGTERM) after writing some masks into a folder that an earlier run filled
+    left that run's predictions.csv beside them, describing other predictions than the masks now there
+    (a grader reads it as whole). It is removed, with a note; a run stopped before writing anything
+    leaves the earlier run's files as they were."""
+    import model.inference as inference
+
+    root, sizes = inputs
+    out = tmp_path / "out"
+    d = tmp_path / "in"
+    shutil.copytree(root, d)
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")  # so that there is an errors.csv
+    assert cli("-i", d, "-o", out, "--format", "pace").exit_code == 3
+    summary = ["classification/predictions.csv", "classification/probabilities.csv", "errors.csv"]
+    before = {f: (out / f).read_bytes() for f in summary}
+    real = inference._predict
+    for calls_before_stop, removed in ((0, False), (1, True)):
+        calls = []
+
+        def stopped(predictor, arrays):
+            calls.append(1)
+            if len(calls) > calls_before_stop:
+                raise KeyboardInterrupt
+            return real(predictor, arrays)
+
+        monkeypatch.setattr(inference, "_predict", stopped)
+        res = cli("-i", d, "-o", out, "--format", "pace", "--batch-size", "1")
+        assert res.exit_code == 130, res.output
+        note = f"removed the summary that an earlier run left in {out}"
+        assert (note in res.output) == removed, res.output
+        assert {f: (out / f).read_bytes() for f in summary if (out / f).exists()} == ({} if removed else before)
+        assert len(list((out / "segmentation").glob("*_mask.png"))) == len(sizes)  # the masks stay
+
+
 # ------------------------------------------------------------------------------------------
 # Failures and exit codes
 
