@@ -19,9 +19,9 @@ DICOM_IO = "GDCMImageIO"
 def dicom_preamble(path: Path) -> bool:
     """A DICOM Part 10 file: 128 bytes of preamble, then ``DICM``. Only a regular file is opened (a pipe
     would block the open)."""
-    if not path.is_file():
-        return False
     try:
+        if not path.is_file():
+            return False
         with open(path, "rb") as fh:
             return fh.read(132)[128:] == b"DICM"
     except OSError:

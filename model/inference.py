@@ -462,7 +462,7 @@ def predict_file(predictor, image_path: str | Path, output_dir: str | Path, over
 def summary_line(result: RunResult) -> str:
     """E.g. ``3 of 4 images processed, 1 failed, 1 folder not listed (see errors.csv); outputs in out``.
     A folder that could not be listed is in errors.csv but is not counted as an image."""
-    folders = [c for c in result.failed if c.path.is_dir()]
+    folders = [c for c in result.failed if os.path.isdir(c.path)]  # False, not an error, where it cannot look
     images = [c for c in result.cases if c not in folders]
     n, ok, bad = len(images), len(result.succeeded), len(images) - len(result.succeeded)
     text = f"{ok} of {n} image{'s' if n != 1 else ''} processed"

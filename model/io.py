@@ -79,6 +79,10 @@ def list_images(root: Path | str) -> list[Path]:
             real = parent
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable, followlinks=True):
+        if dirpath != str(root) and _unenterable(dirpath):  # listed, but no file in it can be
+            found.append(Path(dirpath))  # looked at (mode 644 for this user): reported as a whole, by name
+            dirnames[:] = []
+            continue
         subfolders = [d for d in sorted(dirnames) if not _skipped_folder(d)]
         links = [d for d in subfolders if os.path.islink(os.path.join(dirpath, d))]
         keep = []
@@ -102,9 +106,9 @@ def image_pixels(path: Path | str) -> int:
     """Height x width of an image from its header alone (nothing decoded); 0 when it cannot be read
     (``read_image`` then says why)."""
     path = Path(path)
-    if not is_utf8_name(path) or not path.is_file():  # a FIFO (or a link to one) would block the open
-        return 0
     try:
+        if not is_utf8_name(path) or not path.is_file():  # a FIFO (or a link to one) would block the open
+            return 0
         dicom = is_dicom(path)
         if dicom or is_metaimage(path):  # a one-slice volume's slice may lie in any plane: x-z, y-z
             return math.prod(_itk_size(path, DICOM_IO if dicom else METAIMAGE_IO))
@@ -262,8 +266,15 @@ def lookup_denied(path: Path | str) -> str:
         return "permission denied"
 
 
+def _unenterable(folder: Path | str) -> bool:
+    """A folder whose names this user can list but which it cannot enter (mode 644 for it)."""
+    return os.access(folder, os.R_OK) and not os.access(folder, os.X_OK)
+
+
 def unlistable_reason(folder: Path) -> str:
-    """Why ``folder`` cannot be listed (an empty string when it can)."""
+    """Why ``folder`` cannot be listed, or entered to look at what it lists (an empty string when it can)."""
+    if _unenterable(folder):
+        return _denied(folder, "searchable") + " (its names can be listed, but no file in it can be opened)"
     try:
         with os.scandir(folder):
             return ""
@@ -311,7 +322,8 @@ def read_image(path: Path | str) -> LoadedImage:
     if not is_utf8_name(path):
         raise ImageReadError(printable(path), NOT_UTF8)
     if path.is_dir():  # list_images lists the folders it could not list
-        raise ImageReadError(path, f"folder cannot be listed, so its images are not read: {unlistable_reason(path)}")
+        raise ImageReadError(path, f"folder cannot be {'entered' if _unenterable(path) else 'listed'}, so its "
+                                   f"images are not read: {unlistable_reason(path)}")
     if not path.is_file():
         raise ImageReadError(path, _not_a_file(path))
     st = path.stat()

@@ -1454,3 +1454,41 @@ def test_a_folder_this_user_may_not_enter_is_an_error_naming_it_not_a_traceback(
         assert not (base / "out" / "o").exists()  # refused before anything was written
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(not _can_run_as_nobody(), reason="needs root, setpriv and uid 65534 to run process.py as "
+                                                      "another user")
+def test_a_subfolder_that_can_be_listed_but_not_entered_fails_alone(tmp_path):
+    """A folder below the input of mode 644 for the container's user (its names can be listed, its files
+    not looked at): the run stopped with a PermissionError traceback before any image, nothing written
+    (or, with a file without an image suffix in it, with an error naming the folder, again nothing
+    processed). It is now one failed entry naming the folder and the reason; every other image is written."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="pfsam-perm-", dir="/tmp"))  # pytest's tmp_path is root's alone
+    try:
+        base.chmod(0o755)
+        sub = base / "in" / "sub"
+        sub.mkdir(parents=True)
+        (base / "in").chmod(0o755)
+        for path, seed in ((base / "in" / "case.png", 21), (sub / "b.png", 22)):
+            Image.fromarray(synthetic_ultrasound(50, 70, seed)[0]).save(path)
+            path.chmod(0o644)
+        (sub / "IM0001").write_bytes(b"\0" * 128 + b"DICM")  # no image suffix: looked at by its content
+        sub.chmod(0o644)
+        (base / "out").mkdir(mode=0o777)
+        (base / "out").chmod(0o777)
+        env = {**os.environ, "HOME": str(base / "out"), "PYTHONDONTWRITEBYTECODE": "1"}
+        cmd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable, "-c",
+               _AS_NOBODY, str(base / "none"), "-i", str(base / "in"), "-o", str(base / "out" / "o"),
+               "--format", "pace", "-d", "cpu", "--no-progress"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(REPO), env=env)
+        assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr
+        assert "1 of 1 image processed, 1 folder not listed" in proc.stderr, proc.stderr
+        assert _files(base / "out" / "o" / "segmentation") == ["case_mask.png"]
+        errors = {r["file"]: r["reason"] for r in csv.DictReader(open(base / "out" / "o" / "errors.csv"))}
+        assert errors == {"sub": "folder cannot be entered, so its images are not read: permission denied: not "
+                                 "searchable by this user (uid 65534; the folder has mode 644, owner uid 0) (its names "
+                                 "can be listed, but no file in it can be opened)"}, errors
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
