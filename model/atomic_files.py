@@ -39,7 +39,7 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
 
 def write_text(path: Path | str, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")  # the summaries are UTF-8 whatever the locale
 
 
 def write_zip(path: Path | str, members: dict[str, Path]) -> None:

@@ -216,3 +216,17 @@ def test_a_classification_only_overlay_has_no_contour(tmp_path):
     got = np.asarray(Image.open(out / "overlays" / "b.png"))
     np.testing.assert_array_equal(got, render_overlay(images["b"].array, None, pred.label, pred.probabilities))
     assert not np.array_equal(got, render_overlay(images["b"].array, pred.mask, pred.label, pred.probabilities))
+
+
+def test_summary_text_is_utf8_under_an_ascii_locale(tmp_path):
+    """Under LC_ALL=C with Python's UTF-8 mode off, text files were written in the locale's encoding:
+    a summary naming a file such as '乳腺 1.png' could not be written, and every case then failed."""
+    import subprocess
+
+    path = tmp_path / "errors.csv"
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.run([sys.executable, "-c", "import sys; from model.atomic_files import write_text; "
+                           "write_text(sys.argv[1], 'file,reason\\n\\u4e73\\u817a 1.png,x\\n')", str(path)],
+                          cwd=str(Path(__file__).resolve().parents[1]), env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert path.read_bytes().decode("utf-8") == "file,reason\n乳腺 1.png,x\n"
