@@ -50,8 +50,18 @@ def read_metaimage(path: Path) -> LoadedImage:
     else:
         data = path
     expected = _pixel_data_bytes(fields)
+    skip = _header_size(fields)
     if expected is not None and data_offset >= 0:  # refused here, before ITK prints its own complaint
+        # MetaIO reads the pixels after the header; with HeaderSize N > 0 from byte N of the data file (a
+        # .mha's own first byte: the pixels may not start inside its header); with -1, the file's last bytes
         held = data.stat().st_size - data_offset
+        if skip not in ("", "-1"):
+            if not skip.isdigit():
+                raise ImageReadError(path, f"its header's HeaderSize ({skip}) is not a whole number or -1")
+            if data == path and int(skip) < data_offset:
+                raise ImageReadError(path, f"its HeaderSize ({skip}) starts the pixel data inside the header, "
+                                           f"which ends at byte {data_offset}")
+            held = data.stat().st_size - int(skip)
         if held < expected:
             raise ImageReadError(path, f"corrupt or truncated MetaImage: the header reads, the pixel data does not "
                                        f"(the header announces {expected} bytes of it, {where} holds {held})")
@@ -105,15 +115,15 @@ _MET_TYPE_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 
 
 
 def _pixel_data_bytes(fields: dict[str, str]) -> int | None:
-    """How many bytes of pixel data a local MetaImage header announces; None where it does not say
-    plainly (a ``HeaderSize`` to skip, pixels as text, an unknown element type or flag, compressed
-    without its size)."""
-    if _header_size(fields) or fields.get("BinaryData", "True").lower() not in ("true", "t", "1"):
+    """How many bytes of pixel data a MetaImage header announces; None where it does not say plainly
+    (pixels as text, an unknown element type or flag, compressed without its size or after a
+    ``HeaderSize``, which ``_check_compressed`` refuses)."""
+    if fields.get("BinaryData", "True").lower() not in ("true", "t", "1"):
         return None
     compressed = fields.get("CompressedData", "False").lower()
     try:
         if compressed in ("true", "t", "1"):
-            return int(fields["CompressedDataSize"])
+            return None if _header_size(fields) else int(fields["CompressedDataSize"])
         if compressed not in ("false", "f", "0"):
             return None
     except (KeyError, ValueError):

@@ -4,7 +4,8 @@
 (``model.itk_image``, which also writes their masks, as ``.nrrd``). That reader (teem's) refuses pixel
 data shorter than the header announces and a damaged gzip stream itself; refused here before it
 reads: a ``.nrrd`` whose header points at another file, a ``.nhdr`` whose header points at anything
-but one file beside it, bzip2 encoding (which that reader lacks), and an image larger than
+but one file beside it, bzip2 encoding (which that reader lacks), a ``.nrrd`` whose raw pixels are
+its last bytes (``byte skip: -1``) with fewer bytes after its header, and an image larger than
 ``MAX_PIXELS`` or of more than 4 channels."""
 from __future__ import annotations
 
@@ -90,7 +91,42 @@ def _check_header(path: Path, fields: dict[str, str]) -> list[int]:
         raise ImageReadError(path, f"unsupported channel count {channels}")
     if len(spatial) >= 2:
         check_size(path, spatial[0], math.prod(spatial[1:]))
+    if detached is None and fields.get("byte skip") == "-1" and fields.get("encoding", "").lower() == "raw":
+        _check_last_bytes(path, fields, sizes)
     return spatial
+
+
+# bytes per value of teem's type names
+_TYPE_BYTES = {**dict.fromkeys(("char", "signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8",
+                                "uint8_t"), 1),
+               **dict.fromkeys(("short", "short int", "signed short", "signed short int", "int16", "int16_t", "ushort",
+                                "unsigned short", "unsigned short int", "uint16", "uint16_t"), 2),
+               **dict.fromkeys(("int", "signed int", "int32", "int32_t", "uint", "unsigned int", "uint32", "uint32_t",
+                                "float"), 4),
+               **dict.fromkeys(("longlong", "long long", "long long int", "signed long long", "signed long long int",
+                                "int64", "int64_t", "ulonglong", "unsigned long long", "unsigned long long int",
+                                "uint64", "uint64_t", "double"), 8)}
+
+
+def _check_last_bytes(path: Path, fields: dict[str, str], sizes: list[int]) -> None:
+    """``byte skip: -1``: teem reads the pixels as the file's last bytes, so a ``.nrrd`` cut a little
+    short gave its own header's end as the first pixels. Refused where the bytes after the header are
+    fewer than the pixels take."""
+    size = _TYPE_BYTES.get(" ".join(fields.get("type", "").split()).lower())
+    with open(path, "rb") as fh:
+        head = fh.read(_MAX_HEADER + 1)
+    end, start = None, 0
+    for m in _LINES.finditer(head):
+        if start and m.start() == start:  # the blank line that ends the header
+            end = m.end()
+            break
+        start = m.end()
+    if size is None or end is None:
+        return
+    expected, held = math.prod(sizes) * size, path.stat().st_size - end
+    if held < expected:
+        raise ImageReadError(path, f"corrupt or truncated NRRD: the header reads, the pixel data does not (the "
+                                   f"header announces {expected} bytes of it, the file holds {held})")
 
 
 def nrrd_pixels(path: Path | str) -> int:

@@ -186,3 +186,31 @@ def test_compressed_metaimage_data_that_does_not_inflate_to_its_pixels_is_refuse
                                                                                          "DimSize = 1200"))
     with pytest.raises(ImageReadError, match="line.mhd: 1-D image of 1200 pixels; expected 2-D"):
         read_image(tmp_path / "line.mhd")
+
+
+def test_a_header_size_to_skip_is_checked_against_the_pixel_data_there(tmp_path):
+    """With HeaderSize = -1 MetaIO reads the file's last bytes: a .mha cut a little short was read with
+    its own header's text as the first pixels and every row shifted (exit 0, a mask and a label). It is
+    refused with both byte counts, as without a HeaderSize; so is one whose pixels a HeaderSize starts
+    inside the header. A whole file, and an .mhd's data file with bytes to skip, are read right."""
+    arr = synthetic_ultrasound(30, 40, 7)[0]
+    head = "ObjectType = Image\nNDims = 2\nDimSize = 40 30\nHeaderSize = {}\nElementType = MET_UCHAR\n" \
+           "ElementDataFile = {}\n"
+    whole = tmp_path / "whole.mha"
+    whole.write_bytes(head.format(-1, "LOCAL").encode() + arr.tobytes())
+    np.testing.assert_array_equal(read_image(whole).array, arr)
+    cut = tmp_path / "cut.mha"
+    cut.write_bytes(head.format(-1, "LOCAL").encode() + arr.tobytes()[:-100])
+    with pytest.raises(ImageReadError, match="the header announces 1200 bytes of it, the file holds 1100"):
+        read_image(cut)
+    inside = tmp_path / "inside.mha"
+    inside.write_bytes(head.format(5, "LOCAL").encode() + arr.tobytes())
+    with pytest.raises(ImageReadError, match=r"its HeaderSize \(5\) starts the pixel data inside the header"):
+        read_image(inside)
+    (tmp_path / "d.raw").write_bytes(b"J" * 16 + arr.tobytes())
+    (tmp_path / "d.mhd").write_text(head.format(16, "d.raw"))
+    np.testing.assert_array_equal(read_image(tmp_path / "d.mhd").array, arr)
+    (tmp_path / "e.raw").write_bytes(b"J" * 16 + arr.tobytes()[:-1])
+    (tmp_path / "e.mhd").write_text(head.format(16, "e.raw"))
+    with pytest.raises(ImageReadError, match="announces 1200 bytes of it, its data file e.raw holds 1199"):
+        read_image(tmp_path / "e.mhd")

@@ -276,3 +276,21 @@ def test_the_size_of_a_nhdr_whose_data_file_is_a_pipe_is_asked_without_blocking(
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["0", f"{tmp_path / 'p.nhdr'}: its pixel data file pipe.raw (data file:) is "
                                              f"not a regular file"]
+
+
+def test_byte_skip_minus_one_with_pixel_data_cut_short_is_refused(tmp_path):
+    """``byte skip: -1``: teem reads a .nrrd's pixels as its last bytes, so a file cut a little short
+    was read with its header's end as the first pixels (every row shifted, no word). Refused with
+    both byte counts; the whole file, with \\n or \\r\\n line ends, and a 16-bit one are read right."""
+    arr = synthetic_ultrasound(20, 30, 3)[0]
+    head = "NRRD0004\ntype: {}\ndimension: 2\nsizes: 30 20\nbyte skip: -1\nendian: little\nencoding: raw\n\n"
+    for name, ends, kind, data in (("lf", "\n", "uchar", arr), ("crlf", "\r\n", "unsigned char", arr),
+                                   ("u16", "\n", "ushort", arr.astype("<u2") * 257)):
+        whole = tmp_path / f"{name}.nrrd"
+        whole.write_bytes(head.format(kind).replace("\n", ends).encode() + data.tobytes())
+        np.testing.assert_array_equal(read_image(whole).array, data)
+        cut = tmp_path / f"{name}-cut.nrrd"
+        cut.write_bytes(head.format(kind).replace("\n", ends).encode() + data.tobytes()[:-20])
+        with pytest.raises(ImageReadError, match=f"header announces {data.nbytes} bytes of it, the file holds "
+                                                 f"{data.nbytes - 20}"):
+            read_image(cut)
