@@ -204,6 +204,11 @@ def _read_itk_tiff(path: Path) -> np.ndarray:
     return arr.reshape(arr.shape[len(size) - 2:])  # a one-page volume: its page
 
 
+def _first(value):
+    """A TIFF tag's value, the first of one given per sample."""
+    return value[0] if isinstance(value, tuple) and value else value
+
+
 def _read_pil(path: Path) -> LoadedImage:
     try:
         # from a file object, not the path: Pillow 13 memory-maps an uncompressed TIFF opened by path,
@@ -216,8 +221,17 @@ def _read_pil(path: Path) -> LoadedImage:
                 raise ImageReadError(path, f"has {im.n_frames} frames; expected a single 2-D image")
             reader = _sixteen_bit_colour(path, im)
             if reader:  # all 16 bits, from ITK; the orientation from Pillow's reading of the EXIF
-                arr = _read_itk_colour(path, reader, int(im.getexif().get(0x0112, 1) or 1))
+                orientation = int(im.getexif().get(0x0112, 1) or 1)
+                if reader == "TIFFImageIO" and orientation != 1:  # libtiff through ITK orients such a file
+                    # itself, at 8 bits, and not for every orientation: the picture would come out turned
+                    raise ImageReadError(path, f"a 16-bit TIFF with several channels and Orientation {orientation} "
+                                               f"(not top-left), which cannot be read at 16 bits as shown; save it "
+                                               f"top-left (Orientation 1), as 16-bit grey, or as 8-bit colour")
+                arr = _read_itk_colour(path, reader, orientation)
                 return LoadedImage(check_pixels(path, arr), str(path))
+            # TIFF's photometric interpretation (0: white is zero) and sample format (1: unsigned), for the
+            # values Pillow leaves as stored: above 8 bits it neither inverts them nor reads 32 bits unsigned
+            tiff = {k: im.tag_v2.get(k) for k in (262, 339)} if im.format == "TIFF" else {}
             im.load()
             # the image as a viewer shows it (and as a mask drawn on it lies): EXIF orientation applied
             im = ImageOps.exif_transpose(im)
@@ -225,12 +239,18 @@ def _read_pil(path: Path) -> LoadedImage:
                 im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
             elif im.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
                 im = im.convert("L" if im.mode == "1" else "RGB")
-            elif im.mode == "I;16" or im.mode.startswith("I;16"):
+            wide_16 = im.mode.startswith("I;16")  # 16 bits a sample (else mode I holds 32)
+            if wide_16:
                 im = im.convert("I")
             arr = np.asarray(im)
             if im.mode == "I":
                 arr = arr.astype(np.int32)
+                if tiff and _first(tiff.get(339)) in (None, 1) and not wide_16:  # 32-bit unsigned, read as signed
+                    arr = arr.view(np.uint32)
                 arr = arr.astype(np.uint16) if arr.min() >= 0 and arr.max() <= 65535 else arr
+            if _first(tiff.get(262)) == 0 and im.mode in ("I", "F"):  # MinIsWhite above 8 bits: as shown (Pillow
+                # inverts 8-bit ones itself); the range kept, as the model min-max scales it anyway
+                arr = (65535 - arr) if arr.dtype == np.uint16 and wide_16 else arr.max() + arr.min() - arr
     except ImageReadError:
         raise
     except UnidentifiedImageError:

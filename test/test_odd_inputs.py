@@ -1218,3 +1218,64 @@ def test_a_metaimage_with_an_upper_case_suffix_is_read_as_one(tmp_path):
         assert got.itk_suffix == ".mha", name
         np.testing.assert_array_equal(got.array, arr)
         assert (got.spacing, got.origin, got.direction) == ((0.3, 0.45), (4.0, -2.5), (-1.0, 0.0, 0.0, 1.0))
+
+
+def _tiff(path: Path, arr: np.ndarray, photometric: int | None = None, orientation: int | None = None) -> None:
+    """A baseline little-endian TIFF of one uncompressed strip, with the tags given: the files Pillow's
+    writer will not make (MinIsWhite above 8 bits, 32-bit unsigned, 16-bit colour with an orientation)."""
+    import struct
+
+    arr = np.ascontiguousarray(arr)
+    h, w = arr.shape[:2]
+    c = arr.shape[2] if arr.ndim == 3 else 1
+    bits, fmt = arr.dtype.itemsize * 8, {"u": 1, "i": 2, "f": 3}[arr.dtype.kind]
+    data = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+    per_sample = struct.pack(f"<{c}H", *[bits] * c) + struct.pack(f"<{c}H", *[fmt] * c) if c > 2 else b""
+    ifd = 8 + len(data) + len(per_sample)
+    ifd += ifd % 2
+    tags = {256: (4, w), 257: (4, h), 258: (3, bits if c <= 2 else 8 + len(data)), 259: (3, 1),
+            262: (3, photometric if photometric is not None else (2 if c >= 3 else 1)), 273: (4, 8),
+            277: (3, c), 278: (4, h), 279: (4, len(data)), 339: (3, fmt if c <= 2 else 8 + len(data) + 2 * c)}
+    if orientation:
+        tags[274] = (3, orientation)
+    counts = {258: c, 339: c}
+    out = bytearray(b"II*\0" + struct.pack("<I", ifd) + data + per_sample)
+    out += b"\0" * (ifd - len(out)) + struct.pack("<H", len(tags))
+    for tag, (kind, value) in sorted(tags.items()):
+        count = counts.get(tag, 1) if c > 2 else 1
+        out += struct.pack("<HHIHH" if kind == 3 and count == 1 else "<HHII", tag, kind, count,
+                           *((value, 0) if kind == 3 and count == 1 else (value,)))
+    path.write_bytes(bytes(out + struct.pack("<I", 0)))
+
+
+def test_tiffs_above_8_bits_white_is_zero_32_bit_unsigned_and_16_bit_colour_turned(tmp_path):
+    """Read as shown: a MinIsWhite TIFF above 8 bits was read un-inverted (Pillow inverts only 8-bit ones),
+    its lesion bright; a 32-bit unsigned one wrapped to negative values (Pillow reads it as signed); a
+    16-bit colour one with an orientation came back turned (libtiff through ITK orients it at 8 bits, then
+    it was turned again): now refused, saying how to save it."""
+    from model.image import ImageReadError
+    from model.io import read_image
+
+    ramp = np.tile(np.arange(0, 60000, 1000, dtype=np.uint16), (4, 1))
+    _tiff(tmp_path / "white0_8.tif", (ramp >> 8).astype(np.uint8), photometric=0)
+    _tiff(tmp_path / "white0_16.tif", ramp, photometric=0)
+    _tiff(tmp_path / "white0_f.tif", ramp.astype(np.float32) / 60000, photometric=0)
+    _tiff(tmp_path / "black0_16.tif", ramp)
+    np.testing.assert_array_equal(read_image(tmp_path / "white0_8.tif").array, 255 - (ramp >> 8))
+    np.testing.assert_array_equal(read_image(tmp_path / "white0_16.tif").array, 65535 - ramp)
+    np.testing.assert_allclose(read_image(tmp_path / "white0_f.tif").array, (59000 - ramp) / 60000, atol=1e-6)
+    np.testing.assert_array_equal(read_image(tmp_path / "black0_16.tif").array, ramp)
+    u32 = (np.arange(24, dtype=np.uint64).reshape(4, 6) * 180_000_000).astype(np.uint32)
+    i32 = (np.arange(24).reshape(4, 6) * 10_000_000 - 100_000_000).astype(np.int32)
+    for name, arr in (("u32.tif", u32), ("i32.tif", i32)):
+        _tiff(tmp_path / name, arr)
+        got = read_image(tmp_path / name).array
+        assert got.dtype == arr.dtype and np.array_equal(got, arr), (name, got)
+    rgb = np.random.default_rng(0).integers(0, 65536, (4, 6, 3)).astype(np.uint16)
+    _tiff(tmp_path / "rgb16.tif", rgb, orientation=1)
+    np.testing.assert_array_equal(read_image(tmp_path / "rgb16.tif").array, rgb)
+    for orientation in (2, 4, 6):
+        _tiff(tmp_path / f"rgb16_o{orientation}.tif", rgb, orientation=orientation)
+        with pytest.raises(ImageReadError, match=f"a 16-bit TIFF with several channels and Orientation {orientation} "
+                                                 r"\(not top-left\).*save it top-left \(Orientation 1\)"):
+            read_image(tmp_path / f"rgb16_o{orientation}.tif")
