@@ -41,7 +41,7 @@ def is_dicom(path: Path | str) -> bool:
 def read_dicom(path: Path) -> LoadedImage:
     """One DICOM frame (an ultrasound still: grey, RGB, or a palette or YBR image that GDCM turns into
     RGB; compressed or not) with its pixel spacing (Pixel Spacing, else the ultrasound regions' pixel
-    size: ``_ultrasound_spacing``); a cine loop (several frames) is refused. GDCM
+    size: ``_ultrasound_spacing``, else Imager Pixel Spacing); a cine loop (several frames) is refused. GDCM
     inverts MONOCHROME1 (low values white), so the image comes as it is displayed (tested)."""
     import SimpleITK as sitk
 
@@ -71,8 +71,9 @@ def read_dicom(path: Path) -> LoadedImage:
     arr = sitk.GetArrayFromImage(img)
     arr = arr.reshape(arr.shape[-3:] if img.GetNumberOfComponentsPerPixel() > 1 else arr.shape[-2:])
     spacing, origin, direction = img.GetSpacing(), img.GetOrigin(), img.GetDirection()
-    if not any(reader.HasMetaDataKey(k) for k in ("0028|0030", "0018|1164")):  # no Pixel / Imager Pixel Spacing
-        spacing = _ultrasound_spacing(header) or spacing  # ITK said 1.0: it reads no ultrasound regions
+    if not reader.HasMetaDataKey("0028|0030"):  # no Pixel Spacing: ITK reads no ultrasound regions, nor (for an
+        # ultrasound still) its Imager Pixel Spacing, and says 1.0; a detector's (DX, CR) it reads itself
+        spacing = _ultrasound_spacing(header) or _imager_spacing(header) or spacing
     dim = img.GetDimension()
     d2 = np.array([[direction[dim * r + c] for c in range(2)] for r in range(2)], dtype=float)
     if not np.allclose(d2 @ d2.T, np.eye(2), atol=1e-6):  # a plane the x-y axes do not span: no 2-D direction
@@ -110,6 +111,16 @@ def _short_pixel_data(ds) -> tuple[int, int] | None:
     if held is None or held == 0xFFFFFFFF or held >= expected:
         return None
     return expected, held
+
+
+def _imager_spacing(ds) -> tuple[float, float] | None:
+    """(x, y) in mm from Imager Pixel Spacing (0018,1164: row spacing, then column spacing); None
+    without a valid one."""
+    try:
+        dy, dx = (float(v) for v in ds.ImagerPixelSpacing)
+    except Exception:  # noqa: BLE001 - none (or ds None), or a value that is not two numbers
+        return None
+    return (dx, dy) if all(math.isfinite(v) and v > 0 for v in (dx, dy)) else None
 
 
 def _ultrasound_spacing(ds) -> tuple[float, float] | None:

@@ -897,7 +897,8 @@ def _us_dataset(shape: tuple[int, int], samples: int, photometric: str, pixels: 
 
 
 def _us_still(path: Path, array: np.ndarray, regions: list[tuple[int, int, float, float]],
-              pixel_spacing: tuple[float, float] | None = None) -> None:
+              pixel_spacing: tuple[float, float] | None = None,
+              imager_spacing: tuple[float, float] | None = None) -> None:
     """An Ultrasound Image Storage file as scanners write it (pydicom): grey 8-bit, its pixel size only in
     the Sequence of Ultrasound Regions, one (spatial format, units, delta x, delta y) per region."""
     import pydicom
@@ -916,6 +917,8 @@ def _us_still(path: Path, array: np.ndarray, regions: list[tuple[int, int, float
     ds.SequenceOfUltrasoundRegions = pydicom.sequence.Sequence(items)
     if pixel_spacing:
         ds.PixelSpacing = list(pixel_spacing)
+    if imager_spacing:
+        ds.ImagerPixelSpacing = list(imager_spacing)
     ds.save_as(path, enforce_file_format=True)
 
 
@@ -941,6 +944,14 @@ def test_an_ultrasound_dicom_gets_the_pixel_size_of_its_ultrasound_regions(tmp_p
     assert read_image(src / "disagree.dcm").spacing == pytest.approx((1.0, 1.0))
     assert read_image(src / "pixel_spacing.dcm").spacing == pytest.approx((0.2, 0.3))  # DICOM: row, then column
     assert read_image(src / "flipped.dcm").spacing == pytest.approx((0.1, 0.15))  # a size: its magnitude
+    # Imager Pixel Spacing (which ITK does not read for an ultrasound still, saying 1 x 1) switched the regions
+    # off: now the regions, else it (row, then column), and Pixel Spacing before both
+    _us_still(src / "imager.dcm", img, [(1, 3, 0.0125, 0.0125)], imager_spacing=(0.3, 0.2))
+    _us_still(src / "imager_only.dcm", img, [], imager_spacing=(0.3, 0.2))
+    _us_still(src / "all_three.dcm", img, [(1, 3, 0.0125, 0.0125)], pixel_spacing=(0.4, 0.5), imager_spacing=(0.3, 0.2))
+    assert read_image(src / "imager.dcm").spacing == pytest.approx((0.125, 0.125))
+    assert read_image(src / "imager_only.dcm").spacing == pytest.approx((0.2, 0.3))
+    assert read_image(src / "all_three.dcm").spacing == pytest.approx((0.5, 0.4))
     predictor = load_predictor(ensemble_dir, device="cpu", batch_size=4)
     assert run(predictor, src, tmp_path / "gc", fmt="gc", progress=False, log=lambda _: None).exit_code == 0
     mask = sitk.ReadImage(str(tmp_path / "gc" / "images" / SLUG / "bmode.mha"))
