@@ -200,6 +200,10 @@ def _read_itk_tiff(path: Path) -> np.ndarray:
         check_size(path, size[0], size[1])
         arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path), imageIO="TIFFImageIO"))
     except RuntimeError as exc:
+        if "bit samples" in str(exc):  # libtiff's RGBA reader, which ITK falls back to for these: a valid file
+            raise ImageReadError(path, f"a TIFF of samples that ITK's TIFF reader cannot decode ({itk_reason(exc)}): "
+                                       f"float colour is read only top-left (Orientation 1), 64-bit floats not at "
+                                       f"all; save it top-left, as float32 or 16-bit") from None
         raise ImageReadError(path, f"a TIFF that neither Pillow nor ITK can read ({itk_reason(exc)})") from None
     return arr.reshape(arr.shape[len(size) - 2:])  # a one-page volume: its page
 

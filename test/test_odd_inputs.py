@@ -1259,7 +1259,7 @@ def _tiff(path: Path, arr: np.ndarray, photometric: int | None = None, orientati
     path.write_bytes(bytes(out + struct.pack("<I", 0)))
 
 
-def test_tiffs_above_8_bits_white_is_zero_32_bit_unsigned_and_16_bit_colour_turned(tmp_path):
+def test_tiffs_above_8_bits_white_is_zero_32_bit_unsigned_16_bit_colour_turned_and_float(tmp_path):
     """Read as shown: a MinIsWhite TIFF above 8 bits was read un-inverted (Pillow inverts only 8-bit ones),
     its lesion bright; a 32-bit unsigned one wrapped to negative values (Pillow reads it as signed); a
     16-bit colour one with an orientation came back turned (libtiff through ITK orients it at 8 bits, then
@@ -1290,3 +1290,14 @@ def test_tiffs_above_8_bits_white_is_zero_32_bit_unsigned_and_16_bit_colour_turn
         with pytest.raises(ImageReadError, match=f"a 16-bit TIFF with several channels and Orientation {orientation} "
                                                  r"\(not top-left\).*save it top-left \(Orientation 1\)"):
             read_image(tmp_path / f"rgb16_o{orientation}.tif")
+    # float colour turned, and 64-bit floats: libtiff's reader cannot decode them; the message said the file
+    # was unreadable, it now says what is not supported and how to save it
+    float_rgb = np.random.default_rng(1).random((4, 6, 3)).astype(np.float32)
+    _tiff(tmp_path / "float_rgb.tif", float_rgb, orientation=1)
+    np.testing.assert_array_equal(read_image(tmp_path / "float_rgb.tif").array, float_rgb)
+    _tiff(tmp_path / "float_rgb_o2.tif", float_rgb, orientation=2)
+    _tiff(tmp_path / "float64.tif", float_rgb[..., 0].astype(np.float64))
+    for name in ("float_rgb_o2.tif", "float64.tif"):
+        with pytest.raises(ImageReadError, match=r"a TIFF of samples that ITK's TIFF reader cannot decode .*float colour"
+                                                 r" is read only top-left .*save it top-left, as float32 or 16-bit"):
+            read_image(tmp_path / name)

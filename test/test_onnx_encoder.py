@@ -288,3 +288,27 @@ def test_compile_with_the_onnx_runtime_is_refused_when_the_predictor_is_built(li
     ("This is a bug - please create an issue"); the pair is refused with the reason at load."""
     with pytest.raises(ValueError, match="torch.compile runs the encoder in PyTorch: not with runtime 'onnx'"):
         Predictor.from_dir(lite_ensemble, device="cpu", runtime="onnx", compile_backend="inductor")
+
+
+def test_a_sam_vit_encoder_through_onnx_gives_the_pytorch_embedding(tmp_path, monkeypatch):
+    """SAM's ViT rounded its windows' 14 key rows up to 16 with -(-h // 8) * 8, which the ONNX exporter
+    divides toward zero (8): every batch of a SAM ViT or MedSAM model with --runtime onnx failed in
+    ONNX Runtime's Reshape. A small ViT of the same blocks (windowed and global attention, random
+    relative-position tables) through ONNX Runtime gives PyTorch's embedding."""
+    from model.encoders.sam_vit import ImageEncoderViT
+
+    monkeypatch.setenv("PFSAM_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    enc = ImageEncoderViT(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,), img_size=224,
+                          out_chans=32).eval()
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if "rel_pos" in name or "pos_embed" in name:
+                p.normal_(0, 0.5)
+    ort = onnx_encoder.onnx_encoder(enc, "small_vit", 224)
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        want = enc(x)[0]
+    got = ort(x)[0]
+    assert got.shape == want.shape == (3, 32, 14, 14)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)

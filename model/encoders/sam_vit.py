@@ -122,7 +122,7 @@ class Attention(nn.Module):
         # the windows' 14-wide products through a slow misaligned kernel (4 % of the compiled encoder's
         # time on an H100; padded: 2 % more images/s). The fused kernels read the strided views.
         n = h * w
-        kh, kw = -(-h // 8) * 8, -(-w // 8) * 8
+        kh, kw = (h + 7) // 8 * 8, (w + 7) // 8 * 8  # not -(-h // 8): the ONNX export divides toward zero
         bias_h = torch.einsum("bnhwc,hkc->bnhwk", rq, F.pad(rh, (0, 0, 0, kh - h))).reshape(b, -1, n, kh)[..., :h]
         bias_w = torch.einsum("bnhwc,wkc->bnhwk", rq, F.pad(rw, (0, 0, 0, kw - w))).reshape(b, -1, n, kw)[..., :w]
         impl = self.resolved_impl(x.device, n)
@@ -136,7 +136,7 @@ class Attention(nn.Module):
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
             extra = torch.cat([bias_h, bias_w], -1)
-            width = -(-(hd + h + w) // 8) * 8  # head size a multiple of 8 (fused kernels' alignment)
+            width = (hd + h + w + 7) // 8 * 8  # head size a multiple of 8 (fused kernels' alignment)
             pad = width - (hd + h + w)
             qa = F.pad(torch.cat([q * hd ** -0.5, extra], -1), (0, pad))
             onehot = _onehot_keys(h, w, q.dtype, q.device).expand(b, self.num_heads, n, h + w)
