@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import CLASS_NAMES
 from .allocator import keep_freed_memory
@@ -194,9 +195,14 @@ class Predictor:
         return "onnxruntime" if any(isinstance(m.encoder, OnnxEncoder) for m in self.members.values()) else "torch"
 
     @property
+    def seg_member(self) -> str:
+        """The first segmentation member (``segmentation_weights``' order): box refinement decodes its embedding."""
+        return next(iter(self.seg_w))
+
+    @property
     def seg_encoder_name(self) -> str:
-        """The encoder of the (first) segmentation member: the one whose decoder box refinement needs."""
-        return self.members[next(iter(self.seg_w))].config["encoder"]["name"]
+        """The encoder of ``seg_member``: the one whose decoder box refinement needs."""
+        return self.members[self.seg_member].config["encoder"]["name"]
 
     def set_refine(self, spec: dict | None) -> None:
         """Box refinement (``model/refine.py``) from its ``ensemble.json`` spec, or None for off."""
@@ -318,22 +324,28 @@ class Predictor:
     @torch.inference_mode()
     def combine(self, encoded) -> tuple[torch.Tensor, torch.Tensor]:
         """Weighted member outputs from encoder outputs; ``encoded(model) -> (embedding, features)``."""
-        seg = cls = 0.0
+        cls = 0.0
+        segs = []
         seg_embedding = None
         with self._autocast():
             for name, model in self.members.items():
                 emb, feats = encoded(model)
                 out = model.heads(emb, feats if model.needs_features else None)
                 if name in self.seg_w:
-                    seg = seg + self.seg_w[name] * torch.sigmoid(out["mask_logits"].float())[:, 0]
-                    if seg_embedding is None:  # the refiner decodes the first segmentation member's embedding
+                    segs.append((self.seg_w[name], torch.sigmoid(out["mask_logits"].float())[:, 0]))
+                    if name == self.seg_member:  # the member whose encoder the refiner was checked for
                         seg_embedding = emb
                 if name in self.cls_w:
                     logits = out["class_logits"].float()
                     if self.class_prior == "data":
                         logits = logits - self._log_sampling[name]
                     cls = cls + self.cls_w[name] * torch.softmax(logits, -1)
-        seg = seg / sum(self.seg_w.values())
+        # members whose heads give other grids (SD-H's blocks, another encoder's) on the finest of them:
+        # each grid covers the same padded input square
+        res = max(p.shape[-1] for _, p in segs)
+        seg = sum(w * (p if p.shape[-1] == res else
+                       F.interpolate(p[:, None], size=(res, res), mode="bilinear", align_corners=False)[:, 0])
+                  for w, p in segs) / sum(self.seg_w.values())
         if self.refiner is not None:  # fp32: the decoder's boundaries are what it is there for
             seg = self.refiner(seg_embedding, seg)
         return seg, cls / sum(self.cls_w.values())

@@ -640,6 +640,31 @@ def test_ensemble_weights_give_a_weighted_mean_of_the_members_probabilities(tmp_
     assert abs(float(cls.sum()) - 1) < 1e-5
 
 
+def test_members_whose_masks_come_on_other_grids_are_averaged_on_the_finest(tmp_path):
+    """Members whose heads give other mask grids (SD-H with fewer blocks) loaded and then failed on the
+    first batch (adding a 16 x 16 and a 32 x 32 mask): each member's probabilities are now resized
+    to the finest grid (each covers the same padded input square) and averaged there."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(1)
+    cfg = make_config("sam_vit_b", "finetuned", "sd-h", "gap", encoder_weights={"source": "random"},
+                      seg_head_args={"channels": [32]})
+    cfg["encoder"]["input_size"] = 128
+    coarse = PFSAMNet(cfg, encoder_weights="random").eval()
+    fine = small_net("sam_vit_b", "sd-h", "mgc-a", size=128, seed=2)
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        pc, pf = (torch.sigmoid(m(x)["mask_logits"][:, 0]) for m in (coarse, fine))
+    assert pc.shape[-1] < pf.shape[-1]
+    d = save_ensemble(tmp_path / "ens", {"coarse": coarse, "fine": fine}, {"coarse": 1.0, "fine": 3.0},
+                      {"coarse": 0.0, "fine": 1.0})
+    pred = Predictor.from_dir(d, device="cpu", precision="fp32")
+    seg, _ = pred.forward(x)
+    up = F.interpolate(pc[:, None], size=pf.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(seg, (up + 3 * pf) / 4, atol=1e-5, rtol=1e-5)
+    assert pred.predict_one(make_ultrasound(90, 130, seed=3)[0]).mask.shape == (90, 130)
+
+
 def test_postprocess_options_of_ensemble_json_shape_the_mask(tmp_path):
     """``postprocess`` in ensemble.json: ``threshold`` cuts the mask probability, ``largest_component``
     keeps the largest 4-connected lesion, ``gate_normal`` empties the mask of an image labelled

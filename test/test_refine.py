@@ -486,3 +486,32 @@ def test_tune_refuses_a_limit_below_one(tmp_path, limit):
 
     res = CliRunner().invoke(tune.main, ["--model-dir", str(tmp_path), "--data", str(tmp_path), "--limit", limit])
     assert res.exit_code == 2 and "--limit" in res.output, res.output
+
+
+def test_the_decoder_gets_the_embedding_of_the_member_its_encoder_was_checked_for(tmp_path):
+    """Refinement is allowed for the encoder of the first member in ``segmentation_weights``, but the
+    embedding it decoded was the first segmentation member's in the members' order: listed the other
+    way round, a fine-tuned encoder's embedding (or, for a ViT member, a crash) reached LiteMedSAM's
+    decoder. It now decodes the member it was checked for."""
+    from model.checkpoint import encoder_weights_info, save_ensemble
+    from model.network import PFSAMNet, make_config
+
+    torch.manual_seed(3)
+    nets = {"tuned": PFSAMNet(make_config("litemedsam", "finetuned", "sd-h", "gap",
+                                          encoder_weights={"source": "random"}), encoder_weights="random"),
+            "frozen": PFSAMNet(make_config("litemedsam", "frozen", "sd-h", "mgc-a",
+                                           encoder_weights=encoder_weights_info("litemedsam")))}
+    d = save_ensemble(tmp_path / "ens", nets, {"frozen": 1.0, "tuned": 1.0}, {"frozen": 1.0, "tuned": 0.0})
+    spec = json.loads((d / "ensemble.json").read_text())
+    assert list(spec["members"]) == ["tuned", "frozen"]
+    spec["postprocess"]["refine"] = {"type": "box", "margin": 5, "blend": 0.5}
+    (d / "ensemble.json").write_text(json.dumps(spec))
+    pred = Predictor.from_dir(d, device="cpu", precision="fp32")
+    x = preprocess(make_ultrasound(200, 240, seed=4)[0], 256, "minmax")[0][None]
+    with torch.no_grad():
+        embs = {n: m.encode(x)[0] for n, m in pred.members.items()}
+        mean = sum(torch.sigmoid(m.heads(embs[n])["mask_logits"].float())[:, 0] for n, m in pred.members.items()) / 2
+        want, other = pred.refiner(embs["frozen"], mean), pred.refiner(embs["tuned"], mean)
+    seg, _ = pred.forward(x)
+    assert not torch.allclose(want, other, atol=1e-3)  # the embedding matters here
+    torch.testing.assert_close(seg, want, atol=1e-5, rtol=1e-5)
