@@ -360,7 +360,11 @@ class Predictor:
         if self.post.get("gate_normal") and label == "normal":
             p = torch.full_like(p, 1e-6)
         elif self.post.get("largest_component"):
-            keep = keep_largest_component((p > thr).numpy())
+            binary = (p > thr).numpy()
+            res = binary.shape[-1]  # among the image's own cells: a false blob in the padding may not win
+            binary[-(-geom.resized[0] * res // geom.size):] = False
+            binary[:, -(-geom.resized[1] * res // geom.size):] = False
+            keep = keep_largest_component(binary)
             p = torch.where(torch.from_numpy(keep), p, torch.full_like(p, 1e-6))
         logits = torch.log(p) - torch.log1p(-p)
         if self.keep_logits:  # one resize for the mask and the logits

@@ -691,6 +691,15 @@ def test_postprocess_options_of_ensemble_json_shape_the_mask(tmp_path):
     assert np.array_equal(pred.finish(prob, benign, geom).mask, full)
     normal = pred.finish(prob, torch.tensor([0.5, 0.3, 0.2]), geom)
     assert normal.label == "normal" and not normal.mask.any()
+    # a portrait image fills the left 16 of the 32 columns: a larger false blob in the padding (cut off
+    # afterwards) won the largest component and the lesion was deleted; now chosen among the image's cells
+    pred.post = {**pred.post, "gate_normal": False, "largest_component": True}
+    portrait = Geometry(128, 64, 128)
+    prob = torch.full((32, 32), 0.1)
+    prob[5:10, 5:10] = 0.9  # the lesion, inside the image
+    prob[0:30, 18:30] = 0.9  # a larger blob, all of it in the padding
+    lesion = pred.finish(prob, benign, portrait).mask
+    assert lesion.shape == (128, 64) and lesion[22:38, 22:38].all() and lesion.sum() < 30 * 30
 
 
 def test_loading_draws_no_random_weights_and_sets_every_tensor(tmp_path, monkeypatch):
