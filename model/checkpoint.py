@@ -135,6 +135,17 @@ def read_config(model_dir: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a valid model config ({type(exc).__name__}: {exc})") from None
 
 
+def check_weights_pair(model_dir: Path, cfg: dict) -> None:
+    """``CheckpointError`` where ``model.safetensors`` is not the file ``config.json`` (``cfg``) was saved
+    with (its ``weights_sha256``; a config without the record passes)."""
+    recorded = cfg.get("weights_sha256")
+    if recorded is not None and recorded != sha256_of(model_dir / WEIGHTS_NAME):
+        raise CheckpointError(f"{model_dir}: {WEIGHTS_NAME} is not the file that {CONFIG_NAME} was saved with "
+                              f"(its weights_sha256 {str(recorded)[:16]}…): a save stopped between the two files, "
+                              "or one of them replaced or damaged; save the model again (training.train --resume "
+                              "from the run's state.pt writes both)")
+
+
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu", encoder=None,
                encoder_checkpoint: str | Path | None = None) -> PFSAMNet:
     """Rebuild a model from ``config.json`` and load ``model.safetensors`` strictly.
@@ -191,12 +202,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", encode
                                   f"{tuple(expected[k].shape)}")
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):  # damaged bytes, or a diverged run
             raise CheckpointError(f"{weights_file}: {k} holds NaN or infinite values (a damaged file?)")
-    recorded = cfg.get("weights_sha256")
-    if recorded is not None and recorded != sha256_of(weights_file):
-        raise CheckpointError(f"{model_dir}: {WEIGHTS_NAME} is not the file that {CONFIG_NAME} was saved with "
-                              f"(its weights_sha256 {str(recorded)[:16]}…): a save stopped between the two files, "
-                              "or one of them replaced or damaged; save the model again (training.train --resume "
-                              "from the run's state.pt writes both)")
+    check_weights_pair(model_dir, cfg)
     model.load_state_dict(state, strict=False)
     return model.to(device).eval()
 

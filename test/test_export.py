@@ -184,6 +184,13 @@ def test_a_failed_export_leaves_the_existing_ensemble_as_it_was(runs, tmp_path):
     res = _export(runs["sd-h"], broken, "--out", out)  # its weights are missing
     assert res.exit_code == 1 and "model.safetensors" in res.output and "Traceback" not in res.output
     assert _tree(out) == before
+    # a save stopped between its two files: epoch N's weights beside epoch N-1's config.json (they loaded
+    # nowhere, but were exported over a working ensemble)
+    (broken / "best" / "model.safetensors").write_bytes((runs["mgc-a"] / "best" / "model.safetensors").read_bytes())
+    res = _export(runs["sd-h"], broken, "--out", out)
+    assert res.exit_code == 1 and f"{broken / 'best'}: model.safetensors is not the file that config.json was saved " \
+        "with" in res.output, res.output
+    assert _tree(out) == before
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]"])

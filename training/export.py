@@ -18,7 +18,8 @@ from pathlib import Path
 import click
 import yaml
 
-from model.checkpoint import (CONFIG_NAME, ENSEMBLE_NAME, WEIGHTS_NAME, CheckpointError, locate_checkpoint, read_config,
+from model.checkpoint import (CONFIG_NAME, ENSEMBLE_NAME, WEIGHTS_NAME, CheckpointError, check_weights_pair,
+                              locate_checkpoint, read_config,
                               save_ensemble)
 from model.encoders.weights import WeightsError, how_to_get, sha256_of, verify_checkpoint
 from model.atomic_files import write_text
@@ -188,6 +189,10 @@ def _check_members(members: dict[str, Path], which: str) -> None:
             raise click.ClickException(f"{exc}{hint}") from None
         if not (mdir / WEIGHTS_NAME).is_file():
             raise click.ClickException(f"{mdir}: no {WEIGHTS_NAME}")
+        try:  # an epoch's save stopped between its two files: the ensemble would not load
+            check_weights_pair(mdir, cfg)
+        except CheckpointError as exc:
+            raise click.ClickException(str(exc)) from None
         inputs[name] = (cfg["encoder"]["name"], cfg["encoder"]["input_size"], cfg["encoder"]["normalization"])
     if len({(size, norm) for _, size, norm in inputs.values()}) > 1:
         found = ", ".join(f"{n}: {e} at {size} px, {norm} normalisation" for n, (e, size, norm) in inputs.items())
