@@ -332,6 +332,30 @@ def test_ctrl_c_ends_python_m_training_train_by_sigint_after_saying_so(tiny_data
     assert f"interrupted before an epoch ended: nothing to resume in {tmp_path / 'run'}" in proc.stderr, proc.stderr
 
 
+def test_dataloader_workers_leave_sigterm_to_the_run(tiny_dataset, cache_dir, tmp_path, monkeypatch):
+    """A scheduler's SIGTERM reaches every process of the job: a DataLoader worker died of it and, when
+    torch reported that before the run saw its own SIGTERM, the run ended with "DataLoader worker ...
+    killed by signal" (exit 1) instead of its stop naming state.pt (exit 143). The workers ignore it
+    (here each one gets SIGTERM as it loads its first item; the run goes on)."""
+    import signal
+
+    from torch.utils.data import get_worker_info
+
+    real = train_mod.CachedSet.__getitem__
+    hit = tmp_path / "signalled"
+
+    def signalled(self, item):
+        if get_worker_info() is not None and not (hit / str(os.getpid())).exists():
+            hit.mkdir(exist_ok=True)
+            (hit / str(os.getpid())).touch()
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, item)
+
+    monkeypatch.setattr(train_mod.CachedSet, "__getitem__", signalled)
+    result = train(tiny_cfg("sd-h", epochs=1), tiny_dataset, tmp_path / "run", "cpu", cache_dir, workers=1)
+    assert [h["epoch"] for h in result["history"]] == [1] and len(list(hit.iterdir())) >= 1
+
+
 def test_sigterm_stops_training_as_ctrl_c_does_saying_what_can_be_resumed(tiny_dataset, tmp_path, monkeypatch):
     """SIGTERM (a job's time limit, SLURM's preemption, docker stop) ended a run with no word (exit -15):
     now it stops it as Ctrl-C does, naming state.pt to resume from (or that there is none), with exit

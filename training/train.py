@@ -96,6 +96,15 @@ def build_model(cfg: dict) -> PFSAMNet:
 
 
 # ------------------------------------------------------------------------------------------- data
+def _leave_stops_to_the_run(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGTERM and SIGINT: a job's scheduler (and Ctrl-C) signals every process
+    of the job, and a worker that died of it first ended the run with torch's "DataLoader worker ... killed
+    by signal" error (exit 1) instead of the stop that saves nothing half-written and names state.pt (exit
+    143 or 130). The run stops its workers itself; they also end when it dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class CachedSet(Dataset):
     """Items from the embedding cache: (embedding, skips, mask, label, index)."""
 
@@ -363,7 +372,7 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
 
     bs = int(cfg["batch_size"])
     va_loader = DataLoader(va_set, batch_size=bs * 2, sampler=[(i, 0) for i in range(len(va_set))],
-                           collate_fn=collate, num_workers=workers)
+                           collate_fn=collate, num_workers=workers, worker_init_fn=_leave_stops_to_the_run)
     p_gt = float(cfg["curriculum"].get("p_gt", 0.5))
     for epoch in range(start_epoch, epochs + 1):
         phase = curriculum_phase(cfg, epoch)
@@ -371,7 +380,8 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
         # every rank takes the same number of samples (DDP needs the same number of steps everywhere)
         plan = plan[:len(plan) - len(plan) % world][rank::world]
         loader = DataLoader(tr_set, batch_size=bs, sampler=plan, collate_fn=collate, num_workers=workers,
-                            pin_memory=device.type == "cuda", persistent_workers=False)
+                            pin_memory=device.type == "cuda", persistent_workers=False,
+                            worker_init_fn=_leave_stops_to_the_run)
         gen = curriculum_generator(seed, epoch, rank, world)
         model.train()
         t0, seen, sums = time.time(), 0, {"loss": 0.0, "seg": 0.0, "ce": 0.0}
