@@ -84,9 +84,12 @@ def test_curriculum_scales_with_an_epoch_override(epochs, counts):
     phases = [curriculum_phase(cfg, e) for e in range(1, epochs + 1)]
     assert tuple(phases.count(p) for p in ("gt", "mixed", "pred")) == counts
     assert cfg["curriculum"]["p_gt"] == 0.5
-    own = load_config(REPO / "training" / "configs" / "mgc-a.yaml",
-                      {"epochs": 30, "curriculum.gt_until": 25})  # an explicit curriculum is kept as given
-    assert own["curriculum"] == {"gt_until": 25, "mixed_until": 40, "p_gt": 0.5}
+    # a boundary given is kept as given; the other scales (it stayed at its 60-epoch value: --epochs 30 with
+    # gt_until 5 kept mixed_until 40, and MGC-A never trained on its predicted masks), on its side of the given
+    for given, want in (({"curriculum.gt_until": 5}, (5, 20)), ({"curriculum.gt_until": 25}, (25, 25)),
+                        ({"curriculum.mixed_until": 25}, (10, 25)), ({"curriculum.mixed_until": 6}, (6, 6))):
+        own = load_config(REPO / "training" / "configs" / "mgc-a.yaml", {"epochs": 30, **given})
+        assert (own["curriculum"]["gt_until"], own["curriculum"]["mixed_until"]) == want, given
     p_only = load_config(REPO / "training" / "configs" / "mgc-a.yaml", {"epochs": 30, "curriculum.p_gt": 0.3})
     assert p_only["curriculum"] == {"gt_until": 10, "mixed_until": 20, "p_gt": 0.3}  # p_gt sets no boundary
 
@@ -330,6 +333,17 @@ def test_ctrl_c_ends_python_m_training_train_by_sigint_after_saying_so(tiny_data
                           text=True, timeout=300, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.returncode == -signal.SIGINT, (proc.returncode, proc.stderr[-3000:])
     assert f"interrupted before an epoch ended: nothing to resume in {tmp_path / 'run'}" in proc.stderr, proc.stderr
+
+
+def test_a_run_whose_mixed_phase_does_not_end_before_its_last_epoch_says_so(tiny_dataset, cache_dir, tmp_path, capsys):
+    """MGC-A trained without its predicted-mask phase (curriculum.mixed_until at or past the last epoch)
+    never sees the mask it gets at inference: the run says so at its start; SD-H (no mask) does not."""
+    cfg = tiny_cfg("mgc-a", epochs=2)
+    train(dict(cfg, epochs=1), tiny_dataset, tmp_path / "mgca", "cpu", cache_dir)
+    assert "note: curriculum.mixed_until (2) is not before the last epoch (1): MGC-A never trains on its own " \
+        "predicted mask" in capsys.readouterr().err
+    train(dict(tiny_cfg("sd-h", epochs=2), epochs=1), tiny_dataset, tmp_path / "sdh", "cpu", cache_dir)
+    assert "curriculum.mixed_until" not in capsys.readouterr().err
 
 
 def test_dataloader_workers_leave_sigterm_to_the_run(tiny_dataset, cache_dir, tmp_path, monkeypatch):

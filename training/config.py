@@ -37,17 +37,21 @@ def load_config(path: str | Path, overrides: dict) -> dict:
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {'.'.join(parts[:i + 1])} is {node!r} in {path}, not a section of keys")
         node[parts[-1]] = value
-    curriculum_set = any(v is not None and (k in ("curriculum.gt_until", "curriculum.mixed_until") or
-                                            (k == "curriculum" and isinstance(v, dict)
-                                             and bool({"gt_until", "mixed_until"} & set(v))))
-                         for k, v in overrides.items())  # p_gt alone sets no boundary
+    bounds = ("gt_until", "mixed_until")
+    given = {b for b in bounds for k, v in overrides.items() if v is not None and (
+        k == f"curriculum.{b}" or (k == "curriculum" and isinstance(v, dict) and b in v))}  # p_gt alone sets none
     cur = cfg.get("curriculum")
     scalable = isinstance(cur, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (
         cfg.get("epochs"), file_epochs, cur.get("gt_until"), cur.get("mixed_until")))  # else check_config says why
-    if scalable and file_epochs and not curriculum_set and int(cfg["epochs"]) != int(file_epochs):
+    if scalable and file_epochs and len(given) < 2 and int(cfg["epochs"]) != int(file_epochs):
+        # the boundaries not given scale with the epochs, each on its own side of one that is given
         scale = int(cfg["epochs"]) / int(file_epochs)
-        cfg["curriculum"] = {**cfg["curriculum"], **{k: int(cfg["curriculum"][k] * scale + 0.5)
-                                                      for k in ("gt_until", "mixed_until")}}
+        new = {**cur, **{b: int(cur[b] * scale + 0.5) for b in bounds if b not in given}}
+        if "mixed_until" in given:
+            new["gt_until"] = min(new["gt_until"], new["mixed_until"])
+        if "gt_until" in given:
+            new["mixed_until"] = max(new["mixed_until"], new["gt_until"])
+        cfg["curriculum"] = new
     return _plain(cfg)
 
 

@@ -369,6 +369,10 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
                   f"(curriculum phase {curriculum_phase(cfg, state['epoch'])})", file=sys.stderr)
     if rank == 0:
         write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        if net.uses_mask and epochs > 0 and cfg["curriculum"]["mixed_until"] >= epochs:
+            print(f"note: curriculum.mixed_until ({cfg['curriculum']['mixed_until']}) is not before the last epoch "
+                  f"({epochs}): MGC-A never trains on its own predicted mask, which it gets at inference",
+                  file=sys.stderr)
 
     bs = int(cfg["batch_size"])
     va_loader = DataLoader(va_set, batch_size=bs * 2, sampler=[(i, 0) for i in range(len(va_set))],
