@@ -19,7 +19,7 @@ from training import evaluate as E
 from training import predict as P
 from training import read_predictions as R
 from training import metrics as M
-from training.datasets import first_of_each_class, load_records
+from training.datasets import DataError, first_of_each_class, load_records
 
 # the container's path again and again on the same images: a repeat batch gets what the real
 # encoder gave it (test/encoder_memo.py)
@@ -314,6 +314,20 @@ def test_a_csv_that_is_not_text_is_an_error_naming_it(tmp_path, data):
     assert f"{path}: not a UTF-8 text file" in result.output
 
 
+def test_labels_and_split_are_checked_as_training_checks_them(tmp_path, data):
+    """An id listed twice in labels.csv was scored twice (double weight in every mean and the bootstrap),
+    and a split.csv id that labels.csv lacks was dropped in silence; both are refused, as in training."""
+    pred = make_pace(tmp_path / "pred")
+    labels = data / "labels.csv"
+    rows = labels.read_text().splitlines()
+    labels.write_text("\n".join([*rows, rows[1]]) + "\n")
+    with pytest.raises(DataError, match=f"{rows[1].split(',')[0]} is listed again"):
+        E.evaluate_predictions(pred, data, "val", n_boot=10)
+    labels.write_text("\n".join(rows[:-1]) + "\n")
+    with pytest.raises(DataError, match=r"split.csv: 1 image id\(s\) not in .*labels.csv"):
+        E.evaluate_predictions(pred, data, "val", n_boot=10)
+
+
 def test_unknown_layout_fails(tmp_path, data):
     (tmp_path / "nothing").mkdir()
     result = CliRunner().invoke(E.main, ["--pred", str(tmp_path / "nothing"), "--data", str(data),
@@ -389,6 +403,15 @@ def test_predict_and_evaluate_limit_take_the_same_first_images(tiny_dataset, tmp
     assert metrics["n_images"] == 2 and metrics["missing"]["cases"] == []
     full = E.evaluate_predictions(tmp_path / "pred", tiny_dataset, "val", n_boot=10)
     assert full["n_images"] == len(ids) and sorted(full["missing"]["cases"]) == ids[2:]
+    # predictions of the whole split scored with --limit: the rest were reported as "in the dataset but
+    # not in split val", as if they were training images; they are the split's, left out by the limit
+    res = CliRunner().invoke(P.main, ["--model-dir", str(ens), "--data", str(tiny_dataset), "--out",
+                                      str(tmp_path / "pred_all"), "-d", "cpu"])
+    assert res.exit_code == 0, res.output
+    limited = E.evaluate_predictions(tmp_path / "pred_all", tiny_dataset, "val", tmp_path / "eval_all", n_boot=10,
+                                     limit=2)
+    assert limited["n_images"] == 2 and limited["out_of_split"] == [] and limited["beyond_limit"] == ids[2:]
+    assert f"- in split val, left out by --limit ({len(ids) - 2}): " in (tmp_path / "eval_all" / "report.md").read_text()
 
 
 def test_predict_takes_the_split_asked_for_and_passes_its_options_to_the_predictor(tiny_dataset, tmp_path,

@@ -44,7 +44,7 @@ import numpy as np
 from model.writers import LOGITS_DIR
 from model.io import ImageReadError, read_image, read_mask
 from training import metrics as M
-from training.datasets import DataError, first_of_each_class, parse_label, read_csv, read_split
+from training.datasets import DataError, first_of_each_class, load_records, parse_label, read_csv, read_split
 from training.grouping import linked
 from training.read_predictions import ProbabilityMaps, detect_layout, read_grand_challenge, read_pace
 from training.report import fmt, write_outputs
@@ -61,6 +61,7 @@ def load_truth(data_dir: Path | str, split: str = "val") -> list[dict[str, str]]
     data_dir = Path(data_dir)
     if split not in ("train", "val", "all"):
         raise ValueError(f"split must be train, val or all, not {split!r}")
+    load_records(data_dir)  # training's checks: each id once in labels.csv, the same ids in split.csv
     rows = read_csv(data_dir / "labels.csv")
     for line, r in enumerate(rows, start=2):  # line 1: the header
         r["image_id"] = (r.get("image_id") or "").strip()
@@ -114,6 +115,7 @@ def evaluate_predictions(pred_dir: Path | str, data_dir: Path | str, split: str 
     if prob_maps is None and (pred_dir / LOGITS_DIR).is_dir() and len(maps := ProbabilityMaps(pred_dir / LOGITS_DIR)):
         prob_maps = maps  # an empty logits/ (left by predicting again without --logits): predictions without any
     truth = load_truth(data_dir, split)
+    split_ids = {r["image_id"] for r in truth}
     if limit is not None:
         truth = first_of_each_class(truth, limit, label=lambda r: r["label"], image_id=lambda r: r["image_id"])
     if not truth:
@@ -183,7 +185,9 @@ def evaluate_predictions(pred_dir: Path | str, data_dir: Path | str, split: str 
     if prob_maps is not None:
         res["missing"]["probability_maps"] = missing_maps
     res["extra"] = sorted(c for c in preds if c not in all_ids)
-    res["out_of_split"] = sorted(c for c in preds if c in all_ids and c not in set(eval_ids))
+    res["out_of_split"] = sorted(c for c in preds if c in all_ids and c not in split_ids)
+    if limit is not None:  # the split's images that --limit left out: not scored, but not out of the split
+        res["beyond_limit"] = sorted(c for c in preds if c in split_ids and c not in set(eval_ids))
     res["problems"] = problems
     res["layout"] = layout
     res["split"] = split

@@ -190,7 +190,9 @@ def render_report(res: dict) -> str:
                  f"{_id_list(miss['probability_maps'])}"] if "probability_maps" in miss else []),
               f"- extra, not in the dataset ({len(res['extra'])}): {_id_list(res['extra'])}",
               f"- in the dataset but not in split {res['split']} ({len(res['out_of_split'])}): "
-              f"{_id_list(res['out_of_split'], 10)}"]
+              f"{_id_list(res['out_of_split'], 10)}",
+              *([f"- in split {res['split']}, left out by --limit ({len(res['beyond_limit'])}): "
+                 f"{_id_list(res['beyond_limit'], 10)}"] if "beyond_limit" in res else [])]
     if res["problems"]:
         lines += [f"- problems ({len(res['problems'])}):"]
         lines += [f"  - `{p['image_id']}`: {p['problem']}" for p in res["problems"][:50]]
