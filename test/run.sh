@@ -18,8 +18,18 @@ fi
 args=() named=0 previous=""
 for a in "$@"; do
   p="${a%%::*}"
-  case "$previous" in -k|-m|-p|-o|-c|-W|--maxfail|--rootdir|--basetemp|--confcutdir) takes_value=1 ;; *) takes_value=0 ;; esac
-  if [ "$takes_value" = 0 ] && [[ "$a" != -* ]] && [ -n "$p" ] && (cd "$caller" && [ -e "$p" ]); then
+  case "$previous" in
+    -k|-m|-p|-o|-c|-W|--maxfail|--override-ini|--import-mode) kind=value ;;
+    --deselect) kind=node ;;  # a test id: its path from the repository's root, where pytest runs
+    --ignore|--ignore-glob|--junitxml|--junit-xml|--log-file|--rootdir|--basetemp|--confcutdir) kind=path ;;
+    *) kind=arg ;;
+  esac
+  if [ "$kind" = node ]; then
+    rel="$(realpath -m --relative-to="$PWD" "$(cd "$caller" && realpath -m "$p")")"
+    a="$rel${a:${#p}}"
+  elif [ "$kind" = path ]; then
+    [[ "$a" = /* ]] || a="$caller/$a"
+  elif [ "$kind" = arg ] && [[ "$a" != -* ]] && [ -n "$p" ] && (cd "$caller" && [ -e "$p" ]); then
     [[ "$p" = /* ]] || a="$caller/$a"
     named=1
   fi

@@ -170,6 +170,13 @@ def test_run_sh_runs_the_tests_named_from_the_folder_it_is_run_in_else_the_whole
     assert called(REPO, "-k", "test", "--slow") == ["-m", "pytest", "-q", "test", "-k", "test", "--slow"]
     assert called(tmp_path) == ["-m", "pytest", "-q", "test"]
     assert called(REPO, str(REPO / "test" / "test_writers.py")) == ["-m", "pytest", "-q", f"{REPO}/test/test_writers.py"]
+    # the value of an option that takes a test id or a path: --deselect from inside test/ was made absolute
+    # (and not matched by pytest, whose test ids start at the repository's root) and counted as a test named
+    assert called(REPO / "test", "test_writers.py", "--deselect", "test_writers.py::test_a", "--ignore", "x") == \
+        ["-m", "pytest", "-q", f"{REPO}/test/test_writers.py", "--deselect", "test/test_writers.py::test_a",
+         "--ignore", f"{REPO}/test/x"]
+    assert called(REPO, "--deselect", "test/test_writers.py::test_a[1]", "--junitxml", "r.xml") == \
+        ["-m", "pytest", "-q", "test", "--deselect", "test/test_writers.py::test_a[1]", "--junitxml", f"{REPO}/r.xml"]
 
 
 # --- export.sh ---------------------------------------------------------------------------------------
