@@ -9,6 +9,7 @@
 # the recorded base, the other recorded arguments kept. A proxy's --build-arg is recorded by its name alone,
 # a --file by its absolute path.
 set -euo pipefail
+unset CDPATH  # an exported CDPATH would send the cd below elsewhere, and make it print
 for arg in "$@"; do
   case "$arg" in
     -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;

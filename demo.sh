@@ -7,6 +7,7 @@
 # Extra arguments go to process.py (e.g. --format gc, -d gpu); it runs in the repository, so relative
 # paths among them (--model-dir runs/x) are the repository's.
 set -euo pipefail
+unset CDPATH  # an exported CDPATH would send the cd below elsewhere, and make it print
 cd "$(dirname "${BASH_SOURCE[0]}")"
 # shellcheck source=test/ensure_venv.sh
 . test/ensure_venv.sh

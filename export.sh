@@ -13,6 +13,7 @@
 #   IMAGE=pfsam-bus-cuda ./export.sh         # another image name (as build.sh's IMAGE)
 # Files are written beside this script. No arguments (-h, --help: this text).
 set -euo pipefail
+unset CDPATH  # an exported CDPATH would send the cd below elsewhere, and make it print
 if [ $# -gt 0 ]; then
   case "$1" in
     -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;

@@ -21,6 +21,7 @@
 #      default .venv/bin/python), MEMORY (default 4g), CONTAINER_USER (default 1000:1000 when run as root, else your uid:gid).
 # No arguments (-h, --help: this text).
 set -euo pipefail
+unset CDPATH  # an exported CDPATH would send the cd below elsewhere, and make it print
 if [ $# -gt 0 ]; then
   case "$1" in
     -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;

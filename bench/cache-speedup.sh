@@ -7,6 +7,7 @@
 #
 #   [DATA=data/prepared] [CACHE=cache] [LIMIT=256] [REPEAT=3] [CONFIG=...] bash bench/cache-speedup.sh
 set -euo pipefail
+unset CDPATH  # an exported CDPATH would send the cd below elsewhere, and make it print
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-.venv/bin/python}
 DATA=${DATA:-data/prepared} CACHE=${CACHE:-cache} LIMIT=${LIMIT:-256} REPEAT=${REPEAT:-3}

@@ -3,6 +3,7 @@
 # $OUT/$LOG, prints the card and torch, and defines bench() (model.benchmark as JSON, appended to
 # $OUT/$JSONL and printed as a table; the first argument is its time limit in seconds).
 set -uo pipefail
+unset CDPATH  # an exported CDPATH would send the cd below elsewhere, and make it print
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/gpu-check}

@@ -6,6 +6,7 @@
 #
 #   bash bench/make-carry.sh      # needs data/prepared (python -m training.prepare ...) and pip access
 set -euo pipefail
+unset CDPATH  # an exported CDPATH would send the cd below elsewhere, and make it print
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-.venv/bin/python}
 SRC=${SRC:-data/prepared}

@@ -4,6 +4,7 @@
 # TEST_MODEL=random) the untrained test ensemble of test/make_test_model.py.
 # Review the diff before committing: a changed mask or label means the model or the code changed.
 set -euo pipefail
+unset CDPATH  # an exported CDPATH would send the cd below elsewhere, and make it print
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TEST_MODEL="${TEST_MODEL:-auto}"
 case "$TEST_MODEL" in  # as test.sh: a misspelt one fell back to another model in silence
@@ -16,8 +17,10 @@ fi
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$HERE/.venv/bin/python" ]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
 fi
+case "$PYTHON" in /*) ;; */*) PYTHON="$PWD/$PYTHON" ;; esac  # process.py runs from the repository's root
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/pfsam-expected.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
+WORK="$(cd "$WORK" && pwd)"  # absolute: a relative TMPDIR is not where process.py runs
 
 if [ "$TEST_MODEL" != random ] && [ -f "$HERE/model/weights/default/ensemble.json" ]; then
   MODEL_DIR="$HERE/model/weights/default"; KIND=default

@@ -6,6 +6,7 @@
 #   bash test/run.sh --slow             (also the slow tests; CI runs them)
 #   bash test/run.sh test/test_writers.py[::test_name] ...   (those alone; paths from the folder it is run in)
 set -euo pipefail
+unset CDPATH  # an exported CDPATH would send the cd below elsewhere, and make it print
 caller="$PWD"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ -z "${PYTHON:-}" ]; then

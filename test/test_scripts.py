@@ -506,6 +506,46 @@ def test_test_sh_refuses_a_test_model_it_does_not_know(tmp_path):
     assert not (tmp_path / "py.log").exists()
 
 
+STUB_RECORDING_PYTHON = """#!/usr/bin/env bash
+echo "$PWD | $*" >> "$PY_LOG"
+prev=""
+for a in "$@"; do [ "$prev" = --expected ] && echo '{}' > "$a"; prev="$a"; done
+"""
+
+
+def test_make_expected_sh_takes_a_relative_tmpdir_python_and_an_exported_cdpath(tmp_path):
+    """make_expected.sh made its work folder under a relative TMPDIR and ran process.py from the repository's
+    root with those relative paths (writing into the repository, then failing), and a relative PYTHON was
+    not found there; an exported CDPATH sent its cd elsewhere. Paths are made absolute, CDPATH unset."""
+    here = tmp_path / "repo"
+    (here / "test" / "input").mkdir(parents=True)
+    shutil.copy2(REPO / "test" / "make_expected.sh", here / "test" / "make_expected.sh")
+    mha = here / "test" / "input" / "images" / "breast-ultrasound-image" / "bus_spacing.mha"
+    mha.parent.mkdir(parents=True)
+    mha.write_bytes(b"stands in for the image")
+    caller = tmp_path / "caller"
+    (caller / "rel").mkdir(parents=True)
+    (caller / "stubs").mkdir()
+    (caller / "stubs" / "py").write_text(STUB_RECORDING_PYTHON)
+    (caller / "stubs" / "py").chmod(0o755)
+    (tmp_path / "decoy" / "repo" / "test").mkdir(parents=True)  # where CDPATH would send `cd repo/test/..`
+    log = tmp_path / "py.log"
+    env = {**os.environ, "TMPDIR": "caller/rel", "PYTHON": "caller/stubs/py", "PY_LOG": str(log),
+           "TEST_MODEL": "random", "CDPATH": str(tmp_path / "decoy")}
+    res = subprocess.run(["bash", "repo/test/make_expected.sh"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    calls = [line.split(" | ") for line in log.read_text().splitlines()]
+    runs = [args.split() for cwd, args in calls if args.startswith("process.py")]
+    assert len(runs) == 2 and all(cwd == str(here) for cwd, args in calls if args.startswith("process.py"))
+    for args in runs:  # every path process.py gets is absolute
+        assert all(args[args.index(o) + 1].startswith("/") for o in ("-i", "-o", "--model-dir")), args
+    assert sorted(p.relative_to(here).as_posix() for p in here.rglob("*") if p.is_file()) == \
+        ["test/expected_output.json", "test/input/images/breast-ultrasound-image/bus_spacing.mha",
+         "test/make_expected.sh"]  # nothing else written into the repository
+    assert not list((caller / "rel").iterdir())  # its work folder removed
+
+
 # the image's entry point: `docker run IMAGE [ARGS]`; a stub python3 records what it is asked to run
 STUB_PROCESS = """#!/bin/sh
 printf '%s\\n' "$@" > "$PY_LOG"

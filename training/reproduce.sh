@@ -10,6 +10,7 @@
 # PYTHON (the interpreter; default: the active one, else the repository's .venv, else python).
 # Relative paths (the folders, OUT, ENCODER_CHECKPOINT) are taken from the folder it is run in.
 set -euo pipefail
+unset CDPATH  # an exported CDPATH would send the cd below elsewhere, and make it print
 caller="$PWD"
 cd "$(dirname "$0")/.."
 absolute() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s' "$caller/$1" ;; esac; }
