@@ -18,7 +18,7 @@
 #                                     # BASE_IMAGE given here builds on that base instead (the other arguments kept)
 #   SKIP_BUILD=1 ./test.sh            # reuse the image already built
 # Env: IMAGE (default pfsam-bus), PYTHON (host python with numpy + SimpleITK [+ torch for the test model];
-#      default .venv/bin/python), MEMORY (default 4g), CONTAINER_USER (default 1000:1000 when run as root, else your uid:gid).
+#      default .venv/bin/python), MEMORY (default 4g), CONTAINER_USER (default: the image's own user when run as root, else your uid:gid).
 # No arguments (-h, --help: this text).
 set -euo pipefail
 unset CDPATH  # an exported CDPATH would send the cd below elsewhere, and make it print
@@ -39,9 +39,11 @@ esac
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$HERE/.venv/bin/python" ]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
 fi
-if [ -z "${CONTAINER_USER:-}" ]; then
-  if [ "$(id -u)" = 0 ]; then CONTAINER_USER=1000:1000; else CONTAINER_USER="$(id -u):$(id -g)"; fi
-fi
+# as root: the image's own user (USER in the Dockerfile, as the platforms run it; the outputs' folders are
+# open to it); as another user: yours, so that you can remove what the container writes
+if [ -z "${CONTAINER_USER+set}" ] && [ "$(id -u)" != 0 ]; then CONTAINER_USER="$(id -u):$(id -g)"; fi
+user_args=()
+if [ -n "${CONTAINER_USER:-}" ]; then user_args=(--user "$CONTAINER_USER"); fi
 if ! "$PYTHON" -c 'import numpy, SimpleITK' 2>/dev/null; then  # the comparison runs on the host
   echo "test.sh: $PYTHON lacks numpy or SimpleITK, which the comparison of the outputs needs: run" \
        "'bash test/run.sh' once (it creates .venv), or set PYTHON" >&2
@@ -106,7 +108,7 @@ for run in all single; do
     --shm-size 128m \
     --read-only \
     --tmpfs /tmp \
-    --user "$CONTAINER_USER" \
+    ${user_args[@]+"${user_args[@]}"} \
     -v "$in_dir":/input:ro \
     -v "$out":/output \
     ${model_args[@]+"${model_args[@]}"} \
@@ -130,7 +132,7 @@ echo "test.sh: run 'pace': docker run $IMAGE python main.py -i /input -o /output
 rc=0
 docker run --rm --network none --cap-drop ALL --security-opt no-new-privileges \
   --memory "$MEMORY" --memory-swap "$MEMORY" --pids-limit 256 --shm-size 128m --read-only --tmpfs /tmp \
-  --user "$CONTAINER_USER" -v "$WORK/input-all":/input:ro -v "$out":/output ${model_args[@]+"${model_args[@]}"} \
+  ${user_args[@]+"${user_args[@]}"} -v "$WORK/input-all":/input:ro -v "$out":/output ${model_args[@]+"${model_args[@]}"} \
   "$IMAGE" python main.py -i /input -o /output -t all -d cpu --no-progress || rc=$?
 if [ "$rc" != 0 ]; then
   echo "FAIL [pace]: the container exited with status $rc"
@@ -146,13 +148,13 @@ fi
 out="$WORK/out-compile"
 mkdir -p "$out"
 chmod 777 "$out"
-if why="$(docker run --rm --network none --user "$CONTAINER_USER" --entrypoint python3 "$IMAGE" -m model.toolchain 2>&1)"; then
+if why="$(docker run --rm --network none ${user_args[@]+"${user_args[@]}"} --entrypoint python3 "$IMAGE" -m model.toolchain 2>&1)"; then
   echo "test.sh: run 'compile': docker run $IMAGE python main.py -i /input -o /output -t all -d cpu --compile"
   start=$(date +%s)
   rc=0
   docker run --rm --network none --cap-drop ALL --security-opt no-new-privileges \
     --memory "$MEMORY" --memory-swap "$MEMORY" --pids-limit 256 --shm-size 128m \
-    --user "$CONTAINER_USER" -v "$WORK/input-all":/input:ro -v "$out":/output ${model_args[@]+"${model_args[@]}"} \
+    ${user_args[@]+"${user_args[@]}"} -v "$WORK/input-all":/input:ro -v "$out":/output ${model_args[@]+"${model_args[@]}"} \
     "$IMAGE" python main.py -i /input -o /output -t all -d cpu --compile --no-progress || rc=$?
   echo "test.sh: run 'compile': container exited with $rc after $(( $(date +%s) - start ))s"
   if [ "$rc" != 0 ]; then

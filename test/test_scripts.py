@@ -492,6 +492,23 @@ def test_cache_speedup_sh_shows_why_a_training_run_failed(tmp_path):
     assert "error: no embedding cache in cache/" in res.stderr, res.stderr
 
 
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="as another user test.sh runs as that user")
+def test_test_sh_run_as_root_runs_the_image_as_its_own_user(tmp_path):
+    """As root, test.sh ran every container with --user 1000:1000, so an image built to run as root (PACE's
+    command has no --user) or as another uid was never tested as it ships; now no --user unless
+    CONTAINER_USER asks for one. (The stub's containers write nothing: the comparison fails after the first.)"""
+    stubs = _stub(tmp_path / "stubs", "docker", STUB_DOCKER)
+    for given, want in ((None, None), ("5:5", "5:5")):
+        log = tmp_path / f"docker-{want}.log"
+        extra = {"CONTAINER_USER": given} if given else {}
+        _run([REPO / "test.sh"], REPO, stubs, DOCKER_LOG=str(log), SKIP_BUILD="1", TEST_MODEL="default",
+             PYTHON=sys.executable, **extra)
+        runs = [line.split() for line in log.read_text().splitlines() if line.startswith("run ")]
+        assert runs, log.read_text()
+        users = {r[r.index("--user") + 1] if "--user" in r else None for r in runs}
+        assert users == {want}, runs
+
+
 def test_test_sh_refuses_a_test_model_it_does_not_know(tmp_path):
     """TEST_MODEL=randon fell back to the default model in silence, in test.sh and in make_expected.sh,
     which records the outputs test.sh compares with (it ran process.py, here a stub, on the default)."""
