@@ -28,7 +28,7 @@ Exit status: 0 all images processed; 3 some failed (the others are written);
 1 none processed, no input images, an input or output folder that cannot be used, or the model cannot be
 loaded; 2 a bad option or value (nothing run);
 143 stopped by SIGTERM (docker stop), 130 by Ctrl-C (SIGINT): masks written so far are kept, no summary files
-(an earlier run's there are removed once this run has written over its outputs).
+(an earlier run's there are kept, and named in a note once this run has written some outputs).
 """
 from __future__ import annotations
 

@@ -394,15 +394,12 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
                 # nothing of this batch is held while the next one is read (full-size images and masks)
                 loaded = futures = preds = img = pred = None
             settle()
-    except BaseException:  # stopped (SIGTERM, Ctrl-C): the summary is not written
-        if any(c.outputs for c in cases):  # an earlier run's summary no longer describes the folder
-            gone = [p for p in [*writer.summary_files(), out / ERRORS_FILE] if p.is_file()]
-            for path in gone:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-            if gone:
-                log(f"note: removed the summary that an earlier run left in {out} "
-                    f"({', '.join(p.name for p in gone)}): this run, stopped, had written over its outputs")
+    except BaseException:  # stopped (SIGTERM, Ctrl-C): this run's summary is not written
+        wrote = [c for c in cases if c.outputs]
+        earlier = [p for p in [*writer.summary_files(), out / ERRORS_FILE] if p.is_file()]
+        if wrote and earlier:  # kept (a -t cls run's answers beside this -t seg run's masks), but said
+            log(f"note: {', '.join(p.name for p in earlier)} in {out} {'are' if len(earlier) > 1 else 'is'} an "
+                f"earlier run's: this run, stopped, wrote some of its outputs but not its own summary")
         raise
     finally:
         predictor.keep_logits = kept_logits

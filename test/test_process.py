@@ -632,11 +632,11 @@ def test_ctrl_c_stops_the_run_with_exit_130_keeping_what_is_written(cli, tmp_pat
     assert "Aborted" not in res.output
 
 
-def test_a_stopped_run_removes_the_summary_of_an_earlier_run_it_wrote_over(cli, inputs, tmp_path, monkeypatch):
+def test_a_stopped_run_says_that_the_summary_in_the_folder_is_an_earlier_runs(cli, inputs, tmp_path, monkeypatch):
     """A run stopped (Ctrl-C, SIGTERM) after writing some masks into a folder that an earlier run filled
-    left that run's predictions.csv beside them, describing other predictions than the masks now there
-    (a grader reads it as whole). It is removed, with a note; a run stopped before writing anything
-    leaves the earlier run's files as they were."""
+    left that run's predictions.csv beside them without a word (a grader reads it as this run's). It is
+    kept (a -t cls run's answers beside a stopped -t seg run's masks are still its answers) and named in a
+    note; a run stopped before writing anything says nothing and leaves every file as it was."""
     import model.inference as inference
 
     root, sizes = inputs
@@ -648,7 +648,7 @@ def test_a_stopped_run_removes_the_summary_of_an_earlier_run_it_wrote_over(cli, 
     summary = ["classification/predictions.csv", "classification/probabilities.csv", "errors.csv"]
     before = {f: (out / f).read_bytes() for f in summary}
     real = inference._predict
-    for calls_before_stop, removed in ((0, False), (1, True)):
+    for calls_before_stop, said in ((0, False), (1, True)):
         calls = []
 
         def stopped(predictor, arrays):
@@ -660,10 +660,11 @@ def test_a_stopped_run_removes_the_summary_of_an_earlier_run_it_wrote_over(cli, 
         monkeypatch.setattr(inference, "_predict", stopped)
         res = cli("-i", d, "-o", out, "--format", "pace", "--batch-size", "1")
         assert res.exit_code == 130, res.output
-        note = f"removed the summary that an earlier run left in {out}"
-        assert (note in res.output) == removed, res.output
-        assert {f: (out / f).read_bytes() for f in summary if (out / f).exists()} == ({} if removed else before)
-        assert len(list((out / "segmentation").glob("*_mask.png"))) == len(sizes)  # the masks stay
+        note = (f"note: predictions.csv, probabilities.csv, errors.csv in {out} are an earlier run's: this run, "
+                "stopped, wrote some of its outputs but not its own summary")
+        assert (note in res.output) == said, res.output
+        assert {f: (out / f).read_bytes() for f in summary} == before  # nothing of the earlier run lost
+        assert len(list((out / "segmentation").glob("*_mask.png"))) == len(sizes)
 
 
 # ------------------------------------------------------------------------------------------
