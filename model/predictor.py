@@ -280,11 +280,12 @@ class Predictor:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor, widths=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, widths=None, heights=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Network inputs (B x 3 x S x S) -> (mask probabilities B x R x R, class probabilities B x 3).
         ``widths``: each image's columns in its input (``Geometry.resized[1]``; the rest is padding),
-        which TTA mirrors within; None: all S columns."""
-        return self.combine_views(self.encode_views(x, widths), widths)
+        which TTA mirrors within; None: all S columns. ``heights``: its rows (``Geometry.resized[0]``);
+        with both, box refinement looks for the lesion in the image alone, not in the padding."""
+        return self.combine_views(self.encode_views(x, widths), widths, heights)
 
     def encode_views(self, x: torch.Tensor, widths=None) -> list:
         """The encoder outputs of x (and with TTA of its mirror image, ``mirror(x, widths)``), as
@@ -309,12 +310,12 @@ class Predictor:
         return views
 
     @torch.inference_mode()
-    def combine_views(self, views: list, widths=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def combine_views(self, views: list, widths=None, heights=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``combine`` over ``encode_views``' views (the same ``widths``), the mirrored view's mask
         mirrored back, averaged."""
         seg_sum, cls_sum = 0.0, 0.0
         for vi, encoded in enumerate(views):
-            seg, cls = self.combine(encoded)
+            seg, cls = self.combine(encoded, widths, heights)  # a mirrored image keeps its padding where it was
             if vi == 1:
                 seg = mirror(seg, None if widths is None else grid_widths(widths, self.input_size, seg.shape[-1]))
             seg_sum = seg_sum + seg
@@ -322,8 +323,9 @@ class Predictor:
         return (seg_sum / len(views)).cpu(), (cls_sum / len(views)).cpu()
 
     @torch.inference_mode()
-    def combine(self, encoded) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weighted member outputs from encoder outputs; ``encoded(model) -> (embedding, features)``."""
+    def combine(self, encoded, widths=None, heights=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted member outputs from encoder outputs; ``encoded(model) -> (embedding, features)``;
+        ``widths`` and ``heights``: ``forward``'s."""
         cls = 0.0
         segs = []
         seg_embedding = None
@@ -347,7 +349,11 @@ class Predictor:
                        F.interpolate(p[:, None], size=(res, res), mode="bilinear", align_corners=False)[:, 0])
                   for w, p in segs) / sum(self.seg_w.values())
         if self.refiner is not None:  # fp32: the decoder's boundaries are what it is there for
-            seg = self.refiner(seg_embedding, seg)
+            extents = None
+            if widths is not None and heights is not None:  # the grid cells each image covers (rounded up)
+                extents = [(-(-int(h) * res // self.input_size), -(-int(w) * res // self.input_size))
+                           for h, w in zip(heights, widths)]
+            seg = self.refiner(seg_embedding, seg, extents)
         return seg, cls / sum(self.cls_w.values())
 
     def finish(self, prob: torch.Tensor, cls: torch.Tensor, geom: Geometry) -> Prediction:
@@ -372,9 +378,11 @@ class Predictor:
             return Prediction(mask, probs, label, {"logits": full})
         return Prediction(postprocess(logits, geom, threshold=thr), probs, label)
 
-    def _forward_fitting(self, x: torch.Tensor, widths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_fitting(self, x: torch.Tensor, widths: list[int],
+                         heights: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward`` through ``fit_in_gpu_memory`` (which halves the range of items it is given)."""
-        return fit_in_gpu_memory(lambda r: self.forward(x[r.start:r.stop], widths[r.start:r.stop]), range(len(x)),
+        return fit_in_gpu_memory(lambda r: self.forward(x[r.start:r.stop], widths[r.start:r.stop],
+                                                        heights[r.start:r.stop]), range(len(x)),
                                  lambda a, b: (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])))
 
     def _map(self, fn, *iterables) -> list:
@@ -396,7 +404,7 @@ class Predictor:
             batch = self._map(lambda img: preprocess(img, self.input_size, self.normalization),
                               images[start:start + self.batch_size])
             x = torch.stack([b[0] for b in batch])
-            seg, cls = self._forward_fitting(x, [b[1].resized[1] for b in batch])
+            seg, cls = self._forward_fitting(x, [b[1].resized[1] for b in batch], [b[1].resized[0] for b in batch])
             results += self._map(lambda i: self.finish(seg[i], cls[i], batch[i][1]), range(len(batch)))
         return results
 

@@ -33,14 +33,19 @@ REFINE_ENCODERS = ("litemedsam",)  # encoders whose decoder weights ship with th
 REFINE_OUTSIDE = ("drop", "head")
 
 
-def mask_boxes(prob: torch.Tensor, threshold: float, input_size: int, margin: float) -> list[list[float] | None]:
+def mask_boxes(prob: torch.Tensor, threshold: float, input_size: int, margin: float,
+               extents=None) -> list[list[float] | None]:
     """B x R x R probabilities -> per image the largest component's box (x0, y0, x1, y1) in encoder-input
-    pixels widened by ``margin`` and clipped to the input, or None when the mask is empty."""
+    pixels widened by ``margin`` and clipped to the input, or None when the mask is empty. ``extents``:
+    per image the grid rows and columns its image covers (the rest is padding, where no component counts)."""
     res = prob.shape[-1]
     scale = input_size / res
     boxes: list[list[float] | None] = []
-    for p in prob.float().cpu().numpy():
+    for k, p in enumerate(prob.float().cpu().numpy()):
         binary = p > threshold
+        if extents is not None:
+            binary[extents[k][0]:] = False
+            binary[:, extents[k][1]:] = False
         if not binary.any():
             boxes.append(None)
             continue
@@ -89,9 +94,10 @@ class BoxRefiner(nn.Module):
         load_into(self, own, str(path))
 
     @torch.inference_mode()
-    def forward(self, embedding: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
-        """Embeddings B x 256 x 64 x 64 and head probabilities B x R x R -> refined B x R x R."""
-        boxes = mask_boxes(prob, self.threshold, self.input_size, self.margin)
+    def forward(self, embedding: torch.Tensor, prob: torch.Tensor, extents=None) -> torch.Tensor:
+        """Embeddings B x 256 x 64 x 64 and head probabilities B x R x R -> refined B x R x R (``extents``:
+        ``mask_boxes``')."""
+        boxes = mask_boxes(prob, self.threshold, self.input_size, self.margin, extents)
         idx = [i for i, b in enumerate(boxes) if b is not None]
         if not idx:
             return prob

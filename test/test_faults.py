@@ -293,12 +293,13 @@ def _images(n: int = 5) -> list[np.ndarray]:
 def _oom_forward(predictor, monkeypatch, fails, calls: list[int]):
     real = type(predictor).forward.__get__(predictor)  # the class's method, not an earlier patch
 
-    def forward(x, widths=None):
+    def forward(x, widths=None, heights=None):
         calls.append(int(x.shape[0]))
-        assert widths is not None and len(widths) == len(x)  # each image's own columns, halved with the batch
+        # each image's own columns and rows, halved with the batch
+        assert widths is not None and heights is not None and len(widths) == len(heights) == len(x)
         if fails(int(x.shape[0])):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        return real(x, widths)
+        return real(x, widths, heights)
 
     monkeypatch.setattr(predictor, "forward", forward)
 

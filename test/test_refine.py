@@ -515,3 +515,43 @@ def test_the_decoder_gets_the_embedding_of_the_member_its_encoder_was_checked_fo
     seg, _ = pred.forward(x)
     assert not torch.allclose(want, other, atol=1e-3)  # the embedding matters here
     torch.testing.assert_close(seg, want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_box_is_drawn_around_a_lesion_in_the_image_not_a_larger_blob_in_the_padding(refiner):
+    """The box was drawn around the largest component of the whole grid, padding included: a larger false
+    blob in the padding (cropped afterwards) took the box, and at blend 0.5 the lesion's 0.9 fell to about
+    0.45, under the threshold: the lesion was lost. Given the image's extent, the box is the lesion's."""
+    prob = torch.full((1, 256, 256), 0.05)
+    prob[0, 40:70, 30:60] = 0.9  # the lesion, in a portrait image's 128 columns
+    prob[0, 0:250, 140:250] = 0.9  # a larger blob, all of it in the padding
+    assert mask_boxes(prob, 0.5, 256, 0.0)[0][0] >= 128  # the whole grid: the padding's blob
+    assert mask_boxes(prob, 0.5, 256, 0.0, [(256, 128)]) == [[30.0, 40.0, 59.0, 69.0]]
+    emb = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(2))
+    half = BoxRefiner(256, 5, 0.5)
+    half.load_state_dict(refiner.state_dict())
+    half.eval()
+    inside = half(emb, prob, [(256, 128)])
+    box = mask_boxes(prob, 0.5, 256, 5.0, [(256, 128)])
+    clean = prob.clone()
+    clean[0, :, 128:] = 0.05
+    assert box == mask_boxes(clean, 0.5, 256, 5.0)  # the same box as without the padding's blob
+    assert not torch.equal(inside[0, 40:70, 30:60], prob[0, 40:70, 30:60])  # the lesion was decoded
+
+
+def test_the_predictor_gives_the_refiner_each_images_extent(tmp_path):
+    """Predictor.predict passes each image's rows and columns (Geometry.resized) down to the refiner."""
+    ens = make_test_ensemble(tmp_path / "ens")
+    spec = json.loads((ens / "ensemble.json").read_text())
+    spec["postprocess"]["refine"] = {"type": "box", "margin": 5, "blend": 0.5}
+    (ens / "ensemble.json").write_text(json.dumps(spec))
+    pred = Predictor.from_dir(ens, device="cpu")
+    seen = []
+    real = pred.refiner.forward
+
+    def forward(embedding, prob, extents=None):
+        seen.append(extents)
+        return real(embedding, prob, extents)
+
+    pred.refiner.forward = forward
+    pred.predict([make_ultrasound(200, 100, seed=4)[0], make_ultrasound(100, 300, seed=5)[0]])
+    assert seen == [[(256, 128), (85, 256)]]  # 200 x 100 -> 256 x 128; 100 x 300 -> 85 x 256

@@ -88,12 +88,12 @@ def _combined(predictor: Predictor, refiners: list, images: list) -> list:
     ``process.py`` (``fit_in_gpu_memory``)."""
     def one_pass(batch: list) -> list:
         pre = [preprocess(image, predictor.input_size, predictor.normalization) for image in batch]
-        widths = [geom.resized[1] for _, geom in pre]
+        widths, heights = [geom.resized[1] for _, geom in pre], [geom.resized[0] for _, geom in pre]
         views = predictor.encode_views(torch.stack([x for x, _ in pre]), widths)
         per_refiner = []
         for refiner in refiners:
             predictor.refiner = refiner
-            per_refiner.append(predictor.combine_views(views, widths))
+            per_refiner.append(predictor.combine_views(views, widths, heights))
         return [[(seg[j], cls[j], pre[j][1]) for seg, cls in per_refiner] for j in range(len(batch))]
 
     return fit_in_gpu_memory(one_pass, images, operator.add)
