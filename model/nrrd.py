@@ -37,8 +37,8 @@ def is_nrrd(path: Path | str) -> bool:
 
 def nrrd_header(path: Path) -> dict[str, str]:
     """The header's fields (``type``, ``sizes``, ``data file``, ...; keys in lower case, teem's
-    spellings: ``datafile`` = ``data file``), read line by line as teem reads it to the blank line that
-    ends it (or the end of a ``.nhdr``); comments and ``key:=value`` pairs skipped; the data file's name
+    spellings: ``datafile`` = ``data file``, ``byteskip`` = ``byte skip``), read line by line as teem
+    reads it to the blank line that ends it (or the end of a ``.nhdr``); comments and ``key:=value`` pairs skipped; the data file's name
     as teem takes it (spaces and tabs after the ``:`` skipped, those at its end kept; bytes that are not
     UTF-8 kept as lone surrogates), the other values stripped.
     ``ImageReadError`` without NRRD's magic or with a header that runs past ``_MAX_HEADER``."""
@@ -59,7 +59,8 @@ def nrrd_header(path: Path) -> dict[str, str]:
             continue
         key, sep, value = line.partition(": ")
         if sep:
-            key = key.strip().lower().replace("datafile", "data file")
+            key = key.strip().lower()
+            key = {"datafile": "data file", "byteskip": "byte skip", "lineskip": "line skip"}.get(key, key)
             fields[key] = value.lstrip(" \t") if key == "data file" else value.strip()
     return fields
 

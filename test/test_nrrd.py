@@ -294,3 +294,7 @@ def test_byte_skip_minus_one_with_pixel_data_cut_short_is_refused(tmp_path):
         with pytest.raises(ImageReadError, match=f"header announces {data.nbytes} bytes of it, the file holds "
                                                  f"{data.nbytes - 20}"):
             read_image(cut)
+    cut = tmp_path / "byteskip-cut.nrrd"  # teem's other spelling of the field
+    cut.write_bytes(head.format("uchar").replace("byte skip", "byteskip").encode() + arr.tobytes()[:-20])
+    with pytest.raises(ImageReadError, match="header announces 600 bytes of it, the file holds 580"):
+        read_image(cut)
