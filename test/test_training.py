@@ -346,28 +346,34 @@ def test_a_run_whose_mixed_phase_does_not_end_before_its_last_epoch_says_so(tiny
     assert "curriculum.mixed_until" not in capsys.readouterr().err
 
 
-def test_dataloader_workers_leave_sigterm_to_the_run(tiny_dataset, cache_dir, tmp_path, monkeypatch):
+def test_a_dataloader_worker_killed_by_sigterm_stops_the_run_as_its_own_sigterm_does(tiny_dataset, cache_dir,
+                                                                                     tmp_path, monkeypatch):
     """A scheduler's SIGTERM reaches every process of the job: a DataLoader worker died of it and, when
     torch reported that before the run saw its own SIGTERM, the run ended with "DataLoader worker ...
-    killed by signal" (exit 1) instead of its stop naming state.pt (exit 143). The workers ignore it
-    (here each one gets SIGTERM as it loads its first item; the run goes on)."""
+    killed by signal" and a traceback (exit 1) instead of its stop naming state.pt (exit 143). Here the
+    worker gets SIGTERM as it loads its first item (it dies of it: the run's own handler, inherited at
+    the fork, is not its), and the run stops as for its own."""
     import signal
 
     from torch.utils.data import get_worker_info
 
     real = train_mod.CachedSet.__getitem__
-    hit = tmp_path / "signalled"
 
     def signalled(self, item):
-        if get_worker_info() is not None and not (hit / str(os.getpid())).exists():
-            hit.mkdir(exist_ok=True)
-            (hit / str(os.getpid())).touch()
+        if get_worker_info() is not None:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, item)
 
     monkeypatch.setattr(train_mod.CachedSet, "__getitem__", signalled)
-    result = train(tiny_cfg("sd-h", epochs=1), tiny_dataset, tmp_path / "run", "cpu", cache_dir, workers=1)
-    assert [h["epoch"] for h in result["history"]] == [1] and len(list(hit.iterdir())) >= 1
+    before = signal.getsignal(signal.SIGTERM)
+    run = tmp_path / "run"
+    res = CliRunner().invoke(train_mod.main, ["--config", str(REPO / "training" / "configs" / "default-sd-h.yaml"),
+                                              "--data", str(tiny_dataset), "--out", str(run), "--device", "cpu",
+                                              "--cache", str(cache_dir), "--epochs", "1", "--workers", "1",
+                                              "--set", "views=[orig]"])
+    assert res.exit_code == 143, (res.output, res.exception)
+    assert f"stopped by SIGTERM before an epoch ended: nothing to resume in {run}" in res.output, res.output
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_sigterm_stops_training_as_ctrl_c_does_saying_what_can_be_resumed(tiny_dataset, tmp_path, monkeypatch):

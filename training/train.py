@@ -97,12 +97,22 @@ def build_model(cfg: dict) -> PFSAMNet:
 
 # ------------------------------------------------------------------------------------------- data
 def _leave_stops_to_the_run(worker_id: int) -> None:
-    """A DataLoader worker ignores SIGTERM and SIGINT: a job's scheduler (and Ctrl-C) signals every process
-    of the job, and a worker that died of it first ended the run with torch's "DataLoader worker ... killed
-    by signal" error (exit 1) instead of the stop that saves nothing half-written and names state.pt (exit
-    143 or 130). The run stops its workers itself; they also end when it dies."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """A DataLoader worker ignores Ctrl-C (the terminal sends it to every process of the run, which stops
+    its workers itself) and dies of SIGTERM, the signal its shutdown uses on a worker that does not end:
+    a job's scheduler signals every process of the job, and a worker killed first is then known by
+    ``_worker_terminated`` (not the run's own handler, inherited at the fork, which would end it unseen)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _worker_terminated(exc: BaseException) -> bool:
+    """torch's error for a DataLoader worker killed by SIGTERM (a job's time limit signals every process
+    of the job: the run stops as for its own SIGTERM, not with a traceback and exit 1)."""
+    while exc is not None:
+        if isinstance(exc, RuntimeError) and "killed by signal: Terminated" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 class CachedSet(Dataset):
@@ -460,6 +470,18 @@ def provenance(cfg: dict, data: Path, epoch: int, row: dict, limit: int | None =
 OPTION_KEYS = {"optim.lr": "--lr", "model.encoder_checkpoint": "--encoder-checkpoint"}
 
 
+def _stopped(out: Path, by_sigterm: bool) -> None:
+    """A run stopped by Ctrl-C or SIGTERM: say what can be resumed, exit 130 or 143."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the rest of the job's SIGTERM: the run is stopping
+    state = out / STATE_NAME
+    if int(os.environ.get("RANK", "0")) == 0:
+        how = "stopped by SIGTERM" if by_sigterm else "interrupted"
+        click.echo(f"{how}: {state} holds the run's last finished epoch; continue it with the same command "
+                   "and --resume" if state.is_file() else
+                   f"{how} before an epoch ended: nothing to resume in {out}", err=True)
+    sys.exit(128 + signal.SIGTERM if by_sigterm else 130)
+
+
 @click.command(context_settings={"show_default": True})
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Variant config: training/configs/{unet-h,sd-h,mgc-a}.yaml (the paper's), default-{sd-h,mgc-a}.yaml "
@@ -527,18 +549,16 @@ def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, ba
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt as exc:  # click would say "Aborted!" alone
-        state = Path(out) / STATE_NAME
-        if int(os.environ.get("RANK", "0")) == 0:
-            how = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
-            click.echo(f"{how}: {state} holds the run's last finished epoch; continue it with the same command "
-                       "and --resume" if state.is_file() else
-                       f"{how} before an epoch ended: nothing to resume in {out}", err=True)
-        sys.exit(128 + signal.SIGTERM if isinstance(exc, Terminated) else 130)
+        _stopped(Path(out), isinstance(exc, Terminated))
     except ConfigError as exc:
         given = {key: f"{flag} {overrides[key]}" for key, flag in OPTION_KEYS.items() if overrides.get(key) is not None}
         raise click.ClickException(config_error_origin(str(exc), config_path, sets, given)) from None
     except (WeightsError, CacheError, DataError, ImageReadError, FileNotFoundError) as exc:  # names the file
         raise click.ClickException(str(exc)) from None
+    except RuntimeError as exc:
+        if not _worker_terminated(exc):
+            raise
+        _stopped(Path(out), True)  # a DataLoader worker killed by the job's SIGTERM before the run saw its own
     finally:
         signal.signal(signal.SIGTERM, previous)
     best = result["best"]
