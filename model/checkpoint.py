@@ -125,7 +125,7 @@ def read_config(model_dir: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{model_dir}: no {CONFIG_NAME} (not a PF-SAM BUS model directory)")
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(cfg, dict):
             raise ValueError(f"not a model config (a JSON object), but a JSON {type(cfg).__name__}")
         return validate_config(cfg) | {k: v for k, v in cfg.items() if k == "provenance"}
@@ -318,7 +318,7 @@ def read_ensemble(model_dir: str | Path) -> dict:
                     "classification_weights": {".": 1.0}, "postprocess": dict(DEFAULT_POSTPROCESS)}
         raise CheckpointError(f"{model_dir}: no {ENSEMBLE_NAME} or {CONFIG_NAME}; not a model directory")
     try:
-        spec = json.loads(path.read_text())
+        spec = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
     if not isinstance(spec, dict):

@@ -230,3 +230,10 @@ def test_summary_text_is_utf8_under_an_ascii_locale(tmp_path):
                           cwd=str(Path(__file__).resolve().parents[1]), env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert path.read_bytes().decode("utf-8") == "file,reason\n乳腺 1.png,x\n"
+    # and read back as UTF-8: training's csv and json readers (evaluate reads process.py's predictions.csv)
+    read = ("import sys; from pathlib import Path; from training.datasets import csv_rows; "
+            "from training.read_predictions import read_pace; "
+            "print(csv_rows(Path(sys.argv[1]))[0][1]['file'] == '\\u4e73\\u817a 1.png')")
+    proc = subprocess.run([sys.executable, "-c", read, str(path)], cwd=str(Path(__file__).resolve().parents[1]),
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr

@@ -188,7 +188,7 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
         skip_shapes = [tuple(f.shape[1:]) for f in feats]
     content = {r.image_id: content_sha(r) for r in records}  # the prepared image and mask files
     if meta_path.exists():  # a subset of the cached images (e.g. --limit) is served from the same arrays
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
         missing = sorted(set(ids) - set(meta["ids"]))
         if missing and not build:
             raise CacheError(f"{root}: {len(missing)} of these images are not in the cache (e.g. {missing[0]}; "

@@ -20,7 +20,7 @@ def load_config(path: str | Path, overrides: dict) -> dict:
     (the paper's 20/40 of 60 epochs become 10/20 of 30), so every phase keeps its share of the run,
     rounded to whole epochs (at 2 epochs the mixed phase rounds to none: 1/1 of 2)."""
     try:
-        cfg = yaml.safe_load(Path(path).read_text())
+        cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: not a readable YAML config ({' '.join(str(exc).split())})") from None
     if not isinstance(cfg, dict):

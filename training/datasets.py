@@ -51,7 +51,7 @@ def csv_rows(path: Path, required: tuple[str, ...] = ()) -> list[tuple[int, dict
     """(line, row) of a csv, its column names stripped and lower-case, the columns ``required``
     checked; DataError naming the file for those missing, a file not UTF-8 or not csv."""
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
             fields = [(f or "").strip().lower() for f in reader.fieldnames or []]
             missing = [c for c in required if c not in fields]

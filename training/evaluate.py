@@ -84,7 +84,7 @@ def bootstrap_groups(data_dir: Path | str, rows: list[dict[str, str]]) -> dict[s
     report = Path(data_dir) / "report.json"
     if report.is_file():
         try:
-            duplicates = json.loads(report.read_text()).get("duplicates", [])
+            duplicates = json.loads(report.read_text(encoding="utf-8")).get("duplicates", [])
         except (json.JSONDecodeError, AttributeError):
             duplicates = []
         links += [[str(i) for i in d["kept"]] for d in duplicates

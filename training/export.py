@@ -35,7 +35,7 @@ CLS_PREFERENCE = ("mgc-a", "sd-h", "unet-h")
 def run_variant(run: Path) -> str:
     cfg_path = run / "config.yaml"
     if cfg_path.is_file():
-        variant = yaml.safe_load(cfg_path.read_text()).get("variant")
+        variant = yaml.safe_load(cfg_path.read_text(encoding="utf-8")).get("variant")
         if variant:
             return variant
     return run.name
@@ -131,7 +131,7 @@ def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics:
         lines.append("")
         lines.append(f"Split: {split_text(data_report)}, grouped by patient where known (BUS-BRA); "
                      f"conflicting duplicates removed; {near_duplicate_text(data_report)} (training.prepare).")
-    spec = json.loads((out / ENSEMBLE_NAME).read_text())
+    spec = json.loads((out / ENSEMBLE_NAME).read_text(encoding="utf-8"))
     lines += ["", "## Postprocessing", "", f"`{json.dumps(spec['postprocess'])}`", ""]
     if spec.get("postprocess_validation"):
         setup = spec.get("postprocess_validation_setup") or {}
@@ -231,7 +231,7 @@ def _encoder_checkpoints(members: dict[str, Path]) -> dict[str, Path]:
 def _old_spec(out: Path) -> dict | None:
     """``out``'s current ensemble.json; None where there is none, or it is not one (cut short, edited)."""
     try:
-        spec = json.loads((out / ENSEMBLE_NAME).read_text())
+        spec = json.loads((out / ENSEMBLE_NAME).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return spec if isinstance(spec, dict) and isinstance(spec.get("members", {}), dict) else None
@@ -311,7 +311,7 @@ def export(runs: list[Path], out: Path, which: str = "best", metrics_path: Path 
     report = None
     if data_report:
         try:
-            report = json.loads(Path(data_report).read_text())
+            report = json.loads(Path(data_report).read_text(encoding="utf-8"))
             if not isinstance(report, dict):
                 raise ValueError("not a JSON object")
         except (OSError, UnicodeDecodeError, ValueError) as exc:

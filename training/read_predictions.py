@@ -125,7 +125,7 @@ def read_grand_challenge(pred_dir: Path | str) -> tuple[dict[str, dict], list[di
     entries: list = []
     if results.is_file():
         try:
-            entries = json.loads(results.read_text())
+            entries = json.loads(results.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             problems.append({"image_id": None, "problem": f"results.json is not valid JSON ({exc})"})
         if isinstance(entries, Mapping):

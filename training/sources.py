@@ -183,7 +183,7 @@ def read_pace(root: Path | str, warn: Warn = _no_warning) -> list[Record]:
     root = _require_dir(Path(root), "PACE")
     patients = {}
     if (root / "labels.csv").is_file():
-        with open(root / "labels.csv", newline="") as fh:
+        with open(root / "labels.csv", newline="", encoding="utf-8") as fh:
             patients = {r["image_id"]: r.get("patient_id") or "" for r in csv.DictReader(fh) if r.get("image_id")}
     files = []
     for p in list_images(root):

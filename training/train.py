@@ -251,7 +251,7 @@ def evaluate_epoch(model, loader, device, bf16, cfg) -> dict:
 def write_logs(out: Path, history: list[dict]) -> None:
     write_text(out / LOG_JSON, json.dumps(to_jsonable(history), indent=1, allow_nan=False) + "\n")
     keys = list(history[0])
-    with atomic_path(out / LOG_CSV) as tmp, open(tmp, "w", newline="") as fh:
+    with atomic_path(out / LOG_CSV) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, keys)
         w.writeheader()
         w.writerows(history)

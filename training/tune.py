@@ -147,7 +147,7 @@ def main(model_dir, data, device, tta, precision, batch_size, limit, write):
     click.echo(f"chosen: {json.dumps(chosen)}")
     if write:
         path = Path(model_dir) / ENSEMBLE_NAME
-        spec = json.loads(path.read_text())
+        spec = json.loads(path.read_text(encoding="utf-8"))
         spec["postprocess"] = {**spec.get("postprocess", {}), **chosen}
         spec["postprocess_validation"] = scores
         spec["postprocess_validation_setup"] = {"device": predictor.device.type, "precision": "bf16" if predictor.bf16
