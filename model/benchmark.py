@@ -159,8 +159,8 @@ def _check_options(encoder: str, device: str, precision: str, attention: str, co
                    runtime: str) -> torch.device:
     """The device, once the options are known to fit together; ``click.UsageError`` (exit 2) naming the
     option otherwise, before anything is built."""
-    try:
-        dev = resolve_device(device)
+    try:  # ONNX Runtime runs on the CPU: there auto is the CPU (as process.py's -d auto)
+        dev = resolve_device("cpu" if runtime == "onnx" and device == "auto" else device)
     except RuntimeError as exc:
         raise click.BadParameter(str(exc), param_hint="'--device'") from None
     if compile_backend and runtime == "onnx":
@@ -363,7 +363,7 @@ def table(res: dict) -> str:
               "(e.g. inductor).")
 @click.option("--runtime", default="auto", show_default=True, type=click.Choice(["auto", "torch", "onnx"]),
               help="The product path's encoder runtime, as process.py's (auto: PyTorch; onnx: ONNX Runtime, CPU "
-                   "fp32 only).")
+                   "fp32 only; --device auto then means the CPU).")
 @click.option("--mlp-gelu", default="erf", type=click.Choice(["erf", "epilogue"]),
               help="SAM ViT MLP: GELU as its own kernel (erf, SAM's) or in the first product's cuBLASLt epilogue "
                    "(epilogue: CUDA inference only, tanh-approximate).")

@@ -84,6 +84,15 @@ def test_benchmark_runtime_option_picks_the_product_paths_encoder_runtime(tmp_pa
                         runtime="onnx")
 
 
+def test_benchmark_runtime_onnx_with_device_auto_is_the_cpu_where_a_gpu_is_seen(monkeypatch):
+    """--runtime onnx with the default --device auto was refused on a GPU host (auto picked CUDA), as
+    process.py's -d auto was: auto is then the CPU, where ONNX Runtime runs."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert benchmark._check_options("litemedsam", "auto", "auto", "auto", None, "onnx").type == "cpu"
+
+
 @pytest.mark.parametrize("args, word", [(["--batch-size", "0"], "--batch-size"), (["--images", "-3"], "--images"),
                                         (["--e2e-images", "-1"], "--e2e-images"), (["--encoder", "bogus"], "--encoder"),
                                         (["--encoder", "sam_vit_b", "--attention", "bogus"], "--attention"),
