@@ -381,7 +381,8 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
         write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
         if net.uses_mask and epochs > 0 and cfg["curriculum"]["mixed_until"] >= epochs:
             print(f"note: curriculum.mixed_until ({cfg['curriculum']['mixed_until']}) is not before the last epoch "
-                  f"({epochs}): MGC-A never trains on its own predicted mask, which it gets at inference",
+                  f"({epochs}): MGC-A never reaches the phase of its own predicted mask alone, which it gets at "
+                  "inference",
                   file=sys.stderr)
 
     bs = int(cfg["batch_size"])
