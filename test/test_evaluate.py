@@ -276,6 +276,16 @@ def test_grand_challenge_layout(tmp_path, data):
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "all" / "metrics.json").read_text())
     assert saved["n_images"] == 7 and saved["out_of_split"] == [] and saved["extra"] == [EXTRA]
+    # masks of images that had no spacing (PNG: ITK's default 1 x 1) were scored in "mm": in pixels, as the
+    # PACE masks of the same images (training.compare refused the two as in other units)
+    for mha in (pred / "images" / "breast-lesion-segmentation").glob("*.mha"):
+        img = sitk.ReadImage(str(mha))
+        img.SetSpacing((1.0,) * img.GetDimension())
+        sitk.WriteImage(img, str(mha), useCompression=True)
+    pixels = E.evaluate_predictions(pred, data, "val", n_boot=0)
+    pace = E.evaluate_predictions(make_pace(tmp_path / "pace"), data, "val", n_boot=0)
+    assert pixels["units"] == pace["units"] == {"distance": "px", "area": "px^2", "tau": 2.0}
+    assert pixels["hd95"] == pytest.approx(pace["hd95"]) and pixels["nsd"] == pytest.approx(pace["nsd"])
 
 
 def test_bad_predictions_are_reported(tmp_path, data):
@@ -511,6 +521,23 @@ def test_the_layout_is_detected_from_any_of_its_folders(tmp_path):
                 (tmp_path / name / part).mkdir(parents=True)
         assert R.detect_layout(tmp_path / name) == want[name], name
     assert GC_MASK == Path("images") / "breast-lesion-segmentation"
+
+
+def test_a_codabench_folder_is_scored_with_its_labels(tmp_path, data):
+    """process.py --format codabench writes the labels alone, in classification.csv: evaluate took the
+    folder for the PACE layout and scored every label missing (accuracy 0). Its labels are read; its
+    probabilities are absent by design (listed missing)."""
+    pace = make_pace(tmp_path / "pace")
+    cb = tmp_path / "cb"
+    shutil.copytree(pace / "segmentation", cb / "segmentation")
+    shutil.copy2(pace / "classification" / "predictions.csv", cb / "classification.csv")
+    assert R.detect_layout(cb) == "codabench"
+    res = E.evaluate_predictions(cb, data, "val", n_boot=0)
+    ref = E.evaluate_predictions(pace, data, "val", n_boot=0)
+    labelled = {r["image_id"] for r in csv.DictReader(open(cb / "classification.csv")) if r.get("label")}
+    assert res["layout"] == "codabench" and res["dsc"] == ref["dsc"]
+    assert sorted(res["missing"]["labels"]) == sorted(set(VAL) - labelled) != sorted(VAL)
+    assert sorted(res["missing"]["probabilities"]) == sorted(VAL) and res["accuracy"] > 0
 
 
 def test_pace_rows_are_read_as_written_and_first_rows_kept(tmp_path):

@@ -105,7 +105,7 @@ def evaluate_predictions(pred_dir: Path | str, data_dir: Path | str, split: str 
                          out_dir: Path | str | None = None, *, tau: float = 2.0, n_boot: int = 1000, seed: int = 0,
                          n_worst: int = N_WORST, prob_maps: Mapping[str, np.ndarray] | None = None,
                          limit: int | None = None) -> dict:
-    """Score ``pred_dir`` (PACE or Grand Challenge layout) on ``split`` of ``data_dir``; write the
+    """Score ``pred_dir`` (PACE, Codabench or Grand Challenge layout) on ``split`` of ``data_dir``; write the
     report files to ``out_dir`` when given. Returns the metrics.json dict (NaN kept as float NaN).
 
     ``prob_maps`` ({image_id: H x W lesion probabilities}) adds the segmentation BCE. ``limit``: only
@@ -148,6 +148,9 @@ def evaluate_predictions(pred_dir: Path | str, data_dir: Path | str, split: str 
             continue
         masks[cid] = m
     default_spacing = Counter(spacings.values()).most_common(1)[0][0] if spacings else (1.0, 1.0)
+    # distances in mm where the masks say so: Grand Challenge masks of images that had no spacing (PNG, JPEG:
+    # ITK's default 1 x 1) are in pixels, as the PACE masks of the same images are
+    in_mm = layout == "grand-challenge" and any(v != (1.0, 1.0) for v in spacings.values())
 
     cases, missing_maps = [], []
     groups = bootstrap_groups(data_dir, truth)
@@ -173,7 +176,7 @@ def evaluate_predictions(pred_dir: Path | str, data_dir: Path | str, split: str 
                             probabilities=p.get("probabilities"), pred_label=p.get("label"),
                             source=r.get("source", ""),
                             group=groups[cid],
-                            spacing=spacings.get(cid, default_spacing) if layout == "grand-challenge" else None,
+                            spacing=spacings.get(cid, default_spacing) if in_mm else None,
                             seg_bce=bce))
     res = M.evaluate_cases(cases, tau=tau, n_boot=n_boot, seed=seed)
     res["missing"] = {
@@ -201,7 +204,7 @@ def evaluate_predictions(pred_dir: Path | str, data_dir: Path | str, split: str 
 
 @click.command()
 @click.option("--pred", "pred_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Predictions: PACE layout or Grand Challenge layout (detected).")
+              help="Predictions: PACE, Codabench (labels only) or Grand Challenge layout (detected).")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Prepared dataset (training.prepare output).")
 @click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True)

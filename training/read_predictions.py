@@ -15,6 +15,7 @@ import numpy as np
 from model import CLASS_NAMES
 from model.image import image_stem
 from model.io import is_image_file
+from model.writers import CODABENCH_LABELS
 
 from . import metrics as M
 from .datasets import read_csv
@@ -23,14 +24,17 @@ GC_MASK_DIR = Path("images") / "breast-lesion-segmentation"
 
 
 def detect_layout(pred_dir: Path | str) -> str:
-    """``"grand-challenge"`` or ``"pace"``; ValueError when neither layout is recognised."""
+    """``"grand-challenge"``, ``"pace"`` or ``"codabench"`` (PACE's masks, the labels alone in
+    classification.csv: ``process.py --format codabench``); ValueError when none is recognised."""
     pred_dir = Path(pred_dir)
     if (pred_dir / "results.json").is_file() or (pred_dir / GC_MASK_DIR).is_dir():
         return "grand-challenge"
+    if (pred_dir / CODABENCH_LABELS).is_file() and not (pred_dir / "classification").is_dir():
+        return "codabench"
     if (pred_dir / "segmentation").is_dir() or (pred_dir / "classification").is_dir():
         return "pace"
-    raise ValueError(f"{pred_dir}: neither the PACE layout (segmentation/, classification/) nor the Grand "
-                     f"Challenge layout (results.json, {GC_MASK_DIR}/)")
+    raise ValueError(f"{pred_dir}: neither the PACE layout (segmentation/, classification/), the Codabench one "
+                     f"(segmentation/, {CODABENCH_LABELS}) nor the Grand Challenge one (results.json, {GC_MASK_DIR}/)")
 
 
 def _new_entry() -> dict:
@@ -60,7 +64,8 @@ def _parse_probs(values: Mapping[str, Any]) -> list[float] | None:
 
 
 def read_pace(pred_dir: Path | str) -> tuple[dict[str, dict], list[dict]]:
-    """{image_id: {mask: Path|None, label: str|None, probabilities: [3]|None}} and the problems found."""
+    """{image_id: {mask: Path|None, label: str|None, probabilities: [3]|None}} and the problems found; the
+    Codabench layout too (its labels in classification.csv; it holds no probabilities)."""
     pred_dir = Path(pred_dir)
     preds: dict[str, dict] = {}
     problems: list[dict] = []
@@ -70,7 +75,10 @@ def read_pace(pred_dir: Path | str) -> tuple[dict[str, dict], list[dict]]:
             if p.is_file() and p.name.endswith("_mask.png") and not p.name.startswith("."):
                 preds.setdefault(p.name[: -len("_mask.png")], _new_entry())["mask"] = p
     cls = pred_dir / "classification"
-    for name, key in (("predictions.csv", "label"), ("probabilities.csv", "probabilities")):
+    files = (("predictions.csv", "label"), ("probabilities.csv", "probabilities"))
+    if not cls.is_dir() and (pred_dir / CODABENCH_LABELS).is_file():
+        cls, files = pred_dir, ((CODABENCH_LABELS, "label"),)
+    for name, key in files:
         path = cls / name
         if not path.is_file():
             continue
