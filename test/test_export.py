@@ -58,7 +58,9 @@ def _tuned(out: Path) -> dict:
     spec["postprocess"].update({"refine": {"type": "box", "margin": 5, "blend": 0.5}, "largest_component": True})
     spec["postprocess_validation"] = [{"refine": r, "gate_normal": False, "largest_component": c, "dsc": 0.5 + 0.1 * c,
                                        "normal_empty_share": 0.2, "n_lesion": 9, "n_normal": 3}
-                                      for r in (None, spec["postprocess"]["refine"]) for c in (False, True)]
+                                      for r in (None, spec["postprocess"]["refine"],
+                                                {**spec["postprocess"]["refine"], "outside": "head"})
+                                      for c in (False, True)]
     spec["postprocess_validation_setup"] = {"device": "cpu", "precision": "fp32", "runtime": "torch", "tta": False}
     (out / "ensemble.json").write_text(json.dumps(spec))
     return spec
@@ -90,7 +92,10 @@ def test_same_members_keep_the_tuning_and_new_members_do_not(runs, tmp_path, mon
     assert spec["postprocess_validation_setup"] == tuned["postprocess_validation_setup"]
     assert (out / "NOTES.txt").read_text() == "the user's own file"
     assert (out / "backup-mgc-a" / "model.safetensors").read_bytes() == (runs["mgc-a-2"] / "best" / "model.safetensors").read_bytes()
-    assert "Chosen by `training.tune` on the validation split (lesion" in (out / "MODEL_CARD.md").read_text()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "Chosen by `training.tune` on the validation split (lesion" in card
+    # each option scored on its own row: "outside": "head" was shown as the default box refinement's twin
+    assert card.count("| box, margin 5, blend 0.5 |") == 2 and card.count("| box, margin 5, blend 0.5, outside head |") == 2
     spec = json.loads((out / "ensemble.json").read_text())
     spec["postprocess_validation_setup"]["limit"] = 12  # training.tune --limit 12 --write: a quick run's choice
     (out / "ensemble.json").write_text(json.dumps(spec))

@@ -142,7 +142,8 @@ def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics:
                   "|---|---|---|---|---|"]
         for r in spec["postprocess_validation"]:
             ref = r.get("refine")
-            ref = f"box, margin {ref['margin']}, blend {ref['blend']}" if ref else "off"
+            ref = (f"box, margin {ref['margin']}, blend {ref['blend']}"
+                   + (f", outside {ref['outside']}" if ref.get("outside") else "")) if ref else "off"
             dsc, empty = r.get("dsc"), r.get("normal_empty_share")
             lines.append(f"| {ref} | {r['gate_normal']} | {r['largest_component']} | "
                          f"{'–' if dsc is None else f'{dsc:.4f}'} | {'–' if empty is None else f'{empty:.3f}'} |")
