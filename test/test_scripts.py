@@ -451,6 +451,23 @@ def test_reproduce_sh_records_a_command_that_reproduces_the_run(tmp_path):
     train = [c for c in calls if c[:2] == ["-m", "training.train"]]
     assert len(train) == 3 and all(c[c.index("--epochs") + 1] == "1" and "--frozen" in c and
                                    c[-2:] == ["--set", "views=[orig]"] for c in train)
+    predict = [c for c in calls if c[:2] == ["-m", "training.predict"]]  # the ensemble's too: the card's BCE
+    assert len(predict) == 4 and all("--logits" in c for c in predict)
+
+
+def test_reproduce_sh_help_prints_its_usage_and_an_out_that_is_an_option_is_refused(tmp_path):
+    """`reproduce.sh --help` took --help for OUT and started training.prepare; it prints the usage now,
+    and an OUT that looks like an option is a usage error before anything runs."""
+    stubs = _stub(tmp_path / "stubs", "python", STUB_TRAINING_PYTHON)
+    log = tmp_path / "py.log"
+    for flag in ("-h", "--help"):
+        res = _run([REPO / "training" / "reproduce.sh", flag], tmp_path, stubs, PYTHON=str(stubs / "python"),
+                   PY_LOG=str(log))
+        assert res.returncode == 0 and res.stdout.startswith("The paper's whole run: prepare") and \
+            "training/reproduce.sh --busi DIR --busbra DIR" in res.stdout and "set -e" not in res.stdout, res.stdout
+    res = _run([REPO / "training" / "reproduce.sh", "--busi", "b", "--out"], tmp_path, stubs,
+               PYTHON=str(stubs / "python"), PY_LOG=str(log))
+    assert res.returncode == 2 and "usage:" in res.stderr and not log.exists(), res.stderr
 
 
 def test_reproduce_sh_takes_relative_paths_from_where_it_is_run_and_refuses_a_bad_mode_or_nproc(tmp_path):

@@ -11,12 +11,13 @@
 # Relative paths (the folders, OUT, ENCODER_CHECKPOINT) are taken from the folder it is run in.
 set -euo pipefail
 unset CDPATH  # an exported CDPATH would send the cd below elsewhere, and make it print
+case "${1-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 caller="$PWD"
 cd "$(dirname "$0")/.."
 absolute() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s' "$caller/$1" ;; esac; }
 sources=()
 while [ $# -gt 1 ]; do sources+=("$1" "$(absolute "$2")"); shift 2; done
-[ $# -eq 1 ] || { echo "usage: $0 --busi DIR --busbra DIR [--breast DIR] [--pace DIR] OUT" >&2; exit 2; }
+[ $# -eq 1 ] && [[ "$1" != -* ]] || { echo "usage: $0 --busi DIR --busbra DIR [--breast DIR] [--pace DIR] OUT" >&2; exit 2; }
 OUT=$(absolute "$1")
 ENCODER=${ENCODER:-sam_vit_b}; MODE=${MODE:-finetuned}; EPOCHS=${EPOCHS:-60}; BATCH_SIZE=${BATCH_SIZE:-4}
 DEVICE=${DEVICE:-auto}; NPROC=${NPROC:-1}; EXTRA=${EXTRA:-}
@@ -48,7 +49,8 @@ done
 # The ensemble (mask from SD-H, class from MGC-A), evaluated as the container runs it.
 "$PY" -m training.export "$OUT/runs/sd-h" "$OUT/runs/mgc-a" --out "$OUT/ensemble"
 "$PY" -m training.tune --model-dir "$OUT/ensemble" --data "$OUT/data" -d "$DEVICE" --write  # postprocess options
-"$PY" -m training.predict --model-dir "$OUT/ensemble" --data "$OUT/data" --split val --out "$OUT/pred/ensemble" -d "$DEVICE"
+"$PY" -m training.predict --model-dir "$OUT/ensemble" --data "$OUT/data" --split val --out "$OUT/pred/ensemble" \
+    -d "$DEVICE" --logits  # logits: the card's segmentation BCE
 "$PY" -m training.evaluate --pred "$OUT/pred/ensemble" --data "$OUT/data" --split val --out "$OUT/eval/ensemble"
 # the card's command: the environment that defined the run, every argument quoted for the shell
 env_set=(ENCODER="$ENCODER" MODE="$MODE" EPOCHS="$EPOCHS" BATCH_SIZE="$BATCH_SIZE")
