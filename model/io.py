@@ -202,8 +202,8 @@ def _read_itk_tiff(path: Path) -> np.ndarray:
     except RuntimeError as exc:
         if "bit samples" in str(exc):  # libtiff's RGBA reader, which ITK falls back to for these: a valid file
             raise ImageReadError(path, f"a TIFF of samples that ITK's TIFF reader cannot decode ({itk_reason(exc)}): "
-                                       f"float colour is read only top-left (Orientation 1), 64-bit floats not at "
-                                       f"all; save it top-left, as float32 or 16-bit") from None
+                                       f"such samples are read only top-left (Orientation 1), and 64-bit ones not "
+                                       f"at all; save it top-left, as 8- or 16-bit integers or float32") from None
         raise ImageReadError(path, f"a TIFF that neither Pillow nor ITK can read ({itk_reason(exc)})") from None
     return arr.reshape(arr.shape[len(size) - 2:])  # a one-page volume: its page
 

@@ -203,6 +203,9 @@ def test_a_header_size_to_skip_is_checked_against_the_pixel_data_there(tmp_path)
     cut.write_bytes(head.format(-1, "LOCAL").encode() + arr.tobytes()[:-100])
     with pytest.raises(ImageReadError, match="the header announces 1200 bytes of it, the file holds 1100"):
         read_image(cut)
+    zero = tmp_path / "zero.mha"  # HeaderSize 0, however written, skips nothing
+    zero.write_bytes(head.format("00", "LOCAL").encode() + arr.tobytes())
+    np.testing.assert_array_equal(read_image(zero).array, arr)
     inside = tmp_path / "inside.mha"
     inside.write_bytes(head.format(5, "LOCAL").encode() + arr.tobytes())
     with pytest.raises(ImageReadError, match=r"its HeaderSize \(5\) starts the pixel data inside the header"):

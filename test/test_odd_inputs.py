@@ -1298,6 +1298,6 @@ def test_tiffs_above_8_bits_white_is_zero_32_bit_unsigned_16_bit_colour_turned_a
     _tiff(tmp_path / "float_rgb_o2.tif", float_rgb, orientation=2)
     _tiff(tmp_path / "float64.tif", float_rgb[..., 0].astype(np.float64))
     for name in ("float_rgb_o2.tif", "float64.tif"):
-        with pytest.raises(ImageReadError, match=r"a TIFF of samples that ITK's TIFF reader cannot decode .*float colour"
-                                                 r" is read only top-left .*save it top-left, as float32 or 16-bit"):
+        with pytest.raises(ImageReadError, match=r"a TIFF of samples that ITK's TIFF reader cannot decode .*read only "
+                                                 r"top-left .*save it top-left, as 8- or 16-bit integers or float32"):
             read_image(tmp_path / name)
