@@ -316,7 +316,10 @@ def read_ensemble(model_dir: str | Path) -> dict:
         if (model_dir / CONFIG_NAME).is_file():  # a single model is an ensemble of one
             return {"format_version": FORMAT_VERSION, "members": {".": "."}, "segmentation_weights": {".": 1.0},
                     "classification_weights": {".": 1.0}, "postprocess": dict(DEFAULT_POSTPROCESS)}
-        raise CheckpointError(f"{model_dir}: no {ENSEMBLE_NAME} or {CONFIG_NAME}; not a model directory")
+        run = [w for w in ("best", "last") if (model_dir / w / CONFIG_NAME).is_file()]
+        hint = (f" (a training run: give {model_dir / run[0]}, or export it: python -m training.export {model_dir})"
+                if run else "")
+        raise CheckpointError(f"{model_dir}: no {ENSEMBLE_NAME} or {CONFIG_NAME}; not a model directory{hint}")
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:

@@ -432,6 +432,11 @@ def test_bad_configs_and_files_give_clear_errors(tmp_path):
         load_model(tmp_path / "m")
     with pytest.raises(CheckpointError, match="no config.json"):
         load_model(tmp_path)
+    # a training run's folder (what a researcher has in hand) names its best/ and training.export
+    save_model(net, tmp_path / "run" / "best")
+    with pytest.raises(CheckpointError, match=r"run: no ensemble.json or config.json; not a model directory \(a "
+                                              r"training run: give .*run/best, or export it: python -m training.export"):
+        Predictor.from_dir(tmp_path / "run", device="cpu")
 
 
 def test_weights_with_nan_are_refused_naming_the_file_and_tensor(tmp_path):
