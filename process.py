@@ -118,6 +118,8 @@ def main(input_dir: Path, output_dir: Path, task: str, device: str, fmt: str, mo
     if runtime == "onnx" and (precision == "bf16" or device == "gpu"):
         raise click.UsageError("--runtime onnx runs the encoder on the CPU in fp32 only (not with "
                                f"{'--precision bf16' if precision == 'bf16' else '-d gpu'})")
+    if logits and task == "cls":  # not an error: the template's two runs may be given the same options
+        click.echo("note: --logits writes nothing with -t cls (the lesion logits come with the mask)", err=True)
     # SIGTERM (docker stop, a platform's time limit) ends the run as an exception would: temporary files go,
     # what is written stays. As PID 1 in a container, Python would otherwise ignore it until SIGKILL.
     # The caller's handler comes back afterwards (main also runs in-process: tests, notebooks).

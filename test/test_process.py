@@ -577,6 +577,7 @@ def test_logits_are_each_masks_lesion_logits_at_its_size(cli, predictor, pace_ru
     res = cli("-i", d, "-o", tmp_path / "cls", "--format", "pace", "-t", "cls", "--logits")
     assert res.exit_code == 0, res.output
     assert _files(tmp_path / "cls") == ["classification/predictions.csv", "classification/probabilities.csv"]
+    assert "note: --logits writes nothing with -t cls" in res.output  # it was dropped without a word
 
 
 def test_a_file_named_logits_in_the_output_folder_stops_only_a_run_that_writes_logits(cli, tmp_path):
