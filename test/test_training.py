@@ -376,6 +376,44 @@ def test_a_dataloader_worker_killed_by_sigterm_stops_the_run_as_its_own_sigterm_
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_jobs_sigterm_to_the_run_and_its_workers_stops_it_without_a_traceback(tiny_dataset, cache_dir, tmp_path,
+                                                                                 monkeypatch):
+    """The job's SIGTERM reaches the run and each of its DataLoader workers: each worker's death raised torch's
+    "DataLoader worker ... killed by signal" again (after the stop's message, from the iterator's __del__ or
+    from any later child's SIGCHLD) while the traceback kept the iterator alive. Here every worker signals
+    the run and itself on its first item: the stop is said once, and no error follows, not even later."""
+    import gc
+    import signal
+    import subprocess
+    import time
+
+    from torch.utils.data import get_worker_info
+
+    real = train_mod.CachedSet.__getitem__
+
+    def signalled(self, item):
+        if get_worker_info() is not None:
+            os.kill(os.getppid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, item)
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    monkeypatch.setattr(train_mod.CachedSet, "__getitem__", signalled)
+    run = tmp_path / "run"
+    res = CliRunner().invoke(train_mod.main, ["--config", str(REPO / "training" / "configs" / "default-sd-h.yaml"),
+                                              "--data", str(tiny_dataset), "--out", str(run), "--device", "cpu",
+                                              "--cache", str(cache_dir), "--epochs", "1", "--workers", "2",
+                                              "--set", "views=[orig]"])
+    assert res.exit_code == 143, (res.output, res.exception)
+    assert res.output.count("stopped by SIGTERM") == 1 and "Traceback" not in res.output, res.output
+    del res
+    gc.collect()
+    subprocess.run(["true"], check=True)  # a later child's SIGCHLD: torch's handler found the dead workers
+    time.sleep(0.5)
+    assert unraisable == []
+
+
 def test_sigterm_stops_training_as_ctrl_c_does_saying_what_can_be_resumed(tiny_dataset, tmp_path, monkeypatch):
     """SIGTERM (a job's time limit, SLURM's preemption, docker stop) ended a run with no word (exit -15):
     now it stops it as Ctrl-C does, naming state.pt to resume from (or that there is none), with exit

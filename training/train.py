@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import gc
 import json
 import math
 import os
@@ -471,9 +472,17 @@ def provenance(cfg: dict, data: Path, epoch: int, row: dict, limit: int | None =
 OPTION_KEYS = {"optim.lr": "--lr", "model.encoder_checkpoint": "--encoder-checkpoint"}
 
 
-def _stopped(out: Path, by_sigterm: bool) -> None:
-    """A run stopped by Ctrl-C or SIGTERM: say what can be resumed, exit 130 or 143."""
+def _stopped(out: Path, by_sigterm: bool, exc: BaseException, chld: list) -> None:
+    """A run stopped by Ctrl-C or SIGTERM: say what can be resumed, exit 130 or 143 (``chld`` gets the
+    SIGCHLD handler it sets aside, for the caller to put back)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the rest of the job's SIGTERM: the run is stopping
+    # and the rest of its DataLoader workers die of it: torch's SIGCHLD handler would raise again for each,
+    # wherever the stop is; the iterator that registered them, held by the traceback's frames, shuts down now
+    chld.append(signal.signal(signal.SIGCHLD, signal.SIG_DFL))
+    while exc is not None:
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+    gc.collect()
     state = out / STATE_NAME
     if int(os.environ.get("RANK", "0")) == 0:
         how = "stopped by SIGTERM" if by_sigterm else "interrupted"
@@ -542,6 +551,7 @@ def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, ba
     # SIGTERM (a job's time limit, SLURM's preemption, docker stop) stops the run as Ctrl-C does, saying what
     # can be resumed; the caller's handler comes back afterwards (main also runs in-process: tests, notebooks)
     previous = signal.signal(signal.SIGTERM, _terminated)
+    chld: list = []
     try:
         cfg = load_config(config_path, overrides)
         result = train(cfg, Path(data), Path(out), device, Path(cache_dir) if cache_dir else None, resume,
@@ -550,7 +560,7 @@ def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, ba
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt as exc:  # click would say "Aborted!" alone
-        _stopped(Path(out), isinstance(exc, Terminated))
+        _stopped(Path(out), isinstance(exc, Terminated), exc, chld)
     except ConfigError as exc:
         given = {key: f"{flag} {overrides[key]}" for key, flag in OPTION_KEYS.items() if overrides.get(key) is not None}
         raise click.ClickException(config_error_origin(str(exc), config_path, sets, given)) from None
@@ -559,9 +569,11 @@ def main(config_path, data, out, encoder, encoder_checkpoint, frozen, epochs, ba
     except RuntimeError as exc:
         if not _worker_terminated(exc):
             raise
-        _stopped(Path(out), True)  # a DataLoader worker killed by the job's SIGTERM before the run saw its own
+        _stopped(Path(out), True, exc, chld)  # a worker killed by the job's SIGTERM first
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if chld and chld[0] is not None:  # torch's, once its workers are shut down (in-process callers)
+            signal.signal(signal.SIGCHLD, chld[0])
     best = result["best"]
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 alone evaluates, saves and reports
         return
