@@ -538,6 +538,16 @@ def test_a_codabench_folder_is_scored_with_its_labels(tmp_path, data):
     assert res["layout"] == "codabench" and res["dsc"] == ref["dsc"]
     assert sorted(res["missing"]["labels"]) == sorted(set(VAL) - labelled) != sorted(VAL)
     assert sorted(res["missing"]["probabilities"]) == sorted(VAL) and res["accuracy"] > 0
+    # what needs probabilities is not scored from the uniform stand-in (AUC 0.5, cross-entropy ln 3): "–"
+    for key in E.PROBABILITY_KEYS:
+        assert math.isnan(res[key]) and all(math.isnan(v) for v in res.get("ci", {}).get(key, [math.nan])), key
+        assert all(math.isnan(part[key]) for part in res["by_source"].values() if key in part), key
+    out = tmp_path / "eval_cb"
+    E.evaluate_predictions(cb, data, "val", out, n_boot=10)
+    report = (out / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith(("| Macro AUC", "| AUC malignant", "| Cross-entropy"))]
+    assert len(rows) == 3 and all(line.split("|")[2].strip() == "n/a" for line in rows), rows
+    assert json.loads((out / "metrics.json").read_text())["auc_macro"] is None
 
 
 def test_pace_rows_are_read_as_written_and_first_rows_kept(tmp_path):

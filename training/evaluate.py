@@ -101,6 +101,24 @@ def bootstrap_groups(data_dir: Path | str, rows: list[dict[str, str]]) -> dict[s
 FAILED_PROBABILITY = 1e-6  # a case without its map: the container's empty prediction (its clamp)
 
 
+PROBABILITY_KEYS = ("auc_macro", "auc_malignant", "sens_at_90_spec", "spec_at_90_sens", "cross_entropy")
+
+
+def _without_probabilities(res: dict) -> None:
+    """The metrics that need class probabilities set to NaN (shown as "–"), with their intervals, overall
+    and per source: a layout that holds labels alone (Codabench's) would otherwise score the uniform
+    probabilities that stand in for missing ones (AUC 0.5, cross-entropy ln 3) as if measured."""
+    nan = float("nan")
+    for part in [res, *res.get("by_source", {}).values()]:
+        for key in PROBABILITY_KEYS:
+            if key in part:
+                part[key] = nan
+            if key in part.get("ci", {}):
+                part["ci"][key] = [nan, nan]
+        if "auc_ovr" in part.get("classification", {}):
+            part["classification"]["auc_ovr"] = dict.fromkeys(part["classification"]["auc_ovr"], nan)
+
+
 def evaluate_predictions(pred_dir: Path | str, data_dir: Path | str, split: str = "val",
                          out_dir: Path | str | None = None, *, tau: float = 2.0, n_boot: int = 1000, seed: int = 0,
                          n_worst: int = N_WORST, prob_maps: Mapping[str, np.ndarray] | None = None,
@@ -179,6 +197,8 @@ def evaluate_predictions(pred_dir: Path | str, data_dir: Path | str, split: str 
                             spacing=spacings.get(cid, default_spacing) if in_mm else None,
                             seg_bce=bce))
     res = M.evaluate_cases(cases, tau=tau, n_boot=n_boot, seed=seed)
+    if layout == "codabench":  # no probabilities by design: not the scores of the uniform stand-in
+        _without_probabilities(res)
     res["missing"] = {
         "cases": [c for c in eval_ids if c not in preds],
         "masks": [c for c in eval_ids if c not in masks],
