@@ -317,8 +317,9 @@ def read_ensemble(model_dir: str | Path) -> dict:
             return {"format_version": FORMAT_VERSION, "members": {".": "."}, "segmentation_weights": {".": 1.0},
                     "classification_weights": {".": 1.0}, "postprocess": dict(DEFAULT_POSTPROCESS)}
         run = [w for w in ("best", "last") if (model_dir / w / CONFIG_NAME).is_file()]
-        hint = (f" (a training run: give {model_dir / run[0]}, or export it: python -m training.export {model_dir})"
-                if run else "")
+        which = " --which last" if run and run[0] == "last" else ""
+        hint = (f" (a training run: give {model_dir / run[0]}, or export it: python -m training.export {model_dir} "
+                f"--out DIR{which})" if run else "")
         raise CheckpointError(f"{model_dir}: no {ENSEMBLE_NAME} or {CONFIG_NAME}; not a model directory{hint}")
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))

@@ -92,7 +92,8 @@ def _check_header(path: Path, fields: dict[str, str]) -> list[int]:
         raise ImageReadError(path, f"unsupported channel count {channels}")
     if len(spatial) >= 2:
         check_size(path, spatial[0], math.prod(spatial[1:]))
-    if detached is None and fields.get("byte skip") == "-1" and fields.get("encoding", "").lower() == "raw":
+    skip = fields.get("byte skip", "")
+    if detached is None and re.fullmatch(r"-0*1", skip) and fields.get("encoding", "").lower() == "raw":  # -01 too
         _check_last_bytes(path, fields, sizes)
     return spatial
 

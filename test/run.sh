@@ -18,6 +18,11 @@ fi
 # the tests named (paths made absolute: the run is from the repository's root), else the whole suite
 args=() named=0 previous=""
 for a in "$@"; do
+  opt=""
+  case "$a" in  # --deselect=X and the like: X as for --deselect X
+    --deselect=*|--ignore=*|--ignore-glob=*|--junitxml=*|--junit-xml=*|--log-file=*|--rootdir=*|--basetemp=*|--confcutdir=*)
+      opt="${a%%=*}="; previous="${a%%=*}"; a="${a#*=}" ;;
+  esac
   p="${a%%::*}"
   case "$previous" in
     -k|-m|-p|-o|-c|-W|--maxfail|--override-ini|--import-mode) kind=value ;;
@@ -34,8 +39,8 @@ for a in "$@"; do
     [[ "$p" = /* ]] || a="$caller/$a"
     named=1
   fi
-  args+=("$a")
-  previous="$a"
+  args+=("$opt$a")
+  previous="$opt$a"
 done
 [ "$named" = 1 ] || args=(test ${args[@]+"${args[@]}"})
 exec "$PYTHON" -m pytest -q "${args[@]}"

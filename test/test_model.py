@@ -435,7 +435,7 @@ def test_bad_configs_and_files_give_clear_errors(tmp_path):
     # a training run's folder (what a researcher has in hand) names its best/ and training.export
     save_model(net, tmp_path / "run" / "best")
     with pytest.raises(CheckpointError, match=r"run: no ensemble.json or config.json; not a model directory \(a "
-                                              r"training run: give .*run/best, or export it: python -m training.export"):
+                                              r"training run: give .*run/best, or export it: python -m training.export .*run --out DIR\)"):
         Predictor.from_dir(tmp_path / "run", device="cpu")
 
 

@@ -294,7 +294,8 @@ def test_byte_skip_minus_one_with_pixel_data_cut_short_is_refused(tmp_path):
         with pytest.raises(ImageReadError, match=f"header announces {data.nbytes} bytes of it, the file holds "
                                                  f"{data.nbytes - 20}"):
             read_image(cut)
-    cut = tmp_path / "byteskip-cut.nrrd"  # teem's other spelling of the field
-    cut.write_bytes(head.format("uchar").replace("byte skip", "byteskip").encode() + arr.tobytes()[:-20])
-    with pytest.raises(ImageReadError, match="header announces 600 bytes of it, the file holds 580"):
-        read_image(cut)
+    for name, line in (("byteskip", "byteskip: -1"), ("zero", "byte skip: -01")):  # teem's other spellings
+        cut = tmp_path / f"{name}-cut.nrrd"
+        cut.write_bytes(head.format("uchar").replace("byte skip: -1", line).encode() + arr.tobytes()[:-20])
+        with pytest.raises(ImageReadError, match="header announces 600 bytes of it, the file holds 580"):
+            read_image(cut)

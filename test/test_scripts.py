@@ -177,6 +177,8 @@ def test_run_sh_runs_the_tests_named_from_the_folder_it_is_run_in_else_the_whole
          "--ignore", f"{REPO}/test/x"]
     assert called(REPO, "--deselect", "test/test_writers.py::test_a[1]", "--junitxml", "r.xml") == \
         ["-m", "pytest", "-q", "test", "--deselect", "test/test_writers.py::test_a[1]", "--junitxml", f"{REPO}/r.xml"]
+    assert called(REPO / "test", "--deselect=test_writers.py::test_a", "--ignore=x", "-k", "y") == \
+        ["-m", "pytest", "-q", "test", "--deselect=test/test_writers.py::test_a", f"--ignore={REPO}/test/x", "-k", "y"]
 
 
 # --- export.sh ---------------------------------------------------------------------------------------

@@ -340,7 +340,10 @@ def test_a_run_whose_mixed_phase_does_not_end_before_its_last_epoch_says_so(tiny
     never sees the mask it gets at inference: the run says so at its start; SD-H (no mask) does not."""
     cfg = tiny_cfg("mgc-a", epochs=2)
     train(dict(cfg, epochs=1), tiny_dataset, tmp_path / "mgca", "cpu", cache_dir)
-    assert "note: curriculum.mixed_until (2) is not before the last epoch (1): MGC-A never reaches the phase of " \
+    assert "note: curriculum.gt_until (1) is not before the last epoch (1): MGC-A never trains on its own " \
+        "predicted mask" in capsys.readouterr().err
+    train(dict(cfg, epochs=2), tiny_dataset, tmp_path / "mgca2", "cpu", cache_dir)
+    assert "note: curriculum.mixed_until (2) is not before the last epoch (2): MGC-A never reaches the phase of " \
         "its own predicted mask alone" in capsys.readouterr().err
     train(dict(tiny_cfg("sd-h", epochs=2), epochs=1), tiny_dataset, tmp_path / "sdh", "cpu", cache_dir)
     assert "curriculum.mixed_until" not in capsys.readouterr().err

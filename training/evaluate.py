@@ -3,7 +3,7 @@
     python -m training.evaluate --pred PRED --data DATA [--split val|train|all] --out DIR \
         [--tau 2] [--n-boot 1000] [--seed 0]
 
-DATA is a ``training.prepare`` folder (images/, masks/, labels.csv, split.csv). PRED is either
+DATA is a ``training.prepare`` folder (images/, masks/, labels.csv, split.csv). PRED is
 
 * the PACE layout: ``segmentation/<id>_mask.png`` (0/255), ``classification/predictions.csv``
   (``image_id,label`` with Normal|Benign|Malignant) and ``classification/probabilities.csv``
@@ -13,10 +13,14 @@ DATA is a ``training.prepare`` folder (images/, masks/, labels.csv, split.csv). 
   id is the stem of the entry's input file name, the probabilities are the first dict with keys
   normal/benign/malignant anywhere in its outputs, the label the first ``label`` string there,
   the mask the first ``.mha`` named there (else ``<id>.mha``); distances in mm from the mask's
-  spacing (a case without a mask takes the most common spacing of the others).
+  spacing (a case without a mask takes the most common spacing of the others), in pixels where every
+  mask has ITK's default 1 x 1 (the masks of images without a spacing, such as PNGs); or
+* the Codabench layout (``process.py --format codabench``): PACE's masks and ``classification.csv``
+  (``image_id,label``) beside them, no probabilities: what needs them is n/a.
 
 The layout is detected: ``results.json`` or ``images/breast-lesion-segmentation/`` means Grand
-Challenge, ``segmentation/`` or ``classification/`` means PACE. ``logits/<id>.npy`` (lesion logits
+Challenge, ``classification.csv`` without ``classification/`` Codabench, ``segmentation/`` or
+``classification/`` PACE. ``logits/<id>.npy`` (lesion logits
 at the image's size, as ``training.predict --logits`` and ``process.py --logits`` write them, in
 either layout) adds the segmentation BCE;
 without them it is reported as not available.
@@ -230,7 +234,8 @@ def evaluate_predictions(pred_dir: Path | str, data_dir: Path | str, split: str 
 @click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--tau", type=float, default=2.0, show_default=True,
-              help="NSD tolerance, in pixels (PACE) or mm (Grand Challenge mha spacing).")
+              help="NSD tolerance, in the distances' unit: pixels (PACE, Codabench), or mm (Grand Challenge masks with "
+                   "a spacing other than 1 x 1).")
 @click.option("--n-boot", type=click.IntRange(min=0), default=1000, show_default=True, help="Bootstrap resamples.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--limit", type=click.IntRange(1), default=None,

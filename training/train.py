@@ -99,9 +99,10 @@ def build_model(cfg: dict) -> PFSAMNet:
 # ------------------------------------------------------------------------------------------- data
 def _leave_stops_to_the_run(worker_id: int) -> None:
     """A DataLoader worker ignores Ctrl-C (the terminal sends it to every process of the run, which stops
-    its workers itself) and dies of SIGTERM, the signal its shutdown uses on a worker that does not end:
+    its workers itself) and dies of SIGTERM, the signal its shutdown uses on a worker that does not end
+    (not the run's own handler, inherited at the fork; torch's makes a SIGTERM from the run an exit 0):
     a job's scheduler signals every process of the job, and a worker killed first is then known by
-    ``_worker_terminated`` (not the run's own handler, inherited at the fork, which would end it unseen)."""
+    ``_worker_terminated``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -380,11 +381,12 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
                   f"(curriculum phase {curriculum_phase(cfg, state['epoch'])})", file=sys.stderr)
     if rank == 0:
         write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-        if net.uses_mask and epochs > 0 and cfg["curriculum"]["mixed_until"] >= epochs:
-            print(f"note: curriculum.mixed_until ({cfg['curriculum']['mixed_until']}) is not before the last epoch "
-                  f"({epochs}): MGC-A never reaches the phase of its own predicted mask alone, which it gets at "
-                  "inference",
-                  file=sys.stderr)
+        c = cfg["curriculum"]
+        if net.uses_mask and epochs > 0 and c["mixed_until"] >= epochs:
+            key, what = (("gt_until", "never trains on its own predicted mask") if c["gt_until"] >= epochs else
+                         ("mixed_until", "never reaches the phase of its own predicted mask alone"))
+            print(f"note: curriculum.{key} ({c[key]}) is not before the last epoch ({epochs}): MGC-A {what}, which "
+                  "it gets at inference", file=sys.stderr)
 
     bs = int(cfg["batch_size"])
     va_loader = DataLoader(va_set, batch_size=bs * 2, sampler=[(i, 0) for i in range(len(va_set))],
