@@ -349,6 +349,14 @@ def test_a_run_whose_mixed_phase_does_not_end_before_its_last_epoch_says_so(tiny
     assert "curriculum.mixed_until" not in capsys.readouterr().err
 
 
+def _train_one_epoch_with_workers(data: Path, cache_dir: Path, run: Path, workers: int):
+    """``python -m training.train`` in-process: default-sd-h, one epoch from the cache, ``workers`` loaders."""
+    return CliRunner().invoke(train_mod.main, ["--config", str(REPO / "training" / "configs" / "default-sd-h.yaml"),
+                                               "--data", str(data), "--out", str(run), "--device", "cpu",
+                                               "--cache", str(cache_dir), "--epochs", "1", "--workers", str(workers),
+                                               "--set", "views=[orig]"])
+
+
 def test_a_dataloader_worker_killed_by_sigterm_stops_the_run_as_its_own_sigterm_does(tiny_dataset, cache_dir,
                                                                                      tmp_path, monkeypatch):
     """A scheduler's SIGTERM reaches every process of the job: a DataLoader worker died of it and, when
@@ -370,10 +378,7 @@ def test_a_dataloader_worker_killed_by_sigterm_stops_the_run_as_its_own_sigterm_
     monkeypatch.setattr(train_mod.CachedSet, "__getitem__", signalled)
     before = signal.getsignal(signal.SIGTERM)
     run = tmp_path / "run"
-    res = CliRunner().invoke(train_mod.main, ["--config", str(REPO / "training" / "configs" / "default-sd-h.yaml"),
-                                              "--data", str(tiny_dataset), "--out", str(run), "--device", "cpu",
-                                              "--cache", str(cache_dir), "--epochs", "1", "--workers", "1",
-                                              "--set", "views=[orig]"])
+    res = _train_one_epoch_with_workers(tiny_dataset, cache_dir, run, 1)
     assert res.exit_code == 143, (res.output, res.exception)
     assert f"stopped by SIGTERM before an epoch ended: nothing to resume in {run}" in res.output, res.output
     assert signal.getsignal(signal.SIGTERM) is before
@@ -403,11 +408,7 @@ def test_a_jobs_sigterm_to_the_run_and_its_workers_stops_it_without_a_traceback(
     unraisable = []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
     monkeypatch.setattr(train_mod.CachedSet, "__getitem__", signalled)
-    run = tmp_path / "run"
-    res = CliRunner().invoke(train_mod.main, ["--config", str(REPO / "training" / "configs" / "default-sd-h.yaml"),
-                                              "--data", str(tiny_dataset), "--out", str(run), "--device", "cpu",
-                                              "--cache", str(cache_dir), "--epochs", "1", "--workers", "2",
-                                              "--set", "views=[orig]"])
+    res = _train_one_epoch_with_workers(tiny_dataset, cache_dir, tmp_path / "run", 2)
     assert res.exit_code == 143, (res.output, res.exception)
     assert res.output.count("stopped by SIGTERM") == 1 and "Traceback" not in res.output, res.output
     del res
