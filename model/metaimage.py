@@ -149,7 +149,9 @@ def _raw_pixel_bytes(fields: dict[str, str]) -> int | None:
 def _header_size(fields: dict[str, str]) -> str:
     """The ``HeaderSize`` to skip before the pixels, "" where there is none (MetaIO skips none for 0)."""
     size = fields.get("HeaderSize", "").strip()
-    return "" if size.isdigit() and int(size) == 0 else size  # "00" as "0"
+    if re.fullmatch(r"[+-]?[0-9]+", size):  # as MetaIO's atoi reads it: "00" is 0, "-01" is -1
+        size = str(int(size))
+    return "" if size == "0" else size
 
 
 def _check_compressed(path: Path, fields: dict[str, str], data: Path, offset: int, where: str) -> None:
