@@ -238,6 +238,12 @@ class Predictor:
             if problem:
                 raise ValueError(f"torch.compile (inductor) needs a compiler that builds Python extensions, "
                                  f"and here {problem}; run without --compile")
+            from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+            if any(c.isspace() for c in cache_dir()):  # its C++ build commands take the path unquoted
+                raise ValueError(f"torch.compile (inductor) builds its code in {cache_dir()}, whose path holds a "
+                                 "space, which its compiler commands do not take (every image would fail); set "
+                                 "TORCHINDUCTOR_CACHE_DIR to a folder without one, or run without --compile")
         model_dir = Path(model_dir)
         spec = read_ensemble(model_dir)
         shared: dict[str, torch.nn.Module] = {}

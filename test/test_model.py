@@ -984,6 +984,21 @@ def test_compile_without_a_toolchain_is_refused_up_front(tmp_path, monkeypatch):
         toolchain.build_problem.cache_clear()
 
 
+def test_compile_whose_build_folder_has_a_space_is_refused_up_front(tmp_path, monkeypatch):
+    """inductor's C++ build commands take its cache folder's path unquoted: with a space in it (TMPDIR,
+    TORCHINDUCTOR_CACHE_DIR) every image failed with CppCompileError while the toolchain probe said ok.
+    --compile is refused when the model loads, naming the folder and the way out."""
+    from model import toolchain
+    from model.inference import InferenceError, load_predictor
+
+    if toolchain.build_problem("c++"):
+        pytest.skip("no working C++ toolchain here: refused for that first")
+    d, _, _ = make_ensemble(tmp_path)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "a b"))
+    with pytest.raises(InferenceError, match=r"builds its code in .*a b, whose path holds a space.*TORCHINDUCTOR_CACHE_DIR"):
+        load_predictor(d, device="cpu", compile_backend="inductor")
+
+
 def test_io_threads_give_the_serial_outputs_and_errors(tmp_path, monkeypatch):
     """With io threads (the CUDA default) the next batch is decoded and the last one written in the
     background, and the per-image steps are mapped over a pool: outputs, order and per-file errors
