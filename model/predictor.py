@@ -32,7 +32,7 @@ from .encoders.weights import checkpoint_reads_shared
 from .io_threads import io_pool
 from .network import PFSAMNet
 from .onnx_encoder import OnnxEncoder, OnnxUnavailable, onnx_encoder
-from .preprocessing import (Geometry, grid_widths, keep_largest_component, mirror, postprocess,
+from .preprocessing import (Geometry, grid_cover, grid_widths, keep_largest_component, mirror, postprocess,
                             postprocess_with_logits, preprocess)
 from .refine import BoxRefiner
 from .toolchain import build_problem
@@ -225,7 +225,8 @@ class Predictor:
         for speed on CUDA; the first batch of each new batch size then takes a while to compile).
         ``runtime``: where the encoder runs. ``auto``: ONNX Runtime for encoders whose spec asks for it
         (``EncoderSpec.onnx_on_cpu``; none does now) on CPU in fp32 when onnxruntime is installed, else
-        PyTorch; ``onnx``: ONNX Runtime (on the CPU, which ``device="auto"`` then means) or an error; ``torch``: PyTorch (model/onnx_encoder.py).
+        PyTorch; ``onnx``: ONNX Runtime (on the CPU, which ``device="auto"`` then means) or an error;
+        ``torch``: PyTorch (model/onnx_encoder.py).
         ``class_prior``: ``trained`` or ``data`` (module docstring); None: the ensemble's."""
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
@@ -357,8 +358,7 @@ class Predictor:
         if self.refiner is not None:  # fp32: the decoder's boundaries are what it is there for
             extents = None
             if widths is not None and heights is not None:  # the grid cells each image covers (rounded up)
-                extents = [(-(-int(h) * res // self.input_size), -(-int(w) * res // self.input_size))
-                           for h, w in zip(heights, widths)]
+                extents = [tuple(grid_cover((h, w), self.input_size, res)) for h, w in zip(heights, widths)]
             seg = self.refiner(seg_embedding, seg, extents)
         return seg, cls / sum(self.cls_w.values())
 
@@ -374,8 +374,9 @@ class Predictor:
         elif self.post.get("largest_component"):
             binary = (p > thr).numpy()
             res = binary.shape[-1]  # among the image's own cells: a false blob in the padding may not win
-            binary[-(-geom.resized[0] * res // geom.size):] = False
-            binary[:, -(-geom.resized[1] * res // geom.size):] = False
+            rows, cols = grid_cover(geom.resized, geom.size, res)
+            binary[rows:] = False
+            binary[:, cols:] = False
             keep = keep_largest_component(binary)
             p = torch.where(torch.from_numpy(keep), p, torch.full_like(p, 1e-6))
         logits = torch.log(p) - torch.log1p(-p)

@@ -179,6 +179,12 @@ def grid_widths(widths, size: int, grid: int) -> list[int]:
     return [max(1, round(int(w) * grid / size)) for w in widths]
 
 
+def grid_cover(sides, size: int, grid: int) -> list[int]:
+    """Image rows or columns (``Geometry.resized``) as the grid x grid map's cells that hold any of the
+    image, a cell it covers in part counted (beyond them: padding alone)."""
+    return [-(-int(s) * grid // size) for s in sides]
+
+
 def mirror(t: torch.Tensor, widths=None) -> torch.Tensor:
     """``t`` (B x ... x W) with each item mirrored left-right within its first ``widths[i]`` columns,
     the image's own; the padding after them stays where it is. ``widths`` None: all W columns (a
