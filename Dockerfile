@@ -37,6 +37,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TRITON_CACHE_DIR=/tmp/.cache/triton \
     TORCHINDUCTOR_CACHE_DIR=/tmp/.cache/torchinductor \
     PFSAM_CACHE=/opt/app/cache \
+    PFSAM_IMAGE=1 \
     ORT_DISABLE_TELEMETRY=1
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]

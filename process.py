@@ -107,17 +107,28 @@ def _stop(signum, frame) -> None:
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
               help="torch.compile the encoder (faster on CUDA for large folders; the first batch compiles for about 30 s; "
                    "needs a C/C++ compiler and Python's headers, which the container ships unless built with COMPILER=0).")
+@click.option("--gpu-fallback/--no-gpu-fallback", default=False, hidden=True,
+              help="-d gpu without a CUDA GPU: run on the CPU with a warning (main.py's default, as the PACE "
+                   "template's main.py does) instead of an error.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr [default: on when stderr is a terminal; off in captured logs, such "
                    "as a container's].")
 def main(input_dir: Path, output_dir: Path, task: str, device: str, fmt: str, model_dir: Path | None,
          batch_size: int, tta: bool, class_prior: str | None, overlay: bool, logits: bool, precision: str, runtime: str,
-         compile_: bool, progress: bool | None) -> None:
+         compile_: bool, gpu_fallback: bool, progress: bool | None) -> None:
     if runtime == "onnx" and compile_:  # options that cannot run together: refused before anything runs
         raise click.UsageError("--compile runs the encoder in PyTorch: not with --runtime onnx")
     if runtime == "onnx" and (precision == "bf16" or device == "gpu"):
         raise click.UsageError("--runtime onnx runs the encoder on the CPU in fp32 only (not with "
                                f"{'--precision bf16' if precision == 'bf16' else '-d gpu'})")
+    if device == "gpu" and gpu_fallback:
+        import torch
+
+        if not torch.cuda.is_available():  # the organisers' command always says -d gpu; a CPU run beats none
+            click.echo("warning: -d gpu, but no CUDA GPU is visible to this process (no --gpus given to docker run, "
+                       "or a driver older than the image's CUDA): running on the CPU, as the PACE template does",
+                       err=True)
+            device = "cpu"
     if logits and task == "cls":  # not an error: the template's two runs may be given the same options
         click.echo("note: --logits writes nothing with -t cls (the lesion logits come with the mask)", err=True)
     # SIGTERM (docker stop, a platform's time limit) ends the run as an exception would: temporary files go,

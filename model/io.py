@@ -272,8 +272,12 @@ def _denied(path: Path, what: str = "readable") -> str:
     st = path.stat()
     uid = os.getuid() if hasattr(os, "getuid") else "?"
     kind = "folder" if path.is_dir() else "file"
+    hint = ""
+    if what == "writable" and os.environ.get("PFSAM_IMAGE") and st.st_uid != uid:  # in the container (Dockerfile)
+        hint = (f": give docker run --user with the folder's owner (--user {st.st_uid}), or build the image to run "
+                f"as root for a command that cannot (PACE's): ./build.sh --build-arg USER_UID=0 --build-arg USER_GID=0")
     return (f"permission denied: not {what} by this user (uid {uid}; the {kind} has mode "
-            f"{stat.S_IMODE(st.st_mode):o}, owner uid {st.st_uid})")
+            f"{stat.S_IMODE(st.st_mode):o}, owner uid {st.st_uid}){hint}")
 
 
 def lookup_denied(path: Path | str) -> str:

@@ -1091,7 +1091,19 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_model_loa
     res = _invoke_with(predictor, ["-i", d, "-o", locked])
     assert res.exit_code == 1 and res.calls == [], res.output
     assert f"error: cannot write into the output folder {locked}: permission denied: not writable by this user" \
-        in res.output and "owner uid" in res.output
+        in res.output and "owner uid" in res.output and "build-arg" not in res.output
+    # in the image (its Dockerfile sets PFSAM_IMAGE), for a folder another user owns (PACE's command mounts one
+    # Docker created, root's, and has no --user): how to run it
+    monkeypatch.setenv("PFSAM_IMAGE", "1")
+    real_getuid = inference_io.os.getuid
+    monkeypatch.setattr(inference_io.os, "getuid", lambda: 1000)
+    res = _invoke_with(predictor, ["-i", d, "-o", locked])
+    assert res.exit_code == 1 and "(uid 1000; the folder has mode" in res.output
+    assert "owner uid 0): give docker run --user with the folder's owner (--user 0), or build the image to run as " \
+        "root for a command that cannot (PACE's): ./build.sh --build-arg USER_UID=0 --build-arg USER_GID=0" \
+        in res.output.replace("\n", " ")
+    monkeypatch.delenv("PFSAM_IMAGE")
+    monkeypatch.setattr(inference_io.os, "getuid", real_getuid)
     res = _invoke_with(predictor, ["-i", d, "-o", locked / "new" / "out"])  # a folder to create below it
     assert res.exit_code == 1 and res.calls == [], res.output
     assert f"error: cannot create the output folder {locked / 'new' / 'out'}: permission denied" in res.output
@@ -1385,6 +1397,35 @@ def test_a_missing_gpu_is_named_as_such(inputs, tmp_path, monkeypatch):
                                             "--no-progress"])
     assert res.exit_code == 1
     assert "no CUDA GPU is available" in res.output and "cannot load the model" not in res.output, res.output
+
+
+def test_main_py_runs_on_the_cpu_where_gpu_is_asked_and_none_is_seen(inputs, ensemble_dir, tmp_path, monkeypatch):
+    """The organisers' command always says -d gpu, and the PACE template's main.py then falls back to the
+    CPU where torch sees no GPU: main.py did not (exit 1, nothing written: no submission). It does now,
+    with a warning; process.py still refuses, and either runs -d gpu where a GPU is seen."""
+    import runpy
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    root, sizes = inputs
+    out = tmp_path / "pace"
+    monkeypatch.setattr(sys, "argv", ["main.py", "-i", str(root), "-o", str(out), "-t", "seg", "-d", "gpu",
+                                      "--model-dir", str(ensemble_dir), "--no-progress"])
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(REPO / "main.py"), run_name="__main__")
+    assert stop.value.code == 0
+    assert sorted(p.name for p in (out / "segmentation").iterdir()) == sorted(f"{_stem(n)}_mask.png" for n in sizes)
+    res = CliRunner().invoke(process.main, ["-i", str(root), "-o", str(tmp_path / "gc"), "-d", "gpu",
+                                            "--model-dir", str(ensemble_dir), "--no-progress",
+                                            "--gpu-fallback"])
+    assert res.exit_code == 0 and "warning: -d gpu, but no CUDA GPU is visible" in res.stderr
+    assert "running on the CPU" in res.stderr
+    res = CliRunner().invoke(process.main, ["-i", str(root), "-o", str(tmp_path / "strict"), "-d", "gpu",
+                                            "--model-dir", str(ensemble_dir), "--no-progress"])
+    assert res.exit_code == 1 and "no CUDA GPU is available" in res.stderr
+    assert "--gpu-fallback" not in CliRunner().invoke(process.main, ["--help"]).output  # main.py's, not a user's
 
 
 _AS_NOBODY = """import runpy, sys
