@@ -310,6 +310,25 @@ def test_a_mask_survives_the_round_trip():
     assert 2 * inter / (back.sum() + mask.sum()) > 0.95
 
 
+def test_a_mask_is_placed_on_a_coarser_grid_as_the_image_is():
+    """SAM's 1024 input under a 256 head: an image of 686 rows covers 171.5 cells. The target was the
+    mask resized to 172 whole cells, stretched by half a cell: a perfect head's mask, cropped exactly
+    as inference does, ran 2 px past the lesion's lower edge. Placed on the input's pixels as the image
+    is and averaged per cell, it ends where the lesion does."""
+    geom = Geometry(686, 1024, 1024)
+    mask = np.zeros((686, 1024), np.uint8)
+    mask[400:684, 100:300] = 1  # rows 400..683: the edges fall on cell boundaries (100 and 171)
+    target = mask_to_model(mask, geom, 256)
+    assert target[100:171, 25:75].all() and target.sum() == 71 * 50
+    back = postprocess((target * 2 - 1) * 10, geom)
+    rows = np.nonzero(back[:, 200])[0]
+    assert (rows.min(), rows.max()) == (400, 683)  # was (400, 685)
+    assert (back != mask.astype(bool)).sum() == 4  # the four corners, rounded by the bilinear upsampling
+    # the same input size as the grid: unchanged, the image's own cells
+    small = mask_to_model(mask, Geometry(686, 1024, 256), 256)
+    assert small.shape == (256, 256) and small[172:].sum() == 0
+
+
 def test_normalisation_is_the_encoders_own():
     img = np.full((64, 80, 3), 200, np.uint8)
     img[10:20, 10:20] = 50
