@@ -29,6 +29,8 @@ Exit status: 0 all images processed; 3 some failed (the others are written);
 loaded; 2 a bad option or value (nothing run);
 143 stopped by SIGTERM (docker stop), 130 by Ctrl-C (SIGINT): masks written so far are kept, no summary files
 (an earlier run's there are kept, and named in a note once this run has written some outputs).
+The model's name and a clean run's summary go to stdout; notes, warnings, errors and the summary of a
+run with failures to stderr (Grand Challenge marks a job that wrote to stderr with a warning).
 """
 from __future__ import annotations
 
@@ -153,7 +155,8 @@ def main(input_dir: Path, output_dir: Path, task: str, device: str, fmt: str, mo
         except KeyboardInterrupt:  # Ctrl-C: as SIGTERM, not click's "Aborted!" and exit 1 (none processed)
             click.echo("stopped by SIGINT: outputs written so far are kept", err=True)
             sys.exit(128 + signal.SIGINT)
-        click.echo(summary_line(result), err=True)
+        # a clean run's summary on stdout: Grand Challenge marks a job that wrote to stderr with a warning
+        click.echo(summary_line(result), err=result.exit_code != 0)
         sys.exit(result.exit_code)
     finally:
         signal.signal(signal.SIGTERM, previous)
