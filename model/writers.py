@@ -5,7 +5,7 @@ Output formats
 ``gc`` (Grand Challenge)::
 
     OUT/images/breast-lesion-segmentation/<name>.mha   uint8 {0,1}, the input's geometry
-    OUT/results.json                                   one entry per input (evalutils form)
+    OUT/results.json                                   one entry per input (evalutils' lists)
     OUT/breast-lesion-classification.json              only with exactly one input: {"label", "probabilities"}
     OUT/malignancy-likelihood.json                     only with exactly one input: P(malignant), a bare float
 
