@@ -2,7 +2,7 @@
 
 The SD-H mask localises the lesion; SAM-family decoders draw sharper boundaries when given a box.
 For each image whose mask (probability > threshold) is not empty, the bounding box of its largest
-component, widened by ``margin`` encoder-input pixels, prompts the decoder on the same embedding;
+component, widened by ``margin`` encoder-input pixels (within the image), prompts the decoder on the same embedding;
 the decoder's mask probabilities replace the head's (``blend`` = 1) or are averaged with them
 (``blend`` = 0.5). Outside the box the decoder's probabilities are about 0, so there the mask
 keeps nothing (``outside`` "drop", the default: one component, the box's) or, with ``outside``
@@ -37,22 +37,25 @@ def mask_boxes(prob: torch.Tensor, threshold: float, input_size: int, margin: fl
                extents=None) -> list[list[float] | None]:
     """B x R x R probabilities -> per image the largest component's box (x0, y0, x1, y1) in encoder-input
     pixels widened by ``margin`` and clipped to the input, or None when the mask is empty. ``extents``:
-    per image the grid rows and columns its image covers (the rest is padding, where no component counts)."""
+    per image the grid rows and columns its image covers (the rest is padding, where no component counts
+    and the box's margin does not reach: it is clipped to the image as to the input)."""
     res = prob.shape[-1]
     scale = input_size / res
     boxes: list[list[float] | None] = []
     for k, p in enumerate(prob.float().cpu().numpy()):
         binary = p > threshold
+        right = bottom = input_size - 1.0
         if extents is not None:
             binary[extents[k][0]:] = False
             binary[:, extents[k][1]:] = False
+            bottom, right = min(bottom, extents[k][0] * scale - 1), min(right, extents[k][1] * scale - 1)
         if not binary.any():
             boxes.append(None)
             continue
         ys, xs = np.nonzero(keep_largest_component(binary))
         x0, y0 = xs.min() * scale - margin, ys.min() * scale - margin
         x1, y1 = (xs.max() + 1) * scale - 1 + margin, (ys.max() + 1) * scale - 1 + margin
-        boxes.append([max(x0, 0.0), max(y0, 0.0), min(x1, input_size - 1.0), min(y1, input_size - 1.0)])
+        boxes.append([max(x0, 0.0), max(y0, 0.0), min(x1, right), min(y1, bottom)])
     return boxes
 
 

@@ -538,6 +538,22 @@ def test_the_box_is_drawn_around_a_lesion_in_the_image_not_a_larger_blob_in_the_
     assert not torch.equal(inside[0, 40:70, 30:60], prob[0, 40:70, 30:60])  # the lesion was decoded
 
 
+def test_the_boxs_margin_stops_at_the_images_edge_not_the_inputs():
+    """The margin was clipped to the input square only: a lesion at a portrait image's right or bottom
+    edge got a box reaching into the zero padding, which the decoder was never prompted with in training.
+    Given the image's extent, the box ends at its last row and column; inside, the margin stands."""
+    prob = torch.full((2, 256, 256), 0.05)
+    prob[0, 100:140, 100:128] = 0.9  # touches the right edge of a 256 x 128 image
+    prob[1, 60:85, 20:50] = 0.9  # touches the bottom edge of an 85 x 256 image
+    assert mask_boxes(prob, 0.5, 256, 5.0) == [[95.0, 95.0, 132.0, 144.0], [15.0, 55.0, 54.0, 89.0]]
+    assert mask_boxes(prob, 0.5, 256, 5.0, [(256, 128), (85, 256)]) == [[95.0, 95.0, 127.0, 144.0],
+                                                                        [15.0, 55.0, 54.0, 84.0]]
+    # on a coarser grid (scale 4: a 1024 input, a 256 grid) the cells' pixels, the last one's last
+    big = torch.full((1, 256, 256), 0.05)
+    big[0, 10:20, 100:128] = 0.9
+    assert mask_boxes(big, 0.5, 1024, 8.0, [(256, 128)]) == [[392.0, 32.0, 511.0, 87.0]]
+
+
 def test_the_predictor_gives_the_refiner_each_images_extent(tmp_path):
     """Predictor.predict passes each image's rows and columns (Geometry.resized) down to the refiner."""
     ens = make_test_ensemble(tmp_path / "ens")
