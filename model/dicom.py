@@ -79,7 +79,12 @@ def read_dicom(path: Path) -> LoadedImage:
     if not np.allclose(d2 @ d2.T, np.eye(2), atol=1e-6):  # a plane the x-y axes do not span: no 2-D direction
         d2 = np.eye(2)
     direction2 = tuple(float(v) for v in d2.ravel())
-    return LoadedImage(check_pixels(path, arr), str(path), tuple(spacing[:2]), tuple(origin[:2]), direction2)
+    extra = {}
+    if dim == 3:  # GDCM reads a still as one slice in patient space: its mask is written as one, where the image
+        # lies (the z position and a plane other than x-y kept; the 2-D fields above serve 2-D callers)
+        extra = {"dimension": 3, "singleton_axis": 2,
+                 "geometry": ((*map(float, spacing[:2]), img.GetSpacing()[2]), origin, direction)}
+    return LoadedImage(check_pixels(path, arr), str(path), tuple(spacing[:2]), tuple(origin[:2]), direction2, extra)
 
 
 def _header(path: Path):

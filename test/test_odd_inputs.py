@@ -872,7 +872,7 @@ def test_dicom_stills_are_read_with_their_spacing_and_cine_loops_are_refused(tmp
     assert sorted(p.name for p in masks.iterdir()) == ["1.2.840.113619.2.55.7.mha", "IM00001.mha", "colour.mha",
                                                        "grey.mha"]  # a UID keeps its last number
     mask = sitk.ReadImage(str(masks / "grey.mha"))
-    assert mask.GetSize() == (52, 37) and mask.GetSpacing() == pytest.approx((0.12, 0.09))
+    assert mask.GetSize() == (52, 37, 1) and mask.GetSpacing()[:2] == pytest.approx((0.12, 0.09))  # one slice, as read
     errors = (tmp_path / "gc" / "errors.csv").read_text()
     assert "cine.dcm" in errors and "damaged.dcm" in errors
 
@@ -955,7 +955,7 @@ def test_an_ultrasound_dicom_gets_the_pixel_size_of_its_ultrasound_regions(tmp_p
     predictor = load_predictor(ensemble_dir, device="cpu", batch_size=4)
     assert run(predictor, src, tmp_path / "gc", fmt="gc", progress=False, log=lambda _: None).exit_code == 0
     mask = sitk.ReadImage(str(tmp_path / "gc" / "images" / SLUG / "bmode.mha"))
-    assert mask.GetSpacing() == pytest.approx((0.125, 0.125)) and mask.GetSize() == (64, 48)
+    assert mask.GetSpacing()[:2] == pytest.approx((0.125, 0.125)) and mask.GetSize() == (64, 48, 1)
 
 
 def test_a_ybr_colour_dicom_is_read_as_rgb(tmp_path):
@@ -979,8 +979,9 @@ def test_a_ybr_colour_dicom_is_read_as_rgb(tmp_path):
 def test_a_dicom_still_keeps_its_patient_position_and_orientation_in_its_mask(tmp_path):
     """GDCM reads an ultrasound still's Image Position and Orientation (Patient): the image gets its
     origin and in-plane direction (here a plane turned by 90 degrees, whose direction is not its own
-    transpose), and the mask written like it carries them. A still lying in a plane that the x and y
-    axes do not span (x-z) has no 2-D direction: it gets the identity, and its mask is still written."""
+    transpose). A still lying in a plane that the x and y axes do not span (x-z) has no 2-D direction: it
+    gets the identity. The mask is written as ITK reads the still, one slice where the image lies: it was
+    written 2-D, its z position dropped, and the x-z still's mask lay in the x-y plane, 90 mm from it."""
     from model.io import read_image
     from model.itk_image import write_itk
 
@@ -997,9 +998,13 @@ def test_a_dicom_still_keeps_its_patient_position_and_orientation_in_its_mask(tm
         assert got.direction == pytest.approx(direction), name
         write_itk(tmp_path / f"{name}_mask.mha", mask, like=got)
         back = sitk.ReadImage(str(tmp_path / f"{name}_mask.mha"))
-        assert back.GetSize() == (52, 37) and back.GetSpacing() == pytest.approx((0.3, 0.2)), name
-        assert back.GetOrigin() == pytest.approx((4.0, -2.5)) and back.GetDirection() == pytest.approx(direction), name
-        np.testing.assert_array_equal(sitk.GetArrayFromImage(back), mask)
+        image = sitk.ReadImage(str(tmp_path / f"{name}.dcm"))
+        assert back.GetSize() == (52, 37, 1) and back.GetSpacing()[:2] == pytest.approx((0.3, 0.2)), name
+        assert back.GetOrigin() == pytest.approx((4.0, -2.5, 7.0)), name
+        assert back.GetDirection() == pytest.approx(image.GetDirection()), name
+        far = back.TransformIndexToPhysicalPoint((51, 36, 0))
+        assert far == pytest.approx(image.TransformIndexToPhysicalPoint((51, 36, 0))), name  # the same place
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(back)[0], mask)
 
 
 def test_a_dicom_whose_compressed_pixels_are_damaged_is_refused_naming_the_file(tmp_path):
@@ -1045,7 +1050,7 @@ def test_a_dicom_too_large_short_of_pixels_or_uncalibrated_is_handled_from_its_h
     got = read_image(tmp_path / "uncalibrated.dcm")
     assert got.spacing == pytest.approx((1.0, 1.0))
     write_itk(tmp_path / "mask.mha", np.zeros(img.shape, np.uint8), like=got)
-    assert sitk.ReadImage(str(tmp_path / "mask.mha")).GetSpacing() == pytest.approx((1.0, 1.0))
+    assert sitk.ReadImage(str(tmp_path / "mask.mha")).GetSpacing()[:2] == pytest.approx((1.0, 1.0))
 
 
 def test_the_smallest_side_accepted_is_16_pixels_and_a_sixteenth_of_the_long_side():
