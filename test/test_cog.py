@@ -228,7 +228,9 @@ except Exception as exc:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "TMPDIR": str(tmp)})
     assert res.returncode == 0, res.stderr[-2000:]
-    label, mask, overlay = res.stdout.split()
+    model_line, answer = res.stdout.rstrip("\n").rsplit("\n", 1)
+    assert model_line.startswith("model: ") and model_line.endswith("(built in)")  # setup's log line, on stdout
+    label, mask, overlay = answer.split()
     assert label in ("Normal", "Benign", "Malignant") and (mask, overlay) == ("scan_mask.png", "scan_overlay.png")
     assert "refused:" in res.stderr and "notes.png" in res.stderr
     # the refused input's folder is gone, and so is the one before it: a long-running server keeps no
