@@ -571,6 +571,24 @@ def test_pace_rows_are_read_as_written_and_first_rows_kept(tmp_path):
                     ("b", "probabilities.csv: unusable ro")], problems
 
 
+def test_pace_csvs_with_a_byte_order_mark_are_read_and_one_without_ids_is_refused(tmp_path):
+    """predictions.csv and probabilities.csv saved with a byte order mark (pandas' utf-8-sig, Excel):
+    every row was skipped as if it had no image_id, and the run scored accuracy 0 with no word why. They
+    are read; a file with no image_id column at all is an error naming it."""
+    from training.datasets import DataError
+
+    pred = tmp_path / "pred"
+    (pred / "classification").mkdir(parents=True)
+    (pred / "classification" / "predictions.csv").write_bytes("image_id,label\r\na,Malignant\r\n".encode("utf-8-sig"))
+    (pred / "classification" / "probabilities.csv").write_bytes(
+        "image_id,normal,benign,malignant\na,0.1,0.2,0.7\n".encode("utf-8-sig"))
+    preds, problems = R.read_pace(pred)
+    assert preds == {"a": {"mask": None, "label": "malignant", "probabilities": [0.1, 0.2, 0.7]}} and problems == []
+    (pred / "classification" / "predictions.csv").write_text("id,label\na,Malignant\n")
+    with pytest.raises(DataError, match=r"predictions.csv: no image_id column \(header: id,label\)"):
+        R.read_pace(pred)
+
+
 def test_grand_challenge_entries_are_read_leniently_but_as_documented(tmp_path):
     """The case id is the first input name (not an output's, not a later input's); the first
     probability dict and the first label (``label``, ``class`` or ``prediction``; a boolean is no

@@ -203,6 +203,30 @@ def test_a_prepared_folder_reads_back_as_pace_data(prepared, tmp_path):
                                       read_image(prepared["out"] / "masks" / f"{r['image_id']}.png").array)
 
 
+def test_a_labels_csv_with_a_byte_order_mark_keeps_its_patient_ids(tmp_path):
+    """Excel's "CSV UTF-8" starts the file with a byte order mark: the first column was read as
+    "\ufeffimage_id", no patient id matched, and the split went by image without a word (patients on both
+    sides). The mark is now no part of the name; a labels.csv without the columns is warned about."""
+    from training.datasets import read_csv
+    from training.sources import read_pace
+
+    root = tmp_path / "PACE"
+    rows = ["image_id,label,patient_id"]
+    for i in range(4):
+        write_png(root / f"PACE_{i:05d}_001_BUS.png", noise(i))
+        write_png(root / f"PACE_{i:05d}_001_BUS_mask.png", box(2, 8, 2, 8))
+        rows.append(f"PACE_{i:05d}_001_BUS,benign,p{i // 2}")
+    (root / "labels.csv").write_bytes(("\r\n".join(rows) + "\r\n").encode("utf-8-sig"))
+    warned = {}
+    records = read_pace(root, lambda path, why: warned.setdefault(path.name, why))
+    assert {r.image_id: r.patient_id for r in records} == {f"PACE_{i:05d}_001_BUS": f"p{i // 2}" for i in range(4)}
+    assert warned == {}
+    assert read_csv(root / "labels.csv")[0]["image_id"] == "PACE_00000_001_BUS"  # evaluate's, train's reader too
+    (root / "labels.csv").write_text("id,label\nPACE_00000_001_BUS,benign\n")
+    read_pace(root, lambda path, why: warned.setdefault(path.name, why))
+    assert warned["labels.csv"].startswith("no image_id column (header: id,label): no patient ids read")
+
+
 def test_challenge_release_names_are_read(tmp_path):
     """The challenge's release names its files PABC_<subject>_<code>_<source> (its dataset.md)."""
     from training.sources import read_pace

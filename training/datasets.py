@@ -49,9 +49,10 @@ SPLITS = ("train", "val")
 
 def csv_rows(path: Path, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
     """(line, row) of a csv, its column names stripped and lower-case, the columns ``required``
-    checked; DataError naming the file for those missing, a file not UTF-8 or not csv."""
+    checked; DataError naming the file for those missing, a file not UTF-8 or not csv. A UTF-8 byte
+    order mark (Excel's "CSV UTF-8", pandas' utf-8-sig) is not part of the first column's name."""
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             fields = [(f or "").strip().lower() for f in reader.fieldnames or []]
             missing = [c for c in required if c not in fields]
@@ -68,9 +69,9 @@ def csv_rows(path: Path, required: tuple[str, ...] = ()) -> list[tuple[int, dict
         raise DataError(f"{path}: not a readable csv file ({exc})") from None
 
 
-def read_csv(path: Path) -> list[dict[str, str]]:
+def read_csv(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, str]]:
     """A CSV file's rows as dicts, every value stripped (a missing one as ""); errors as ``csv_rows``."""
-    return [{k: (v or "").strip() for k, v in row.items()} for _, row in csv_rows(path)]
+    return [{k: (v or "").strip() for k, v in row.items()} for _, row in csv_rows(path, required)]
 
 
 def read_split(split_csv: str | Path) -> dict[str, str]:

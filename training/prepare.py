@@ -310,7 +310,7 @@ def check_out_folder(sources: dict[str, Path], out: Path) -> None:
 def _previous_ids(out: Path) -> set[str]:
     """The image ids the labels.csv of an earlier run in ``out`` lists (the files prepare wrote there)."""
     try:
-        with open(out / "labels.csv", newline="", encoding="utf-8") as fh:
+        with open(out / "labels.csv", newline="", encoding="utf-8-sig") as fh:
             return {(row.get("image_id") or "").strip() for row in csv.DictReader(fh)} - {""}
     except (OSError, UnicodeDecodeError, csv.Error):
         return set()

@@ -82,7 +82,7 @@ def read_pace(pred_dir: Path | str) -> tuple[dict[str, dict], list[dict]]:
         path = cls / name
         if not path.is_file():
             continue
-        for row in read_csv(path):
+        for row in read_csv(path, ("image_id",)):  # without the column every row would be "missing"
             cid = row.get("image_id", "")
             if not cid:
                 continue

@@ -183,8 +183,15 @@ def read_pace(root: Path | str, warn: Warn = _no_warning) -> list[Record]:
     root = _require_dir(Path(root), "PACE")
     patients = {}
     if (root / "labels.csv").is_file():
-        with open(root / "labels.csv", newline="", encoding="utf-8") as fh:
-            patients = {r["image_id"]: r.get("patient_id") or "" for r in csv.DictReader(fh) if r.get("image_id")}
+        with open(root / "labels.csv", newline="", encoding="utf-8-sig") as fh:  # a byte order mark: not a name
+            reader = csv.DictReader(fh)
+            rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in r.items()} for r in reader]
+            fields = [(f or "").strip().lower() for f in reader.fieldnames or []]
+        if "image_id" not in fields or "patient_id" not in fields:  # the split would silently be by image
+            warn(root / "labels.csv", f"no {'image_id' if 'image_id' not in fields else 'patient_id'} column "
+                                      f"(header: {','.join(fields) or 'none'}): no patient ids read, so a patient's "
+                                      f"images may fall on both sides of the split")
+        patients = {r["image_id"]: r.get("patient_id") or "" for r in rows if r.get("image_id")}
     files = []
     for p in list_images(root):
         if p.suffix.lower() == ".png":
