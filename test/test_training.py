@@ -1011,6 +1011,45 @@ def test_training_on_a_cache_of_another_precision_says_so_and_leaves_no_trace(ti
         build_cache(model, records, tmp_path, ["orig"], torch.device("cpu"), "bf16", build=False)
 
 
+def test_a_frozen_litemedsam_is_encoded_for_training_as_inference_runs_it(tiny_dataset, tmp_path, monkeypatch):
+    """On a CPU with native bf16 the cache ran LiteMedSAM's encoder in bf16 under --precision auto, while
+    the container runs it in fp32 (its bf16 embedding is 6-9 % away): the heads were trained and chosen on
+    embeddings inference never gives them. Under auto the encoder now runs as inference runs it (LiteMedSAM
+    fp32; SAM's ViTs bf16 where native), the cache and a run without one alike; --precision bf16 forces it."""
+    import model.predictor as mp
+    from model.predictor import encoder_bf16
+    from training.cache import cache_key
+    from training.train import run_batch
+
+    monkeypatch.setattr(mp, "bf16_supported", lambda device: True)  # as on the AMX and AVX512-BF16 hosts
+    cpu = torch.device("cpu")
+    assert not encoder_bf16("auto", cpu, "litemedsam") and encoder_bf16("auto", cpu, "sam_vit_b")
+    assert encoder_bf16("bf16", cpu, "litemedsam") and not encoder_bf16("fp32", cpu, "sam_vit_b")
+    model = build_model(tiny_cfg("sd-h"))
+    records = load_records(tiny_dataset)[:2]
+    cache = build_cache(model, records, tmp_path, ["orig"], cpu, "auto")
+    assert cache.root.name == cache_key(model, ["orig"], "fp32", False)
+    from model.preprocessing import preprocess
+
+    x = torch.stack([preprocess(load_pair(r)[0], model.input_size, model.normalization)[0] for r in records])
+    with torch.no_grad():
+        want = model.encoder(x)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf = model.encoder(x)[0].float()
+    got = torch.stack([cache.get(r.image_id, 0)[0].float() for r in records])
+    assert (got - want).norm() / want.norm() < 2e-3  # fp32, stored as fp16
+    assert (bf - want).norm() / want.norm() > 0.01  # what the cache held before
+    # without a cache: heads in bf16, the frozen encoder in fp32
+    seen = []
+    real_heads = model.heads
+    monkeypatch.setattr(model, "heads", lambda emb, feats=None, guide=None: seen.append(emb) or real_heads(emb, feats, guide))
+    batch = {"x": x, "mask": torch.zeros(2, 256, 256), "label": torch.tensor([1, 1])}
+    model.eval()
+    with torch.no_grad():
+        run_batch(model, batch, cpu, True, "pred", 0.0, None, tiny_cfg("sd-h"), False)
+    assert (seen[0].float() - want).norm() / want.norm() < 1e-4
+
+
 def _torchrun_two(data: Path, run: Path, cache: Path, timeout: int) -> subprocess.CompletedProcess:
     """training.train under torchrun with two CPU ranks (gloo); skips without a loopback network."""
     from conftest import free_loopback_port

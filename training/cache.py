@@ -37,7 +37,7 @@ from model.encoders.weights import WeightsError
 from model.io import ImageReadError
 from model.network import PFSAMNet, make_config
 from model.preprocessing import mask_to_model, preprocess
-from model.predictor import resolve_device, use_bf16
+from model.predictor import encoder_bf16, resolve_device
 
 from .augment import apply_view, class_views
 from .config_values import views_problem
@@ -168,7 +168,7 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
     every image must be there), e.g. while another process is still filling the cache.
     """
     with_features = model.needs_features
-    precision_name = "bf16" if use_bf16(precision, device) else "fp32"
+    precision_name = "bf16" if encoder_bf16(precision, device, model.config["encoder"]["name"]) else "fp32"
     key = cache_key(model, views, precision_name, with_features)
     root = Path(cache_dir) / key
     if not build and not (root / "meta.json").is_file():  # say so before creating anything
@@ -236,7 +236,7 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
         # a disk that fills up mid-build kills the process with SIGBUS, not an error
         raise CacheError(f"{root}: {len(todo)} views to encode need {len(todo) * per_view / 2**30:.2f} GiB, and "
                          f"only {free / 2**30:.2f} GiB are free there; free space or give --cache another folder")
-    bf16 = use_bf16(precision, device)
+    bf16 = encoder_bf16(precision, device, model.config["encoder"]["name"])  # as inference runs the encoder
     encoder = copy.deepcopy(model.encoder).eval()
     if hasattr(encoder, "fuse"):
         # BatchNorm folded into convs: same values, faster. The new convs are randomly initialised
@@ -318,7 +318,8 @@ def view_list(ctx, param, value: str) -> list[str]:
 @click.option("--features/--no-features", default=False, help="Also cache the stage features (UNet-H).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp32"]),
-              help="auto (bf16 where native), bf16, fp32: training.train's --precision.")
+              help="auto (bf16 where native, for an encoder that inference runs in bf16 too: SAM's ViTs; "
+                   "LiteMedSAM in fp32), bf16, fp32: training.train's --precision.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--first-view-only", is_flag=True,
               help="Encode only the first view (orig) of every image; the cache keeps its key, so training "

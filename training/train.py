@@ -38,7 +38,7 @@ from model.encoders.weights import WeightsError
 from model.atomic_files import atomic_path, write_text
 from model.io import ImageReadError
 from model.network import PFSAMNet, make_config
-from model.predictor import resolve_device, use_bf16
+from model.predictor import encoder_bf16, resolve_device, use_bf16
 from model.program import run_program
 from model.preprocessing import mask_to_model, preprocess
 
@@ -197,7 +197,8 @@ def epoch_plan(records: list[Record], cfg: dict, epoch: int, available=None) -> 
 
 
 # -------------------------------------------------------------------------------------- training
-def run_batch(model, batch, device, bf16, phase, p_gt, gen, cfg):
+def run_batch(model, batch, device, bf16, phase, p_gt, gen, cfg, enc_bf16=None):
+    """``enc_bf16``: a frozen encoder's own precision (``encoder_bf16``; None: ``bf16``'s)."""
     net = model.module if hasattr(model, "module") else model
 
     def put(t):  # cached features arrive as fp16: one conversion per batch, on the device,
@@ -213,6 +214,10 @@ def run_batch(model, batch, device, bf16, phase, p_gt, gen, cfg):
             kw["features"] = [put(f) for f in batch["features"]]
     else:  # images for the encoder: channels-last on CPU, as train() puts the model
         kw["x"] = put(batch["x"])
+        if net.frozen and enc_bf16 is not None and enc_bf16 != bf16:  # the encoder as inference runs it
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enc_bf16):
+                emb, feats = net.encode(kw.pop("x"))
+            kw["embedding"], kw["features"] = emb.float(), [f.float() for f in feats] if feats else feats
     mask = batch["mask"].to(device, non_blocking=True)
     labels = batch["label"].to(device)
     if net.uses_mask and phase != "pred":
@@ -225,13 +230,13 @@ def run_batch(model, batch, device, bf16, phase, p_gt, gen, cfg):
     return out, losses
 
 
-def evaluate_epoch(model, loader, device, bf16, cfg) -> dict:
+def evaluate_epoch(model, loader, device, bf16, cfg, enc_bf16=None) -> dict:
     """Validation at the head's grid: Dice on lesion images, accuracy and macro AUC."""
     model.eval()
     dices, probs, labels, losses = [], [], [], []
     with torch.no_grad():
         for batch in loader:
-            out, loss = run_batch(model, batch, device, bf16, "pred", 0.0, None, cfg)
+            out, loss = run_batch(model, batch, device, bf16, "pred", 0.0, None, cfg, enc_bf16)
             losses.append(float(loss["loss"]) * len(batch["label"]))
             pm = (torch.sigmoid(out["mask_logits"][:, 0].float()) > 0.5).cpu().numpy()
             gt = batch["mask"].numpy() > 0.5
@@ -299,6 +304,7 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
             device_name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     device = resolve_device(device_name) if not device_name.startswith("cuda:") else torch.device(device_name)
     bf16 = use_bf16(precision, device)
+    enc_bf16 = encoder_bf16(precision, device, cfg["model"]["encoder"])  # a frozen one: as inference runs it
     if device.type == "cpu":
         keep_freed_memory()
     state_path = out / STATE_NAME
@@ -406,7 +412,7 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
         bar = tqdm(loader, desc=f"epoch {epoch}/{epochs} [{phase}]", file=sys.stderr, disable=rank != 0,
                    leave=False)
         for batch in bar:
-            _, losses = run_batch(model, batch, device, bf16, phase, p_gt, gen, cfg)
+            _, losses = run_batch(model, batch, device, bf16, phase, p_gt, gen, cfg, enc_bf16)
             if not torch.isfinite(losses["loss"]):
                 raise NonFiniteLoss(epoch, f"loss is {float(losses['loss'].detach())}", state_path)
             opt.zero_grad(set_to_none=True)
@@ -423,7 +429,7 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
         row = {"epoch": epoch, "phase": phase, "train_loss": sums["loss"] / max(seen, 1),
                "train_seg": sums["seg"] / max(seen, 1), "train_ce": sums["ce"] / max(seen, 1)}
         if rank == 0:
-            row |= evaluate_epoch(net, va_loader, device, bf16, cfg)
+            row |= evaluate_epoch(net, va_loader, device, bf16, cfg, enc_bf16)
         stop_if_diverged(net, row.get("val_loss"), epoch, state_path, distributed, device)  # before it is saved
         if rank == 0:
             row |= {"lr": lr, "images_per_s": seen * world / secs, "seconds": secs}
@@ -512,7 +518,8 @@ def _stopped(out: Path, by_sigterm: bool, exc: BaseException, chld: list) -> Non
 @click.option("--seed", type=click.IntRange(0), default=None)
 @click.option("--device", default="auto", help="auto, cpu, cuda.")
 @click.option("--precision", default="auto", type=click.Choice(["auto", "bf16", "fp32"]),
-              help="auto (bf16 where native), bf16, fp32.")
+              help="auto (bf16 where native; a frozen encoder as inference runs it: LiteMedSAM in fp32, the "
+                   "heads in bf16), bf16, fp32.")
 @click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
               help="Embedding cache folder (frozen encoder only).")
 @click.option("--cache-build/--no-cache-build", default=True,
