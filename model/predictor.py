@@ -32,7 +32,7 @@ from .encoders.weights import checkpoint_reads_shared
 from .io_threads import io_pool
 from .network import PFSAMNet
 from .onnx_encoder import OnnxEncoder, OnnxUnavailable, onnx_encoder
-from .preprocessing import (Geometry, grid_cover, grid_widths, keep_largest_component, mirror, postprocess,
+from .preprocessing import (Geometry, grid_cover, keep_largest_component, mirror, mirror_grid, postprocess,
                             postprocess_with_logits, preprocess)
 from .refine import BoxRefiner
 from .toolchain import build_problem
@@ -334,7 +334,7 @@ class Predictor:
         for vi, encoded in enumerate(views):
             seg, cls = self.combine(encoded, widths, heights)  # a mirrored image keeps its padding where it was
             if vi == 1:
-                seg = mirror(seg, None if widths is None else grid_widths(widths, self.input_size, seg.shape[-1]))
+                seg = mirror_grid(seg, widths, self.input_size)
             seg_sum = seg_sum + seg
             cls_sum = cls_sum + cls
         return (seg_sum / len(views)).cpu(), (cls_sum / len(views)).cpu()

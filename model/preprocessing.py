@@ -185,12 +185,6 @@ def mask_to_model(mask: np.ndarray, geom: Geometry, out_size: int) -> torch.Tens
     return out
 
 
-def grid_widths(widths, size: int, grid: int) -> list[int]:
-    """Image rows or columns (``Geometry.resized``, on the ``size`` x ``size`` input) on a ``grid`` x
-    ``grid`` map of the same square, the head's output; ``mask_to_model`` places the mask there."""
-    return [max(1, round(int(w) * grid / size)) for w in widths]
-
-
 def grid_cover(sides, size: int, grid: int) -> list[int]:
     """Image rows or columns (``Geometry.resized``) as the grid x grid map's cells that hold any of the
     image, a cell it covers in part counted (beyond them: padding alone)."""
@@ -210,6 +204,33 @@ def mirror(t: torch.Tensor, widths=None) -> torch.Tensor:
     j = torch.arange(cols, device=t.device)
     idx = torch.where(j < w, w - 1 - j, j).expand(t.shape)
     return torch.gather(t, -1, idx)
+
+
+def mirror_grid(t: torch.Tensor, widths, size: int) -> torch.Tensor:
+    """``t`` (B x ... x R), a map over the ``size`` x ``size`` input at R cells a side (the head's mask),
+    mirrored left-right about each image's own middle: its first ``widths[i]`` input columns, as
+    ``mirror`` mirrors the input; the padding after them stays. Where an image ends inside a cell (SAM's
+    1024 input on a 256 grid: 683 columns are 170.75 cells) each mirrored cell is interpolated between the
+    two its mirror image falls on (mirrored within whole cells it moved by up to half a cell). ``widths``
+    None: a plain flip."""
+    if widths is None:
+        return t.flip(-1)
+    res = t.shape[-1]
+    cells = [int(w) * res / size for w in widths]
+    if all(c.is_integer() for c in cells):
+        return mirror(t, [int(c) for c in cells])
+    if len(cells) != t.shape[0]:
+        raise ValueError(f"mirror_grid: {len(cells)} widths for a batch of {t.shape[0]}")
+    out = t.clone()
+    j = torch.arange(res, device=t.device, dtype=torch.float64)
+    for i, c in enumerate(cells):
+        cover = math.ceil(c)  # cell k's centre, k + 0.5 cells in, mirrors to c - k - 0.5: index c - k - 1
+        src = (c - 1 - j[:cover]).clamp(0, cover - 1)
+        lo = src.floor().long()
+        hi = (lo + 1).clamp(max=cover - 1)
+        frac = (src - lo).to(t.dtype)
+        out[i, ..., :cover] = t[i, ..., lo] * (1 - frac) + t[i, ..., hi] * frac
+    return out
 
 
 def upsample_logits(logits: torch.Tensor, geom: Geometry) -> torch.Tensor:

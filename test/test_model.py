@@ -287,7 +287,7 @@ def test_a_large_mask_resized_in_bands_equals_one_resize():
 
 
 def test_mirror_flips_each_item_within_its_width_and_keeps_the_padding():
-    from model.preprocessing import grid_widths, mirror
+    from model.preprocessing import mirror
 
     t = torch.arange(2 * 3 * 6, dtype=torch.float32).view(2, 3, 6)
     m = mirror(t, [4, 6])
@@ -296,8 +296,24 @@ def test_mirror_flips_each_item_within_its_width_and_keeps_the_padding():
     assert torch.equal(mirror(m, [4, 6]), t) and torch.equal(mirror(t), t.flip(-1))
     with pytest.raises(ValueError, match="3 widths for a batch of 2"):
         mirror(t, [1, 2, 3])
-    assert grid_widths([80, 171, 1024, 1], 1024, 256) == [20, 43, 256, 1]
-    assert grid_widths([171], 256, 256) == [171]
+
+
+def test_a_mask_grid_is_mirrored_about_the_images_own_middle_where_it_ends_inside_a_cell():
+    """A grid of 10 cells over a 40-pixel input (4 px a cell) and an image of 30 columns, 7.5 cells: a
+    map holding each cell's centre in pixels (a linear ramp, which interpolation mirrors exactly) mirrors
+    to 30 minus it. Mirrored within whole cells (8, the rounding), every cell moved by half a cell, 2 px.
+    The padding after the image stays; whole-cell widths mirror as ``mirror`` does."""
+    from model.preprocessing import mirror, mirror_grid
+
+    centres = (torch.arange(10, dtype=torch.float32) + 0.5) * 4  # 2, 6, ..., 38
+    t = centres.repeat(2, 3, 1)
+    m = mirror_grid(t, [30, 40], 40)
+    assert torch.allclose(m[0, :, :7], 30 - centres[:7])  # 28, 24, ..., 4
+    assert torch.equal(m[0, :, 8:], t[0, :, 8:])  # the padding's cells
+    assert torch.equal(m[1], t[1].flip(-1))  # the whole width: a plain flip
+    assert torch.allclose(mirror(t, [8, 10])[0, :, :7], 32 - centres[:7])  # whole cells: 2 px off
+    assert torch.equal(mirror_grid(t, [32, 20], 40), mirror(t, [8, 5]))  # whole cells: as mirror
+    assert torch.equal(mirror_grid(t, None, 40), t.flip(-1))
 
 
 def test_a_mask_survives_the_round_trip():
@@ -797,26 +813,27 @@ def test_tta_averages_the_image_and_its_mirror_image(tmp_path, which):
     mirrored back. A portrait image is padded at the right: its mirrored view must keep the padding
     there, as training's flipped view has it, where a flip of the padded input would move it left.
     ``default``: the shipped model (input and mask grids 256); ``vit``: a small ViT ensemble whose mask
-    grid (32) is a quarter of its input (128), the image's 80 columns there 20."""
+    grid (32) is a quarter of its input (128), the image's 79 columns there 19.75 cells."""
     from model.predictor import DEFAULT_MODEL_DIR
-    from model.preprocessing import grid_widths, mirror
+    from model.preprocessing import mirror, mirror_grid
 
     d = DEFAULT_MODEL_DIR if which == "default" else make_ensemble(tmp_path)[0]
     pred = Predictor.from_dir(d, device="cpu", precision="fp32")
-    img, _ = make_ultrasound(160, 100, seed=6)
+    img, _ = make_ultrasound(160, 99, seed=6)
     x, geom = preprocess(img, pred.input_size, pred.normalization)
     xm, geom_m = preprocess(np.ascontiguousarray(img[:, ::-1]), pred.input_size, pred.normalization)
     w = geom.resized[1]
     assert geom_m == geom and w < pred.input_size  # padded at the right
     assert torch.allclose(mirror(x[None], [w])[0], xm, atol=1e-5)  # the mirrored view is the mirror image's input
     assert not torch.allclose(x.flip(-1), xm, atol=0.1)  # which a plain flip of the padded input is not
-    s1, c1 = pred.forward(x[None], [w])
-    s2, c2 = pred.forward(xm[None], [w])
+    h = geom.resized[0]  # with the rows too, as predict passes them (the refiner's box within the image)
+    s1, c1 = pred.forward(x[None], [w], [h])
+    s2, c2 = pred.forward(xm[None], [w], [h])
     grid = s1.shape[-1]
     assert grid == (256 if which == "default" else 32)
     pred.tta = True
-    s, c = pred.forward(x[None], [w])
-    expected = (s1 + mirror(s2, grid_widths([w], pred.input_size, grid))) / 2
+    s, c = pred.forward(x[None], [w], [h])
+    expected = (s1 + mirror_grid(s2, [w], pred.input_size)) / 2
     assert torch.allclose(s, expected, atol=1e-4), float((s - expected).abs().max())
     assert torch.allclose(c, (c1 + c2) / 2, atol=1e-5)
     assert not torch.allclose(s, s1, atol=1e-3)  # the mirror image's view counts
