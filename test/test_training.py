@@ -995,6 +995,21 @@ def test_cache_encodes_again_what_the_data_changed(tmp_path):
     build_cache(model, records, tmp_path / "cache", ["orig"], torch.device("cpu"), "fp32", build=False)  # current
 
 
+def test_a_new_cache_beside_others_is_announced(tiny_dataset, tmp_path, capsys):
+    """A cache of another key (precision, encoder code, preprocessing) is not reused: the new one was
+    encoded beside it without a word (hours, and the old one's disk stays taken). A note names both."""
+    model = build_model(tiny_cfg("sd-h"))
+    records = load_records(tiny_dataset)[:2]
+    first = build_cache(model, records, tmp_path, ["orig"], torch.device("cpu"), "fp32")
+    assert "note:" not in capsys.readouterr().err  # the first in its folder
+    build_cache(model, records, tmp_path, ["orig"], torch.device("cpu"), "fp32")
+    assert "note:" not in capsys.readouterr().err  # found: reused
+    second = build_cache(model, records, tmp_path, ["orig", "hflip"], torch.device("cpu"), "fp32")
+    err = " ".join(capsys.readouterr().err.split())
+    assert (f"note: {tmp_path} holds 1 other cache(s) ({first.root.name}), none for this model: encoding a new one, "
+            f"{second.root.name} (encoder litemedsam, precision fp32, views orig,hflip;") in err
+
+
 def test_training_on_a_cache_of_another_precision_says_so_and_leaves_no_trace(tiny_dataset, tmp_path):
     """--no-cache-build where the model's key is absent (here: an fp32 cache, a bf16 run) names the
     key and the caches that are there, and creates nothing (no empty key folder, no sparse arrays)."""

@@ -201,6 +201,12 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
                 write_text(meta_path, json.dumps(meta))  # last: until then the cache lists the images it had
         ids = meta["ids"]
     else:
+        others = sorted(p.parent.name for p in Path(cache_dir).glob("*/meta.json") if p.parent.name != key)
+        if others:  # a new key beside older ones: say so before hours of encoding (and their disk stays taken)
+            print(f"note: {cache_dir} holds {len(others)} other cache(s) ({', '.join(others)}), none for this model: "
+                  f"encoding a new one, {key} (encoder {model.config['encoder']['name']}, precision {precision_name}, "
+                  f"views {','.join(views)}; a cache of another precision, encoder code or preprocessing is not "
+                  f"reused: remove one no longer needed to free its disk)", file=sys.stderr)
         meta = {"ids": ids, "views": views, "skip_shapes": skip_shapes, "content": {}}
         with _folder_errors(root, build):
             write_text(meta_path, json.dumps(meta))
