@@ -198,6 +198,15 @@ def test_a_failed_export_leaves_the_existing_ensemble_as_it_was(runs, tmp_path):
     assert _tree(out) == before
 
 
+def test_a_model_folder_inside_a_run_is_refused_naming_the_run(runs, tmp_path):
+    """training.train prints "model in RUN/best"; given those, export said "two runs of variant 'best'"."""
+    res = _export(runs["sd-h"] / "best", runs["mgc-a"] / "best", "--out", tmp_path / "ens")
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert f"{runs['sd-h'] / 'best'} is a model inside the training run {runs['sd-h']}: give the run folder, " \
+        f"{runs['sd-h']} (--which picks its best/ or last/)" in " ".join(res.output.split())
+    assert not (tmp_path / "ens").exists()
+
+
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
 def test_metrics_that_are_not_evaluates_json_are_a_clear_error_and_nothing_is_written(runs, tmp_path, text):
     metrics = tmp_path / "metrics.json"

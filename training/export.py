@@ -291,6 +291,10 @@ def export(runs: list[Path], out: Path, which: str = "best", metrics_path: Path 
     the members changed, they are not (the note says to run training.tune again)."""
     members = {}
     for run in runs:
+        if run.name in ("best", "last") and not (run / "config.yaml").is_file() \
+                and (run.parent / "config.yaml").is_file():  # what training.train prints as "model in RUN/best"
+            raise click.ClickException(f"{run} is a model inside the training run {run.parent}: give the run "
+                                       f"folder, {run.parent} (--which picks its best/ or last/)")
         name = run_variant(run)
         if name in members:
             raise click.ClickException(f"two runs of variant {name!r}: {members[name].parent} and {run}")
