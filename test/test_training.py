@@ -501,13 +501,21 @@ def test_resume_with_other_settings_is_refused_naming_them(tiny_dataset, cache_d
     # another precision or device: allowed (a run may end on another machine), with a warning
     started = torch.load(run / "state.pt", weights_only=True)["run"]
     assert started == {"limit": None, "precision": "bf16" if use_bf16("auto", torch.device("cpu")) else "fp32",
-                       "device": "cpu", "encoder_sha256": build_model(cfg).config["encoder"]["weights"]["sha256"],
+                       "encoder_precision": "fp32", "device": "cpu", "encoder_sha256": build_model(cfg).config["encoder"]["weights"]["sha256"],
                        "data_sha256": data_digest(tiny_dataset), "cache": True, "views_missing": {}}
     other = {"fp32": "bf16", "bf16": "fp32"}[started["precision"]]
     load_resume_state(run / "state.pt", cfg, dict(started, precision=other, device="cuda", cache=False))
     warning = capsys.readouterr().err
     assert (f"another precision: {started['precision']} → {other}, device: cpu → cuda, cache: embeddings from the "
             "cache → the encoder on the fly") in warning, warning
+    # the frozen encoder's own precision (recorded since session 49; before, the heads' was the encoder's)
+    load_resume_state(run / "state.pt", cfg, dict(started, encoder_precision="bf16"))
+    assert "another encoder precision: fp32 → bf16;" in capsys.readouterr().err
+    older = {k: v for k, v in started.items() if k != "encoder_precision"}
+    torch.save({**torch.load(run / "state.pt", weights_only=True), "run": dict(older, precision="bf16")},
+               tmp_path / "older.pt")
+    load_resume_state(tmp_path / "older.pt", cfg, dict(started, precision="bf16"))  # its encoder ran in bf16
+    assert "another encoder precision: bf16 → fp32;" in capsys.readouterr().err
     # other data (training.prepare run again into DATA): refused, where it used to resume in silence
     moved = tmp_path / "data"
     shutil.copytree(tiny_dataset, moved)
@@ -1024,6 +1032,9 @@ def test_training_on_a_cache_of_another_precision_says_so_and_leaves_no_trace(ti
     assert sorted(p.name for p in tmp_path.iterdir()) == before and len(before) == 1
     with pytest.raises(CacheError, match=before[0]):  # the existing key is named
         build_cache(model, records, tmp_path, ["orig"], torch.device("cpu"), "bf16", build=False)
+    with pytest.raises(CacheError) as refused:  # ... as this model's at the other precision, with the option
+        build_cache(model, records, tmp_path, ["orig"], torch.device("cpu"), "bf16", build=False)
+    assert f"the one there for fp32, {before[0]}, is this model's at --precision fp32)" in str(refused.value)
 
 
 def test_a_frozen_litemedsam_is_encoded_for_training_as_inference_runs_it(tiny_dataset, tmp_path, monkeypatch):

@@ -171,11 +171,17 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
     precision_name = "bf16" if encoder_bf16(precision, device, model.config["encoder"]["name"]) else "fp32"
     key = cache_key(model, views, precision_name, with_features)
     root = Path(cache_dir) / key
+    other_precision = {"bf16": "fp32", "fp32": "bf16"}[precision_name]
+    other_key = cache_key(model, views, other_precision, with_features)
+    # a cache of this model at the other precision (one built under --precision auto before session 49 ran
+    # LiteMedSAM in bf16 on CPUs and GPUs with native bf16): named, with the option that uses it
+    hint = (f"; the one there for {other_precision}, {other_key}, is this model's at --precision {other_precision}"
+            if (Path(cache_dir) / other_key / "meta.json").is_file() else "")
     if not build and not (root / "meta.json").is_file():  # say so before creating anything
         others = sorted(p.parent.name for p in Path(cache_dir).glob("*/meta.json"))
         raise CacheError(f"{cache_dir}: no cache for this model (key {key}: encoder, weights, precision "
                          f"{precision_name}, views, encoder code or preprocessing "
-                         f"differ from the caches there: {', '.join(others) or 'none'}); "
+                         f"differ from the caches there: {', '.join(others) or 'none'}{hint}); "
                          "build it with training.cache or train without --no-cache-build")
     with _folder_errors(root, build):
         root.mkdir(parents=True, exist_ok=True)
@@ -206,7 +212,7 @@ def build_cache(model: PFSAMNet, records: list[Record], cache_dir: str | Path, v
             print(f"note: {cache_dir} holds {len(others)} other cache(s) ({', '.join(others)}), none for this model: "
                   f"encoding a new one, {key} (encoder {model.config['encoder']['name']}, precision {precision_name}, "
                   f"views {','.join(views)}; a cache of another precision, encoder code or preprocessing is not "
-                  f"reused: remove one no longer needed to free its disk)", file=sys.stderr)
+                  f"reused: remove one no longer needed to free its disk{hint})", file=sys.stderr)
         meta = {"ids": ids, "views": views, "skip_shapes": skip_shapes, "content": {}}
         with _folder_errors(root, build):
             write_text(meta_path, json.dumps(meta))

@@ -146,8 +146,11 @@ def load_resume_state(path: Path, cfg: dict, run: dict | None = None) -> dict:
             f"--resume: {path} continues a --limit run of an earlier version, whose --limit took other images "
             f"(the first N by image id, not each class in turn); train into another --out")
     shown = {"cache": lambda v: "embeddings from the cache" if v else "the encoder on the fly"}
-    changed = [f"{k}: {shown.get(k, str)(before[k])} → {shown.get(k, str)(now.get(k))}"
-               for k in ("precision", "device", "cache") if k in before and before[k] != now.get(k)]
+    if "precision" in before and "encoder_precision" not in before:  # an older state: the encoder ran as the heads
+        before = dict(before, encoder_precision=before["precision"])
+    changed = [f"{k.replace('_', ' ')}: {shown.get(k, str)(before[k])} → {shown.get(k, str)(now.get(k))}"
+               for k in ("precision", "encoder_precision", "device", "cache")
+               if k in before and k in now and before[k] != now[k]]
     if changed:
         print(f"warning: {path} was written by a run with another {', '.join(changed)}; resuming, but the "
               f"result will differ from an uninterrupted run's", file=sys.stderr)

@@ -304,12 +304,14 @@ def train(cfg: dict, data: Path, out: Path, device_name: str = "auto", cache_dir
             device_name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     device = resolve_device(device_name) if not device_name.startswith("cuda:") else torch.device(device_name)
     bf16 = use_bf16(precision, device)
-    enc_bf16 = encoder_bf16(precision, device, cfg["model"]["encoder"])  # a frozen one: as inference runs it
+    # a frozen encoder runs as inference runs it; one that trains, as the heads (mixed precision)
+    enc_bf16 = encoder_bf16(precision, device, cfg["model"]["encoder"]) if cfg["model"]["mode"] == "frozen" else bf16
     if device.type == "cpu":
         keep_freed_memory()
     state_path = out / STATE_NAME
     run_info = {"limit": int(limit) if limit else None, **({"limit_rule": LIMIT_RULE} if limit else {}),
-                "precision": "bf16" if bf16 else "fp32", "device": device.type,
+                "precision": "bf16" if bf16 else "fp32", "encoder_precision": "bf16" if enc_bf16 else "fp32",
+                "device": device.type,
                 "data_sha256": data_digest(data),
                 "cache": cache_dir is not None and cfg["model"].get("mode") == "frozen"}
     state = load_resume_state(state_path, cfg, run_info) if resume else None  # before anything is built or written
