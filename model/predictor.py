@@ -367,8 +367,8 @@ class Predictor:
                   for w, p in segs) / sum(self.seg_w.values())
         if self.refiner is not None:  # fp32: the decoder's boundaries are what it is there for
             extents = None
-            if widths is not None and heights is not None:  # the grid cells each image covers (rounded up)
-                extents = [tuple(grid_cover((h, w), self.input_size, res)) for h, w in zip(heights, widths)]
+            if widths is not None and heights is not None:  # each image's rows and columns in the input
+                extents = [(int(h), int(w)) for h, w in zip(heights, widths)]
             seg = self.refiner(seg_embedding, seg, extents)
         return seg, cls / sum(self.cls_w.values())
 

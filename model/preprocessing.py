@@ -168,18 +168,19 @@ def mask_to_model(mask: np.ndarray, geom: Geometry, out_size: int) -> torch.Tens
     head's output grid (same resize + padding as the image, scaled to ``out_size``). On a grid
     coarser than the input (SAM's 1024 input, a 256 head) the image's last row or column may cover
     part of a cell: the mask is placed on the input's pixels as the image is, and each cell takes the
-    mean of the pixels it covers (``postprocess`` crops the head's output the same exact way; placed on
-    whole cells, the mask was stretched by up to half a cell)."""
+    mean of the image's pixels in it, the padding's left out (``postprocess`` crops the head's output the
+    same exact way; placed on whole cells, the mask was stretched by up to half a cell)."""
     h, w = geom.resized
     plane = (mask > 0).astype(np.float32)
     if geom.size == out_size:
         small = _resize_plane(plane, (h, w))
     else:
-        full = torch.zeros(1, 1, geom.size, geom.size, dtype=torch.float32)
+        full = torch.zeros(2, 1, geom.size, geom.size, dtype=torch.float32)
         full[0, 0, :h, :w] = torch.from_numpy(_resize_plane(plane, (h, w)))
-        small = F.interpolate(full, size=(out_size, out_size), mode="area")[0, 0].numpy()
+        full[1, 0, :h, :w] = 1.0  # the image's share of each cell
+        mean, share = F.interpolate(full, size=(out_size, out_size), mode="area")[:, 0].numpy()
         h, w = grid_cover((h, w), geom.size, out_size)
-        small = small[:h, :w]
+        small = mean[:h, :w] / share[:h, :w]
     out = torch.zeros(out_size, out_size, dtype=torch.float32)
     out[:h, :w] = torch.from_numpy((small >= 0.5).astype(np.float32))
     return out

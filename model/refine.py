@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoders.weights import litemedsam_checkpoint, load_checkpoint_state, load_into
-from .preprocessing import keep_largest_component
+from .preprocessing import grid_cover, keep_largest_component
 from .sam_decoder import BoxPromptEncoder, MaskDecoder
 
 REFINE_ENCODERS = ("litemedsam",)  # encoders whose decoder weights ship with the encoder's file
@@ -37,8 +37,9 @@ def mask_boxes(prob: torch.Tensor, threshold: float, input_size: int, margin: fl
                extents=None) -> list[list[float] | None]:
     """B x R x R probabilities -> per image the largest component's box (x0, y0, x1, y1) in encoder-input
     pixels widened by ``margin`` and clipped to the input, or None when the mask is empty. ``extents``:
-    per image the grid rows and columns its image covers (the rest is padding, where no component counts
-    and the box's margin does not reach: it is clipped to the image as to the input)."""
+    per image its rows and columns in the input (``Geometry.resized``; the rest is padding, where no
+    component counts, beyond the grid cells the image covers in part or whole, and the box's margin does
+    not reach: it is clipped to the image's last row and column as to its first)."""
     res = prob.shape[-1]
     scale = input_size / res
     boxes: list[list[float] | None] = []
@@ -46,9 +47,10 @@ def mask_boxes(prob: torch.Tensor, threshold: float, input_size: int, margin: fl
         binary = p > threshold
         right = bottom = input_size - 1.0
         if extents is not None:
-            binary[extents[k][0]:] = False
-            binary[:, extents[k][1]:] = False
-            bottom, right = min(bottom, extents[k][0] * scale - 1), min(right, extents[k][1] * scale - 1)
+            rows, cols = grid_cover(extents[k], input_size, res)
+            binary[rows:] = False
+            binary[:, cols:] = False
+            bottom, right = min(bottom, extents[k][0] - 1.0), min(right, extents[k][1] - 1.0)
         if not binary.any():
             boxes.append(None)
             continue
@@ -99,7 +101,7 @@ class BoxRefiner(nn.Module):
     @torch.inference_mode()
     def forward(self, embedding: torch.Tensor, prob: torch.Tensor, extents=None) -> torch.Tensor:
         """Embeddings B x 256 x 64 x 64 and head probabilities B x R x R -> refined B x R x R (``extents``:
-        ``mask_boxes``')."""
+        ``mask_boxes``', each image's rows and columns in the input)."""
         boxes = mask_boxes(prob, self.threshold, self.input_size, self.margin, extents)
         idx = [i for i, b in enumerate(boxes) if b is not None]
         if not idx:

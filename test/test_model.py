@@ -340,6 +340,12 @@ def test_a_mask_is_placed_on_a_coarser_grid_as_the_image_is():
     rows = np.nonzero(back[:, 200])[0]
     assert (rows.min(), rows.max()) == (400, 683)  # was (400, 685)
     assert (back != mask.astype(bool)).sum() == 4  # the four corners, rounded by the bilinear upsampling
+    # 681 rows: the last cell holds one image row (and three of padding); a lesion down to that row keeps it
+    geom = Geometry(681, 1024, 1024)
+    mask = np.zeros((681, 1024), np.uint8)
+    mask[400:681, 100:300] = 1
+    back = postprocess((mask_to_model(mask, geom, 256) * 2 - 1) * 10, geom)
+    assert np.nonzero(back[:, 200])[0].max() == 680  # was 679: the cell's mean counted the padding
     # the same input size as the grid: unchanged, the image's own cells
     small = mask_to_model(mask, Geometry(686, 1024, 256), 256)
     assert small.shape == (256, 256) and small[172:].sum() == 0

@@ -548,10 +548,12 @@ def test_the_boxs_margin_stops_at_the_images_edge_not_the_inputs():
     assert mask_boxes(prob, 0.5, 256, 5.0) == [[95.0, 95.0, 132.0, 144.0], [15.0, 55.0, 54.0, 89.0]]
     assert mask_boxes(prob, 0.5, 256, 5.0, [(256, 128), (85, 256)]) == [[95.0, 95.0, 127.0, 144.0],
                                                                         [15.0, 55.0, 54.0, 84.0]]
-    # on a coarser grid (scale 4: a 1024 input, a 256 grid) the cells' pixels, the last one's last
+    # on a coarser grid (4 px a cell: a 1024 input, a 256 grid) an image of 510 columns ends inside cell
+    # 127: the lesion in that cell counts, and the box stops at the image's last column, 509
     big = torch.full((1, 256, 256), 0.05)
     big[0, 10:20, 100:128] = 0.9
-    assert mask_boxes(big, 0.5, 1024, 8.0, [(256, 128)]) == [[392.0, 32.0, 511.0, 87.0]]
+    big[0, 10:20, 128:140] = 0.95  # padding: not the lesion's
+    assert mask_boxes(big, 0.5, 1024, 8.0, [(1024, 510)]) == [[392.0, 32.0, 509.0, 87.0]]
 
 
 def test_the_predictor_gives_the_refiner_each_images_extent(tmp_path):
