@@ -5,16 +5,19 @@
 # data and a cache holding the orig view of those images (python -m training.cache ... --first-view-only;
 # --limit LIMIT encodes only the images this run reads).
 #
-#   [DATA=data/prepared] [CACHE=cache] [LIMIT=256] [REPEAT=3] [CONFIG=...] bash bench/cache-speedup.sh
+# PRECISION (training.train's --precision, default auto): since session 49 auto runs a frozen LiteMedSAM
+# in fp32 on the fly and in the cache; the recorded ratios (sessions 5 and 19) ran it in bf16: PRECISION=bf16.
+#
+#   [DATA=data/prepared] [CACHE=cache] [LIMIT=256] [REPEAT=3] [CONFIG=...] [PRECISION=auto] bash bench/cache-speedup.sh
 set -euo pipefail
 unset CDPATH  # an exported CDPATH would send the cd below elsewhere, and make it print
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-.venv/bin/python}
 DATA=${DATA:-data/prepared} CACHE=${CACHE:-cache} LIMIT=${LIMIT:-256} REPEAT=${REPEAT:-3}
-CONFIG=${CONFIG:-training/configs/default-sd-h.yaml}
+CONFIG=${CONFIG:-training/configs/default-sd-h.yaml} PRECISION=${PRECISION:-auto}
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-run() { $PY -m training.train --config "$CONFIG" --data "$DATA" --out "$OUT/$1" --epochs 1 --limit "$LIMIT" "${@:2}" \
+run() { $PY -m training.train --config "$CONFIG" --data "$DATA" --out "$OUT/$1" --epochs 1 --limit "$LIMIT" --precision "$PRECISION" "${@:2}" \
   > "$OUT/$1.log" 2>&1 || { echo "cache-speedup.sh: training.train ($1) failed; its log ends:" >&2; tail -5 "$OUT/$1.log" >&2; exit 1; }
   $PY -c "import csv,sys; r=list(csv.DictReader(open(sys.argv[1])))[-1]; print(r['images_per_s'])" "$OUT/$1/log.csv"; }
 # (inside $( ) the tail goes to stderr: the error shows, and the subshell's failure ends the script under set -e)

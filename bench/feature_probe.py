@@ -1,7 +1,8 @@
 """How much class information LiteMedSAM's frozen features hold, stage by stage: a linear probe.
 
-Encodes every image of a prepared data folder once (unaugmented view, bf16 autocast where the CPU
-has it, as ``training.cache`` does), pools each feature map (the neck embedding, the outputs of
+Encodes every image of a prepared data folder once (unaugmented view; ``--precision``: fp32 by
+default, as inference and since session 49 ``training.cache`` run LiteMedSAM; the README's session-24
+figures were encoded with bf16 autocast, ``--precision bf16``, as the cache did then), pools each feature map (the neck embedding, the outputs of
 stages 3, 2 and 1 at 64 x 64, stage 0's at 128 x 128 average-pooled to 64) into its lesion mean and
 background mean, weighted by the true mask (``--ring K``: the background split into a ring of K
 cells around the lesion and the rest), and fits a logistic regression (standardised, balanced
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import CLASS_NAMES as CLASSES  # noqa: E402
 from model.encoders import build_encoder  # noqa: E402
 from model.io import read_mask  # noqa: E402
-from model.predictor import use_bf16  # noqa: E402
+from model.predictor import encoder_bf16  # noqa: E402
 from model.preprocessing import mask_to_model, preprocess  # noqa: E402
 from training.datasets import load_pair, load_records  # noqa: E402
 from training.metrics import accuracy, auc_macro, binary_auc, bootstrap_ci  # noqa: E402
@@ -58,7 +59,8 @@ def _pooled(maps: dict[str, torch.Tensor], mask64: torch.Tensor, ring: int = 0) 
     return out
 
 
-def encode(data_dir: Path, pred_masks: Path | None, limit: int | None, ring: int = 0, batch_size: int = 8):
+def encode(data_dir: Path, pred_masks: Path | None, limit: int | None, ring: int = 0, batch_size: int = 8,
+           precision: str = "auto"):
     records = sorted(load_records(data_dir), key=lambda r: r.image_id)
     if limit:  # evenly spaced over the ids, so that every source and class is in it
         records = records[::max(1, len(records) // limit)][:limit]
@@ -67,7 +69,7 @@ def encode(data_dir: Path, pred_masks: Path | None, limit: int | None, ring: int
     enc = enc.to(memory_format=torch.channels_last)
     grab = {}
     enc.layers[3].register_forward_hook(lambda m, i, o: grab.__setitem__("stage3", o))
-    bf16 = use_bf16("auto", torch.device("cpu"))
+    bf16 = encoder_bf16(precision, torch.device("cpu"), "litemedsam")
     true, pred = {n: [] for n in MAPS}, {n: [] for n in MAPS}
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
@@ -119,10 +121,12 @@ def _paired(y, p, q) -> str:
 @click.option("--ring", default=0, show_default=True,
               help="Pool a ring of this many 64-grid cells around the lesion apart from the rest of the background.")
 @click.option("--C", "c_values", default="0.01,0.1", show_default=True, help="Inverse regularisation strengths.")
-def main(data_dir, pred_masks, probs, limit, ring, c_values):
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp32"]),
+              help="The encoder's: auto as training.cache (fp32 for LiteMedSAM); bf16 as the session-24 figures.")
+def main(data_dir, pred_masks, probs, limit, ring, c_values, precision):
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
-    records, true, pred = encode(data_dir, pred_masks, limit, ring)
+    records, true, pred = encode(data_dir, pred_masks, limit, ring, precision=precision)
     y = np.array([CLASSES.index(r.label) for r in records])
     tr = np.array([r.split == "train" for r in records])
     va = ~tr
