@@ -90,7 +90,7 @@ def encoder_bf16(precision: str, device: torch.device, encoder_name: str) -> boo
     """Training's pass through a frozen encoder (the embedding cache, or each batch without one): under
     ``auto`` bf16 only for an encoder that inference runs in bf16 too (``EncoderSpec.bf16_inference``),
     so the heads learn from the embeddings the container will give them (LiteMedSAM's bf16 embedding
-    differs from its fp32 one by 6-9 %); ``bf16`` forces it, ``fp32`` never."""
+    differs from its fp32 one by about 5 %); ``bf16`` forces it, ``fp32`` never."""
     if precision == "auto" and not get_spec(encoder_name).bf16_inference:
         return False
     return use_bf16(precision, device)
