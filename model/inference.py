@@ -23,7 +23,8 @@ import numpy as np
 
 from .atomic_files import write_png
 from .image import IMAGE_SUFFIXES, ImageReadError, LoadedImage, image_stem, image_suffix, is_utf8_name, printable
-from .io import image_pixels, list_images, lookup_denied, read_image, unlistable_reason, unwritable_reason
+from .io import (image_pixels, list_images, lookup_denied, masks_beside_images, read_image, unlistable_reason,
+                 unwritable_reason)
 from .itk_image import write_itk
 from .overlay import render_overlay
 from .writers import (ERRORS_FILE, OUTPUT_IMAGE_FOLDERS, WRITERS, Case, output_folders, output_names, relative_path,
@@ -124,10 +125,13 @@ def load_predictor(model_dir: str | Path | None = None, device: str = "auto", ba
 # Inputs and the output folder
 
 
-def find_inputs(input_dir: str | Path, exclude: str | Path | None = None) -> list[Path]:
+def find_inputs(input_dir: str | Path, exclude: str | Path | None = None,
+                log: Callable[[str], None] | None = None) -> list[Path]:
     """Every image below ``input_dir`` (sorted), and what could not be looked at (``list_images``),
     except what a run writes into the output folder ``exclude`` (its mask and overlay folders, when
-    the output folder is or contains the input folder); ``InferenceError`` if there is none."""
+    the output folder is or contains the input folder) and the masks of a dataset kept beside their
+    images (``masks_beside_images``: BUSI's ``X_mask.png`` beside ``X.png``; one note on ``log``,
+    stderr by default, says how many); ``InferenceError`` if there is none."""
     input_dir = Path(input_dir)
     with _looking_at(f"input folder {input_dir} cannot be read"):
         if not input_dir.exists():
@@ -139,6 +143,13 @@ def find_inputs(input_dir: str | Path, exclude: str | Path | None = None) -> lis
         # realpath, not Path.resolve: it raises on a link loop, which read_image reports by name
         skip = [Path(os.path.realpath(Path(exclude) / sub)) for sub in OUTPUT_IMAGE_FOLDERS]
         paths = [p for p in paths if not any(Path(os.path.realpath(p)).is_relative_to(s) for s in skip)]
+    if input_dir.is_dir():  # a file given by name is predicted whatever its name
+        masks = set(masks_beside_images(paths))
+        if masks:
+            (log or _log)(f"note: {len(masks)} file(s) named as the mask of an image beside them (such as "
+                          f"{printable(relative_path(min(masks), input_dir).as_posix())}) are ground truth, "
+                          f"not inputs: skipped (give one with -i to predict it)")
+            paths = [p for p in paths if p not in masks]
     if not paths:
         raise InferenceError(f"no images (.mha/.mhd, .nii/.nii.gz, .nrrd/.nhdr, .tif/.tiff, .png, .jpg/.jpeg, .bmp, DICOM) found "
                              f"below {input_dir}")
@@ -154,8 +165,9 @@ MAX_ASPECT = 16
 
 def check_content(image: LoadedImage) -> LoadedImage:
     """``ImageReadError`` for an image that holds nothing to segment or classify: fewer than
-    ``MIN_SIDE`` pixels on a side, a long side over ``MAX_ASPECT`` times the short one, or one value
-    everywhere (the model would still answer, with a confident label; see README, Errors)."""
+    ``MIN_SIDE`` pixels on a side, a long side over ``MAX_ASPECT`` times the short one, one value
+    everywhere, or two values only (a mask: each channel at its lowest or its highest value) (the
+    model would still answer, with a confident label; see README, Errors)."""
     h, w = image.size
     if min(h, w) < MIN_SIDE:
         raise ImageReadError(image.path, f"image is {w}x{h} px; at least {MIN_SIDE} px per side are needed")
@@ -171,6 +183,10 @@ def check_content(image: LoadedImage) -> LoadedImage:
         value = lo.flat[0] if (lo == lo.flat[0]).all() else tuple(lo.tolist())
         shown = value if isinstance(value, tuple) else f"({value})"
         raise ImageReadError(image.path, f"every pixel has the same value {shown}: nothing to segment")
+    if ((arr == lo) | (arr == hi)).all():  # each channel at its lowest or highest value only
+        shown = " and ".join(str(tuple(v.tolist()) if v.size > 1 else v.flat[0]) for v in (lo, hi))
+        raise ImageReadError(image.path, f"the image holds two values only ({shown}): a mask or a drawing, "
+                                         f"not an ultrasound image")
     return image
 
 

@@ -15,6 +15,7 @@ import math
 import os
 import stat
 import tempfile
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .dicom import DICOM_IO, dicom_preamble, is_dicom, read_dicom
 from .image import (IMAGE_SUFFIXES, NOT_UTF8, ImageReadError, LoadedImage, check_pixels, check_size, image_suffix,
-                    is_utf8_name, printable)
+                    image_stem, is_utf8_name, printable)
 from .metaimage import METAIMAGE_IO, is_metaimage, read_metaimage
 from .nifti import is_nifti, nifti_pixels, read_nifti
 from .itk_image import itk_reason
@@ -100,6 +101,23 @@ def list_images(root: Path | str) -> list[Path]:
             if is_image_file(p):  # a pipe, socket or device under an image's name too: read_image says what it is
                 found.append(p)
     return sorted(found)
+
+
+# BUSI's layout: ``benign (4).png`` beside its masks ``benign (4)_mask.png`` and ``benign (4)_mask_1.png``
+_MASK_NAME = re.compile(r"^(?P<image>.+)_mask(?:_\d+)?$", re.IGNORECASE)
+
+
+def masks_beside_images(paths: list[Path]) -> list[Path]:
+    """Those of ``paths`` named as a mask of an image listed beside them: ``X_mask.png`` or
+    ``X_mask_1.png`` (any image suffix, ``_mask`` in any case) where ``X.<suffix>`` is in ``paths``, in
+    the same folder. A dataset's ground truth (BUSI keeps it so), not an input to predict."""
+    images = {(p.parent, image_stem(p)) for p in paths}
+    found = []
+    for p in paths:
+        m = _MASK_NAME.match(image_stem(p))
+        if m and (p.parent, m["image"]) in images:
+            found.append(p)
+    return found
 
 
 def image_pixels(path: Path | str) -> int:

@@ -1013,6 +1013,48 @@ def test_an_output_folder_that_is_or_holds_the_input_folder_reads_the_images_but
     assert _files(out / "images") == ["breast-lesion-segmentation/case.mha"]
 
 
+def test_a_datasets_masks_beside_their_images_are_skipped_and_a_mask_elsewhere_is_refused(cli, tmp_path):
+    """BUSI keeps its ground truth beside the images (``X_mask.png``, ``X_mask_1.png`` beside ``X.png``):
+    those are skipped with one note, and so is ``_MASK`` in another case or suffix; ``lone_mask.png``,
+    with no ``lone`` image beside it, is an input (and ``lone_mask_mask.png`` its mask). A two-valued
+    image (BUS-BRA's ``Masks/``, a drawing) is refused as its file's error; the images are still
+    predicted. Given by name, a mask is read (and refused for its content)."""
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    for name, seed in (("benign (4)", 1), ("sub/b", 2), ("lone_mask", 3)):
+        image, mask = synthetic_ultrasound(60, 80, seed)
+        Image.fromarray(image).save(d / f"{name}.png")
+        Image.fromarray(mask * 255).save(d / f"{name}_mask.png")
+    Image.fromarray(synthetic_ultrasound(60, 80, 4)[1] * 255).save(d / "benign (4)_mask_1.png")
+    Image.fromarray(synthetic_ultrasound(60, 80, 5)[1] * 255).convert("RGB").save(d / "sub" / "b_MASK.bmp")
+    Image.fromarray(synthetic_ultrasound(60, 80, 6)[1].astype(bool)).save(d / "drawing.png")  # 1-bit
+    res = cli("-i", d, "-o", tmp_path / "out", "--format", "pace")
+    assert res.exit_code == 3, res.output
+    assert "note: 5 file(s) named as the mask of an image beside them (such as benign (4)_mask.png) are " \
+           "ground truth, not inputs: skipped" in res.output
+    assert _files(tmp_path / "out" / "segmentation") == ["b_mask.png", "benign (4)_mask.png", "lone_mask_mask.png"]
+    errors = (tmp_path / "out" / "errors.csv").read_text()
+    assert "drawing.png" in errors and "the image holds two values only (0 and 255): a mask or a drawing" in errors
+    assert errors.count("\n") == 2, errors  # its header and the drawing
+    assert "3 of 4 images processed" in res.output, res.output
+    res = cli("-i", d / "sub" / "b_mask.png", "-o", tmp_path / "one", "--format", "pace")
+    assert res.exit_code == 1 and "b_mask.png: the image holds two values only (0 and 255)" in res.output
+
+
+def test_busi_folders_are_read_without_their_masks(cli, shared_data, tmp_path):
+    """A real BUSI folder as published (images and their masks side by side): only the images are predicted."""
+    src = shared_data / "BUSI" / "benign"
+    d = tmp_path / "benign"
+    d.mkdir()
+    for name in ("benign (100).png", "benign (100)_mask.png", "benign (100)_mask_1.png", "benign (1).png",
+                 "benign (1)_mask.png"):
+        (d / name).symlink_to(src / name)
+    res = cli("-i", d, "-o", tmp_path / "out", "--format", "pace")
+    assert res.exit_code == 0 and "2 of 2 images processed" in res.output, res.output
+    assert "note: 3 file(s) named as the mask" in res.output
+    assert _files(tmp_path / "out" / "segmentation") == ["benign (1)_mask.png", "benign (100)_mask.png"]
+
+
 def test_linked_folders_broken_links_and_unlistable_folders_are_not_skipped_in_silence(cli, tmp_path, monkeypatch):
     """Images in a linked folder are read; a broken link and a folder that cannot be listed (its
     permissions: simulated, since the tests run as root) are named in errors.csv with the reason and
