@@ -10,7 +10,8 @@ class weights) per feature map on the training split. Validation is scored twice
 true mask (the ceiling a mask-guided head could reach on these features) and, with
 ``--pred-masks``, by the masks a model predicted (the deployed case; e.g. ``training.predict``'s
 ``segmentation/`` folder), against that model's own ``--probs`` (its ``probabilities.csv``) with
-paired 95 % bootstrap intervals.
+paired 95 % bootstrap intervals that resample a patient's images and their near-duplicates together,
+as ``training.evaluate`` does (since session 50; the README's session-24 intervals resampled images).
 
     python bench/feature_probe.py data/prepared [--pred-masks PRED/segmentation]
         [--probs PRED/classification/probabilities.csv] [--ring K] [--limit N]
@@ -33,6 +34,7 @@ from model.io import read_mask  # noqa: E402
 from model.predictor import encoder_bf16  # noqa: E402
 from model.preprocessing import mask_to_model, preprocess  # noqa: E402
 from training.datasets import load_pair, load_records  # noqa: E402
+from training.evaluate import bootstrap_groups, load_truth  # noqa: E402
 from training.metrics import accuracy, auc_macro, binary_auc, bootstrap_ci  # noqa: E402
 
 MAPS = ("neck", "stage3", "stage2", "stage1", "stage0")
@@ -102,12 +104,22 @@ def _metrics(y: np.ndarray, p: np.ndarray) -> tuple[float, float, float]:
     return accuracy(y, p.argmax(1)), auc_macro(y, p), binary_auc(y == 2, p[:, 2])
 
 
-def _paired(y, p, q) -> str:
-    """95 % paired bootstrap interval of accuracy and malignant AUC, ``p`` minus ``q``."""
+def _units(data_dir: Path, ids: list[str]) -> list[np.ndarray]:
+    """The bootstrap's units among ``ids``, as training.evaluate resamples them: a patient's images
+    and their near-duplicates together (``training.evaluate.bootstrap_groups``), any other image alone."""
+    groups = bootstrap_groups(data_dir, load_truth(data_dir, "all"))
+    members: dict[str, list[int]] = {}
+    for i, image_id in enumerate(ids):
+        members.setdefault(groups.get(image_id) or f"image:{image_id}", []).append(i)
+    return [np.array(m) for m in members.values()]
+
+
+def _paired(y, p, q, units: list[np.ndarray]) -> str:
+    """95 % paired bootstrap interval of accuracy and malignant AUC, ``p`` minus ``q``, resampling ``units``."""
     def diff(i):
         return {"acc": accuracy(y[i], p[i].argmax(1)) - accuracy(y[i], q[i].argmax(1)),
                 "mal": binary_auc(y[i] == 2, p[i, 2]) - binary_auc(y[i] == 2, q[i, 2])}
-    ci = bootstrap_ci(diff, len(y))
+    ci = bootstrap_ci(diff, len(y), groups=units)
     return f"acc {ci['acc'][0]:+.3f} … {ci['acc'][1]:+.3f}, mal AUC {ci['mal'][0]:+.3f} … {ci['mal'][1]:+.3f}"
 
 
@@ -134,6 +146,7 @@ def main(data_dir, pred_masks, probs, limit, ring, c_values, precision):
     if probs is not None:
         rows = {r["image_id"]: [float(r[c]) for c in CLASSES] for r in csv.DictReader(probs.open())}
         shipped = np.array([rows[r.image_id] for r, v in zip(records, va) if v])
+        units = _units(data_dir, [r.image_id for r, v in zip(records, va) if v])
         acc, mac, mal = _metrics(y[va], shipped)
         print(f"{'the model of --probs':34s} pred mask: acc {acc:.3f}  macro AUC {mac:.3f}  mal AUC {mal:.3f}")
     for combo in COMBOS:
@@ -149,7 +162,7 @@ def main(data_dir, pred_masks, probs, limit, ring, c_values, precision):
                 acc, mac, mal = _metrics(y[va], p)
                 line += f" {tag}: acc {acc:.3f}  macro AUC {mac:.3f}  mal AUC {mal:.3f} |"
                 if tag == "pred mask" and shipped is not None:
-                    line += f" vs --probs: {_paired(y[va], p, shipped)}"
+                    line += f" vs --probs: {_paired(y[va], p, shipped, units)}"
             print(line)
 
 

@@ -255,6 +255,15 @@ def test_the_bootstrap_resamples_patients_and_near_duplicates_together(tmp_path,
     assert groups["PACE_00002_002_BUS"] == groups[MISSING] == ""
     res = E.evaluate_predictions(make_pace(tmp_path / "pred"), data, "val", None, n_boot=50)
     assert res["bootstrap"]["unit"] == "group" and res["bootstrap"]["n_units"] == 4
+    # bench/feature_probe.py's paired intervals resample the same units (they resampled images alone)
+    import runpy
+    probe = runpy.run_path(str(Path(E.__file__).parents[1] / "bench" / "feature_probe.py"))
+    val = [r["image_id"] for r in E.load_truth(data, "val")]
+    units = sorted(sorted(val[i] for i in u) for u in probe["_units"](data, val))
+    expected: dict[str, list[str]] = {}
+    for i in val:
+        expected.setdefault(groups[i] or i, []).append(i)
+    assert units == sorted(sorted(m) for m in expected.values()) and len(units) == 4 < len(val)
 
 
 def test_grand_challenge_layout(tmp_path, data):
@@ -543,11 +552,17 @@ def test_a_codabench_folder_is_scored_with_its_labels(tmp_path, data):
         assert math.isnan(res[key]) and all(math.isnan(v) for v in res.get("ci", {}).get(key, [math.nan])), key
         assert all(math.isnan(part[key]) for part in res["by_source"].values() if key in part), key
     out = tmp_path / "eval_cb"
+    E.evaluate_predictions(pace, data, "val", out, n_boot=10)  # an earlier evaluation into the same folder
+    assert (out / "roc.png").is_file() and "![ROC](roc.png)" in (out / "report.md").read_text()
     E.evaluate_predictions(cb, data, "val", out, n_boot=10)
     report = (out / "report.md").read_text()
     rows = [line for line in report.splitlines() if line.startswith(("| Macro AUC", "| AUC malignant", "| Cross-entropy"))]
     assert len(rows) == 3 and all(line.split("|")[2].strip() == "n/a" for line in rows), rows
     assert json.loads((out / "metrics.json").read_text())["auc_macro"] is None
+    # no ROC curves of the stand-in (three diagonals "AUC 0.500"), and not the earlier evaluation's either
+    assert not (out / "roc.png").exists() and "roc.png" not in report
+    assert "No ROC curve: the predictions hold labels, no probabilities." in report
+    assert (out / "confusion.png").is_file()
 
 
 def test_pace_rows_are_read_as_written_and_first_rows_kept(tmp_path):

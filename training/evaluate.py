@@ -31,7 +31,8 @@ only the label is missing. Missing parts, predictions for ids that are not in DA
 not in the split (``out_of_split``), and unreadable or mis-shaped predictions (``problems``) are
 listed in metrics.json and the report. Metric conventions: ``training.metrics`` and docs/metrics.md.
 
-Outputs in DIR: metrics.json, report.md, roc.png, confusion.png, worst/<id>.png (the worst cases
+Outputs in DIR: metrics.json, report.md, roc.png (not for the Codabench layout: no probabilities),
+confusion.png, worst/<id>.png (the worst cases
 by Dice: image, ground-truth contour green, predicted contour red). The predictions are read by
 ``training.read_predictions``, the files beside metrics.json written by ``training.report``.
 """

@@ -49,6 +49,12 @@ def _save_figure(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
+def has_probabilities(res: dict) -> bool:
+    """Whether the predictions held class probabilities: a layout of labels alone (Codabench's) has its
+    AUCs set to NaN (``training.evaluate``), and the uniform stand-in is not drawn as a ROC curve."""
+    return res.get("layout") != "codabench"
+
+
 def plot_roc(res: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -170,7 +176,8 @@ def render_report(res: dict) -> str:
         lines.append(f"| {name} | {row} | {c['confusion_missing'][i]} | {fmt(c['recall'][name])} |")
     lines += ["", "Per class F1: " + ", ".join(f"{k} {fmt(v)}" for k, v in c["f1"].items()) +
               "; one-vs-rest AUC: " + ", ".join(f"{k} {fmt(v)}" for k, v in c["auc_ovr"].items()) + ".", "",
-              "![ROC](roc.png) ![Confusion matrix](confusion.png)", ""]
+              ("![ROC](roc.png) " if has_probabilities(res) else "No ROC curve: the predictions hold labels, no "
+               "probabilities. ") + "![Confusion matrix](confusion.png)", ""]
     if res.get("by_source"):
         keys = ["dsc", "hd95", "nsd", "accuracy", "f1_macro", "auc_malignant"]
         lines += ["## Per source", "", "| Source | n | lesion | " + " | ".join(names[k] for k in keys) + " |",
@@ -211,7 +218,10 @@ def write_outputs(res: dict, out_dir: Path, data_dir: Path, gts: Mapping[str, np
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "metrics.json", json.dumps(M.to_jsonable(res), indent=1, allow_nan=False) + "\n")
     write_text(out_dir / "report.md", render_report(res))
-    plot_roc(res, out_dir / "roc.png")
+    if has_probabilities(res):
+        plot_roc(res, out_dir / "roc.png")
+    else:  # nothing to draw; an earlier evaluation's curves into this folder would pass for this one's
+        (out_dir / "roc.png").unlink(missing_ok=True)
     plot_confusion(res, out_dir / "confusion.png")
     worst_dir = out_dir / "worst"
     if worst_dir.is_dir():
