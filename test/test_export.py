@@ -252,6 +252,11 @@ def test_metrics_without_logits_go_into_the_model_card(runs, tmp_path):
     dsc_lo, dsc_hi = metrics["ci"]["dsc"]
     assert f"| dsc | {metrics['dsc']:.3f} | {dsc_lo:.3f} – {dsc_hi:.3f} |" in card
     assert "| seg_bce | – |  |" in card
+    # how the intervals were resampled (the shipped card's were image by image, evaluate's since resample patients)
+    boot = metrics["bootstrap"]
+    unit = {"image": f"{boot['n_units']} images",
+            "group": f"{boot['n_units']} units: a patient's images and their near-duplicates together"}[boot["unit"]]
+    assert f"95 % intervals: percentile bootstrap, 20 resamples of {unit}" in card and "(seed 0)" in card
     # the split the figures come from, and that it also chose the best epochs: optimistic
     assert "## Metrics on the val split" in card and "also chose each member's best epoch" in card
     assert "optimistic" in card and "; best epoch " in card

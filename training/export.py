@@ -154,6 +154,12 @@ def model_card(out: Path, members: dict[str, Path], seg: str, cls: str, metrics:
         keys = ["n_images", "dsc", "iou", "hd95", "nsd", "accuracy", "f1_macro", "auc_macro", "auc_malignant",
                 "sens_at_90_spec", "spec_at_90_sens", "cross_entropy", "normal_empty_share", "seg_bce"]
         ci = metrics.get("ci", {})
+        boot = metrics.get("bootstrap") or {}
+        if boot.get("n_boot"):
+            unit = (f"{boot.get('n_units')} units: a patient's images and their near-duplicates together, any "
+                    f"other image alone" if boot.get("unit") == "group" else f"{boot.get('n_units')} images")
+            lines += [f"95 % intervals: {boot.get('method', 'percentile')} bootstrap, {boot['n_boot']} resamples "
+                      f"of {unit} (seed {boot.get('seed')}).", ""]
         lines += ["| metric | value | 95% CI |", "|---|---|---|"]
         for k in keys:
             if k in metrics:
