@@ -7,14 +7,20 @@ antialiased bilinear) -> the encoder's own normalisation -> zero padding at the 
 
 * Intensity scale: uint8 is used as is; bool becomes {0, 255}; any other type is rescaled linearly
   from its own min..max to 0..255 (16-bit and float images rarely use their full range) and rounded
-  to 8 bits, as the training images (8-bit PNGs) and SAM's own pipeline (uint8) come: the same scan
-  stored at 8 bits, at 16 bits (x 257) or as float on 0..1 then gives the same network input, where
-  resizing the fine levels apart gave masks that differed (Dice 0.72 at worst on real images).
+  to 8 bits, as the training images (8-bit PNGs) and SAM's own pipeline (uint8) come: a scan that spans
+  0..255 at 8 bits gives the same network input stored at 16 bits (x 257) or as float on 0..1, where
+  resizing the fine levels apart gave masks that differed (Dice 0.72 at worst on real images). A scan
+  that does not span its type's range is stretched to 0..255, unless it is uint8: the same narrow
+  scan at 8 and at 16 bits then differs.
+* Resizing: one filter for every encoder, Pillow's antialiased bilinear (LiteMedSAM's inference script
+  uses OpenCV's INTER_AREA, MedSAM's bicubic; the shipped heads were trained on this input; README,
+  Checkpoints).
 * Alpha is dropped; grey is replicated to three channels (after resizing, to save memory on
   huge images).
 * Normalisation ``sam``: (x - SAM pixel mean) / SAM pixel std on 0-255.
   Normalisation ``minmax``: per-image (x - min) / (max - min) to [0, 1] over the resized image,
-  as MedSAM and LiteMedSAM were trained; a constant image becomes all zeros.
+  as MedSAM's and LiteMedSAM's inference scripts normalise; a constant image becomes all zeros.
+  The image is padded, not stretched to a square as MedSAM's script does (its aspect ratio kept).
   Padding is applied after normalisation, so padded pixels are 0 in the network's input space.
 
 Mirroring (``mirror``, test-time augmentation): an input or a head's output is mirrored left-right
