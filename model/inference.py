@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .atomic_files import write_png
+from .atomic_files import all_or_none, remove_leftovers, replacements_kept, write_png
 from .image import IMAGE_SUFFIXES, ImageReadError, LoadedImage, image_stem, image_suffix, is_utf8_name, printable
 from .io import (image_pixels, list_images, lookup_denied, masks_beside_images, read_image, unlistable_reason,
                  unwritable_reason)
@@ -273,6 +273,8 @@ def _log(message: str, err: bool = True) -> None:
         tqdm.write(message, file=stream)
     except ImportError:  # pragma: no cover
         print(message, file=stream)
+    except (OSError, ValueError):  # a full disk, a closed pipe or stream: the run goes on; errors.csv holds its errors
+        pass
 
 
 def _predict(predictor, arrays: list[np.ndarray]) -> list:
@@ -332,7 +334,13 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
         raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
     input_dir, out = Path(input_dir), Path(output_dir)
     paths = list(inputs) if inputs is not None else find_inputs(input_dir, exclude=out)
-    prepare_output(out, folders=output_folders(fmt, task, overlay, logits))
+    folders = output_folders(fmt, task, overlay, logits)
+    prepare_output(out, folders=folders)
+    # a killed run's temporary files (their final names stay whole): graders read every file there
+    left = [p for sub in ("", *folders) for p in remove_leftovers(out / sub)]
+    if left:
+        log(f"note: removed {len(left)} unfinished file{'s' if len(left) != 1 else ''} of a run that was killed "
+            f"({left[0].relative_to(out).as_posix()}{', ...' if len(left) > 1 else ''})")
     root = input_dir if input_dir.is_dir() else input_dir.parent
     names = output_names(paths, root)
     cases = [Case(Path(p), printable(relative_path(Path(p), root).as_posix()), n) for p, n in zip(paths, names)]
@@ -382,64 +390,71 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
                 fail(case, f"writing the outputs failed: {_reason(exc)}")
         writing.clear()
 
-    kept_logits = getattr(predictor, "keep_logits", False)  # the predictor's own setting comes back after the run
-    predictor.keep_logits = logits and task != "cls"
-    try:
-        pending = submit(batches[0]) if batches else None
-        with tqdm(total=len(cases), desc="PF-SAM BUS", unit="image", file=sys.stderr, disable=not progress,
-                  dynamic_ncols=True) as bar:
-            for k, batch in enumerate(batches):
-                futures, pending = pending, (submit(batches[k + 1]) if k + 1 < len(batches) else None)
-                loaded: list[tuple[Case, LoadedImage]] = []
-                for j, case in enumerate(batch):
-                    try:
-                        img = futures[j].result() if futures is not None else read_image(case.path)
-                        check_content(img)
-                        loaded.append((case, img))
-                    except Exception as exc:  # noqa: BLE001
-                        fail(case, _reason(exc))
-                if loaded:
-                    try:
-                        preds = _predict(predictor, [img.array for _, img in loaded])
-                    except Exception as exc:  # noqa: BLE001
-                        preds = [exc] * len(loaded)
-                    settle()  # the previous batch's files
-                    for (case, img), pred in zip(loaded, preds):
-                        if isinstance(pred, BaseException):
-                            fail(case, f"prediction failed: {_reason(pred)}")
-                            continue
-                        case.prediction = pred
-                        write(case, img, pred)
-                bar.update(len(batch))
-                # nothing of this batch is held while the next one is read (full-size images and masks)
-                loaded = futures = preds = img = pred = None
-            settle()
-    except BaseException:  # stopped (SIGTERM, Ctrl-C): this run's summary is not written
+    def stopped() -> None:  # a note where this run wrote outputs beside an earlier run's summary
         wrote = [c for c in cases if c.outputs]
         earlier = [p for p in [*writer.summary_files(), out / ERRORS_FILE] if p.is_file()]
         if wrote and earlier:  # kept (a -t cls run's answers beside this -t seg run's masks), but said
             log(f"note: {', '.join(p.name for p in earlier)} in {out} {'are' if len(earlier) > 1 else 'is'} an "
                 f"earlier run's: this run, stopped, wrote some of its outputs but not its own summary")
-        raise
-    finally:
-        predictor.keep_logits = kept_logits
-        if pool is not None:  # after settle(), only on an error: reads not started are dropped
-            pool.shutdown(cancel_futures=True)
-    try:
-        writer.finish(cases)
-    except Exception as exc:  # noqa: BLE001 - without the summary files no case counts as done
-        log(f"error: writing the summary files into {out} failed: {_reason(exc)}")
-        for case in cases:
-            if case.ok:  # failed like any other: its masks and overlays go too (the summary does not list them)
-                case.fail(f"summary files not written: {_reason(exc)}")
-        for path in writer.summary_files():  # those written before the failure would list failed cases as done
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
-        try:  # errors.csv is written last: an earlier run's must not stand for this one's
-            writer.write_errors(cases)
-        except Exception:  # noqa: BLE001 - then no errors.csv at all; the reasons are in the log
-            with contextlib.suppress(OSError):
-                (out / ERRORS_FILE).unlink(missing_ok=True)
+
+    # what this run's files replace is kept until the run ends: a case that fails puts it back
+    with replacements_kept():
+        kept_logits = getattr(predictor, "keep_logits", False)  # the predictor's own setting comes back after the run
+        predictor.keep_logits = logits and task != "cls"
+        try:
+            pending = submit(batches[0]) if batches else None
+            with tqdm(total=len(cases), desc="PF-SAM BUS", unit="image", file=sys.stderr, disable=not progress,
+                      dynamic_ncols=True) as bar:
+                for k, batch in enumerate(batches):
+                    futures, pending = pending, (submit(batches[k + 1]) if k + 1 < len(batches) else None)
+                    loaded: list[tuple[Case, LoadedImage]] = []
+                    for j, case in enumerate(batch):
+                        try:
+                            img = futures[j].result() if futures is not None else read_image(case.path)
+                            check_content(img)
+                            loaded.append((case, img))
+                        except Exception as exc:  # noqa: BLE001
+                            fail(case, _reason(exc))
+                    if loaded:
+                        try:
+                            preds = _predict(predictor, [img.array for _, img in loaded])
+                        except Exception as exc:  # noqa: BLE001
+                            preds = [exc] * len(loaded)
+                        settle()  # the previous batch's files
+                        for (case, img), pred in zip(loaded, preds):
+                            if isinstance(pred, BaseException):
+                                fail(case, f"prediction failed: {_reason(pred)}")
+                                continue
+                            case.prediction = pred
+                            write(case, img, pred)
+                    bar.update(len(batch))
+                    # nothing of this batch is held while the next one is read (full-size images and masks)
+                    loaded = futures = preds = img = pred = None
+                settle()
+        except BaseException:  # stopped (SIGTERM, Ctrl-C): this run's summary is not written
+            stopped()
+            raise
+        finally:
+            predictor.keep_logits = kept_logits
+            if pool is not None:  # after settle(), only on an error: reads not started are dropped
+                pool.shutdown(cancel_futures=True)
+        try:
+            with all_or_none():  # the summary files all in place, or none: an earlier run's stay as they were
+                writer.finish(cases)
+        except Exception as exc:  # noqa: BLE001 - without the summary files no case counts as done
+            log(f"error: writing the summary files into {out} failed: {_reason(exc)}")
+            writer.carried = 0
+            for case in cases:
+                if case.ok:  # failed like any other: its masks and overlays go, and what they replaced comes back
+                    case.fail(f"summary files not written: {_reason(exc)}")
+            try:  # errors.csv is written last: an earlier run's must not stand for this one's
+                writer.write_errors(cases)
+            except Exception:  # noqa: BLE001 - then no errors.csv at all; the reasons are in the log
+                with contextlib.suppress(OSError):
+                    (out / ERRORS_FILE).unlink(missing_ok=True)
+        except BaseException:  # stopped while the summary was written: none of it is in place
+            stopped()
+            raise
     if writer.carried:  # the other task's outputs of its own inputs, from an earlier one-task run
         other = "segmentation" if task == "cls" else "classification"
         log(f"note: the summary ({', '.join(p.name for p in writer.summary_files())}) also holds the {other} of "

@@ -334,7 +334,7 @@ def unwritable_reason(folder: Path) -> str:
     """Why this user cannot create files in the existing ``folder`` (an empty string when it can):
     found by creating and removing a hidden temporary file, not by reading permission bits."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".pfsam-write-check-", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".pfsam-{os.getpid()}-write-check-", dir=folder)
     except PermissionError:
         return _denied(folder, "writable")
     except OSError as exc:
@@ -368,8 +368,12 @@ def read_image(path: Path | str) -> LoadedImage:
     if not is_utf8_name(path):
         raise ImageReadError(printable(path), NOT_UTF8)
     if path.is_dir():  # list_images lists the folders it could not list
-        raise ImageReadError(path, f"folder cannot be {'entered' if _unenterable(path) else 'listed'}, so its "
-                                   f"images are not read: {unlistable_reason(path)}")
+        unenterable, reason = _unenterable(path), unlistable_reason(path)
+        if not unenterable and not reason:  # a file when its folder was listed, a folder now
+            raise ImageReadError(path, "is a folder now, not an image file (it changed after the input folder was "
+                                       "listed)")
+        raise ImageReadError(path, f"folder cannot be {'entered' if unenterable else 'listed'}, so its "
+                                   f"images are not read: {reason}")
     if not path.is_file():
         raise ImageReadError(path, _not_a_file(path))
     st = path.stat()

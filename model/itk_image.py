@@ -3,6 +3,7 @@ or a 3-D one of one slice kept as 2-D with its 3-D geometry, so that its mask is
 same layout and overlays the input exactly."""
 from __future__ import annotations
 
+import errno
 import re
 from pathlib import Path
 
@@ -65,7 +66,8 @@ def write_itk(path: Path | str, array: np.ndarray, like: LoadedImage | None = No
 
     if not is_utf8_name(Path(path).absolute()):  # ITK would abort the process (is_utf8_name)
         raise ValueError(f"{printable(path)}: cannot write an image there through ITK: the path is not valid UTF-8")
-    img = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    array = np.ascontiguousarray(array)
+    img = sitk.GetImageFromArray(array)
     if like is not None:
         if like.extra.get("dimension") == 3:  # only the 3-D geometry: a slice in the x-z or y-z plane
             spacing, origin, direction = like.extra["geometry"]  # has no valid 2-D direction of its own
@@ -80,3 +82,12 @@ def write_itk(path: Path | str, array: np.ndarray, like: LoadedImage | None = No
             img.SetDirection(tuple(float(d) for d in like.direction))
     with atomic_path(path) as tmp:  # the temporary name keeps the suffix, by which ITK picks the format
         sitk.WriteImage(img, str(tmp), useCompression=True)
+        # ITK's MetaImage, NIfTI and NRRD writers do not report a failed flush (a full disk): a small
+        # compressed image came out as 0 bytes without an error. Read back, it is checked whole.
+        try:
+            whole = np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp))).reshape(-1),
+                                   array.reshape(-1))
+        except RuntimeError:
+            whole = False
+        if not whole:
+            raise OSError(errno.EIO, "ITK wrote a file that does not read back whole (is the disk full?)", str(tmp))

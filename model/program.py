@@ -22,3 +22,14 @@ def run_program(command, **kwargs) -> None:
     except SystemExit as exc:
         die_of_ctrl_c(exc)
         raise
+
+
+def silence(stream) -> None:
+    """Send what is still written to ``stream`` (stdout, stderr) to /dev/null: it failed (a full disk, a
+    closed pipe), and Python would report that again when it flushes the stream at exit (exit 120)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass

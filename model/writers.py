@@ -64,7 +64,7 @@ from typing import Sequence
 import numpy as np
 
 from . import CLASS_NAMES
-from .atomic_files import write_npy, write_png, write_text, write_zip
+from .atomic_files import remove_file, undo, write_npy, write_png, write_text, write_zip
 from .image import IMAGE_SUFFIXES, LoadedImage, image_stem, image_suffix, printable
 from .itk_image import write_itk
 from .overlay import render_overlay
@@ -112,11 +112,12 @@ class Case:
         return self.prediction is not None and self.error is None
 
     def fail(self, reason: str) -> None:
-        """Mark the case failed; a failed case leaves no partial outputs behind."""
+        """Mark the case failed; a failed case leaves no partial outputs behind: within
+        ``atomic_files.replacements_kept`` (a run), what its files replaced comes back (``undo``)."""
         self.error, self.prediction = reason, None
         for path in self.outputs:
             with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
+                undo(path)
         self.outputs.clear()
 
 
@@ -213,8 +214,9 @@ class _Writer:
         self.write_errors(cases)
 
     def summary_files(self) -> list[Path]:
-        """The summary files ``finish`` writes before errors.csv (removed when one of them cannot be
-        written: then every case has failed, and none may stand as if it had not)."""
+        """The summary files ``finish`` writes before errors.csv (``model.inference.run`` puts them in
+        place all together or none: a run whose summary cannot be written has failed every case, and
+        none may stand as if it had not; an earlier run's stay as they were)."""
         return []
 
     def write_errors(self, cases: list[Case]) -> None:
@@ -224,7 +226,7 @@ class _Writer:
         if failed:
             write_text(errors, _csv_text(("file", "reason"), [(c.rel, c.error) for c in failed]))
         elif errors.is_file():
-            errors.unlink()  # from an earlier run into the same folder
+            remove_file(errors)  # from an earlier run into the same folder
 
 
 def _input_key(path: str) -> str:
@@ -314,7 +316,7 @@ class GCWriter(_Writer):
             write_text(likelihood_file, _json_text(probs["malignant"]))
         else:  # an earlier one-input run's answer must not stand beside this run's results.json
             for path in (label_file, likelihood_file):
-                path.unlink(missing_ok=True)
+                remove_file(path)
         super().finish(cases)
 
 
@@ -358,10 +360,11 @@ class CodabenchWriter(PACEWriter):
 
     def finish(self, cases: list[Case]) -> None:
         *labels, archive = self.summary_files()  # classification.csv where the run classifies
-        members = {}
+        members: dict[str, Path | bytes] = {}
         for path in labels:
-            write_text(path, self.labels_csv(cases))
-            members[path.name] = path
+            text = self.labels_csv(cases)
+            write_text(path, text)
+            members[path.name] = text.encode("utf-8")  # within all_or_none, not yet in place
         # the other task's files of a one-task run's own images (the template's -t seg and -t cls runs into
         # one folder), as stale_outputs counts them: the second run's zip holds both tasks
         listed = _listed_ids(self.out / CODABENCH_LABELS) if not self.cls else set()

@@ -271,6 +271,100 @@ def test_atomic_path_temp_files_are_never_inputs(tmp_path):
         assert tmp.parent == tmp_path and tmp.name.startswith(".") and not mio.is_image_file(tmp)
 
 
+def test_files_written_all_or_none_are_put_in_place_together_or_not_at_all(tmp_path):
+    """A run's summary files: within ``all_or_none`` none is in place until all are written; a stop
+    (SIGTERM's SystemExit) or a folder where one goes leaves every earlier file as it was (and what
+    ``remove_file`` named), and no temporary file."""
+    from model.atomic_files import all_or_none, remove_file
+
+    for name, text in (("a.csv", "old a"), ("b.csv", "old b"), ("c.json", "old c")):
+        (tmp_path / name).write_text(text)
+    with pytest.raises(SystemExit):
+        with all_or_none():
+            write_text(tmp_path / "a.csv", "new a")
+            assert (tmp_path / "a.csv").read_text() == "old a"  # not yet
+            remove_file(tmp_path / "c.json")
+            raise SystemExit(143)
+    (tmp_path / "d.csv").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"a folder has the name of this output file: '.*d\.csv'"):
+        with all_or_none():
+            write_text(tmp_path / "a.csv", "new a")
+            write_text(tmp_path / "d.csv", "new d")
+    assert {p.name: p.read_text() for p in tmp_path.iterdir() if p.is_file()} == \
+        {"a.csv": "old a", "b.csv": "old b", "c.json": "old c"}
+    with all_or_none():
+        write_text(tmp_path / "a.csv", "new a")
+        write_text(tmp_path / "b.csv", "new b")
+        remove_file(tmp_path / "c.json")
+    assert {p.name: p.read_text() for p in tmp_path.iterdir() if p.is_file()} == {"a.csv": "new a", "b.csv": "new b"}
+
+
+def test_what_a_file_replaced_comes_back_by_undo_until_the_block_ends(tmp_path):
+    """Within ``replacements_kept`` a replaced file is kept (a hard link, or a copy where the file system
+    has none); ``undo`` puts back the first content the block found (an earlier run's), or removes a
+    file that is new; the kept files go with the block."""
+    from model import atomic_files
+    from model.atomic_files import replacements_kept, undo
+
+    (tmp_path / "old.png").write_text("earlier run")
+    for links in (True, False):
+        with replacements_kept():
+            if not links:
+                real = os.link
+                atomic_files.os.link = lambda *a: (_ for _ in ()).throw(OSError(1, "no hard links here"))
+            try:
+                write_text(tmp_path / "old.png", "this run")
+                write_text(tmp_path / "old.png", "this run, again")
+                write_text(tmp_path / "new.png", "this run")
+            finally:
+                if not links:
+                    atomic_files.os.link = real
+            assert len([p for p in tmp_path.iterdir() if p.name.startswith(".pfsam-")]) == 1  # the one kept
+            undo(tmp_path / "old.png")
+            undo(tmp_path / "new.png")
+            assert (tmp_path / "old.png").read_text() == "earlier run" and not (tmp_path / "new.png").exists()
+            write_text(tmp_path / "new.png", "kept")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["new.png", "old.png"]
+        (tmp_path / "new.png").unlink()
+    undo(tmp_path / "old.png")  # outside the block: the file goes
+    assert not (tmp_path / "old.png").exists()
+
+
+def test_a_write_error_names_the_output_file_not_its_temporary_name(tmp_path):
+    """An error from writing the temporary file (a read-only or full disk) named ``.pfsam-…tmp.png``;
+    numpy's short write said "N requested and M written" with no file and no cause."""
+    import errno
+
+    with pytest.raises(OSError, match=r"\[Errno 30\] Read-only file system: '.*/out\.png'$"):
+        with atomic_path(tmp_path / "out.png") as tmp:
+            raise OSError(errno.EROFS, "Read-only file system", str(tmp))
+    with pytest.raises(OSError, match=r"181566 requested and 1984 written: written in part \(is the disk full\?\): "
+                                      r"'.*/logits\.npy'$"):
+        with atomic_path(tmp_path / "logits.npy"):
+            raise OSError("181566 requested and 1984 written")
+    assert _leftovers(tmp_path) == []
+
+
+def test_an_input_that_became_a_folder_after_listing_says_so(tmp_path):
+    (tmp_path / "m1.png").mkdir()
+    with pytest.raises(mio.ImageReadError, match=r"m1.png: is a folder now, not an image file \(it changed after "
+                                                 r"the input folder was listed\)"):
+        mio.read_image(tmp_path / "m1.png")
+
+
+def test_export_on_a_full_disk_is_an_error_naming_the_folder(tmp_path, monkeypatch):
+    from training import export as export_mod
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "ens" / ".staging" / "model.safetensors"))
+    monkeypatch.setattr(export_mod, "export", full)
+    (tmp_path / "run").mkdir()
+    res = CliRunner().invoke(export_mod.main, [str(tmp_path / "run"), "--out", str(tmp_path / "ens")])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert f"writing the ensemble into {tmp_path / 'ens'} failed: [Errno 28] No space left on device" in res.output
+    assert f"(what was in {tmp_path / 'ens'} is kept as it was)" in res.output
+
+
 # ------------------------------------------------------------------------------------------
 # CUDA out of memory
 

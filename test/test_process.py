@@ -866,6 +866,161 @@ def test_a_summary_file_that_cannot_be_written_leaves_no_summary_file_claiming_a
     assert all((out / name).is_file() for name in written_before + [blocked]) and not (out / "errors.csv").exists()
 
 
+def _two_images(tmp_path: Path) -> Path:
+    d = tmp_path / "two"
+    d.mkdir()
+    for name, seed in (("a", 31), ("b", 32)):
+        Image.fromarray(synthetic_ultrasound(50, 70, seed)[0]).save(d / f"{name}.png")
+    return d
+
+
+def _contents(root: Path) -> dict[str, bytes]:
+    return {rel: (root / rel).read_bytes() for rel in _files(root)}
+
+
+@pytest.mark.parametrize("fmt, blocked", [("pace", "classification/probabilities.csv"),
+                                          ("codabench", "submission.zip"), ("gc", "results.json")])
+def test_a_rerun_whose_summary_cannot_be_written_leaves_the_earlier_runs_outputs_as_they_were(
+        cli, tmp_path, monkeypatch, fmt, blocked):
+    """A full disk (at one summary file) on a rerun into a folder holding a complete earlier run: that
+    run's summary files, which this run never replaced, were all removed, and its masks with them
+    (this run had written over them). Now the earlier run's files come back byte for byte, no summary
+    file of this run stands beside them, and no temporary file is left."""
+    from model import writers
+    from model.atomic_files import atomic_path
+
+    d = _two_images(tmp_path)
+    out = tmp_path / "out"
+    assert cli("-i", d, "-o", out, "--format", fmt, "--overlay").exit_code == 0
+    masks = [p for p in _files(out) if p.endswith((".png", ".mha")) and not p.startswith("overlays")]
+    assert len(masks) == 2
+    for rel in masks + ["overlays/a.png"]:  # another model's outputs: not what this run writes
+        if rel.endswith(".mha"):
+            img = sitk.ReadImage(str(out / rel))
+            img2 = sitk.GetImageFromArray(1 - sitk.GetArrayFromImage(img))
+            img2.CopyInformation(img)
+            sitk.WriteImage(img2, str(out / rel), useCompression=True)
+        else:
+            Image.fromarray(255 - np.asarray(Image.open(out / rel))).save(out / rel)
+    (out / "errors.csv").write_text("file,reason\nold.png,an earlier failure\n")
+    earlier = _contents(out)
+
+    def full_disk(real):
+        def write(path, data):
+            if Path(path) == out / blocked:
+                with atomic_path(path) as tmp:
+                    raise OSError(28, "No space left on device", str(tmp))
+            real(path, data)
+        return write
+    monkeypatch.setattr(writers, "write_text", full_disk(writers.write_text))
+    monkeypatch.setattr(writers, "write_zip", full_disk(writers.write_zip))
+    res = cli("-i", d, "-o", out, "--format", fmt, "--overlay")
+    assert res.exit_code == 1, res.output
+    assert f"writing the summary files into {out} failed: OSError: [Errno 28] No space left on device: " \
+           f"'{out / blocked}'" in res.output
+    assert "0 of 2 images processed, 2 failed" in res.output and "also holds" not in res.output
+    after = _contents(out)
+    errors = after.pop("errors.csv").decode()
+    assert "a.png,summary files not written" in errors and "b.png" in errors
+    earlier.pop("errors.csv")
+    assert after == earlier  # every earlier file back, byte for byte; nothing else (no temporary or kept file)
+
+
+def test_a_case_whose_last_output_fails_gets_its_earlier_outputs_back(cli, tmp_path, monkeypatch):
+    """One output of a case cannot be written (its logits, after its mask, on a full disk): the case
+    fails and its mask goes; the earlier run's mask of that image, which the failed case had written
+    over, comes back (it was removed too). The other image is written; the error names the file."""
+    import errno
+
+    from model import writers
+    from model.atomic_files import atomic_path
+
+    d = _two_images(tmp_path)
+    out = tmp_path / "out"
+    assert cli("-i", d, "-o", out, "--format", "pace", "--logits").exit_code == 0
+    Image.fromarray(np.full((50, 70), 255, np.uint8)).save(out / "segmentation" / "b_mask.png")
+    old_b = (out / "segmentation" / "b_mask.png").read_bytes()
+    real = writers.write_npy
+
+    def full_disk(path, array):
+        if Path(path).name == "b.npy":
+            with atomic_path(path) as tmp:
+                raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+        real(path, array)
+    monkeypatch.setattr(writers, "write_npy", full_disk)
+    res = cli("-i", d, "-o", out, "--format", "pace", "--logits")
+    assert res.exit_code == 3, res.output
+    assert f"error: b.png: writing the outputs failed: OSError: [Errno 28] No space left on device: " \
+           f"'{out / 'logits' / 'b.npy'}'" in res.output
+    assert (out / "segmentation" / "b_mask.png").read_bytes() == old_b
+    assert "a_mask.png" in _files(out / "segmentation") and not any(".pfsam-" in f for f in _files(out))
+
+
+def test_a_mask_itk_cannot_write_whole_fails_its_case_not_the_run(cli, tmp_path, monkeypatch):
+    """ITK's MetaImage writer does not report a full disk: a small compressed mask came out as 0 bytes,
+    renamed onto its name, and the run said all was done. The mask is read back: its case fails,
+    naming the file; the other is written."""
+    import SimpleITK
+
+    d = _two_images(tmp_path)
+    real = SimpleITK.WriteImage
+
+    def full_disk(img, path, *args, **kwargs):
+        real(img, path, *args, **kwargs)
+        if full_disk.calls:  # the disk is full from the second mask on: ITK leaves 0 bytes and says nothing
+            Path(path).write_bytes(b"")
+        full_disk.calls += 1
+    full_disk.calls = 0
+    monkeypatch.setattr(SimpleITK, "WriteImage", full_disk)
+    res = cli("-i", d, "-o", tmp_path / "out", "--format", "gc")
+    assert res.exit_code == 3, res.output
+    masks = tmp_path / "out" / "images" / "breast-lesion-segmentation"
+    assert "error: b.png: writing the outputs failed: OSError: [Errno 5] ITK wrote a file that does not read back " \
+           f"whole (is the disk full?): '{masks / 'b.mha'}'" in res.output
+    assert _files(masks) == ["a.mha"] and (masks / "a.mha").stat().st_size > 0
+    entries = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [bool(e["error_messages"]) for e in entries] == [False, True]
+
+
+def test_a_killed_runs_unfinished_files_are_removed_by_the_next_run(cli, tmp_path):
+    """SIGKILL leaves a temporary file (hidden, but with the mask's suffix) in the mask folder, which
+    graders read whole: the next run into the folder removes it, with a note. A live process's
+    temporary files are left alone."""
+    d = _one_image(tmp_path)
+    out = tmp_path / "out"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    (out / "segmentation").mkdir(parents=True)
+    (out / "segmentation" / f".pfsam-{gone}-x1y2z3.tmp.png").write_bytes(b"")
+    (out / f".pfsam-{gone}-k4.kept.csv").write_bytes(b"")
+    live = out / "segmentation" / f".pfsam-{os.getppid()}-abc.tmp.png"
+    live.write_bytes(b"")
+    res = cli("-i", d, "-o", out, "--format", "pace")
+    assert res.exit_code == 0, res.output
+    assert "note: removed 2 unfinished files of a run that was killed" in res.output
+    assert _files(out) == ["classification/predictions.csv", "classification/probabilities.csv",
+                           f"segmentation/{live.name}", "segmentation/case_mask.png"]
+
+
+def test_a_log_stream_that_cannot_be_written_does_not_stop_the_run(predictor, tmp_path, monkeypatch):
+    """stderr on a full disk (or a closed pipe) with a bad input among the good ones: logging the bad
+    one's error raised, and the run ended before the good images were written."""
+    d = _one_image(tmp_path)
+    (d / "bad.png").write_bytes(b"not a png")
+
+    class Full:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            raise OSError(28, "No space left on device")
+    monkeypatch.setattr(sys, "stderr", Full())
+    monkeypatch.setattr(sys, "stdout", Full())
+    result = inference.run(predictor, d, tmp_path / "out", fmt="pace", progress=False)
+    assert result.exit_code == 3 and _files(tmp_path / "out" / "segmentation") == ["case_mask.png"]
+    assert "bad.png" in (tmp_path / "out" / "errors.csv").read_text()
+
+
 def test_nothing_processed_exits_1(cli, tmp_path):
     d = tmp_path / "bad"
     d.mkdir()

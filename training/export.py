@@ -396,8 +396,12 @@ def main(runs, out, which, metrics_path, data_report, gate_normal, largest_compo
          include_encoder_checkpoint):
     """Export trained runs as an ensemble directory (safetensors + JSON + MODEL_CARD.md)."""
     post = {"gate_normal": gate_normal, "largest_component": largest_component, "class_prior": class_prior}
-    export([Path(r) for r in runs], Path(out), which, Path(metrics_path) if metrics_path else None, post,
-           Path(data_report) if data_report else None, command, include_encoder_checkpoint)
+    try:
+        export([Path(r) for r in runs], Path(out), which, Path(metrics_path) if metrics_path else None, post,
+               Path(data_report) if data_report else None, command, include_encoder_checkpoint)
+    except OSError as exc:  # a full disk, a folder it may not write: the ensemble there before is kept
+        raise click.ClickException(f"writing the ensemble into {out} failed: {exc} (what was in {out} is "
+                                   f"kept as it was)") from None
     click.echo(f"ensemble written to {out}")
 
 
