@@ -816,6 +816,7 @@ def test_summary_files_that_cannot_be_written_are_reported_without_pointing_to_a
     (d / "bad.png").write_bytes(b"garbage")
     assert cli("-i", d, "-o", out, "--format", "pace").exit_code == 3
     assert "bad.png" in (out / "errors.csv").read_text()
+    (out / "segmentation" / "case_mask.png").write_bytes(b"the earlier run's mask")
     (d / "bad.png").unlink()
     real_write_text = writers.write_text
 
@@ -830,7 +831,8 @@ def test_summary_files_that_cannot_be_written_are_reported_without_pointing_to_a
     assert f"0 of 1 image processed, 1 failed (see {out / 'errors.csv'})" in res.output
     errors = list(csv.DictReader(open(out / "errors.csv")))
     assert [r["file"] for r in errors] == ["case.png"] and errors[0]["reason"].startswith("summary files not written")
-    assert not (out / "segmentation" / "case_mask.png").exists()  # failed, like any failed case: no mask left
+    # failed, like any failed case: its mask goes, and the earlier run's that it replaced comes back
+    assert (out / "segmentation" / "case_mask.png").read_bytes() == b"the earlier run's mask"
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
