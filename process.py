@@ -58,8 +58,16 @@ def _print_version(ctx: click.Context, param, value: bool) -> None:
     ctx.exit()
 
 
+def _say(text: str) -> None:
+    """A line on stderr that may not stop what follows: stderr on a full disk or a closed pipe."""
+    try:
+        click.echo(text, err=True)
+    except OSError:
+        silence(sys.stderr)
+
+
 def _stop(signum, frame) -> None:
-    click.echo(f"stopped by {signal.Signals(signum).name}: outputs written so far are kept", err=True)
+    _say(f"stopped by {signal.Signals(signum).name}: outputs written so far are kept")
     sys.exit(128 + signum)
 
 
@@ -153,7 +161,7 @@ def main(input_dir: Path, output_dir: Path, task: str, device: str, fmt: str, mo
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:  # Ctrl-C: as SIGTERM, not click's "Aborted!" and exit 1 (none processed)
-            click.echo("stopped by SIGINT: outputs written so far are kept", err=True)
+            _say("stopped by SIGINT: outputs written so far are kept")
             sys.exit(128 + signal.SIGINT)
         # a clean run's summary on stdout: Grand Challenge marks a job that wrote to stderr with a warning
         try:

@@ -6,8 +6,8 @@ a file that is replaced is first kept under a hidden name beside it, so that ``u
 (a case that fails after some of its outputs were written leaves an earlier run's files as they
 were); within ``all_or_none`` the files written are put in place together when the block ends,
 or none is (a run's summary files: never some of this run's beside some of an earlier run's).
-Temporary and kept files are named ``.pfsam-<pid>-…``; ``remove_leftovers`` clears those of a
-process that is gone (a run killed by SIGKILL).
+Temporary and kept files are named ``.pfsam-<run or process>-…``; ``remove_leftovers`` clears those
+of a run that is over (killed by SIGKILL), known by its lock file (``run_lock``).
 """
 from __future__ import annotations
 
@@ -33,15 +33,58 @@ os.umask(_UMASK)
 
 _lock = threading.Lock()
 _kept: dict[str, Path] | None = None  # within replacements_kept: final path -> what it held before, kept
-_staged: list[tuple[Path, Path]] | None = None  # within all_or_none: (temporary, final) to rename at its end
-_removals: list[Path] | None = None  # within all_or_none: files to remove at its end
+_kept_depth = 0  # replacements_kept blocks entered (an inner one joins the outer)
+_local = threading.local()  # .staged [(temporary, final)] and .removals: this thread's all_or_none
+_run_token: str | None = None  # within run_lock: the run's name in its hidden files' names
 
 
 def _prefix() -> str:
-    return f".pfsam-{os.getpid()}-"
+    return f".pfsam-{_run_token or f'p{os.getpid()}'}-"
 
 
-_OURS = re.compile(r"^\.pfsam-(\d+)-")
+# r<token>: a run's (run_lock), p<pid>: a process's outside a run
+_OURS = re.compile(r"^\.pfsam-(?:(r[0-9a-f]+)|p(\d+))-")
+
+
+def _run_lock_path(folder: Path, token: str) -> Path:
+    return Path(folder) / f".pfsam-{token}-run.lock"
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path | str) -> Iterator[None]:
+    """For a run writing into ``folder``: its hidden files are named by a token of its own, and a lock
+    file in ``folder`` (``flock``ed while the run lives, removed when it ends) tells another run that
+    they are not a killed run's (``remove_leftovers``), also from another container (PID namespace)."""
+    global _run_token
+    import secrets
+
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: the run's files are named by its process (p<pid>)
+        yield
+        return
+    token = "r" + secrets.token_hex(6)
+    path = _run_lock_path(Path(folder), token)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666 & ~_UMASK)
+    except OSError:  # cannot lock: the run's files are named by its process (p<pid>), as outside a run
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a file system without locks
+            yield
+            return
+        _run_token = token
+        try:
+            yield
+        finally:
+            _run_token = None
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _keep(final: Path) -> None:
@@ -51,9 +94,7 @@ def _keep(final: Path) -> None:
     with _lock:
         if _kept is None or key in _kept or not final.is_file():
             return
-    fd, name = tempfile.mkstemp(prefix=_prefix(), suffix=".kept" + image_suffix(final)[:16], dir=final.parent)
-    os.close(fd)
-    backup = Path(name)
+    backup = _mkstemp(final, ".kept")
     backup.unlink()
     try:
         os.link(final, backup)
@@ -73,15 +114,20 @@ def _keep(final: Path) -> None:
 @contextlib.contextmanager
 def replacements_kept() -> Iterator[None]:
     """Within the block, each file that ``atomic_path`` replaces is kept first, for ``undo``; the kept
-    files go when the block ends, however it ends."""
-    global _kept
+    files go when the outermost block ends, however it ends (an inner block joins the outer one)."""
+    global _kept, _kept_depth
     with _lock:
-        _kept = {}
+        if _kept_depth == 0:
+            _kept = {}
+        _kept_depth += 1
     try:
         yield
     finally:
         with _lock:
-            kept, _kept = _kept, None
+            _kept_depth -= 1
+            kept = {}
+            if _kept_depth == 0:
+                kept, _kept = _kept or {}, None
         for backup in kept.values():
             with contextlib.suppress(OSError):
                 backup.unlink(missing_ok=True)
@@ -101,26 +147,43 @@ def undo(path: Path | str) -> None:
 
 @contextlib.contextmanager
 def all_or_none() -> Iterator[None]:
-    """Within the block, the files ``atomic_path`` writes are completed under their temporary names,
-    and ``remove_file`` only notes its files; when the block ends without an error they are all put in
-    place (and removed) together, after a check that no final name is taken by a folder. On an error
-    (a full disk, SIGTERM) every temporary file goes and no final name is touched."""
-    global _staged, _removals
-    _staged, _removals = [], []
-    staged, removals = _staged, _removals
+    """Within the block, the files that this thread's ``atomic_path`` writes are completed under their
+    temporary names, and ``remove_file`` only notes its files; when the block ends without an error they
+    are all put in place (and removed) together: after a check that no final name is taken by a folder,
+    and with what they replace kept first (``replacements_kept``), so that an error or a stop while they
+    are renamed puts the ones already renamed back. On an error (a full disk, SIGTERM) no final name is
+    left changed and every temporary file goes. An inner block joins the outer one."""
+    if getattr(_local, "staged", None) is not None:
+        yield
+        return
+    staged: list[tuple[Path, Path]] = []
+    removals: list[Path] = []
+    _local.staged, _local.removals = staged, removals
     try:
-        try:
-            yield
-        finally:
-            _staged = _removals = None
-        for _, final in staged:
-            if final.is_dir():
-                raise IsADirectoryError(errno.EISDIR, "a folder has the name of this output file", str(final))
-        for tmp, final in staged:
-            _keep(final)
-            os.replace(tmp, final)
-        for path in removals:
-            path.unlink(missing_ok=True)
+        with replacements_kept():
+            try:
+                yield
+            finally:
+                _local.staged = _local.removals = None
+            for _, final in staged:
+                if final.is_dir():
+                    raise IsADirectoryError(errno.EISDIR, "a folder has the name of this output file", str(final))
+            for path in [final for _, final in staged] + removals:
+                _keep(path)  # all of them before the first change
+            done: list[Path] = []
+            try:
+                for tmp, final in staged:
+                    os.replace(tmp, final)
+                    done.append(final)
+                for path in removals:
+                    if path.is_file():
+                        path.unlink()
+                        done.append(path)
+            except BaseException:
+                for path in reversed(done):
+                    with contextlib.suppress(OSError):
+                        undo(path)
+                raise
     finally:
         for tmp, _ in staged:
             with contextlib.suppress(OSError):
@@ -129,8 +192,9 @@ def all_or_none() -> Iterator[None]:
 
 def remove_file(path: Path | str) -> None:
     """Remove ``path`` if it is there; within ``all_or_none``, when the block's files are put in place."""
-    if _removals is not None:
-        _removals.append(Path(path))
+    removals = getattr(_local, "removals", None)
+    if removals is not None:
+        removals.append(Path(path))
     else:
         Path(path).unlink(missing_ok=True)
 
@@ -147,19 +211,65 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_leftovers(folder: Path | str) -> list[Path]:
-    """Remove the temporary and kept files (``.pfsam-<pid>-…``) in ``folder`` of a process that is no
-    longer running (a run killed by SIGKILL, or this process's number reused); returns them. An
-    earlier run's files under their final names are complete (renamed once written)."""
-    found = []
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(folder):
-            m = _OURS.match(entry.name)
-            if m and entry.is_file(follow_symlinks=False) and not _alive(int(m.group(1))):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-                    found.append(Path(entry.path))
+def _locked(lock: Path) -> bool:
+    """Whether a live run holds ``lock`` (any process, any PID namespace on this machine)."""
+    try:
+        import fcntl
+    except ImportError:  # cannot tell: taken for a live run's
+        return True
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    except OSError:  # cannot tell: taken for a live run's
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(root: Path | str, folders: tuple[str, ...] | list[str] = ("",)) -> list[Path]:
+    """Remove the hidden temporary and kept files (``.pfsam-…``) in ``root``'s ``folders`` of a run that
+    is over (killed by SIGKILL): a run's (``run_lock``) where its lock file in ``root`` is gone or held by
+    no process; a process's outside a run where that process is not running. Returns them. A live
+    run's files are left alone, from any container. An earlier run's files under their final names
+    are complete (renamed once written)."""
+    root = Path(root)
+    found, over = [], {}
+    for sub in folders:
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(root / sub):
+                m = _OURS.match(entry.name)
+                if not m or not entry.is_file(follow_symlinks=False):
+                    continue
+                token, pid = m.groups()
+                if token:
+                    if token not in over:
+                        over[token] = token != _run_token and not _locked(_run_lock_path(root, token))
+                    stale = over[token]
+                else:
+                    stale = not _alive(int(pid))
+                if stale:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+                        found.append(Path(entry.path))
     return found
+
+
+def _mkstemp(final: Path, kind: str) -> Path:
+    """A new hidden file beside ``final`` (its suffix kept); an ``OSError`` names ``final``."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=_prefix(), suffix=kind + image_suffix(final)[:16], dir=final.parent)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from exc
+    os.close(fd)
+    return Path(name)
 
 
 @contextlib.contextmanager
@@ -170,9 +280,7 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     # a short name: the final name may be as long as the file system allows, the temporary one too
     # the final suffix kept (``.nii.gz`` whole): ITK picks the format it writes by the name's suffix
-    fd, tmp = tempfile.mkstemp(prefix=_prefix(), suffix=".tmp" + image_suffix(final)[:16], dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _mkstemp(final, ".tmp")
     done = False
     try:
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs must be readable like any file
@@ -184,11 +292,15 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
             if exc.errno is None:  # numpy's "181566 requested and 1984 written": a short write
                 raise OSError(errno.EIO, f"{exc}: written in part (is the disk full?)", str(final)) from exc
             raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from exc
-        if _staged is not None:
-            _staged.append((tmp_path, final))
+        staged = getattr(_local, "staged", None)
+        if staged is not None:
+            staged.append((tmp_path, final))
         else:
             _keep(final)
-            os.replace(tmp_path, final)
+            try:
+                os.replace(tmp_path, final)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from exc
         done = True
     finally:
         if not done:

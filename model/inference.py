@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .atomic_files import all_or_none, remove_leftovers, replacements_kept, write_png
+from .atomic_files import all_or_none, remove_leftovers, replacements_kept, run_lock, write_png
 from .image import IMAGE_SUFFIXES, ImageReadError, LoadedImage, image_stem, image_suffix, is_utf8_name, printable
 from .io import (image_pixels, list_images, lookup_denied, masks_beside_images, read_image, unlistable_reason,
                  unwritable_reason)
@@ -334,10 +334,16 @@ def run(predictor, input_dir: str | Path, output_dir: str | Path, task: str = "a
         raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
     input_dir, out = Path(input_dir), Path(output_dir)
     paths = list(inputs) if inputs is not None else find_inputs(input_dir, exclude=out)
-    folders = output_folders(fmt, task, overlay, logits)
-    prepare_output(out, folders=folders)
-    # a killed run's temporary files (their final names stay whole): graders read every file there
-    left = [p for sub in ("", *folders) for p in remove_leftovers(out / sub)]
+    prepare_output(out, folders=output_folders(fmt, task, overlay, logits))
+    with run_lock(out):  # this run's hidden files are known as a live run's, also from another container
+        return _run(predictor, input_dir, out, paths, task, fmt, overlay, progress, log, logits)
+
+
+def _run(predictor, input_dir: Path, out: Path, paths: list[Path], task: str, fmt: str, overlay: bool,
+         progress: bool, log: Callable[[str], None], logits: bool) -> RunResult:
+    # a killed run's temporary files (their final names stay whole), in any folder a run writes into:
+    # graders read every file there
+    left = remove_leftovers(out, ("", "classification", *OUTPUT_IMAGE_FOLDERS))
     if left:
         log(f"note: removed {len(left)} unfinished file{'s' if len(left) != 1 else ''} of a run that was killed "
             f"({left[0].relative_to(out).as_posix()}{', ...' if len(left) > 1 else ''})")
@@ -494,7 +500,8 @@ def predict_file(predictor, image_path: str | Path, output_dir: str | Path, over
 def summary_line(result: RunResult) -> str:
     """E.g. ``3 of 4 images processed, 1 failed, 1 folder not listed (see errors.csv); outputs in out``.
     A folder that could not be listed is in errors.csv but is not counted as an image."""
-    folders = [c for c in result.failed if os.path.isdir(c.path)]  # False, not an error, where it cannot look
+    # isdir is False, not an error, where it cannot look; an input that became a folder is an image
+    folders = [c for c in result.failed if (c.error or "").startswith("folder cannot be") and os.path.isdir(c.path)]
     images = [c for c in result.cases if c not in folders]
     n, ok, bad = len(images), len(result.succeeded), len(images) - len(result.succeeded)
     text = f"{ok} of {n} image{'s' if n != 1 else ''} processed"

@@ -81,7 +81,11 @@ def write_itk(path: Path | str, array: np.ndarray, like: LoadedImage | None = No
             img.SetOrigin(tuple(float(o) for o in like.origin))
             img.SetDirection(tuple(float(d) for d in like.direction))
     with atomic_path(path) as tmp:  # the temporary name keeps the suffix, by which ITK picks the format
-        sitk.WriteImage(img, str(tmp), useCompression=True)
+        try:
+            sitk.WriteImage(img, str(tmp), useCompression=True)
+        except RuntimeError as exc:  # "Exception thrown in ...cxx:1110:" first; the reason last
+            reason = itk_reason(exc).removeprefix("Reason: ")
+            raise OSError(errno.EIO, f"ITK could not write it: {reason}", str(tmp)) from None
         # ITK's MetaImage, NIfTI and NRRD writers do not report a failed flush (a full disk): a small
         # compressed image came out as 0 bytes without an error. Read back, it is checked whole.
         try:

@@ -31,5 +31,5 @@ def silence(stream) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, stream.fileno())
         os.close(devnull)
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a stream in memory)
         pass

@@ -299,6 +299,72 @@ def test_files_written_all_or_none_are_put_in_place_together_or_not_at_all(tmp_p
     assert {p.name: p.read_text() for p in tmp_path.iterdir() if p.is_file()} == {"a.csv": "new a", "b.csv": "new b"}
 
 
+def test_a_stop_or_an_error_while_the_files_are_renamed_puts_the_renamed_ones_back(tmp_path, monkeypatch):
+    """all_or_none renames its files one by one: SIGTERM (or a full disk on a file system without hard
+    links, copying what a file replaces) after the first rename left this run's predictions.csv beside
+    the earlier run's probabilities.csv. Everything is now kept before the first rename, and what was
+    renamed goes back."""
+    from model import atomic_files
+    from model.atomic_files import all_or_none, remove_file
+
+    for name in ("a.csv", "b.csv", "c.json"):
+        (tmp_path / name).write_text(f"old {name}")
+    real = os.replace
+    calls = []
+
+    def stop_at_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise SystemExit(143)
+        real(src, dst)
+    monkeypatch.setattr(atomic_files.os, "replace", stop_at_second)
+    with pytest.raises(SystemExit):
+        with all_or_none():
+            write_text(tmp_path / "a.csv", "new a")
+            write_text(tmp_path / "b.csv", "new b")
+            remove_file(tmp_path / "c.json")
+    monkeypatch.setattr(atomic_files.os, "replace", real)
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {n: f"old {n}" for n in ("a.csv", "b.csv", "c.json")}
+
+    def no_links(*args):
+        raise OSError(1, "Operation not permitted")
+    copies = []
+
+    def copy_until_full(src, dst):
+        if copies:
+            raise OSError(28, "No space left on device")
+        copies.append(dst)
+        return __import__("shutil").copyfile(src, dst)
+    monkeypatch.setattr(atomic_files.os, "link", no_links)
+    monkeypatch.setattr(atomic_files.shutil, "copy2", copy_until_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        with all_or_none():
+            write_text(tmp_path / "a.csv", "new a")
+            write_text(tmp_path / "b.csv", "new b")
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {n: f"old {n}" for n in ("a.csv", "b.csv", "c.json")}
+
+
+def test_blocks_inside_blocks_join_the_outer_one(tmp_path):
+    """A replacements_kept or all_or_none block inside another (a run inside a run: a notebook, a
+    service) dropped the outer block's kept files: its undo deleted instead of restoring, and it
+    ended in an AttributeError."""
+    from model.atomic_files import all_or_none, replacements_kept, undo
+
+    (tmp_path / "b.csv").write_text("earlier")
+    with replacements_kept():
+        write_text(tmp_path / "b.csv", "outer")
+        with replacements_kept():
+            write_text(tmp_path / "c.csv", "inner")
+        with all_or_none():
+            write_text(tmp_path / "d.csv", "staged")
+            with all_or_none():
+                write_text(tmp_path / "e.csv", "staged too")
+            assert not (tmp_path / "d.csv").exists() and not (tmp_path / "e.csv").exists()
+        undo(tmp_path / "b.csv")
+        assert (tmp_path / "b.csv").read_text() == "earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.csv", "c.csv", "d.csv", "e.csv"]
+
+
 def test_what_a_file_replaced_comes_back_by_undo_until_the_block_ends(tmp_path):
     """Within ``replacements_kept`` a replaced file is kept (a hard link, or a copy where the file system
     has none); ``undo`` puts back the first content the block found (an earlier run's), or removes a
@@ -345,11 +411,61 @@ def test_a_write_error_names_the_output_file_not_its_temporary_name(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def test_a_temporary_file_that_cannot_be_made_or_an_itk_failure_names_the_output(tmp_path, monkeypatch):
+    """A read-only folder fails at the temporary file's creation, which named its random name; ITK's
+    own exception gave its first line ("Exception thrown in SimpleITK ImageFileWriter_Execute: ...cxx:1110:"),
+    naming neither the file nor the cause."""
+    import errno
+    import tempfile
+
+    import SimpleITK as sitk
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / ".pfsam-p1-abcd.tmp.png"))
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(OSError, match=r"\[Errno 30\] Read-only file system: '.*/mask\.png'$"):
+        write_text(tmp_path / "mask.png", "x")
+    monkeypatch.undo()
+
+    def itk_full(img, path, *args, **kwargs):
+        raise RuntimeError("Exception thrown in SimpleITK ImageFileWriter_Execute: /x/itkMetaImageIO.cxx:1110:\n"
+                           f"ITK ERROR: MetaImageIO(0x5639a8a3acc0): File cannot be written: {path}\n"
+                           "Reason: No space left on device")
+    monkeypatch.setattr(sitk, "WriteImage", itk_full)
+    with pytest.raises(OSError, match=r"ITK could not write it: No space left on device: '.*/b\.mha'$"):
+        write_itk(tmp_path / "b.mha", np.zeros((20, 20), np.uint8))
+    assert _leftovers(tmp_path) == []
+
+
 def test_an_input_that_became_a_folder_after_listing_says_so(tmp_path):
+    """It said "folder cannot be listed, so its images are not read:" and nothing more, and the summary
+    line counted it as a folder not listed rather than as an image."""
+    from model.inference import RunResult, summary_line
+    from model.writers import Case
+
     (tmp_path / "m1.png").mkdir()
     with pytest.raises(mio.ImageReadError, match=r"m1.png: is a folder now, not an image file \(it changed after "
-                                                 r"the input folder was listed\)"):
+                                                 r"the input folder was listed\)") as exc:
         mio.read_image(tmp_path / "m1.png")
+    case = Case(tmp_path / "m1.png", "m1.png", "m1", error=exc.value.reason)
+    assert summary_line(RunResult([case], tmp_path)).startswith("0 of 1 image processed, 1 failed (")
+
+
+def test_sigterm_stops_the_run_when_stderr_cannot_be_written(monkeypatch):
+    """The stop message raised OSError on a full stderr, inside the signal handler: the run took it for
+    the failure of whatever it was writing, failed that case and went on to exit 3 instead of 143."""
+    import process
+
+    class Full:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            raise OSError(28, "No space left on device")
+    monkeypatch.setattr(sys, "stderr", Full())
+    with pytest.raises(SystemExit) as exc:
+        process._stop(signal.SIGTERM, None)
+    assert exc.value.code == 143
 
 
 def test_export_on_a_full_disk_is_an_error_naming_the_folder(tmp_path, monkeypatch):

@@ -985,23 +985,35 @@ def test_a_mask_itk_cannot_write_whole_fails_its_case_not_the_run(cli, tmp_path,
 
 
 def test_a_killed_runs_unfinished_files_are_removed_by_the_next_run(cli, tmp_path):
-    """SIGKILL leaves a temporary file (hidden, but with the mask's suffix) in the mask folder, which
-    graders read whole: the next run into the folder removes it, with a note. A live process's
-    temporary files are left alone."""
+    """SIGKILL leaves hidden temporary and kept files (with the mask's suffix) in the folders that graders
+    read whole, also one this run does not write into (overlays/): the next run into the folder removes
+    them, with a note. A live run's files are left alone, known by its lock file, which it holds
+    (flock) from any container; a process's files outside a run while that process lives."""
+    import fcntl
+
     d = _one_image(tmp_path)
     out = tmp_path / "out"
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
-    (out / "segmentation").mkdir(parents=True)
-    (out / "segmentation" / f".pfsam-{gone}-x1y2z3.tmp.png").write_bytes(b"")
-    (out / f".pfsam-{gone}-k4.kept.csv").write_bytes(b"")
-    live = out / "segmentation" / f".pfsam-{os.getppid()}-abc.tmp.png"
-    live.write_bytes(b"")
-    res = cli("-i", d, "-o", out, "--format", "pace")
+    for sub in ("segmentation", "overlays", "classification"):
+        (out / sub).mkdir(parents=True)
+    killed = ["segmentation/.pfsam-r0a1b2c-x1y2z3.tmp.png", "overlays/.pfsam-r0a1b2c-q9.kept.png",
+              f".pfsam-p{gone}-write-check-k4", "classification/.pfsam-r77-z.tmp.csv"]  # r77: its lock is gone
+    (out / ".pfsam-r0a1b2c-run.lock").write_bytes(b"")  # a killed run's lock: no process holds it
+    live = ["segmentation/.pfsam-rfeed-abc.tmp.png", f"segmentation/.pfsam-p{os.getppid()}-def.tmp.png",
+            ".pfsam-rfeed-run.lock"]
+    for rel in killed + live:
+        (out / rel).write_bytes(b"")
+    held = os.open(out / ".pfsam-rfeed-run.lock", os.O_RDWR)  # a run in another container, as far as it can tell
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        res = cli("-i", d, "-o", out, "--format", "pace")
+    finally:
+        os.close(held)
     assert res.exit_code == 0, res.output
-    assert "note: removed 2 unfinished files of a run that was killed" in res.output
-    assert _files(out) == ["classification/predictions.csv", "classification/probabilities.csv",
-                           f"segmentation/{live.name}", "segmentation/case_mask.png"]
+    assert "note: removed 5 unfinished files of a run that was killed" in res.output
+    assert _files(out) == sorted(["classification/predictions.csv", "classification/probabilities.csv",
+                                  "segmentation/case_mask.png", *live])
 
 
 def test_a_log_stream_that_cannot_be_written_does_not_stop_the_run(predictor, tmp_path, monkeypatch):
