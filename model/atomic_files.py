@@ -35,11 +35,16 @@ _lock = threading.Lock()
 _kept: dict[str, Path] | None = None  # within replacements_kept: final path -> what it held before, kept
 _kept_depth = 0  # replacements_kept blocks entered (an inner one joins the outer)
 _local = threading.local()  # .staged [(temporary, final)] and .removals: this thread's all_or_none
-_run_token: str | None = None  # within run_lock: the run's name in its hidden files' names
+_run_tokens: dict[str, str] = {}  # within run_lock: a run's folder (absolute) -> its name in its hidden files' names
 
 
-def _prefix() -> str:
-    return f".pfsam-{_run_token or f'p{os.getpid()}'}-"
+def _prefix(final: Path) -> str:
+    """``.pfsam-r<token>-`` for a file below a live run's folder (``run_lock``; any thread writing it),
+    else ``.pfsam-p<pid>-``."""
+    where = os.path.abspath(final)
+    with _lock:
+        tokens = [(len(root), token) for root, token in _run_tokens.items() if where.startswith(root + os.sep)]
+    return f".pfsam-{max(tokens)[1] if tokens else f'p{os.getpid()}'}-"
 
 
 # r<token>: a run's (run_lock), p<pid>: a process's outside a run
@@ -55,7 +60,6 @@ def run_lock(folder: Path | str) -> Iterator[None]:
     """For a run writing into ``folder``: its hidden files are named by a token of its own, and a lock
     file in ``folder`` (``flock``ed while the run lives, removed when it ends) tells another run that
     they are not a killed run's (``remove_leftovers``), also from another container (PID namespace)."""
-    global _run_token
     import secrets
 
     try:
@@ -64,26 +68,38 @@ def run_lock(folder: Path | str) -> Iterator[None]:
         yield
         return
     token = "r" + secrets.token_hex(6)
+    root = os.path.abspath(folder)
     path = _run_lock_path(Path(folder), token)
+    # locked under a name that no run's clean-up looks at, then renamed: the lock file never stands
+    # unlocked under its name, where another run starting now would take it for a killed run's
+    pending = Path(folder) / f".pfsam-lock-{token}.new"
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666 & ~_UMASK)
+        fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666 & ~_UMASK)
     except OSError:  # cannot lock: the run's files are named by its process (p<pid>), as outside a run
         yield
         return
+    locked = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # a file system without locks
+            os.replace(pending, path)
+            locked = True
+        except OSError:  # a file system without locks: no lock file left
+            with contextlib.suppress(OSError):
+                pending.unlink(missing_ok=True)
+        if not locked:
             yield
             return
-        _run_token = token
+        with _lock:
+            _run_tokens[root] = token
         try:
             yield
         finally:
-            _run_token = None
+            with _lock:
+                _run_tokens.pop(root, None)
     finally:
         with contextlib.suppress(OSError):
-            path.unlink(missing_ok=True)
+            (path if locked else pending).unlink(missing_ok=True)
         os.close(fd)
 
 
@@ -101,6 +117,10 @@ def _keep(final: Path) -> None:
     except OSError:  # a file system without hard links
         try:
             shutil.copy2(final, backup)
+        except OSError as exc:  # named by the file it keeps, not the hidden copy
+            backup.unlink(missing_ok=True)
+            raise OSError(exc.errno, f"{exc.strerror or exc} (keeping the earlier file to put it back on a "
+                                     f"failure)", str(final)) from exc
         except BaseException:
             backup.unlink(missing_ok=True)
             raise
@@ -136,11 +156,15 @@ def replacements_kept() -> Iterator[None]:
 def undo(path: Path | str) -> None:
     """Put back what ``path`` held before ``atomic_path`` replaced it within ``replacements_kept``;
     a file that was not there before is removed."""
-    path = Path(path)
+    path, key = Path(path), os.path.abspath(path)
     with _lock:
-        backup = _kept.pop(os.path.abspath(path), None) if _kept is not None else None
+        backup = _kept.get(key) if _kept is not None else None
     if backup is not None:
         os.replace(backup, path)
+        backup.unlink(missing_ok=True)  # a rename onto a link to the same file does nothing (POSIX)
+        with _lock:  # only once it is back: a stop before leaves the record for the next try
+            if _kept is not None:
+                _kept.pop(key, None)
     else:
         path.unlink(missing_ok=True)
 
@@ -170,24 +194,39 @@ def all_or_none() -> Iterator[None]:
                     raise IsADirectoryError(errno.EISDIR, "a folder has the name of this output file", str(final))
             for path in [final for _, final in staged] + removals:
                 _keep(path)  # all of them before the first change
-            done: list[Path] = []
+            done: list[Path] = []  # each noted before it changes: a stop during os.replace still puts it back
             try:
                 for tmp, final in staged:
-                    os.replace(tmp, final)
                     done.append(final)
+                    os.replace(tmp, final)
                 for path in removals:
                     if path.is_file():
-                        path.unlink()
                         done.append(path)
+                        path.unlink()
             except BaseException:
-                for path in reversed(done):
-                    with contextlib.suppress(OSError):
-                        undo(path)
+                _put_back(done)
                 raise
     finally:
         for tmp, _ in staged:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
+
+
+def _put_back(paths: list[Path]) -> None:
+    """``undo`` each of ``paths``, last first, to the end: a second stop (SIGTERM, Ctrl-C) while this
+    runs is raised once all are back (the first is already on its way)."""
+    stop = None
+    for path in reversed(paths):
+        for _ in range(3):
+            try:
+                undo(path)
+                break
+            except OSError:
+                break
+            except BaseException as exc:  # noqa: BLE001 - the same file again; the stop after
+                stop = stop or exc
+    if stop is not None:
+        raise stop
 
 
 def remove_file(path: Path | str) -> None:
@@ -218,7 +257,7 @@ def _locked(lock: Path) -> bool:
     except ImportError:  # cannot tell: taken for a live run's
         return True
     try:
-        fd = os.open(lock, os.O_RDWR)
+        fd = os.open(lock, os.O_RDONLY)  # flock needs no write access: another user's lock is read too
     except FileNotFoundError:
         return False
     except OSError:  # cannot tell: taken for a live run's
@@ -251,7 +290,9 @@ def remove_leftovers(root: Path | str, folders: tuple[str, ...] | list[str] = ("
                 token, pid = m.groups()
                 if token:
                     if token not in over:
-                        over[token] = token != _run_token and not _locked(_run_lock_path(root, token))
+                        with _lock:
+                            mine = token in _run_tokens.values()
+                        over[token] = not mine and not _locked(_run_lock_path(root, token))
                     stale = over[token]
                 else:
                     stale = not _alive(int(pid))
@@ -265,7 +306,7 @@ def remove_leftovers(root: Path | str, folders: tuple[str, ...] | list[str] = ("
 def _mkstemp(final: Path, kind: str) -> Path:
     """A new hidden file beside ``final`` (its suffix kept); an ``OSError`` names ``final``."""
     try:
-        fd, name = tempfile.mkstemp(prefix=_prefix(), suffix=kind + image_suffix(final)[:16], dir=final.parent)
+        fd, name = tempfile.mkstemp(prefix=_prefix(final), suffix=kind + image_suffix(final)[:16], dir=final.parent)
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from exc
     os.close(fd)

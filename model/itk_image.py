@@ -84,6 +84,8 @@ def write_itk(path: Path | str, array: np.ndarray, like: LoadedImage | None = No
         try:
             sitk.WriteImage(img, str(tmp), useCompression=True)
         except RuntimeError as exc:  # "Exception thrown in ...cxx:1110:" first; the reason last
+            if "ITK" not in str(exc):
+                raise
             reason = itk_reason(exc).removeprefix("Reason: ")
             raise OSError(errno.EIO, f"ITK could not write it: {reason}", str(tmp)) from None
         # ITK's MetaImage, NIfTI and NRRD writers do not report a failed flush (a full disk): a small

@@ -396,7 +396,9 @@ def stale_outputs(out: Path, cases: Sequence[Case], task: str = "all", writer: _
     found = []
     for sub in OUTPUT_IMAGE_FOLDERS:
         if (out / sub).is_dir():
-            found += [p for p in (out / sub).rglob("*") if p.is_file() and p.resolve() not in written]
+            # not another live run's hidden files (a killed run's were removed when this run began)
+            found += [p for p in (out / sub).rglob("*")
+                      if p.is_file() and p.resolve() not in written and not p.name.startswith(".pfsam-")]
     if task == "seg":
         names = {c.name for c in cases} if writer is not None else set()
         found += [out / name for name in CLASSIFICATION_FILES

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -325,6 +326,20 @@ def test_a_stop_or_an_error_while_the_files_are_renamed_puts_the_renamed_ones_ba
             remove_file(tmp_path / "c.json")
     monkeypatch.setattr(atomic_files.os, "replace", real)
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {n: f"old {n}" for n in ("a.csv", "b.csv", "c.json")}
+    calls.clear()
+
+    def stop_twice(src, dst):  # a stop after b.csv is renamed, a second one while it is put back
+        real(src, dst) if len(calls) != 2 else None
+        calls.append(dst)
+        if len(calls) in (2, 3):
+            raise SystemExit(143)
+    monkeypatch.setattr(atomic_files.os, "replace", stop_twice)
+    with pytest.raises(SystemExit):
+        with all_or_none():
+            write_text(tmp_path / "a.csv", "new a")
+            write_text(tmp_path / "b.csv", "new b")
+    monkeypatch.setattr(atomic_files.os, "replace", real)
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {n: f"old {n}" for n in ("a.csv", "b.csv", "c.json")}
 
     def no_links(*args):
         raise OSError(1, "Operation not permitted")
@@ -363,6 +378,47 @@ def test_blocks_inside_blocks_join_the_outer_one(tmp_path):
         undo(tmp_path / "b.csv")
         assert (tmp_path / "b.csv").read_text() == "earlier"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.csv", "c.csv", "d.csv", "e.csv"]
+
+
+def test_a_runs_lock_keeps_its_files_from_another_runs_clean_up(tmp_path, monkeypatch):
+    """A run (run_lock) names its hidden files after a lock file that it holds locked (flock) under its
+    name from the first moment: another process's clean-up (remove_leftovers) leaves them alone while
+    it lives, and removes them, lock and all, once it is killed. Two runs in one process (threads)
+    name each folder's files after its own run. Where flock fails, no lock file is left behind."""
+    import fcntl
+
+    from model import atomic_files
+    from model.atomic_files import remove_leftovers, run_lock
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    (a / "segmentation").mkdir(parents=True)
+    b.mkdir()
+    with run_lock(a), run_lock(b):
+        names = {p.name for p in a.iterdir() if p.is_file()}
+        assert len(names) == 1 and re.fullmatch(r"\.pfsam-r[0-9a-f]+-run\.lock", names.pop())
+        lock = next(a.glob(".pfsam-r*-run.lock"))
+        fd = os.open(lock, os.O_RDONLY)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(fd)
+        token_a = lock.name.split("-")[1]
+        token_b = next(b.glob(".pfsam-r*-run.lock")).name.split("-")[1]
+        assert atomic_files._mkstemp(a / "segmentation" / "x.png", ".tmp").name.startswith(f".pfsam-{token_a}-")
+        assert atomic_files._mkstemp(b / "y.png", ".tmp").name.startswith(f".pfsam-{token_b}-")
+        other = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                                "from model.atomic_files import remove_leftovers as r; print(len(r(sys.argv[2], "
+                                "('', 'segmentation'))))", str(REPO), str(a)], capture_output=True, text=True)
+        assert other.stdout.strip() == "0", other.stderr  # another process: a live run's files stay
+    assert sorted(p.name for p in a.rglob("*") if p.is_file())[0].startswith(f".pfsam-{token_a}-")
+    (a / lock.name).write_bytes(b"")  # as a run killed by SIGKILL leaves it: nobody holds it
+    assert len(remove_leftovers(a, ("", "segmentation"))) == 2 and not any(a.rglob(".pfsam-*"))
+
+    def no_flock(*args):
+        raise OSError(38, "Function not implemented")
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with run_lock(a):
+        assert [p for p in a.iterdir() if p.is_file()] == []
+        assert atomic_files._mkstemp(a / "z.png", ".tmp").name.startswith(f".pfsam-p{os.getpid()}-")
 
 
 def test_what_a_file_replaced_comes_back_by_undo_until_the_block_ends(tmp_path):

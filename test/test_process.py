@@ -1012,6 +1012,7 @@ def test_a_killed_runs_unfinished_files_are_removed_by_the_next_run(cli, tmp_pat
         os.close(held)
     assert res.exit_code == 0, res.output
     assert "note: removed 5 unfinished files of a run that was killed" in res.output
+    assert "not written by this run" not in res.output  # a live run's hidden files are no earlier outputs
     assert _files(out) == sorted(["classification/predictions.csv", "classification/probabilities.csv",
                                   "segmentation/case_mask.png", *live])
 
