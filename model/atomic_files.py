@@ -116,7 +116,7 @@ def _keep(final: Path) -> None:
         os.link(final, backup)
     except OSError:  # a file system without hard links
         try:
-            shutil.copy2(final, backup)
+            shutil.copy2(final, backup, follow_symlinks=False)  # a link stays a link
         except OSError as exc:  # named by the file it keeps, not the hidden copy
             backup.unlink(missing_ok=True)
             raise OSError(exc.errno, f"{exc.strerror or exc} (keeping the earlier file to put it back on a "

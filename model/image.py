@@ -136,6 +136,9 @@ def data_file_beside(path: Path, name: str, field: str) -> Path:
         raise ImageReadError(path, f"its pixel data file {name} ({field}) is not a regular file")
     if os.path.samefile(data, path):
         raise ImageReadError(path, f"its pixel data file {name} ({field}) is the header itself")
+    if data.is_symlink() and os.path.dirname(os.path.realpath(data)) != os.path.realpath(path.parent):
+        raise ImageReadError(path, f"its pixel data file {name} ({field}) is a link out of the header's folder: "
+                                   f"only a data file beside the header is read")
     try:
         open(data, "rb").close()
     except OSError as exc:

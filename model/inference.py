@@ -214,6 +214,12 @@ def prepare_output(output_dir: str | Path, create: bool = True, folders: list[st
         reason = unwritable_reason(out)
         if reason:
             raise InferenceError(f"cannot write into the output folder {out}: {reason}")
+        # a run writes, replaces and removes files in these folders: through a link, outside the output
+        # folder (an input folder given as -o could bring such links along)
+        for sub in ("classification", "images", *OUTPUT_IMAGE_FOLDERS):
+            if (out / sub).is_symlink():
+                raise InferenceError(f"{out / sub} is a link (to {os.readlink(out / sub)}): a run writes only "
+                                     f"below its output folder; remove the link, or give its target as -o")
         for sub in folders:  # the deepest part that exists: the run creates the rest in it
             folder = out / sub
             while not folder.exists() and folder != out:

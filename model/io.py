@@ -47,6 +47,12 @@ def _skipped_folder(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
+# folders below the input folder that are walked: Python 3.11's os.walk recurses once per level, and
+# a tree nested ~1000 deep ended the whole run in a RecursionError
+MAX_DEPTH = 100
+_too_deep: set[str] = set()  # the folders list_images did not walk for their depth (absolute paths)
+
+
 def list_images(root: Path | str) -> list[Path]:
     """Every image file below ``root`` (recursively, through linked folders), sorted; hidden files
     and folders skipped.
@@ -85,6 +91,12 @@ def list_images(root: Path | str) -> list[Path]:
             dirnames[:] = []
             continue
         subfolders = [d for d in sorted(dirnames) if not _skipped_folder(d)]
+        if subfolders and dirpath[len(str(root)):].count(os.sep) >= MAX_DEPTH:  # listed, read_image says why
+            for d in subfolders:
+                found.append(Path(dirpath) / d)
+                _too_deep.add(os.path.abspath(os.path.join(dirpath, d)))
+            dirnames[:] = []
+            subfolders = []
         links = [d for d in subfolders if os.path.islink(os.path.join(dirpath, d))]
         keep = []
         for d in [d for d in subfolders if d not in links] + links:
@@ -368,6 +380,9 @@ def read_image(path: Path | str) -> LoadedImage:
     if not is_utf8_name(path):
         raise ImageReadError(printable(path), NOT_UTF8)
     if path.is_dir():  # list_images lists the folders it could not list
+        if os.path.abspath(path) in _too_deep:
+            raise ImageReadError(path, f"folder cannot be walked, so its images are not read: it lies more than "
+                                       f"{MAX_DEPTH} folders below the input folder")
         unenterable, reason = _unenterable(path), unlistable_reason(path)
         if not unenterable and not reason:  # a file when its folder was listed, a folder now
             raise ImageReadError(path, "is a folder now, not an image file (it changed after the input folder was "

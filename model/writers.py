@@ -367,12 +367,15 @@ class CodabenchWriter(PACEWriter):
             members[path.name] = text.encode("utf-8")  # within all_or_none, not yet in place
         # the other task's files of a one-task run's own images (the template's -t seg and -t cls runs into
         # one folder), as stale_outputs counts them: the second run's zip holds both tasks
-        listed = _listed_ids(self.out / CODABENCH_LABELS) if not self.cls else set()
+        # (an earlier run's file, not a link: the zip would hold whatever it points to)
+        labels_file = self.out / CODABENCH_LABELS
+        listed = _listed_ids(labels_file) if not self.cls and not labels_file.is_symlink() else set()
         if listed and listed <= {c.name for c in cases}:
-            members[CODABENCH_LABELS] = self.out / CODABENCH_LABELS
+            members[CODABENCH_LABELS] = labels_file
             self.carried = len(listed)
         for c in cases:
-            if c.ok and (self.seg or self.mask_path(c).is_file()):
+            earlier = self.mask_path(c).is_file() and not self.mask_path(c).is_symlink()
+            if c.ok and (self.seg or earlier):
                 members[self.mask_path(c).relative_to(self.out).as_posix()] = self.mask_path(c)
                 self.carried += not self.seg
         write_zip(archive, members)

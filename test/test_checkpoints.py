@@ -100,6 +100,41 @@ def test_a_custom_encoder_checkpoint_changed_after_training_is_refused_at_load(l
         load_model(tmp_path / "m", encoder_checkpoint=ckpt)
 
 
+class _Scripted(torch.nn.Module):
+    def forward(self, x):
+        return x + 1
+
+
+def test_a_torchscript_archive_given_as_an_encoder_checkpoint_is_not_loaded(lite_state, tmp_path):
+    """A model folder (an upload in /opt/ml/model) may bring its encoder file and that file's hash: a
+    TorchScript archive there reached torch.load, which on torch up to 2.5.1 (the default base image's)
+    hands it to torch.jit.load despite weights_only=True, running the code it holds (CVE-2025-32434).
+    It is refused before torch.load, by its content; a training state.pt so too."""
+    import warnings
+
+    from training.run_state import load_resume_state
+
+    ckpt = tmp_path / "my_lite.pth"
+    torch.save(lite_state, ckpt)
+    info = encoder_weights_info("litemedsam", ckpt)
+    net = PFSAMNet(make_config("litemedsam", "frozen", "sd-h", "gap", encoder_weights=info), encoder_checkpoint=ckpt)
+    save_model(net, tmp_path / "m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(_Scripted()), tmp_path / "m" / "my_lite.pth")
+    cfg_path = tmp_path / "m" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    from model.encoders.weights import sha256_of
+    cfg["encoder"]["weights"]["sha256"] = sha256_of(tmp_path / "m" / "my_lite.pth")  # the uploader's own hash
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match=r"my_lite.pth: a TorchScript archive, not a checkpoint of tensors; it is "
+                                           r"not loaded \(loading one can run the code it holds\)"):
+        load_model(tmp_path / "m", encoder_checkpoint=tmp_path / "m" / "my_lite.pth")
+    import click
+    with pytest.raises(click.ClickException, match=r"--resume: .*my_lite.pth: a TorchScript archive"):
+        load_resume_state(tmp_path / "m" / "my_lite.pth", {})
+
+
 @pytest.mark.parametrize("mode, weights", [("finetuned", "package"), ("frozen", "random")])
 def test_encoder_weights_that_no_official_file_holds_are_stored_with_the_heads(mode, weights, lite_state, tmp_path):
     """Only a frozen encoder on official weights is left out of model.safetensors (the file is

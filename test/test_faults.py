@@ -359,6 +359,25 @@ def test_a_stop_or_an_error_while_the_files_are_renamed_puts_the_renamed_ones_ba
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {n: f"old {n}" for n in ("a.csv", "b.csv", "c.json")}
 
 
+def test_undo_puts_a_linked_output_back_as_the_link(tmp_path, monkeypatch):
+    """Where a file system has no hard links, the kept copy of an output that is a link was a copy of
+    the file it points to: undo put back a plain file in the link's place."""
+    from model import atomic_files
+    from model.atomic_files import replacements_kept, undo
+
+    (tmp_path / "target.png").write_text("elsewhere")
+    (tmp_path / "out.png").symlink_to(tmp_path / "target.png")
+
+    def no_links(*args):
+        raise OSError(1, "Operation not permitted")
+    monkeypatch.setattr(atomic_files.os, "link", no_links)
+    with replacements_kept():
+        write_text(tmp_path / "out.png", "this run")
+        assert not (tmp_path / "out.png").is_symlink()
+        undo(tmp_path / "out.png")
+    assert (tmp_path / "out.png").is_symlink() and (tmp_path / "target.png").read_text() == "elsewhere"
+
+
 def test_blocks_inside_blocks_join_the_outer_one(tmp_path):
     """A replacements_kept or all_or_none block inside another (a run inside a run: a notebook, a
     service) dropped the outer block's kept files: its undo deleted instead of restoring, and it

@@ -114,6 +114,25 @@ def test_an_mhd_whose_pixels_lie_anywhere_but_in_one_file_beside_it_is_refused(t
         read_image(case / "flat.mhd")
 
 
+def test_an_mhd_data_file_linked_out_of_its_folder_is_refused_and_one_linked_beside_it_read(tmp_path):
+    """A data file that is a link out of the header's folder had any file read as pixels (and written
+    into an overlay): refused, as a path in the header is. A link to a file in the same folder is read."""
+    from model.image import ImageReadError
+
+    arr, img = _image()
+    (tmp_path / "in").mkdir()
+    sitk.WriteImage(img, str(tmp_path / "in" / "x.mhd"))
+    (tmp_path / "in" / "x.raw").rename(tmp_path / "in" / "real.raw")
+    (tmp_path / "in" / "x.raw").symlink_to("real.raw")
+    np.testing.assert_array_equal(read_image(tmp_path / "in" / "x.mhd").array, arr)
+    (tmp_path / "secret.bin").write_bytes((tmp_path / "in" / "real.raw").read_bytes())
+    (tmp_path / "in" / "x.raw").unlink()
+    (tmp_path / "in" / "x.raw").symlink_to(tmp_path / "secret.bin")
+    with pytest.raises(ImageReadError, match=r"x.mhd: its pixel data file x.raw \(ElementDataFile =\) is a link out "
+                                             r"of the header's folder"):
+        read_image(tmp_path / "in" / "x.mhd")
+
+
 def test_an_mhd_data_file_name_that_the_libraries_would_take_for_another_file_is_refused(tmp_path):
     """MetaIO takes a name opening with ``LIST`` for a list whatever follows, one opening with ``~`` or
     holding ``C:`` for a path, and strips bytes that are not printable ASCII from a name's end: each

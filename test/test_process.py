@@ -1225,6 +1225,70 @@ def test_busi_folders_are_read_without_their_masks(cli, shared_data, tmp_path):
     assert _files(tmp_path / "out" / "segmentation") == ["benign (1)_mask.png", "benign (100)_mask.png"]
 
 
+def test_a_folder_tree_nested_too_deep_is_one_error_and_the_other_images_are_predicted(cli, tmp_path):
+    """A chain of folders 1100 deep below the input folder ended the whole run in a RecursionError
+    (Python 3.11's os.walk recurses per level), with no output at all. Folders more than 100 below the
+    input folder are not walked: the first of them is an error by name, the images above are predicted."""
+    from model.io import MAX_DEPTH
+
+    d = _one_image(tmp_path)
+    deep = d
+    for _ in range(1100):
+        deep = deep / "d"
+        deep.mkdir()
+    Image.fromarray(synthetic_ultrasound(50, 70, 3)[0]).save(deep / "lost.png")
+    Image.fromarray(synthetic_ultrasound(50, 70, 4)[0]).save(d / "d" / "near.png")
+    try:
+        res = cli("-i", d, "-o", tmp_path / "out", "--format", "pace")
+    finally:  # from the bottom up: Python 3.11's shutil.rmtree (pytest's clean-up of old runs) recurses too
+        while deep != d:
+            for f in deep.iterdir():
+                f.unlink()
+            deep.rmdir()
+            deep = deep.parent
+    assert res.exit_code == 3, res.output[-2000:]
+    assert "2 of 2 images processed, 1 folder not listed" in res.output
+    first = "/".join(["d"] * (MAX_DEPTH + 1))
+    assert f"error: {first}: folder cannot be walked, so its images are not read: it lies more than 100 folders " \
+           f"below the input folder" in res.output
+    assert _files(tmp_path / "out" / "segmentation") == ["case_mask.png", "near_mask.png"]
+
+
+@pytest.mark.parametrize("sub", ["segmentation", "overlays", "logits", "classification", "images"])
+def test_an_output_folder_that_links_elsewhere_is_refused_before_the_model_loads(cli, tmp_path, sub):
+    """A run writes, replaces and removes files in its output folders: one that is a link (which an input
+    folder given as -o can bring along) had masks and overlays written outside the output folder, and
+    an earlier run's logits and hidden files deleted there. Refused, naming it; nothing outside changes."""
+    d = _one_image(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "case.npy").write_bytes(b"someone's file")
+    (victim / "case_mask.png").write_bytes(b"someone's file")
+    (out / sub).symlink_to(victim, target_is_directory=True)
+    res = cli("-i", d, "-o", out, "--format", "pace", "--overlay")
+    assert res.exit_code == 1 and not res.calls, res.output
+    assert f"error: {out / sub} is a link (to {victim}): a run writes only below its output folder" in res.output
+    assert sorted(p.name for p in victim.iterdir()) == ["case.npy", "case_mask.png"]
+    assert (victim / "case.npy").read_bytes() == b"someone's file"
+
+
+def test_a_codabench_zip_holds_no_file_that_a_link_in_the_mask_folder_points_to(cli, tmp_path):
+    """A -t cls run's zip holds the masks an earlier -t seg run left: a link there named as a mask had
+    its target's bytes put into the upload."""
+    d = _one_image(tmp_path)
+    out = tmp_path / "out"
+    (out / "segmentation").mkdir(parents=True)
+    (tmp_path / "secret.png").write_bytes(b"not for the upload")
+    (out / "segmentation" / "case_mask.png").symlink_to(tmp_path / "secret.png")
+    res = cli("-i", d, "-o", out, "--format", "codabench", "-t", "cls")
+    assert res.exit_code == 0, res.output
+    import zipfile
+    with zipfile.ZipFile(out / "submission.zip") as zf:
+        assert zf.namelist() == ["classification.csv"]
+
+
 def test_linked_folders_broken_links_and_unlistable_folders_are_not_skipped_in_silence(cli, tmp_path, monkeypatch):
     """Images in a linked folder are read; a broken link and a folder that cannot be listed (its
     permissions: simulated, since the tests run as root) are named in errors.csv with the reason and

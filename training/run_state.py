@@ -12,7 +12,7 @@ import click
 import torch
 
 from model.checkpoint import encoder_weights_info
-from model.encoders.weights import WeightsError
+from model.encoders.weights import WeightsError, refuse_torchscript
 from model.atomic_files import atomic_path
 
 STATE_NAME = "state.pt"
@@ -107,6 +107,10 @@ def load_resume_state(path: Path, cfg: dict, run: dict | None = None) -> dict:
     uninterrupted run's by more than rounding."""
     if not path.is_file():
         raise click.ClickException(f"--resume: {path} not found")
+    try:
+        refuse_torchscript(path)
+    except WeightsError as exc:
+        raise click.ClickException(f"--resume: {exc}") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - cut short, or not ours: torch.load raises many kinds on such bytes

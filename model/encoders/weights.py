@@ -172,7 +172,26 @@ def load_checkpoint_state(path: Path, sha256: str | None = None) -> dict[str, to
     return dict(_memo("state", path, lambda: _read_state(path)))
 
 
+def refuse_torchscript(path: Path | str) -> None:
+    """``WeightsError`` for a TorchScript archive (a zip holding ``constants.pkl`` or ``code/``): given
+    ``weights_only=True``, torch up to 2.5.1 hands it to ``torch.jit.load``, which runs the code it
+    holds (CVE-2025-32434), and such a file can come with an uploaded model folder and its own hash."""
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return  # torch.load says what is wrong with it
+    if any(n.rsplit("/", 1)[-1] == "constants.pkl" or "/code/" in f"/{n}" for n in names):
+        raise WeightsError(f"{path}: a TorchScript archive, not a checkpoint of tensors; it is not loaded "
+                           "(loading one can run the code it holds)")
+
+
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    refuse_torchscript(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # torch's weights-only unpickler refused an object
