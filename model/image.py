@@ -154,6 +154,20 @@ def check_size(path: Path, width: int, height: int) -> None:
                                    f"{MAX_PIXELS:,} (10000 x 10000) are read, so that decoding it fits a 4 GB container")
 
 
+# decoded pixel data: 10000 x 10000 RGBA at 16 bits, or grey at 64; reading takes about twice that at
+# its peak (a 3 MB compressed .mha of 10000 x 10000 x 4 doubles, 3.2 GB, peaked at 6.8 GB)
+MAX_PIXEL_BYTES = MAX_PIXELS * 8
+
+
+def check_bytes(path: Path, nbytes: int) -> None:
+    """Refuse pixel data larger than ``MAX_PIXEL_BYTES`` decoded (channels and sample size counted),
+    from the size its header gives, before decoding it."""
+    if nbytes > MAX_PIXEL_BYTES:
+        raise ImageReadError(path, f"image too large: its pixel data takes {nbytes:,} bytes decoded (channels and "
+                                   f"sample size counted); at most {MAX_PIXEL_BYTES:,} are read, so that decoding "
+                                   f"it fits a 4 GB container")
+
+
 def check_pixels(path: Path, arr: np.ndarray) -> np.ndarray:
     """``arr`` if it is a 2-D image (grey, or 1-4 channels) of finite real values; else ``ImageReadError``."""
     if arr.size == 0 or arr.ndim < 2:

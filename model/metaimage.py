@@ -10,8 +10,8 @@ import re
 import zlib
 from pathlib import Path
 
-from .image import (ImageReadError, LoadedImage, check_size, data_file_beside, detached_refused, image_suffix,
-                    named_or_signed, printable)
+from .image import (ImageReadError, LoadedImage, check_bytes, check_size, data_file_beside, detached_refused,
+                    image_suffix, named_or_signed, printable)
 from .itk_image import itk_reason, loaded_from_itk
 
 # ITK's MetaImage reader, named: ITK picks its reader by the file's suffix, and a MetaImage that
@@ -73,6 +73,9 @@ def read_metaimage(path: Path) -> LoadedImage:
         raise ImageReadError(path, f"1-D image of {dims[0]} pixels; expected 2-D")
     if len(dims) >= 2:
         check_size(path, dims[0], math.prod(dims[1:]))
+        nbytes = _raw_pixel_bytes(fields)
+        if nbytes is not None:
+            check_bytes(path, nbytes)
     if fields.get("CompressedData", "").lower() in ("true", "t", "1"):
         _check_compressed(path, fields, data, data_offset, where)
     try:

@@ -34,7 +34,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .image import IMAGE_SUFFIXES, ImageReadError, LoadedImage, check_size, image_stem, image_suffix
+from .image import (IMAGE_SUFFIXES, ImageReadError, LoadedImage, check_bytes, check_size, image_stem,
+                    image_suffix)
 from .itk_image import itk_reason, loaded_from_itk
 
 NIFTI_IO = "NiftiImageIO"
@@ -228,6 +229,7 @@ def read_nifti(path: Path) -> LoadedImage:
     if problem:
         raise ImageReadError(path, problem)
     check_size(path, header.dims[0], math.prod(header.dims[1:]))  # a read header has 2 to 7 dimensions
+    check_bytes(path, header.pixel_bytes)
     gzipped = _gzipped(path)
     _check_pixel_data(path, header, gzipped)
     suffix = ".nii.gz" if gzipped else ".nii"

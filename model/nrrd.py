@@ -13,8 +13,8 @@ import math
 import re
 from pathlib import Path
 
-from .image import (ImageReadError, LoadedImage, check_size, data_file_beside, detached_refused, image_suffix,
-                    named_or_signed)
+from .image import (ImageReadError, LoadedImage, check_bytes, check_size, data_file_beside, detached_refused,
+                    image_suffix, named_or_signed)
 from .itk_image import itk_reason, loaded_from_itk
 
 NRRD_IO = "NrrdImageIO"
@@ -92,6 +92,9 @@ def _check_header(path: Path, fields: dict[str, str]) -> list[int]:
         raise ImageReadError(path, f"unsupported channel count {channels}")
     if len(spatial) >= 2:
         check_size(path, spatial[0], math.prod(spatial[1:]))
+        sample = _TYPE_BYTES.get(" ".join(fields.get("type", "").split()).lower())
+        if sample:
+            check_bytes(path, math.prod(sizes) * sample)
     skip = fields.get("byte skip", "")
     if detached is None and re.fullmatch(r"-0*1", skip) and fields.get("encoding", "").lower() == "raw":  # -01 too
         _check_last_bytes(path, fields, sizes)

@@ -133,6 +133,28 @@ def test_an_mhd_data_file_linked_out_of_its_folder_is_refused_and_one_linked_bes
         read_image(tmp_path / "in" / "x.mhd")
 
 
+def test_pixel_data_too_large_decoded_is_refused_from_the_header_counting_channels_and_sample_size(tmp_path):
+    """A 3 MB compressed .mha of 10000 x 10000 pixels of 4 doubles passed the pixel limit (channels and
+    sample size were not counted) and peaked at 6.8 GB reading it, past a 4 GB container; a .nrrd
+    likewise. Refused from the header; 10000 x 10000 RGBA at 16 bits (800 MB) is still within."""
+    import gzip
+
+    from model.image import MAX_PIXEL_BYTES, ImageReadError
+
+    header = ("ObjectType = Image\nNDims = 2\nDimSize = 10000 10000\nElementNumberOfChannels = 4\n"
+              "ElementType = MET_DOUBLE\nCompressedData = True\nCompressedDataSize = 20\nElementDataFile = LOCAL\n")
+    (tmp_path / "bomb.mha").write_bytes(header.encode() + gzip.compress(b"\0" * 1000))
+    with pytest.raises(ImageReadError, match=r"bomb.mha: image too large: its pixel data takes 3,200,000,000 bytes "
+                                             r"decoded \(channels and sample size counted\); at most 800,000,000"):
+        read_image(tmp_path / "bomb.mha")
+    nrrd = ("NRRD0004\ntype: double\ndimension: 3\nsizes: 4 10000 10000\nkinds: vector domain domain\n"
+            "encoding: gzip\n\n")
+    (tmp_path / "bomb.nrrd").write_bytes(nrrd.encode() + gzip.compress(b"\0" * 1000))
+    with pytest.raises(ImageReadError, match=r"bomb.nrrd: image too large: its pixel data takes 3,200,000,000 bytes"):
+        read_image(tmp_path / "bomb.nrrd")
+    assert 10000 * 10000 * 4 * 2 <= MAX_PIXEL_BYTES
+
+
 def test_an_mhd_data_file_name_that_the_libraries_would_take_for_another_file_is_refused(tmp_path):
     """MetaIO takes a name opening with ``LIST`` for a list whatever follows, one opening with ``~`` or
     holding ``C:`` for a path, and strips bytes that are not printable ASCII from a name's end: each
