@@ -345,7 +345,7 @@ def test_a_stop_or_an_error_while_the_files_are_renamed_puts_the_renamed_ones_ba
         raise OSError(1, "Operation not permitted")
     copies = []
 
-    def copy_until_full(src, dst):
+    def copy_until_full(src, dst, **kwargs):
         if copies:
             raise OSError(28, "No space left on device")
         copies.append(dst)
