@@ -51,6 +51,9 @@ def locate_checkpoint(name: str, explicit: str | Path | None = None, model_dir: 
         if not path.is_file():
             verify_checkpoint(path)  # raises: not found, and how to get the official file of that name
         return path
+    if not name or name in (".", "..") or Path(name).name != name or "\\" in name:  # a model folder's config names it
+        raise WeightsError(f"the encoder checkpoint is named {name!r} in the model's config.json: a file name is "
+                           f"looked for in the checkpoint folders, never a path")
     for d in checkpoint_dirs(model_dir):
         if (d / name).is_file():
             return d / name

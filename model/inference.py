@@ -485,6 +485,10 @@ def predict_file(predictor, image_path: str | Path, output_dir: str | Path, over
     the name has no image suffix: ``io.is_metaimage``, ``nifti.is_nifti``, ``nrrd.is_nrrd``; else a 0/255
     ``.png``) and optionally an overlay, in ``output_dir``; raises on any failure (Cog)."""
     path, out = Path(image_path), Path(output_dir)
+    if image_suffix(path) in (".mhd", ".nhdr"):  # a URL's name keeps its suffix: a sibling in the server's
+        # temporary folder would be read as its pixel data
+        raise ImageReadError(path, "a detached header (.mhd, .nhdr), whose pixel data is in another file, which an "
+                                   "upload cannot bring along: send a .mha or .nrrd that holds its pixels")
     image = check_content(read_image(path))
     pred = predictor.predict([image.array])[0]
     stem = image_stem(path) if image_suffix(path) in IMAGE_SUFFIXES else path.stem

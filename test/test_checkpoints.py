@@ -135,6 +135,17 @@ def test_a_torchscript_archive_given_as_an_encoder_checkpoint_is_not_loaded(lite
         load_resume_state(tmp_path / "m" / "my_lite.pth", {})
 
 
+@pytest.mark.parametrize("name", ["/etc/hostname", "../../secret.pth", "sub/enc.pth", ".."])
+def test_a_model_config_naming_its_encoder_file_by_a_path_is_refused(tmp_path, name):
+    """An uploaded model folder's config.json named its encoder file: an absolute path or one with
+    ``..`` reached any file on the machine (hashed, its SHA-256 printed in the error). Only a file name
+    is looked for, in the checkpoint folders."""
+    from model.checkpoint import locate_checkpoint
+
+    with pytest.raises(WeightsError, match=r"a file name is looked for in the checkpoint folders, never a path"):
+        locate_checkpoint(name, model_dir=tmp_path)
+
+
 @pytest.mark.parametrize("mode, weights", [("finetuned", "package"), ("frozen", "random")])
 def test_encoder_weights_that_no_official_file_holds_are_stored_with_the_heads(mode, weights, lite_state, tmp_path):
     """Only a frozen encoder on official weights is left out of model.safetensors (the file is

@@ -155,6 +155,21 @@ def test_pixel_data_too_large_decoded_is_refused_from_the_header_counting_channe
     assert 10000 * 10000 * 4 * 2 <= MAX_PIXEL_BYTES
 
 
+def test_a_cog_upload_named_mhd_is_refused_not_read_from_a_file_beside_it(tmp_path):
+    """Cog saves a URL input under a temporary name that keeps the URL's suffix: a header named
+    ``….mhd`` had a file of a known name in the server's temporary folder read as its pixels, and sent
+    back in the overlay. predict_file refuses detached headers whatever their name."""
+    from model.image import ImageReadError
+    from model.inference import predict_file
+
+    arr, img = _image()
+    sitk.WriteImage(img, str(tmp_path / "tmp_5e3z7kkx.mhd"))
+    assert read_image(tmp_path / "tmp_5e3z7kkx.mhd").array.shape == arr.shape  # a folder's .mhd is read
+    with pytest.raises(ImageReadError, match=r"tmp_5e3z7kkx.mhd: a detached header \(.mhd, .nhdr\), whose pixel "
+                                             r"data is in another file, which an upload cannot bring along"):
+        predict_file(None, tmp_path / "tmp_5e3z7kkx.mhd", tmp_path / "out")
+
+
 def test_an_mhd_data_file_name_that_the_libraries_would_take_for_another_file_is_refused(tmp_path):
     """MetaIO takes a name opening with ``LIST`` for a list whatever follows, one opening with ``~`` or
     holding ``C:`` for a path, and strips bytes that are not printable ASCII from a name's end: each
