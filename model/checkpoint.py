@@ -273,6 +273,10 @@ def validate_ensemble(spec: dict, where: Path) -> dict:
     members = spec.get("members") or {}
     if not members or not isinstance(members, dict):
         raise CheckpointError(f"{where}: ensemble has no members (\"members\": {{name: folder}})")
+    outside = {k: v for k, v in members.items()
+               if not isinstance(v, str) or not v or Path(v).is_absolute() or ".." in Path(v).parts or "\\" in v}
+    if outside:  # an uploaded model folder: its members are its own subfolders
+        raise CheckpointError(f"{where}: members must be folders inside the model folder, not {outside}")
     for key in ("segmentation_weights", "classification_weights"):
         weights = spec.get(key) or {}
         if not isinstance(weights, dict):

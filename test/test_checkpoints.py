@@ -146,6 +146,18 @@ def test_a_model_config_naming_its_encoder_file_by_a_path_is_refused(tmp_path, n
         locate_checkpoint(name, model_dir=tmp_path)
 
 
+def test_ensemble_members_outside_the_model_folder_are_refused(tmp_path):
+    """An uploaded ensemble.json named members by absolute or ../ paths, which were loaded from anywhere."""
+    from model.checkpoint import validate_ensemble
+
+    base = {"format_version": 1, "segmentation_weights": {"a": 1.0}, "classification_weights": {"a": 1.0}}
+    for folder in ("/opt/other", "../x", "sub/../../x", ""):
+        with pytest.raises(CheckpointError, match=r"members must be folders inside the model folder"):
+            validate_ensemble({**base, "members": {"a": folder}}, tmp_path)
+    for folder in (".", "sd-h", "members/sd-h"):
+        validate_ensemble({**base, "members": {"a": folder}}, tmp_path)
+
+
 @pytest.mark.parametrize("mode, weights", [("finetuned", "package"), ("frozen", "random")])
 def test_encoder_weights_that_no_official_file_holds_are_stored_with_the_heads(mode, weights, lite_state, tmp_path):
     """Only a frozen encoder on official weights is left out of model.safetensors (the file is
