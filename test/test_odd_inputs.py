@@ -1073,6 +1073,20 @@ def test_the_smallest_side_accepted_is_16_pixels_and_a_sixteenth_of_the_long_sid
             check_content(LoadedImage(rng.integers(0, 256, (h, w), dtype=np.uint8), path="thin.png"))
 
 
+def test_an_image_of_two_values_is_refused_and_one_with_a_third_value_off_the_sample_grid_is_not():
+    """check_content looks at every 7th row and column first: a third value only between them still
+    makes an image, not a mask."""
+    from model.image import ImageReadError, LoadedImage
+    from model.inference import check_content
+
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:40, 10:50] = 255
+    with pytest.raises(ImageReadError, match=r"the image holds two values only \(0 and 255\)"):
+        check_content(LoadedImage(mask, path="m.png"))
+    mask[3, 5] = 128  # off the 7-pixel grid
+    assert check_content(LoadedImage(mask, path="m.png")).path == "m.png"
+
+
 def test_the_largest_image_read_is_10000_x_10000_pixels(tmp_path):
     """The size limit is inclusive: exactly MAX_PIXELS (10000 x 10000, the size the 4 GB tests above
     run) is read, one row or column more is refused from the header, whichever side is longer."""
