@@ -303,12 +303,17 @@ def remove_leftovers(root: Path | str, folders: tuple[str, ...] | list[str] = ("
     return found
 
 
+def _named(exc: OSError, final: Path) -> OSError:
+    """``exc`` naming ``final`` (the output) instead of a temporary file."""
+    return OSError(exc.errno, exc.strerror or str(exc), str(final))
+
+
 def _mkstemp(final: Path, kind: str) -> Path:
     """A new hidden file beside ``final`` (its suffix kept); an ``OSError`` names ``final``."""
     try:
         fd, name = tempfile.mkstemp(prefix=_prefix(final), suffix=kind + image_suffix(final)[:16], dir=final.parent)
     except OSError as exc:
-        raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from exc
+        raise _named(exc, final) from exc
     os.close(fd)
     return Path(name)
 
@@ -332,7 +337,7 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
                 raise
             if exc.errno is None:  # numpy's "181566 requested and 1984 written": a short write
                 raise OSError(errno.EIO, f"{exc}: written in part (is the disk full?)", str(final)) from exc
-            raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from exc
+            raise _named(exc, final) from exc
         staged = getattr(_local, "staged", None)
         if staged is not None:
             staged.append((tmp_path, final))
@@ -341,7 +346,7 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
             try:
                 os.replace(tmp_path, final)
             except OSError as exc:
-                raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from exc
+                raise _named(exc, final) from exc
         done = True
     finally:
         if not done:

@@ -105,3 +105,13 @@ if __name__ == "__main__":
 
     for p in make_demo_folder(Path(sys.argv[1] if len(sys.argv) > 1 else "demo/input")):
         print(p)
+
+
+class UnwritableStream:
+    """stdout or stderr on a full disk: every write and flush raises ENOSPC."""
+
+    def write(self, text):
+        raise OSError(28, "No space left on device")
+
+    def flush(self):
+        raise OSError(28, "No space left on device")

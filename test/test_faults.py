@@ -531,13 +531,8 @@ def test_sigterm_stops_the_run_when_stderr_cannot_be_written(monkeypatch):
     the failure of whatever it was writing, failed that case and went on to exit 3 instead of 143."""
     import process
 
-    class Full:
-        def write(self, text):
-            raise OSError(28, "No space left on device")
-
-        def flush(self):
-            raise OSError(28, "No space left on device")
-    monkeypatch.setattr(sys, "stderr", Full())
+    from synthetic import UnwritableStream
+    monkeypatch.setattr(sys, "stderr", UnwritableStream())
     with pytest.raises(SystemExit) as exc:
         process._stop(signal.SIGTERM, None)
     assert exc.value.code == 143

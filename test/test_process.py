@@ -1023,14 +1023,9 @@ def test_a_log_stream_that_cannot_be_written_does_not_stop_the_run(predictor, tm
     d = _one_image(tmp_path)
     (d / "bad.png").write_bytes(b"not a png")
 
-    class Full:
-        def write(self, text):
-            raise OSError(28, "No space left on device")
-
-        def flush(self):
-            raise OSError(28, "No space left on device")
-    monkeypatch.setattr(sys, "stderr", Full())
-    monkeypatch.setattr(sys, "stdout", Full())
+    from synthetic import UnwritableStream
+    monkeypatch.setattr(sys, "stderr", UnwritableStream())
+    monkeypatch.setattr(sys, "stdout", UnwritableStream())
     result = inference.run(predictor, d, tmp_path / "out", fmt="pace", progress=False)
     assert result.exit_code == 3 and _files(tmp_path / "out" / "segmentation") == ["case_mask.png"]
     assert "bad.png" in (tmp_path / "out" / "errors.csv").read_text()
