@@ -155,7 +155,7 @@ def check_size(path: Path, width: int, height: int) -> None:
 
 
 # decoded pixel data: 10000 x 10000 RGBA at 16 bits, or grey at 64; reading takes about twice that at
-# its peak (a 3 MB compressed .mha of 10000 x 10000 x 4 doubles, 3.2 GB, peaked at 6.8 GB)
+# its peak (a 3 MB compressed .mha of 10000 x 10000 x 4 doubles, 3.2 GB, peaked at 6.8 GB: the review's figure)
 MAX_PIXEL_BYTES = MAX_PIXELS * 8
 
 
